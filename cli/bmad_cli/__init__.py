@@ -1,0 +1,1 @@
+"""The `bmad` command line."""

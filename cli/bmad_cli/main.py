@@ -1,0 +1,116 @@
+"""The `bmad` command: one entry point for the operator, the runtime and the test bed.
+
+Sub-commands import their package lazily, so `bmad testbed up` does not pay for
+kopf and `bmad operator` does not pay for the test bed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+testbed_app = typer.Typer(
+    no_args_is_help=True,
+    help="A real Kubernetes control plane and real services on loopback, built and cached.",
+)
+app.add_typer(testbed_app, name="testbed")
+
+
+@testbed_app.command("build")
+def cmd_build() -> None:
+    """Build (or find in the cache) every binary the test bed starts."""
+    from bmad_testbed import build
+
+    try:
+        found = build.ensure_all()
+    except build.BuildError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for name, path in sorted(found.items()):
+        typer.echo(f"{name}={path}")
+
+
+@testbed_app.command("up")
+def cmd_up(
+    cluster: Annotated[
+        bool, typer.Option("--cluster/--no-cluster", help="Start (or use) a control plane.")
+    ] = True,
+    services: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated services: postgres,redis,prometheus,minio,stripe,smtp; "
+            "'all' or 'none'."
+        ),
+    ] = "all",
+    nodes: Annotated[int, typer.Option(min=1, max=500, help="Number of kwok nodes.")] = 3,
+    export: Annotated[bool, typer.Option(help="Print `export KEY=value` lines.")] = False,
+) -> None:
+    """Start the test bed in the background; print KEY=value lines for `eval`."""
+    from bmad_testbed import build, procs, testbed
+    from bmad_testbed import services as svc
+
+    if services == "all":
+        wanted: list[str] = list(svc.ALL_SERVICES)
+    elif services in ("none", ""):
+        wanted = []
+    else:
+        wanted = [s.strip() for s in services.split(",") if s.strip()]
+    try:
+        env = testbed.up(with_cluster=cluster, with_services=wanted, nodes=nodes)
+    except (build.BuildError, procs.StartupError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    sys.stdout.write(testbed.format_env(env, export=export))
+
+
+@testbed_app.command("down")
+def cmd_down(
+    keep_data: Annotated[bool, typer.Option(help="Keep logs and data directories.")] = False,
+) -> None:
+    """Stop everything `up` started; nothing of ours keeps running."""
+    from bmad_testbed import testbed
+
+    stopped = testbed.down(keep_data=keep_data)
+    typer.echo(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}", err=True)
+
+
+@testbed_app.command("status")
+def cmd_status() -> None:
+    """Show what runs, as JSON."""
+    from bmad_testbed import testbed
+
+    state = testbed.status()
+    if state is None:
+        typer.echo("the test bed is not up", err=True)
+        raise typer.Exit(1)
+    shown = [
+        {"name": r["name"], "pid": r["pid"], "alive": alive, "log": r["log"]}
+        for r, alive in zip(state["records"], state["alive"], strict=True)
+    ]
+    typer.echo(json.dumps(shown, indent=2))
+
+
+@testbed_app.command("env")
+def cmd_env(
+    export: Annotated[bool, typer.Option(help="Print `export KEY=value` lines.")] = False,
+) -> None:
+    """Print the KEY=value lines of the running test bed."""
+    from bmad_testbed import testbed
+
+    state = testbed.status()
+    if state is None:
+        typer.echo("the test bed is not up: run `bmad testbed up`", err=True)
+        raise typer.Exit(1)
+    sys.stdout.write(testbed.format_env(state["env"], export=export))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

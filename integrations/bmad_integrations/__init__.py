@@ -1,0 +1,1 @@
+"""One module per third-party system the agents use."""

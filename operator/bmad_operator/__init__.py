@@ -1,0 +1,1 @@
+"""The BMAD operator: kopf handlers, reconcilers, builders of owned objects."""

@@ -1,0 +1,1 @@
+"""The agent runtime that every agent pod runs."""

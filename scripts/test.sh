@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The test command: set up everything on a fresh machine, start the test bed, run
+# every suite (unit, integration, e2e) plus the linters, and stop the test bed.
+# Extra arguments go to pytest (e.g. `scripts/test.sh -m unit -x`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+started=$(date +%s)
+bash scripts/bootstrap.sh
+
+echo "[test] lint: ruff, mypy --strict, import-linter, generated CRDs" >&2
+.venv/bin/ruff check .
+.venv/bin/ruff format --check . >/dev/null || { echo "[test] ruff format would change files: run .venv/bin/ruff format ." >&2; exit 1; }
+.venv/bin/mypy
+.venv/bin/lint-imports --no-cache >/dev/null
+
+export BMAD_TESTBED_DIR="${BMAD_TESTBED_DIR:-/tmp/bmad-testbed-$(id -u)}"
+cleanup() { .venv/bin/bmad testbed down >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+echo "[test] starting the test bed" >&2
+set -a
+eval "$(.venv/bin/bmad testbed up)"
+set +a
+export PATH="$BMAD_TESTBED_DIR/bin:$PATH"
+
+rc=0
+.venv/bin/pytest -m "unit or integration or e2e" "$@" || rc=$?
+echo "[test] finished in $(( $(date +%s) - started ))s" >&2
+exit $rc

@@ -1,0 +1,331 @@
+"""Real servers for the tests: PostgreSQL, Redis, Prometheus + Pushgateway, MinIO,
+stripe-mock and an SMTP server, each on a free loopback port with a throwaway data
+directory under the run directory.
+
+Each starter returns the KEY=value pairs that tell tests and users where it is.
+Passwords are random per run; they belong to throwaway servers but are still kept
+out of logs (only the env file, mode 0600, holds them).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from bmad_testbed import procs
+
+ALL_SERVICES = ("postgres", "redis", "prometheus", "minio", "stripe", "smtp")
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback http
+        return bool(resp.status == 200)
+
+
+def _as_user(user: str) -> list[str]:
+    """PostgreSQL refuses to run as root: drop to its own account when we are root."""
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--"]
+
+
+def start_postgres(
+    run_dir: Path, binaries: dict[str, Path], records: list[procs.ProcRecord]
+) -> dict[str, str]:
+    bindir = binaries["postgres"]
+    data = run_dir / "postgres"
+    data.mkdir(parents=True, exist_ok=True)
+    password = secrets.token_hex(12)
+    pwfile = data.parent / "postgres.pw"
+    pwfile.write_text(password + "\n")
+    wrap = _as_user("postgres")
+    if wrap:
+        ent = pwd.getpwnam("postgres")
+        for path in (data, pwfile):
+            os.chown(path, ent.pw_uid, ent.pw_gid)
+    port = procs.free_port()
+    init = procs.spawn(
+        "postgres-initdb",
+        [
+            *wrap,
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            f"--pwfile={pwfile}",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ],
+        log_dir=run_dir / "logs",
+    )
+    _wait_exit(init, timeout=120)
+    pwfile.unlink()
+    rec = procs.spawn(
+        "postgres",
+        [
+            *wrap,
+            str(bindir / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"unix_socket_directories={data}",
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "max_connections=300",
+        ],
+        log_dir=run_dir / "logs",
+    )
+    records.append(rec)
+    procs.wait_until(rec, lambda: _pg_ready(port), timeout=60, what="accepting connections")
+    return {
+        "BMAD_POSTGRES_URL": f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres",
+        "BMAD_POSTGRES_HOST": "127.0.0.1",
+        "BMAD_POSTGRES_PORT": str(port),
+        "BMAD_POSTGRES_USER": "postgres",
+        "BMAD_POSTGRES_PASSWORD": password,
+    }
+
+
+def _pg_ready(port: int) -> bool:
+    # The server answers an SSLRequest with one byte ('N' or 'S') once it accepts
+    # connections; before that the port is closed or the startup is refused.
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+        sock.sendall(b"\x00\x00\x00\x08\x04\xd2\x16\x2f")
+        return sock.recv(1) in (b"N", b"S")
+
+
+def _wait_exit(rec: procs.ProcRecord, *, timeout: float) -> None:
+    pid = rec["pid"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done:
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise procs.StartupError(
+                    f"{rec['name']} failed; log {rec['log']}:\n" + procs.log_tail(rec["log"])
+                )
+            return
+        time.sleep(0.1)
+    raise procs.StartupError(f"{rec['name']} did not finish within {timeout:.0f}s")
+
+
+def start_redis(
+    run_dir: Path, binaries: dict[str, Path], records: list[procs.ProcRecord]
+) -> dict[str, str]:
+    data = run_dir / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    port = procs.free_port()
+    password = secrets.token_hex(12)
+    conf = data / "redis.conf"
+    # The password goes in a config file rather than on the command line (ps shows argv).
+    conf.write_text(
+        f'bind 127.0.0.1\nport {port}\nsave ""\nappendonly no\ndir {data}\n'
+        f"requirepass {password}\nprotected-mode yes\ndaemonize no\n"
+    )
+    conf.chmod(0o600)
+    rec = procs.spawn("redis", [str(binaries["redis-server"]), str(conf)], log_dir=run_dir / "logs")
+    records.append(rec)
+    procs.wait_until(rec, lambda: _redis_ping(port, password), timeout=30, what="answering PING")
+    return {
+        "BMAD_REDIS_URL": f"redis://:{password}@127.0.0.1:{port}/0",
+        "BMAD_REDIS_HOST": "127.0.0.1",
+        "BMAD_REDIS_PORT": str(port),
+        "BMAD_REDIS_PASSWORD": password,
+    }
+
+
+def _redis_ping(port: int, password: str) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+        sock.sendall(f"AUTH {password}\r\nPING\r\n".encode())
+        data = b""
+        while data.count(b"\r\n") < 2:
+            chunk = sock.recv(256)
+            if not chunk:
+                return False
+            data += chunk
+        return b"+PONG" in data
+
+
+def start_prometheus(
+    run_dir: Path, binaries: dict[str, Path], records: list[procs.ProcRecord]
+) -> dict[str, str]:
+    data = run_dir / "prometheus"
+    data.mkdir(parents=True, exist_ok=True)
+    pg_port, prom_port = procs.free_port(), procs.free_port()
+    pgw = procs.spawn(
+        "pushgateway",
+        [str(binaries["pushgateway"]), f"--web.listen-address=127.0.0.1:{pg_port}"],
+        log_dir=run_dir / "logs",
+    )
+    records.append(pgw)
+    conf = data / "prometheus.yml"
+    conf.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "scrape_configs:\n"
+        "  - job_name: pushgateway\n    honor_labels: true\n"
+        f"    static_configs:\n      - targets: ['127.0.0.1:{pg_port}']\n"
+    )
+    prom = procs.spawn(
+        "prometheus",
+        [
+            str(binaries["prometheus"]),
+            f"--config.file={conf}",
+            f"--storage.tsdb.path={data / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+            "--web.enable-lifecycle",
+            "--storage.tsdb.retention.time=1d",
+        ],
+        log_dir=run_dir / "logs",
+    )
+    records.append(prom)
+    procs.wait_until(
+        pgw, lambda: _http_ok(f"http://127.0.0.1:{pg_port}/-/ready"), timeout=30, what="ready"
+    )
+    procs.wait_until(
+        prom, lambda: _http_ok(f"http://127.0.0.1:{prom_port}/-/ready"), timeout=60, what="ready"
+    )
+    return {
+        "BMAD_PROMETHEUS_URL": f"http://127.0.0.1:{prom_port}",
+        "BMAD_PUSHGATEWAY_URL": f"http://127.0.0.1:{pg_port}",
+    }
+
+
+def start_minio(
+    run_dir: Path, binaries: dict[str, Path], records: list[procs.ProcRecord]
+) -> dict[str, str]:
+    data = run_dir / "minio"
+    data.mkdir(parents=True, exist_ok=True)
+    port, console = procs.free_port(), procs.free_port()
+    access, secret = "bmad" + secrets.token_hex(4), secrets.token_hex(16)
+    rec = procs.spawn(
+        "minio",
+        [
+            str(binaries["minio"]),
+            "server",
+            str(data),
+            "--address",
+            f"127.0.0.1:{port}",
+            "--console-address",
+            f"127.0.0.1:{console}",
+            "--quiet",
+        ],
+        log_dir=run_dir / "logs",
+        env={
+            "MINIO_ROOT_USER": access,
+            "MINIO_ROOT_PASSWORD": secret,
+            "MINIO_BROWSER": "off",
+            "MINIO_UPDATE": "off",
+            "MINIO_CI_CD": "1",
+            "HOME": str(data),
+        },
+    )
+    records.append(rec)
+    procs.wait_until(
+        rec,
+        lambda: _http_ok(f"http://127.0.0.1:{port}/minio/health/ready"),
+        timeout=60,
+        what="ready",
+    )
+    return {
+        "BMAD_S3_ENDPOINT": f"http://127.0.0.1:{port}",
+        "BMAD_S3_ACCESS_KEY": access,
+        "BMAD_S3_SECRET_KEY": secret,
+        "BMAD_S3_REGION": "us-east-1",
+    }
+
+
+def start_stripe(
+    run_dir: Path, binaries: dict[str, Path], records: list[procs.ProcRecord]
+) -> dict[str, str]:
+    port, https_port = procs.free_port(), procs.free_port()
+    rec = procs.spawn(
+        "stripe-mock",
+        [
+            str(binaries["stripe-mock"]),
+            "-http-addr",
+            f"127.0.0.1:{port}",
+            "-https-addr",
+            f"127.0.0.1:{https_port}",
+        ],
+        log_dir=run_dir / "logs",
+    )
+    records.append(rec)
+    procs.wait_until(rec, lambda: procs.port_open(port), timeout=60, what="listening")
+    return {"BMAD_STRIPE_API_BASE": f"http://127.0.0.1:{port}"}
+
+
+def start_smtp(
+    run_dir: Path, binaries: dict[str, Path], records: list[procs.ProcRecord]
+) -> dict[str, str]:
+    """aiosmtpd, a real SMTP server, delivering every message into a Maildir."""
+    del binaries
+    maildir = run_dir / "smtp" / "Maildir"
+    maildir.parent.mkdir(parents=True, exist_ok=True)
+    port = procs.free_port()
+    rec = procs.spawn(
+        "smtp",
+        [
+            sys.executable,
+            "-m",
+            "aiosmtpd",
+            "-n",
+            "-l",
+            f"127.0.0.1:{port}",
+            "-c",
+            "aiosmtpd.handlers.Mailbox",
+            str(maildir),
+        ],
+        log_dir=run_dir / "logs",
+    )
+    records.append(rec)
+    procs.wait_until(rec, lambda: _smtp_banner(port), timeout=30, what="greeting")
+    return {
+        "BMAD_SMTP_HOST": "127.0.0.1",
+        "BMAD_SMTP_PORT": str(port),
+        "BMAD_SMTP_MAILDIR": str(maildir),
+    }
+
+
+def _smtp_banner(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+        return sock.recv(64).startswith(b"220")
+
+
+STARTERS: dict[str, Callable[[Path, dict[str, Path], list[procs.ProcRecord]], dict[str, str]]] = {
+    "postgres": start_postgres,
+    "redis": start_redis,
+    "prometheus": start_prometheus,
+    "minio": start_minio,
+    "stripe": start_stripe,
+    "smtp": start_smtp,
+}
+
+
+def cleanup_data(run_dir: Path) -> None:
+    for name in ("postgres", "redis", "prometheus", "minio", "smtp", "etcd"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)

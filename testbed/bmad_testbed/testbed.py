@@ -1,0 +1,175 @@
+"""`up` and `down` for the whole test bed, and the state that links them.
+
+`up` starts every server detached, waits until each one answers, records pid and
+start time of each in `state.json`, and returns the KEY=value pairs that locate them.
+`down` stops exactly the recorded processes (never by name) and removes the data.
+If `KUBECONFIG` already points at someone else's cluster (kind, k3d, a real one),
+no control plane is started and that cluster is used as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from bmad_testbed import build, cluster, procs, services
+
+STATE_FILE = "state.json"
+ENV_FILE = "env"
+
+
+def run_dir() -> Path:
+    default = f"/tmp/bmad-testbed-{os.getuid()}"  # noqa: S108 - per-user, chmod'ed by up()
+    return Path(os.environ.get("BMAD_TESTBED_DIR") or default)
+
+
+def _load_state(directory: Path) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads((directory / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data
+
+
+def _save_state(directory: Path, state: Mapping[str, Any]) -> None:
+    tmp = directory / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.chmod(0o600)
+    tmp.replace(directory / STATE_FILE)
+    env_file = directory / ENV_FILE
+    env_file.write_text(format_env(state.get("env", {})))
+    env_file.chmod(0o600)
+
+
+def format_env(env: Mapping[str, str], *, export: bool = False) -> str:
+    prefix = "export " if export else ""
+    return "".join(f"{prefix}{k}={shlex.quote(v)}\n" for k, v in env.items())
+
+
+def status(directory: Path | None = None) -> dict[str, Any] | None:
+    """The running test bed's state, or None when nothing of ours is up."""
+    directory = directory or run_dir()
+    state = _load_state(directory)
+    if not state:
+        return None
+    alive = [procs.is_alive(r) for r in state["records"]]
+    state["alive"] = alive
+    return state
+
+
+def _own_kubeconfig(directory: Path) -> str:
+    return str(directory / "kubeconfig")
+
+
+def external_kubeconfig(directory: Path) -> str | None:
+    """The user's KUBECONFIG, unless it is unset or is the one this test bed wrote."""
+    kc = os.environ.get("KUBECONFIG")
+    if not kc or os.path.abspath(kc) == os.path.abspath(_own_kubeconfig(directory)):
+        return None
+    return kc
+
+
+def up(
+    *,
+    with_cluster: bool = True,
+    with_services: Iterable[str] = services.ALL_SERVICES,
+    nodes: int = 3,
+    directory: Path | None = None,
+) -> dict[str, str]:
+    """Start what is asked for (or reuse what already runs) and return its env."""
+    directory = directory or run_dir()
+    wanted = list(with_services)
+    unknown = sorted(set(wanted) - set(services.ALL_SERVICES))
+    if unknown:
+        raise ValueError(
+            f"unknown service(s) {', '.join(unknown)}; choose from "
+            + ", ".join(services.ALL_SERVICES)
+        )
+    current = status(directory)
+    if current and all(current["alive"]):
+        have = set(current.get("services", []))
+        if set(wanted) <= have and (not with_cluster or current.get("cluster")):
+            env: dict[str, str] = current["env"]
+            return env
+    if current:
+        # Something of ours is half up (a crash, a reboot): start clean.
+        down(directory=directory)
+
+    # Build (or find in the cache) everything before starting anything.
+    external = external_kubeconfig(directory)
+    binaries: dict[str, Path] = {}
+    if with_cluster and not external:
+        binaries.update(build.ensure_control_plane())
+    elif with_cluster:
+        build.log(f"using the cluster of KUBECONFIG={external}; not starting a control plane")
+    if wanted:
+        binaries.update(build.ensure_services())
+
+    directory.mkdir(parents=True, exist_ok=True)
+    # PostgreSQL runs as its own user when we are root: it must traverse this folder.
+    directory.chmod(0o755)
+    records: list[procs.ProcRecord] = []
+    env = {"BMAD_TESTBED_DIR": str(directory)}
+    state: dict[str, Any] = {
+        "records": records,
+        "env": env,
+        "cluster": bool(with_cluster),
+        "services": wanted,
+        "started": time.time(),
+    }
+    try:
+        if with_cluster and not external:
+            build.log("starting etcd, kube-apiserver, controller-manager, scheduler and kwok")
+            env.update(
+                cluster.start(run_dir=directory, binaries=binaries, nodes=nodes, records=records)
+            )
+            kubectl = binaries["kubectl"]
+            bin_dir = directory / "bin"
+            bin_dir.mkdir(exist_ok=True)
+            link = bin_dir / "kubectl"
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()
+            link.symlink_to(kubectl)
+            env["BMAD_KUBECTL"] = str(link)
+            env["BMAD_KWOK_NODES"] = str(nodes)
+        elif with_cluster and external:
+            env["KUBECONFIG"] = external
+            found = build._kube_from_assets("kubectl") or shutil.which("kubectl")
+            if found is None:
+                found = build.ensure_control_plane()["kubectl"]
+            env["BMAD_KUBECTL"] = str(found)
+        for name in wanted:
+            build.log(f"starting {name}")
+            env.update(services.STARTERS[name](directory, binaries, records))
+            _save_state(directory, state)
+    except BaseException:
+        _save_state(directory, state)
+        down(directory=directory)
+        raise
+    _save_state(directory, state)
+    return env
+
+
+def down(*, directory: Path | None = None, keep_data: bool = False) -> list[str]:
+    """Stop every process `up` recorded; return the names of those that were running."""
+    directory = directory or run_dir()
+    state = _load_state(directory)
+    stopped: list[str] = []
+    if state:
+        # Reverse order: kwok and controllers before the apiserver, the apiserver before etcd.
+        for rec in reversed(state["records"]):
+            if procs.is_alive(rec):
+                stopped.append(rec["name"])
+            procs.stop(rec)
+        (directory / STATE_FILE).unlink(missing_ok=True)
+        (directory / ENV_FILE).unlink(missing_ok=True)
+    if not keep_data and directory.exists():
+        shutil.rmtree(directory, ignore_errors=True)
+    return stopped

@@ -1,0 +1,114 @@
+"""Fixtures that hand tests the test bed, opt-in per test (never autouse).
+
+If `bmad testbed up` already runs (the test command starts it), the fixtures use it;
+otherwise the first test that asks for a server starts the whole test bed for the
+session and stops it at the end. `KUBECONFIG` pointing at your own cluster (kind,
+k3d, a real one) is honoured: no control plane is started then.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bmad_testbed import kubectl as kubectl_mod
+from bmad_testbed import netguard, testbed
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Nothing in the tests may reach outside this machine.
+    netguard.install()
+
+
+@pytest.fixture(scope="session")
+def testbed_env() -> Iterator[dict[str, str]]:
+    state = testbed.status()
+    if state and all(state["alive"]):
+        yield dict(state["env"])
+        return
+    env = testbed.up()
+    try:
+        yield env
+    finally:
+        testbed.down()
+
+
+@pytest.fixture(scope="session")
+def kubectl(testbed_env: dict[str, str]) -> kubectl_mod.Kubectl:
+    return kubectl_mod.Kubectl(testbed_env["BMAD_KUBECTL"], testbed_env["KUBECONFIG"])
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(testbed_env: dict[str, str]) -> str:
+    return testbed_env["KUBECONFIG"]
+
+
+@pytest.fixture
+def namespace(kubectl: kubectl_mod.Kubectl, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace per test, deleted afterwards (without waiting for it)."""
+    base = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
+    name = f"t-{base}-{secrets.token_hex(3)}"
+    kubectl.run("create", "namespace", name)
+    try:
+        yield name
+    finally:
+        kubectl.run("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(testbed_env: dict[str, str]) -> str:
+    return testbed_env["BMAD_POSTGRES_URL"]
+
+
+@pytest.fixture(scope="session")
+def redis_url(testbed_env: dict[str, str]) -> str:
+    return testbed_env["BMAD_REDIS_URL"]
+
+
+@pytest.fixture(scope="session")
+def prometheus(testbed_env: dict[str, str]) -> dict[str, str]:
+    return {
+        "prometheus": testbed_env["BMAD_PROMETHEUS_URL"],
+        "pushgateway": testbed_env["BMAD_PUSHGATEWAY_URL"],
+    }
+
+
+@pytest.fixture(scope="session")
+def s3(testbed_env: dict[str, str]) -> dict[str, str]:
+    return {
+        "endpoint": testbed_env["BMAD_S3_ENDPOINT"],
+        "access_key": testbed_env["BMAD_S3_ACCESS_KEY"],
+        "secret_key": testbed_env["BMAD_S3_SECRET_KEY"],
+        "region": testbed_env["BMAD_S3_REGION"],
+    }
+
+
+@pytest.fixture(scope="session")
+def stripe_api_base(testbed_env: dict[str, str]) -> str:
+    return testbed_env["BMAD_STRIPE_API_BASE"]
+
+
+@pytest.fixture(scope="session")
+def smtp(testbed_env: dict[str, str]) -> dict[str, str]:
+    return {
+        "host": testbed_env["BMAD_SMTP_HOST"],
+        "port": testbed_env["BMAD_SMTP_PORT"],
+        "maildir": testbed_env["BMAD_SMTP_MAILDIR"],
+    }
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def clean_env() -> dict[str, str]:
+    """The environment for child processes, without a KUBECONFIG of the caller's."""
+    env = dict(os.environ)
+    env.pop("KUBECONFIG", None)
+    return env
