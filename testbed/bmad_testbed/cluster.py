@@ -110,7 +110,11 @@ def start(
         ips=("127.0.0.1", "10.0.0.1"),
     )
     admin = certs.issue("admin", cn="bmad-testbed-admin", org="system:masters")
-    cm_cert = certs.issue("controller-manager", cn="system:kube-controller-manager")
+    # With --use-service-account-credentials=false every controller acts as the
+    # controller-manager itself, so it needs the rights of all of them.
+    cm_cert = certs.issue(
+        "controller-manager", cn="system:kube-controller-manager", org="system:masters"
+    )
     sched_cert = certs.issue("scheduler", cn="system:kube-scheduler")
     kwok_cert = certs.issue("kwok", cn="kwok-controller", org="system:masters")
     sa = certs.service_account_keys()

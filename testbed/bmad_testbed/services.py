@@ -15,6 +15,7 @@ import secrets
 import shutil
 import socket
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
@@ -41,16 +42,22 @@ def start_postgres(
     run_dir: Path, binaries: dict[str, Path], records: list[procs.ProcRecord]
 ) -> dict[str, str]:
     bindir = binaries["postgres"]
-    data = run_dir / "postgres"
-    data.mkdir(parents=True, exist_ok=True)
     password = secrets.token_hex(12)
-    pwfile = data.parent / "postgres.pw"
-    pwfile.write_text(password + "\n")
     wrap = _as_user("postgres")
     if wrap:
+        # Its own folder directly under /tmp: the run directory may sit below folders
+        # that the postgres user cannot traverse (pytest's tmp_path is one).
+        data = Path(tempfile.mkdtemp(prefix="bmad-pg-"))
         ent = pwd.getpwnam("postgres")
-        for path in (data, pwfile):
-            os.chown(path, ent.pw_uid, ent.pw_gid)
+        os.chown(data, ent.pw_uid, ent.pw_gid)
+    else:
+        data = run_dir / "postgres"
+        data.mkdir(parents=True, exist_ok=True)
+    pwfile = data / "initdb.pw"
+    pwfile.write_text(password + "\n")
+    if wrap:
+        os.chown(pwfile, ent.pw_uid, ent.pw_gid)
+    data = data / "data"
     port = procs.free_port()
     init = procs.spawn(
         "postgres-initdb",
@@ -105,6 +112,7 @@ def start_postgres(
         "BMAD_POSTGRES_PORT": str(port),
         "BMAD_POSTGRES_USER": "postgres",
         "BMAD_POSTGRES_PASSWORD": password,
+        "BMAD_POSTGRES_DATA": str(data),
     }
 
 

@@ -168,6 +168,9 @@ def down(*, directory: Path | None = None, keep_data: bool = False) -> list[str]
             if procs.is_alive(rec):
                 stopped.append(rec["name"])
             procs.stop(rec)
+        pg_data = state.get("env", {}).get("BMAD_POSTGRES_DATA")
+        if pg_data and not keep_data and Path(pg_data).parent.name.startswith("bmad-pg-"):
+            shutil.rmtree(Path(pg_data).parent, ignore_errors=True)
         (directory / STATE_FILE).unlink(missing_ok=True)
         (directory / ENV_FILE).unlink(missing_ok=True)
     if not keep_data and directory.exists():

@@ -101,12 +101,12 @@ def test_stripe_customer_created_on_stripe_mock(stripe_api_base: str) -> None:
     client = stripe.StripeClient(
         "sk_test_123", base_addresses={"api": stripe_api_base}, max_network_retries=0
     )
-    customer = client.customers.create(
+    customer = client.v1.customers.create(
         params={"email": "tenant@example.com", "metadata": {"bmad_tenant": "acme"}}
     )
     assert customer.id.startswith("cus_")
     assert customer.object == "customer"
-    fetched = client.customers.retrieve(customer.id)
+    fetched = client.v1.customers.retrieve(customer.id)
     assert fetched.object == "customer"
 
 
