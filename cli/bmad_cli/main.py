@@ -18,6 +18,16 @@ testbed_app = typer.Typer(
     help="A real Kubernetes control plane and real services on loopback, built and cached.",
 )
 app.add_typer(testbed_app, name="testbed")
+operator_app = typer.Typer(no_args_is_help=True, help="The BMAD operator.")
+app.add_typer(operator_app, name="operator")
+
+
+@operator_app.command("run")
+def cmd_operator_run() -> None:
+    """Run the operator against the cluster of KUBECONFIG (or in-cluster)."""
+    from bmad_operator import main as operator_main
+
+    operator_main.run()
 
 
 @testbed_app.command("build")

@@ -1,0 +1,93 @@
+"""Wiring: the store, the work queue, the reconcilers and the periodic resync.
+
+kopf's watch streams feed `on_event`; everything else happens in our own workers,
+so an event storm (a thousand Agents applied at once) becomes a bounded number of
+concurrent reconciles, and several events about one Agent become one reconcile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Mapping
+from typing import Any
+
+from bmad_operator import kube, settings, store, workqueue
+from bmad_operator.builders import agent as agent_builders
+from bmad_operator.reconcilers import agent as agent_reconciler
+
+log = logging.getLogger(__name__)
+
+
+class Controller:
+    def __init__(self, api: kube.Kube, cfg: settings.OperatorSettings) -> None:
+        self.api = api
+        self.cfg = cfg
+        self.store = store.Store()
+        self.agents = agent_reconciler.AgentReconciler(
+            api=api, cache=self.store, runtime_image=cfg.runtime_image
+        )
+        self.agent_queue = workqueue.WorkQueue("Agent", self.agents.reconcile, workers=cfg.workers)
+        self._resync: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.agent_queue.start()
+        self._resync = asyncio.create_task(self._resync_loop(), name="resync")
+
+    async def stop(self) -> None:
+        if self._resync:
+            self._resync.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._resync
+        await self.agent_queue.stop()
+        await self.api.close()
+
+    # -- events -------------------------------------------------------------------
+    def on_event(self, event: Mapping[str, Any]) -> None:
+        obj = event.get("object") or {}
+        kind = obj.get("kind")
+        meta = obj.get("metadata") or {}
+        if not kind or "name" not in meta:
+            return
+        if event.get("type") == "DELETED":
+            self.store.remove(kind, meta.get("namespace"), meta["name"])
+        else:
+            self.store.put(obj)
+        namespace = meta.get("namespace") or ""
+        if kind == "Agent":
+            if event.get("type") == "DELETED":
+                self.agent_queue.forget((namespace, meta["name"]))
+            else:
+                self.agent_queue.add((namespace, meta["name"]))
+        elif kind == "Integration":
+            for key in self._agents_binding(namespace, meta["name"]):
+                self.agent_queue.add(key)
+        elif kind == "Secret":
+            integration = (meta.get("labels") or {}).get("bmad.dev/integration")
+            if integration:
+                for key in self._agents_binding(namespace, integration):
+                    self.agent_queue.add(key)
+        else:
+            owner = (meta.get("labels") or {}).get(agent_builders.AGENT_LABEL)
+            if owner and self.store.get("Agent", namespace, owner) is not None:
+                self.agent_queue.add((namespace, owner))
+
+    def _agents_binding(self, namespace: str, integration: str) -> list[tuple[str, str]]:
+        found = []
+        for (ns, name), body in self.store.items("Agent"):
+            if ns == namespace and integration in (
+                (body.get("spec") or {}).get("integrations") or []
+            ):
+                found.append((ns, name))
+        return found
+
+    # -- resync -------------------------------------------------------------------
+    async def _resync_loop(self) -> None:
+        """Every Agent again every `resync_seconds`, spread out with jitter."""
+        period = self.cfg.resync_seconds
+        while True:
+            await asyncio.sleep(period * random.uniform(0.9, 1.1))  # noqa: S311
+            for key in self.store.keys("Agent"):
+                self.agent_queue.add_after(key, random.uniform(0, period * 0.1))  # noqa: S311

@@ -1,0 +1,102 @@
+"""kopf handlers: thin. Each translates a kopf event into a call on the Controller.
+
+Only `on.event` handlers are used for our kinds: they neither add finalizers nor
+write kopf's annotations, so watching an Agent costs no write. The Controller lives
+in kopf's operator-wide memo, created at startup.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from bmad_operator import controller, kube, settings
+
+MANAGED = {"app.kubernetes.io/managed-by": "bmad-operator"}
+
+log = logging.getLogger(__name__)
+
+
+def configure(kopf_settings: kopf.OperatorSettings) -> None:
+    """kopf hygiene: our own prefixes, no chatter posted as events."""
+    kopf_settings.persistence.finalizer = "bmad.dev/finalizer"
+    kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="bmad.dev")
+    kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="bmad.dev", key="last-handled-configuration"
+    )
+    # kopf turns its log lines into Kubernetes events: only warnings and worse.
+    kopf_settings.posting.level = logging.WARNING
+    kopf_settings.watching.server_timeout = 300
+    kopf_settings.watching.client_timeout = 330
+    kopf_settings.watching.connect_timeout = 30
+    kopf_settings.networking.request_timeout = 60
+    kopf_settings.batching.batch_window = 0.05
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+    configure(settings)
+    cfg = memo.get("config") or settings_module_load()
+    api = await kube.Kube.connect()
+    ctl = controller.Controller(api, cfg)
+    ctl.start()
+    memo["controller"] = ctl
+
+
+def settings_module_load() -> settings.OperatorSettings:
+    return settings.load()
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: Any, **_: Any) -> None:
+    ctl = memo.get("controller")
+    if ctl is not None:
+        await ctl.stop()
+
+
+def _feed(event: kopf.RawEvent, memo: Any) -> None:
+    ctl = memo.get("controller")
+    if ctl is not None:
+        ctl.on_event(event)
+
+
+@kopf.on.event("bmad.dev", "v1alpha1", "agents")
+async def agent_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    _feed(event, memo)
+
+
+@kopf.on.event("bmad.dev", "v1alpha1", "integrations")
+async def integration_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    _feed(event, memo)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
+async def deployment_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    _feed(event, memo)
+
+
+@kopf.on.event("", "v1", "services", labels=MANAGED)
+async def service_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    _feed(event, memo)
+
+
+@kopf.on.event("", "v1", "configmaps", labels=MANAGED)
+async def configmap_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    _feed(event, memo)
+
+
+@kopf.on.event("", "v1", "serviceaccounts", labels=MANAGED)
+async def serviceaccount_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    _feed(event, memo)
+
+
+@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED)
+async def pdb_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    _feed(event, memo)
+
+
+@kopf.on.event("", "v1", "secrets", labels=MANAGED)
+async def secret_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    _feed(event, memo)

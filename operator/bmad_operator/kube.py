@@ -1,0 +1,228 @@
+"""The operator's only door to the API server: server-side apply, status patches,
+reads and events, for any kind, through `kubernetes_asyncio`'s ApiClient.
+
+Everything is addressed by apiVersion/kind through a small table, so builders can
+return plain manifests and this module needs no per-kind code. Every write is counted
+in the operator's metrics by verb and kind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any, NamedTuple
+
+from kubernetes_asyncio import client as k8s_client
+from kubernetes_asyncio import config as k8s_config
+from kubernetes_asyncio.client import exceptions as k8s_exceptions
+
+from bmad_operator import metrics
+
+FIELD_MANAGER = "bmad-operator"
+
+Obj = dict[str, Any]
+
+
+class ResourceInfo(NamedTuple):
+    api_version: str
+    plural: str
+    namespaced: bool
+
+
+RESOURCES: dict[str, ResourceInfo] = {
+    "ServiceAccount": ResourceInfo("v1", "serviceaccounts", True),
+    "ConfigMap": ResourceInfo("v1", "configmaps", True),
+    "Secret": ResourceInfo("v1", "secrets", True),
+    "Service": ResourceInfo("v1", "services", True),
+    "Event": ResourceInfo("v1", "events", True),
+    "Namespace": ResourceInfo("v1", "namespaces", False),
+    "Deployment": ResourceInfo("apps/v1", "deployments", True),
+    "PodDisruptionBudget": ResourceInfo("policy/v1", "poddisruptionbudgets", True),
+    "Agent": ResourceInfo("bmad.dev/v1alpha1", "agents", True),
+    "Integration": ResourceInfo("bmad.dev/v1alpha1", "integrations", True),
+    "Workflow": ResourceInfo("bmad.dev/v1alpha1", "workflows", True),
+    "Tenant": ResourceInfo("bmad.dev/v1alpha1", "tenants", False),
+    "ServiceMonitor": ResourceInfo("monitoring.coreos.com/v1", "servicemonitors", True),
+}
+
+
+class ApiError(Exception):
+    """An API call failed; `status` is the HTTP status (0 when the server was not reached)."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+def path_for(kind: str, namespace: str | None, name: str | None = None) -> str:
+    info = RESOURCES[kind]
+    base = "/api/v1" if info.api_version == "v1" else f"/apis/{info.api_version}"
+    if info.namespaced:
+        if not namespace:
+            raise ValueError(f"{kind} is namespaced: a namespace is required")
+        base += f"/namespaces/{namespace}"
+    base += f"/{info.plural}"
+    if name:
+        base += f"/{name}"
+    return base
+
+
+class Kube:
+    """A connection to one cluster."""
+
+    def __init__(self, api: k8s_client.ApiClient) -> None:
+        self.api = api
+
+    @classmethod
+    async def connect(cls) -> Kube:
+        try:
+            k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
+        except k8s_config.ConfigException:
+            await k8s_config.load_kube_config()
+        cfg = k8s_client.Configuration.get_default_copy()
+        # Hundreds of agents reconcile at once: do not serialise on a small pool.
+        cfg.connection_pool_maxsize = 64
+        return cls(k8s_client.ApiClient(configuration=cfg))
+
+    async def close(self) -> None:
+        await self.api.close()
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        kind: str,
+        body: Any = None,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str = "application/json",
+    ) -> Obj:
+        if method != "GET":
+            metrics.API_WRITES.labels(verb=method, kind=kind).inc()
+        try:
+            resp = await self.api.call_api(
+                path,
+                method,
+                query_params=query or [],
+                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=30,
+            )
+            raw = await resp.read()
+        except k8s_exceptions.ApiException as exc:
+            raise _api_error(exc) from None
+        except OSError as exc:
+            raise ApiError(0, "Unreachable", str(exc)) from None
+        data: Obj = json.loads(raw) if raw else {}
+        status = int(getattr(resp, "status", 200))
+        if status >= 400:
+            # Without preloading, the client hands back error bodies instead of raising.
+            raise ApiError(
+                status, str(data.get("reason") or "Error"), str(data.get("message") or raw[:200])
+            )
+        return data
+
+    async def get(self, kind: str, namespace: str | None, name: str) -> Obj | None:
+        try:
+            return await self._call("GET", path_for(kind, namespace, name), kind=kind)
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def list(self, kind: str, namespace: str | None = None, selector: str = "") -> list[Obj]:
+        query = [("labelSelector", selector)] if selector else []
+        data = await self._call("GET", path_for(kind, namespace), kind=kind, query=query)
+        items: list[Obj] = data.get("items", [])
+        return items
+
+    async def apply(self, obj: Obj) -> Obj:
+        """Server-side apply with our single field manager (forcing over conflicts)."""
+        kind = obj["kind"]
+        meta = obj["metadata"]
+        return await self._call(
+            "PATCH",
+            path_for(kind, meta.get("namespace"), meta["name"]),
+            kind=kind,
+            body=obj,
+            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+            content_type="application/apply-patch+yaml",
+        )
+
+    async def patch_status(self, kind: str, namespace: str | None, name: str, status: Obj) -> Obj:
+        return await self._call(
+            "PATCH",
+            path_for(kind, namespace, name) + "/status",
+            kind=kind,
+            body={"status": status},
+            content_type="application/merge-patch+json",
+        )
+
+    async def merge_patch(self, kind: str, namespace: str | None, name: str, patch: Obj) -> Obj:
+        return await self._call(
+            "PATCH",
+            path_for(kind, namespace, name),
+            kind=kind,
+            body=patch,
+            content_type="application/merge-patch+json",
+        )
+
+    async def delete(self, kind: str, namespace: str | None, name: str) -> bool:
+        try:
+            await self._call(
+                "DELETE",
+                path_for(kind, namespace, name),
+                kind=kind,
+                body={"propagationPolicy": "Background"},
+            )
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    async def event(self, involved: Obj, *, type_: str, reason: str, message: str) -> None:
+        """Post a core/v1 Event on `involved` (shown by `kubectl describe`)."""
+        meta = involved["metadata"]
+        namespace = meta.get("namespace") or "default"
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": involved.get("apiVersion"),
+                "kind": involved.get("kind"),
+                "name": meta["name"],
+                "namespace": meta.get("namespace"),
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": type_,
+            "source": {"component": FIELD_MANAGER},
+            "reportingComponent": FIELD_MANAGER,
+            "reportingInstance": FIELD_MANAGER,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        await self._call("POST", path_for("Event", namespace), kind="Event", body=event)
+
+
+def _api_error(exc: k8s_exceptions.ApiException) -> ApiError:
+    status = int(exc.status or 0)
+    reason = str(exc.reason or "")
+    message = reason
+    try:
+        body = json.loads(exc.body or "{}")
+        message = str(body.get("message") or message)
+        reason = str(body.get("reason") or reason)
+    except (TypeError, ValueError):
+        pass
+    return ApiError(status, reason, message)

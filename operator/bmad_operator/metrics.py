@@ -1,0 +1,24 @@
+"""The operator's own Prometheus metrics: reconciles, durations, errors, queue, writes."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RECONCILES = Counter(
+    "bmad_operator_reconciles_total", "Reconcile passes by kind and result.", ["kind", "result"]
+)
+RECONCILE_SECONDS = Histogram(
+    "bmad_operator_reconcile_duration_seconds",
+    "Duration of one reconcile pass.",
+    ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+RECONCILE_ERRORS = Counter(
+    "bmad_operator_reconcile_errors_total",
+    "Reconcile passes that failed, by reason.",
+    ["kind", "reason"],
+)
+QUEUE_DEPTH = Gauge("bmad_operator_queue_depth", "Keys waiting to be reconciled.", ["kind"])
+API_WRITES = Counter(
+    "bmad_operator_api_writes_total", "Write requests sent to the API server.", ["verb", "kind"]
+)

@@ -1,0 +1,220 @@
+"""The Agent reconciler: the only code that talks to the API server about Agents.
+
+One pass: read the Agent from the store; decide the owned objects from its spec
+alone (builders); apply only those that differ from what runs; observe the
+Deployment; compute the status once; write it only when it changed; post an event
+when Ready flips. Every input is re-read on each pass (level-triggered), so a pass
+after a crash, a missed event or a manual edit converges to the same result.
+"""
+
+from __future__ import annotations
+
+import logging
+import typing
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import pydantic
+
+from bmad_crds.v1alpha1 import agent as agent_api
+from bmad_operator import conditions, diff, kube, metrics, policies, store
+from bmad_operator.builders import agent as builders
+from bmad_operator.conditions import TRUE
+
+log = logging.getLogger(__name__)
+
+KIND = "Agent"
+OWNED_KINDS = ("ServiceAccount", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget")
+
+
+def describe_validation_error(exc: pydantic.ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"])
+        parts.append(f"spec.{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+class AgentReconciler:
+    def __init__(self, *, api: kube.Kube, cache: store.Store, runtime_image: str) -> None:
+        self.api = api
+        self.cache = cache
+        self.runtime_image = runtime_image
+
+    async def reconcile(self, key: Hashable) -> None:
+        namespace, name = typing.cast(tuple[str, str], key)
+        with metrics.RECONCILE_SECONDS.labels(kind=KIND).time():
+            try:
+                await self._reconcile(namespace, name)
+            except kube.ApiError as exc:
+                metrics.RECONCILES.labels(kind=KIND, result="error").inc()
+                metrics.RECONCILE_ERRORS.labels(kind=KIND, reason=exc.reason or "ApiError").inc()
+                log.warning("agent %s/%s: API error, will retry: %s", namespace, name, exc)
+                raise
+            except Exception:
+                metrics.RECONCILES.labels(kind=KIND, result="error").inc()
+                metrics.RECONCILE_ERRORS.labels(kind=KIND, reason="Unexpected").inc()
+                raise
+            metrics.RECONCILES.labels(kind=KIND, result="ok").inc()
+
+    async def _reconcile(self, namespace: str, name: str) -> None:
+        body = self.cache.get(KIND, namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            # Gone or going: owner references let the garbage collector remove the rest.
+            return
+        generation = body["metadata"].get("generation")
+        previous = (body.get("status") or {}).get("conditions") or []
+        try:
+            spec = agent_api.AgentSpec.model_validate(body.get("spec") or {})
+        except pydantic.ValidationError as exc:
+            message = describe_validation_error(exc)
+            decided = policies.invalid_spec(message)
+            await self._write_status(
+                body,
+                {
+                    "observedGeneration": generation,
+                    "conditions": conditions.merge(previous, decided, generation=generation),
+                },
+            )
+            await self._event_on_flip(body, previous, decided[0])
+            return
+
+        integration_states = self._integration_states(namespace, spec)
+        integrations_cond = policies.integrations_condition(integration_states, namespace)
+        bindings = [s.name for s in integration_states if s.found]
+        desired = builders.build_all(
+            body,
+            spec,
+            image=self.runtime_image,
+            bindings=bindings,
+            secret_versions=self._secret_versions(namespace, bindings),
+        )
+        changed: list[str] = []
+        recreated: list[str] = []
+        deployment: Mapping[str, Any] | None = None
+        for obj in desired:
+            kind, meta = obj["kind"], obj["metadata"]
+            live = self.cache.get(kind, meta["namespace"], meta["name"])
+            if live is None:
+                live = await self.api.get(kind, meta["namespace"], meta["name"])
+                if live is not None:
+                    self.cache.put(live)
+            if diff.needs_apply(live, obj):
+                applied = await self.api.apply(obj)
+                self.cache.put(applied)
+                (recreated if live is None else changed).append(f"{kind}/{meta['name']}")
+                live = applied
+            if kind == "Deployment":
+                deployment = live
+
+        desired_replicas = builders.desired_replicas(spec)
+        rollout = policies.rollout(deployment)
+        available, progressing = policies.workload_conditions(
+            desired=desired_replicas, paused=spec.paused, observed=rollout
+        )
+        ready = policies.ready_condition(
+            paused=spec.paused,
+            integrations=integrations_cond,
+            available=available,
+            progressing=progressing,
+            desired=desired_replicas,
+        )
+        decided = [ready, available, progressing, integrations_cond]
+        status: dict[str, Any] = {
+            "observedGeneration": generation,
+            "replicas": rollout.replicas if rollout else 0,
+            "readyReplicas": rollout.ready if rollout else 0,
+            "desiredReplicas": desired_replicas,
+            "selector": builders.selector_string(name),
+            "endpoint": builders.endpoint(body),
+            "conditions": conditions.merge(previous, decided, generation=generation),
+        }
+        await self._write_status(body, status)
+
+        first_pass = not previous
+        if recreated and not first_pass:
+            await self._event(
+                body,
+                "Warning",
+                "DriftCorrected",
+                f"Recreated {', '.join(recreated)}, deleted outside the operator.",
+            )
+        elif recreated:
+            await self._event(body, "Normal", "Created", f"Created {', '.join(recreated)}.")
+        if changed:
+            generation_moved = (body.get("status") or {}).get("observedGeneration") != generation
+            if generation_moved:
+                await self._event(body, "Normal", "Updated", f"Applied {', '.join(changed)}.")
+            else:
+                await self._event(
+                    body,
+                    "Warning",
+                    "DriftCorrected",
+                    f"Restored {', '.join(changed)}, changed outside the operator.",
+                )
+        await self._event_on_flip(body, previous, ready)
+
+    def _integration_states(
+        self, namespace: str, spec: agent_api.AgentSpec
+    ) -> list[policies.IntegrationState]:
+        states = []
+        for ref in spec.integrations or []:
+            obj = self.cache.get("Integration", namespace, ref)
+            if obj is None:
+                states.append(policies.IntegrationState(ref, found=False, ready=None))
+                continue
+            cond = conditions.find((obj.get("status") or {}).get("conditions"), "Ready")
+            states.append(
+                policies.IntegrationState(
+                    ref,
+                    found=True,
+                    ready=str(cond.get("status")) if cond else None,
+                    message=str(cond.get("message", "")) if cond else "",
+                )
+            )
+        return states
+
+    def _secret_versions(self, namespace: str, bindings: list[str]) -> dict[str, str]:
+        versions: dict[str, str] = {}
+        for integration in bindings:
+            secret = self.cache.get("Secret", namespace, builders.binding_secret_name(integration))
+            if secret is not None:
+                versions[integration] = str(secret["metadata"].get("resourceVersion", ""))
+        return versions
+
+    async def _write_status(self, body: Mapping[str, Any], status: dict[str, Any]) -> None:
+        current = body.get("status") or {}
+        if all(current.get(k) == v for k, v in status.items()):
+            return  # unchanged: no write
+        meta = body["metadata"]
+        updated = await self.api.patch_status(KIND, meta["namespace"], meta["name"], status)
+        if updated:
+            self.cache.put(updated)
+
+    async def _event_on_flip(
+        self, body: Mapping[str, Any], previous: list[Any], ready: conditions.Cond
+    ) -> None:
+        before = conditions.find(previous, "Ready")
+        if (
+            before is not None
+            and before.get("status") == ready.status
+            and before.get("reason") == ready.reason
+        ):
+            return
+        if ready.status == TRUE:
+            await self._event(body, "Normal", "Ready", ready.message)
+        elif ready.reason == policies.INVALID_SPEC:
+            await self._event(body, "Warning", "InvalidSpec", ready.message)
+        elif ready.reason in (policies.ROLLING_OUT, policies.DEPLOYMENT_MISSING):
+            if before is not None and before.get("status") == TRUE:
+                await self._event(body, "Normal", "RollingOut", ready.message)
+        else:
+            await self._event(body, "Warning", "NotReady", f"{ready.reason}: {ready.message}")
+
+    async def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        try:
+            await self.api.event(dict(body), type_=type_, reason=reason, message=message)
+        except kube.ApiError as exc:
+            log.warning(
+                "could not post event %s on agent %s: %s", reason, body["metadata"]["name"], exc
+            )

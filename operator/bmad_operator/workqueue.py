@@ -1,0 +1,122 @@
+"""A keyed work queue: level-triggered reconciles, deduplicated, one at a time per key.
+
+kopf calls our handlers once per event; many events for one Agent (its own change,
+each owned object's change, the resync) collapse here into one pending key. A key
+being reconciled is never handed to a second worker; if it is queued again meanwhile
+it runs once more afterwards. Failures come back with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable, Hashable
+
+from bmad_operator import metrics
+
+log = logging.getLogger(__name__)
+
+
+class Requeue(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by a reconcile to be called again after `delay` seconds."""
+
+    def __init__(self, delay: float, reason: str = "") -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+class WorkQueue:
+    def __init__(
+        self,
+        kind: str,
+        reconcile: Callable[[Hashable], Awaitable[None]],
+        *,
+        workers: int = 16,
+        base_backoff: float = 1.0,
+        max_backoff: float = 300.0,
+    ) -> None:
+        self.kind = kind
+        self._reconcile = reconcile
+        self._workers = workers
+        self._queue: asyncio.Queue[Hashable] = asyncio.Queue()
+        self._pending: set[Hashable] = set()
+        self._active: set[Hashable] = set()
+        self._dirty: set[Hashable] = set()
+        self._failures: dict[Hashable, int] = {}
+        self._timers: dict[Hashable, asyncio.TimerHandle] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._base = base_backoff
+        self._max = max_backoff
+
+    def add(self, key: Hashable) -> None:
+        if key in self._active:
+            self._dirty.add(key)
+            return
+        if key in self._pending:
+            return
+        timer = self._timers.pop(key, None)
+        if timer:
+            timer.cancel()
+        self._pending.add(key)
+        self._queue.put_nowait(key)
+        metrics.QUEUE_DEPTH.labels(kind=self.kind).set(len(self._pending))
+
+    def add_after(self, key: Hashable, delay: float) -> None:
+        if key in self._pending or key in self._timers:
+            return
+        loop = asyncio.get_running_loop()
+        self._timers[key] = loop.call_later(delay, self._fire, key)
+
+    def _fire(self, key: Hashable) -> None:
+        self._timers.pop(key, None)
+        self.add(key)
+
+    def forget(self, key: Hashable) -> None:
+        self._failures.pop(key, None)
+        timer = self._timers.pop(key, None)
+        if timer:
+            timer.cancel()
+
+    def start(self) -> None:
+        for i in range(self._workers):
+            self._tasks.append(asyncio.create_task(self._work(), name=f"{self.kind}-worker-{i}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for timer in self._timers.values():
+            timer.cancel()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    async def _work(self) -> None:
+        while True:
+            key = await self._queue.get()
+            self._pending.discard(key)
+            metrics.QUEUE_DEPTH.labels(kind=self.kind).set(len(self._pending))
+            self._active.add(key)
+            try:
+                await self._reconcile(key)
+            except Requeue as again:
+                self.add_after(key, again.delay)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                n = self._failures.get(key, 0) + 1
+                self._failures[key] = n
+                delay = min(self._max, self._base * 2 ** (n - 1)) * random.uniform(0.8, 1.2)  # noqa: S311
+                log.exception("reconcile of %s %s failed; retrying in %.1fs", self.kind, key, delay)
+                self.add_after(key, delay)
+            else:
+                self._failures.pop(key, None)
+            finally:
+                self._active.discard(key)
+                if key in self._dirty:
+                    self._dirty.discard(key)
+                    self.add(key)
