@@ -1,0 +1,59 @@
+# syntax=docker/dockerfile:1
+# One image for the operator (`bmad operator run`, the default) and the agent runtime
+# (`bmad runtime`, which the operator sets as the agent pods' args).
+#
+#   docker build -t bmad-operator:0.1.0 .
+
+# --- builder: install the project and its dependencies into a venv ------------------
+FROM python:3.11-slim AS builder
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+WORKDIR /src
+# Everything pyproject.toml builds into the wheel (the component folders, the
+# generated CRDs and the test bed scripts), nothing else.
+COPY pyproject.toml README.md ./
+COPY crds/ crds/
+COPY integrations/ integrations/
+COPY operator/ operator/
+COPY runtime/ runtime/
+COPY testbed/ testbed/
+COPY cli/ cli/
+RUN pip wheel --wheel-dir /wheels . \
+    && pip install --no-index --find-links /wheels bmad-operator \
+    && rm -rf /wheels
+
+# --- final: the venv on a clean base, run as an unprivileged user --------------------
+FROM python:3.11-slim
+
+LABEL org.opencontainers.image.title="bmad-operator" \
+      org.opencontainers.image.description="BMAD operator and agent runtime" \
+      org.opencontainers.image.version="0.1.0" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# A numeric uid, so that Kubernetes can check runAsNonRoot against the image.
+RUN groupadd --gid 10001 bmad \
+    && useradd --uid 10001 --gid 10001 --home-dir /home/bmad --create-home \
+       --shell /usr/sbin/nologin bmad
+
+COPY --from=builder /opt/venv /opt/venv
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+
+WORKDIR /home/bmad
+USER 10001:10001
+
+# 8080: health (operator) and HTTP API (runtime); 8081: operator metrics.
+EXPOSE 8080 8081
+# Liveness and readiness come from Kubernetes probes.
+HEALTHCHECK NONE
+
+ENTRYPOINT ["bmad"]
+CMD ["operator", "run"]
