@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from bmad_testbed import kubectl as kubectl_mod
-from bmad_testbed import netguard, testbed
+from bmad_testbed import netguard, operator_proc, testbed
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -112,3 +114,65 @@ def clean_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("KUBECONFIG", None)
     return env
+
+
+@pytest.fixture(scope="session")
+def crds(kubectl: kubectl_mod.Kubectl) -> list[str]:
+    """The project's CRDs, installed with server-side apply and Established."""
+    names = []
+    for path in sorted((REPO / "crds" / "bases").glob("bmad.dev_*.yaml")):
+        kubectl.run("apply", "--server-side", "--force-conflicts", "-f", str(path))
+        names.append(f"{path.stem.split('_', 1)[1]}.bmad.dev")
+    kubectl.run(
+        "wait", "--for=condition=Established", *[f"crd/{n}" for n in names], "--timeout=60s"
+    )
+    return names
+
+
+@pytest.fixture(scope="session")
+def operator_kubeconfig(kubectl: kubectl_mod.Kubectl, testbed_env: dict[str, str]) -> str:
+    """The operator's own identity, bound to the ClusterRole of manifests/rbac only."""
+    own = testbed_env.get("BMAD_OPERATOR_KUBECONFIG")
+    if not own:
+        return testbed_env["KUBECONFIG"]  # a user's cluster: run as the caller
+    rendered = kubectl.out("kustomize", str(REPO / "manifests" / "rbac"))
+    import yaml
+
+    roles = [d for d in yaml.safe_load_all(rendered) if d and d.get("kind") == "ClusterRole"]
+    assert any(r["metadata"]["name"] == "bmad-operator" for r in roles)
+    for role in roles:
+        kubectl.apply(role)
+    kubectl.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "bmad-operator-testbed"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "bmad-operator",
+            },
+            "subjects": [
+                {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "User",
+                    "name": testbed_env["BMAD_OPERATOR_USER"],
+                }
+            ],
+        }
+    )
+    return own
+
+
+@pytest.fixture(scope="session")
+def operator(
+    crds: list[str], operator_kubeconfig: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[operator_proc.OperatorProcess]:
+    """The operator, running as its own process for the whole session (resync 5s)."""
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    proc = operator_proc.OperatorProcess(kubeconfig=operator_kubeconfig, log_path=log)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()

@@ -1,0 +1,122 @@
+"""Run the operator as a child process against the test bed (tests, demo, benchmarks).
+
+A real process, started the way users start it (`bmad operator run`), so tests can
+kill it with SIGKILL mid-work, restart it, read its log and its /metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from bmad_testbed import procs
+
+
+class OperatorProcess:
+    def __init__(
+        self,
+        *,
+        kubeconfig: str,
+        log_path: Path,
+        resync_seconds: float = 5.0,
+        workers: int = 16,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.kubeconfig = kubeconfig
+        self.log_path = log_path
+        self.resync_seconds = resync_seconds
+        self.workers = workers
+        self.extra_env = extra_env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.metrics_port = 0
+        self.health_port = 0
+
+    def start(self) -> None:
+        self.metrics_port = procs.free_port()
+        self.health_port = procs.free_port()
+        env = dict(os.environ)
+        env.update(
+            {
+                "KUBECONFIG": self.kubeconfig,
+                "BMAD_OPERATOR_RESYNC_SECONDS": str(self.resync_seconds),
+                "BMAD_OPERATOR_WORKERS": str(self.workers),
+                "BMAD_OPERATOR_METRICS_PORT": str(self.metrics_port),
+                "BMAD_OPERATOR_HEALTH_PORT": str(self.health_port),
+                "BMAD_OPERATOR_BIND_ADDRESS": "127.0.0.1",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self.extra_env)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bmad_cli.main", "operator", "run"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"the operator exited with {self.proc.returncode}:\n"
+                    + procs.log_tail(self.log_path)
+                )
+            if self.healthy():
+                return
+            time.sleep(0.2)
+        raise RuntimeError("the operator did not answer /healthz within 60s")
+
+    def healthy(self) -> bool:
+        try:
+            url = f"http://127.0.0.1:{self.health_port}/healthz"
+            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    def metrics(self) -> dict[str, float]:
+        """The operator's /metrics as {'name{labels}': value}."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback
+            text = resp.read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+    def metric_sum(self, prefix: str) -> float:
+        return sum(v for k, v in self.metrics().items() if k.startswith(prefix))
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup handlers, exactly like an OOM kill or a node loss."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
