@@ -77,6 +77,23 @@ def cmd_up(
     sys.stdout.write(testbed.format_env(env, export=export))
 
 
+@testbed_app.command("start-operator")
+def cmd_start_operator(
+    kubeconfig: Annotated[
+        str, typer.Option(envvar="BMAD_OPERATOR_KUBECONFIG", help="The operator's kubeconfig.")
+    ],
+) -> None:
+    """Run the operator in the background as part of the test bed (`down` stops it)."""
+    from bmad_testbed import procs, testbed
+
+    try:
+        rec = testbed.start_operator(kubeconfig=kubeconfig)
+    except procs.StartupError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"the operator runs as pid {rec['pid']}; log: {rec['log']}", err=True)
+
+
 @testbed_app.command("down")
 def cmd_down(
     keep_data: Annotated[bool, typer.Option(help="Keep logs and data directories.")] = False,

@@ -15,6 +15,7 @@ import os
 import shlex
 import shutil
 import time
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,52 @@ def up(
         raise
     _save_state(directory, state)
     return env
+
+
+def start_operator(
+    *, kubeconfig: str, directory: Path | None = None, resync_seconds: float = 30.0
+) -> procs.ProcRecord:
+    """Start `bmad operator run` detached and record it, so `down` stops it too."""
+    import sys
+
+    directory = directory or run_dir()
+    state = _load_state(directory)
+    if state is None:
+        raise procs.StartupError("the test bed is not up: run `bmad testbed up` first")
+    for rec in state["records"]:
+        if rec["name"] == "bmad-operator" and procs.is_alive(rec):
+            return typing.cast(procs.ProcRecord, rec)
+    health, metrics_port = procs.free_port(), procs.free_port()
+    rec = procs.spawn(
+        "bmad-operator",
+        [sys.executable, "-m", "bmad_cli.main", "operator", "run"],
+        log_dir=directory / "logs",
+        env={
+            "KUBECONFIG": kubeconfig,
+            "BMAD_OPERATOR_HEALTH_PORT": str(health),
+            "BMAD_OPERATOR_METRICS_PORT": str(metrics_port),
+            "BMAD_OPERATOR_BIND_ADDRESS": "127.0.0.1",
+            "BMAD_OPERATOR_RESYNC_SECONDS": str(resync_seconds),
+            "PYTHONUNBUFFERED": "1",
+        },
+    )
+    state["records"].append(rec)
+    state["env"]["BMAD_OPERATOR_METRICS_URL"] = f"http://127.0.0.1:{metrics_port}/metrics"
+    _save_state(directory, state)
+    procs.wait_until(
+        rec,
+        lambda: _http_ok(f"http://127.0.0.1:{health}/healthz"),
+        timeout=60,
+        what="healthy (/healthz)",
+    )
+    return rec
+
+
+def _http_ok(url: str) -> bool:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback http
+        return bool(resp.status == 200)
 
 
 def down(*, directory: Path | None = None, keep_data: bool = False) -> list[str]:

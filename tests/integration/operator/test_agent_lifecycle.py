@@ -209,3 +209,15 @@ def test_missing_integration_is_a_condition_and_recovers(
 def test_no_traceback_in_the_operator_log(operator: OperatorProcess) -> None:
     time.sleep(0.1)
     assert "Traceback" not in operator.log_text()
+
+
+def test_operator_exposes_its_metrics_and_liveness(operator: OperatorProcess) -> None:
+    assert operator.healthy()
+    names = {key.split("{", 1)[0] for key in operator.metrics()}
+    for metric in (
+        "bmad_operator_reconciles_total",
+        "bmad_operator_reconcile_duration_seconds_bucket",
+        "bmad_operator_queue_depth",
+        "bmad_operator_api_writes_total",
+    ):
+        assert metric in names, metric

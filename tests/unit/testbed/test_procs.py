@@ -100,3 +100,15 @@ def test_spawned_processes_live_in_their_own_session(tmp_path: Path) -> None:
     finally:
         procs.stop(rec)
     time.sleep(0)
+
+
+def test_the_kubernetes_build_script_ships_inside_the_package() -> None:
+    # `bmad testbed build` finds it through importlib.resources, in a wheel and in an
+    # editable install alike; a cold machine depends on it.
+    import subprocess
+    from importlib import resources
+
+    script = resources.files("bmad_testbed") / "scripts" / "build-kubernetes.sh"
+    assert script.is_file()
+    with resources.as_file(script) as path:
+        assert subprocess.run(["bash", "-n", str(path)], check=False).returncode == 0
