@@ -17,6 +17,7 @@ from typing import Any
 from bmad_operator import kube, settings, store, workqueue
 from bmad_operator.builders import agent as agent_builders
 from bmad_operator.reconcilers import agent as agent_reconciler
+from bmad_operator.reconcilers import integration as integration_reconciler
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,16 @@ class Controller:
             api=api, cache=self.store, runtime_image=cfg.runtime_image
         )
         self.agent_queue = workqueue.WorkQueue("Agent", self.agents.reconcile, workers=cfg.workers)
+        self.integrations = integration_reconciler.IntegrationReconciler(api=api, cache=self.store)
+        self.integration_queue = workqueue.WorkQueue(
+            "Integration", self.integrations.reconcile, workers=max(4, cfg.workers // 2)
+        )
+        self.integrations.queue = self.integration_queue
         self._resync: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self.agent_queue.start()
+        self.integration_queue.start()
         self._resync = asyncio.create_task(self._resync_loop(), name="resync")
 
     async def stop(self) -> None:
@@ -42,6 +49,7 @@ class Controller:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._resync
         await self.agent_queue.stop()
+        await self.integration_queue.stop()
         await self.api.close()
 
     # -- events -------------------------------------------------------------------
@@ -51,6 +59,19 @@ class Controller:
         meta = obj.get("metadata") or {}
         if not kind or "name" not in meta:
             return
+        labels = meta.get("labels") or {}
+        if kind == "Secret" and labels.get("app.kubernetes.io/managed-by") != "bmad-operator":
+            # Users' Secrets: remember only that they exist and their version, never data.
+            obj = {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {
+                    "name": meta["name"],
+                    "namespace": meta.get("namespace"),
+                    "uid": meta.get("uid"),
+                    "resourceVersion": meta.get("resourceVersion"),
+                },
+            }
         if event.get("type") == "DELETED":
             self.store.remove(kind, meta.get("namespace"), meta["name"])
         else:
@@ -62,13 +83,18 @@ class Controller:
             else:
                 self.agent_queue.add((namespace, meta["name"]))
         elif kind == "Integration":
+            if event.get("type") == "DELETED":
+                self.integration_queue.forget((namespace, meta["name"]))
+            self.integration_queue.add((namespace, meta["name"]))
             for key in self._agents_binding(namespace, meta["name"]):
                 self.agent_queue.add(key)
         elif kind == "Secret":
-            integration = (meta.get("labels") or {}).get("bmad.dev/integration")
+            integration = labels.get("bmad.dev/integration")
             if integration:
                 for key in self._agents_binding(namespace, integration):
                     self.agent_queue.add(key)
+            for key in self.integrations.secret_referenced(namespace, meta["name"]):
+                self.integration_queue.add(key)
         else:
             owner = (meta.get("labels") or {}).get(agent_builders.AGENT_LABEL)
             if owner and self.store.get("Agent", namespace, owner) is not None:
@@ -91,3 +117,6 @@ class Controller:
             await asyncio.sleep(period * random.uniform(0.9, 1.1))  # noqa: S311
             for key in self.store.keys("Agent"):
                 self.agent_queue.add_after(key, random.uniform(0, period * 0.1))  # noqa: S311
+            for key in self.store.keys("Integration"):
+                # Cheap unless a check is due: the reconciler remembers what it checked.
+                self.integration_queue.add_after(key, random.uniform(0, period * 0.1))  # noqa: S311

@@ -45,30 +45,55 @@ def quantity(value: Any) -> Decimal | None:
         return None
 
 
-def _scalar_equal(live: Any, want: Any) -> bool:
+# Maps whose values are quantities (container resources, quota and limit-range maps).
+QUANTITY_MAPS = frozenset(
+    {
+        "requests",
+        "limits",
+        "hard",
+        "default",
+        "defaultRequest",
+        "max",
+        "min",
+        "capacity",
+        "allocatable",
+    }
+)
+
+
+def _scalar_equal(live: Any, want: Any, *, quantities: bool) -> bool:
     if live == want and type(live) is type(want):
         return True
     if isinstance(want, bool) or isinstance(live, bool):
         return False
     if isinstance(want, (int, str)) and isinstance(live, (int, str)):
+        # int-or-string fields (ports, maxUnavailable) come back in either form.
         if str(live) == str(want):
             return True
-        a, b = quantity(live), quantity(want)
-        return a is not None and a == b
+        if quantities:
+            a, b = quantity(live), quantity(want)
+            return a is not None and a == b
     return False
 
 
-def covers(live: Any, want: Any) -> bool:
-    """Whether `live` contains `want`: dicts by key, lists item by item, scalars equal."""
+def covers(live: Any, want: Any, *, quantities: bool = False) -> bool:
+    """Whether `live` contains `want`: dicts by key, lists item by item, scalars equal.
+
+    Values are compared as quantities ("0.5" is "500m") only inside resource maps:
+    elsewhere "1.10" and "1.1" are different strings.
+    """
     if isinstance(want, dict):
         if not isinstance(live, dict):
             return False
-        return all(k in live and covers(live[k], v) for k, v in want.items())
+        return all(
+            k in live and covers(live[k], v, quantities=quantities or k in QUANTITY_MAPS)
+            for k, v in want.items()
+        )
     if isinstance(want, list):
         if not isinstance(live, list) or len(live) != len(want):
             return False
         return all(covers(a, b) for a, b in zip(live, want, strict=True))
-    return _scalar_equal(live, want)
+    return _scalar_equal(live, want, quantities=quantities)
 
 
 def needs_apply(live: dict[str, Any] | None, want: dict[str, Any]) -> bool:

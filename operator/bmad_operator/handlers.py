@@ -97,6 +97,15 @@ async def pdb_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
     _feed(event, memo)
 
 
-@kopf.on.event("", "v1", "secrets", labels=MANAGED)
+@kopf.index("", "v1", "secrets")
+async def secret_versions(
+    name: str, namespace: str | None, meta: kopf.Meta, **_: Any
+) -> dict[tuple[str | None, str], str | None]:
+    """Every Secret's resourceVersion (never its data), kept current by the watch."""
+    return {(namespace, name): meta.get("resourceVersion")}
+
+
+@kopf.on.event("", "v1", "secrets")
 async def secret_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    # A credentials Secret changed: the Integrations that use it are checked at once.
     _feed(event, memo)

@@ -48,7 +48,16 @@ def integrations_condition(states: Sequence[IntegrationState], namespace: str) -
             f"Integration {names} not found in namespace {namespace}: create it there, or "
             "remove it from spec.integrations.",
         )
-    failing = [s for s in states if s.ready == FALSE]
+    unchecked = [s.name for s in states if s.ready is None]
+    if unchecked:
+        names = ", ".join(unchecked)
+        return Cond(
+            "IntegrationsReady",
+            FALSE,
+            INTEGRATION_NOT_READY,
+            f"Integration {names} has not been checked yet: waiting for its first check.",
+        )
+    failing = [s for s in states if s.ready != TRUE]
     if failing:
         first = failing[0]
         detail = f": {first.message}" if first.message else ""
@@ -99,11 +108,10 @@ def workload_conditions(
             ),
             Cond("Progressing", TRUE, ROLLING_OUT, "Creating the agent's Deployment."),
         )
+    # The rollout is done once every pod runs the current template; a pod lost later
+    # makes the agent unavailable, not "rolling out" again.
     done = (
-        observed.observed_current
-        and observed.updated >= desired
-        and observed.replicas == desired
-        and observed.available >= desired
+        observed.observed_current and observed.updated >= desired and observed.replicas == desired
     )
     if paused:
         available = Cond("Available", FALSE, PAUSED, "spec.paused is true: scaled to zero.")

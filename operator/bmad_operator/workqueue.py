@@ -108,9 +108,9 @@ class WorkQueue:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                n = self._failures.get(key, 0) + 1
+                n = min(self._failures.get(key, 0) + 1, 64)  # 2**63 s is "the cap" already
                 self._failures[key] = n
-                delay = min(self._max, self._base * 2 ** (n - 1)) * random.uniform(0.8, 1.2)  # noqa: S311
+                delay = min(self._max, self._base * 2.0 ** (n - 1)) * random.uniform(0.8, 1.2)  # noqa: S311
                 log.exception("reconcile of %s %s failed; retrying in %.1fs", self.kind, key, delay)
                 self.add_after(key, delay)
             else:

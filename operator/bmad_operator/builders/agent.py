@@ -79,6 +79,15 @@ def binding_secret_name(integration: str) -> str:
     return f"{integration}-binding"
 
 
+def binding_volume_name(integration: str) -> str:
+    """A DNS label unique per integration: long names keep a prefix and gain a hash."""
+    name = f"binding-{integration}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(integration.encode()).hexdigest()[:10]
+    return f"binding-{integration[:43].rstrip('-')}-{digest}"
+
+
 def service_account_name(name: str, spec: agent_api.AgentSpec) -> str:
     if spec.runtime and spec.runtime.service_account_name:
         return spec.runtime.service_account_name
@@ -219,7 +228,7 @@ def deployment(
         {"name": "tmp", "emptyDir": {}},
     ]
     for integration in bindings:
-        vol = f"binding-{integration}"[:63]
+        vol = binding_volume_name(integration)
         volumes.append(
             {
                 "name": vol,

@@ -9,6 +9,8 @@ after a crash, a missed event or a manual edit converges to the same result.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import typing
 from collections.abc import Hashable, Mapping
@@ -17,7 +19,7 @@ from typing import Any
 import pydantic
 
 from bmad_crds.v1alpha1 import agent as agent_api
-from bmad_operator import conditions, diff, kube, metrics, policies, store
+from bmad_operator import conditions, diff, kube, metrics, policies, store, workqueue
 from bmad_operator.builders import agent as builders
 from bmad_operator.conditions import TRUE
 
@@ -25,6 +27,29 @@ log = logging.getLogger(__name__)
 
 KIND = "Agent"
 OWNED_KINDS = ("ServiceAccount", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget")
+
+
+APPLIED_HASH = "bmad.dev/applied-hash"
+
+
+def applied_hash(obj: Mapping[str, Any]) -> str:
+    """A digest of what we apply: tells our own changes apart from someone else's."""
+    clean = {k: v for k, v in obj.items() if k != "metadata"}
+    meta = {k: v for k, v in obj["metadata"].items() if k != "annotations"}
+    notes = {
+        k: v for k, v in (obj["metadata"].get("annotations") or {}).items() if k != APPLIED_HASH
+    }
+    text = json.dumps([clean, meta, notes], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _had_workload(previous: list[Any]) -> bool:
+    """Whether an earlier pass saw the Deployment (so a missing object means deletion)."""
+    available = conditions.find(previous, "Available")
+    return available is not None and available.get("reason") not in (
+        policies.DEPLOYMENT_MISSING,
+        policies.INVALID_SPEC,
+    )
 
 
 def describe_validation_error(exc: pydantic.ValidationError) -> str:
@@ -89,20 +114,36 @@ class AgentReconciler:
             bindings=bindings,
             secret_versions=self._secret_versions(namespace, bindings),
         )
-        changed: list[str] = []
-        recreated: list[str] = []
+        created: list[str] = []  # did not exist
+        updated: list[str] = []  # our inputs changed (spec, bindings, image)
+        drifted: list[str] = []  # someone changed or deleted what we had applied
         deployment: Mapping[str, Any] | None = None
+        had_workload = _had_workload(previous)
         for obj in desired:
             kind, meta = obj["kind"], obj["metadata"]
+            digest = applied_hash(obj)
+            meta.setdefault("annotations", {})[APPLIED_HASH] = digest
             live = self.cache.get(kind, meta["namespace"], meta["name"])
             if live is None:
                 live = await self.api.get(kind, meta["namespace"], meta["name"])
                 if live is not None:
                     self.cache.put(live)
             if diff.needs_apply(live, obj):
-                applied = await self.api.apply(obj)
+                try:
+                    applied = await self.api.apply(obj)
+                except kube.ApiError as exc:
+                    if exc.status in (0, 409, 429) or exc.status >= 500:
+                        raise  # transient: retried with backoff
+                    await self._apply_failed(body, previous, generation, kind, exc)
+                    raise workqueue.Requeue(30.0, f"apply of {kind} refused") from None
                 self.cache.put(applied)
-                (recreated if live is None else changed).append(f"{kind}/{meta['name']}")
+                label = f"{kind}/{meta['name']}"
+                if live is None:
+                    (drifted if had_workload else created).append(label)
+                elif (live["metadata"].get("annotations") or {}).get(APPLIED_HASH) == digest:
+                    drifted.append(label)
+                else:
+                    updated.append(label)
                 live = applied
             if kind == "Deployment":
                 deployment = live
@@ -131,27 +172,41 @@ class AgentReconciler:
         }
         await self._write_status(body, status)
 
-        first_pass = not previous
-        if recreated and not first_pass:
+        if created:
+            await self._event(body, "Normal", "Created", f"Created {', '.join(created)}.")
+        if updated:
+            await self._event(body, "Normal", "Updated", f"Applied {', '.join(updated)}.")
+        if drifted:
             await self._event(
                 body,
                 "Warning",
                 "DriftCorrected",
-                f"Recreated {', '.join(recreated)}, deleted outside the operator.",
+                f"Restored {', '.join(drifted)}, changed or deleted outside the operator.",
             )
-        elif recreated:
-            await self._event(body, "Normal", "Created", f"Created {', '.join(recreated)}.")
-        if changed:
-            generation_moved = (body.get("status") or {}).get("observedGeneration") != generation
-            if generation_moved:
-                await self._event(body, "Normal", "Updated", f"Applied {', '.join(changed)}.")
-            else:
-                await self._event(
-                    body,
-                    "Warning",
-                    "DriftCorrected",
-                    f"Restored {', '.join(changed)}, changed outside the operator.",
-                )
+        await self._event_on_flip(body, previous, ready)
+
+    async def _apply_failed(
+        self,
+        body: Mapping[str, Any],
+        previous: list[Any],
+        generation: int | None,
+        kind: str,
+        exc: kube.ApiError,
+    ) -> None:
+        """The API server refused an owned object: say so on the Agent, retry later."""
+        ready = conditions.Cond(
+            "Ready",
+            conditions.FALSE,
+            policies.APPLY_FAILED,
+            f"The API server refused the agent's {kind}: {exc.message}",
+        )
+        await self._write_status(
+            body,
+            {
+                "observedGeneration": generation,
+                "conditions": conditions.merge(previous, [ready], generation=generation),
+            },
+        )
         await self._event_on_flip(body, previous, ready)
 
     def _integration_states(

@@ -172,7 +172,7 @@ def test_paused_scales_to_zero_and_says_so(
 
 
 def test_missing_integration_is_a_condition_and_recovers(
-    kubectl: Kubectl, namespace: str, operator: OperatorProcess
+    kubectl: Kubectl, namespace: str, operator: OperatorProcess, testbed_env: dict[str, str]
 ) -> None:
     k = kubectl.in_namespace(namespace)
     k.apply(agent("architect", role="architect", integrations=["team-db"]))
@@ -190,12 +190,23 @@ def test_missing_integration_is_a_condition_and_recovers(
     assert ready["status"] == "False"
     assert ready["reason"] == "IntegrationNotFound"
 
+    k.run(
+        "create",
+        "secret",
+        "generic",
+        "team-db-credentials",
+        f"--from-literal=password={testbed_env['BMAD_REDIS_PASSWORD']}",
+    )
     k.apply(
         {
             "apiVersion": "bmad.dev/v1alpha1",
             "kind": "Integration",
             "metadata": {"name": "team-db"},
-            "spec": {"type": "redis", "redis": {"host": "127.0.0.1", "port": 6379}},
+            "spec": {
+                "type": "redis",
+                "secretRef": {"name": "team-db-credentials"},
+                "redis": {"host": "127.0.0.1", "port": int(testbed_env["BMAD_REDIS_PORT"])},
+            },
         }
     )
     k.run("wait", "--for=condition=Ready", "agent/architect", "--timeout=60s", timeout=70)

@@ -1,0 +1,315 @@
+"""Integrations checked by the operator with the real clients against real services.
+
+Every case runs through the whole path: a Secret and an Integration applied with
+kubectl, the operator (a separate process) checking the service, the status and
+events it writes, the binding Secret it publishes, and the Agents that mount it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets as pysecrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from bmad_testbed import procs
+from bmad_testbed.kubectl import Kubectl, eventually
+from bmad_testbed.operator_proc import OperatorProcess
+
+from .helpers import agent, condition
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Case:
+    """How to declare one real service as an Integration, well and badly."""
+
+    type: str
+    block: Callable[[dict[str, str]], dict[str, Any]]
+    good: Callable[[dict[str, str]], dict[str, str]]
+    wrong: Callable[[dict[str, str], str], dict[str, str]]  # with a marker credential
+    required_key: str
+    unreachable: Callable[[dict[str, Any], int], dict[str, Any]]
+    binding_keys: tuple[str, ...] = field(default=())
+
+
+def _with_port(block: dict[str, Any], port: int) -> dict[str, Any]:
+    return dict(block, port=port)
+
+
+def _with_endpoint(block: dict[str, Any], port: int) -> dict[str, Any]:
+    return dict(block, endpoint=f"http://127.0.0.1:{port}")
+
+
+def _with_api_base(block: dict[str, Any], port: int) -> dict[str, Any]:
+    return dict(block, apiBase=f"http://127.0.0.1:{port}")
+
+
+CASES = {
+    "postgres": Case(
+        type="postgres",
+        block=lambda env: {
+            "host": "127.0.0.1",
+            "port": int(env["BMAD_POSTGRES_PORT"]),
+            "database": "postgres",
+            "sslMode": "disable",
+        },
+        good=lambda env: {"username": "postgres", "password": env["BMAD_POSTGRES_PASSWORD"]},
+        wrong=lambda env, marker: {"username": "postgres", "password": marker},
+        required_key="password",
+        unreachable=_with_port,
+        binding_keys=("type", "host", "port", "database", "username", "password", "uri"),
+    ),
+    "redis": Case(
+        type="redis",
+        block=lambda env: {"host": "127.0.0.1", "port": int(env["BMAD_REDIS_PORT"])},
+        good=lambda env: {"password": env["BMAD_REDIS_PASSWORD"]},
+        wrong=lambda env, marker: {"password": marker},
+        required_key="password",
+        unreachable=_with_port,
+        binding_keys=("type", "host", "port", "password", "uri"),
+    ),
+    "objectStorage": Case(
+        type="objectStorage",
+        block=lambda env: {
+            "provider": "minio",
+            "endpoint": env["BMAD_S3_ENDPOINT"],
+            "region": "us-east-1",
+            "bucket": f"bmad-it-{pysecrets.token_hex(4)}",
+            "createBucket": True,
+            "versioning": True,
+        },
+        good=lambda env: {
+            "accessKeyId": env["BMAD_S3_ACCESS_KEY"],
+            "secretAccessKey": env["BMAD_S3_SECRET_KEY"],
+        },
+        wrong=lambda env, marker: {
+            "accessKeyId": env["BMAD_S3_ACCESS_KEY"],
+            "secretAccessKey": marker,
+        },
+        required_key="secretAccessKey",
+        unreachable=_with_endpoint,
+        binding_keys=("type", "endpoint", "bucket"),
+    ),
+    "stripe": Case(
+        type="stripe",
+        block=lambda env: {"apiBase": env["BMAD_STRIPE_API_BASE"]},
+        good=lambda env: {"apiKey": "sk_test_bmad"},
+        # stripe-mock accepts any well-formed test key and refuses a malformed one.
+        wrong=lambda env, marker: {"apiKey": marker},
+        required_key="apiKey",
+        unreachable=_with_api_base,
+        binding_keys=("type",),
+    ),
+}
+
+
+def _secret(name: str, data: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name},
+        "type": "Opaque",
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+    }
+
+
+def _integration(name: str, case: Case, block: dict[str, Any], secret: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "bmad.dev/v1alpha1",
+        "kind": "Integration",
+        "metadata": {"name": name},
+        "spec": {
+            "type": case.type,
+            "secretRef": {"name": secret},
+            case.type: block,
+            "checkIntervalSeconds": 10,
+        },
+    }
+
+
+def _ready(k: Kubectl, name: str, status: str, reason: str, timeout: float = 60) -> dict[str, Any]:
+    def probe() -> dict[str, Any] | None:
+        obj = k.json("get", "integration", name)
+        cond = condition(obj, "Ready")
+        if cond and cond["status"] == status and cond["reason"] == reason:
+            return obj
+        return None
+
+    got: dict[str, Any] = eventually(
+        probe, timeout=timeout, what=f"integration {name} Ready={status} ({reason})"
+    )
+    return got
+
+
+@pytest.mark.parametrize("case_name", sorted(CASES))
+def test_integration_reasons_and_recovery(
+    case_name: str,
+    kubectl: Kubectl,
+    namespace: str,
+    operator: OperatorProcess,
+    testbed_env: dict[str, str],
+) -> None:
+    case = CASES[case_name]
+    k = kubectl.in_namespace(namespace)
+    env = testbed_env
+    block = case.block(env)
+    marker = f"sk_marker_{pysecrets.token_hex(8)}"
+
+    # Good credentials: Ready=True, binding published.
+    k.apply(_secret("creds", case.good(env)))
+    k.apply(_integration("svc", case, block, "creds"))
+    obj = _ready(k, "svc", "True", "Checked")
+    assert obj["status"]["bindingSecretName"] == "svc-binding"
+    assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+    assert obj["status"]["lastCheckTime"]
+    assert obj["status"]["latencyMs"] >= 0
+    binding = k.json("get", "secret", "svc-binding")
+    assert binding["type"] == f"servicebinding.io/{case.type}"
+    decoded = {key: base64.b64decode(v).decode() for key, v in binding["data"].items()}
+    for key in case.binding_keys:
+        assert key in decoded, key
+    assert decoded["type"] == case.type
+    assert binding["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"]
+
+    # A wrong credential, fixed in place: the Secret watch re-checks at once.
+    k.apply(_secret("creds", case.wrong(env, marker)))
+    obj = _ready(k, "svc", "False", "AuthenticationFailed", timeout=30)
+    message = condition(obj, "Ready")["message"]
+    assert marker not in message
+    assert message
+
+    # A missing key.
+    data = case.good(env)
+    data.pop(case.required_key)
+    k.apply(
+        _secret("creds", data)
+        | {"data": {kk: base64.b64encode(v.encode()).decode() for kk, v in data.items()}}
+    )
+    k.run("create", "secret", "generic", "tmp-probe", "--from-literal=a=b")  # noise
+    obj = _ready(k, "svc", "False", "SecretKeyMissing", timeout=30)
+    assert case.required_key in condition(obj, "Ready")["message"]
+
+    # A missing Secret.
+    k.run("delete", "secret", "creds")
+    obj = _ready(k, "svc", "False", "SecretNotFound", timeout=30)
+    assert "creds" in condition(obj, "Ready")["message"]
+
+    # Fixed: back to True without touching the operator.
+    pid = operator.pid
+    k.apply(_secret("creds", case.good(env)))
+    _ready(k, "svc", "True", "Checked", timeout=30)
+    assert operator.pid == pid
+
+    # An unreachable host.
+    closed = case.unreachable(block, procs.free_port())
+    k.apply(_integration("svc", case, closed, "creds"))
+    obj = _ready(k, "svc", "False", "Unreachable", timeout=60)
+    assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+
+    # Events only on flips, with our reasons.
+    events = k.json("get", "events", "--field-selector", "involvedObject.name=svc")["items"]
+    reasons = {e["reason"] for e in events if e["source"].get("component") == "bmad-operator"}
+    assert {"Checked", "AuthenticationFailed", "Unreachable"} <= reasons
+    for event in events:
+        assert marker not in event.get("message", "")
+    assert marker not in operator.log_text()
+
+
+def _stripe(name: str, env: dict[str, str], key: str) -> list[dict[str, Any]]:
+    return [
+        _secret(f"{name}-creds", {"apiKey": key}),
+        _integration(name, CASES["stripe"], CASES["stripe"].block(env), f"{name}-creds"),
+    ]
+
+
+def test_agent_mounts_three_bindings_and_rolls_when_credentials_rotate(
+    kubectl: Kubectl, namespace: str, operator: OperatorProcess, testbed_env: dict[str, str]
+) -> None:
+    k = kubectl.in_namespace(namespace)
+    env = testbed_env
+    for case_name, name in (("postgres", "db"), ("redis", "cache")):
+        case = CASES[case_name]
+        k.apply(_secret(f"{name}-creds", case.good(env)))
+        k.apply(_integration(name, case, case.block(env), f"{name}-creds"))
+    for doc in _stripe("billing", env, "sk_test_first"):
+        k.apply(doc)
+    k.apply(agent("pm", role="pm", integrations=["db", "cache", "billing"]))
+    k.run("wait", "--for=condition=Ready", "agent/pm", "--timeout=90s", timeout=100)
+
+    dep = k.json("get", "deployment", "pm")
+    pod_spec = dep["spec"]["template"]["spec"]
+    secrets_mounted = {v["secret"]["secretName"] for v in pod_spec["volumes"] if "secret" in v}
+    assert secrets_mounted == {"db-binding", "cache-binding", "billing-binding"}
+    mounts = {m["mountPath"] for m in pod_spec["containers"][0]["volumeMounts"]}
+    assert {"/bindings/db", "/bindings/cache", "/bindings/billing"} <= mounts
+    env_vars = {e["name"]: e.get("value") for e in pod_spec["containers"][0]["env"]}
+    assert env_vars["SERVICE_BINDING_ROOT"] == "/bindings"
+    cond = condition(k.json("get", "agent", "pm"), "IntegrationsReady")
+    assert cond is not None
+    assert cond["status"] == "True"
+
+    before_hash = dep["spec"]["template"]["metadata"]["annotations"]["bmad.dev/config-hash"]
+    before_pods = {p["metadata"]["name"] for p in k.json("get", "pods")["items"]}
+    before_check = k.json("get", "integration", "billing")["status"]["lastCheckTime"]
+    binding_before = k.json("get", "secret", "billing-binding")["metadata"]["resourceVersion"]
+
+    # Rotate the billing key: the Integration is re-checked and the agent rolls,
+    # well within one check interval (10 s) of the change plus the rollout.
+    time.sleep(1.1)  # lastCheckTime has a resolution of one second
+    k.apply(_secret("billing-creds", {"apiKey": "sk_test_second"}))
+
+    def rolled() -> bool:
+        d = k.json("get", "deployment", "pm")
+        return d["spec"]["template"]["metadata"]["annotations"]["bmad.dev/config-hash"] != (
+            before_hash
+        )
+
+    eventually(rolled, timeout=10, what="the pod template hash to change")
+    after_check = k.json("get", "integration", "billing")["status"]["lastCheckTime"]
+    assert after_check > before_check
+    assert k.json("get", "secret", "billing-binding")["metadata"]["resourceVersion"] != (
+        binding_before
+    )
+    k.run("rollout", "status", "deployment/pm", "--timeout=60s", timeout=70)
+    after_pods = {
+        p["metadata"]["name"]
+        for p in k.json("get", "pods")["items"]
+        if p["status"]["phase"] == "Running"
+    }
+    assert after_pods
+    assert not (after_pods & before_pods)
+
+
+def test_an_agent_cannot_bind_an_integration_of_another_namespace(
+    kubectl: Kubectl, namespace: str, operator: OperatorProcess, testbed_env: dict[str, str]
+) -> None:
+    other = f"{namespace[:50]}-other"
+    kubectl.run("create", "namespace", other)
+    try:
+        for doc in _stripe("shared", testbed_env, "sk_test_other"):
+            kubectl.in_namespace(other).apply(doc)
+        k = kubectl.in_namespace(namespace)
+        k.apply(agent("sm", role="sm", integrations=["shared"]))
+
+        def refused() -> dict[str, Any] | None:
+            cond = condition(k.json("get", "agent", "sm"), "IntegrationsReady")
+            return cond if cond and cond["reason"] == "IntegrationNotFound" else None
+
+        cond = eventually(refused, timeout=30, what="IntegrationNotFound")
+        assert namespace in cond["message"]
+        dep = k.json("get", "deployment", "sm")
+        assert not [v for v in dep["spec"]["template"]["spec"]["volumes"] if "secret" in v]
+        # A namespaced reference cannot even be written down.
+        bad = agent("sm2", role="sm", integrations=[f"{other}/shared"])
+        proc = k.run("apply", "-f", "-", stdin=json.dumps(bad), check=False)
+        assert proc.returncode != 0
+        assert "spec.integrations" in proc.stderr
+    finally:
+        kubectl.run("delete", "namespace", other, "--wait=false", check=False)

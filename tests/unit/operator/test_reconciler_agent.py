@@ -1,0 +1,567 @@
+"""`reconcilers.agent.AgentReconciler` against an in-memory API server.
+
+`FakeKube` has the reconciler's view of `kube.Kube` (get, apply, patch_status, event),
+records every call, and behaves like the API server where it matters here: apply
+adds server-side defaults, a uid, a resourceVersion and a generation, and keeps the
+status; patch_status merges into the status. Each test drives passes by hand and
+checks what the reconciler sent: which objects, which status, which events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from typing import Any
+
+import pytest
+
+from bmad_crds.v1alpha1 import agent as agent_api
+from bmad_operator import kube, store, workqueue
+from bmad_operator.builders import agent as builders
+from bmad_operator.reconcilers import agent as agent_reconciler
+
+pytestmark = pytest.mark.unit
+
+Obj = dict[str, Any]
+NS = "team-a"
+NAME = "mary"
+IMAGE = "ghcr.io/bmad/agent-runtime:0.1.0"
+SPEC: Obj = {"role": "analyst", "model": {"provider": "echo", "name": "echo-1"}}
+OWNED = ["ServiceAccount", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget"]
+
+
+class FakeKube:
+    """An in-memory API server with the async methods the reconciler calls."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], Obj] = {}
+        self.calls: list[tuple[str, str, str]] = []
+        self.applied: list[Obj] = []
+        self.statuses: list[Obj] = []
+        self.events: list[Obj] = []
+        self.refuse: dict[str, kube.ApiError] = {}
+        self.refuse_events = False
+        self._rv = 1000
+
+    def next_rv(self) -> str:
+        self._rv += 1
+        return str(self._rv)
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.applied.clear()
+        self.statuses.clear()
+        self.events.clear()
+
+    def verbs(self, verb: str) -> list[tuple[str, str, str]]:
+        return [c for c in self.calls if c[0] == verb]
+
+    async def get(self, kind: str, namespace: str | None, name: str) -> Obj | None:
+        self.calls.append(("get", kind, name))
+        found = self.objects.get((kind, namespace or "", name))
+        return copy.deepcopy(found) if found is not None else None
+
+    async def apply(self, obj: Obj) -> Obj:
+        kind, meta = obj["kind"], obj["metadata"]
+        self.calls.append(("apply", kind, meta["name"]))
+        if kind in self.refuse:
+            raise self.refuse[kind]
+        self.applied.append(copy.deepcopy(obj))
+        key = (kind, meta["namespace"], meta["name"])
+        existing = self.objects.get(key)
+        live = copy.deepcopy(obj)
+        live_meta = live["metadata"]
+        live_meta["uid"] = existing["metadata"]["uid"] if existing else f"uid-{kind}-{meta['name']}"
+        live_meta["resourceVersion"] = self.next_rv()
+        live_meta["generation"] = existing["metadata"]["generation"] + 1 if existing else 1
+        live_meta["creationTimestamp"] = "2025-01-01T00:00:00Z"
+        live_meta["managedFields"] = [{"manager": "bmad-operator", "operation": "Apply"}]
+        if kind == "Deployment":
+            live["spec"]["progressDeadlineSeconds"] = 600
+            pod = live["spec"]["template"]["spec"]
+            pod.update(restartPolicy="Always", dnsPolicy="ClusterFirst")
+            for container in pod["containers"]:
+                container.setdefault("imagePullPolicy", "IfNotPresent")
+                container["terminationMessagePath"] = "/dev/termination-log"
+        if kind == "Service":
+            live["spec"]["clusterIP"] = "10.96.0.10"
+            live["spec"]["sessionAffinity"] = "None"
+        if existing is not None and "status" in existing:
+            live["status"] = copy.deepcopy(existing["status"])
+        self.objects[key] = live
+        return copy.deepcopy(live)
+
+    async def patch_status(self, kind: str, namespace: str | None, name: str, status: Obj) -> Obj:
+        self.calls.append(("patch_status", kind, name))
+        self.statuses.append(copy.deepcopy(status))
+        obj = self.objects[(kind, namespace or "", name)]
+        obj["status"] = {**(obj.get("status") or {}), **copy.deepcopy(status)}
+        obj["metadata"]["resourceVersion"] = self.next_rv()
+        return copy.deepcopy(obj)
+
+    async def event(self, involved: Obj, *, type_: str, reason: str, message: str) -> None:
+        self.calls.append(("event", reason, involved["metadata"]["name"]))
+        if self.refuse_events:
+            raise kube.ApiError(403, "Forbidden", "events are forbidden")
+        self.events.append({"type": type_, "reason": reason, "message": message})
+
+
+class Harness:
+    """One Agent, its fake API server, the operator's store and the reconciler."""
+
+    def __init__(self, spec: Obj | None = None, *, integrations: dict[str, Obj] | None = None):
+        self.api = FakeKube()
+        self.cache = store.Store()
+        self.reconciler = agent_reconciler.AgentReconciler(
+            api=self.api,  # type: ignore[arg-type]
+            cache=self.cache,
+            runtime_image=IMAGE,
+        )
+        body = {
+            "apiVersion": "bmad.dev/v1alpha1",
+            "kind": "Agent",
+            "metadata": {
+                "name": NAME,
+                "namespace": NS,
+                "uid": "uid-agent-mary",
+                "generation": 1,
+                "resourceVersion": self.api.next_rv(),
+            },
+            "spec": copy.deepcopy(spec if spec is not None else SPEC),
+        }
+        self.seed(body)
+        for integration in (integrations or {}).values():
+            self.seed(integration)
+
+    def seed(self, obj: Obj) -> None:
+        """An object that exists on the server and that the watch has delivered."""
+        obj = copy.deepcopy(obj)
+        meta = obj["metadata"]
+        meta.setdefault("resourceVersion", self.api.next_rv())
+        self.api.objects[(obj["kind"], meta.get("namespace", ""), meta["name"])] = obj
+        self.cache.put(copy.deepcopy(obj))
+
+    def edit(self, kind: str, name: str, change: Any) -> None:
+        """Someone changes a live object (the watch delivers the new version)."""
+        obj = copy.deepcopy(self.api.objects[(kind, NS, name)])
+        change(obj)
+        obj["metadata"]["resourceVersion"] = self.api.next_rv()
+        self.api.objects[(kind, NS, name)] = obj
+        self.cache.put(copy.deepcopy(obj))
+
+    def delete(self, kind: str, name: str) -> None:
+        del self.api.objects[(kind, NS, name)]
+        self.cache.remove(kind, NS, name)
+
+    def update_spec(self, change: Any) -> None:
+        def edit(body: Obj) -> None:
+            change(body["spec"])
+            body["metadata"]["generation"] += 1
+
+        self.edit("Agent", NAME, edit)
+
+    def make_available(self) -> None:
+        """The Deployment controller finishes the rollout."""
+
+        def roll(dep: Obj) -> None:
+            n = dep["spec"]["replicas"]
+            dep["status"] = {
+                "observedGeneration": dep["metadata"]["generation"],
+                "replicas": n,
+                "readyReplicas": n,
+                "availableReplicas": n,
+                "updatedReplicas": n,
+                "conditions": [
+                    {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"},
+                    {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"},
+                ],
+            }
+
+        self.edit("Deployment", NAME, roll)
+
+    async def run(self) -> None:
+        self.api.reset()
+        await self.reconciler.reconcile((NS, NAME))
+
+    def live(self, kind: str, name: str = NAME) -> Obj:
+        obj = self.cache.get(kind, NS, name)
+        assert obj is not None, f"{kind}/{name} not in the store"
+        return obj
+
+    def status(self) -> Obj:
+        status: Obj = self.live("Agent").get("status") or {}
+        return status
+
+    def condition(self, type_: str) -> Obj:
+        found = [c for c in self.status().get("conditions", []) if c["type"] == type_]
+        assert len(found) == 1, (type_, self.status())
+        cond: Obj = found[0]
+        return cond
+
+    def event_reasons(self) -> list[str]:
+        return [e["reason"] for e in self.api.events]
+
+    def applied_kinds(self) -> list[str]:
+        return [o["kind"] for o in self.api.applied]
+
+
+def integration(name: str, ready: str = "True", message: str = "Reachable.") -> Obj:
+    return {
+        "apiVersion": "bmad.dev/v1alpha1",
+        "kind": "Integration",
+        "metadata": {"name": name, "namespace": NS, "uid": f"uid-int-{name}"},
+        "status": {
+            "conditions": [
+                {"type": "Ready", "status": ready, "reason": "Checked", "message": message}
+            ]
+        },
+    }
+
+
+def binding_secret(integration_name: str, rv: str) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": f"{integration_name}-binding",
+            "namespace": NS,
+            "uid": f"uid-secret-{integration_name}",
+            "resourceVersion": rv,
+            "labels": {"bmad.dev/integration": integration_name},
+        },
+        "data": {"token": "c2VjcmV0LXZhbHVl"},
+    }
+
+
+def pod_template(h: Harness) -> Obj:
+    template: Obj = h.live("Deployment")["spec"]["template"]
+    return template
+
+
+async def ready_harness(spec: Obj | None = None, **kw: Any) -> Harness:
+    h = Harness(spec, **kw)
+    await h.run()
+    h.make_available()
+    await h.run()
+    assert h.condition("Ready")["status"] == "True", h.status()
+    return h
+
+
+# --- the three passes of a new Agent -------------------------------------------------------
+
+
+async def test_first_pass_applies_five_objects_writes_status_once_posts_created() -> None:
+    h = Harness()
+    await h.run()
+    assert h.applied_kinds() == OWNED
+    assert [c[0] for c in h.api.calls].count("apply") == 5
+    assert len(h.api.verbs("patch_status")) == 1
+    assert h.event_reasons() == ["Created"]
+    (created,) = h.api.events
+    assert created["type"] == "Normal"
+    for kind in OWNED:
+        assert kind in created["message"]
+    # What was applied is exactly what the builders return, plus our applied-hash.
+    body = h.live("Agent")
+    spec = agent_api.AgentSpec.model_validate(body["spec"])
+    applied = copy.deepcopy(h.api.applied)
+    for obj in applied:
+        digest = obj["metadata"]["annotations"].pop(agent_reconciler.APPLIED_HASH)
+        assert len(digest) == 16
+        if not obj["metadata"]["annotations"]:
+            del obj["metadata"]["annotations"]
+    assert applied == builders.build_all(body, spec, image=IMAGE)
+
+    status = h.api.statuses[0]
+    assert status["observedGeneration"] == 1
+    assert status["desiredReplicas"] == 1
+    assert status["replicas"] == 0
+    assert status["readyReplicas"] == 0
+    assert status["selector"] == "bmad.dev/agent=mary"
+    assert status["endpoint"] == "http://mary.team-a.svc:80"
+    assert [c["type"] for c in status["conditions"]] == [
+        "Ready",
+        "Available",
+        "Progressing",
+        "IntegrationsReady",
+    ]
+    assert h.condition("Ready")["status"] == "False"
+    assert h.condition("Progressing")["status"] == "True"
+    assert h.condition("IntegrationsReady")["reason"] == "NoIntegrations"
+    assert all(c["observedGeneration"] == 1 for c in status["conditions"])
+
+
+async def test_second_pass_after_rollout_reports_ready() -> None:
+    h = Harness()
+    await h.run()
+    first_conditions = {c["type"]: c for c in h.status()["conditions"]}
+    h.make_available()
+    await h.run()
+    assert h.api.verbs("apply") == []
+    assert len(h.api.verbs("patch_status")) == 1
+    assert h.event_reasons() == ["Ready"]
+    assert h.api.events[0]["type"] == "Normal"
+    ready = h.condition("Ready")
+    assert (ready["status"], ready["reason"]) == ("True", "AgentReady")
+    assert (h.condition("Available")["status"], h.condition("Available")["reason"]) == (
+        "True",
+        "MinimumReplicasAvailable",
+    )
+    assert h.condition("Progressing")["reason"] == "RolledOut"
+    assert h.status()["replicas"] == 1
+    assert h.status()["readyReplicas"] == 1
+    # A condition whose status did not flip keeps its transition time.
+    assert (
+        h.condition("IntegrationsReady")["lastTransitionTime"]
+        == first_conditions["IntegrationsReady"]["lastTransitionTime"]
+    )
+
+
+async def test_third_identical_pass_makes_no_calls() -> None:
+    h = await ready_harness()
+    status_before = copy.deepcopy(h.status())
+    await h.run()
+    assert h.api.calls == []
+    # A watch event that changes nothing we look at (a new resourceVersion) neither.
+    h.edit("Deployment", NAME, lambda d: d["metadata"].setdefault("annotations", {}).update(x="y"))
+    await h.run()
+    assert h.api.calls == []
+    assert h.status() == status_before
+
+
+# --- invalid spec ------------------------------------------------------------------------
+
+
+async def test_invalid_spec_writes_invalid_spec_status_and_applies_nothing() -> None:
+    h = Harness({**SPEC, "replicas": -1})
+    await h.run()
+    assert h.api.verbs("apply") == []
+    assert h.api.verbs("get") == []
+    assert len(h.api.verbs("patch_status")) == 1
+    ready = h.condition("Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec")
+    assert "spec.replicas" in ready["message"]
+    assert h.condition("Available")["status"] == "Unknown"
+    assert h.status()["observedGeneration"] == 1
+    assert h.event_reasons() == ["InvalidSpec"]
+    assert h.api.events[0]["type"] == "Warning"
+    # Nothing changes: no second write, no second event.
+    await h.run()
+    assert h.api.calls == []
+
+
+async def test_invalid_spec_names_every_bad_field() -> None:
+    h = Harness({"role": "wizard", "model": {"provider": "echo", "name": "e"}, "replicas": "2"})
+    await h.run()
+    message = h.condition("Ready")["message"]
+    assert "spec.role" in message
+    assert "spec.replicas" in message
+
+
+async def test_fixed_spec_is_applied_after_invalid_spec() -> None:
+    h = Harness({**SPEC, "replicas": -1})
+    await h.run()
+    h.update_spec(lambda spec: spec.update(replicas=1))
+    await h.run()
+    assert h.applied_kinds() == OWNED
+    assert h.status()["observedGeneration"] == 2
+    assert h.condition("Ready")["reason"] != "InvalidSpec"
+
+
+async def test_objects_created_after_a_fixed_invalid_spec_are_reported_created() -> None:
+    h = Harness({**SPEC, "replicas": -1})
+    await h.run()
+    h.update_spec(lambda spec: spec.update(replicas=1))
+    await h.run()
+    assert "DriftCorrected" not in h.event_reasons()
+    assert "Created" in h.event_reasons()
+
+
+# --- integrations ------------------------------------------------------------------------
+
+
+async def test_missing_integration_gives_integration_not_found() -> None:
+    h = Harness({**SPEC, "integrations": ["github"]})
+    await h.run()
+    cond = h.condition("IntegrationsReady")
+    assert (cond["status"], cond["reason"]) == ("False", "IntegrationNotFound")
+    assert "github" in cond["message"]
+    assert NS in cond["message"]
+    ready = h.condition("Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "IntegrationNotFound")
+    # The agent still runs, without the missing binding.
+    assert h.applied_kinds() == OWNED
+    assert not [v for v in pod_template(h)["spec"]["volumes"] if "secret" in v]
+    assert "NotReady" in h.event_reasons()
+    h.make_available()
+    await h.run()
+    assert h.condition("Ready")["reason"] == "IntegrationNotFound"
+
+
+async def test_integration_created_later_is_bound() -> None:
+    h = Harness({**SPEC, "integrations": ["github"]})
+    await h.run()
+    h.seed(integration("github"))
+    h.seed(binding_secret("github", "77"))
+    await h.run()
+    assert h.applied_kinds() == ["Deployment"]
+    mounts = pod_template(h)["spec"]["containers"][0]["volumeMounts"]
+    assert {"name": "binding-github", "mountPath": "/bindings/github", "readOnly": True} in mounts
+    cond = h.condition("IntegrationsReady")
+    assert (cond["status"], cond["reason"]) == ("True", "IntegrationsReady")
+
+
+async def test_integration_not_ready_carries_its_message() -> None:
+    broken = integration("llm", ready="False", message="SecretNotFound: llm-creds is missing")
+    h = Harness({**SPEC, "integrations": ["llm"]}, integrations={"llm": broken})
+    await h.run()
+    cond = h.condition("IntegrationsReady")
+    assert (cond["status"], cond["reason"]) == ("False", "IntegrationNotReady")
+    assert "SecretNotFound: llm-creds is missing" in cond["message"]
+    assert h.condition("Ready")["reason"] == "IntegrationNotReady"
+    # Bound anyway: the Secret may appear and the pods must already mount it.
+    assert any(v.get("secret") for v in pod_template(h)["spec"]["volumes"])
+
+
+async def test_rotated_binding_secret_rolls_the_pods() -> None:
+    spec = {**SPEC, "integrations": ["github"]}
+    h = Harness(spec, integrations={"github": integration("github")})
+    h.seed(binding_secret("github", "500"))
+    await h.run()
+    h.make_available()
+    await h.run()
+    before = pod_template(h)["metadata"]["annotations"][builders.CONFIG_HASH]
+    h.edit("Secret", "github-binding", lambda s: s["data"].update(token="bmV3"))
+    await h.run()
+    assert h.applied_kinds() == ["Deployment"]
+    after = pod_template(h)["metadata"]["annotations"][builders.CONFIG_HASH]
+    assert after != before
+    # The Secret's content reaches neither the ConfigMap nor the Deployment.
+    assert "bmV3" not in json.dumps(h.api.applied)
+    assert "c2VjcmV0LXZhbHVl" not in json.dumps(h.live("ConfigMap", f"{NAME}-config"))
+
+
+async def test_rotated_binding_secret_is_not_reported_as_drift() -> None:
+    spec = {**SPEC, "integrations": ["github"]}
+    h = Harness(spec, integrations={"github": integration("github")})
+    h.seed(binding_secret("github", "500"))
+    await h.run()
+    h.make_available()
+    await h.run()
+    h.edit("Secret", "github-binding", lambda s: s["data"].update(token="bmV3"))
+    await h.run()
+    assert h.applied_kinds() == ["Deployment"]
+    assert "DriftCorrected" not in h.event_reasons()
+
+
+# --- spec changes, drift, pause -------------------------------------------------------------
+
+
+async def test_spec_change_applies_what_changed_and_posts_updated() -> None:
+    h = await ready_harness()
+    h.update_spec(lambda spec: spec.update(instructions="Research the market."))
+    await h.run()
+    assert h.applied_kinds() == ["ConfigMap", "Deployment"]
+    assert "Research the market." in h.live("ConfigMap", f"{NAME}-config")["data"]["agent.json"]
+    assert "Updated" in h.event_reasons()
+    assert "DriftCorrected" not in h.event_reasons()
+    assert h.status()["observedGeneration"] == 2
+    assert h.condition("Ready")["observedGeneration"] == 2
+    # The Deployment's generation moved and it has not rolled out yet.
+    assert h.condition("Progressing")["status"] == "True"
+    assert h.event_reasons().count("RollingOut") == 1
+
+
+async def test_edited_deployment_is_put_back_with_a_warning() -> None:
+    h = await ready_harness()
+
+    def tamper(dep: Obj) -> None:
+        dep["spec"]["template"]["spec"]["containers"][0]["image"] = "evil:latest"
+
+    h.edit("Deployment", NAME, tamper)
+    await h.run()
+    assert h.applied_kinds() == ["Deployment"]
+    assert h.live("Deployment")["spec"]["template"]["spec"]["containers"][0]["image"] == IMAGE
+    (drift,) = [e for e in h.api.events if e["reason"] == "DriftCorrected"]
+    assert drift["type"] == "Warning"
+    assert "Deployment/mary" in drift["message"]
+
+
+async def test_deleted_service_is_recreated_with_a_warning() -> None:
+    h = await ready_harness()
+    h.delete("Service", NAME)
+    await h.run()
+    assert h.api.verbs("get") == [("get", "Service", NAME)]
+    assert h.applied_kinds() == ["Service"]
+    (drift,) = [e for e in h.api.events if e["reason"] == "DriftCorrected"]
+    assert drift["type"] == "Warning"
+    assert "Service/mary" in drift["message"]
+    assert "Created" not in h.event_reasons()
+
+
+async def test_cache_miss_is_confirmed_with_a_get_before_applying() -> None:
+    h = await ready_harness()
+    # The operator restarted: the store lost the owned objects, the server has them.
+    for kind in OWNED:
+        h.cache.remove(kind, NS, NAME if kind != "ConfigMap" else f"{NAME}-config")
+    await h.run()
+    assert len(h.api.verbs("get")) == 5
+    assert h.api.verbs("apply") == []
+    assert h.api.verbs("patch_status") == []
+    assert h.api.events == []
+
+
+async def test_paused_agent_scales_to_zero() -> None:
+    h = await ready_harness({**SPEC, "replicas": 2})
+    h.update_spec(lambda spec: spec.update(paused=True))
+    await h.run()
+    assert h.applied_kinds() == ["Deployment"]
+    assert h.live("Deployment")["spec"]["replicas"] == 0
+    assert h.status()["desiredReplicas"] == 0
+    ready = h.condition("Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "Paused")
+    assert h.condition("Available")["reason"] == "Paused"
+    assert "NotReady" in h.event_reasons()
+
+
+# --- nothing to do / errors -------------------------------------------------------------------
+
+
+async def test_unknown_or_deleting_agent_makes_no_calls() -> None:
+    h = Harness()
+    h.cache.remove("Agent", NS, NAME)
+    await h.run()
+    assert h.api.calls == []
+    h = Harness()
+    h.edit("Agent", NAME, lambda b: b["metadata"].update(deletionTimestamp="2025-01-01T00:00:00Z"))
+    await h.run()
+    assert h.api.calls == []
+
+
+async def test_refused_apply_raises_for_a_retry() -> None:
+    h = Harness()
+    h.api.refuse["Deployment"] = kube.ApiError(403, "Forbidden", 'exceeded quota: "compute"')
+    # A refusal is not transient: the pass reports it and asks to be retried later.
+    with pytest.raises(workqueue.Requeue):
+        await h.run()
+    assert h.applied_kinds() == ["ServiceAccount", "ConfigMap"]
+
+
+async def test_refused_apply_is_reported_as_apply_failed() -> None:
+    h = Harness()
+    h.api.refuse["Deployment"] = kube.ApiError(403, "Forbidden", 'exceeded quota: "compute"')
+    with contextlib.suppress(workqueue.Requeue):
+        await h.run()
+    ready = h.condition("Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ApplyFailed")
+    assert "exceeded quota" in ready["message"]
+
+
+async def test_a_refused_event_does_not_fail_the_pass() -> None:
+    h = Harness()
+    h.api.refuse_events = True
+    await h.run()
+    assert h.applied_kinds() == OWNED
+    assert len(h.api.verbs("patch_status")) == 1
+    assert h.api.verbs("event")  # it tried

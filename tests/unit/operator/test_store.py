@@ -1,0 +1,143 @@
+"""`store.Store`: the operator's view of the cluster, newest version wins.
+
+Watch events and the responses of our own writes arrive in any order; an older
+resourceVersion of the same object must not overwrite a newer one, but an object
+deleted and recreated under the same name (a new uid) always replaces the old one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bmad_operator import store
+
+pytestmark = pytest.mark.unit
+
+
+def obj(
+    rv: str | None,
+    *,
+    uid: str = "uid-1",
+    name: str = "mary",
+    ns: str | None = "team-a",
+    **extra: Any,
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "uid": uid}
+    if ns is not None:
+        meta["namespace"] = ns
+    if rv is not None:
+        meta["resourceVersion"] = rv
+    return {"kind": "Agent", "metadata": meta, **extra}
+
+
+def _rv(cache: store.Store, name: str = "mary") -> str:
+    got = cache.get("Agent", "team-a", name)
+    assert got is not None
+    rv: str = got["metadata"]["resourceVersion"]
+    return rv
+
+
+def test_newer_version_replaces_older() -> None:
+    cache = store.Store()
+    cache.put(obj("10"))
+    cache.put(obj("11"))
+    assert _rv(cache) == "11"
+
+
+def test_older_version_of_the_same_uid_does_not_replace_a_newer_one() -> None:
+    cache = store.Store()
+    cache.put(obj("11", spec={"v": "new"}))
+    cache.put(obj("10", spec={"v": "old"}))
+    got = cache.get("Agent", "team-a", "mary")
+    assert got is not None
+    assert got["metadata"]["resourceVersion"] == "11"
+    assert got["spec"] == {"v": "new"}
+
+
+def test_versions_compare_as_numbers_not_strings() -> None:
+    cache = store.Store()
+    cache.put(obj("100"))
+    cache.put(obj("99"))  # "99" > "100" as strings
+    assert _rv(cache) == "100"
+    cache.put(obj("1000"))
+    assert _rv(cache) == "1000"
+
+
+def test_same_version_replaces() -> None:
+    cache = store.Store()
+    cache.put(obj("10", spec={"v": 1}))
+    cache.put(obj("10", spec={"v": 2}))
+    got = cache.get("Agent", "team-a", "mary")
+    assert got is not None
+    assert got["spec"] == {"v": 2}
+
+
+def test_recreated_object_with_a_new_uid_replaces_even_with_a_lower_version() -> None:
+    cache = store.Store()
+    cache.put(obj("500", uid="uid-old"))
+    cache.put(obj("20", uid="uid-new"))
+    got = cache.get("Agent", "team-a", "mary")
+    assert got is not None
+    assert got["metadata"]["uid"] == "uid-new"
+    assert got["metadata"]["resourceVersion"] == "20"
+
+
+def test_unparsable_versions_do_not_block_updates() -> None:
+    cache = store.Store()
+    cache.put(obj("abc"))
+    cache.put(obj("5"))
+    assert _rv(cache) == "5"
+    cache.put(obj(None))
+    got = cache.get("Agent", "team-a", "mary")
+    assert got is not None
+
+
+def test_kinds_names_and_namespaces_are_separate() -> None:
+    cache = store.Store()
+    cache.put(obj("1", name="a"))
+    cache.put(obj("1", name="a", ns="team-b"))
+    cache.put({"kind": "Deployment", "metadata": {"name": "a", "namespace": "team-a"}})
+    cache.put(obj("1", name="cluster-wide", ns=None))
+    assert cache.count("Agent") == 3
+    assert cache.count("Deployment") == 1
+    assert sorted(cache.keys("Agent")) == [("", "cluster-wide"), ("team-a", "a"), ("team-b", "a")]
+    assert cache.get("Agent", None, "cluster-wide") is not None
+    assert cache.get("Agent", "team-c", "a") is None
+    assert cache.get("Secret", "team-a", "a") is None
+    assert dict(cache.items("Deployment"))[("team-a", "a")]["kind"] == "Deployment"
+
+
+def test_remove() -> None:
+    cache = store.Store()
+    cache.put(obj("1"))
+    cache.remove("Agent", "team-a", "mary")
+    assert cache.get("Agent", "team-a", "mary") is None
+    cache.remove("Agent", "team-a", "mary")  # twice is fine
+    cache.remove("Nothing", None, "x")
+    # After a delete, an object of the same uid and an older version comes back in.
+    cache.put(obj("1"))
+    assert _rv(cache) == "1"
+
+
+def test_put_copies_the_top_level() -> None:
+    cache = store.Store()
+    original = obj("1", spec={"v": 1})
+    cache.put(original)
+    original["spec"] = {"v": 2}
+    got = cache.get("Agent", "team-a", "mary")
+    assert got is not None
+    assert got["spec"] == {"v": 1}
+
+
+def test_items_can_be_iterated_while_the_store_changes() -> None:
+    cache = store.Store()
+    for i in range(5):
+        cache.put(obj("1", name=f"a{i}"))
+    seen = []
+    for key, _ in cache.items("Agent"):
+        seen.append(key)
+        cache.put(obj("1", name=f"new-{key[1]}"))
+    assert len(seen) == 5
+    assert cache.count("Agent") == 10
