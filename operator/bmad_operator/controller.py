@@ -18,6 +18,7 @@ from bmad_operator import kube, settings, store, workqueue
 from bmad_operator.builders import agent as agent_builders
 from bmad_operator.reconcilers import agent as agent_reconciler
 from bmad_operator.reconcilers import integration as integration_reconciler
+from bmad_operator.reconcilers import tenant as tenant_reconciler
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,16 @@ class Controller:
             "Integration", self.integrations.reconcile, workers=max(4, cfg.workers // 2)
         )
         self.integrations.queue = self.integration_queue
+        self.tenants = tenant_reconciler.TenantReconciler(
+            api=api, cache=self.store, operator_namespace=cfg.system_namespace
+        )
+        self.tenant_queue = workqueue.WorkQueue("Tenant", self.tenants.reconcile, workers=4)
         self._resync: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self.agent_queue.start()
         self.integration_queue.start()
+        self.tenant_queue.start()
         self._resync = asyncio.create_task(self._resync_loop(), name="resync")
 
     async def stop(self) -> None:
@@ -50,6 +56,7 @@ class Controller:
                 await self._resync
         await self.agent_queue.stop()
         await self.integration_queue.stop()
+        await self.tenant_queue.stop()
         await self.api.close()
 
     # -- events -------------------------------------------------------------------
@@ -82,6 +89,19 @@ class Controller:
                 self.agent_queue.forget((namespace, meta["name"]))
             else:
                 self.agent_queue.add((namespace, meta["name"]))
+            tenant = tenant_reconciler.tenant_of_namespace(self.store, namespace)
+            if tenant is not None:  # its usage changed
+                self.tenant_queue.add(("", tenant["metadata"]["name"]))
+        elif kind == "Tenant":
+            self.tenant_queue.add(("", meta["name"]))
+            for ns in tenant_reconciler.tenant_namespaces(self.store, meta["name"]):
+                for agent_ns, agent_name in self.store.keys("Agent"):
+                    if agent_ns == ns:
+                        self.agent_queue.add((agent_ns, agent_name))
+        elif kind == "Namespace":
+            tenant = labels.get("bmad.dev/tenant")
+            if tenant:
+                self.tenant_queue.add(("", tenant))
         elif kind == "Integration":
             if event.get("type") == "DELETED":
                 self.integration_queue.forget((namespace, meta["name"]))
@@ -117,6 +137,8 @@ class Controller:
             await asyncio.sleep(period * random.uniform(0.9, 1.1))  # noqa: S311
             for key in self.store.keys("Agent"):
                 self.agent_queue.add_after(key, random.uniform(0, period * 0.1))  # noqa: S311
+            for key in self.store.keys("Tenant"):
+                self.tenant_queue.add_after(key, random.uniform(0, period * 0.1))  # noqa: S311
             for key in self.store.keys("Integration"):
                 # Cheap unless a check is due: the reconciler remembers what it checked.
                 self.integration_queue.add_after(key, random.uniform(0, period * 0.1))  # noqa: S311

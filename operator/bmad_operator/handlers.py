@@ -12,7 +12,7 @@ from typing import Any
 
 import kopf
 
-from bmad_operator import controller, kube, settings
+from bmad_operator import admission, controller, kube, settings
 
 MANAGED = {"app.kubernetes.io/managed-by": "bmad-operator"}
 
@@ -43,6 +43,19 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     ctl = controller.Controller(api, cfg)
     ctl.start()
     memo["controller"] = ctl
+    if cfg.webhook_port:
+        cert = admission.self_signed(cfg.webhook_host)
+        settings.admission.server = kopf.WebhookServer(
+            addr=cfg.webhook_address,
+            port=cfg.webhook_port,
+            host=cfg.webhook_host,
+            certfile=str(cert.certfile),
+            pkeyfile=str(cert.pkeyfile),
+        )
+        url = cfg.webhook_url or (
+            f"https://{cfg.webhook_host}:{cfg.webhook_port}/{admission.WEBHOOK_ID}"
+        )
+        await api.apply(admission.webhook_configuration(url, cert.pem))
 
 
 def settings_module_load() -> settings.OperatorSettings:
@@ -64,6 +77,16 @@ def _feed(event: kopf.RawEvent, memo: Any) -> None:
 
 @kopf.on.event("bmad.dev", "v1alpha1", "agents")
 async def agent_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    _feed(event, memo)
+
+
+@kopf.on.event("bmad.dev", "v1alpha1", "tenants")
+async def tenant_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    _feed(event, memo)
+
+
+@kopf.on.event("", "v1", "namespaces")
+async def namespace_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
     _feed(event, memo)
 
 
@@ -109,3 +132,23 @@ async def secret_versions(
 async def secret_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
     # A credentials Secret changed: the Integrations that use it are checked at once.
     _feed(event, memo)
+
+
+@kopf.on.validate(
+    "bmad.dev", "v1alpha1", "agents", id=admission.WEBHOOK_ID, operations=["CREATE", "UPDATE"]
+)
+async def validate_agent_budget(
+    body: kopf.Body, name: str, namespace: str | None, memo: Any, **_: Any
+) -> None:
+    """Refuse an Agent that would exceed its tenant's Agent or replica budget."""
+    ctl = memo.get("controller")
+    if ctl is None or namespace is None:
+        return
+    problem = admission.budget_violation(
+        ctl.store,
+        namespace=namespace,
+        name=name or body.get("metadata", {}).get("name", ""),
+        spec=dict(body.get("spec") or {}),
+    )
+    if problem:
+        raise kopf.AdmissionError(problem, code=403)

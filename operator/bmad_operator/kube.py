@@ -16,7 +16,7 @@ from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client import exceptions as k8s_exceptions
 
-from bmad_operator import metrics
+from bmad_operator import metrics, workqueue
 
 FIELD_MANAGER = "bmad-operator"
 
@@ -38,6 +38,13 @@ RESOURCES: dict[str, ResourceInfo] = {
     "Namespace": ResourceInfo("v1", "namespaces", False),
     "Deployment": ResourceInfo("apps/v1", "deployments", True),
     "PodDisruptionBudget": ResourceInfo("policy/v1", "poddisruptionbudgets", True),
+    "ResourceQuota": ResourceInfo("v1", "resourcequotas", True),
+    "LimitRange": ResourceInfo("v1", "limitranges", True),
+    "NetworkPolicy": ResourceInfo("networking.k8s.io/v1", "networkpolicies", True),
+    "RoleBinding": ResourceInfo("rbac.authorization.k8s.io/v1", "rolebindings", True),
+    "ValidatingWebhookConfiguration": ResourceInfo(
+        "admissionregistration.k8s.io/v1", "validatingwebhookconfigurations", False
+    ),
     "Agent": ResourceInfo("bmad.dev/v1alpha1", "agents", True),
     "Integration": ResourceInfo("bmad.dev/v1alpha1", "integrations", True),
     "Workflow": ResourceInfo("bmad.dev/v1alpha1", "workflows", True),
@@ -46,7 +53,7 @@ RESOURCES: dict[str, ResourceInfo] = {
 }
 
 
-class ApiError(Exception):
+class ApiError(workqueue.Transient):
     """An API call failed; `status` is the HTTP status (0 when the server was not reached)."""
 
     def __init__(self, status: int, reason: str, message: str) -> None:

@@ -14,6 +14,7 @@ from bmad_operator.conditions import FALSE, TRUE, UNKNOWN, Cond, find
 # Reasons ---------------------------------------------------------------------------
 READY = "AgentReady"
 PAUSED = "Paused"
+TENANT_SUSPENDED = "TenantSuspended"
 INVALID_SPEC = "InvalidSpec"
 ROLLING_OUT = "RollingOut"
 REPLICAS_UNAVAILABLE = "ReplicasUnavailable"

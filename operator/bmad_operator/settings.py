@@ -21,6 +21,22 @@ class OperatorSettings(BaseSettings):
     health_port: int = Field(default=8080, ge=0, le=65535, description="0 disables /healthz.")
     bind_address: str = Field(default="0.0.0.0", description="Address of /metrics and /healthz.")  # noqa: S104
     namespace: str = Field(default="", description="Watch only this namespace; empty: all.")
+    system_namespace: str = Field(
+        default="bmad-system",
+        description="The operator's own namespace: billing Integrations and network allowances.",
+    )
+    webhook_port: int = Field(
+        default=0, ge=0, le=65535, description="Port of the admission webhook; 0 disables it."
+    )
+    webhook_host: str = Field(
+        default="127.0.0.1",
+        description="Host name the API server uses to reach the webhook (and its cert SAN).",
+    )
+    webhook_address: str = Field(default="0.0.0.0", description="Address the webhook binds.")  # noqa: S104
+    webhook_url: str = Field(
+        default="",
+        description="URL for the webhook configuration; default https://<host>:<port>/<path>.",
+    )
 
 
 def load() -> OperatorSettings:

@@ -19,6 +19,10 @@ from bmad_operator import metrics
 log = logging.getLogger(__name__)
 
 
+class Transient(Exception):  # noqa: N818 - a category, raised as its subclasses
+    """An expected, retryable failure (API conflicts, timeouts): logged without traceback."""
+
+
 class Requeue(Exception):  # noqa: N818 - a signal, not an error
     """Raised by a reconcile to be called again after `delay` seconds."""
 
@@ -107,11 +111,19 @@ class WorkQueue:
                 self.add_after(key, again.delay)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 n = min(self._failures.get(key, 0) + 1, 64)  # 2**63 s is "the cap" already
                 self._failures[key] = n
                 delay = min(self._max, self._base * 2.0 ** (n - 1)) * random.uniform(0.8, 1.2)  # noqa: S311
-                log.exception("reconcile of %s %s failed; retrying in %.1fs", self.kind, key, delay)
+                if isinstance(exc, Transient):
+                    log.warning(
+                        "reconcile of %s %s: %s; retrying in %.1fs", self.kind, key, exc, delay
+                    )
+                else:
+                    # A bug, not a user error: keep the traceback for whoever fixes it.
+                    log.exception(
+                        "reconcile of %s %s failed; retrying in %.1fs", self.kind, key, delay
+                    )
                 self.add_after(key, delay)
             else:
                 self._failures.pop(key, None)

@@ -94,8 +94,8 @@ def fake_node(name: str) -> dict[str, Any]:
             },
         },
         "status": {
-            "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "250"},
-            "capacity": {"cpu": "32", "memory": "256Gi", "pods": "250"},
+            "allocatable": {"cpu": "256", "memory": "1Ti", "pods": "1000"},
+            "capacity": {"cpu": "256", "memory": "1Ti", "pods": "1000"},
         },
     }
 

@@ -35,10 +35,12 @@ class OperatorProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.metrics_port = 0
         self.health_port = 0
+        self.webhook_port = 0
 
     def start(self) -> None:
         self.metrics_port = procs.free_port()
         self.health_port = procs.free_port()
+        self.webhook_port = procs.free_port()
         env = dict(os.environ)
         env.update(
             {
@@ -48,6 +50,9 @@ class OperatorProcess:
                 "BMAD_OPERATOR_METRICS_PORT": str(self.metrics_port),
                 "BMAD_OPERATOR_HEALTH_PORT": str(self.health_port),
                 "BMAD_OPERATOR_BIND_ADDRESS": "127.0.0.1",
+                "BMAD_OPERATOR_WEBHOOK_PORT": str(self.webhook_port),
+                "BMAD_OPERATOR_WEBHOOK_HOST": "127.0.0.1",
+                "BMAD_OPERATOR_WEBHOOK_ADDRESS": "127.0.0.1",
                 "PYTHONUNBUFFERED": "1",
             }
         )

@@ -182,6 +182,9 @@ def start_operator(
             "BMAD_OPERATOR_METRICS_PORT": str(metrics_port),
             "BMAD_OPERATOR_BIND_ADDRESS": "127.0.0.1",
             "BMAD_OPERATOR_RESYNC_SECONDS": str(resync_seconds),
+            "BMAD_OPERATOR_WEBHOOK_PORT": str(procs.free_port()),
+            "BMAD_OPERATOR_WEBHOOK_HOST": "127.0.0.1",
+            "BMAD_OPERATOR_WEBHOOK_ADDRESS": "127.0.0.1",
             "PYTHONUNBUFFERED": "1",
         },
     )

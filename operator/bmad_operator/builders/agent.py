@@ -305,8 +305,8 @@ def endpoint(body: Mapping[str, Any]) -> str:
     return f"http://{meta['name']}.{meta['namespace']}.svc:80"
 
 
-def desired_replicas(spec: agent_api.AgentSpec) -> int:
-    return 0 if spec.paused else spec.replicas
+def desired_replicas(spec: agent_api.AgentSpec, *, suspended: bool = False) -> int:
+    return 0 if spec.paused or suspended else spec.replicas
 
 
 def build_all(
@@ -316,8 +316,12 @@ def build_all(
     image: str,
     secret_versions: Mapping[str, str] | None = None,
     bindings: Sequence[str] = (),
+    suspended: bool = False,
 ) -> list[Obj]:
-    """Every owned object, in the order they should be applied."""
+    """Every owned object, in the order they should be applied.
+
+    `suspended`: the agent's tenant is suspended, so it runs no replicas.
+    """
     config = config_map(body, spec)
     digest = config_hash(config, secret_versions or {})
     objs: list[Obj] = []
@@ -330,7 +334,7 @@ def build_all(
             body,
             spec,
             image=image,
-            replicas=desired_replicas(spec),
+            replicas=desired_replicas(spec, suspended=suspended),
             config_digest=digest,
             bindings=bindings,
         )

@@ -22,6 +22,7 @@ from bmad_crds.v1alpha1 import agent as agent_api
 from bmad_operator import conditions, diff, kube, metrics, policies, store, workqueue
 from bmad_operator.builders import agent as builders
 from bmad_operator.conditions import TRUE
+from bmad_operator.reconcilers import tenant as tenant_reconciler
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ class AgentReconciler:
             await self._event_on_flip(body, previous, decided[0])
             return
 
+        tenant = tenant_reconciler.tenant_of_namespace(self.cache, namespace)
+        suspended = bool(tenant and (tenant.get("spec") or {}).get("suspended"))
         integration_states = self._integration_states(namespace, spec)
         integrations_cond = policies.integrations_condition(integration_states, namespace)
         bindings = [s.name for s in integration_states if s.found]
@@ -113,6 +116,7 @@ class AgentReconciler:
             image=self.runtime_image,
             bindings=bindings,
             secret_versions=self._secret_versions(namespace, bindings),
+            suspended=suspended,
         )
         created: list[str] = []  # did not exist
         updated: list[str] = []  # our inputs changed (spec, bindings, image)
@@ -148,7 +152,7 @@ class AgentReconciler:
             if kind == "Deployment":
                 deployment = live
 
-        desired_replicas = builders.desired_replicas(spec)
+        desired_replicas = builders.desired_replicas(spec, suspended=suspended)
         rollout = policies.rollout(deployment)
         available, progressing = policies.workload_conditions(
             desired=desired_replicas, paused=spec.paused, observed=rollout
@@ -160,6 +164,13 @@ class AgentReconciler:
             progressing=progressing,
             desired=desired_replicas,
         )
+        if suspended and tenant is not None:
+            ready = conditions.Cond(
+                "Ready",
+                conditions.FALSE,
+                policies.TENANT_SUSPENDED,
+                f"Tenant {tenant['metadata']['name']} is suspended: the agent is scaled to zero.",
+            )
         decided = [ready, available, progressing, integrations_cond]
         status: dict[str, Any] = {
             "observedGeneration": generation,

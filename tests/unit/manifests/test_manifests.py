@@ -52,7 +52,15 @@ OPERATOR_PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset(
             for resource in ("serviceaccounts", "configmaps", "services", "secrets")
             for verb in FULL
         ),
-        *(("", "namespaces", verb) for verb in ("get", "list", "watch")),
+        *(("", "namespaces", verb) for verb in FULL),
+        *(("", resource, verb) for resource in ("resourcequotas", "limitranges") for verb in FULL),
+        *(("networking.k8s.io", "networkpolicies", verb) for verb in FULL),
+        *(("rbac.authorization.k8s.io", "rolebindings", verb) for verb in FULL),
+        ("rbac.authorization.k8s.io", "clusterroles", "bind"),
+        *(
+            ("admissionregistration.k8s.io", "validatingwebhookconfigurations", verb)
+            for verb in ("get", "list", "watch", "create", "patch", "update")
+        ),
         *(
             (group, "events", verb)
             for group in ("", "events.k8s.io")

@@ -1,0 +1,219 @@
+"""PostgreSQL: connect with asyncpg the way the agents will, and ask for the version.
+
+The check honours ``sslMode`` with libpq's meaning, so that a database the operator
+reports Ready is one the runtime can reach with the same settings. asyncpg reports
+failures as server SQLSTATEs (28P01, 3D000, …) or as plain OS errors; `error_for`
+turns each into the reason a user can act on.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import urllib.parse
+
+import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
+
+from bmad_crds.v1alpha1 import integration
+from bmad_integrations import base
+
+PROVIDER = "postgresql"
+APPLICATION_NAME = "bmad-operator-check"
+
+
+def target(block: integration.Postgres) -> str:
+    return f"{block.host}:{block.port}/{block.database}"
+
+
+def ssl_argument(
+    block: integration.Postgres, creds: base.Credentials
+) -> ssl.SSLContext | bool | str:
+    """What asyncpg's ``ssl`` parameter gets for the block's sslMode.
+
+    ``require`` encrypts without verifying (libpq's meaning when no root certificate
+    is given); ``verify-ca`` checks the chain against the Secret's CA (or the system
+    store), ``verify-full`` also the host name. ``allow`` and ``prefer`` keep asyncpg's
+    own fallback logic, which only it can do (retry without TLS).
+    """
+    mode = block.ssl_mode
+    if mode == "disable":
+        return False
+    if mode in ("allow", "prefer"):
+        return mode
+    if mode == "require":
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    ca = creds.get("ca_cert")
+    try:
+        context = ssl.create_default_context(cadata=ca) if ca else ssl.create_default_context()
+    except (ssl.SSLError, ValueError) as exc:
+        raise base.CheckError(
+            base.Reason.INVALID_CONFIGURATION,
+            f"key {creds.key('ca_cert')!r} of the credentials Secret is not a PEM CA bundle "
+            f"({base.said(exc, creds)}): put the server's CA certificate(s) there in PEM form",
+        ) from None
+    context.check_hostname = mode == "verify-full"
+    return context
+
+
+def error_for(
+    exc: BaseException, *, block: integration.Postgres, creds: base.Credentials, timeout: float
+) -> base.CheckError:
+    """The CheckError for anything asyncpg or the network raised during the check."""
+    where = target(block)
+    detail = base.said(exc, creds)
+    if isinstance(exc, base.CheckError):
+        return exc
+    # 28P01 (wrong password, or an unknown role under password auth) and 28000 (no such
+    # role, or no pg_hba.conf entry) are both answers about who may log in.
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+        return base.CheckError(
+            base.Reason.AUTHENTICATION_FAILED,
+            f"PostgreSQL at {where} refused the login ({detail}): check the keys "
+            f"{creds.key('username')!r} and {creds.key('password')!r} of the credentials "
+            "Secret, that the role exists and may log in, and the server's pg_hba.conf",
+        )
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return base.CheckError(
+            base.Reason.INVALID_CONFIGURATION,
+            f"PostgreSQL at {block.host}:{block.port} has no database named in "
+            f"spec.postgres.database ({detail}): create it, or fix spec.postgres.database",
+        )
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        return base.CheckError(
+            base.Reason.AUTHENTICATION_FAILED,
+            f"PostgreSQL at {where} denied the role access ({detail}): grant it CONNECT "
+            "on the database",
+        )
+    if isinstance(exc, asyncpg.ClientConfigurationError):
+        return base.CheckError(
+            base.Reason.INVALID_CONFIGURATION,
+            f"cannot configure the connection to {where} ({detail}): check spec.postgres",
+        )
+    if _is_tls_failure(exc):
+        return base.CheckError(
+            base.Reason.TLS_ERROR,
+            f"TLS with PostgreSQL at {where} failed ({detail}): with sslMode "
+            f"{block.ssl_mode!r} the server must offer TLS"
+            + (
+                f" and present a certificate signed by the CA in key {creds.key('ca_cert')!r}"
+                if block.ssl_mode.startswith("verify")
+                else ""
+            )
+            + "; or change spec.postgres.sslMode",
+        )
+    if isinstance(exc, TimeoutError):
+        return base.CheckError(
+            base.Reason.TIMEOUT,
+            f"PostgreSQL at {where} did not answer within {timeout:g}s: check the host and "
+            "port, and that the network lets the operator reach the server",
+        )
+    if isinstance(exc, socket.gaierror):
+        return base.CheckError(
+            base.Reason.UNREACHABLE,
+            f"cannot resolve the host {block.host!r} ({detail}): fix spec.postgres.host",
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return base.CheckError(
+            base.Reason.UNREACHABLE,
+            f"PostgreSQL at {block.host}:{block.port} refused the connection: check that the "
+            "server runs and listens there, and spec.postgres.host and port",
+        )
+    if isinstance(exc, asyncpg.TooManyConnectionsError | asyncpg.CannotConnectNowError):
+        return base.CheckError(
+            base.Reason.UNREACHABLE,
+            f"PostgreSQL at {where} cannot take a connection now ({detail}); the check is retried",
+        )
+    return base.CheckError(
+        base.Reason.UNREACHABLE,
+        f"cannot reach PostgreSQL at {where} ({type(exc).__name__}: {detail}): check the "
+        "host, port and that the server runs",
+    )
+
+
+def _is_tls_failure(exc: BaseException) -> bool:
+    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        return True
+    # asyncpg's own words when the server answers "no TLS here" to an SSLRequest.
+    return isinstance(exc, ConnectionError) and "SSL" in str(exc)
+
+
+async def check(
+    block: integration.Postgres,
+    creds: base.Credentials,
+    *,
+    timeout: float,  # noqa: ASYNC109 - bounds each network exchange, not the coroutine
+) -> base.Checked:
+    """Connect, run ``SELECT 1`` and read the server's version."""
+    user = creds.require("username")
+    password = creds.require("password")
+    ssl_arg = ssl_argument(block, creds)
+    try:
+        conn = await asyncpg.connect(
+            host=block.host.removeprefix("[").removesuffix("]"),
+            port=block.port,
+            user=user,
+            password=password,
+            database=block.database,
+            ssl=ssl_arg,
+            timeout=timeout,
+            command_timeout=timeout,
+            server_settings={"application_name": APPLICATION_NAME},
+        )
+    except Exception as exc:
+        raise error_for(exc, block=block, creds=creds, timeout=timeout) from None
+    try:
+        one = await conn.fetchval("SELECT 1")
+        version = await conn.fetchval("SHOW server_version")
+    except Exception as exc:
+        raise error_for(exc, block=block, creds=creds, timeout=timeout) from None
+    finally:
+        await _close(conn, wait=timeout)
+    if one != 1:
+        raise base.CheckError(
+            base.Reason.INVALID_CONFIGURATION,
+            f"the server at {target(block)} answered SELECT 1 with {one!r}: is it PostgreSQL?",
+        )
+    return base.Checked(server_version=str(version), detail=f"connected to {target(block)}")
+
+
+async def _close(conn: asyncpg.Connection, *, wait: float) -> None:
+    if conn.is_closed():
+        return
+    try:
+        await conn.close(timeout=wait)
+    except (OSError, TimeoutError, asyncpg.PostgresError):
+        conn.terminate()
+
+
+def uri(block: integration.Postgres, *, username: str, password: str) -> str:
+    """A libpq connection URI (``postgresql://user:password@host:port/db?sslmode=…``)."""
+    quote = urllib.parse.quote
+    host = f"[{block.host}]" if ":" in block.host and not block.host.startswith("[") else block.host
+    return (
+        f"postgresql://{quote(username, safe='')}:{quote(password, safe='')}@{host}:{block.port}"
+        f"/{quote(block.database, safe='')}?sslmode={block.ssl_mode}"
+    )
+
+
+def binding(block: integration.Postgres, creds: base.Credentials) -> dict[str, str]:
+    """The binding Secret's data: libpq's pieces, one URI, and the CA when there is one."""
+    username = creds.require("username")
+    password = creds.require("password")
+    data = {
+        "type": "postgres",
+        "provider": PROVIDER,
+        "host": block.host,
+        "port": str(block.port),
+        "database": block.database,
+        "username": username,
+        "password": password,
+        "sslMode": block.ssl_mode,
+        "uri": uri(block, username=username, password=password),
+    }
+    ca = creds.get("ca_cert")
+    if ca:
+        data["ca.crt"] = ca
+    return data

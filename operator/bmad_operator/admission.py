@@ -1,0 +1,144 @@
+"""Admission: an Agent that would exceed its tenant's budget is refused at apply time.
+
+Served by kopf's webhook server with a self-signed certificate made at start-up.
+The ValidatingWebhookConfiguration is ours (not kopf's managed one) so that it only
+selects tenant namespaces: an operator that is down then blocks nobody else's Agents.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import ipaddress
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from bmad_operator import store
+from bmad_operator.builders import tenant as tenant_builders
+
+WEBHOOK_ID = "agent-budget"
+CONFIG_NAME = "bmad-operator"
+
+
+class Certificate(NamedTuple):
+    certfile: Path
+    pkeyfile: Path
+    pem: bytes
+
+
+def self_signed(host: str, directory: Path | None = None) -> Certificate:
+    """A certificate for `host` that is its own CA (the caBundle of the webhook)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    try:
+        san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        san = x509.DNSName(host)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    folder = directory or Path(tempfile.mkdtemp(prefix="bmad-webhook-"))
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    certfile, pkeyfile = folder / "tls.crt", folder / "tls.key"
+    certfile.write_bytes(pem)
+    pkeyfile.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    pkeyfile.chmod(0o600)
+    return Certificate(certfile, pkeyfile, pem)
+
+
+def webhook_configuration(url: str, ca_pem: bytes) -> dict[str, Any]:
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {
+            "name": CONFIG_NAME,
+            "labels": {"app.kubernetes.io/managed-by": "bmad-operator"},
+        },
+        "webhooks": [
+            {
+                "name": "agent-budget.bmad.dev",
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                "failurePolicy": "Fail",
+                "timeoutSeconds": 5,
+                "clientConfig": {"url": url, "caBundle": base64.b64encode(ca_pem).decode()},
+                "namespaceSelector": {
+                    "matchExpressions": [
+                        {"key": tenant_builders.TENANT_LABEL, "operator": "Exists"}
+                    ]
+                },
+                "rules": [
+                    {
+                        "apiGroups": ["bmad.dev"],
+                        "apiVersions": ["v1alpha1"],
+                        "operations": ["CREATE", "UPDATE"],
+                        "resources": ["agents"],
+                        "scope": "Namespaced",
+                    }
+                ],
+            }
+        ],
+    }
+
+
+def budget_violation(
+    cache: store.Store, *, namespace: str, name: str, spec: Mapping[str, Any]
+) -> str | None:
+    """Why this Agent (created or changed) would exceed its tenant's budget, if it would."""
+    ns = cache.get("Namespace", None, namespace)
+    tenant_name = ((ns or {}).get("metadata", {}).get("labels") or {}).get(
+        tenant_builders.TENANT_LABEL
+    )
+    tenant = cache.get("Tenant", None, tenant_name) if tenant_name else None
+    if tenant is None:
+        return None
+    limits = (tenant.get("spec") or {}).get("limits") or {}
+    namespaces = {
+        key[1]
+        for key, obj in cache.items("Namespace")
+        if (obj["metadata"].get("labels") or {}).get(tenant_builders.TENANT_LABEL) == tenant_name
+    }
+    agents = 1
+    replicas = int(spec.get("replicas", 1) or 0)
+    for (agent_ns, agent_name), agent in cache.items("Agent"):
+        if agent_ns in namespaces and (agent_ns, agent_name) != (namespace, name):
+            agents += 1
+            replicas += int((agent.get("spec") or {}).get("replicas", 1) or 0)
+    max_agents = limits.get("agents")
+    if max_agents is not None and agents > int(max_agents):
+        return (
+            f"tenant {tenant_name} allows {max_agents} Agents (spec.limits.agents) and this "
+            f"would make {agents}: delete an Agent or raise the tenant's budget"
+        )
+    max_replicas = limits.get("replicas")
+    if max_replicas is not None and replicas > int(max_replicas):
+        return (
+            f"tenant {tenant_name} allows {max_replicas} replicas in total "
+            f"(spec.limits.replicas) and this would make {replicas}: lower spec.replicas "
+            "or raise the tenant's budget"
+        )
+    return None

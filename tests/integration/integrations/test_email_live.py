@@ -1,0 +1,256 @@
+"""The email check against real local servers: aiosmtpd (plain and STARTTLS), the test
+bed's SMTP server, and HTTP servers answering like SendGrid and Mailgun."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from bmad_crds.v1alpha1 import integration
+from bmad_integrations import base, email
+from bmad_testbed import procs
+
+from .fakes import HttpServer, SmtpServer, TlsMaterial, mailgun_router, make_tls, sendgrid_router
+
+pytestmark = pytest.mark.integration
+
+USER = "mailer"
+PASSWORD = "pw-MARKER-93c1d7"
+API_KEY = "key-MARKER-4e8a1b0c"
+
+
+def smtp_spec(port: int, **fields: Any) -> integration.Email:
+    return integration.Email.model_validate(
+        {"provider": "smtp", "host": "127.0.0.1", "port": port, "from": "bmad@example.test"}
+        | fields
+    )
+
+
+def creds(**data: str) -> base.Credentials:
+    return base.Credentials(secret_name="mail-creds", data=data)
+
+
+async def failure(block: integration.Email, secrets: base.Credentials) -> base.CheckError:
+    with pytest.raises(base.CheckError) as caught:
+        await email.check(block, secrets, timeout=5)
+    assert PASSWORD not in caught.value.message
+    assert API_KEY not in caught.value.message
+    return caught.value
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
+    return make_tls(tmp_path_factory.mktemp("smtp-tls"), name="smtp")
+
+
+@pytest.fixture(scope="module")
+def other_ca(tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
+    return make_tls(tmp_path_factory.mktemp("other-tls"), name="other")
+
+
+@pytest.fixture
+def plain_smtp() -> Iterator[SmtpServer]:
+    with SmtpServer(username=USER, password=PASSWORD) as server:
+        yield server
+
+
+@pytest.fixture
+def starttls_smtp(tls: TlsMaterial) -> Iterator[SmtpServer]:
+    with SmtpServer(username=USER, password=PASSWORD, tls=tls) as server:
+        yield server
+
+
+# --- SMTP ---------------------------------------------------------------------------
+
+
+async def test_smtp_with_the_right_login_checks_ready(plain_smtp: SmtpServer) -> None:
+    checked = await email.check(
+        smtp_spec(plain_smtp.port), creds(username=USER, password=PASSWORD), timeout=5
+    )
+    assert checked.server_version is not None
+    assert "SMTP" in checked.server_version
+    assert "AUTH" in checked.detail
+
+
+async def test_smtp_without_a_login_checks_ready(plain_smtp: SmtpServer) -> None:
+    checked = await email.check(smtp_spec(plain_smtp.port), creds(), timeout=5)
+    assert "AUTH" not in checked.detail
+
+
+async def test_smtp_with_a_wrong_password_is_authentication_failed(
+    plain_smtp: SmtpServer,
+) -> None:
+    error = await failure(smtp_spec(plain_smtp.port), creds(username=USER, password="pw-wrong-one"))
+    assert error.reason is base.Reason.AUTHENTICATION_FAILED
+    assert "535" in error.message
+    assert "pw-wrong-one" not in error.message
+
+
+async def test_smtp_with_a_username_but_no_password_is_secret_key_missing(
+    plain_smtp: SmtpServer,
+) -> None:
+    error = await failure(smtp_spec(plain_smtp.port), creds(username=USER))
+    assert error.reason is base.Reason.SECRET_KEY_MISSING
+    assert "'password'" in error.message
+
+
+async def test_smtp_on_a_closed_port_is_unreachable() -> None:
+    port = procs.free_port()
+    error = await failure(smtp_spec(port), creds())
+    assert error.reason is base.Reason.UNREACHABLE
+    assert f"127.0.0.1:{port}" in error.message
+
+
+async def test_starttls_against_a_server_without_it_is_a_tls_error(
+    plain_smtp: SmtpServer,
+) -> None:
+    error = await failure(smtp_spec(plain_smtp.port, startTLS=True), creds())
+    assert error.reason is base.Reason.TLS_ERROR
+    assert "STARTTLS" in error.message
+
+
+async def test_starttls_with_the_servers_ca_checks_ready(
+    starttls_smtp: SmtpServer, tls: TlsMaterial
+) -> None:
+    checked = await email.check(
+        smtp_spec(starttls_smtp.port, startTLS=True),
+        creds(username=USER, password=PASSWORD, **{"ca.crt": tls.ca_pem}),
+        timeout=5,
+    )
+    assert "STARTTLS, AUTH" in checked.detail
+
+
+async def test_starttls_with_a_wrong_password_is_authentication_failed(
+    starttls_smtp: SmtpServer, tls: TlsMaterial
+) -> None:
+    error = await failure(
+        smtp_spec(starttls_smtp.port, startTLS=True),
+        creds(username=USER, password="pw-wrong-one", **{"ca.crt": tls.ca_pem}),
+    )
+    assert error.reason is base.Reason.AUTHENTICATION_FAILED
+
+
+@pytest.mark.parametrize("trust", ["other", "system"])
+async def test_starttls_with_the_wrong_ca_is_a_tls_error(
+    starttls_smtp: SmtpServer, other_ca: TlsMaterial, trust: str
+) -> None:
+    data = {"ca.crt": other_ca.ca_pem} if trust == "other" else {}
+    error = await failure(
+        smtp_spec(starttls_smtp.port, startTLS=True),
+        creds(username=USER, password=PASSWORD, **data),
+    )
+    assert error.reason is base.Reason.TLS_ERROR
+    assert "'ca.crt'" in error.message
+
+
+async def test_auth_without_starttls_where_the_server_requires_it_says_so(
+    starttls_smtp: SmtpServer,
+) -> None:
+    error = await failure(smtp_spec(starttls_smtp.port), creds(username=USER, password=PASSWORD))
+    assert error.reason is base.Reason.INVALID_CONFIGURATION
+    assert "spec.email.startTLS" in error.message
+
+
+async def test_the_test_beds_smtp_server_checks_ready(smtp: dict[str, str]) -> None:
+    block = integration.Email.model_validate(
+        {
+            "provider": "smtp",
+            "host": smtp["host"],
+            "port": int(smtp["port"]),
+            "from": "bmad@example.test",
+        }
+    )
+    checked = await email.check(block, creds(), timeout=5)
+    assert checked.server_version
+
+
+# --- SendGrid -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def sendgrid() -> Iterator[HttpServer]:
+    router = sendgrid_router(api_key=API_KEY, scopes=["mail.send", "user.profile.read"])
+    with HttpServer(router) as server:
+        yield server
+
+
+def sendgrid_spec(api_base: str) -> integration.Email:
+    return integration.Email.model_validate(
+        {"provider": "sendgrid", "apiBase": api_base, "from": "bmad@example.test"}
+    )
+
+
+async def test_sendgrid_with_the_right_key_checks_ready(sendgrid: HttpServer) -> None:
+    checked = await email.check(sendgrid_spec(sendgrid.url), creds(apiKey=API_KEY), timeout=5)
+    assert "2 scope(s)" in checked.detail
+
+
+async def test_sendgrid_with_a_wrong_key_is_authentication_failed(sendgrid: HttpServer) -> None:
+    error = await failure(sendgrid_spec(sendgrid.url), creds(apiKey="SG.wrong-key"))
+    assert error.reason is base.Reason.AUTHENTICATION_FAILED
+    assert "authorization required" in error.message
+
+
+async def test_sendgrid_without_a_key_is_secret_key_missing(sendgrid: HttpServer) -> None:
+    error = await failure(sendgrid_spec(sendgrid.url), creds())
+    assert error.reason is base.Reason.SECRET_KEY_MISSING
+    assert sendgrid.requests == []
+
+
+async def test_sendgrid_on_a_closed_port_is_unreachable() -> None:
+    error = await failure(
+        sendgrid_spec(f"http://127.0.0.1:{procs.free_port()}"), creds(apiKey=API_KEY)
+    )
+    assert error.reason is base.Reason.UNREACHABLE
+
+
+# --- Mailgun ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mailgun() -> Iterator[HttpServer]:
+    with HttpServer(mailgun_router(api_key=API_KEY, domain="mg.bmad.test")) as server:
+        yield server
+
+
+def mailgun_spec(api_base: str, domain: str = "mg.bmad.test") -> integration.Email:
+    return integration.Email.model_validate(
+        {
+            "provider": "mailgun",
+            "apiBase": api_base,
+            "domain": domain,
+            "from": "bmad@mg.bmad.test",
+        }
+    )
+
+
+async def test_mailgun_with_the_right_key_checks_ready(mailgun: HttpServer) -> None:
+    checked = await email.check(mailgun_spec(mailgun.url), creds(apiKey=API_KEY), timeout=5)
+    assert checked.detail == "Mailgun domain mg.bmad.test (active)"
+
+
+async def test_mailgun_with_a_wrong_key_is_authentication_failed(mailgun: HttpServer) -> None:
+    error = await failure(mailgun_spec(mailgun.url), creds(apiKey="key-wrong"))
+    assert error.reason is base.Reason.AUTHENTICATION_FAILED
+
+
+async def test_mailgun_with_an_unknown_domain_is_invalid_configuration(
+    mailgun: HttpServer,
+) -> None:
+    error = await failure(mailgun_spec(mailgun.url, "other.bmad.test"), creds(apiKey=API_KEY))
+    assert error.reason is base.Reason.INVALID_CONFIGURATION
+    assert "'other.bmad.test'" in error.message
+
+
+async def test_mailgun_without_a_key_is_secret_key_missing(mailgun: HttpServer) -> None:
+    error = await failure(mailgun_spec(mailgun.url), creds())
+    assert error.reason is base.Reason.SECRET_KEY_MISSING
+
+
+async def test_mailgun_on_a_closed_port_is_unreachable() -> None:
+    error = await failure(
+        mailgun_spec(f"http://127.0.0.1:{procs.free_port()}"), creds(apiKey=API_KEY)
+    )
+    assert error.reason is base.Reason.UNREACHABLE

@@ -1,0 +1,409 @@
+"""Tenants: fenced namespaces, RBAC by impersonation, budgets, billing exactly once."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from bmad_testbed.kubectl import Kubectl, eventually
+from bmad_testbed.operator_proc import OperatorProcess
+
+from .helpers import agent, condition
+from .stripe_proxy import StripeProxy
+
+pytestmark = pytest.mark.integration
+
+SYSTEM_NS = "bmad-system"
+
+
+def _tenant(name: str, namespaces: list[str], **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "bmad.dev/v1alpha1",
+        "kind": "Tenant",
+        "metadata": {"name": name},
+        "spec": {"namespaces": namespaces, **spec},
+    }
+
+
+def _wait_tenant(
+    kubectl: Kubectl, name: str, cond_type: str = "Ready", status: str = "True", timeout: float = 60
+) -> dict[str, Any]:
+    def probe() -> dict[str, Any] | None:
+        obj = kubectl.json("get", "tenant", name)
+        cond = condition(obj, cond_type)
+        return obj if cond and cond["status"] == status else None
+
+    found: dict[str, Any] = eventually(
+        probe, timeout=timeout, what=f"tenant {name} {cond_type}={status}"
+    )
+    return found
+
+
+class Tenants:
+    """Creates uniquely named tenants and removes them (and their namespaces) after."""
+
+    def __init__(self, kubectl: Kubectl) -> None:
+        self.kubectl = kubectl
+        self.names: list[str] = []
+        self.namespaces: list[str] = []
+        self.suffix = secrets.token_hex(3)
+
+    def name(self, base: str) -> str:
+        return f"{base}-{self.suffix}"
+
+    def apply(self, doc: dict[str, Any]) -> None:
+        self.names.append(doc["metadata"]["name"])
+        self.namespaces.extend(doc["spec"]["namespaces"])
+        self.kubectl.apply(doc)
+
+    def cleanup(self) -> None:
+        for name in self.names:
+            self.kubectl.run(
+                "delete", "tenant", name, "--ignore-not-found", "--wait=false", check=False
+            )
+        for ns in self.namespaces:
+            self.kubectl.run(
+                "delete", "namespace", ns, "--ignore-not-found", "--wait=false", check=False
+            )
+
+
+@pytest.fixture
+def tenants(kubectl: Kubectl, crds: list[str]) -> Iterator[Tenants]:
+    t = Tenants(kubectl)
+    try:
+        yield t
+    finally:
+        t.cleanup()
+
+
+def test_tenant_creates_fenced_namespaces_and_follows_quota_and_policy(
+    kubectl: Kubectl, operator: OperatorProcess, tenants: Tenants
+) -> None:
+    name = tenants.name("acme")
+    ns_a, ns_b = f"{name}-prod", f"{name}-dev"
+    tenants.apply(
+        _tenant(
+            name,
+            [ns_a, ns_b],
+            displayName="Acme",
+            admins=[{"kind": "User", "name": "alice"}, {"kind": "Group", "name": "acme-admins"}],
+            quota={"cpu": "8", "memory": "16Gi", "pods": "50"},
+            deletionPolicy="Retain",
+        )
+    )
+    obj = _wait_tenant(kubectl, name)
+    assert obj["status"]["namespaces"] == [ns_a, ns_b]
+    assert condition(obj, "QuotaReady")["status"] == "True"
+    for ns in (ns_a, ns_b):
+        labels = kubectl.json("get", "namespace", ns)["metadata"]["labels"]
+        assert labels["bmad.dev/tenant"] == name
+        assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+        k = kubectl.in_namespace(ns)
+        quota = k.json("get", "resourcequota", "bmad-tenant-quota")
+        assert quota["spec"]["hard"] == {
+            "requests.cpu": "8",
+            "requests.memory": "16Gi",
+            "pods": "50",
+        }
+        assert k.json("get", "limitrange", "bmad-tenant-limits")["spec"]["limits"]
+        policies = {p["metadata"]["name"]: p for p in k.json("get", "networkpolicy")["items"]}
+        assert set(policies) == {
+            "bmad-default-deny-ingress",
+            "bmad-allow-same-tenant",
+            "bmad-allow-operator",
+            "bmad-allow-monitoring",
+        }
+        deny = policies["bmad-default-deny-ingress"]["spec"]
+        assert deny["podSelector"] == {}
+        assert deny["policyTypes"] == ["Ingress"]
+        assert "ingress" not in deny
+        same = policies["bmad-allow-same-tenant"]["spec"]["ingress"][0]["from"][0]
+        assert same["namespaceSelector"]["matchLabels"] == {"bmad.dev/tenant": name}
+        binding = k.json("get", "rolebinding", "bmad-tenant-admins")
+        assert binding["roleRef"]["name"] == "bmad-tenant-admin"
+        assert {(s["kind"], s["name"]) for s in binding["subjects"]} == {
+            ("User", "alice"),
+            ("Group", "acme-admins"),
+        }
+
+    # Editing spec.quota updates the ResourceQuota.
+    kubectl.run(
+        "patch",
+        "tenant",
+        name,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"quota": {"cpu": "4", "memory": "16Gi", "pods": "20"}}}),
+    )
+    eventually(
+        lambda: (
+            kubectl.in_namespace(ns_a).json("get", "resourcequota", "bmad-tenant-quota")["spec"][
+                "hard"
+            ]
+            == {"requests.cpu": "4", "requests.memory": "16Gi", "pods": "20"}
+        ),
+        timeout=30,
+        what="the ResourceQuota to follow spec.quota",
+    )
+
+    # Retain: a namespace removed from the spec stays, released from the tenant.
+    kubectl.run(
+        "patch", "tenant", name, "--type=merge", "-p", json.dumps({"spec": {"namespaces": [ns_a]}})
+    )
+    eventually(
+        lambda: (
+            "bmad.dev/tenant" not in kubectl.json("get", "namespace", ns_b)["metadata"]["labels"]
+        ),
+        timeout=30,
+        what=f"{ns_b} to be released",
+    )
+    assert kubectl.exists("namespace", ns_b)
+
+
+def test_removed_namespace_is_deleted_with_the_delete_policy(
+    kubectl: Kubectl, operator: OperatorProcess, tenants: Tenants
+) -> None:
+    name = tenants.name("globex")
+    ns_a, ns_b = f"{name}-a", f"{name}-b"
+    tenants.apply(_tenant(name, [ns_a, ns_b], deletionPolicy="Delete"))
+    _wait_tenant(kubectl, name)
+    kubectl.run(
+        "patch", "tenant", name, "--type=merge", "-p", json.dumps({"spec": {"namespaces": [ns_a]}})
+    )
+    eventually(
+        lambda: not kubectl.exists("namespace", ns_b), timeout=90, what=f"{ns_b} to be deleted"
+    )
+    assert kubectl.exists("namespace", ns_a)
+
+
+def test_tenant_admins_are_fenced_by_rbac(
+    kubectl: Kubectl, operator: OperatorProcess, tenants: Tenants
+) -> None:
+    a, b = tenants.name("initech"), tenants.name("umbrella")
+    tenants.apply(_tenant(a, [f"{a}-ns"], admins=[{"kind": "User", "name": f"alice-{a}"}]))
+    tenants.apply(_tenant(b, [f"{b}-ns"], admins=[{"kind": "User", "name": f"bob-{b}"}]))
+    _wait_tenant(kubectl, a)
+    _wait_tenant(kubectl, b)
+    alice = f"--as=alice-{a}"
+
+    def as_alice(ns: str | None, *args: str, stdin: str | None = None) -> Any:
+        extra = [f"--namespace={ns}"] if ns else []
+        return kubectl.run(alice, *extra, *args, stdin=stdin, check=False)
+
+    mine = as_alice(f"{a}-ns", "apply", "-f", "-", stdin=json.dumps(agent("mine")))
+    assert mine.returncode == 0, mine.stderr
+    secret = as_alice(f"{a}-ns", "create", "secret", "generic", "s", "--from-literal=k=v")
+    assert secret.returncode == 0, secret.stderr
+    theirs = as_alice(f"{b}-ns", "apply", "-f", "-", stdin=json.dumps(agent("theirs")))
+    assert theirs.returncode != 0
+    assert "forbidden" in theirs.stderr.lower()
+    tenants_list = as_alice(None, "get", "tenants")
+    assert tenants_list.returncode != 0
+    assert "forbidden" in tenants_list.stderr.lower()
+    other_secret = as_alice(f"{b}-ns", "get", "secrets")
+    assert "forbidden" in other_secret.stderr.lower()
+
+
+def test_agent_budget_is_enforced_at_apply_time(
+    kubectl: Kubectl, operator: OperatorProcess, tenants: Tenants
+) -> None:
+    name = tenants.name("hooli")
+    ns = f"{name}-ns"
+    tenants.apply(_tenant(name, [ns], limits={"agents": 2, "replicas": 10}))
+    _wait_tenant(kubectl, name)
+    k = kubectl.in_namespace(ns)
+    k.apply(agent("one"))
+    eventually(lambda: k.exists("agent", "one"), timeout=10, what="agent one")
+    k.apply(agent("two"))
+    # The webhook counts from the operator's watch: wait until it has seen both.
+    eventually(
+        lambda: (
+            (kubectl.json("get", "tenant", name).get("status") or {}).get("usage", {}).get("agents")
+            == 2
+        ),
+        timeout=30,
+        what="usage to count 2 agents",
+    )
+    third = k.run("apply", "-f", "-", stdin=json.dumps(agent("three")), check=False)
+    assert third.returncode != 0
+    assert "spec.limits.agents" in third.stderr
+    assert name in third.stderr
+    assert not k.exists("agent", "three")
+    # Updating an existing Agent within budget still works; over the replica budget not.
+    ok = k.run("apply", "-f", "-", stdin=json.dumps(agent("two", replicas=2)), check=False)
+    assert ok.returncode == 0, ok.stderr
+    big = k.run("apply", "-f", "-", stdin=json.dumps(agent("two", replicas=20)), check=False)
+    assert big.returncode != 0
+    assert "spec.limits.replicas" in big.stderr
+
+
+def test_suspended_tenant_scales_its_agents_to_zero(
+    kubectl: Kubectl, operator: OperatorProcess, tenants: Tenants
+) -> None:
+    name = tenants.name("wonka")
+    ns = f"{name}-ns"
+    tenants.apply(_tenant(name, [ns]))
+    _wait_tenant(kubectl, name)
+    k = kubectl.in_namespace(ns)
+    k.apply(agent("worker", replicas=2))
+    k.run("wait", "--for=condition=Ready", "agent/worker", "--timeout=90s", timeout=100)
+    kubectl.run("patch", "tenant", name, "--type=merge", "-p", '{"spec":{"suspended":true}}')
+    obj = _wait_tenant(kubectl, name, "Suspended", "True")
+    assert condition(obj, "Ready")["reason"] == "Suspended"
+
+    def scaled_down() -> bool:
+        a = k.json("get", "agent", "worker")
+        ready = condition(a, "Ready")
+        return bool(
+            ready
+            and ready["reason"] == "TenantSuspended"
+            and k.json("get", "deployment", "worker")["spec"]["replicas"] == 0
+        )
+
+    eventually(scaled_down, timeout=30, what="the agent scaled to zero by the tenant")
+    assert k.json("get", "agent", "worker")["spec"]["replicas"] == 2  # the user's spec is kept
+    kubectl.run("patch", "tenant", name, "--type=merge", "-p", '{"spec":{"suspended":false}}')
+    k.run("wait", "--for=condition=Ready", "agent/worker", "--timeout=60s", timeout=70)
+
+
+@pytest.fixture
+def stripe_billing(kubectl: Kubectl, testbed_env: dict[str, str]) -> Iterator[StripeProxy]:
+    """A stripe Integration in the operator's namespace, behind a recording proxy."""
+    with StripeProxy(testbed_env["BMAD_STRIPE_API_BASE"]) as proxy:
+        if not kubectl.exists("namespace", SYSTEM_NS):
+            kubectl.run("create", "namespace", SYSTEM_NS)
+        k = kubectl.in_namespace(SYSTEM_NS)
+        name = f"stripe-{secrets.token_hex(3)}"
+        k.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": name},
+                "data": {"apiKey": base64.b64encode(b"sk_test_billing").decode()},
+            }
+        )
+        k.apply(
+            {
+                "apiVersion": "bmad.dev/v1alpha1",
+                "kind": "Integration",
+                "metadata": {"name": name},
+                "spec": {
+                    "type": "stripe",
+                    "secretRef": {"name": name},
+                    "stripe": {"apiBase": proxy.url},
+                },
+            }
+        )
+        proxy.integration = name  # type: ignore[attr-defined]
+        try:
+            yield proxy
+        finally:
+            k.run("delete", "integration", name, "--ignore-not-found", check=False)
+            k.run("delete", "secret", name, "--ignore-not-found", check=False)
+
+
+def _customer_creates(proxy: StripeProxy) -> dict[str, set[str | None]]:
+    keys: dict[str, set[str | None]] = defaultdict(set)
+    for call in proxy.calls("POST", "/v1/customers"):
+        tenant = call.form.get("metadata[bmad_tenant]", ["?"])[0]
+        keys[tenant].add(call.idempotency_key)
+    return keys
+
+
+def test_billing_is_exactly_once_across_a_sigkill(
+    kubectl: Kubectl,
+    operator: OperatorProcess,
+    tenants: Tenants,
+    stripe_billing: StripeProxy,
+) -> None:
+    integration: str = stripe_billing.integration  # type: ignore[attr-defined]
+    names = [tenants.name(f"cust{i:02d}") for i in range(20)]
+    docs = [
+        _tenant(
+            n,
+            [f"{n}-ns"],
+            billing={
+                "integration": integration,
+                "priceId": "price_basic",
+                "email": f"billing@{n}.test",
+            },
+        )
+        for n in names
+    ]
+    for doc in docs:
+        tenants.names.append(doc["metadata"]["name"])
+        tenants.namespaces.extend(doc["spec"]["namespaces"])
+    kubectl.apply({"apiVersion": "v1", "kind": "List", "items": docs})
+    # Kill the operator in the middle of onboarding.
+    eventually(
+        lambda: len(stripe_billing.calls("POST", "/v1/customers")) >= 3,
+        timeout=60,
+        interval=0.05,
+        what="the first customer creates",
+    )
+    operator.kill()
+    created_before = len(stripe_billing.calls("POST", "/v1/customers"))
+    operator.start()
+
+    for n in names:
+        obj = _wait_tenant(kubectl, n, "BillingReady", "True", timeout=120)
+        assert obj["status"]["billing"]["customerId"].startswith("cus_")
+        assert obj["status"]["billing"]["subscriptionId"].startswith("sub_")
+    creates = stripe_billing.calls("POST", "/v1/customers")
+    assert created_before < 20 or len(creates) >= created_before
+    assert all(c.idempotency_key for c in creates), "a customer create without a key"
+    keys = _customer_creates(stripe_billing)
+    assert set(keys) == set(names)  # every tenant got its customer
+    for tenant, tenant_keys in keys.items():
+        assert len(tenant_keys) == 1, f"{tenant} was created with {tenant_keys}"
+    subs = stripe_billing.calls("POST", "/v1/subscriptions")
+    assert all(s.idempotency_key for s in subs)
+    assert "Traceback" not in operator.log_text()
+
+
+@pytest.mark.parametrize("policy", ["Delete", "Retain"])
+def test_deleting_a_tenant_follows_its_deletion_policy(
+    policy: str,
+    kubectl: Kubectl,
+    operator: OperatorProcess,
+    tenants: Tenants,
+    stripe_billing: StripeProxy,
+) -> None:
+    integration: str = stripe_billing.integration  # type: ignore[attr-defined]
+    name = tenants.name(f"del-{policy.lower()}")
+    namespaces = [f"{name}-a", f"{name}-b"]
+    tenants.apply(
+        _tenant(
+            name,
+            namespaces,
+            deletionPolicy=policy,
+            billing={"integration": integration, "priceId": "price_basic"},
+        )
+    )
+    obj = _wait_tenant(kubectl, name, timeout=60)
+    sub = obj["status"]["billing"]["subscriptionId"]
+    assert kubectl.json("get", "tenant", name)["metadata"]["finalizers"] == ["bmad.dev/tenant-cleanup"]
+    kubectl.run("delete", "tenant", name, "--wait=true", "--timeout=60s", timeout=70)
+    cancels = [
+        c
+        for c in stripe_billing.records
+        if c.method == "DELETE" and c.path == f"/v1/subscriptions/{sub}"
+    ]
+    if policy == "Delete":
+        for ns in namespaces:
+            eventually(
+                lambda ns=ns: not kubectl.exists("namespace", ns),
+                timeout=90,
+                what=f"namespace {ns} to be deleted",
+            )
+        assert len(cancels) == 1
+    else:
+        for ns in namespaces:
+            assert kubectl.exists("namespace", ns)
+        assert cancels == []
