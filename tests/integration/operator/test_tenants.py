@@ -388,7 +388,8 @@ def test_deleting_a_tenant_follows_its_deletion_policy(
     )
     obj = _wait_tenant(kubectl, name, timeout=60)
     sub = obj["status"]["billing"]["subscriptionId"]
-    assert kubectl.json("get", "tenant", name)["metadata"]["finalizers"] == ["bmad.dev/tenant-cleanup"]
+    finalizers = kubectl.json("get", "tenant", name)["metadata"]["finalizers"]
+    assert finalizers == ["bmad.dev/tenant-cleanup"]
     kubectl.run("delete", "tenant", name, "--wait=true", "--timeout=60s", timeout=70)
     cancels = [
         c
