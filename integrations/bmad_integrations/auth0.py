@@ -63,6 +63,9 @@ async def check(
         signing_keys = await _signing_keys(http, jwks_uri, creds=creds)
         detail = f"issuer {issuer}: {signing_keys} RSA signing key(s)"
         client_secret = creds.get("client_secret")
+        if block.client_id and creds.secret_name:
+            # A client with a credentials Secret means a client secret is meant to be there.
+            client_secret = creds.require("client_secret")
         if client_secret and block.client_id:
             await _client_credentials(
                 http,

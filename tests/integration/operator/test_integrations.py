@@ -21,6 +21,7 @@ from bmad_testbed import procs
 from bmad_testbed.kubectl import Kubectl, eventually
 from bmad_testbed.operator_proc import OperatorProcess
 
+from ..integrations import fakes
 from .helpers import agent, condition
 
 pytestmark = pytest.mark.integration
@@ -148,17 +149,8 @@ def _ready(k: Kubectl, name: str, status: str, reason: str, timeout: float = 60)
     return got
 
 
-@pytest.mark.parametrize("case_name", sorted(CASES))
-def test_integration_reasons_and_recovery(
-    case_name: str,
-    kubectl: Kubectl,
-    namespace: str,
-    operator: OperatorProcess,
-    testbed_env: dict[str, str],
-) -> None:
-    case = CASES[case_name]
-    k = kubectl.in_namespace(namespace)
-    env = testbed_env
+def _reason_cycle(k: Kubectl, operator: OperatorProcess, case: Case, env: dict[str, str]) -> None:
+    """Good → wrong credential → missing key → missing Secret → fixed → unreachable."""
     block = case.block(env)
     marker = f"sk_marker_{pysecrets.token_hex(8)}"
 
@@ -188,11 +180,7 @@ def test_integration_reasons_and_recovery(
     # A missing key.
     data = case.good(env)
     data.pop(case.required_key)
-    k.apply(
-        _secret("creds", data)
-        | {"data": {kk: base64.b64encode(v.encode()).decode() for kk, v in data.items()}}
-    )
-    k.run("create", "secret", "generic", "tmp-probe", "--from-literal=a=b")  # noise
+    k.apply(_secret("creds", data))
     obj = _ready(k, "svc", "False", "SecretKeyMissing", timeout=30)
     assert case.required_key in condition(obj, "Ready")["message"]
 
@@ -213,13 +201,70 @@ def test_integration_reasons_and_recovery(
     obj = _ready(k, "svc", "False", "Unreachable", timeout=60)
     assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
 
-    # Events only on flips, with our reasons.
+    # Events only on flips, with our reasons; the marker nowhere.
     events = k.json("get", "events", "--field-selector", "involvedObject.name=svc")["items"]
     reasons = {e["reason"] for e in events if e["source"].get("component") == "bmad-operator"}
     assert {"Checked", "AuthenticationFailed", "Unreachable"} <= reasons
     for event in events:
         assert marker not in event.get("message", "")
+    assert marker not in json.dumps(k.json("get", "integration", "svc")["status"])
     assert marker not in operator.log_text()
+
+
+@pytest.mark.parametrize("case_name", sorted(CASES))
+def test_integration_reasons_and_recovery(
+    case_name: str,
+    kubectl: Kubectl,
+    namespace: str,
+    operator: OperatorProcess,
+    testbed_env: dict[str, str],
+) -> None:
+    _reason_cycle(kubectl.in_namespace(namespace), operator, CASES[case_name], testbed_env)
+
+
+def test_email_smtp_with_auth_reasons_and_recovery(
+    kubectl: Kubectl, namespace: str, operator: OperatorProcess
+) -> None:
+    with fakes.SmtpServer(username="mailer", password="smtp-pass-1") as server:
+        case = Case(
+            type="email",
+            block=lambda env: {
+                "provider": "smtp",
+                "host": "127.0.0.1",
+                "port": server.port,
+                "from": "agents@bmad.test",
+            },
+            good=lambda env: {"username": "mailer", "password": "smtp-pass-1"},
+            wrong=lambda env, marker: {"username": "mailer", "password": marker},
+            required_key="password",
+            unreachable=_with_port,
+            binding_keys=("type", "provider", "host", "port", "username", "password", "from"),
+        )
+        _reason_cycle(kubectl.in_namespace(namespace), operator, case, {})
+
+
+def test_auth0_reasons_and_recovery(
+    kubectl: Kubectl, namespace: str, operator: OperatorProcess
+) -> None:
+    oidc = fakes.OidcIssuer(
+        client_id="bmad-ops", client_secret="oidc-secret-1", audience="https://agents.bmad.test"
+    )
+    with fakes.HttpServer(oidc.route) as server:
+        oidc.bind(server.url)
+        case = Case(
+            type="auth0",
+            block=lambda env: {
+                "issuer": oidc.issuer,
+                "audience": "https://agents.bmad.test",
+                "clientId": "bmad-ops",
+            },
+            good=lambda env: {"clientSecret": "oidc-secret-1"},
+            wrong=lambda env, marker: {"clientSecret": marker},
+            required_key="clientSecret",
+            unreachable=lambda block, port: dict(block, issuer=f"http://127.0.0.1:{port}/"),
+            binding_keys=("type", "issuer", "audience", "jwksUri", "clientId"),
+        )
+        _reason_cycle(kubectl.in_namespace(namespace), operator, case, {})
 
 
 def _stripe(name: str, env: dict[str, str], key: str) -> list[dict[str, Any]]:
