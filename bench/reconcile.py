@@ -71,6 +71,7 @@ class RssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid = pid
         self.peak = 0
+        self.cpu = 0.0
         self.stop_event = threading.Event()
 
     def run(self) -> None:
@@ -83,6 +84,11 @@ class RssSampler(threading.Thread):
             except psutil.Error:
                 continue
             self.peak = max(self.peak, rss)
+            try:
+                times = psutil.Process(self.pid).cpu_times()
+                self.cpu = times.user + times.system
+            except psutil.Error:
+                pass
 
 
 def wait_for(count: int, probe: Any, *, timeout: float) -> float:
@@ -126,6 +132,7 @@ def run_operator(kubectl: Kubectl, kubeconfig: str, n: int, tmp: Path) -> tuple[
         sampler.join()
         op.stop()
         kubectl.run("delete", "namespace", ns, "--wait=false")
+    print(f"operator CPU time: {sampler.cpu:.1f}s", file=sys.stderr)
     return total, sampler.peak
 
 

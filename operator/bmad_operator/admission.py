@@ -70,7 +70,21 @@ def self_signed(host: str, directory: Path | None = None) -> Certificate:
     return Certificate(certfile, pkeyfile, pem)
 
 
-def webhook_configuration(url: str, ca_pem: bytes) -> dict[str, Any]:
+def webhook_configuration(
+    url: str, ca_pem: bytes, *, service: str = "", service_port: int = 443
+) -> dict[str, Any]:
+    """`service` ("namespace/name") takes precedence over `url` when given."""
+    client: dict[str, Any] = {"caBundle": base64.b64encode(ca_pem).decode()}
+    if service:
+        ns, name = service.split("/", 1)
+        client["service"] = {
+            "namespace": ns,
+            "name": name,
+            "path": f"/{WEBHOOK_ID}",
+            "port": service_port,
+        }
+    else:
+        client["url"] = url
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingWebhookConfiguration",
@@ -85,7 +99,7 @@ def webhook_configuration(url: str, ca_pem: bytes) -> dict[str, Any]:
                 "sideEffects": "None",
                 "failurePolicy": "Fail",
                 "timeoutSeconds": 5,
-                "clientConfig": {"url": url, "caBundle": base64.b64encode(ca_pem).decode()},
+                "clientConfig": client,
                 "namespaceSelector": {
                     "matchExpressions": [
                         {"key": tenant_builders.TENANT_LABEL, "operator": "Exists"}

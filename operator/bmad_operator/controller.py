@@ -115,6 +115,10 @@ class Controller:
                     self.agent_queue.add(key)
             for key in self.integrations.secret_referenced(namespace, meta["name"]):
                 self.integration_queue.add(key)
+        elif kind in ("ResourceQuota", "LimitRange", "NetworkPolicy", "RoleBinding"):
+            tenant_name = labels.get("bmad.dev/tenant")
+            if tenant_name:  # drift in a tenant's fences: put them back
+                self.tenant_queue.add(("", tenant_name))
         else:
             owner = (meta.get("labels") or {}).get(agent_builders.AGENT_LABEL)
             if owner and self.store.get("Agent", namespace, owner) is not None:

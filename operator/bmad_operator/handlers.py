@@ -55,7 +55,7 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
         url = cfg.webhook_url or (
             f"https://{cfg.webhook_host}:{cfg.webhook_port}/{admission.WEBHOOK_ID}"
         )
-        await api.apply(admission.webhook_configuration(url, cert.pem))
+        await api.apply(admission.webhook_configuration(url, cert.pem, service=cfg.webhook_service))
 
 
 def settings_module_load() -> settings.OperatorSettings:
@@ -152,3 +152,23 @@ async def validate_agent_budget(
     )
     if problem:
         raise kopf.AdmissionError(problem, code=403)
+
+
+@kopf.on.event("", "v1", "resourcequotas", labels=MANAGED)
+async def quota_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    _feed(event, memo)
+
+
+@kopf.on.event("", "v1", "limitranges", labels=MANAGED)
+async def limitrange_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    _feed(event, memo)
+
+
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED)
+async def networkpolicy_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    _feed(event, memo)
+
+
+@kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=MANAGED)
+async def rolebinding_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    _feed(event, memo)

@@ -33,6 +33,11 @@ class OperatorSettings(BaseSettings):
         description="Host name the API server uses to reach the webhook (and its cert SAN).",
     )
     webhook_address: str = Field(default="0.0.0.0", description="Address the webhook binds.")  # noqa: S104
+    webhook_service: str = Field(
+        default="",
+        description="namespace/name of the Service in front of the webhook (in a cluster); "
+        "when set, the API server reaches the webhook through it.",
+    )
     webhook_url: str = Field(
         default="",
         description="URL for the webhook configuration; default https://<host>:<port>/<path>.",

@@ -85,6 +85,28 @@ class TenantReconciler:
             msg = "; ".join(
                 f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
             )
+            if meta.get("deletionTimestamp") and FINALIZER in (meta.get("finalizers") or []):
+                # Nothing can be applied from an invalid spec: release, never hang.
+                await self._event(
+                    body,
+                    "Warning",
+                    "DeletionAbandoned",
+                    f"The spec is invalid, the deletion policy was not applied: {msg}",
+                )
+                await self._patch_finalizers(
+                    KIND,
+                    None,
+                    name,
+                    {
+                        "metadata": {
+                            "finalizers": [
+                                f for f in meta.get("finalizers") or [] if f != FINALIZER
+                            ],
+                            "resourceVersion": meta.get("resourceVersion"),
+                        }
+                    },
+                )
+                return
             ready = Cond("Ready", FALSE, "InvalidSpec", f"The spec is invalid: {msg}")
             await self._write_status(
                 body,

@@ -152,6 +152,28 @@ def test_tenant_creates_fenced_namespaces_and_follows_quota_and_policy(
         what="the ResourceQuota to follow spec.quota",
     )
 
+    # A hand edit of the fences is put back (the operator watches them).
+    kubectl.in_namespace(ns_a).run(
+        "patch",
+        "resourcequota",
+        "bmad-tenant-quota",
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"hard": {"requests.cpu": "999"}}}),
+    )
+    kubectl.in_namespace(ns_a).run("delete", "networkpolicy", "bmad-default-deny-ingress")
+    eventually(
+        lambda: (
+            kubectl.in_namespace(ns_a).json("get", "resourcequota", "bmad-tenant-quota")["spec"][
+                "hard"
+            ]["requests.cpu"]
+            == "4"
+            and kubectl.in_namespace(ns_a).exists("networkpolicy", "bmad-default-deny-ingress")
+        ),
+        timeout=30,
+        what="the tenant's fences restored",
+    )
+
     # Retain: a namespace removed from the spec stays, released from the tenant.
     kubectl.run(
         "patch", "tenant", name, "--type=merge", "-p", json.dumps({"spec": {"namespaces": [ns_a]}})
