@@ -22,6 +22,8 @@ from bmad_operator.reconcilers import tenant as tenant_reconciler
 
 log = logging.getLogger(__name__)
 
+OWNED_EVENT_DELAY = 0.3  # seconds
+
 
 class Controller:
     def __init__(self, api: kube.Kube, cfg: settings.OperatorSettings) -> None:
@@ -122,7 +124,9 @@ class Controller:
         else:
             owner = (meta.get("labels") or {}).get(agent_builders.AGENT_LABEL)
             if owner and self.store.get("Agent", namespace, owner) is not None:
-                self.agent_queue.add((namespace, owner))
+                # A rollout changes a Deployment's status several times a second:
+                # gather those into one pass (and one status write) per agent.
+                self.agent_queue.add_after((namespace, owner), OWNED_EVENT_DELAY)
 
     def _agents_binding(self, namespace: str, integration: str) -> list[tuple[str, str]]:
         found = []

@@ -8,6 +8,8 @@ in kopf's operator-wide memo, created at startup.
 from __future__ import annotations
 
 import logging
+import typing
+from collections.abc import Iterable
 from typing import Any
 
 import kopf
@@ -19,11 +21,22 @@ MANAGED = {"app.kubernetes.io/managed-by": "bmad-operator"}
 log = logging.getLogger(__name__)
 
 
+class NoDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
+    """We register no change-detecting handlers (on.create/update/field), so kopf's
+    per-event "essence" (a deep copy of every body, for diffs nobody reads) is skipped.
+    Profiling 200 Agents showed it as the largest single cost in the operator."""
+
+    def build(
+        self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None
+    ) -> kopf.BodyEssence:
+        return typing.cast(kopf.BodyEssence, {})
+
+
 def configure(kopf_settings: kopf.OperatorSettings) -> None:
     """kopf hygiene: our own prefixes, no chatter posted as events."""
     kopf_settings.persistence.finalizer = "bmad.dev/finalizer"
     kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="bmad.dev")
-    kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    kopf_settings.persistence.diffbase_storage = NoDiffBaseStorage(
         prefix="bmad.dev", key="last-handled-configuration"
     )
     # kopf turns its log lines into Kubernetes events: only warnings and worse.

@@ -91,7 +91,14 @@ class Kube:
         cfg = k8s_client.Configuration.get_default_copy()
         # Hundreds of agents reconcile at once: do not serialise on a small pool.
         cfg.connection_pool_maxsize = 64
-        return cls(k8s_client.ApiClient(configuration=cfg))
+        api = k8s_client.ApiClient(configuration=cfg)
+        # The client's aiohttp session trusts the environment, which makes aiohttp
+        # read ~/.netrc and the proxy variables in a worker thread on *every* request;
+        # the API server is reached directly (proxies are not used for it).
+        session = getattr(api.rest_client, "pool_manager", None)
+        if session is not None and hasattr(session, "_trust_env"):
+            session._trust_env = False
+        return cls(api)
 
     async def close(self) -> None:
         await self.api.close()
