@@ -22,6 +22,14 @@ operator_app = typer.Typer(no_args_is_help=True, help="The BMAD operator.")
 app.add_typer(operator_app, name="operator")
 
 
+@app.command("runtime")
+def cmd_runtime() -> None:
+    """Run the agent runtime (what every agent pod runs), configured from the environment."""
+    from bmad_runtime import main as runtime_main
+
+    runtime_main.run()
+
+
 @operator_app.command("run")
 def cmd_operator_run() -> None:
     """Run the operator against the cluster of KUBECONFIG (or in-cluster)."""

@@ -19,9 +19,10 @@ from typing import Any
 import pydantic
 
 from bmad_crds.v1alpha1 import agent as agent_api
-from bmad_operator import conditions, diff, kube, metrics, policies, store, workqueue
+from bmad_operator import conditions, diff, kube, policies, store, workqueue
 from bmad_operator.builders import agent as builders
 from bmad_operator.conditions import TRUE
+from bmad_operator.reconcilers import common
 from bmad_operator.reconcilers import tenant as tenant_reconciler
 
 log = logging.getLogger(__name__)
@@ -69,19 +70,7 @@ class AgentReconciler:
 
     async def reconcile(self, key: Hashable) -> None:
         namespace, name = typing.cast(tuple[str, str], key)
-        with metrics.RECONCILE_SECONDS.labels(kind=KIND).time():
-            try:
-                await self._reconcile(namespace, name)
-            except kube.ApiError as exc:
-                metrics.RECONCILES.labels(kind=KIND, result="error").inc()
-                metrics.RECONCILE_ERRORS.labels(kind=KIND, reason=exc.reason or "ApiError").inc()
-                log.warning("agent %s/%s: API error, will retry: %s", namespace, name, exc)
-                raise
-            except Exception:
-                metrics.RECONCILES.labels(kind=KIND, result="error").inc()
-                metrics.RECONCILE_ERRORS.labels(kind=KIND, reason="Unexpected").inc()
-                raise
-            metrics.RECONCILES.labels(kind=KIND, result="ok").inc()
+        await common.measured(KIND, f"{namespace}/{name}", self._reconcile(namespace, name))
 
     async def _reconcile(self, namespace: str, name: str) -> None:
         body = self.cache.get(KIND, namespace, name)
@@ -249,13 +238,7 @@ class AgentReconciler:
         return versions
 
     async def _write_status(self, body: Mapping[str, Any], status: dict[str, Any]) -> None:
-        current = body.get("status") or {}
-        if all(current.get(k) == v for k, v in status.items()):
-            return  # unchanged: no write
-        meta = body["metadata"]
-        updated = await self.api.patch_status(KIND, meta["namespace"], meta["name"], status)
-        if updated:
-            self.cache.put(updated)
+        await common.write_status(self.api, self.cache, KIND, body, status)
 
     async def _event_on_flip(
         self, body: Mapping[str, Any], previous: list[Any], ready: conditions.Cond
@@ -278,9 +261,4 @@ class AgentReconciler:
             await self._event(body, "Warning", "NotReady", f"{ready.reason}: {ready.message}")
 
     async def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-        try:
-            await self.api.event(dict(body), type_=type_, reason=reason, message=message)
-        except kube.ApiError as exc:
-            log.warning(
-                "could not post event %s on agent %s: %s", reason, body["metadata"]["name"], exc
-            )
+        await common.post_event(self.api, body, type_, reason, message)

@@ -28,8 +28,9 @@ import pydantic
 from bmad_crds.v1alpha1 import integration as integration_api
 from bmad_integrations import base as ibase
 from bmad_integrations import checks
-from bmad_operator import conditions, diff, kube, metrics, store, workqueue
+from bmad_operator import conditions, diff, kube, store, workqueue
 from bmad_operator.conditions import FALSE, TRUE, Cond
+from bmad_operator.reconcilers import common
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +100,7 @@ class IntegrationReconciler:
 
     async def reconcile(self, key: Hashable) -> None:
         namespace, name = typing.cast(tuple[str, str], key)
-        with metrics.RECONCILE_SECONDS.labels(kind=KIND).time():
-            try:
-                await self._reconcile(namespace, name)
-            except kube.ApiError as exc:
-                metrics.RECONCILES.labels(kind=KIND, result="error").inc()
-                metrics.RECONCILE_ERRORS.labels(kind=KIND, reason=exc.reason or "ApiError").inc()
-                log.warning("integration %s/%s: API error, will retry: %s", namespace, name, exc)
-                raise
-            metrics.RECONCILES.labels(kind=KIND, result="ok").inc()
+        await common.measured(KIND, f"{namespace}/{name}", self._reconcile(namespace, name))
 
     def secret_referenced(self, namespace: str, secret: str) -> list[tuple[str, str]]:
         found = []
@@ -209,13 +202,7 @@ class IntegrationReconciler:
             self.queue.add_after(key, max(delay, 0.5))
 
     async def _write_status(self, body: Mapping[str, Any], status: dict[str, Any]) -> None:
-        current = body.get("status") or {}
-        if all(current.get(k) == v for k, v in status.items()):
-            return
-        meta = body["metadata"]
-        updated = await self.api.patch_status(KIND, meta["namespace"], meta["name"], status)
-        if updated:
-            self.cache.put(updated)
+        await common.write_status(self.api, self.cache, KIND, body, status)
 
     async def _event_on_flip(
         self, body: Mapping[str, Any], previous: list[Any], ready: Cond

@@ -25,9 +25,10 @@ from bmad_crds.v1alpha1 import integration as integration_api
 from bmad_crds.v1alpha1 import tenant as tenant_api
 from bmad_integrations import base as ibase
 from bmad_integrations import billing
-from bmad_operator import conditions, diff, kube, metrics, store, workqueue
+from bmad_operator import conditions, diff, kube, store, workqueue
 from bmad_operator.builders import tenant as builders
 from bmad_operator.conditions import FALSE, TRUE, Cond
+from bmad_operator.reconcilers import common
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +61,7 @@ class TenantReconciler:
 
     async def reconcile(self, key: Hashable) -> None:
         _, name = typing.cast(tuple[str, str], key)
-        with metrics.RECONCILE_SECONDS.labels(kind=KIND).time():
-            try:
-                await self._reconcile(name)
-            except kube.ApiError as exc:
-                metrics.RECONCILES.labels(kind=KIND, result="error").inc()
-                metrics.RECONCILE_ERRORS.labels(kind=KIND, reason=exc.reason or "ApiError").inc()
-                log.warning("tenant %s: API error, will retry: %s", name, exc)
-                raise
-            metrics.RECONCILES.labels(kind=KIND, result="ok").inc()
+        await common.measured(KIND, name, self._reconcile(name))
 
     # -- the pass -------------------------------------------------------------------
     async def _reconcile(self, name: str) -> None:
@@ -422,12 +415,7 @@ class TenantReconciler:
 
     # -- writes ---------------------------------------------------------------------
     async def _write_status(self, body: Mapping[str, Any], status: dict[str, Any]) -> None:
-        current = body.get("status") or {}
-        if all(current.get(k) == v for k, v in status.items()):
-            return
-        updated = await self.api.patch_status(KIND, None, body["metadata"]["name"], status)
-        if updated:
-            self.cache.put(updated)
+        await common.write_status(self.api, self.cache, KIND, body, status)
 
     async def _events(
         self,
@@ -453,11 +441,7 @@ class TenantReconciler:
             )
 
     async def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-        try:
-            # A cluster-scoped object's events live in "default" (see kube.Kube.event).
-            await self.api.event(dict(body), type_=type_, reason=reason, message=message)
-        except kube.ApiError as exc:
-            log.warning("could not post event on tenant %s: %s", body["metadata"]["name"], exc)
+        await common.post_event(self.api, body, type_, reason, message)
 
 
 def _parse_time(text: str) -> dt.datetime:
