@@ -216,10 +216,7 @@ class IntegrationReconciler:
             reason, type_ = "Recovered", "Normal"
         else:
             reason, type_ = str(ready.reason), "Warning"
-        try:
-            await self.api.event(dict(body), type_=type_, reason=reason, message=ready.message)
-        except kube.ApiError as exc:
-            log.warning("could not post event on integration %s: %s", body["metadata"]["name"], exc)
+        await common.post_event(self.api, body, type_, reason, ready.message)
 
 
 def _ok_message(spec: integration_api.IntegrationSpec) -> str:
