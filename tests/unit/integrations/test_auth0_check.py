@@ -297,7 +297,8 @@ async def test_a_discovery_without_token_endpoint_fails_only_with_a_client() -> 
 @pytest.mark.parametrize(
     ("spec", "secrets"),
     [
-        (block(clientId="m2m-client"), creds()),  # verification only, no secret
+        # verification only: a client id but no credentials Secret at all
+        (block(clientId="m2m-client"), base.Credentials(secret_name=None)),
         (block(), creds(clientSecret=SECRET)),  # a secret, but no client id
     ],
 )
@@ -307,6 +308,12 @@ async def test_no_token_is_requested_without_both_client_id_and_secret(
     seen: list[httpx.Request] = []
     await run(issuer_handler(seen=seen), spec, secrets)
     assert all(r.method == "GET" for r in seen)
+
+
+async def test_a_client_with_a_secret_ref_but_no_client_secret_is_a_missing_key() -> None:
+    error = await fails(issuer_handler(), block(clientId="m2m-client"), creds())
+    assert error.reason is base.Reason.SECRET_KEY_MISSING
+    assert "clientSecret" in error.message
 
 
 def _raising(exc: Exception) -> Handler:

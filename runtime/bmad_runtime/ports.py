@@ -1,0 +1,133 @@
+"""The seams of the runtime: what the HTTP app needs from its stores, auth and limits.
+
+The app (`app.py`) is written against these protocols only; the real implementations
+(`memory.py`, `auth.py`, `ratelimit.py`) and the in-memory fakes used by unit tests
+both satisfy them, so each part can be built and tested on its own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    tokens_in: int
+    tokens_out: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One model answer: the text, what it cost and which model served it."""
+
+    text: str
+    usage: Usage
+    model: str
+    provider: str
+    finish_reason: str = "stop"
+
+
+@dataclass(frozen=True)
+class Turn:
+    conversation_id: str
+    role: Role
+    content: str
+    created_at: dt.datetime
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who called: from a verified JWT (or the anonymous principal when auth is off)."""
+
+    subject: str
+    tenant: str
+    scopes: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    tenant: str
+    agent: str
+    conversation_id: str | None
+    model: str
+    provider: str
+    tokens_in: int
+    tokens_out: int
+    latency_ms: int
+
+
+class ConversationStore(Protocol):
+    """Hot turns in Redis, full history, usage records and the audit log in PostgreSQL."""
+
+    async def append(self, turn: Turn, *, tenant: str, agent: str) -> None: ...
+
+    async def recent(
+        self, conversation_id: str, *, tenant: str, agent: str, limit: int
+    ) -> list[Turn]: ...
+
+    async def history(
+        self, conversation_id: str, *, tenant: str, agent: str, limit: int = 100
+    ) -> list[Turn]: ...
+
+    async def list_conversations(
+        self, *, tenant: str, agent: str, limit: int = 50
+    ) -> list[dict[str, Any]]: ...
+
+    async def delete_conversation(
+        self, conversation_id: str, *, tenant: str, agent: str
+    ) -> bool: ...
+
+    async def record_usage(self, record: UsageRecord) -> None: ...
+
+    async def audit(
+        self, *, tenant: str, agent: str, subject: str, action: str, detail: dict[str, Any]
+    ) -> None: ...
+
+    async def ping(self) -> bool: ...
+
+
+class Provider(Protocol):
+    """A model API. `name` is the provider name; `model` the model it serves."""
+
+    name: str
+    model: str
+
+    async def complete(
+        self, messages: Sequence[Message], *, params: dict[str, Any]
+    ) -> Completion: ...
+
+    def stream(
+        self, messages: Sequence[Message], *, params: dict[str, Any]
+    ) -> AsyncIterator[str]: ...
+
+
+class Authenticator(Protocol):
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """Verify a Bearer token; raise `AuthError` (401/403 with a clear message)."""
+        ...
+
+
+class Limiter(Protocol):
+    async def hit(self, *, tenant: str, agent: str, tokens: int = 0) -> float | None:
+        """Count one request (and tokens); None when allowed, else seconds to wait."""
+        ...
+
+
+class AuthError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message

@@ -1,0 +1,110 @@
+"""The runtime's process settings: who this agent is and where its services are.
+
+Everything comes from the environment the operator writes into the pod (see
+`bmad_operator.builders.agent._env`): ``BMAD_AGENT_*``, ``BMAD_HTTP_PORT`` and
+``SERVICE_BINDING_ROOT``. Datastores not given explicitly (``BMAD_REDIS_URL``,
+``BMAD_POSTGRES_DSN``) are taken from the bindings of type ``redis`` and ``postgres``.
+
+Read through `load()`, never at import, so that tests construct `RuntimeSettings`
+directly with the values they need.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import pydantic
+import pydantic_settings
+
+from bmad_runtime import bindings as bindings_mod
+
+logger = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+
+
+class RuntimeSettings(pydantic_settings.BaseSettings):
+    """One agent replica's settings; every field is an environment variable ``BMAD_<NAME>``."""
+
+    model_config = pydantic_settings.SettingsConfigDict(
+        env_prefix="BMAD_", extra="ignore", populate_by_name=True, frozen=True
+    )
+
+    agent_name: str = pydantic.Field(default="agent", min_length=1, max_length=253)
+    agent_namespace: str = pydantic.Field(default="default", min_length=1, max_length=63)
+    agent_role: str = pydantic.Field(default="custom", min_length=1)
+    agent_config: Path = pydantic.Field(
+        default=Path("/etc/bmad/agent.json"), description="The rendered agent.json."
+    )
+    tenant: str | None = pydantic.Field(
+        default=None, description="Tenant the agent serves; the namespace when unset."
+    )
+    binding_root: Path | None = pydantic.Field(
+        default=None,
+        validation_alias=pydantic.AliasChoices("SERVICE_BINDING_ROOT", "binding_root"),
+    )
+
+    http_host: str = "0.0.0.0"  # noqa: S104 - a pod serves on its own network namespace
+    http_port: int = pydantic.Field(default=8080, ge=1, le=65535)
+
+    redis_url: str | None = None
+    postgres_dsn: str | None = None
+
+    auth_enabled: bool | None = pydantic.Field(
+        default=None,
+        description="Require Bearer JWTs on /v1/*. Unset: on exactly when an auth0 "
+        "Integration is bound (so demo agents without one still start); true without an "
+        "auth0 binding refuses to start.",
+    )
+    max_request_bytes: int = pydantic.Field(default=MiB, ge=1024)
+
+    model_attempts: int = pydantic.Field(
+        default=3, ge=1, le=10, description="Tries per model before failing over."
+    )
+    model_backoff_seconds: float = pydantic.Field(default=0.25, ge=0, le=60)
+    model_backoff_max_seconds: float = pydantic.Field(default=4.0, ge=0, le=300)
+    model_retry_after_max_seconds: float = pydantic.Field(
+        default=30.0, ge=0, le=600, description="Longest Retry-After of a provider honoured."
+    )
+    model_timeout_seconds: float = pydantic.Field(default=120.0, gt=0, le=3600)
+    ready_cache_seconds: float = pydantic.Field(
+        default=10.0, ge=0, description="How long a model reachability probe is trusted."
+    )
+
+    @property
+    def effective_tenant(self) -> str:
+        return self.tenant or self.agent_namespace
+
+    def with_bindings(self, found: Mapping[str, bindings_mod.Binding]) -> RuntimeSettings:
+        """Fill in the datastores that were not set explicitly from the bound Integrations."""
+        update: dict[str, str] = {}
+        if self.redis_url is None:
+            redis = bindings_mod.of_type(found, "redis")
+            if redis:
+                update["redis_url"] = redis[0].redis().url
+                _warn_if_several(redis, "redis")
+        if self.postgres_dsn is None:
+            postgres = bindings_mod.of_type(found, "postgres")
+            if postgres:
+                update["postgres_dsn"] = postgres[0].postgres().dsn
+                _warn_if_several(postgres, "postgres")
+        return self.model_copy(update=update) if update else self
+
+
+def _warn_if_several(found: list[bindings_mod.Binding], kind: str) -> None:
+    if len(found) > 1:
+        logger.warning(
+            "several %s bindings (%s): using %r; set BMAD_%s to choose",
+            kind,
+            ", ".join(b.name for b in found),
+            found[0].name,
+            "REDIS_URL" if kind == "redis" else "POSTGRES_DSN",
+        )
+
+
+def load() -> RuntimeSettings:
+    """The settings of this process: the environment, then the mounted bindings."""
+    settings = RuntimeSettings()
+    return settings.with_bindings(bindings_mod.read_bindings(settings.binding_root))

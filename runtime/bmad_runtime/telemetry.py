@@ -1,0 +1,153 @@
+"""Metrics and traces of one runtime app.
+
+Metrics live in a `CollectorRegistry` of the app's own (not the process-global one),
+so that a test process can run several apps side by side; ``/metrics`` serves it.
+The operator's autoscaler reads ``bmad_agent_queue_depth`` and ``bmad_agent_inflight``.
+
+Traces: an OpenTelemetry SDK `TracerProvider` per app, exporting over OTLP only when
+``OTEL_EXPORTER_OTLP_ENDPOINT`` is set and an OTLP exporter package is installed (the
+runtime does not depend on one: without it the spans are made and dropped). The
+provider is not installed globally, so apps never fight over the global one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import prometheus_client
+from opentelemetry import trace
+from opentelemetry.sdk import resources
+from opentelemetry.sdk import trace as sdk_trace
+from opentelemetry.sdk.trace import export as sdk_export
+from opentelemetry.sdk.trace import sampling
+
+from bmad_runtime import ports
+
+logger = logging.getLogger(__name__)
+
+# LLM calls take from tens of milliseconds (cached, echo) to minutes (long answers).
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+SERVICE_NAME = "bmad-agent-runtime"
+
+# OTEL_EXPORTER_OTLP_PROTOCOL value -> the module of its span exporter.
+_EXPORTERS = {
+    "http/protobuf": "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "grpc": "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+}
+
+
+class Metrics:
+    """The runtime's Prometheus metrics, in a registry of their own."""
+
+    def __init__(
+        self, registry: prometheus_client.CollectorRegistry | None = None, *, process: bool = True
+    ) -> None:
+        self.registry = registry or prometheus_client.CollectorRegistry(auto_describe=True)
+        if process:
+            prometheus_client.ProcessCollector(registry=self.registry)
+            prometheus_client.PlatformCollector(registry=self.registry)
+        self.queue_depth = prometheus_client.Gauge(
+            "bmad_agent_queue_depth",
+            "Tasks waiting on this agent's stream (pending entries of its consumer group).",
+            registry=self.registry,
+        )
+        self.inflight = prometheus_client.Gauge(
+            "bmad_agent_inflight",
+            "Invocations and tasks this replica is serving right now.",
+            registry=self.registry,
+        )
+        self.request_seconds = prometheus_client.Histogram(
+            "bmad_agent_request_seconds",
+            "HTTP requests by route template and status code.",
+            ["route", "status"],
+            buckets=REQUEST_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = prometheus_client.Counter(
+            "bmad_agent_tokens",
+            "LLM tokens spent, by direction (in: prompt, out: completion) and model.",
+            ["direction", "model"],
+            registry=self.registry,
+        )
+        self.tasks = prometheus_client.Counter(
+            "bmad_agent_tasks",
+            "Tasks and invocations finished, by outcome (ok, error, rejected, ...).",
+            ["outcome"],
+            registry=self.registry,
+        )
+
+    def record_tokens(self, model: str, usage: ports.Usage) -> None:
+        self.tokens.labels(direction="in", model=model).inc(usage.tokens_in)
+        self.tokens.labels(direction="out", model=model).inc(usage.tokens_out)
+
+    def render(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
+
+
+def _otlp_exporter(env: Mapping[str, str]) -> sdk_export.SpanExporter | None:
+    wanted = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
+        "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
+    )
+    order = [wanted, *(p for p in _EXPORTERS if p != wanted)]
+    for protocol in order:
+        module_name = _EXPORTERS.get(protocol)
+        if module_name is None:
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        if protocol != wanted:
+            logger.warning("no OTLP exporter for %s installed; exporting over %s", wanted, protocol)
+        exporter: sdk_export.SpanExporter = module.OTLPSpanExporter()
+        return exporter
+    return None
+
+
+@dataclass
+class Tracing:
+    provider: sdk_trace.TracerProvider
+    tracer: trace.Tracer
+    exporting: bool = field(default=False)
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()
+
+
+def tracing(
+    *, agent: str, namespace: str, role: str, env: Mapping[str, str] | None = None
+) -> Tracing:
+    """This app's tracer: spans go to OTLP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set."""
+    env = os.environ if env is None else env
+    resource = resources.Resource.create(
+        {
+            "service.name": env.get("OTEL_SERVICE_NAME") or SERVICE_NAME,
+            "service.namespace": namespace,
+            "bmad.agent": agent,
+            "bmad.role": role,
+        }
+    )
+    exporter: sdk_export.SpanExporter | None = None
+    if env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        exporter = _otlp_exporter(env)
+        if exporter is None:
+            logger.warning(
+                "OTEL_EXPORTER_OTLP_ENDPOINT is set but no OTLP exporter is installed "
+                "(pip install opentelemetry-exporter-otlp-proto-http): traces are not exported"
+            )
+    # Spans that no exporter takes are not recorded at all (unless a sampler is asked
+    # for): a non-recording span costs next to nothing on the request path.
+    sampler = None if exporter or env.get("OTEL_TRACES_SAMPLER") else sampling.ALWAYS_OFF
+    # Shut down with the app (its lifespan), not at interpreter exit: apps come and go.
+    provider = sdk_trace.TracerProvider(resource=resource, sampler=sampler, shutdown_on_exit=False)
+    if exporter is not None:
+        provider.add_span_processor(sdk_export.BatchSpanProcessor(exporter))
+    return Tracing(
+        provider=provider,
+        tracer=provider.get_tracer("bmad_runtime"),
+        exporting=exporter is not None,
+    )

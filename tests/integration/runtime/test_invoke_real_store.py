@@ -1,0 +1,159 @@
+"""The production app on the test bed's real PostgreSQL and Redis (echo model).
+
+Two app instances, each with its own connections (as two replicas would have), share
+one conversation; every invocation leaves a usage record and an audit entry in
+PostgreSQL; ``spec.limits`` is enforced through the real Redis limiter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import urllib.parse
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+import fastapi
+import httpx
+import pytest
+
+from bmad_runtime import app as app_mod
+from bmad_runtime import settings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _no_runtime_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith(("BMAD_", "OTEL_")) or name == "SERVICE_BINDING_ROOT":
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+async def dsn(postgres_url: str) -> AsyncIterator[str]:
+    name = f"bmad_app_{secrets.token_hex(5)}"
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')  # a generated identifier
+    finally:
+        await admin.close()
+    parts = urllib.parse.urlsplit(postgres_url)
+    try:
+        yield urllib.parse.urlunsplit(parts._replace(path="/" + name))
+    finally:
+        admin = await asyncpg.connect(postgres_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture
+def tenant() -> str:
+    return f"acme-{secrets.token_hex(4)}"
+
+
+def production_app(
+    tmp_path: Path, tenant: str, dsn: str, redis_url: str, **agent: Any
+) -> fastapi.FastAPI:
+    config_path = tmp_path / "agent.json"
+    config_path.write_text(
+        json.dumps({"role": "pm", "model": {"provider": "echo", "name": "echo-1"}, **agent})
+    )
+    return app_mod.create_default_app(
+        settings.RuntimeSettings(
+            agent_name="pm-1",
+            agent_namespace=tenant,
+            agent_config=config_path,
+            binding_root=tmp_path / "no-bindings",
+            auth_enabled=False,
+            postgres_dsn=dsn,
+            redis_url=redis_url,
+        )
+    )
+
+
+async def serve(app: fastapi.FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://agent") as client:
+            yield client
+
+
+async def test_two_replicas_share_a_conversation_and_account_for_it(
+    tmp_path: Path, tenant: str, dsn: str, redis_url: str
+) -> None:
+    async for first in serve(production_app(tmp_path, tenant, dsn, redis_url)):
+        opened = await first.post("/v1/invoke", json={"input": "Draft the PRD outline"})
+        conversation = opened.json()["conversationId"]
+        async for second in serve(production_app(tmp_path, tenant, dsn, redis_url)):
+            ready = await second.get("/readyz")
+            continued = await second.post(
+                "/v1/invoke",
+                json={"input": "Add a risks section", "conversationId": conversation},
+            )
+            listed = await second.get("/v1/conversations")
+            history = await second.get(f"/v1/conversations/{conversation}/messages")
+        deleted = await first.delete(f"/v1/conversations/{conversation}")
+        gone = await first.get(f"/v1/conversations/{conversation}/messages")
+
+    assert opened.status_code == 200, opened.text
+    assert ready.json() == {"status": "ready", "checks": {"store": True, "model": True}}
+    assert continued.status_code == 200, continued.text
+    assert continued.json()["output"] == "[echo-1] Add a risks section"
+    [summary] = listed.json()["conversations"]
+    assert summary["conversationId"] == conversation
+    assert summary["turns"] == 4
+    assert summary["title"] == "Draft the PRD outline"
+    assert [m["content"] for m in history.json()["messages"]] == [
+        "Draft the PRD outline",
+        "[echo-1] Draft the PRD outline",
+        "Add a risks section",
+        "[echo-1] Add a risks section",
+    ]
+    # The second replica sent the first one's turns to the model: more input tokens.
+    assert continued.json()["usage"]["tokensIn"] > opened.json()["usage"]["tokensIn"] + 4
+    assert deleted.status_code == 204
+    assert gone.status_code == 404
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        usage = await conn.fetch(
+            "SELECT agent, conversation, model, provider, tokens_in, tokens_out "
+            "FROM usage_records WHERE tenant = $1 ORDER BY id",
+            tenant,
+        )
+        audit = await conn.fetch(
+            "SELECT subject, action, detail FROM audit_log WHERE tenant = $1 ORDER BY id", tenant
+        )
+    finally:
+        await conn.close()
+    assert [(r["agent"], r["conversation"], r["model"], r["provider"]) for r in usage] == [
+        ("pm-1", conversation, "echo-1", "echo")
+    ] * 2
+    assert [r["tokens_out"] for r in usage] == [5, 5]
+    assert [(r["subject"], r["action"]) for r in audit] == [
+        ("anonymous", "agent.invoke"),
+        ("anonymous", "agent.invoke"),
+        ("anonymous", "conversation.delete"),
+    ]
+    detail = audit[0]["detail"]
+    detail = json.loads(detail) if isinstance(detail, str) else detail
+    assert detail["conversationId"] == conversation
+    assert "PRD" not in json.dumps(detail)
+
+
+async def test_spec_limits_are_enforced_through_redis(
+    tmp_path: Path, tenant: str, dsn: str, redis_url: str
+) -> None:
+    app = production_app(tmp_path, tenant, dsn, redis_url, limits={"requestsPerMinute": 2})
+    async for client in serve(app):
+        answers = [await client.post("/v1/invoke", json={"input": "hi"}) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    refused = answers[-1]
+    assert refused.json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(refused.headers["retry-after"]) <= 60

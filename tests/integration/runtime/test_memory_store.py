@@ -1,0 +1,546 @@
+"""`PostgresRedisStore` against the test bed's real PostgreSQL and Redis.
+
+Each test gets a database of its own and unique tenant/agent names, so that its Redis
+keys (``bmad:{tenant}:…``) are its own too: "flushing Redis" here deletes exactly
+those keys, never anything another test or suite put there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import secrets
+import subprocess
+import sys
+import textwrap
+import urllib.parse
+from collections.abc import AsyncIterator
+
+import asyncpg  # type: ignore[import-untyped]
+import pytest
+import redis.asyncio as aioredis
+
+from bmad_runtime import bindings, context, memory, ports
+
+pytestmark = pytest.mark.integration
+
+
+def with_database(dsn: str, database: str) -> str:
+    parts = urllib.parse.urlsplit(dsn)
+    return urllib.parse.urlunsplit(parts._replace(path="/" + database))
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+async def dsn(postgres_url: str) -> AsyncIterator[str]:
+    name = f"bmad_mem_{secrets.token_hex(5)}"
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')  # a generated identifier
+    finally:
+        await admin.close()
+    try:
+        yield with_database(postgres_url, name)
+    finally:
+        admin = await asyncpg.connect(postgres_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture
+async def store(dsn: str, redis_url: str) -> AsyncIterator[memory.PostgresRedisStore]:
+    opened = await memory.PostgresRedisStore.connect(postgres_dsn=dsn, redis_url=redis_url)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture
+async def raw_redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def names() -> tuple[str, str]:
+    return unique("tenant"), unique("agent")
+
+
+def turn(conversation: str, role: ports.Role, content: str, model: str | None = None) -> ports.Turn:
+    return ports.Turn(
+        conversation_id=conversation,
+        role=role,
+        content=content,
+        created_at=dt.datetime.now(dt.UTC),
+        model=model,
+    )
+
+
+async def write_dialogue(
+    store: memory.PostgresRedisStore, conversation: str, n: int, *, tenant: str, agent: str
+) -> list[str]:
+    contents = []
+    for i in range(n):
+        role: ports.Role = "user" if i % 2 == 0 else "assistant"
+        content = f"{role} says {i}"
+        await store.append(
+            turn(conversation, role, content, model="echo-1" if role == "assistant" else None),
+            tenant=tenant,
+            agent=agent,
+        )
+        contents.append(content)
+    return contents
+
+
+async def forget_tenant_keys(client: aioredis.Redis, tenant: str) -> int:
+    """What a Redis flush does to this tenant: its keys are gone."""
+    keys = [k async for k in client.scan_iter(match=f"bmad:{tenant}:*")]
+    if keys:
+        await client.delete(*keys)
+    return len(keys)
+
+
+async def test_turns_are_kept_in_order_in_both_stores(
+    store: memory.PostgresRedisStore, raw_redis: aioredis.Redis, names: tuple[str, str]
+) -> None:
+    tenant, agent = names
+    contents = await write_dialogue(store, "c-1", 5, tenant=tenant, agent=agent)
+
+    recent = await store.recent("c-1", tenant=tenant, agent=agent, limit=3)
+    assert [t.content for t in recent] == contents[-3:]
+    assert all(t.conversation_id == "c-1" for t in recent)
+    history = await store.history("c-1", tenant=tenant, agent=agent)
+    assert [t.content for t in history] == contents
+    assert [t.role for t in history] == ["user", "assistant"] * 2 + ["user"]
+    assert history[1].model == "echo-1"
+    assert history[0].model is None
+    assert history[0].created_at.tzinfo is not None
+    assert [t.content for t in await store.history("c-1", tenant=tenant, agent=agent, limit=2)] == (
+        contents[-2:]
+    )
+
+    key = memory.turns_key("c-1", tenant=tenant, agent=agent)
+    assert key == f"bmad:{tenant}:{agent}:conv:c-1:turns"
+    cached = [json.loads(x) for x in await raw_redis.lrange(key, 0, -1)]
+    assert [c["seq"] for c in cached] == [1, 2, 3, 4, 5]
+    assert 0 < await raw_redis.ttl(key) <= store.ttl_seconds
+
+    listed = await store.list_conversations(tenant=tenant, agent=agent)
+    assert [(c["id"], c["title"], c["turns"]) for c in listed] == [("c-1", "user says 0", 5)]
+    got = await store.get_conversation("c-1", tenant=tenant, agent=agent)
+    assert got == listed[0]
+    assert await store.get_conversation("nope", tenant=tenant, agent=agent) is None
+
+
+async def test_redis_keeps_only_the_recent_turns(
+    dsn: str, redis_url: str, raw_redis: aioredis.Redis, names: tuple[str, str]
+) -> None:
+    tenant, agent = names
+    small = await memory.PostgresRedisStore.connect(
+        postgres_dsn=dsn, redis_url=redis_url, recent_turns=3, ttl_seconds=120
+    )
+    try:
+        contents = await write_dialogue(small, "c", 7, tenant=tenant, agent=agent)
+        key = memory.turns_key("c", tenant=tenant, agent=agent)
+        assert [json.loads(x)["seq"] for x in await raw_redis.lrange(key, 0, -1)] == [5, 6, 7]
+        assert 0 < await raw_redis.ttl(key) <= 120
+        # Within the hot window from Redis; beyond it from PostgreSQL.
+        assert [
+            t.content for t in await small.recent("c", tenant=tenant, agent=agent, limit=2)
+        ] == (contents[-2:])
+        assert [
+            t.content for t in await small.recent("c", tenant=tenant, agent=agent, limit=6)
+        ] == (contents[-6:])
+        assert [
+            t.content for t in await small.recent("c", tenant=tenant, agent=agent, limit=50)
+        ] == (contents)
+    finally:
+        await small.close()
+
+
+async def test_recent_falls_back_to_postgres_after_a_redis_flush(
+    store: memory.PostgresRedisStore, raw_redis: aioredis.Redis, names: tuple[str, str]
+) -> None:
+    tenant, agent = names
+    contents = await write_dialogue(store, "c", 4, tenant=tenant, agent=agent)
+    key = memory.turns_key("c", tenant=tenant, agent=agent)
+    assert await forget_tenant_keys(raw_redis, tenant) == 1
+
+    recent = await store.recent("c", tenant=tenant, agent=agent, limit=10)
+    assert [t.content for t in recent] == contents
+    # The read re-warmed Redis from PostgreSQL.
+    assert [json.loads(x)["seq"] for x in await raw_redis.lrange(key, 0, -1)] == [1, 2, 3, 4]
+
+    # Flushed again, then a new turn: the writer notices the gap and rebuilds, so a
+    # list holding only the newest turn is never taken for the whole conversation.
+    await forget_tenant_keys(raw_redis, tenant)
+    await store.append(turn("c", "user", "after the flush"), tenant=tenant, agent=agent)
+    assert [json.loads(x)["seq"] for x in await raw_redis.lrange(key, 0, -1)] == [1, 2, 3, 4, 5]
+    recent = await store.recent("c", tenant=tenant, agent=agent, limit=10)
+    assert [t.content for t in recent] == [*contents, "after the flush"]
+
+
+async def test_a_store_on_an_empty_redis_still_sees_the_history(
+    dsn: str, redis_url: str, store: memory.PostgresRedisStore, names: tuple[str, str]
+) -> None:
+    tenant, agent = names
+    contents = await write_dialogue(store, "c", 3, tenant=tenant, agent=agent)
+    parts = urllib.parse.urlsplit(redis_url)
+    other_db = urllib.parse.urlunsplit(parts._replace(path="/7"))
+    fresh = await memory.PostgresRedisStore.connect(postgres_dsn=dsn, redis_url=other_db)
+    try:
+        recent = await fresh.recent("c", tenant=tenant, agent=agent, limit=20)
+        assert [t.content for t in recent] == contents
+        await fresh.redis.delete(memory.turns_key("c", tenant=tenant, agent=agent))
+    finally:
+        await fresh.close()
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import asyncio, datetime as dt, json, os, sys
+    from bmad_runtime import memory, ports
+
+    async def main():
+        store = await memory.PostgresRedisStore.connect(
+            postgres_dsn=os.environ["DSN"], redis_url=os.environ["REDIS_URL"]
+        )
+        tenant, agent, conv = os.environ["TENANT"], os.environ["AGENT"], os.environ["CONV"]
+        try:
+            if sys.argv[1] == "append":
+                await store.append(
+                    ports.Turn(conv, "user", sys.argv[2], dt.datetime.now(dt.UTC)),
+                    tenant=tenant, agent=agent,
+                )
+            recent = await store.recent(conv, tenant=tenant, agent=agent, limit=50)
+            history = await store.history(conv, tenant=tenant, agent=agent)
+            print(json.dumps({
+                "pid": os.getpid(),
+                "recent": [t.content for t in recent],
+                "history": [t.content for t in history],
+            }))
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+    """
+)
+
+
+def run_other_process(
+    *args: str, dsn: str, redis_url: str, tenant: str, agent: str, conv: str
+) -> dict[str, object]:
+    env = {
+        **os.environ,
+        "DSN": dsn,
+        "REDIS_URL": redis_url,
+        "TENANT": tenant,
+        "AGENT": agent,
+        "CONV": conv,
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+async def test_a_conversation_continues_in_another_process(
+    dsn: str,
+    redis_url: str,
+    store: memory.PostgresRedisStore,
+    raw_redis: aioredis.Redis,
+    names: tuple[str, str],
+) -> None:
+    tenant, agent = names
+    contents = await write_dialogue(store, "shared", 3, tenant=tenant, agent=agent)
+    where = {"dsn": dsn, "redis_url": redis_url, "tenant": tenant, "agent": agent}
+
+    seen = await asyncio.to_thread(run_other_process, "read", conv="shared", **where)
+    assert seen["pid"] != os.getpid()
+    assert seen["recent"] == contents
+    assert seen["history"] == contents
+
+    # The other process adds a turn; this one sees it, from Redis and from PostgreSQL.
+    seen = await asyncio.to_thread(
+        run_other_process, "append", "from the other process", conv="shared", **where
+    )
+    assert seen["recent"] == [*contents, "from the other process"]
+    recent = await store.recent("shared", tenant=tenant, agent=agent, limit=10)
+    assert [t.content for t in recent] == [*contents, "from the other process"]
+
+    # And with Redis flushed in between, PostgreSQL carries the conversation across.
+    await forget_tenant_keys(raw_redis, tenant)
+    seen = await asyncio.to_thread(run_other_process, "read", conv="shared", **where)
+    assert seen["recent"] == [*contents, "from the other process"]
+
+
+async def test_concurrent_appends_from_two_replicas_get_distinct_sequence_numbers(
+    dsn: str,
+    redis_url: str,
+    store: memory.PostgresRedisStore,
+    raw_redis: aioredis.Redis,
+    names: tuple[str, str],
+) -> None:
+    tenant, agent = names
+    other = await memory.PostgresRedisStore.connect(postgres_dsn=dsn, redis_url=redis_url)
+    try:
+        writes = [
+            (store if i % 2 else other).append(
+                turn("busy", "user", f"m{i}"), tenant=tenant, agent=agent
+            )
+            for i in range(30)
+        ]
+        await asyncio.gather(*writes)
+    finally:
+        await other.close()
+    history = await store.history("busy", tenant=tenant, agent=agent)
+    assert sorted(t.content for t in history) == sorted(f"m{i}" for i in range(30))
+    key = memory.turns_key("busy", tenant=tenant, agent=agent)
+    cached = [json.loads(x) for x in await raw_redis.lrange(key, 0, -1)]
+    assert [c["seq"] for c in cached] == list(range(11, 31))  # contiguous, newest 20
+    recent = await store.recent("busy", tenant=tenant, agent=agent, limit=20)
+    assert [t.content for t in recent] == [t.content for t in history[-20:]]
+
+
+async def test_tenants_and_agents_cannot_see_each_others_conversations(
+    store: memory.PostgresRedisStore, names: tuple[str, str]
+) -> None:
+    tenant, agent = names
+    intruder, other_agent = unique("tenant"), unique("agent")
+    await write_dialogue(store, "same-id", 2, tenant=tenant, agent=agent)
+    await store.append(turn("same-id", "user", "intruder's own"), tenant=intruder, agent=agent)
+
+    for who, what in ((intruder, agent), (tenant, other_agent)):
+        assert [c["id"] for c in await store.list_conversations(tenant=who, agent=what)] == (
+            ["same-id"] if who == intruder else []
+        )
+        mine = await store.history("same-id", tenant=who, agent=what)
+        assert [t.content for t in mine] == (["intruder's own"] if who == intruder else [])
+    assert await store.recent("same-id", tenant=tenant, agent=other_agent, limit=5) == []
+    assert await store.get_conversation("same-id", tenant=tenant, agent=other_agent) is None
+    assert not await store.delete_conversation("same-id", tenant=tenant, agent=other_agent)
+
+    # The intruder deleting "its" same-id removes only its own.
+    assert await store.delete_conversation("same-id", tenant=intruder, agent=agent)
+    assert len(await store.history("same-id", tenant=tenant, agent=agent)) == 2
+    assert len(await store.recent("same-id", tenant=tenant, agent=agent, limit=5)) == 2
+
+
+async def test_deleting_a_conversation_removes_it_everywhere(
+    store: memory.PostgresRedisStore, raw_redis: aioredis.Redis, names: tuple[str, str]
+) -> None:
+    tenant, agent = names
+    await write_dialogue(store, "gone", 3, tenant=tenant, agent=agent)
+    await context.save_version(
+        store, context.Layers(persona="p"), tenant=tenant, agent=agent, conversation_id="gone"
+    )
+    assert await store.delete_conversation("gone", tenant=tenant, agent=agent)
+    assert not await store.delete_conversation("gone", tenant=tenant, agent=agent)
+    assert await raw_redis.exists(memory.turns_key("gone", tenant=tenant, agent=agent)) == 0
+    assert await store.recent("gone", tenant=tenant, agent=agent, limit=5) == []
+    assert await store.history("gone", tenant=tenant, agent=agent) == []
+    assert await store.list_conversations(tenant=tenant, agent=agent) == []
+    assert await store.context_version(tenant=tenant, agent=agent, conversation_id="gone") is None
+    # A new conversation under the same id starts over.
+    await store.append(turn("gone", "user", "fresh start"), tenant=tenant, agent=agent)
+    recent = await store.recent("gone", tenant=tenant, agent=agent, limit=5)
+    assert [t.content for t in recent] == ["fresh start"]
+
+
+async def test_usage_is_summed_per_tenant_and_month(
+    store: memory.PostgresRedisStore, names: tuple[str, str]
+) -> None:
+    tenant, agent = names
+    other_tenant = unique("tenant")
+    now = dt.datetime.now(dt.UTC)
+    last_month = memory.month_bounds(now)[0] - dt.timedelta(days=1)
+
+    def usage(who: str, what: str, tokens_in: int, tokens_out: int) -> ports.UsageRecord:
+        return ports.UsageRecord(
+            tenant=who,
+            agent=what,
+            conversation_id="c",
+            model="echo-1",
+            provider="echo",
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+            latency_ms=12,
+        )
+
+    await store.record_usage(usage(tenant, agent, 100, 50))
+    await store.record_usage(usage(tenant, agent, 10, 5))
+    await store.record_usage(usage(tenant, "second-agent", 1000, 1))
+    await store.record_usage(usage(tenant, agent, 7_000_000, 0), at=last_month)
+    await store.record_usage(usage(other_tenant, agent, 999, 999))
+
+    assert await store.tokens_this_month(tenant) == 150 + 15 + 1001
+    assert await store.tokens_this_month(tenant, agent=agent) == 165
+    assert await store.tokens_this_month(tenant, now=last_month) == 7_000_000
+    assert await store.tokens_this_month(other_tenant) == 1998
+    assert await store.tokens_this_month(unique("nobody")) == 0
+    summary = await store.monthly_usage(tenant)
+    assert summary == [
+        {
+            "agent": agent,
+            "model": "echo-1",
+            "provider": "echo",
+            "requests": 2,
+            "tokens_in": 110,
+            "tokens_out": 55,
+        },
+        {
+            "agent": "second-agent",
+            "model": "echo-1",
+            "provider": "echo",
+            "requests": 1,
+            "tokens_in": 1000,
+            "tokens_out": 1,
+        },
+    ]
+
+
+async def test_the_audit_log_refuses_update_and_delete(
+    dsn: str, store: memory.PostgresRedisStore, names: tuple[str, str]
+) -> None:
+    tenant, agent = names
+    await store.audit(
+        tenant=tenant,
+        agent=agent,
+        subject="user|42",
+        action="conversation.delete",
+        detail={"conversation": "c-9", "at": dt.datetime(2024, 1, 2, tzinfo=dt.UTC)},
+    )
+    entry_id = await store.audit_entry(
+        tenant=tenant, agent=agent, subject="user|42", action="invoke", detail={}
+    )
+    entries = await store.audit_entries(tenant)
+    assert [e["action"] for e in entries] == ["invoke", "conversation.delete"]
+    assert entries[1]["detail"] == {"conversation": "c-9", "at": "2024-01-02 00:00:00+00:00"}
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+            await conn.execute("UPDATE audit_log SET action = 'forged' WHERE id = $1", entry_id)
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+            await conn.execute("DELETE FROM audit_log WHERE id = $1", entry_id)
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+            await conn.execute("TRUNCATE audit_log")
+        assert await conn.fetchval("SELECT count(*) FROM audit_log") == 2
+    finally:
+        await conn.close()
+    assert [e["action"] for e in await store.audit_entries(tenant, agent=agent)] == [
+        "invoke",
+        "conversation.delete",
+    ]
+
+
+async def test_context_versions_are_written_when_the_layers_change(
+    store: memory.PostgresRedisStore, names: tuple[str, str]
+) -> None:
+    tenant, agent = names
+    layers = context.Layers(
+        platform="platform",
+        persona="You are John, the PM.",
+        artifacts=(context.ArtifactLayer(name="brief.md", version="v1", content="brief"),),
+    )
+    first = await context.save_version(store, layers, tenant=tenant, agent=agent)
+    same = await context.save_version(store, layers, tenant=tenant, agent=agent)
+    changed = context.Layers(platform="platform", persona="You are John, the PM. Be terse.")
+    second = await context.save_version(store, changed, tenant=tenant, agent=agent)
+    scoped = await context.save_version(
+        store, layers, tenant=tenant, agent=agent, conversation_id="c"
+    )
+    assert first == context.SavedVersion(1, created=True)
+    assert same == context.SavedVersion(1, created=False)
+    assert second == context.SavedVersion(2, created=True)
+    assert scoped == context.SavedVersion(1, created=True)  # numbered per conversation
+
+    latest = await store.context_version(tenant=tenant, agent=agent)
+    assert latest is not None
+    assert latest["version"] == 2
+    assert latest["layers"]["persona"] == "You are John, the PM. Be terse."
+    old = await store.context_version(tenant=tenant, agent=agent, version=1)
+    assert old is not None
+    assert old["layers"]["artifacts"][0]["name"] == "brief.md"
+    assert old["sha256"] == layers.digest()
+
+    # Replicas noticing the same change at once create one version, not several.
+    racing = context.Layers(platform="platform", persona="Raced.")
+    results = await asyncio.gather(
+        *(context.save_version(store, racing, tenant=tenant, agent=agent) for _ in range(8))
+    )
+    assert sorted(r.created for r in results) == [False] * 7 + [True]
+    assert {r.version for r in results} == {3}
+
+
+async def test_ping_needs_both_stores(dsn: str, names: tuple[str, str]) -> None:
+    dead_redis = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    store = await memory.PostgresRedisStore.connect(postgres_dsn=dsn, redis_url=dead_redis)
+    try:
+        assert not await store.ping()
+        tenant, agent = names
+        # PostgreSQL still takes the turn; reads fall back to it.
+        await store.append(turn("c", "user", "redis is down"), tenant=tenant, agent=agent)
+        recent = await store.recent("c", tenant=tenant, agent=agent, limit=5)
+        assert [t.content for t in recent] == ["redis is down"]
+    finally:
+        await store.close()
+
+
+async def test_ping_is_true_when_both_answer(store: memory.PostgresRedisStore) -> None:
+    assert await store.ping()
+
+
+async def test_bad_names_are_refused(store: memory.PostgresRedisStore) -> None:
+    with pytest.raises(ValueError, match="tenant"):
+        await store.append(turn("c", "user", "x"), tenant="a:b", agent="agent")
+    with pytest.raises(ValueError, match="conversation id"):
+        await store.append(turn("", "user", "x"), tenant="t", agent="agent")
+    assert await store.history("bad\nid", tenant="t", agent="agent") == []
+
+
+async def test_the_store_connects_from_binding_settings(
+    dsn: str, redis_url: str, names: tuple[str, str]
+) -> None:
+    pg = urllib.parse.urlsplit(dsn)
+    rd = urllib.parse.urlsplit(redis_url)
+    postgres = bindings.PostgresSettings(
+        dsn=dsn,
+        host=pg.hostname or "",
+        port=pg.port or 5432,
+        database=pg.path.lstrip("/"),
+        username=pg.username or "",
+        password=pg.password or "",
+        ssl_mode="disable",
+    )
+    redis_settings = bindings.RedisSettings(
+        url=redis_url, host=rd.hostname or "", port=rd.port or 6379, password=rd.password
+    )
+    store = await memory.PostgresRedisStore.from_settings(postgres, redis_settings)
+    try:
+        assert await store.ping()
+        tenant, agent = names
+        await store.append(turn("c", "user", "bound"), tenant=tenant, agent=agent)
+        assert [
+            t.content for t in await store.recent("c", tenant=tenant, agent=agent, limit=1)
+        ] == ["bound"]
+    finally:
+        await store.close()

@@ -1,0 +1,279 @@
+"""Settings from the environment and bindings, agent.json, telemetry setup, and the
+production app factory (`create_default_app`) on the echo provider without datastores."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bmad_runtime import app as app_mod
+from bmad_runtime import config, fakes, settings, telemetry
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(autouse=True)
+def _no_runtime_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # RuntimeSettings reads BMAD_* (the test bed exports BMAD_REDIS_URL, for one).
+    for name in list(os.environ):
+        if name.startswith(("BMAD_", "OTEL_")) or name == "SERVICE_BINDING_ROOT":
+            monkeypatch.delenv(name)
+
+
+def write_binding(root: Path, name: str, **data: str) -> None:
+    folder = root / name
+    folder.mkdir(parents=True)
+    for key, value in data.items():
+        (folder / key).write_text(value)
+
+
+def test_settings_come_from_the_operators_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("BMAD_AGENT_NAME", "dev-1")
+    monkeypatch.setenv("BMAD_AGENT_NAMESPACE", "acme")
+    monkeypatch.setenv("BMAD_AGENT_ROLE", "dev")
+    monkeypatch.setenv("BMAD_AGENT_CONFIG", str(tmp_path / "agent.json"))
+    monkeypatch.setenv("BMAD_HTTP_PORT", "9090")
+    monkeypatch.setenv("SERVICE_BINDING_ROOT", str(tmp_path / "bindings"))
+    write_binding(
+        tmp_path / "bindings",
+        "cache",
+        type="redis",
+        host="127.0.0.1",
+        port="6379",
+    )
+    write_binding(
+        tmp_path / "bindings",
+        "db",
+        type="postgres",
+        host="127.0.0.1",
+        port="5432",
+        database="bmad",
+        username="bmad",
+        password="p@ss",
+    )
+
+    loaded = settings.load()
+
+    assert (loaded.agent_name, loaded.agent_namespace, loaded.agent_role) == (
+        "dev-1",
+        "acme",
+        "dev",
+    )
+    assert loaded.effective_tenant == "acme"
+    assert loaded.http_port == 9090
+    assert loaded.agent_config == tmp_path / "agent.json"
+    assert loaded.redis_url == "redis://127.0.0.1:6379/0"
+    assert loaded.postgres_dsn is not None
+    assert loaded.postgres_dsn.startswith("postgresql://bmad:p%40ss@127.0.0.1:5432/bmad")
+    assert loaded.max_request_bytes == 1024 * 1024
+    assert loaded.auth_enabled is None  # automatic: on when an auth0 binding is mounted
+
+
+def test_explicit_urls_win_over_bindings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("BMAD_REDIS_URL", "redis://explicit:1/2")
+    monkeypatch.setenv("BMAD_TENANT", "globex")
+    monkeypatch.setenv("SERVICE_BINDING_ROOT", str(tmp_path))
+    write_binding(tmp_path, "cache", type="redis", host="127.0.0.1", port="6379")
+    loaded = settings.load()
+    assert loaded.redis_url == "redis://explicit:1/2"
+    assert loaded.postgres_dsn is None
+    assert loaded.effective_tenant == "globex"
+
+
+def test_agent_json_as_the_operator_renders_it(tmp_path: Path) -> None:
+    rendered = {
+        "apiVersion": "bmad.dev/v1alpha1",
+        "kind": "AgentConfig",
+        "agent": "analyst-1",
+        "namespace": "acme",
+        "role": "analyst",
+        "persona": {"name": "Mary", "focus": "market research"},
+        "instructions": "",
+        "instructionsFrom": None,
+        "model": {
+            "provider": "anthropic",
+            "name": "claude-sonnet-4-5",
+            "integration": "claude",
+            "params": {"maxTokens": 2048},
+            "fallbacks": [{"provider": "echo", "name": "echo-1"}],
+        },
+        "limits": {"requestsPerMinute": 60},
+        "memory": {"turns": 10, "ttlSeconds": 600},
+        "integrations": ["claude"],
+        "bindingRoot": "/bindings",
+        "somethingNewer": {"ignored": True},
+    }
+    path = tmp_path / "agent.json"
+    path.write_text(json.dumps(rendered))
+
+    loaded = config.load(path)
+
+    assert loaded.role == "analyst"
+    assert [(m.provider, m.name) for m in loaded.model.chain] == [
+        ("anthropic", "claude-sonnet-4-5"),
+        ("echo", "echo-1"),
+    ]
+    assert loaded.model.params == {"maxTokens": 2048}
+    assert loaded.limits.requests_per_minute == 60
+    assert loaded.memory.turns == 10
+    assert loaded.context_window == 200_000  # known for claude models
+    assert loaded.persona_text() == "You are Mary, the Business Analyst.\nFocus: market research"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "does not exist"),
+        ("{not json", "is not JSON"),
+        (json.dumps({"role": "pm", "model": {"provider": "gpt", "name": "x"}}), "model.provider"),
+        (json.dumps({"role": "pm"}), "model: Field required"),
+    ],
+)
+def test_a_broken_agent_json_names_the_problem(
+    tmp_path: Path, content: str | None, message: str
+) -> None:
+    path = tmp_path / "agent.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(path)
+
+
+def test_context_window_known_prefixes() -> None:
+    assert config.known_context_window("gpt-4o-mini") == 128_000
+    assert config.known_context_window("gpt-4") == 8_192
+    assert config.known_context_window("some-local-model") == config.DEFAULT_CONTEXT_WINDOW
+
+
+def test_tracing_without_an_endpoint_exports_nothing() -> None:
+    traced = telemetry.tracing(agent="a", namespace="n", role="dev", env={})
+    assert not traced.exporting
+    traced.shutdown()
+
+
+def test_tracing_with_an_endpoint_but_no_exporter_package_logs_and_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}
+    with caplog.at_level(logging.WARNING):
+        traced = telemetry.tracing(agent="a", namespace="n", role="dev", env=env)
+    try:
+        import opentelemetry.exporter.otlp.proto.http.trace_exporter  # noqa: F401
+    except ImportError:
+        assert not traced.exporting
+        assert "no OTLP exporter is installed" in caplog.text
+    else:  # pragma: no cover - only where the exporter happens to be installed
+        assert traced.exporting
+    traced.shutdown()
+
+
+def agent_json(tmp_path: Path, **extra: Any) -> Path:
+    path = tmp_path / "agent.json"
+    data = {"role": "pm", "model": {"provider": "echo", "name": "echo-7"}, **extra}
+    path.write_text(json.dumps(data))
+    return path
+
+
+async def test_default_app_runs_on_echo_without_datastores(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    runtime_settings = settings.RuntimeSettings(
+        agent_name="pm-1",
+        agent_namespace="acme",
+        agent_config=agent_json(tmp_path),
+        binding_root=tmp_path / "no-bindings",
+        auth_enabled=False,
+    )
+    app = app_mod.create_default_app(runtime_settings)
+    with caplog.at_level(logging.WARNING):
+        async with app.router.lifespan_context(app):
+            state: app_mod.RuntimeState = app.state.runtime
+            assert isinstance(state.store, fakes.InMemoryStore)
+            assert state.authenticator is None
+            assert state.limiter is None
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://a") as client:
+                answer = await client.post("/v1/invoke", json={"input": "hi"})
+                ready = await client.get("/readyz")
+    assert answer.json()["output"] == "[echo-7] hi"
+    assert ready.status_code == 200
+    assert "kept in this process only" in caplog.text
+    assert "authentication is off" in caplog.text
+
+
+async def test_default_app_with_auth_needs_an_auth0_binding(tmp_path: Path) -> None:
+    runtime_settings = settings.RuntimeSettings(
+        agent_config=agent_json(tmp_path), binding_root=tmp_path, auth_enabled=True
+    )
+    app = app_mod.create_default_app(runtime_settings)
+    with pytest.raises(config.ConfigError, match="no Integration of type auth0"):
+        async with app.router.lifespan_context(app):
+            pass
+
+
+async def test_default_app_verifies_tokens_with_the_auth0_binding(tmp_path: Path) -> None:
+    write_binding(
+        tmp_path / "bindings",
+        "login",
+        type="auth0",
+        issuer="https://login.example.test/",
+        audience="https://agents.example.test",
+        jwksUri="http://127.0.0.1:9/.well-known/jwks.json",
+        domain="login.example.test",
+        tokenEndpoint="http://127.0.0.1:9/oauth/token",
+    )
+    runtime_settings = settings.RuntimeSettings(
+        agent_namespace="acme",
+        agent_config=agent_json(tmp_path),
+        binding_root=tmp_path / "bindings",
+    )
+    app = app_mod.create_default_app(runtime_settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://a") as client:
+            refused = await client.post("/v1/invoke", json={"input": "hi"})
+            document = (await client.get("/openapi.json")).json()
+    assert refused.status_code == 401
+    assert refused.json()["error"]["code"]
+    assert "bearerAuth" in document["components"]["securitySchemes"]
+
+
+async def test_default_app_refuses_half_a_datastore(tmp_path: Path) -> None:
+    runtime_settings = settings.RuntimeSettings(
+        agent_config=agent_json(tmp_path),
+        binding_root=tmp_path,
+        auth_enabled=False,
+        redis_url="redis://127.0.0.1:1/0",
+    )
+    app = app_mod.create_default_app(runtime_settings)
+    with pytest.raises(config.ConfigError, match="no postgres one"):
+        async with app.router.lifespan_context(app):
+            pass
+
+
+def test_default_app_fails_fast_on_a_broken_config(tmp_path: Path) -> None:
+    runtime_settings = settings.RuntimeSettings(agent_config=tmp_path / "missing.json")
+    with pytest.raises(config.ConfigError, match="BMAD_AGENT_CONFIG"):
+        app_mod.create_default_app(runtime_settings)
+
+
+async def test_auth_is_automatic_on_only_with_an_auth0_binding(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No auth0 Integration bound (a demo agent on the echo model): it must start, open.
+    runtime_settings = settings.RuntimeSettings(
+        agent_config=agent_json(tmp_path), binding_root=tmp_path / "none"
+    )
+    assert runtime_settings.auth_enabled is None
+    app = app_mod.create_default_app(runtime_settings)
+    async with app.router.lifespan_context(app):
+        pass
+    assert "authentication is off" in caplog.text

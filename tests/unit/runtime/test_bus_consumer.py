@@ -1,0 +1,338 @@
+"""The consume loop's decisions, on an in-memory stand-in for the stream and group.
+
+`FakeBus` replaces the five Redis-facing steps of `TaskBus` (read new entries, claim
+idle ones, finish, dead-letter, ensure the group) with a queue, a pending-entries
+list and dicts, so retries, dead-lettering, concurrency and the graceful shutdown can
+be tested without a server. The Lua scripts and the real commands are tested against
+the test bed's Redis in tests/integration/runtime/test_bus_live.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from bmad_runtime import bus
+
+pytestmark = pytest.mark.unit
+
+
+@dataclass
+class Pending:
+    fields: dict[str, str]
+    deliveries: int
+    consumer: str
+    since: float
+
+
+class FakeBus(bus.TaskBus):
+    def __init__(self, config: bus.BusConfig | None = None) -> None:  # no Redis at all
+        self.keys = bus.Keys("acme", "dev")
+        self.config = config or bus.BusConfig(min_idle_ms=30, max_attempts=3)
+        self.new: list[tuple[str, dict[str, str]]] = []
+        self.pel: dict[str, Pending] = {}
+        self.results: dict[str, bus.TaskResult] = {}
+        self.dead: list[tuple[str, str]] = []  # (message id, error)
+        self.acked: list[str] = []
+        self.seq = 0
+
+    def add(self, task_id: str, payload: dict[str, Any] | None = None) -> str:
+        return self.add_raw({"task_id": task_id, "payload": bus.encode_payload(payload or {})})
+
+    def add_raw(self, fields: dict[str, str]) -> str:
+        self.seq += 1
+        mid = f"{self.seq}-0"
+        self.new.append((mid, fields))
+        return mid
+
+    async def ensure_group(self, *, force: bool = False) -> None:
+        return None
+
+    async def _read(self, consumer: str, *, count: int, block_ms: int) -> list[bus.Task]:
+        if not self.new:
+            await asyncio.sleep(min(block_ms, 10) / 1000)
+            return []
+        taken, self.new = self.new[:count], self.new[count:]
+        for mid, fields in taken:
+            self.pel[mid] = Pending(fields, 1, consumer, time.monotonic())
+        return [self._task_or_quarantine(mid, fields, 1) for mid, fields in taken]
+
+    async def _claim(self, consumer: str, *, count: int, cursor: str) -> tuple[str, list[bus.Task]]:
+        now, claimed = time.monotonic(), []
+        for mid, entry in self.pel.items():
+            if len(claimed) == count:
+                break
+            if (now - entry.since) * 1000 >= self.config.min_idle_ms:
+                entry.deliveries += 1
+                entry.consumer, entry.since = consumer, now
+                claimed.append(self._task_or_quarantine(mid, entry.fields, entry.deliveries))
+        return "0-0", claimed
+
+    async def _finish(self, task: bus.Task, result: bus.TaskResult) -> bool:
+        written = task.task_id not in self.results
+        self.results.setdefault(task.task_id, result)
+        self._ack(task.message_id)
+        return written
+
+    async def _dead_letter(self, task: bus.Task, *, error: str, consumer: str) -> bool:
+        written = task.task_id not in self.results
+        if written:
+            self.dead.append((task.message_id, error))
+            if task.task_id:
+                self.results[task.task_id] = bus.TaskResult(
+                    task_id=task.task_id,
+                    message_id=task.message_id,
+                    status="failed",
+                    output=None,
+                    error=error,
+                    consumer=consumer,
+                    attempt=task.attempt,
+                    finished_at=0.0,
+                )
+        self._ack(task.message_id)
+        return written
+
+    def _ack(self, mid: str) -> None:
+        if self.pel.pop(mid, None) is not None:
+            self.acked.append(mid)
+
+
+async def consume_until(
+    fake: FakeBus,
+    handler: bus.Handler,
+    done: Callable[[], bool],
+    *,
+    timeout_s: float = 5.0,
+    **options: Any,
+) -> bus.ConsumeStats:
+    """Run `consume` until `done()` holds, then stop it and return its counters."""
+    stop = asyncio.Event()
+    options.setdefault("consumer_name", "dev-0")
+    options.setdefault("block_ms", 10)
+    runner = asyncio.create_task(fake.consume(handler, stop=stop, **options))
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert not runner.done(), runner.exception()
+        assert time.monotonic() < deadline, "the consumer did not get there in time"
+        await asyncio.sleep(0.005)
+    stop.set()
+    return await asyncio.wait_for(runner, timeout=timeout_s)
+
+
+def counting(
+    body: Callable[[bus.Task, int], Awaitable[dict[str, Any]]],
+) -> tuple[bus.Handler, dict[str, int]]:
+    runs: dict[str, int] = {}
+
+    async def handler(task: bus.Task) -> dict[str, Any]:
+        runs[task.task_id] = runs.get(task.task_id, 0) + 1
+        return await body(task, runs[task.task_id])
+
+    return handler, runs
+
+
+async def echo(task: bus.Task, run: int) -> dict[str, Any]:
+    return {"output": str(task.payload.get("input", "")).upper(), "run": run}
+
+
+async def test_tasks_are_handled_answered_and_acked() -> None:
+    fake = FakeBus()
+    for i in range(25):
+        fake.add(f"t{i}", {"input": f"hello {i}"})
+    handler, runs = counting(echo)
+
+    stats = await consume_until(fake, handler, lambda: len(fake.results) == 25)
+
+    assert stats.succeeded == 25
+    assert stats.read == 25
+    assert fake.results["t7"].output == {"output": "HELLO 7", "run": 1}
+    assert fake.results["t7"].status == "succeeded"
+    assert fake.results["t7"].consumer == "dev-0"
+    assert fake.results["t7"].attempt == 1
+    assert not fake.pel
+    assert len(fake.acked) == 25
+    assert set(runs.values()) == {1}
+
+
+async def test_a_failing_task_is_retried_when_reclaimed_and_then_succeeds() -> None:
+    async def flaky(task: bus.Task, run: int) -> dict[str, Any]:
+        if run == 1:
+            raise ConnectionResetError("model endpoint hung up")
+        return {"ok": True}
+
+    fake = FakeBus()
+    fake.add("t1")
+    handler, runs = counting(flaky)
+
+    stats = await consume_until(fake, handler, lambda: "t1" in fake.results)
+
+    assert stats.failed == 1
+    assert stats.claimed == 1
+    assert runs == {"t1": 2}
+    assert fake.results["t1"].status == "succeeded"
+    assert fake.results["t1"].attempt == 2
+    assert not fake.dead
+
+
+async def test_a_task_that_always_fails_is_dead_lettered_on_the_last_attempt() -> None:
+    async def broken(task: bus.Task, run: int) -> dict[str, Any]:
+        raise ValueError(f"bad input, run {run}")
+
+    fake = FakeBus(bus.BusConfig(min_idle_ms=20, max_attempts=3))
+    mid = fake.add("t1")
+    handler, runs = counting(broken)
+
+    stats = await consume_until(fake, handler, lambda: bool(fake.dead))
+
+    assert runs == {"t1": 3}
+    assert stats.failed == 2
+    assert stats.dead_lettered == 1
+    assert fake.dead == [(mid, "ValueError: bad input, run 3")]
+    assert fake.results["t1"].status == "failed"
+    assert fake.results["t1"].attempt == 3
+    assert not fake.pel
+
+
+async def test_an_entry_delivered_too_often_is_dead_lettered_without_running() -> None:
+    # Its earlier consumers died (SIGKILL, OOM) before they could say anything.
+    fake = FakeBus(bus.BusConfig(min_idle_ms=20, max_attempts=3))
+    fake.pel["9-0"] = Pending(
+        {"task_id": "t9", "payload": "{}"}, deliveries=3, consumer="gone", since=0.0
+    )
+    handler, runs = counting(echo)
+
+    stats = await consume_until(fake, handler, lambda: bool(fake.dead))
+
+    assert runs == {}
+    assert stats.dead_lettered == 1
+    assert "no result after 3 deliveries" in fake.dead[0][1]
+    assert fake.results["t9"].status == "failed"
+
+
+async def test_an_entry_that_does_not_decode_is_dead_lettered_without_running() -> None:
+    fake = FakeBus()
+    mid = fake.add_raw({"something": "else"})
+    handler, runs = counting(echo)
+
+    stats = await consume_until(fake, handler, lambda: bool(fake.dead))
+
+    assert runs == {}
+    assert stats.dead_lettered == 1
+    assert fake.dead[0][0] == mid
+    assert "no valid task_id" in fake.dead[0][1]
+    assert mid in fake.acked
+
+
+async def test_a_handler_that_returns_no_dict_has_failed() -> None:
+    async def wrong(task: bus.Task, run: int) -> Any:
+        return ["not", "a", "dict"] if run == 1 else {"fixed": True}
+
+    fake = FakeBus()
+    fake.add("t1")
+    handler, _ = counting(wrong)
+
+    stats = await consume_until(fake, handler, lambda: "t1" in fake.results)
+
+    assert stats.failed == 1
+    assert fake.results["t1"].output == {"fixed": True}
+
+
+async def test_a_second_run_that_finishes_late_keeps_the_first_result() -> None:
+    fake = FakeBus()
+    fake.add("t1")
+    fake.results["t1"] = bus.TaskResult(
+        task_id="t1",
+        message_id="0-1",
+        status="succeeded",
+        output={"first": True},
+        error=None,
+        consumer="other",
+        attempt=1,
+        finished_at=0.0,
+    )
+    handler, runs = counting(echo)
+
+    stats = await consume_until(fake, handler, lambda: not fake.new and not fake.pel)
+
+    assert runs == {"t1": 1}
+    assert stats.duplicates == 1
+    assert stats.succeeded == 0
+    assert fake.results["t1"].output == {"first": True}
+
+
+async def test_no_more_than_concurrency_handlers_run_at_once() -> None:
+    active, peak = 0, 0
+
+    async def slow(task: bus.Task, run: int) -> dict[str, Any]:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.01)
+        active -= 1
+        return {}
+
+    fake = FakeBus()
+    for i in range(40):
+        fake.add(f"t{i}")
+    handler, _ = counting(slow)
+
+    await consume_until(fake, handler, lambda: len(fake.results) == 40, batch=10, concurrency=4)
+
+    assert peak == 4
+
+
+async def test_on_stop_in_flight_tasks_finish_within_the_grace_period() -> None:
+    started = asyncio.Event()
+
+    async def slow(task: bus.Task, run: int) -> dict[str, Any]:
+        started.set()
+        await asyncio.sleep(0.2)
+        return {"done": True}
+
+    fake = FakeBus(bus.BusConfig(min_idle_ms=60_000))
+    for i in range(10):
+        fake.add(f"t{i}")
+    handler, runs = counting(slow)
+
+    stats = await consume_until(fake, handler, started.is_set, concurrency=3, grace_s=5.0)
+
+    assert stats.succeeded == 3
+    assert stats.abandoned == 0
+    assert sorted(fake.results) == sorted(runs)
+    assert len(fake.new) == 7, "no more entries are read after the stop"
+    assert not fake.pel
+
+
+async def test_on_stop_tasks_still_running_after_the_grace_period_stay_pending() -> None:
+    started = asyncio.Event()
+
+    async def stuck(task: bus.Task, run: int) -> dict[str, Any]:
+        started.set()
+        await asyncio.sleep(60)
+        return {}
+
+    fake = FakeBus(bus.BusConfig(min_idle_ms=60_000))
+    for i in range(5):
+        fake.add(f"t{i}")
+    handler, _ = counting(stuck)
+
+    began = time.monotonic()
+    stats = await consume_until(fake, handler, started.is_set, concurrency=5, grace_s=0.05)
+
+    assert time.monotonic() - began < 2
+    assert stats.abandoned == 5
+    assert not fake.results
+    assert not fake.acked
+    assert len(fake.pel) == 5, "unfinished tasks are left for others to reclaim"
+
+
+@pytest.mark.parametrize("name", ["", "has space"])
+async def test_a_consumer_needs_a_usable_name(name: str) -> None:
+    handler, _ = counting(echo)
+    with pytest.raises(ValueError, match="consumer name"):
+        await FakeBus().consume(handler, consumer_name=name)

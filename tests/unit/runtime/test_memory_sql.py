@@ -1,0 +1,183 @@
+"""The store's pure parts, and a guard: no value is ever formatted into SQL."""
+
+from __future__ import annotations
+
+import ast
+import datetime as dt
+import inspect
+import re
+import ssl
+
+import pytest
+
+from bmad_runtime import bindings, context, memory, migrations, ports
+
+pytestmark = pytest.mark.unit
+
+SQL_MODULES = [memory, migrations, context]
+
+_SQL = re.compile(
+    r"\b(SELECT\s|INSERT\s+INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM|WHERE\s|VALUES\s*\(|"
+    r"CREATE\s+(TABLE|INDEX|FUNCTION|TRIGGER)|ALTER\s+TABLE|DROP\s+(TABLE|INDEX)|"
+    r"ORDER\s+BY|GROUP\s+BY|ON\s+CONFLICT)",
+    re.IGNORECASE,
+)
+
+
+def formatted_sql(source: str) -> list[str]:
+    """Every f-string, %-formatting or .format() call whose literal text looks like SQL."""
+    found: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        literal = ""
+        if isinstance(node, ast.JoinedStr):
+            literal = "".join(
+                v.value
+                for v in node.values
+                if isinstance(v, ast.Constant) and isinstance(v.value, str)
+            )
+        elif (
+            isinstance(node, ast.BinOp)
+            and isinstance(node.op, ast.Mod | ast.Add)
+            and isinstance(node.left, ast.Constant)
+            and isinstance(node.left.value, str)
+        ):
+            literal = node.left.value
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "format"
+            and isinstance(node.func.value, ast.Constant)
+            and isinstance(node.func.value.value, str)
+        ):
+            literal = node.func.value.value
+        if literal and _SQL.search(literal):
+            found.append(ast.unparse(node))
+    return found
+
+
+def test_the_detector_catches_formatted_sql() -> None:
+    bad = "\n".join(
+        [
+            'a = f"SELECT * FROM t WHERE id = {x}"',
+            'b = "DELETE FROM t WHERE id = %s" % x',
+            'c = "INSERT INTO t VALUES ({})".format(x)',
+            'd = "SELECT * FROM t WHERE id = " + x',
+            'e = f"the user {x} may not do that"',
+        ]
+    )
+    assert len(formatted_sql(bad)) == 4
+
+
+@pytest.mark.parametrize("module", SQL_MODULES, ids=lambda m: m.__name__)
+def test_no_sql_is_built_by_formatting(module: object) -> None:
+    offenders = formatted_sql(inspect.getsource(module))  # type: ignore[arg-type]
+    assert offenders == [], f"SQL built by string formatting in {module}: {offenders}"
+
+
+def test_turns_key_is_namespaced_by_tenant_and_agent() -> None:
+    key = memory.turns_key("c-1", tenant="acme", agent="analyst")
+    assert key == "bmad:acme:analyst:conv:c-1:turns"
+    # A conversation id with colons stays unambiguous: tenant and agent cannot hold one.
+    assert memory.turns_key("x:y", tenant="a", agent="b") == "bmad:a:b:conv:x:y:turns"
+
+
+@pytest.mark.parametrize("bad", ["", "a:b", "a/b", "-a", "a b", "x" * 300])
+def test_tenant_and_agent_names_are_checked(bad: str) -> None:
+    with pytest.raises(ValueError, match="not a valid name"):
+        memory.check_name(bad, "tenant")
+
+
+def test_conversation_ids_are_checked() -> None:
+    assert memory.valid_conversation_id("0192f0c4-uuid:with:colons and spaces")
+    assert not memory.valid_conversation_id("")
+    assert not memory.valid_conversation_id("a\nb")
+    assert not memory.valid_conversation_id("x" * (memory.MAX_CONVERSATION_ID + 1))
+
+
+def test_month_bounds_are_utc_calendar_months() -> None:
+    start, end = memory.month_bounds(dt.datetime(2024, 12, 31, 23, 59, tzinfo=dt.UTC))
+    assert start == dt.datetime(2024, 12, 1, tzinfo=dt.UTC)
+    assert end == dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+    # 00:30 on 1 March in UTC+02:00 is still February in UTC.
+    plus2 = dt.timezone(dt.timedelta(hours=2))
+    start, end = memory.month_bounds(dt.datetime(2024, 3, 1, 0, 30, tzinfo=plus2))
+    assert (start, end) == (
+        dt.datetime(2024, 2, 1, tzinfo=dt.UTC),
+        dt.datetime(2024, 3, 1, tzinfo=dt.UTC),
+    )
+
+
+def test_a_conversation_title_is_the_start_of_the_first_user_message() -> None:
+    now = dt.datetime.now(dt.UTC)
+    assert memory._title(ports.Turn("c", "user", "Plan the launch\nwith details", now)) == (
+        "Plan the launch"
+    )
+    long = memory._title(ports.Turn("c", "user", "word " * 40, now))
+    assert long is not None
+    assert len(long) == memory.TITLE_LENGTH
+    assert memory._title(ports.Turn("c", "assistant", "hello", now)) is None
+
+
+def test_migrations_are_ordered_and_their_checksums_stable() -> None:
+    versions = [m.version for m in migrations.MIGRATIONS]
+    assert versions == sorted(set(versions))
+    assert versions[0] == 1
+    again = migrations.Migration(1, "x", migrations.MIGRATIONS[0].sql)
+    assert again.checksum == migrations.MIGRATIONS[0].checksum
+
+
+def test_out_of_order_migrations_are_refused() -> None:
+    with pytest.raises(migrations.MigrationError):
+        migrations._check_order(
+            (migrations.Migration(2, "b", "SELECT 1"), migrations.Migration(1, "a", "SELECT 1"))
+        )
+
+
+def self_signed_ca() -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test ca")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def pg_settings(ssl_mode: str, ca_cert: str | None) -> bindings.PostgresSettings:
+    return bindings.PostgresSettings(
+        dsn=f"postgresql://u:p@db:5432/d?sslmode={ssl_mode}",
+        host="db",
+        port=5432,
+        database="d",
+        username="u",
+        password="p",
+        ssl_mode=ssl_mode,
+        ca_cert=ca_cert,
+    )
+
+
+def test_a_binding_ca_becomes_a_tls_context_for_verifying_modes() -> None:
+    ca = self_signed_ca()
+    assert memory.postgres_ssl_context(pg_settings("verify-full", None)) is None
+    assert memory.postgres_ssl_context(pg_settings("prefer", ca)) is None
+    full = memory.postgres_ssl_context(pg_settings("verify-full", ca))
+    assert full is not None
+    assert full.check_hostname
+    assert full.verify_mode == ssl.CERT_REQUIRED
+    chain_only = memory.postgres_ssl_context(pg_settings("verify-ca", ca))
+    assert chain_only is not None
+    assert not chain_only.check_hostname
+    assert chain_only.verify_mode == ssl.CERT_REQUIRED
