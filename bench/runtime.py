@@ -18,12 +18,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
 import os
 import platform
+import re
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +141,9 @@ class Result:
         return self.requests / self.seconds if self.seconds else 0.0
 
 
+LOAD_GENERATOR = "httpx"
+
+
 def cpu_seconds(server: psutil.Process) -> float:
     times = server.cpu_times()
     return float(times.user + times.system)
@@ -186,20 +193,75 @@ async def load(
     )
 
 
+WRK_SCRIPT = """wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '%s'
+"""
+
+
+def _wrk_ms(text: str) -> float:
+    value = float(text.rstrip("usm"))
+    if text.endswith("us"):
+        return value / 1000
+    if text.endswith("ms"):
+        return value
+    return value * 1000  # seconds
+
+
+def load_wrk(url: str, server: psutil.Process, *, concurrency: int, seconds: float) -> Result:
+    """The same requests from wrk (C, one thread): the load generator costs far less CPU
+    than an asyncio client, so the latencies say more about the server."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
+        fh.write(WRK_SCRIPT % json.dumps(BODY))
+        script = fh.name
+    target = f"{url}/v1/invoke"
+    subprocess.run(  # warm up
+        ["wrk", "-t1", f"-c{concurrency}", "-d1s", "-s", script, target],
+        capture_output=True,
+        check=True,
+    )
+    cpu_before = cpu_seconds(server)
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:.0f}s", "--latency", "-s", script, target],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    cpu = cpu_seconds(server) - cpu_before
+    os.unlink(script)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    elapsed = seconds
+    errors_match = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    p50 = re.search(r"\s50%\s+(\S+)", out)
+    p99 = re.search(r"\s99%\s+(\S+)", out)
+    return Result(
+        concurrency=concurrency,
+        requests=requests,
+        errors=int(errors_match.group(1)) if errors_match else 0,
+        seconds=elapsed,
+        p50_ms=_wrk_ms(p50.group(1)) if p50 else 0.0,
+        p99_ms=_wrk_ms(p99.group(1)) if p99 else 0.0,
+        cpu_us=cpu / requests * 1e6 if requests else 0.0,
+    )
+
+
 def measure(kind: str, levels: list[int], seconds: float, max_requests: int) -> list[Result]:
     proc, url = start(kind)
     try:
         results = []
         for level in levels:
-            result = asyncio.run(
-                load(
-                    url,
-                    psutil.Process(proc.pid),
-                    concurrency=level,
-                    seconds=seconds,
-                    max_requests=max_requests,
+            if LOAD_GENERATOR == "wrk":
+                result = load_wrk(url, psutil.Process(proc.pid), concurrency=level, seconds=seconds)
+            else:
+                result = asyncio.run(
+                    load(
+                        url,
+                        psutil.Process(proc.pid),
+                        concurrency=level,
+                        seconds=seconds,
+                        max_requests=max_requests,
+                    )
                 )
-            )
             print(
                 f"{kind:7s} c={level:<3d} {result.rps:8.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
                 f"p99 {result.p99_ms:6.2f} ms  server CPU {result.cpu_us:5.0f} us/req  "
@@ -221,7 +283,15 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="per concurrency level")
     parser.add_argument("--max-requests", type=int, default=50_000, help="per level, at most")
     parser.add_argument("--write", type=Path, help="append the results to this Markdown file")
+    parser.add_argument(
+        "--load",
+        choices=["wrk", "httpx"],
+        default="wrk" if shutil.which("wrk") else "httpx",
+        help="load generator: wrk (Debian package, default when installed) or httpx",
+    )
     args = parser.parse_args()
+    global LOAD_GENERATOR  # noqa: PLW0603 - chosen once per run
+    LOAD_GENERATOR = args.load
     if args.serve:
         serve(args.serve, args.port)
         return 0
@@ -232,7 +302,8 @@ def main() -> int:
     lines = [
         f"\n### bench/runtime — {dt.date.today().isoformat()}\n",
         f"Machine: {os.cpu_count()} cores, {cpu}, Python {platform.python_version()}; one "
-        "uvicorn worker per server, load generator (httpx) on the same machine over loopback, "
+        f"uvicorn worker per server, load generator ({LOAD_GENERATOR}) on the same machine "
+        "over loopback, "
         f"{args.seconds:g}s per level. Runtime: POST /v1/invoke with the echo model, the "
         "in-memory store, auth and limits off. Bare: a FastAPI endpoint that parses the same "
         "body and returns the echo. Throughput ratio: runtime / bare requests/s (the load "

@@ -357,3 +357,23 @@ async def invoke(
     finally:
         state.metrics.inflight.dec()
     return await _finish(turn, completion)
+
+
+async def run_task(state: app.RuntimeState, payload: dict[str, Any]) -> dict[str, Any]:
+    """A task from the bus, answered like `POST /v1/invoke` (same limits, memory, usage).
+
+    Tasks come from inside the tenant (the bus keys are the tenant's), so they run as
+    the tenant's internal principal; a payload that is not a valid invoke request is a
+    failed task, never a crash.
+    """
+    body = InvokeRequest.model_validate({**payload, "stream": False})
+    caller = ports.Principal(subject="task-bus", tenant=state.tenant, scopes=app.ALL_SCOPES)
+    turn = await _prepare(body, caller, state, None)
+    state.metrics.inflight.inc()
+    try:
+        completion = await state.router.complete(turn.messages, params=turn.params)
+    finally:
+        state.metrics.inflight.dec()
+    answer = await _finish(turn, completion)
+    state.metrics.tasks.labels(outcome="succeeded").inc()
+    return answer.model_dump(mode="json", by_alias=True)

@@ -16,12 +16,16 @@ error has the body ``{"error": {"code", "message", ...}}``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http
+import itertools
 import logging
+import os
 import re
+import secrets
+import socket
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, cast
@@ -64,6 +68,15 @@ _UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
 CONVERSATION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 _REQUEST_ID_KEY = "bmad.request_id"
+# Request ids: unique per process start, then a counter (cheaper than uuid4 per request).
+_ID_PREFIX = secrets.token_hex(6)
+_ID_COUNTER = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
+
+
 READY_TIMEOUT_SECONDS = 2.0
 
 
@@ -343,13 +356,14 @@ class ObserveMiddleware:
         self.app = app
         self.metrics = metrics
         self.tracer = tracer
+        self.tracing = not isinstance(tracer, trace.NoOpTracer)
 
     async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         incoming = datastructures.Headers(scope=scope).get(REQUEST_ID_HEADER)
-        rid = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        rid = incoming if incoming and _REQUEST_ID.match(incoming) else new_request_id()
         scope[_REQUEST_ID_KEY] = rid
         status = 500
 
@@ -367,7 +381,7 @@ class ObserveMiddleware:
         path: str = scope.get("path", "")
         span_cm: contextlib.AbstractContextManager[trace.Span | None] = (
             contextlib.nullcontext()
-            if path in _UNTRACED
+            if path in _UNTRACED or not self.tracing
             else self.tracer.start_as_current_span(
                 scope.get("method", "HTTP"),
                 kind=trace.SpanKind.SERVER,
@@ -718,6 +732,7 @@ def create_default_app(settings: settings_mod.RuntimeSettings | None = None) -> 
                     "BMAD_AUTH_ENABLED=false): /v1/* is open"
                 )
             state.limiter = await _limiter(settings, agent_config, stack)
+            await _start_task_consumer(settings, state, stack)
             yield
 
     return create_app(
@@ -812,3 +827,47 @@ async def _limiter(
         requests_per_minute=limits.requests_per_minute,
         tokens_per_minute=limits.tokens_per_minute,
     )
+
+
+async def _start_task_consumer(
+    settings: settings_mod.RuntimeSettings,
+    state: RuntimeState,
+    stack: contextlib.AsyncExitStack,
+) -> None:
+    """Consume the agent's task stream next to the HTTP API, while Redis is bound.
+
+    Shutdown (the lifespan's end, on SIGTERM) stops reading, lets in-flight tasks finish
+    within the grace period and leaves the rest pending for another replica.
+    """
+    if not settings.redis_url or not settings.task_bus_enabled:
+        return
+    from bmad_runtime import api_invoke, bus
+
+    task_bus = bus.TaskBus.from_url(settings.redis_url, tenant=state.tenant, agent=state.agent)
+    stop = asyncio.Event()
+    consumer = f"{socket.gethostname()}-{os.getpid()}"
+
+    async def handle(task: bus.Task) -> dict[str, Any]:
+        return await api_invoke.run_task(state, dict(task.payload))
+
+    async def depth() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(Exception):
+                state.metrics.queue_depth.set(await task_bus.queue_depth())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=5)
+
+    consuming = asyncio.create_task(
+        task_bus.consume(handle, consumer_name=consumer, stop=stop, grace_s=20.0),
+        name="task-consumer",
+    )
+    gauge = asyncio.create_task(depth(), name="queue-depth")
+
+    async def shutdown() -> None:
+        stop.set()
+        for task in (consuming, gauge):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await task
+        await task_bus.aclose()
+
+    stack.push_async_callback(shutdown)

@@ -59,6 +59,11 @@ class RuntimeSettings(pydantic_settings.BaseSettings):
         "auth0 binding refuses to start.",
     )
     max_request_bytes: int = pydantic.Field(default=MiB, ge=1024)
+    task_bus_enabled: bool = pydantic.Field(
+        default=True,
+        description="Consume the agent's task stream (Redis Streams) next to the HTTP API "
+        "whenever Redis is bound.",
+    )
 
     model_attempts: int = pydantic.Field(
         default=3, ge=1, le=10, description="Tries per model before failing over."

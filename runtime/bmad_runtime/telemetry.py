@@ -146,8 +146,11 @@ def tracing(
     provider = sdk_trace.TracerProvider(resource=resource, sampler=sampler, shutdown_on_exit=False)
     if exporter is not None:
         provider.add_span_processor(sdk_export.BatchSpanProcessor(exporter))
+    # With nothing to record, a no-op tracer: the request path then skips span work
+    # altogether (profiling showed spans at ~10% of an echo invoke's CPU).
+    recording = sampler is None
     return Tracing(
         provider=provider,
-        tracer=provider.get_tracer("bmad_runtime"),
+        tracer=provider.get_tracer("bmad_runtime") if recording else trace.NoOpTracer(),
         exporting=exporter is not None,
     )
