@@ -848,7 +848,13 @@ async def _start_task_consumer(
     consumer = f"{socket.gethostname()}-{os.getpid()}"
 
     async def handle(task: bus.Task) -> dict[str, Any]:
-        return await api_invoke.run_task(state, dict(task.payload))
+        # One span per task, as per request (a no-op without an exporter).
+        with state.tracing.tracer.start_as_current_span(
+            "task",
+            kind=trace.SpanKind.CONSUMER,
+            attributes={"bmad.task_id": task.task_id, "bmad.task_attempt": task.attempt},
+        ):
+            return await api_invoke.run_task(state, dict(task.payload))
 
     async def depth() -> None:
         while not stop.is_set():
