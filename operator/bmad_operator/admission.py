@@ -24,6 +24,7 @@ from bmad_operator import store
 from bmad_operator.builders import tenant as tenant_builders
 
 WEBHOOK_ID = "agent-budget"
+SCALE_WEBHOOK_ID = "agent-budget-scale"
 CONFIG_NAME = "bmad-operator"
 
 
@@ -73,18 +74,48 @@ def self_signed(host: str, directory: Path | None = None) -> Certificate:
 def webhook_configuration(
     url: str, ca_pem: bytes, *, service: str = "", service_port: int = 443
 ) -> dict[str, Any]:
-    """`service` ("namespace/name") takes precedence over `url` when given."""
-    client: dict[str, Any] = {"caBundle": base64.b64encode(ca_pem).decode()}
-    if service:
-        ns, name = service.split("/", 1)
-        client["service"] = {
-            "namespace": ns,
+    """`url` is the webhook server's root; `service` ("namespace/name") wins when given.
+
+    Two webhooks: Agents created or changed, and their scale subresource (`kubectl
+    scale`, HPA, KEDA), both held to the tenant's budget.
+    """
+
+    def client(path: str) -> dict[str, Any]:
+        config: dict[str, Any] = {"caBundle": base64.b64encode(ca_pem).decode()}
+        if service:
+            ns, name = service.split("/", 1)
+            config["service"] = {
+                "namespace": ns,
+                "name": name,
+                "path": f"/{path}",
+                "port": service_port,
+            }
+        else:
+            config["url"] = f"{url.rstrip('/')}/{path}"
+        return config
+
+    def webhook(name: str, path: str, resource: str, operations: list[str]) -> dict[str, Any]:
+        return {
             "name": name,
-            "path": f"/{WEBHOOK_ID}",
-            "port": service_port,
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 5,
+            "clientConfig": client(path),
+            "namespaceSelector": {
+                "matchExpressions": [{"key": tenant_builders.TENANT_LABEL, "operator": "Exists"}]
+            },
+            "rules": [
+                {
+                    "apiGroups": ["bmad.dev"],
+                    "apiVersions": ["v1alpha1"],
+                    "operations": operations,
+                    "resources": [resource],
+                    "scope": "Namespaced",
+                }
+            ],
         }
-    else:
-        client["url"] = url
+
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingWebhookConfiguration",
@@ -93,28 +124,8 @@ def webhook_configuration(
             "labels": {"app.kubernetes.io/managed-by": "bmad-operator"},
         },
         "webhooks": [
-            {
-                "name": "agent-budget.bmad.dev",
-                "admissionReviewVersions": ["v1"],
-                "sideEffects": "None",
-                "failurePolicy": "Fail",
-                "timeoutSeconds": 5,
-                "clientConfig": client,
-                "namespaceSelector": {
-                    "matchExpressions": [
-                        {"key": tenant_builders.TENANT_LABEL, "operator": "Exists"}
-                    ]
-                },
-                "rules": [
-                    {
-                        "apiGroups": ["bmad.dev"],
-                        "apiVersions": ["v1alpha1"],
-                        "operations": ["CREATE", "UPDATE"],
-                        "resources": ["agents"],
-                        "scope": "Namespaced",
-                    }
-                ],
-            }
+            webhook("agent-budget.bmad.dev", WEBHOOK_ID, "agents", ["CREATE", "UPDATE"]),
+            webhook("agent-scale-budget.bmad.dev", SCALE_WEBHOOK_ID, "agents/scale", ["UPDATE"]),
         ],
     }
 

@@ -65,9 +65,7 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
             certfile=str(cert.certfile),
             pkeyfile=str(cert.pkeyfile),
         )
-        url = cfg.webhook_url or (
-            f"https://{cfg.webhook_host}:{cfg.webhook_port}/{admission.WEBHOOK_ID}"
-        )
+        url = cfg.webhook_url or f"https://{cfg.webhook_host}:{cfg.webhook_port}"
         await api.apply(admission.webhook_configuration(url, cert.pem, service=cfg.webhook_service))
 
 
@@ -163,6 +161,29 @@ async def validate_agent_budget(
         name=name or body.get("metadata", {}).get("name", ""),
         spec=dict(body.get("spec") or {}),
     )
+    if problem:
+        raise kopf.AdmissionError(problem, code=403)
+
+
+@kopf.on.validate(
+    "bmad.dev",
+    "v1alpha1",
+    "agents",
+    id=admission.SCALE_WEBHOOK_ID,
+    operations=["UPDATE"],
+    subresource="scale",
+)
+async def validate_agent_scale(
+    body: kopf.Body, name: str, namespace: str | None, memo: Any, **_: Any
+) -> None:
+    """`kubectl scale`, an HPA or KEDA go through agents/scale: the same replica budget."""
+    ctl = memo.get("controller")
+    if ctl is None or namespace is None:
+        return
+    agent = ctl.store.get("Agent", namespace, name) or {}
+    spec = dict(agent.get("spec") or {})
+    spec["replicas"] = (body.get("spec") or {}).get("replicas", spec.get("replicas", 1))
+    problem = admission.budget_violation(ctl.store, namespace=namespace, name=name, spec=spec)
     if problem:
         raise kopf.AdmissionError(problem, code=403)
 

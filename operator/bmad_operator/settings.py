@@ -40,7 +40,7 @@ class OperatorSettings(BaseSettings):
     )
     webhook_url: str = Field(
         default="",
-        description="URL for the webhook configuration; default https://<host>:<port>/<path>.",
+        description="Root URL of the webhook server; default https://<host>:<port>.",
     )
 
 

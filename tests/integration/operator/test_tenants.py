@@ -263,6 +263,13 @@ def test_agent_budget_is_enforced_at_apply_time(
     big = k.run("apply", "-f", "-", stdin=json.dumps(agent("two", replicas=20)), check=False)
     assert big.returncode != 0
     assert "spec.limits.replicas" in big.stderr
+    # The scale subresource (kubectl scale, an HPA, KEDA) is held to the same budget.
+    scaled = k.run("scale", "agent", "one", "--replicas=20", check=False)
+    assert scaled.returncode != 0
+    assert "spec.limits.replicas" in scaled.stderr
+    assert k.json("get", "agent", "one")["spec"]["replicas"] == 1
+    within = k.run("scale", "agent", "one", "--replicas=3", check=False)
+    assert within.returncode == 0, within.stderr
 
 
 def test_suspended_tenant_scales_its_agents_to_zero(
