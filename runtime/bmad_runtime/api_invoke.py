@@ -11,6 +11,7 @@ as the non-streamed answer (or ``event: error`` with an error body).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -345,17 +346,27 @@ async def invoke(
     state: app.State,
     request_id: app.RequestId,
 ) -> fastapi.Response | InvokeResponse:
+    if state.slots is not None and state.slots.locked():
+        # At spec.limits.concurrency: tell the caller to come back (another replica, or
+        # this one in a moment) rather than queue without bound.
+        state.metrics.tasks.labels(outcome="rejected").inc()
+        raise app.rate_limited(
+            1.0, message="the agent is at its concurrency limit (spec.limits.concurrency)"
+        )
     turn = await _prepare(body, caller, state, request_id)
     if body.stream:
         return await _stream(turn)
-    state.metrics.inflight.inc()
-    try:
-        completion = await state.router.complete(turn.messages, params=turn.params)
-    except providers_router.AllProvidersFailedError:
-        state.metrics.tasks.labels(outcome="error").inc()
-        raise
-    finally:
-        state.metrics.inflight.dec()
+    async with contextlib.AsyncExitStack() as slot:
+        if state.slots is not None:
+            await slot.enter_async_context(state.slots)
+        state.metrics.inflight.inc()
+        try:
+            completion = await state.router.complete(turn.messages, params=turn.params)
+        except providers_router.AllProvidersFailedError:
+            state.metrics.tasks.labels(outcome="error").inc()
+            raise
+        finally:
+            state.metrics.inflight.dec()
     return await _finish(turn, completion)
 
 
@@ -369,11 +380,14 @@ async def run_task(state: app.RuntimeState, payload: dict[str, Any]) -> dict[str
     body = InvokeRequest.model_validate({**payload, "stream": False})
     caller = ports.Principal(subject="task-bus", tenant=state.tenant, scopes=app.ALL_SCOPES)
     turn = await _prepare(body, caller, state, None)
-    state.metrics.inflight.inc()
-    try:
-        completion = await state.router.complete(turn.messages, params=turn.params)
-    finally:
-        state.metrics.inflight.dec()
+    async with contextlib.AsyncExitStack() as slot:
+        if state.slots is not None:
+            await slot.enter_async_context(state.slots)  # tasks wait for a slot
+        state.metrics.inflight.inc()
+        try:
+            completion = await state.router.complete(turn.messages, params=turn.params)
+        finally:
+            state.metrics.inflight.dec()
     answer = await _finish(turn, completion)
     state.metrics.tasks.labels(outcome="succeeded").inc()
     return answer.model_dump(mode="json", by_alias=True)

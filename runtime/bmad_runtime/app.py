@@ -209,6 +209,8 @@ class RuntimeState:
     limiter: ports.Limiter | None
     metrics: telemetry.Metrics
     tracing: telemetry.Tracing
+    # spec.limits.concurrency: model calls in flight at once in this replica.
+    slots: asyncio.Semaphore | None = None
 
     @property
     def tenant(self) -> str:
@@ -576,6 +578,7 @@ def create_app(
         limiter=limiter,
         metrics=metrics,
         tracing=tracing,
+        slots=asyncio.Semaphore(config.limits.concurrency) if config.limits.concurrency else None,
     )
 
     @contextlib.asynccontextmanager

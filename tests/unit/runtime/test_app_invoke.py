@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import os
@@ -303,3 +304,40 @@ async def test_the_remembered_window_starts_with_a_question(store: fakes.InMemor
     last = [(m.role, m.content) for m in model.calls[-1] if m.role != "system"]
     # The last three turns stored are a1, q2, a2: the leading answer is dropped.
     assert last == [("user", "q2"), ("assistant", "a2"), ("user", "q3")]
+
+
+class _SlowEcho(echo.EchoProvider):
+    """Echo that holds its model call open until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.entered = asyncio.Event()
+
+    async def complete(
+        self, messages: Sequence[ports.Message], *, params: dict[str, Any]
+    ) -> ports.Completion:
+        self.entered.set()
+        await self.release.wait()
+        return await super().complete(messages, params=params)
+
+
+async def test_concurrency_limit_answers_429_while_every_slot_is_busy(
+    store: fakes.InMemoryStore,
+) -> None:
+    slow = _SlowEcho()
+    agent_config = config.echo_config(agent="analyst-1").model_copy(
+        update={"limits": config.echo_config().limits.model_copy(update={"concurrency": 1})}
+    )
+    async for client in serve(make_app(store, slow, agent_config=agent_config)):
+        first = asyncio.create_task(client.post("/v1/invoke", json={"input": "one"}))
+        await asyncio.wait_for(slow.entered.wait(), timeout=5)
+        busy = await client.post("/v1/invoke", json={"input": "two"})
+        assert busy.status_code == 429
+        assert busy.headers["Retry-After"] == "1"
+        assert "spec.limits.concurrency" in busy.json()["error"]["message"]
+        slow.release.set()
+        done = await first
+        assert done.status_code == 200
+        after = await client.post("/v1/invoke", json={"input": "three"})
+        assert after.status_code == 200
