@@ -72,11 +72,6 @@ def _https_ok(url: str, *, ca: Path, client: pki.CertPair) -> bool:
         return bool(resp.status == 200)
 
 
-def _http_ok(url: str) -> bool:
-    with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback http
-        return bool(resp.status == 200)
-
-
 def fake_node(name: str) -> dict[str, Any]:
     """A Node object that kwok takes over (it matches our annotation selector)."""
     return {
@@ -170,7 +165,10 @@ def start(
     )
     records.append(etcd)
     procs.wait_until(
-        etcd, lambda: _http_ok(f"http://127.0.0.1:{etcd_port}/health"), timeout=30, what="healthy"
+        etcd,
+        lambda: procs.http_ok(f"http://127.0.0.1:{etcd_port}/health"),
+        timeout=30,
+        what="healthy",
     )
 
     # kube-apiserver --------------------------------------------------------

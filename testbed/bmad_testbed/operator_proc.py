@@ -81,9 +81,7 @@ class OperatorProcess:
 
     def healthy(self) -> bool:
         try:
-            url = f"http://127.0.0.1:{self.health_port}/healthz"
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                return bool(resp.status == 200)
+            return procs.http_ok(f"http://127.0.0.1:{self.health_port}/healthz")
         except OSError:
             return False
 

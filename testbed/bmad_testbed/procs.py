@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypedDict
@@ -44,6 +45,12 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((host, port)) == 0
+
+
+def http_ok(url: str, *, timeout: float = 2) -> bool:
+    """Whether a loopback HTTP endpoint answers 200 (errors propagate: "not yet")."""
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback http
+        return bool(resp.status == 200)
 
 
 def proc_start_time(pid: int) -> int | None:

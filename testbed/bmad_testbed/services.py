@@ -17,18 +17,12 @@ import socket
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 from bmad_testbed import procs
 
 ALL_SERVICES = ("postgres", "redis", "prometheus", "minio", "stripe", "smtp")
-
-
-def _http_ok(url: str) -> bool:
-    with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback http
-        return bool(resp.status == 200)
 
 
 def _as_user(user: str) -> list[str]:
@@ -212,10 +206,13 @@ def start_prometheus(
     )
     records.append(prom)
     procs.wait_until(
-        pgw, lambda: _http_ok(f"http://127.0.0.1:{pg_port}/-/ready"), timeout=30, what="ready"
+        pgw, lambda: procs.http_ok(f"http://127.0.0.1:{pg_port}/-/ready"), timeout=30, what="ready"
     )
     procs.wait_until(
-        prom, lambda: _http_ok(f"http://127.0.0.1:{prom_port}/-/ready"), timeout=60, what="ready"
+        prom,
+        lambda: procs.http_ok(f"http://127.0.0.1:{prom_port}/-/ready"),
+        timeout=60,
+        what="ready",
     )
     return {
         "BMAD_PROMETHEUS_URL": f"http://127.0.0.1:{prom_port}",
@@ -255,7 +252,7 @@ def start_minio(
     records.append(rec)
     procs.wait_until(
         rec,
-        lambda: _http_ok(f"http://127.0.0.1:{port}/minio/health/ready"),
+        lambda: procs.http_ok(f"http://127.0.0.1:{port}/minio/health/ready"),
         timeout=60,
         what="ready",
     )

@@ -193,18 +193,11 @@ def start_operator(
     _save_state(directory, state)
     procs.wait_until(
         rec,
-        lambda: _http_ok(f"http://127.0.0.1:{health}/healthz"),
+        lambda: procs.http_ok(f"http://127.0.0.1:{health}/healthz"),
         timeout=60,
         what="healthy (/healthz)",
     )
     return rec
-
-
-def _http_ok(url: str) -> bool:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback http
-        return bool(resp.status == 200)
 
 
 def down(*, directory: Path | None = None, keep_data: bool = False) -> list[str]:
