@@ -54,14 +54,6 @@ def _had_workload(previous: list[Any]) -> bool:
     )
 
 
-def describe_validation_error(exc: pydantic.ValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        loc = ".".join(str(p) for p in err["loc"])
-        parts.append(f"spec.{loc}: {err['msg']}")
-    return "; ".join(parts)
-
-
 class AgentReconciler:
     def __init__(self, *, api: kube.Kube, cache: store.Store, runtime_image: str) -> None:
         self.api = api
@@ -82,7 +74,7 @@ class AgentReconciler:
         try:
             spec = agent_api.AgentSpec.model_validate(body.get("spec") or {})
         except pydantic.ValidationError as exc:
-            message = describe_validation_error(exc)
+            message = common.describe_validation_error(exc)
             decided = policies.invalid_spec(message)
             await self._write_status(
                 body,
@@ -116,11 +108,7 @@ class AgentReconciler:
             kind, meta = obj["kind"], obj["metadata"]
             digest = applied_hash(obj)
             meta.setdefault("annotations", {})[APPLIED_HASH] = digest
-            live = self.cache.get(kind, meta["namespace"], meta["name"])
-            if live is None:
-                live = await self.api.get(kind, meta["namespace"], meta["name"])
-                if live is not None:
-                    self.cache.put(live)
+            live = await common.observe(self.api, self.cache, kind, meta["namespace"], meta["name"])
             if diff.needs_apply(live, obj):
                 try:
                     applied = await self.api.apply(obj)

@@ -7,7 +7,9 @@ import logging
 from collections.abc import Awaitable, Mapping
 from typing import Any
 
-from bmad_operator import kube, metrics, store
+import pydantic
+
+from bmad_operator import diff, kube, metrics, store
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +57,33 @@ async def post_event(
             body["metadata"]["name"],
             exc,
         )
+
+
+def describe_validation_error(exc: pydantic.ValidationError) -> str:
+    """The first few problems of a spec, each with its field path, for a condition."""
+    return "; ".join(
+        f"spec.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()[:5]
+    )
+
+
+async def observe(
+    api: kube.Kube, cache: store.Store, kind: str, namespace: str | None, name: str
+) -> dict[str, Any] | None:
+    """The live object: from the watch cache, or (a miss) confirmed with one GET."""
+    live = cache.get(kind, namespace, name)
+    if live is None:
+        live = await api.get(kind, namespace, name)
+        if live is not None:
+            cache.put(live)
+    return live
+
+
+async def ensure(api: kube.Kube, cache: store.Store, obj: dict[str, Any]) -> dict[str, Any]:
+    """Server-side apply `obj` unless the live object already holds it; the result."""
+    meta = obj["metadata"]
+    live = await observe(api, cache, obj["kind"], meta.get("namespace"), meta["name"])
+    if live is not None and not diff.needs_apply(live, obj):
+        return live
+    applied = await api.apply(obj)
+    cache.put(applied)
+    return applied

@@ -28,7 +28,7 @@ import pydantic
 from bmad_crds.v1alpha1 import integration as integration_api
 from bmad_integrations import base as ibase
 from bmad_integrations import checks
-from bmad_operator import conditions, diff, kube, store, workqueue
+from bmad_operator import conditions, kube, store, workqueue
 from bmad_operator.conditions import FALSE, TRUE, Cond
 from bmad_operator.reconcilers import common
 
@@ -122,9 +122,7 @@ class IntegrationReconciler:
         try:
             spec = integration_api.IntegrationSpec.model_validate(body.get("spec") or {})
         except pydantic.ValidationError as exc:
-            msg = "; ".join(
-                f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
-            )
+            msg = common.describe_validation_error(exc)
             ready = Cond("Ready", FALSE, ibase.Reason.INVALID_CONFIGURATION, msg)
             await self._write_status(
                 body,
@@ -169,12 +167,7 @@ class IntegrationReconciler:
         if result.ok:
             data = checks.binding_data(spec, secret_data)
             wanted = binding_secret(body, spec.type, data)
-            live = self.cache.get("Secret", namespace, wanted["metadata"]["name"])
-            if live is None:
-                live = await self.api.get("Secret", namespace, wanted["metadata"]["name"])
-            if diff.needs_apply(live, wanted):
-                applied = await self.api.apply(wanted)
-                self.cache.put(applied)
+            await common.ensure(self.api, self.cache, wanted)
             binding_name = wanted["metadata"]["name"]
             ready = Cond("Ready", TRUE, ibase.Reason.CHECKED, result.message or _ok_message(spec))
         else:

@@ -25,7 +25,7 @@ from bmad_crds.v1alpha1 import integration as integration_api
 from bmad_crds.v1alpha1 import tenant as tenant_api
 from bmad_integrations import base as ibase
 from bmad_integrations import billing
-from bmad_operator import conditions, diff, kube, store, workqueue
+from bmad_operator import conditions, kube, store, workqueue
 from bmad_operator.builders import tenant as builders
 from bmad_operator.conditions import FALSE, TRUE, Cond
 from bmad_operator.reconcilers import common
@@ -75,9 +75,7 @@ class TenantReconciler:
         try:
             spec = tenant_api.TenantSpec.model_validate(body.get("spec") or {})
         except pydantic.ValidationError as exc:
-            msg = "; ".join(
-                f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
-            )
+            msg = common.describe_validation_error(exc)
             if meta.get("deletionTimestamp") and FINALIZER in (meta.get("finalizers") or []):
                 # Nothing can be applied from an invalid spec: release, never hang.
                 await self._event(
@@ -135,11 +133,11 @@ class TenantReconciler:
             if owner not in (None, name):
                 conflicts.append(f"{ns} (tenant {owner})")
                 continue
-            await self._ensure(builders.namespace(name, ns))
+            await common.ensure(self.api, self.cache, builders.namespace(name, ns))
             for obj in builders.namespace_objects(
                 name, ns, spec, operator_namespace=self.operator_namespace
             ):
-                await self._ensure(obj)
+                await common.ensure(self.api, self.cache, obj)
             await self._prune(name, ns, spec)
         released = await self._release_removed(name, spec)
 
@@ -206,14 +204,6 @@ class TenantReconciler:
         if obj is None:
             return None
         return (obj["metadata"].get("labels") or {}).get(builders.TENANT_LABEL)
-
-    async def _ensure(self, obj: dict[str, Any]) -> None:
-        meta = obj["metadata"]
-        live = self.cache.get(obj["kind"], meta.get("namespace"), meta["name"])
-        if live is None:
-            live = await self.api.get(obj["kind"], meta.get("namespace"), meta["name"])
-        if diff.needs_apply(live, obj):
-            self.cache.put(await self.api.apply(obj))
 
     async def _prune(self, tenant: str, ns: str, spec: tenant_api.TenantSpec) -> None:
         """Objects we made that the spec no longer asks for (quota or admins removed)."""
