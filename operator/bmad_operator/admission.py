@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from bmad_operator import store
+from bmad_operator import store, tenancy
 from bmad_operator.builders import tenant as tenant_builders
 
 WEBHOOK_ID = "agent-budget"
@@ -134,25 +134,14 @@ def budget_violation(
     cache: store.Store, *, namespace: str, name: str, spec: Mapping[str, Any]
 ) -> str | None:
     """Why this Agent (created or changed) would exceed its tenant's budget, if it would."""
-    ns = cache.get("Namespace", None, namespace)
-    tenant_name = ((ns or {}).get("metadata", {}).get("labels") or {}).get(
-        tenant_builders.TENANT_LABEL
-    )
-    tenant = cache.get("Tenant", None, tenant_name) if tenant_name else None
+    tenant = tenancy.tenant_of_namespace(cache, namespace)
     if tenant is None:
         return None
+    tenant_name = tenant["metadata"]["name"]
     limits = (tenant.get("spec") or {}).get("limits") or {}
-    namespaces = {
-        key[1]
-        for key, obj in cache.items("Namespace")
-        if (obj["metadata"].get("labels") or {}).get(tenant_builders.TENANT_LABEL) == tenant_name
-    }
-    agents = 1
-    replicas = int(spec.get("replicas", 1) or 0)
-    for (agent_ns, agent_name), agent in cache.items("Agent"):
-        if agent_ns in namespaces and (agent_ns, agent_name) != (namespace, name):
-            agents += 1
-            replicas += int((agent.get("spec") or {}).get("replicas", 1) or 0)
+    others = tenancy.agent_usage(cache, tenant_name, leave_out=(namespace, name))
+    agents = others.agents + 1
+    replicas = others.replicas + int(spec.get("replicas", 1) or 0)
     max_agents = limits.get("agents")
     if max_agents is not None and agents > int(max_agents):
         return (

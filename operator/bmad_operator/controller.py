@@ -14,7 +14,7 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
-from bmad_operator import kube, settings, store, workqueue
+from bmad_operator import kube, settings, store, tenancy, workqueue
 from bmad_operator.builders import agent as agent_builders
 from bmad_operator.reconcilers import agent as agent_reconciler
 from bmad_operator.reconcilers import integration as integration_reconciler
@@ -91,12 +91,12 @@ class Controller:
                 self.agent_queue.forget((namespace, meta["name"]))
             else:
                 self.agent_queue.add((namespace, meta["name"]))
-            tenant = tenant_reconciler.tenant_of_namespace(self.store, namespace)
+            tenant = tenancy.tenant_of_namespace(self.store, namespace)
             if tenant is not None:  # its usage changed
                 self.tenant_queue.add(("", tenant["metadata"]["name"]))
         elif kind == "Tenant":
             self.tenant_queue.add(("", meta["name"]))
-            for ns in tenant_reconciler.tenant_namespaces(self.store, meta["name"]):
+            for ns in tenancy.tenant_namespaces(self.store, meta["name"]):
                 for agent_ns, agent_name in self.store.keys("Agent"):
                     if agent_ns == ns:
                         self.agent_queue.add((agent_ns, agent_name))

@@ -19,11 +19,10 @@ from typing import Any
 import pydantic
 
 from bmad_crds.v1alpha1 import agent as agent_api
-from bmad_operator import conditions, diff, kube, policies, store, workqueue
+from bmad_operator import conditions, diff, kube, policies, store, tenancy, workqueue
 from bmad_operator.builders import agent as builders
 from bmad_operator.conditions import TRUE
 from bmad_operator.reconcilers import common
-from bmad_operator.reconcilers import tenant as tenant_reconciler
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +85,7 @@ class AgentReconciler:
             await self._event_on_flip(body, previous, decided[0])
             return
 
-        tenant = tenant_reconciler.tenant_of_namespace(self.cache, namespace)
+        tenant = tenancy.tenant_of_namespace(self.cache, namespace)
         suspended = bool(tenant and (tenant.get("spec") or {}).get("suspended"))
         integration_states = self._integration_states(namespace, spec)
         integrations_cond = policies.integrations_condition(integration_states, namespace)

@@ -25,7 +25,7 @@ from bmad_crds.v1alpha1 import integration as integration_api
 from bmad_crds.v1alpha1 import tenant as tenant_api
 from bmad_integrations import base as ibase
 from bmad_integrations import billing
-from bmad_operator import conditions, kube, store, workqueue
+from bmad_operator import conditions, kube, store, tenancy, workqueue
 from bmad_operator.builders import tenant as builders
 from bmad_operator.conditions import FALSE, TRUE, Cond
 from bmad_operator.reconcilers import common
@@ -37,20 +37,6 @@ KIND = "Tenant"
 # deletion handlers for.
 FINALIZER = "bmad.dev/tenant-cleanup"
 FINALIZE_DEADLINE = dt.timedelta(minutes=10)
-
-
-def tenant_of_namespace(cache: store.Store, namespace: str) -> Mapping[str, Any] | None:
-    ns = cache.get("Namespace", None, namespace)
-    name = ((ns or {}).get("metadata", {}).get("labels") or {}).get(builders.TENANT_LABEL)
-    return cache.get(KIND, None, name) if name else None
-
-
-def tenant_namespaces(cache: store.Store, tenant: str) -> list[str]:
-    return sorted(
-        name
-        for (_, name), ns in cache.items("Namespace")
-        if (ns["metadata"].get("labels") or {}).get(builders.TENANT_LABEL) == tenant
-    )
 
 
 class TenantReconciler:
@@ -222,7 +208,7 @@ class TenantReconciler:
     async def _release_removed(self, tenant: str, spec: tenant_api.TenantSpec) -> list[str]:
         """Namespaces labelled for this tenant but gone from its spec."""
         done = []
-        for ns in tenant_namespaces(self.cache, tenant):
+        for ns in tenancy.tenant_namespaces(self.cache, tenant):
             if ns in spec.namespaces:
                 continue
             await self._drop_namespace(tenant, ns, spec.deletion_policy)
@@ -242,14 +228,8 @@ class TenantReconciler:
         self.cache.remove("Namespace", None, ns)
 
     def _usage(self, tenant: str) -> dict[str, Any]:
-        namespaces = set(tenant_namespaces(self.cache, tenant))
-        agents = 0
-        replicas = 0
-        for (ns, _), agent in self.cache.items("Agent"):
-            if ns in namespaces:
-                agents += 1
-                replicas += int((agent.get("spec") or {}).get("replicas", 1) or 0)
-        return {"agents": agents, "replicas": replicas, "tokensThisPeriod": 0}
+        used = tenancy.agent_usage(self.cache, tenant)
+        return {"agents": used.agents, "replicas": used.replicas, "tokensThisPeriod": 0}
 
     # -- billing --------------------------------------------------------------------
     async def _stripe_account(self, spec: tenant_api.TenantSpec) -> billing.StripeAccount:
@@ -330,7 +310,7 @@ class TenantReconciler:
         errors: list[str] = []
         if spec.deletion_policy == "Delete":
             for ns in sorted(
-                set(spec.namespaces) | set(tenant_namespaces(self.cache, meta["name"]))
+                set(spec.namespaces) | set(tenancy.tenant_namespaces(self.cache, meta["name"]))
             ):
                 try:
                     await self.api.delete("Namespace", None, ns)
