@@ -80,55 +80,35 @@ async def cleanup(memo: Any, **_: Any) -> None:
         await ctl.stop()
 
 
-def _feed(event: kopf.RawEvent, memo: Any) -> None:
+async def feed(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    """Every watched object goes to the controller: its store, then its work queues."""
     ctl = memo.get("controller")
     if ctl is not None:
         ctl.on_event(event)
 
 
-@kopf.on.event("bmad.dev", "v1alpha1", "agents")
-async def agent_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-    _feed(event, memo)
-
-
-@kopf.on.event("bmad.dev", "v1alpha1", "tenants")
-async def tenant_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-    _feed(event, memo)
-
-
-@kopf.on.event("", "v1", "namespaces")
-async def namespace_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-    _feed(event, memo)
-
-
-@kopf.on.event("bmad.dev", "v1alpha1", "integrations")
-async def integration_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-    _feed(event, memo)
-
-
-@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
-async def deployment_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-    _feed(event, memo)
-
-
-@kopf.on.event("", "v1", "services", labels=MANAGED)
-async def service_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-    _feed(event, memo)
-
-
-@kopf.on.event("", "v1", "configmaps", labels=MANAGED)
-async def configmap_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-    _feed(event, memo)
-
-
-@kopf.on.event("", "v1", "serviceaccounts", labels=MANAGED)
-async def serviceaccount_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-    _feed(event, memo)
-
-
-@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED)
-async def pdb_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-    _feed(event, memo)
+# What the operator watches: (group, version, plural, only objects it manages). Users'
+# Secrets are watched too: a changed credentials Secret re-checks its Integrations at once.
+WATCHED: tuple[tuple[str, str, str, bool], ...] = (
+    ("bmad.dev", "v1alpha1", "agents", False),
+    ("bmad.dev", "v1alpha1", "tenants", False),
+    ("bmad.dev", "v1alpha1", "integrations", False),
+    ("", "v1", "namespaces", False),
+    ("", "v1", "secrets", False),
+    ("apps", "v1", "deployments", True),
+    ("", "v1", "services", True),
+    ("", "v1", "configmaps", True),
+    ("", "v1", "serviceaccounts", True),
+    ("policy", "v1", "poddisruptionbudgets", True),
+    ("", "v1", "resourcequotas", True),
+    ("", "v1", "limitranges", True),
+    ("networking.k8s.io", "v1", "networkpolicies", True),
+    ("rbac.authorization.k8s.io", "v1", "rolebindings", True),
+)
+for _group, _version, _plural, _ours in WATCHED:
+    kopf.on.event(
+        _group, _version, _plural, id=f"feed-{_plural}", labels=MANAGED if _ours else None
+    )(feed)
 
 
 @kopf.index("", "v1", "secrets")
@@ -137,12 +117,6 @@ async def secret_versions(
 ) -> dict[tuple[str | None, str], str | None]:
     """Every Secret's resourceVersion (never its data), kept current by the watch."""
     return {(namespace, name): meta.get("resourceVersion")}
-
-
-@kopf.on.event("", "v1", "secrets")
-async def secret_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-    # A credentials Secret changed: the Integrations that use it are checked at once.
-    _feed(event, memo)
 
 
 @kopf.on.validate(
@@ -186,23 +160,3 @@ async def validate_agent_scale(
     problem = admission.budget_violation(ctl.store, namespace=namespace, name=name, spec=spec)
     if problem:
         raise kopf.AdmissionError(problem, code=403)
-
-
-@kopf.on.event("", "v1", "resourcequotas", labels=MANAGED)
-async def quota_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-    _feed(event, memo)
-
-
-@kopf.on.event("", "v1", "limitranges", labels=MANAGED)
-async def limitrange_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-    _feed(event, memo)
-
-
-@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED)
-async def networkpolicy_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-    _feed(event, memo)
-
-
-@kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=MANAGED)
-async def rolebinding_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-    _feed(event, memo)
