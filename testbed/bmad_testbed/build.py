@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -46,24 +45,6 @@ def cache_dir() -> Path:
 
 def log(msg: str) -> None:
     print(f"[testbed] {msg}", file=sys.stderr, flush=True)
-
-
-@dataclass(frozen=True)
-class Binaries:
-    """Absolute paths of every executable the test bed starts."""
-
-    kube_apiserver: Path
-    kube_controller_manager: Path
-    kube_scheduler: Path
-    kubectl: Path
-    etcd: Path
-    kwok: Path
-    stripe_mock: Path
-    minio: Path
-    postgres_bin: Path
-    redis_server: Path
-    prometheus: Path
-    pushgateway: Path
 
 
 class BuildError(RuntimeError):

@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import shutil
+import sys
 import time
 import typing
 from collections.abc import Iterable, Mapping
@@ -162,8 +163,6 @@ def start_operator(
     *, kubeconfig: str, directory: Path | None = None, resync_seconds: float = 30.0
 ) -> procs.ProcRecord:
     """Start `bmad operator run` detached and record it, so `down` stops it too."""
-    import sys
-
     directory = directory or run_dir()
     state = _load_state(directory)
     if state is None:
