@@ -96,10 +96,10 @@ class Controller:
                 self.tenant_queue.add(("", tenant["metadata"]["name"]))
         elif kind == "Tenant":
             self.tenant_queue.add(("", meta["name"]))
-            for ns in tenancy.tenant_namespaces(self.store, meta["name"]):
-                for agent_ns, agent_name in self.store.keys("Agent"):
-                    if agent_ns == ns:
-                        self.agent_queue.add((agent_ns, agent_name))
+            namespaces = set(tenancy.tenant_namespaces(self.store, meta["name"]))
+            for key in self.store.keys("Agent"):
+                if key[0] in namespaces:
+                    self.agent_queue.add(key)
         elif kind == "Namespace":
             tenant = labels.get("bmad.dev/tenant")
             if tenant:
@@ -122,7 +122,7 @@ class Controller:
             if tenant_name:  # drift in a tenant's fences: put them back
                 self.tenant_queue.add(("", tenant_name))
         else:
-            owner = (meta.get("labels") or {}).get(agent_builders.AGENT_LABEL)
+            owner = labels.get(agent_builders.AGENT_LABEL)
             if owner and self.store.get("Agent", namespace, owner) is not None:
                 # A rollout changes a Deployment's status several times a second:
                 # gather those into one pass (and one status write) per agent.
