@@ -143,8 +143,22 @@ def workload_conditions(
 
 
 def ready_condition(
-    *, paused: bool, integrations: Cond, available: Cond, progressing: Cond, desired: int
+    *,
+    paused: bool,
+    integrations: Cond,
+    available: Cond,
+    progressing: Cond,
+    desired: int,
+    suspended_by: str | None = None,
 ) -> Cond:
+    """`suspended_by`: the name of the agent's tenant when that tenant is suspended."""
+    if suspended_by is not None:
+        return Cond(
+            "Ready",
+            FALSE,
+            TENANT_SUSPENDED,
+            f"Tenant {suspended_by} is suspended: the agent is scaled to zero.",
+        )
     if paused:
         return Cond("Ready", FALSE, PAUSED, "spec.paused is true: the agent is scaled to zero.")
     if integrations.status != TRUE:

@@ -139,14 +139,8 @@ class AgentReconciler:
             available=available,
             progressing=progressing,
             desired=desired_replicas,
+            suspended_by=tenant["metadata"]["name"] if suspended and tenant else None,
         )
-        if suspended and tenant is not None:
-            ready = conditions.Cond(
-                "Ready",
-                conditions.FALSE,
-                policies.TENANT_SUSPENDED,
-                f"Tenant {tenant['metadata']['name']} is suspended: the agent is scaled to zero.",
-            )
         decided = [ready, available, progressing, integrations_cond]
         status: dict[str, Any] = {
             "observedGeneration": generation,

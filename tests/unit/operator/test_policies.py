@@ -366,3 +366,18 @@ def test_reasons_are_one_camel_case_word() -> None:
     assert len(reasons) >= 10
     for reason in reasons:
         assert re.fullmatch(r"[A-Z][a-z]+(?:[A-Z][a-z]+)*", reason), reason
+
+
+def test_a_suspended_tenant_wins_over_everything_else() -> None:
+    integrations = policies.integrations_condition([], "team-a")
+    available, progressing = policies.workload_conditions(desired=0, paused=False, observed=None)
+    ready = policies.ready_condition(
+        paused=True,
+        integrations=integrations,
+        available=available,
+        progressing=progressing,
+        desired=0,
+        suspended_by="acme",
+    )
+    assert (ready.status, ready.reason) == ("False", "TenantSuspended")
+    assert "acme" in ready.message
