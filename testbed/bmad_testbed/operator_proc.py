@@ -16,6 +16,34 @@ from pathlib import Path
 
 from bmad_testbed import procs
 
+COMMAND = (sys.executable, "-m", "bmad_cli.main", "operator", "run")
+
+
+def loopback_env(
+    *,
+    kubeconfig: str,
+    health_port: int,
+    metrics_port: int,
+    webhook_port: int,
+    resync_seconds: float,
+    workers: int | None = None,
+) -> dict[str, str]:
+    """The operator's settings for a run on this machine: every port on 127.0.0.1."""
+    env = {
+        "KUBECONFIG": kubeconfig,
+        "BMAD_OPERATOR_RESYNC_SECONDS": str(resync_seconds),
+        "BMAD_OPERATOR_METRICS_PORT": str(metrics_port),
+        "BMAD_OPERATOR_HEALTH_PORT": str(health_port),
+        "BMAD_OPERATOR_BIND_ADDRESS": "127.0.0.1",
+        "BMAD_OPERATOR_WEBHOOK_PORT": str(webhook_port),
+        "BMAD_OPERATOR_WEBHOOK_HOST": "127.0.0.1",
+        "BMAD_OPERATOR_WEBHOOK_ADDRESS": "127.0.0.1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    if workers is not None:
+        env["BMAD_OPERATOR_WORKERS"] = str(workers)
+    return env
+
 
 class OperatorProcess:
     def __init__(
@@ -43,24 +71,20 @@ class OperatorProcess:
         self.webhook_port = procs.free_port()
         env = dict(os.environ)
         env.update(
-            {
-                "KUBECONFIG": self.kubeconfig,
-                "BMAD_OPERATOR_RESYNC_SECONDS": str(self.resync_seconds),
-                "BMAD_OPERATOR_WORKERS": str(self.workers),
-                "BMAD_OPERATOR_METRICS_PORT": str(self.metrics_port),
-                "BMAD_OPERATOR_HEALTH_PORT": str(self.health_port),
-                "BMAD_OPERATOR_BIND_ADDRESS": "127.0.0.1",
-                "BMAD_OPERATOR_WEBHOOK_PORT": str(self.webhook_port),
-                "BMAD_OPERATOR_WEBHOOK_HOST": "127.0.0.1",
-                "BMAD_OPERATOR_WEBHOOK_ADDRESS": "127.0.0.1",
-                "PYTHONUNBUFFERED": "1",
-            }
+            loopback_env(
+                kubeconfig=self.kubeconfig,
+                health_port=self.health_port,
+                metrics_port=self.metrics_port,
+                webhook_port=self.webhook_port,
+                resync_seconds=self.resync_seconds,
+                workers=self.workers,
+            )
         )
         env.update(self.extra_env)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bmad_cli.main", "operator", "run"],
+                list(COMMAND),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

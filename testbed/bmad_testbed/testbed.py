@@ -14,14 +14,13 @@ import json
 import os
 import shlex
 import shutil
-import sys
 import time
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bmad_testbed import build, cluster, procs, services
+from bmad_testbed import build, cluster, operator_proc, procs, services
 
 STATE_FILE = "state.json"
 ENV_FILE = "env"
@@ -173,19 +172,15 @@ def start_operator(
     health, metrics_port = procs.free_port(), procs.free_port()
     rec = procs.spawn(
         "bmad-operator",
-        [sys.executable, "-m", "bmad_cli.main", "operator", "run"],
+        operator_proc.COMMAND,
         log_dir=directory / "logs",
-        env={
-            "KUBECONFIG": kubeconfig,
-            "BMAD_OPERATOR_HEALTH_PORT": str(health),
-            "BMAD_OPERATOR_METRICS_PORT": str(metrics_port),
-            "BMAD_OPERATOR_BIND_ADDRESS": "127.0.0.1",
-            "BMAD_OPERATOR_RESYNC_SECONDS": str(resync_seconds),
-            "BMAD_OPERATOR_WEBHOOK_PORT": str(procs.free_port()),
-            "BMAD_OPERATOR_WEBHOOK_HOST": "127.0.0.1",
-            "BMAD_OPERATOR_WEBHOOK_ADDRESS": "127.0.0.1",
-            "PYTHONUNBUFFERED": "1",
-        },
+        env=operator_proc.loopback_env(
+            kubeconfig=kubeconfig,
+            health_port=health,
+            metrics_port=metrics_port,
+            webhook_port=procs.free_port(),
+            resync_seconds=resync_seconds,
+        ),
     )
     state["records"].append(rec)
     state["env"]["BMAD_OPERATOR_METRICS_URL"] = f"http://127.0.0.1:{metrics_port}/metrics"
