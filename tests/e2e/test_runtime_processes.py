@@ -20,6 +20,8 @@ from bmad_testbed.kubectl import eventually
 
 pytestmark = pytest.mark.e2e
 
+RATE_LIMIT = 6
+
 
 @pytest.fixture
 def runtimes(tmp_path: Path, postgres_url: str, redis_url: str) -> Iterator[list[str]]:
@@ -30,6 +32,8 @@ def runtimes(tmp_path: Path, postgres_url: str, redis_url: str) -> Iterator[list
                 "role": "pm",
                 "persona": {"name": "John", "title": "Product Manager"},
                 "model": {"provider": "echo", "name": "echo-1"},
+                # Shared by both processes through Redis (one bucket per tenant and agent).
+                "limits": {"requestsPerMinute": RATE_LIMIT},
             }
         )
     )
@@ -136,3 +140,24 @@ async def test_a_task_on_the_bus_is_answered_by_a_runtime_process(
     async with httpx.AsyncClient(timeout=10) as client:
         metrics = (await client.get(f"{first}/metrics")).text
     assert "bmad_agent_queue_depth" in metrics
+
+
+async def test_a_burst_over_the_limit_gets_429_with_the_limit_shared_by_both_processes(
+    runtimes: list[str],
+) -> None:
+    first, second = runtimes[:2]
+    async with httpx.AsyncClient(timeout=30) as client:
+        answers = [
+            await client.post(f"{url}/v1/invoke", json={"input": f"burst {i}"})
+            for i, url in enumerate([first, second] * 7)
+        ]
+    ok = [a for a in answers if a.status_code == 200]
+    limited = [a for a in answers if a.status_code == 429]
+    assert len(ok) == RATE_LIMIT  # one budget for the agent, whichever replica is asked
+    assert len(limited) == len(answers) - RATE_LIMIT
+    assert [a for a in answers[1::2] if a.status_code == 429]  # the second refuses too
+    for answer in limited:
+        assert int(answer.headers["Retry-After"]) >= 1
+        error = answer.json()["error"]
+        assert error["code"] == "rate_limited"
+        assert error["message"]
