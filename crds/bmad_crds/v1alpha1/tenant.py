@@ -141,8 +141,9 @@ class TenantSpec(common.SpecModel):
     deletion_policy: DeletionPolicy = pydantic.Field(
         default="Retain",
         description=(
-            "What deleting the Tenant does to its namespaces: Retain keeps them (unlabelled "
-            "from the tenant), Delete deletes them with everything in them."
+            "What deleting the Tenant (or removing a namespace from spec.namespaces) does to "
+            "its namespaces: Retain keeps them, released from the tenant (label and admin "
+            "RoleBinding removed), Delete deletes them with everything in them."
         ),
     )
     data_retention_days: int | None = pydantic.Field(

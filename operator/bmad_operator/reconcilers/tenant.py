@@ -308,14 +308,15 @@ class TenantReconciler:
             return
         previous = (body.get("status") or {}).get("conditions") or []
         errors: list[str] = []
-        if spec.deletion_policy == "Delete":
-            for ns in sorted(
-                set(spec.namespaces) | set(tenancy.tenant_namespaces(self.cache, meta["name"]))
-            ):
-                try:
-                    await self.api.delete("Namespace", None, ns)
-                except kube.ApiError as exc:
+        # Only namespaces that carry this tenant's label: one listed in the spec but
+        # claimed by another tenant (a conflict) is never touched.
+        for ns in tenancy.tenant_namespaces(self.cache, meta["name"]):
+            try:
+                await self._drop_namespace(meta["name"], ns, spec.deletion_policy)
+            except kube.ApiError as exc:
+                if exc.status != 404:
                     errors.append(f"namespace {ns}: {exc.message}")
+        if spec.deletion_policy == "Delete":
             sub = ((body.get("status") or {}).get("billing") or {}).get("subscriptionId")
             if sub and spec.billing is not None:
                 try:

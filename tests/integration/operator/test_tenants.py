@@ -436,4 +436,8 @@ def test_deleting_a_tenant_follows_its_deletion_policy(
     else:
         for ns in namespaces:
             assert kubectl.exists("namespace", ns)
+            # released from the tenant: no tenant label, no admin binding left behind
+            labels = kubectl.json("get", "namespace", ns)["metadata"].get("labels") or {}
+            assert "bmad.dev/tenant" not in labels
+            assert kubectl.in_namespace(ns).exists("limitrange", "bmad-tenant-limits")
         assert cancels == []
