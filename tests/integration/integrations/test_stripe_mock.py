@@ -1,4 +1,5 @@
-"""The stripe check against the test bed's stripe-mock (Stripe's own API mock).
+"""The stripe check against the test bed's stripe-mock: Stripe's own mock of its API,
+not the live Stripe API.
 
 What stripe-mock refuses (found by asking it; it keeps no account, so no key is
 "wrong" in the real sense): any Authorization that is not a valid-looking *test-mode

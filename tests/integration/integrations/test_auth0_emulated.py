@@ -1,4 +1,8 @@
-"""The auth0 check against a real local OIDC issuer (HTTP and HTTPS)."""
+"""The auth0 check against an OIDC issuer emulator this project wrote (HTTP and HTTPS).
+
+`emulators.OidcIssuer` serves discovery, a JWKS and a client-credentials token
+endpoint in Auth0's shapes, signing real RS256 tokens; it is not Auth0.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from bmad_crds.v1alpha1 import integration
 from bmad_integrations import auth0, base
 from bmad_testbed import procs
 
-from .fakes import HttpServer, OidcIssuer, TlsMaterial, make_tls
+from .emulators import HttpServer, OidcIssuer, TlsMaterial, make_tls
 
 pytestmark = pytest.mark.integration
 
@@ -176,5 +180,5 @@ async def test_https_issuer_with_the_wrong_ca_is_a_tls_error(
     assert "'ca.crt'" in error.message
 
 
-def test_fakes_write_their_keys_privately(tls: TlsMaterial) -> None:
+def test_the_emulators_write_their_keys_privately(tls: TlsMaterial) -> None:
     assert Path(tls.key_path).stat().st_mode & 0o077 == 0

@@ -1,10 +1,14 @@
-"""Real local servers that answer like the third-party services, on 127.0.0.1 only.
+"""Emulators this project wrote of OpenAI, Anthropic, SendGrid, Mailgun and an OIDC
+issuer (Auth0), plus a real SMTP server and TLS material, all on 127.0.0.1 only.
 
 The checks must meet real sockets, real TLS and real SMTP conversations, but the
-tests may not leave the machine. So each provider gets a small router behind a real
-`http.server.ThreadingHTTPServer` (optionally HTTPS) that answers in the provider's
-documented shapes, 401s included, and SMTP gets a real `aiosmtpd` Controller with
-an authenticator and, optionally, STARTTLS with a certificate made here.
+tests may not leave the machine. So each HTTP provider gets a small router, written
+here from the provider's documentation, behind a real
+`http.server.ThreadingHTTPServer` (optionally HTTPS). The routers answer in the
+documented shapes, 401s included, but they are emulations: a test that uses one
+says "emulated" in its file name, and proves the check against our reading of the
+provider's API, not against the provider. SMTP is different: `SmtpServer` is a real
+SMTP server (aiosmtpd) with an authenticator and, optionally, STARTTLS.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The postgres check against the test bed's real PostgreSQL."""
+"""The postgres check against the test bed's real PostgreSQL server."""
 
 from __future__ import annotations
 

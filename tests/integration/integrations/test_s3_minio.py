@@ -1,4 +1,4 @@
-"""The objectStorage check against the test bed's real MinIO."""
+"""The objectStorage check against the test bed's real MinIO server (S3 API)."""
 
 from __future__ import annotations
 

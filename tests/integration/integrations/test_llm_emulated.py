@@ -1,4 +1,9 @@
-"""The llm check against real local HTTP servers answering like OpenAI and Anthropic."""
+"""The llm check against emulators of OpenAI and Anthropic that this project wrote.
+
+`emulators.openai_router` and `emulators.anthropic_router` answer in the shapes the
+providers document, behind a real HTTP server on 127.0.0.1. They are not the
+providers' APIs, which the tests may not reach.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from bmad_crds.v1alpha1 import integration
 from bmad_integrations import base, llm
 from bmad_testbed import procs
 
-from .fakes import LOOPBACK, HttpServer, anthropic_router, openai_router
+from .emulators import LOOPBACK, HttpServer, anthropic_router, openai_router
 
 pytestmark = pytest.mark.integration
 
