@@ -19,6 +19,7 @@ import datetime as dt
 import http.server
 import ipaddress
 import json
+import socket
 import ssl
 import threading
 import urllib.parse
@@ -116,9 +117,10 @@ class HttpServer:
                 for name, value in reply.headers.items():
                     self.send_header(name, value)
                 self.end_headers()
-                self.wfile.write(body)
+                if self.command != "HEAD":
+                    self.wfile.write(body)
 
-            do_GET = do_POST = _serve  # noqa: N815 - BaseHTTPRequestHandler's names
+            do_GET = do_POST = do_PUT = do_HEAD = _serve  # noqa: N815 - BaseHTTPRequestHandler's names
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 pass
@@ -555,3 +557,57 @@ class SmtpServer:
 
     def __exit__(self, *exc: object) -> None:
         self._controller.stop()
+
+
+# --- a destination the operator must not reach --------------------------------------
+
+
+class TcpProbe:
+    """A loopback listener that stands in for a service a check must never reach.
+
+    It counts the connections it accepts, sends `greeting` on each, and answers every
+    chunk it receives with `reply`: enough for a client to read "the server's own
+    words" (a banner, an error line) that a check could quote into a status.
+    """
+
+    def __init__(self, *, greeting: bytes = b"", reply: bytes = b"") -> None:
+        self.greeting = greeting
+        self.reply = reply
+        self.connections = 0
+        self._listener = socket.create_server((LOOPBACK, 0))
+        self._listener.settimeout(0.05)
+        self.port: int = self._listener.getsockname()[1]
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            try:
+                if self.greeting:
+                    conn.sendall(self.greeting)
+                while conn.recv(65536):
+                    if self.reply:
+                        conn.sendall(self.reply)
+            except OSError:
+                return
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopped.set()
+        self._listener.close()
+        self._thread.join(timeout=5)
