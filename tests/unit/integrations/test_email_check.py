@@ -11,7 +11,7 @@ from bmad_crds.v1alpha1 import integration
 from bmad_integrations import base, email
 from bmad_integrations import binding as layout
 
-from .policies import OPEN, as_named
+from .policies import OPEN, PUBLIC, as_named
 
 pytestmark = pytest.mark.unit
 
@@ -354,3 +354,18 @@ def test_bindings_follow_the_shared_layout(
     spec: integration.Email, secrets: base.Credentials
 ) -> None:
     assert layout.problems(email.binding(spec, secrets)) == []
+
+
+async def test_smtp_connects_to_the_judged_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    connected: list[tuple[str, int]] = []
+
+    def create_connection(address: tuple[str, int], *args: Any) -> Any:
+        connected.append(address)
+        raise ConnectionRefusedError(111, "refused")
+
+    monkeypatch.setattr(email.socket, "create_connection", create_connection)
+    with pytest.raises(base.CheckError) as caught:
+        await email.check(block("smtp", host="smtp.example.test"), creds(), timeout=1, policy=OPEN)
+    assert caught.value.reason is base.Reason.UNREACHABLE
+    assert "SMTP server smtp.example.test:25 refused the connection" in caught.value.message
+    assert connected == [(PUBLIC, 25)]
