@@ -3,14 +3,21 @@
 A check talks to the real service with the real client (connect plus one cheap
 authenticated call) and ends either in a `Checked` result or in a `CheckError`
 whose reason is one of the constants below and whose message says what to fix.
-Credential values never appear in a message: `Credentials.redact` scrubs them from
-any text (driver errors sometimes echo what they were given).
+
+Messages are written by us, never copied from a server or a driver: the destination
+is chosen by a tenant, so whatever it answers (a banner, an error text, a header, a
+certificate's names) must not come back through the Integration's status and events.
+A message may hold what the spec says, status codes and error codes that we
+recognise, and counts. Credential values never appear in one: `Credentials.redact`
+scrubs them as a last line of defence.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+import re
+import ssl
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 
@@ -23,6 +30,7 @@ class Reason(enum.StrEnum):
     TLS_ERROR = "TLSError"
     TIMEOUT = "Timeout"
     INVALID_CONFIGURATION = "InvalidConfiguration"
+    DESTINATION_NOT_ALLOWED = "DestinationNotAllowed"
 
 
 class CheckError(Exception):
@@ -109,15 +117,55 @@ def _camel(name: str) -> str:
     return head + "".join(p.title() for p in rest)
 
 
-# Longest piece of a driver's own words quoted in a message.
-SAID_MAX = 200
+# A version as services report it: digits first, then letters, digits, dots, dashes.
+_VERSION = re.compile(r"[0-9][0-9A-Za-z.+-]{0,39}")
 
 
-def said(what: BaseException | str, creds: Credentials, *, limit: int = SAID_MAX) -> str:
-    """A driver error (or its text) in one line, credentials scrubbed, fit for a message."""
-    text = " ".join(creds.redact(str(what)).split())
-    if not text:
-        text = type(what).__name__ if isinstance(what, BaseException) else "no detail"
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
-    return text
+def version(text: object) -> str | None:
+    """The leading version number of what a service reported ("16.4 (Debian…)" -> "16.4").
+
+    Only that much of a server's own words reaches the status: anything that does not
+    start like a version is dropped.
+    """
+    found = _VERSION.match(str(text).strip()) if text is not None else None
+    return found.group(0) if found else None
+
+
+# OpenSSL's verification results (X509_V_ERR_*) that have a fix worth naming.
+_TLS_VERIFY_PROBLEMS = {
+    10: "the server's certificate has expired",
+    18: "the server's certificate is self-signed",
+    19: "the server's certificate chain ends in a CA the operator does not trust",
+    20: "the server's certificate is signed by a CA the operator does not trust",
+    21: "the server's certificate is signed by a CA the operator does not trust",
+    62: "the server's certificate does not name the host",
+    64: "the server's certificate does not name the address",
+}
+
+
+def chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception, then its cause (or context), then that one's, … without loops."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        yield current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+
+
+def caused_by(
+    exc: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...]
+) -> bool:
+    """Whether an exception of `kind` sits anywhere in the cause chain."""
+    return any(isinstance(link, kind) for link in chain(exc))
+
+
+def tls_problem(exc: BaseException) -> str:
+    """What went wrong in a TLS handshake, in our words (never the certificate's names)."""
+    for link in chain(exc):
+        if isinstance(link, ssl.SSLCertVerificationError):
+            return _TLS_VERIFY_PROBLEMS.get(
+                getattr(link, "verify_code", None) or 0,
+                "the server's certificate failed verification",
+            )
+    return "the TLS handshake failed"

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Mapping
 from typing import Any, Protocol, cast
 
 from bmad_crds.v1alpha1 import integration
-from bmad_integrations import base
+from bmad_integrations import base, egress
 
 # The module of each type. auth0, email and llm are written alongside this one and
 # are imported only when needed, so that a check of one type never depends on the
@@ -57,7 +57,7 @@ class IntegrationModule(Protocol):
     """What every integration module exposes (checked structurally)."""
 
     def check(
-        self, block: Any, creds: base.Credentials, *, timeout: float
+        self, block: Any, creds: base.Credentials, *, timeout: float, policy: egress.Policy
     ) -> Awaitable[base.Checked]: ...
 
     def binding(self, block: Any, creds: base.Credentials) -> dict[str, str]: ...
@@ -120,7 +120,8 @@ def secret_not_found(spec: integration.IntegrationSpec) -> base.CheckResult:
 def _clean(message: str, creds: base.Credentials) -> str:
     """One line, bounded, and a last scrub of every credential value.
 
-    The modules already redact what drivers said; this catches anything they missed.
+    The modules write their own messages and quote no server; this is the last line
+    of defence should a credential still end up in one.
     User names are left alone here: they are often ordinary words ("postgres", "app")
     that the message uses for other things, and they are not secret.
     """
@@ -152,9 +153,13 @@ async def check_integration(
     secret_data: Mapping[str, bytes] | None,
     *,
     secret_found: bool,
+    policy: egress.Policy,
     timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - one bound shared by every step
 ) -> base.CheckResult:
-    """Check the service the spec describes; never raises for a failed check."""
+    """Check the service the spec describes; never raises for a failed check.
+
+    Every connection the check makes is judged by `policy` first (see `egress`).
+    """
     if spec.secret_ref is not None and not secret_found:
         return secret_not_found(spec)
     creds = credentials(spec, secret_data)
@@ -171,7 +176,9 @@ async def check_integration(
     try:
         async with asyncio.timeout(timeout):
             checker = module_for(spec.type)
-            checked = await checker.check(spec.block(), creds, timeout=timeout * STEP_SHARE)
+            checked = await checker.check(
+                spec.block(), creds, timeout=timeout * STEP_SHARE, policy=policy
+            )
     except base.CheckError as exc:
         return failed(exc.reason, exc.message)
     except TimeoutError:
@@ -183,8 +190,8 @@ async def check_integration(
     except Exception as exc:
         return failed(
             base.Reason.UNREACHABLE,
-            f"the {spec.type} check failed ({type(exc).__name__}: {base.said(exc, creds)}): "
-            "check the settings in the spec and that the service runs",
+            f"the {spec.type} check failed ({type(exc).__name__}): check the settings in "
+            "the spec and that the service runs",
         )
     return base.CheckResult(
         ok=True,

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from bmad_crds.v1alpha1 import integration
-from bmad_integrations import base, httpcheck
+from bmad_integrations import base, egress, httpcheck
 
 SENDGRID_API_BASE = "https://api.sendgrid.com"
 MAILGUN_API_BASE = "https://api.mailgun.net"
@@ -28,7 +28,11 @@ SMTP_PORT = 25
 SUBMISSION_PORT = 587
 # The scope a SendGrid key needs to send mail at all.
 SENDGRID_SEND_SCOPE = "mail.send"
-_VERSION_MAX = 63
+# The domain states Mailgun documents; any other answer is not shown.
+_MAILGUN_STATES = frozenset({"active", "unverified", "disabled"})
+_MAILGUN_EU = " (EU accounts need spec.email.apiBase https://api.eu.mailgun.net)"
+HOST_FIELD = "spec.email.host"
+API_BASE_FIELD = "spec.email.apiBase"
 
 
 def smtp_port(block: integration.Email) -> int:
@@ -49,12 +53,17 @@ async def check(
     creds: base.Credentials,
     *,
     timeout: float,  # noqa: ASYNC109 - bounds the network exchange, not the coroutine
+    policy: egress.Policy,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> base.Checked:
     if block.provider == "smtp":
         # smtplib blocks; its sockets carry the timeout, so the thread always ends.
-        return await asyncio.to_thread(_smtp_session(block, creds, timeout=timeout).run)
-    async with httpcheck.client(timeout=timeout, creds=creds, transport=transport) as http:
+        session = _smtp_session(block, creds, timeout=timeout, policy=policy)
+        return await asyncio.to_thread(session.run)
+    httpcheck.check_base_url(api_base(block), field=API_BASE_FIELD)
+    async with httpcheck.client(
+        timeout=timeout, creds=creds, policy=policy, field=API_BASE_FIELD, transport=transport
+    ) as http:
         if block.provider == "sendgrid":
             return await _check_sendgrid(http, block, creds)
         return await _check_mailgun(http, block, creds)
@@ -64,7 +73,7 @@ async def check(
 
 
 def _smtp_session(
-    block: integration.Email, creds: base.Credentials, *, timeout: float
+    block: integration.Email, creds: base.Credentials, *, timeout: float, policy: egress.Policy
 ) -> _SmtpSession:
     if not block.host:
         raise base.CheckError(
@@ -80,24 +89,28 @@ def _smtp_session(
         host=block.host,
         port=smtp_port(block),
         timeout=timeout,
+        policy=policy,
         creds=creds,
         context=context,
-        username=username,
-        password=password,
+        login=(username, password) if username is not None and password is not None else None,
     )
 
 
 class _Smtp(smtplib.SMTP):
-    """smtplib's client, keeping the greeting (it names the server software)."""
+    """smtplib's client, connecting to the address the egress policy judged.
 
-    banner: bytes = b""
+    smtplib keeps the host name it was given for STARTTLS, so the certificate is
+    still verified against the name; only the socket goes to the judged address.
+    """
 
-    def connect(
-        self, host: str = "localhost", port: int = 0, source_address: Any = None
-    ) -> tuple[int, bytes]:
-        code, message = super().connect(host, port, source_address)
-        self.banner = message
-        return code, message
+    def __init__(self, destination: egress.Destination, *, timeout: float) -> None:
+        self.destination = destination
+        super().__init__(destination.host, destination.port, timeout=timeout)
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        return socket.create_connection(
+            (self.destination.address, port), timeout, self.source_address
+        )
 
 
 class _SmtpSession:
@@ -109,47 +122,45 @@ class _SmtpSession:
         host: str,
         port: int,
         timeout: float,
+        policy: egress.Policy,
         creds: base.Credentials,
         context: ssl.SSLContext | None,
-        username: str | None,
-        password: str | None,
+        login: tuple[str, str] | None,
     ) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
+        self.policy = policy
         self.creds = creds
         self.context = context
-        self.username = username
-        self.password = password
-        self.where = f"SMTP server {host}:{port}"
+        self.login = login
+        self.where = f"SMTP server {egress.where(host, port)}"
         self.deadline = 0.0
 
     def run(self) -> base.Checked:
         self.deadline = time.monotonic() + self.timeout
+        destination = self.policy.destination_sync(self.host, self.port, field=HOST_FIELD)
         conn: _Smtp | None = None
         try:
-            # Connecting in the constructor also tells smtplib the host name that
-            # STARTTLS must verify the certificate against.
-            conn = _Smtp(self.host, self.port, timeout=self.timeout)
+            conn = _Smtp(destination, timeout=self.timeout)
             return self._converse(conn)
         except base.CheckError:
             raise
-        except smtplib.SMTPServerDisconnected as exc:
+        except smtplib.SMTPServerDisconnected:
             raise base.CheckError(
                 base.Reason.UNREACHABLE,
-                f"{self.where} closed the connection ({self._said(exc)}): check that the "
-                "port is an SMTP port, and spec.email.startTLS",
+                f"{self.where} closed the connection: check that the port is an SMTP port, "
+                "and spec.email.startTLS",
             ) from None
         except smtplib.SMTPResponseException as exc:
             raise base.CheckError(
                 base.Reason.UNREACHABLE,
-                f"{self.where} answered {exc.smtp_code} {self._said(exc.smtp_error)}: "
-                "check the server's state and spec.email",
+                f"{self.where} answered {exc.smtp_code}: check the server's state and spec.email",
             ) from None
-        except smtplib.SMTPException as exc:
+        except smtplib.SMTPException:
             raise base.CheckError(
                 base.Reason.INVALID_CONFIGURATION,
-                f"{self.where}: {self._said(exc)}: check spec.email",
+                f"{self.where} did not speak SMTP as expected: check spec.email",
             ) from None
         except ssl.SSLError as exc:
             raise self._tls_error(exc) from None
@@ -159,46 +170,46 @@ class _SmtpSession:
                 f"{self.where} did not answer within {self.timeout:g}s: check the host, the "
                 "port, and that the network lets the operator reach it",
             ) from None
-        except socket.gaierror as exc:
+        except ConnectionRefusedError:
             raise base.CheckError(
                 base.Reason.UNREACHABLE,
-                f"cannot resolve {self.host} ({self._said(exc)}): check spec.email.host",
+                f"{self.where} refused the connection: check spec.email.host and "
+                "spec.email.port, and that the server runs",
             ) from None
-        except OSError as exc:
+        except OSError:
             raise base.CheckError(
                 base.Reason.UNREACHABLE,
-                f"cannot reach {self.where} ({self._said(exc)}): check spec.email.host and "
-                "spec.email.port, and that the network lets the operator reach it",
+                f"cannot reach {self.where}: check spec.email.host and spec.email.port, and "
+                "that the network lets the operator reach it",
             ) from None
         finally:
             if conn is not None:
                 conn.close()
 
     def _converse(self, conn: _Smtp) -> base.Checked:
-        context, username, password = self.context, self.username, self.password
         self._tick(conn)
         conn.ehlo()
-        if context is not None:
-            self._starttls(conn, context)
-        if username is not None and password is not None:
-            self._login(conn, username, password)
+        if self.context is not None:
+            self._starttls(conn, self.context)
+        if self.login is not None:
+            self._login(conn, *self.login)
         self._tick(conn)
-        code, reply = conn.noop()
+        code, _ = conn.noop()
         if code != 250:
             raise base.CheckError(
                 base.Reason.UNREACHABLE,
-                f"{self.where} answered NOOP with {code} {self._said(reply)}: check the "
-                "server's state",
+                f"{self.where} answered NOOP with {code}: check the server's state",
             )
         self._tick(conn)
         # The check already passed; a rude goodbye changes nothing.
         with contextlib.suppress(smtplib.SMTPException, OSError):
             conn.quit()
-        steps = ["STARTTLS"] if context is not None else []
-        if username is not None:
+        steps = ["STARTTLS"] if self.context is not None else []
+        if self.login is not None:
             steps.append("AUTH")
         detail = f"{self.where} accepted EHLO" + "".join(f", {s}" for s in steps) + " and NOOP"
-        return base.Checked(server_version=_server_version(conn.banner), detail=detail)
+        # No server version: the greeting is the server's own words.
+        return base.Checked(detail=detail)
 
     def _starttls(self, conn: smtplib.SMTP, context: ssl.SSLContext) -> None:
         if not conn.has_extn("starttls"):
@@ -213,9 +224,8 @@ class _SmtpSession:
         except smtplib.SMTPResponseException as exc:
             raise base.CheckError(
                 base.Reason.TLS_ERROR,
-                f"{self.where} refused STARTTLS ({exc.smtp_code} "
-                f"{self._said(exc.smtp_error)}): check the server's TLS setup, or set "
-                "spec.email.startTLS to false",
+                f"{self.where} refused STARTTLS ({exc.smtp_code}): check the server's TLS "
+                "setup, or set spec.email.startTLS to false",
             ) from None
         except ssl.SSLError as exc:
             raise self._tls_error(exc) from None
@@ -229,9 +239,9 @@ class _SmtpSession:
         except smtplib.SMTPAuthenticationError as exc:
             raise base.CheckError(
                 base.Reason.AUTHENTICATION_FAILED,
-                f"{self.where} rejected the login ({exc.smtp_code} "
-                f"{self._said(exc.smtp_error)}): check keys {self.creds.key('username')!r} "
-                f"and {self.creds.key('password')!r} of {httpcheck.secret(self.creds)}",
+                f"{self.where} rejected the login ({exc.smtp_code}): check keys "
+                f"{self.creds.key('username')!r} and {self.creds.key('password')!r} of "
+                f"{httpcheck.secret(self.creds)}",
             ) from None
         except smtplib.SMTPNotSupportedError:
             raise base.CheckError(
@@ -246,17 +256,16 @@ class _SmtpSession:
                 raise
             raise base.CheckError(
                 base.Reason.INVALID_CONFIGURATION,
-                f"{self.where} offers no AUTH method smtplib speaks (PLAIN, LOGIN, CRAM-MD5) "
-                f"({self._said(exc)}): enable one of them on the server",
+                f"{self.where} offers no AUTH method smtplib speaks (PLAIN, LOGIN, CRAM-MD5): "
+                "enable one of them on the server",
             ) from None
 
     def _tls_error(self, exc: ssl.SSLError) -> base.CheckError:
         return base.CheckError(
             base.Reason.TLS_ERROR,
-            f"TLS with {self.where} failed ({self._said(exc)}): if the server uses a private "
-            f"CA, put its PEM certificate in key {self.creds.key('ca_cert')!r} of "
-            f"{httpcheck.secret(self.creds)}; "
-            "the certificate must name spec.email.host",
+            f"TLS with {self.where} failed ({base.tls_problem(exc)}): if the server uses a "
+            f"private CA, put its PEM certificate in key {self.creds.key('ca_cert')!r} of "
+            f"{httpcheck.secret(self.creds)}; the certificate must name spec.email.host",
         )
 
     def _tick(self, conn: smtplib.SMTP) -> None:
@@ -267,21 +276,6 @@ class _SmtpSession:
         if conn.sock is not None:
             conn.sock.settimeout(left)
 
-    def _said(self, text: object) -> str:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", "replace")
-        return httpcheck.quote(text, creds=self.creds)
-
-
-def _server_version(banner: bytes | str) -> str | None:
-    """The greeting without the host name: "ESMTP Postfix", "Python SMTP 1.4.6"."""
-    text = banner.decode("utf-8", "replace") if isinstance(banner, bytes) else banner
-    words = text.split()
-    if len(words) > 1:
-        words = words[1:]
-    version = " ".join(words)[:_VERSION_MAX].strip()
-    return version or None
-
 
 # --- SendGrid and Mailgun -----------------------------------------------------------
 
@@ -290,38 +284,15 @@ async def _check_sendgrid(
     http: httpx.AsyncClient, block: integration.Email, creds: base.Credentials
 ) -> base.Checked:
     api_key = creds.require("api_key")
-    service = "SendGrid"
     url = httpcheck.join(api_base(block), "v3/scopes")
+    headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
     response = await httpcheck.send(
-        http,
-        "GET",
-        url,
-        service=service,
-        creds=creds,
-        headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
+        http, "GET", url, service="SendGrid", creds=creds, headers=headers
     )
-    body = httpcheck.read_json(response)
-    if response.status_code in (401, 403):
-        raise base.CheckError(
-            base.Reason.AUTHENTICATION_FAILED,
-            f"SendGrid rejected the API key ({httpcheck.status_line(response)}"
-            f"{_sendgrid_said(body, creds)}): put a valid SendGrid API key in key "
-            f"{creds.key('api_key')!r} of {httpcheck.secret(creds)}",
-        )
-    if response.status_code != 200:
-        raise httpcheck.unexpected(
-            response,
-            service=service,
-            creds=creds,
-            fix="check spec.email.apiBase (the SendGrid API base, without /v3)",
-        )
+    body = _answer(response, service="SendGrid", creds=creds)
     scopes = body.get("scopes") if isinstance(body, dict) else None
     if not isinstance(scopes, list):
-        raise base.CheckError(
-            base.Reason.INVALID_CONFIGURATION,
-            f"{httpcheck.display_url(url)} did not answer with SendGrid's list of scopes: "
-            "check spec.email.apiBase",
-        )
+        raise _not_the_api(url, "SendGrid's list of scopes")
     if SENDGRID_SEND_SCOPE not in scopes:
         raise base.CheckError(
             base.Reason.INVALID_CONFIGURATION,
@@ -330,15 +301,6 @@ async def _check_sendgrid(
             f"{creds.key('api_key')!r} of {httpcheck.secret(creds)}",
         )
     return base.Checked(detail=f"SendGrid API key valid, {len(scopes)} scope(s)")
-
-
-def _sendgrid_said(body: object, creds: base.Credentials) -> str:
-    errors = body.get("errors") if isinstance(body, dict) else None
-    if isinstance(errors, list) and errors and isinstance(errors[0], dict):
-        message = errors[0].get("message")
-        if message:
-            return f": {httpcheck.quote(message, creds=creds)}"
-    return ""
 
 
 async def _check_mailgun(
@@ -351,51 +313,51 @@ async def _check_mailgun(
             "set the Mailgun sending domain",
         )
     api_key = creds.require("api_key")
-    service = "Mailgun"
-    path = "v3/domains/" + urllib.parse.quote(block.domain, safe="")
-    url = httpcheck.join(api_base(block), path)
+    url = httpcheck.join(api_base(block), "v3/domains/" + urllib.parse.quote(block.domain, safe=""))
+    headers = {"Accept": "application/json"}
     response = await httpcheck.send(
-        http,
-        "GET",
-        url,
-        service=service,
-        creds=creds,
-        auth=("api", api_key),
-        headers={"Accept": "application/json"},
+        http, "GET", url, service="Mailgun", creds=creds, auth=("api", api_key), headers=headers
     )
-    if response.status_code in (401, 403):
-        raise base.CheckError(
-            base.Reason.AUTHENTICATION_FAILED,
-            f"Mailgun rejected the API key ({httpcheck.status_line(response)}): put a valid "
-            f"Mailgun private API key in key {creds.key('api_key')!r} of "
-            f"{httpcheck.secret(creds)} (EU accounts also need spec.email.apiBase "
-            "https://api.eu.mailgun.net)",
-        )
     if response.status_code == 404:
         raise base.CheckError(
             base.Reason.INVALID_CONFIGURATION,
             f"Mailgun knows no domain {block.domain!r} for this API key: set "
-            "spec.email.domain to a sending domain of the account (EU domains need "
-            "spec.email.apiBase https://api.eu.mailgun.net)",
+            f"spec.email.domain to a sending domain of the account{_MAILGUN_EU}",
+        )
+    body = _answer(response, service="Mailgun", creds=creds, hint=_MAILGUN_EU)
+    record = body.get("domain") if isinstance(body, dict) else None
+    if not isinstance(record, dict):
+        raise _not_the_api(url, "a Mailgun domain record")
+    state = record.get("state")
+    shown = f" ({state})" if state in _MAILGUN_STATES else ""
+    return base.Checked(detail=f"Mailgun domain {block.domain}{shown}")
+
+
+def _answer(
+    response: httpx.Response, *, service: str, creds: base.Credentials, hint: str = ""
+) -> Any:
+    """The decoded body of a 200 answer; a refused key or any other status raises."""
+    if response.status_code in (401, 403):
+        raise base.CheckError(
+            base.Reason.AUTHENTICATION_FAILED,
+            f"{service} rejected the API key ({response.status_code}): put a valid "
+            f"{service} API key in key {creds.key('api_key')!r} of "
+            f"{httpcheck.secret(creds)}{hint}",
         )
     if response.status_code != 200:
         raise httpcheck.unexpected(
             response,
             service=service,
-            creds=creds,
-            fix="check spec.email.apiBase (the Mailgun API base, without /v3)",
+            fix=f"check spec.email.apiBase (the {service} API base, without /v3)",
         )
-    body = httpcheck.read_json(response)
-    record = body.get("domain") if isinstance(body, dict) else None
-    if not isinstance(record, dict):
-        raise base.CheckError(
-            base.Reason.INVALID_CONFIGURATION,
-            f"{httpcheck.display_url(url)} did not answer with a Mailgun domain record: "
-            "check spec.email.apiBase",
-        )
-    state = record.get("state")
-    shown = f" ({httpcheck.quote(state, creds=creds)})" if isinstance(state, str) else ""
-    return base.Checked(detail=f"Mailgun domain {block.domain}{shown}")
+    return httpcheck.read_json(response)
+
+
+def _not_the_api(url: str, what: str) -> base.CheckError:
+    return base.CheckError(
+        base.Reason.INVALID_CONFIGURATION,
+        f"{httpcheck.display_url(url)} did not answer with {what}: check spec.email.apiBase",
+    )
 
 
 # --- binding ------------------------------------------------------------------------

@@ -3,25 +3,26 @@
 The check is HeadBucket with the Integration's keys; when the bucket is missing and
 ``createBucket`` is set it creates it (and turns versioning on when ``versioning``
 is set), so that Workflow artifacts always land in a bucket that exists. boto3 is
-synchronous: the whole exchange runs in a worker thread, bounded by botocore's own
-connect/read timeouts and with retries switched off.
+synchronous: the whole exchange runs in a worker thread with retries switched off.
+botocore signs each request; httpx sends it, through the egress policy and bounded by
+the check's timeout (see `_sender`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import boto3
 import botocore.config
 import botocore.exceptions
+import httpx
+from botocore.awsrequest import AWSPreparedRequest, AWSResponse
+from botocore.compat import HTTPHeaders
 
 from bmad_crds.v1alpha1 import integration
-from bmad_integrations import base
+from bmad_integrations import base, egress, httpcheck
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -30,6 +31,7 @@ GCS_ENDPOINT = "https://storage.googleapis.com"
 # GCS accepts any region in the signature; "auto" is what its documentation uses.
 GCS_REGION = "auto"
 DEFAULT_REGION = "us-east-1"
+ENDPOINT_FIELD = "spec.objectStorage.endpoint"
 
 # Error codes S3-compatible servers answer when the keys are wrong or not allowed.
 _AUTH_CODES = frozenset(
@@ -102,18 +104,81 @@ def make_client(
     creds: base.Credentials,
     *,
     timeout: float,
-    verify: str | bool = True,
+    http: httpx.Client,
 ) -> S3Client:
+    """A boto3 S3 client whose every request is sent by `http` (see `_sender`)."""
     session = boto3.session.Session()
-    return session.client(
+    s3 = session.client(
         "s3",
         endpoint_url=endpoint(block),
         region_name=region(block),
         aws_access_key_id=creds.require("access_key_id"),
         aws_secret_access_key=creds.require("secret_access_key"),
         config=client_config(block, timeout=timeout),
-        verify=verify,
     )
+    # botocore's stubs type event handlers as returning None; a before-send handler
+    # may return the response, which botocore then uses instead of sending.
+    handler = cast(Callable[..., None], _sender(http, creds=creds, timeout=timeout))
+    s3.meta.events.register_first("before-send.s3", handler)
+    return s3
+
+
+class _Body:
+    """What botocore reads a response body from."""
+
+    def __init__(self, content: bytes) -> None:
+        self._content = content
+
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        yield self._content
+
+    def read(self, amt: int | None = None) -> bytes:
+        content, self._content = self._content, b""
+        return content
+
+
+def _sender(
+    http: httpx.Client, *, creds: base.Credentials, timeout: float
+) -> Callable[..., AWSResponse]:
+    """A botocore ``before-send`` handler that sends the signed request itself.
+
+    botocore would open its own connections (urllib3), resolving the endpoint's name
+    on its own. Sending through `http` puts every request, region redirects included,
+    through the egress policy and onto the judged address. A handler that returns a
+    response is what botocore uses instead of sending.
+    """
+
+    def send(request: AWSPreparedRequest, **_: Any) -> AWSResponse:
+        headers = {
+            name: value.decode() if isinstance(value, bytes) else str(value)
+            for name, value in request.headers.items()
+            if name.lower() != "expect"  # httpx sends the body at once
+        }
+        try:
+            response = http.request(
+                request.method, request.url, headers=headers, content=_content(request.body)
+            )
+        except (httpx.TransportError, httpx.InvalidURL) as exc:
+            raise httpcheck.transport_error(
+                exc, service="object storage", url=request.url, timeout=timeout, creds=creds
+            ) from None
+        received = HTTPHeaders()
+        for name, value in response.headers.multi_items():
+            received[name] = value
+        return AWSResponse(request.url, response.status_code, received, _Body(response.content))
+
+    return send
+
+
+def _content(body: str | bytes | bytearray | IO[bytes] | IO[str] | None) -> bytes:
+    if body is None:
+        return b""
+    if isinstance(body, bytes | bytearray):
+        return bytes(body)
+    if isinstance(body, str):
+        return body.encode()
+    read = body.read()
+    return read.encode() if isinstance(read, str) else read
 
 
 def _code(exc: botocore.exceptions.ClientError) -> tuple[str, int | None]:
@@ -127,21 +192,24 @@ def error_for(
     *,
     block: integration.ObjectStorage,
     creds: base.Credentials,
-    timeout: float,
 ) -> base.CheckError:
-    """The CheckError for anything boto3 or the network raised during the check."""
+    """The CheckError for anything boto3 raised during the check.
+
+    The error code the server answered decides the reason; a message shows it only
+    when it is one of the codes recognised here, and never the server's message.
+    """
     if isinstance(exc, base.CheckError):
         return exc
     where = public_endpoint(block)
-    detail = base.said(exc, creds)
     if isinstance(exc, botocore.exceptions.ClientError):
         code, status = _code(exc)
         if code in _AUTH_CODES or status == 403:
             return base.CheckError(
                 base.Reason.AUTHENTICATION_FAILED,
-                f"{where} refused the keys for bucket {block.bucket!r} ({detail}): check the "
-                f"keys {creds.key('access_key_id')!r} and {creds.key('secret_access_key')!r} "
-                "of the credentials Secret, and that they may access (and, with createBucket, "
+                f"{where} refused the keys for bucket {block.bucket!r} "
+                f"({code if code in _AUTH_CODES else status}): check the keys "
+                f"{creds.key('access_key_id')!r} and {creds.key('secret_access_key')!r} of "
+                "the credentials Secret, and that they may access (and, with createBucket, "
                 "create) the bucket",
             )
         if code in _MISSING_CODES:
@@ -154,7 +222,7 @@ def error_for(
             return base.CheckError(
                 base.Reason.INVALID_CONFIGURATION,
                 f"bucket {block.bucket!r} at {where} is not in region {region(block)!r} "
-                f"({detail}): set spec.objectStorage.region to the bucket's region",
+                f"({code}): set spec.objectStorage.region to the bucket's region",
             )
         if code == "BucketAlreadyExists":
             return base.CheckError(
@@ -164,79 +232,50 @@ def error_for(
             )
         if status is not None and (status >= 500 or status == 429):
             return base.CheckError(
-                base.Reason.UNREACHABLE,
-                f"{where} answered {status} ({detail}); the check is retried",
+                base.Reason.UNREACHABLE, f"{where} answered {status}; the check is retried"
             )
         return base.CheckError(
             base.Reason.INVALID_CONFIGURATION,
-            f"{where} refused the request for bucket {block.bucket!r} ({detail}): check "
-            "spec.objectStorage (provider, endpoint, region, pathStyle)",
-        )
-    if isinstance(exc, botocore.exceptions.SSLError):
-        return base.CheckError(
-            base.Reason.TLS_ERROR,
-            f"TLS with {where} failed ({detail}): check that the endpoint presents a "
-            f"certificate signed by a CA the operator trusts (key {creds.key('ca_cert')!r} "
-            "of the credentials Secret), or use an http:// endpoint",
-        )
-    if isinstance(
-        exc,
-        botocore.exceptions.ConnectTimeoutError
-        | botocore.exceptions.ReadTimeoutError
-        | TimeoutError,
-    ):
-        return base.CheckError(
-            base.Reason.TIMEOUT,
-            f"{where} did not answer within {timeout:g}s: check spec.objectStorage.endpoint "
-            "and that the network lets the operator reach it",
-        )
-    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
-        return base.CheckError(
-            base.Reason.UNREACHABLE,
-            f"cannot connect to {where} ({detail}): check spec.objectStorage.endpoint and "
-            "that the server runs",
+            f"{where} refused the request for bucket {block.bucket!r}"
+            + (f" ({status})" if status else "")
+            + ": check spec.objectStorage (provider, endpoint, region, pathStyle)",
         )
     if isinstance(exc, ValueError | botocore.exceptions.ParamValidationError):
         return base.CheckError(
             base.Reason.INVALID_CONFIGURATION,
-            f"the object-storage client refused the settings ({detail}): check spec.objectStorage",
+            "the object-storage client refused the settings: check spec.objectStorage",
         )
     return base.CheckError(
         base.Reason.UNREACHABLE,
-        f"cannot reach {where} ({type(exc).__name__}: {detail}): check "
-        "spec.objectStorage.endpoint and that the server runs",
+        f"cannot reach {where} ({type(exc).__name__}): check spec.objectStorage.endpoint and "
+        "that the server runs",
     )
 
 
-@contextmanager
-def _ca_file(creds: base.Credentials) -> Iterator[str | bool]:
-    """botocore takes a CA bundle as a file only: write the Secret's one for the check."""
-    ca = creds.get("ca_cert")
-    if not ca:
-        yield True
-        return
-    fd, path = tempfile.mkstemp(prefix="bmad-ca-", suffix=".pem")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(ca)
-        yield path
-    finally:
-        os.unlink(path)
-
-
 def check_sync(
-    block: integration.ObjectStorage, creds: base.Credentials, *, timeout: float
+    block: integration.ObjectStorage,
+    creds: base.Credentials,
+    *,
+    timeout: float,
+    policy: egress.Policy,
+    transport: httpx.BaseTransport | None = None,
 ) -> base.Checked:
-    """The whole check, blocking: run it in a worker thread."""
-    with _ca_file(creds) as verify:
+    """The whole check, blocking: run it in a worker thread. `transport` replaces the
+    network (tests); the egress policy still applies."""
+    if block.endpoint:
+        httpcheck.check_base_url(block.endpoint, field=ENDPOINT_FIELD)
+    verify = httpcheck.verify_for(creds)
+    with httpcheck.sync_client(
+        timeout=timeout, policy=policy, field=ENDPOINT_FIELD, verify=verify, transport=transport
+    ) as http:
         try:
-            s3 = make_client(block, creds, timeout=timeout, verify=verify)
+            s3 = make_client(block, creds, timeout=timeout, http=http)
         except Exception as exc:
-            raise error_for(exc, block=block, creds=creds, timeout=timeout) from None
+            raise error_for(exc, block=block, creds=creds) from None
         try:
             return _check_bucket(s3, block)
         except Exception as exc:
-            raise error_for(exc, block=block, creds=creds, timeout=timeout) from None
+            raise error_for(exc, block=block, creds=creds) from None
         finally:
             s3.close()
 
@@ -244,12 +283,11 @@ def check_sync(
 def _check_bucket(s3: S3Client, block: integration.ObjectStorage) -> base.Checked:
     notes: list[str] = []
     try:
-        head = s3.head_bucket(Bucket=block.bucket)
-        headers = head["ResponseMetadata"]["HTTPHeaders"]
+        s3.head_bucket(Bucket=block.bucket)
     except botocore.exceptions.ClientError as exc:
         if _code(exc)[0] not in _MISSING_CODES or not block.create_bucket:
             raise
-        headers = _create(s3, block)
+        _create(s3, block)
         notes.append("created")
         if block.versioning:
             _enable_versioning(s3, block)
@@ -262,27 +300,26 @@ def _check_bucket(s3: S3Client, block: integration.ObjectStorage) -> base.Checke
                 notes.append("versioning enabled")
             else:
                 notes.append("versioned")
-    server = headers.get("server")
     detail = f"bucket {block.bucket}" + (f" ({', '.join(notes)})" if notes else "")
-    return base.Checked(server_version=server or None, detail=detail)
+    # No server version: the Server header is the server's own words.
+    return base.Checked(detail=detail)
 
 
-def _create(s3: S3Client, block: integration.ObjectStorage) -> dict[str, str]:
+def _create(s3: S3Client, block: integration.ObjectStorage) -> None:
     where = region(block)
     try:
         if block.provider == "s3" and where != DEFAULT_REGION:
             # AWS wants the region spelled out for every region but us-east-1.
-            created = s3.create_bucket(
+            s3.create_bucket(
                 Bucket=block.bucket,
                 CreateBucketConfiguration={"LocationConstraint": where},  # type: ignore[typeddict-item]
             )
         else:
-            created = s3.create_bucket(Bucket=block.bucket)
+            s3.create_bucket(Bucket=block.bucket)
     except botocore.exceptions.ClientError as exc:
+        # BucketAlreadyOwnedByYou: created meanwhile by us (another check, a replica).
         if _code(exc)[0] != "BucketAlreadyOwnedByYou":
             raise
-        return {}  # created meanwhile by us (another check, another replica)
-    return dict(created["ResponseMetadata"]["HTTPHeaders"])
 
 
 def _enable_versioning(s3: S3Client, block: integration.ObjectStorage) -> None:
@@ -294,9 +331,10 @@ async def check(
     creds: base.Credentials,
     *,
     timeout: float,  # noqa: ASYNC109 - bounds each network exchange, not the coroutine
+    policy: egress.Policy,
 ) -> base.Checked:
     """HeadBucket; create the bucket (and enable versioning) when the block asks."""
-    return await asyncio.to_thread(check_sync, block, creds, timeout=timeout)
+    return await asyncio.to_thread(check_sync, block, creds, timeout=timeout, policy=policy)
 
 
 def binding(block: integration.ObjectStorage, creds: base.Credentials) -> dict[str, str]:

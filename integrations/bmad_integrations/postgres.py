@@ -8,21 +8,44 @@ turns each into the reason a user can act on.
 
 from __future__ import annotations
 
-import socket
 import ssl
 import urllib.parse
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 
 from bmad_crds.v1alpha1 import integration
-from bmad_integrations import base
+from bmad_integrations import base, egress
 
 PROVIDER = "postgresql"
 APPLICATION_NAME = "bmad-operator-check"
+HOST_FIELD = "spec.postgres.host"
 
 
 def target(block: integration.Postgres) -> str:
     return f"{block.host}:{block.port}/{block.database}"
+
+
+class _NamedContext(ssl.SSLContext):
+    """A client TLS context that verifies the certificate against one host name.
+
+    The socket goes to the address the egress policy judged, and asyncpg names that
+    address when it starts TLS; this context puts the configured host name back, so
+    ``verify-full`` still checks the certificate against the name.
+    """
+
+    server_name: str | None = None
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        return super().wrap_bio(
+            incoming, outgoing, server_side, self.server_name or server_hostname, session
+        )
 
 
 def ssl_argument(
@@ -40,30 +63,41 @@ def ssl_argument(
         return False
     if mode in ("allow", "prefer"):
         return mode
+    context = _NamedContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.server_name = host(block)
     if mode == "require":
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         return context
     ca = creds.get("ca_cert")
     try:
-        context = ssl.create_default_context(cadata=ca) if ca else ssl.create_default_context()
-    except (ssl.SSLError, ValueError) as exc:
+        if ca:
+            context.load_verify_locations(cadata=ca)
+        else:
+            context.load_default_certs()
+    except (ssl.SSLError, ValueError):
         raise base.CheckError(
             base.Reason.INVALID_CONFIGURATION,
-            f"key {creds.key('ca_cert')!r} of the credentials Secret is not a PEM CA bundle "
-            f"({base.said(exc, creds)}): put the server's CA certificate(s) there in PEM form",
+            f"key {creds.key('ca_cert')!r} of the credentials Secret is not a PEM CA bundle: "
+            "put the server's CA certificate(s) there in PEM form",
         ) from None
     context.check_hostname = mode == "verify-full"
     return context
 
 
+def host(block: integration.Postgres) -> str:
+    return block.host.removeprefix("[").removesuffix("]")
+
+
 def error_for(
     exc: BaseException, *, block: integration.Postgres, creds: base.Credentials, timeout: float
 ) -> base.CheckError:
-    """The CheckError for anything asyncpg or the network raised during the check."""
+    """The CheckError for anything asyncpg or the network raised during the check.
+
+    The server's own words never reach the message: only the class of error asyncpg
+    raised (which stands for a SQLSTATE) decides what it says.
+    """
     where = target(block)
-    detail = base.said(exc, creds)
     if isinstance(exc, base.CheckError):
         return exc
     # 28P01 (wrong password, or an unknown role under password auth) and 28000 (no such
@@ -71,7 +105,7 @@ def error_for(
     if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
         return base.CheckError(
             base.Reason.AUTHENTICATION_FAILED,
-            f"PostgreSQL at {where} refused the login ({detail}): check the keys "
+            f"PostgreSQL at {where} refused the login: check the keys "
             f"{creds.key('username')!r} and {creds.key('password')!r} of the credentials "
             "Secret, that the role exists and may log in, and the server's pg_hba.conf",
         )
@@ -79,23 +113,22 @@ def error_for(
         return base.CheckError(
             base.Reason.INVALID_CONFIGURATION,
             f"PostgreSQL at {block.host}:{block.port} has no database named in "
-            f"spec.postgres.database ({detail}): create it, or fix spec.postgres.database",
+            "spec.postgres.database: create it, or fix spec.postgres.database",
         )
     if isinstance(exc, asyncpg.InsufficientPrivilegeError):
         return base.CheckError(
             base.Reason.AUTHENTICATION_FAILED,
-            f"PostgreSQL at {where} denied the role access ({detail}): grant it CONNECT "
-            "on the database",
+            f"PostgreSQL at {where} denied the role access: grant it CONNECT on the database",
         )
     if isinstance(exc, asyncpg.ClientConfigurationError):
         return base.CheckError(
             base.Reason.INVALID_CONFIGURATION,
-            f"cannot configure the connection to {where} ({detail}): check spec.postgres",
+            f"cannot configure the connection to {where}: check spec.postgres",
         )
     if _is_tls_failure(exc):
         return base.CheckError(
             base.Reason.TLS_ERROR,
-            f"TLS with PostgreSQL at {where} failed ({detail}): with sslMode "
+            f"TLS with PostgreSQL at {where} failed ({_tls_problem(exc)}): with sslMode "
             f"{block.ssl_mode!r} the server must offer TLS"
             + (
                 f" and present a certificate signed by the CA in key {creds.key('ca_cert')!r}"
@@ -110,11 +143,6 @@ def error_for(
             f"PostgreSQL at {where} did not answer within {timeout:g}s: check the host and "
             "port, and that the network lets the operator reach the server",
         )
-    if isinstance(exc, socket.gaierror):
-        return base.CheckError(
-            base.Reason.UNREACHABLE,
-            f"cannot resolve the host {block.host!r} ({detail}): fix spec.postgres.host",
-        )
     if isinstance(exc, ConnectionRefusedError):
         return base.CheckError(
             base.Reason.UNREACHABLE,
@@ -124,12 +152,12 @@ def error_for(
     if isinstance(exc, asyncpg.TooManyConnectionsError | asyncpg.CannotConnectNowError):
         return base.CheckError(
             base.Reason.UNREACHABLE,
-            f"PostgreSQL at {where} cannot take a connection now ({detail}); the check is retried",
+            f"PostgreSQL at {where} cannot take a connection now; the check is retried",
         )
     return base.CheckError(
         base.Reason.UNREACHABLE,
-        f"cannot reach PostgreSQL at {where} ({type(exc).__name__}: {detail}): check the "
-        "host, port and that the server runs",
+        f"cannot reach PostgreSQL at {where} ({type(exc).__name__}): check the host, port "
+        "and that the server runs",
     )
 
 
@@ -140,19 +168,27 @@ def _is_tls_failure(exc: BaseException) -> bool:
     return isinstance(exc, ConnectionError) and "SSL" in str(exc)
 
 
+def _tls_problem(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        return base.tls_problem(exc)
+    return "the server does not offer TLS"
+
+
 async def check(
     block: integration.Postgres,
     creds: base.Credentials,
     *,
     timeout: float,  # noqa: ASYNC109 - bounds each network exchange, not the coroutine
+    policy: egress.Policy,
 ) -> base.Checked:
     """Connect, run ``SELECT 1`` and read the server's version."""
     user = creds.require("username")
     password = creds.require("password")
     ssl_arg = ssl_argument(block, creds)
+    destination = await policy.destination(host(block), block.port, field=HOST_FIELD)
     try:
         conn = await asyncpg.connect(
-            host=block.host.removeprefix("[").removesuffix("]"),
+            host=destination.address,
             port=block.port,
             user=user,
             password=password,
@@ -174,9 +210,11 @@ async def check(
     if one != 1:
         raise base.CheckError(
             base.Reason.INVALID_CONFIGURATION,
-            f"the server at {target(block)} answered SELECT 1 with {one!r}: is it PostgreSQL?",
+            f"the server at {target(block)} did not answer SELECT 1 with 1: is it PostgreSQL?",
         )
-    return base.Checked(server_version=str(version), detail=f"connected to {target(block)}")
+    return base.Checked(
+        server_version=base.version(version), detail=f"connected to {target(block)}"
+    )
 
 
 async def _close(conn: asyncpg.Connection, *, wait: float) -> None:

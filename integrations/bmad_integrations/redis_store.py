@@ -7,9 +7,10 @@ operator's own schedule decides when to try again.
 
 from __future__ import annotations
 
-import socket
 import ssl
 import urllib.parse
+from collections.abc import Mapping
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis import backoff as redis_backoff
@@ -17,9 +18,10 @@ from redis import exceptions as redis_errors
 from redis.asyncio import retry as redis_retry
 
 from bmad_crds.v1alpha1 import integration
-from bmad_integrations import base
+from bmad_integrations import base, egress
 
 PROVIDER = "redis"
+HOST_FIELD = "spec.redis.host"
 
 # What Redis answers (in one spelling or another) when the credentials are wrong,
 # missing, or not allowed to run the check's commands.
@@ -50,32 +52,64 @@ def password(creds: base.Credentials) -> str | None:
     return creds.require("password")
 
 
-def client(block: integration.Redis, creds: base.Credentials, *, timeout: float) -> aioredis.Redis:
-    """A client for one check: TLS and ACL user per the block, no retries."""
-    ca = creds.get("ca_cert")
-    return aioredis.Redis(
-        host=block.host.removeprefix("[").removesuffix("]"),
-        port=block.port,
-        db=block.db,
-        username=block.username,
-        password=password(creds),
-        ssl=block.tls,
-        ssl_ca_data=ca if block.tls and ca else None,
-        socket_connect_timeout=timeout,
-        socket_timeout=timeout,
-        retry=redis_retry.Retry(redis_backoff.NoBackoff(), 0),
-        single_connection_client=True,
-    )
+class _PinnedSSLConnection(aioredis.SSLConnection):
+    """A TLS connection to the judged address that verifies the configured name.
+
+    redis-py opens the socket to its ``host`` and, for TLS, names that same host to
+    the handshake; the pool is given the judged address as ``host``, and this class
+    hands the handshake the name instead (asyncio's ``server_hostname``).
+    """
+
+    def __init__(self, *, server_hostname: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.server_hostname = server_hostname
+
+    def _connection_arguments(self) -> Mapping[str, Any]:
+        return {**super()._connection_arguments(), "server_hostname": self.server_hostname}
+
+
+def client(
+    block: integration.Redis,
+    creds: base.Credentials,
+    *,
+    timeout: float,
+    destination: egress.Destination,
+) -> aioredis.Redis:
+    """A client for one check: TLS and ACL user per the block, no retries, one socket
+    to the judged address."""
+    options: dict[str, Any] = {
+        "host": destination.address,
+        "port": destination.port,
+        "db": block.db,
+        "username": block.username,
+        "password": password(creds),
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout,
+        "retry": redis_retry.Retry(redis_backoff.NoBackoff(), 0),
+    }
+    if block.tls:
+        ca = creds.get("ca_cert")
+        pool = aioredis.ConnectionPool(
+            connection_class=_PinnedSSLConnection,
+            server_hostname=destination.host,
+            ssl_ca_data=ca or None,
+            **options,
+        )
+    else:
+        pool = aioredis.ConnectionPool(**options)
+    return aioredis.Redis(connection_pool=pool, single_connection_client=True)
 
 
 def error_for(
     exc: BaseException, *, block: integration.Redis, creds: base.Credentials, timeout: float
 ) -> base.CheckError:
-    """The CheckError for anything redis-py or the network raised during the check."""
+    """The CheckError for anything redis-py or the network raised during the check.
+
+    What Redis answered decides the reason (WRONGPASS, NOPERM…) but is never quoted.
+    """
     if isinstance(exc, base.CheckError):
         return exc
     where = target(block)
-    detail = base.said(exc, creds)
     text = str(exc)
     who = f"the ACL user {block.username!r}" if block.username else "the default user"
     if isinstance(exc, redis_errors.AuthenticationError | redis_errors.NoPermissionError) or (
@@ -84,27 +118,27 @@ def error_for(
         if isinstance(exc, redis_errors.NoPermissionError) or "NOPERM" in text:
             return base.CheckError(
                 base.Reason.AUTHENTICATION_FAILED,
-                f"Redis at {where} denied {who} a command ({detail}): allow it PING and INFO "
-                "in the server's ACL",
+                f"Redis at {where} denied {who} a command: allow it PING and INFO in the "
+                "server's ACL",
             )
         return base.CheckError(
             base.Reason.AUTHENTICATION_FAILED,
-            f"Redis at {where} refused to authenticate {who} ({detail}): put the right "
-            f"password in key {creds.key('password')!r} of the credentials Secret"
+            f"Redis at {where} refused to authenticate {who}: put the right password in key "
+            f"{creds.key('password')!r} of the credentials Secret"
             + ("" if block.username else ", and set spec.redis.username for an ACL user"),
         )
     if isinstance(exc, redis_errors.ResponseError) and "DB index is out of range" in text:
         return base.CheckError(
             base.Reason.INVALID_CONFIGURATION,
-            f"Redis at {where} has no database {block.db} ({detail}): lower spec.redis.db "
-            "below the server's 'databases' setting",
+            f"Redis at {where} has no database {block.db}: lower spec.redis.db below the "
+            "server's 'databases' setting",
         )
     if _is_tls_failure(exc):
         return base.CheckError(
             base.Reason.TLS_ERROR,
-            f"TLS with Redis at {where} failed ({detail}): check that the server speaks TLS "
-            f"and presents a certificate for {block.host!r} signed by a CA the operator "
-            f"trusts (key {creds.key('ca_cert')!r} of the credentials Secret), "
+            f"TLS with Redis at {where} failed ({base.tls_problem(exc)}): check that the "
+            f"server speaks TLS and presents a certificate for {block.host!r} signed by a CA "
+            f"the operator trusts (key {creds.key('ca_cert')!r} of the credentials Secret), "
             "or set spec.redis.tls to false",
         )
     if isinstance(exc, redis_errors.TimeoutError | TimeoutError):
@@ -118,12 +152,7 @@ def error_for(
             f"Redis at {where} did not answer within {timeout:g}s{hint}: check the host and "
             "port, and that the network lets the operator reach the server",
         )
-    if _caused_by(exc, socket.gaierror) or "Name or service not known" in text:
-        return base.CheckError(
-            base.Reason.UNREACHABLE,
-            f"cannot resolve the host {block.host!r} ({detail}): fix spec.redis.host",
-        )
-    if _caused_by(exc, ConnectionRefusedError) or "Error 111 " in text:
+    if base.caused_by(exc, ConnectionRefusedError) or "Error 111 " in text:
         return base.CheckError(
             base.Reason.UNREACHABLE,
             f"Redis at {where} refused the connection: check that the server runs and "
@@ -131,24 +160,13 @@ def error_for(
         )
     return base.CheckError(
         base.Reason.UNREACHABLE,
-        f"cannot reach Redis at {where} ({type(exc).__name__}: {detail}): check the host, "
-        "port and that the server runs",
+        f"cannot reach Redis at {where} ({type(exc).__name__}): check spec.redis.host and "
+        "port, and that the server runs",
     )
 
 
-def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, kind):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
-
-
 def _is_tls_failure(exc: BaseException) -> bool:
-    return _caused_by(exc, ssl.SSLError) or "SSL" in str(exc) or "certificate" in str(exc)
+    return base.caused_by(exc, ssl.SSLError) or "SSL" in str(exc) or "certificate" in str(exc)
 
 
 async def check(
@@ -156,9 +174,14 @@ async def check(
     creds: base.Credentials,
     *,
     timeout: float,  # noqa: ASYNC109 - bounds each network exchange, not the coroutine
+    policy: egress.Policy,
 ) -> base.Checked:
     """PING, then ``INFO server`` for ``redis_version``."""
-    conn = client(block, creds, timeout=timeout)
+    password(creds)  # a missing key is reported before anything is resolved
+    destination = await policy.destination(
+        block.host.removeprefix("[").removesuffix("]"), block.port, field=HOST_FIELD
+    )
+    conn = client(block, creds, timeout=timeout, destination=destination)
     try:
         pong = await conn.ping()
         info = await conn.info("server")
@@ -171,9 +194,8 @@ async def check(
             base.Reason.INVALID_CONFIGURATION,
             f"the server at {target(block)} did not answer PING: is it Redis?",
         )
-    version = info.get("redis_version")
     return base.Checked(
-        server_version=str(version) if version is not None else None,
+        server_version=base.version(info.get("redis_version")),
         detail=f"connected to {target(block)} db {block.db}",
     )
 

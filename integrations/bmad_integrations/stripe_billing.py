@@ -2,23 +2,27 @@
 
 Named ``stripe_billing`` so that it never shadows the ``stripe`` package. The SDK is
 synchronous, so the call runs in a worker thread with the SDK's own network retries
-switched off and an HTTP timeout of the check's length. The read is "list customers,
-limit 1": the operator creates customers for Tenants, so a restricted key must be
-allowed this anyway.
+switched off; its HTTP goes through httpx and the egress policy (`_HttpClient`), with
+a timeout of the check's length. The read is "list customers, limit 1": the operator
+creates customers for Tenants, so a restricted key must be allowed this anyway.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
+from typing import Any
 
+import httpx
 import stripe
 
 from bmad_crds.v1alpha1 import integration
-from bmad_integrations import base
+from bmad_integrations import base, egress, httpcheck
 
 PROVIDER = "stripe"
 DEFAULT_API_BASE = "https://api.stripe.com"
+API_BASE_FIELD = "spec.stripe.apiBase"
 
 
 def api_base(block: integration.Stripe) -> str:
@@ -38,102 +42,124 @@ def quiet_sdk_logger() -> None:
         sdk_logger.setLevel(logging.WARNING)
 
 
+class _HttpClient(stripe.HTTPClient):
+    """The SDK's transport, replaced: requests go through httpx and the egress policy.
+
+    The SDK's own clients (requests, urllib) resolve and connect on their own and
+    follow redirects; this one sends each request to the address the policy judged,
+    follows nothing, and reports a failed connection as the check's own error.
+    """
+
+    name = "bmad-egress"
+
+    def __init__(self, http: httpx.Client, *, creds: base.Credentials, timeout: float) -> None:
+        super().__init__()
+        self._http = http
+        self._creds = creds
+        self._timeout = timeout
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None,
+        post_data: Any = None,
+        *,
+        _usage: list[str] | None = None,
+    ) -> tuple[str, int, Mapping[str, str]]:
+        try:
+            response = self._http.request(method, url, headers=headers, content=post_data)
+        except (httpx.TransportError, httpx.InvalidURL) as exc:
+            raise httpcheck.transport_error(
+                exc, service="Stripe", url=url, timeout=self._timeout, creds=self._creds
+            ) from None
+        return response.text, response.status_code, response.headers
+
+    def close(self) -> None:
+        """The httpx client belongs to the check, which closes it."""
+
+
 def make_client(
-    block: integration.Stripe, creds: base.Credentials, *, timeout: float
+    block: integration.Stripe, creds: base.Credentials, *, timeout: float, http: httpx.Client
 ) -> stripe.StripeClient:
     quiet_sdk_logger()
     return stripe.StripeClient(
         creds.require("api_key"),
         base_addresses={"api": api_base(block)},
         max_network_retries=0,
-        http_client=stripe.RequestsClient(timeout=timeout),
+        http_client=_HttpClient(http, creds=creds, timeout=timeout),
     )
 
 
 def error_for(
-    exc: BaseException, *, block: integration.Stripe, creds: base.Credentials, timeout: float
+    exc: BaseException, *, block: integration.Stripe, creds: base.Credentials
 ) -> base.CheckError:
-    """The CheckError for anything the SDK raised during the check."""
+    """The CheckError for anything the SDK raised during the check.
+
+    The kind of error (the HTTP status behind it) decides the message; what Stripe
+    said never appears (an authentication error's message quotes the key).
+    """
     if isinstance(exc, base.CheckError):
         return exc
     where = api_base(block)
-    detail = base.said(exc, creds)
     key = creds.key("api_key")
+    status = exc.http_status if isinstance(exc, stripe.StripeError) else None
     if isinstance(exc, stripe.AuthenticationError):
         return base.CheckError(
             base.Reason.AUTHENTICATION_FAILED,
-            f"Stripe at {where} refused the API key ({detail}): put a valid secret key "
+            f"Stripe at {where} refused the API key ({status}): put a valid secret key "
             f"(sk_…) or restricted key (rk_…) in key {key!r} of the credentials Secret",
         )
     if isinstance(exc, stripe.PermissionError):
         return base.CheckError(
             base.Reason.AUTHENTICATION_FAILED,
-            f"Stripe at {where} denied the API key access to customers ({detail}): give the "
+            f"Stripe at {where} denied the API key access to customers ({status}): give the "
             "restricted key write access to Customers and Subscriptions",
         )
-    if isinstance(exc, stripe.APIConnectionError):
-        text = str(exc)
-        if "SSL" in text or "certificate" in text:
-            return base.CheckError(
-                base.Reason.TLS_ERROR,
-                f"TLS with Stripe at {where} failed ({detail}): check spec.stripe.apiBase",
-            )
-        if "timed out" in text.lower() or "timeout" in text.lower():
-            return base.CheckError(
-                base.Reason.TIMEOUT,
-                f"Stripe at {where} did not answer within {timeout:g}s: check "
-                "spec.stripe.apiBase and that the network lets the operator reach it",
-            )
+    if isinstance(exc, stripe.RateLimitError) or (status is not None and status >= 500):
         return base.CheckError(
-            base.Reason.UNREACHABLE,
-            f"cannot connect to Stripe at {where} ({base.said(_network_part(text), creds)}): check "
-            "spec.stripe.apiBase and that the network lets the operator reach it",
+            base.Reason.UNREACHABLE, f"Stripe at {where} answered {status}; the check is retried"
         )
-    if isinstance(exc, stripe.RateLimitError):
-        return base.CheckError(
-            base.Reason.UNREACHABLE,
-            f"Stripe at {where} is rate-limiting the key ({detail}); the check is retried",
-        )
-    if isinstance(exc, stripe.StripeError):
-        status = exc.http_status
-        if status is not None and status >= 500:
-            return base.CheckError(
-                base.Reason.UNREACHABLE,
-                f"Stripe at {where} answered {status} ({detail}); the check is retried",
-            )
+    if status is not None and 300 <= status < 400:
         return base.CheckError(
             base.Reason.INVALID_CONFIGURATION,
-            f"Stripe at {where} refused the check's request ({detail}): check "
-            "spec.stripe.apiBase points at the Stripe API",
+            f"Stripe at {where} answered {status}, a redirect, which checks do not follow: "
+            "check spec.stripe.apiBase points at the Stripe API",
+        )
+    if isinstance(exc, stripe.StripeError):
+        return base.CheckError(
+            base.Reason.INVALID_CONFIGURATION,
+            f"Stripe at {where} refused the check's request"
+            + (f" ({status})" if status else "")
+            + ": check spec.stripe.apiBase points at the Stripe API",
         )
     return base.CheckError(
         base.Reason.UNREACHABLE,
-        f"cannot reach Stripe at {where} ({type(exc).__name__}: {detail}): check "
-        "spec.stripe.apiBase",
+        f"cannot reach Stripe at {where} ({type(exc).__name__}): check spec.stripe.apiBase",
     )
 
 
-def _network_part(text: str) -> str:
-    # The SDK's connection errors open with a paragraph of boilerplate, then say
-    # "(Network error: <what happened>)".
-    marker = "(Network error:"
-    if marker not in text:
-        return text
-    return text[text.index(marker) + len(marker) :].strip().removesuffix(")")
-
-
 def check_sync(
-    block: integration.Stripe, creds: base.Credentials, *, timeout: float
+    block: integration.Stripe,
+    creds: base.Credentials,
+    *,
+    timeout: float,
+    policy: egress.Policy,
+    transport: httpx.BaseTransport | None = None,
 ) -> base.Checked:
-    """The check, blocking: run it in a worker thread."""
-    try:
-        client = make_client(block, creds, timeout=timeout)
-        page = client.v1.customers.list(params={"limit": 1})
-    except Exception as exc:
-        raise error_for(exc, block=block, creds=creds, timeout=timeout) from None
+    """The check, blocking: run it in a worker thread. `transport` replaces the network
+    (tests); the egress policy still applies."""
+    httpcheck.check_base_url(api_base(block), field=API_BASE_FIELD)
+    with httpcheck.sync_client(
+        timeout=timeout, policy=policy, field=API_BASE_FIELD, transport=transport
+    ) as http:
+        try:
+            client = make_client(block, creds, timeout=timeout, http=http)
+            page = client.v1.customers.list(params={"limit": 1})
+        except Exception as exc:
+            raise error_for(exc, block=block, creds=creds) from None
     mode = "live" if getattr(page, "livemode", False) else "test"
-    version = _api_version(page)
-    return base.Checked(server_version=version, detail=f"{mode} mode key accepted")
+    return base.Checked(server_version=_api_version(page), detail=f"{mode} mode key accepted")
 
 
 def _api_version(obj: object) -> str | None:
@@ -143,10 +169,11 @@ def _api_version(obj: object) -> str | None:
         str(k).lower(): str(v) for k, v in (getattr(response, "headers", None) or {}).items()
     }
     if headers.get("stripe-version"):
-        return headers["stripe-version"]
-    if headers.get("stripe-mock-version"):
-        return f"stripe-mock {headers['stripe-mock-version']}"
-    return None
+        return base.version(headers["stripe-version"])
+    if "stripe-mock-version" not in headers:
+        return None
+    mock = base.version(headers["stripe-mock-version"])  # a build from source says "master"
+    return f"stripe-mock {mock}" if mock else "stripe-mock"
 
 
 async def check(
@@ -154,9 +181,10 @@ async def check(
     creds: base.Credentials,
     *,
     timeout: float,  # noqa: ASYNC109 - bounds the HTTP exchange, not the coroutine
+    policy: egress.Policy,
 ) -> base.Checked:
     """List one customer with the key: proves the key, the mode and the API base."""
-    return await asyncio.to_thread(check_sync, block, creds, timeout=timeout)
+    return await asyncio.to_thread(check_sync, block, creds, timeout=timeout, policy=policy)
 
 
 def binding(block: integration.Stripe, creds: base.Credentials) -> dict[str, str]:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from bmad_integrations import egress
 
 
 class OperatorSettings(BaseSettings):
@@ -42,6 +46,38 @@ class OperatorSettings(BaseSettings):
         default="",
         description="Root URL of the webhook server; default https://<host>:<port>.",
     )
+    # Where Integration checks may connect (bmad_integrations.egress): comma-separated.
+    egress_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Destinations checks may reach although denied otherwise: address "
+        "ranges, host names, .suffixes, each with an optional :port.",
+    )
+    egress_deny: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Destinations checks may not reach beyond the non-public addresses, "
+        "such as the cluster's service and pod ranges when they are public addresses.",
+    )
+    egress_ports: Annotated[list[int], NoDecode] = Field(
+        default_factory=list,
+        description="The only ports checks may connect to (unless allowed); empty: any.",
+    )
+
+    @field_validator("egress_allow", "egress_deny", "egress_ports", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _egress_rules_parse(self) -> OperatorSettings:
+        self.egress_policy()  # a bad entry stops the start, saying which one
+        return self
+
+    def egress_policy(self) -> egress.Policy:
+        return egress.Policy.parse(
+            allow=self.egress_allow, deny=self.egress_deny, ports=self.egress_ports
+        )
 
 
 def load() -> OperatorSettings:

@@ -17,6 +17,9 @@ from pathlib import Path
 from bmad_testbed import procs
 
 COMMAND = (sys.executable, "-m", "bmad_cli.main", "operator", "run")
+# Every test bed service listens on loopback, which the egress policy of Integration
+# checks refuses unless allowed (BMAD_OPERATOR_EGRESS_ALLOW).
+EGRESS_ALLOW = "127.0.0.0/8,::1"
 
 
 def loopback_env(
@@ -38,6 +41,7 @@ def loopback_env(
         "BMAD_OPERATOR_WEBHOOK_PORT": str(webhook_port),
         "BMAD_OPERATOR_WEBHOOK_HOST": "127.0.0.1",
         "BMAD_OPERATOR_WEBHOOK_ADDRESS": "127.0.0.1",
+        "BMAD_OPERATOR_EGRESS_ALLOW": EGRESS_ALLOW,
         "PYTHONUNBUFFERED": "1",
     }
     if workers is not None:

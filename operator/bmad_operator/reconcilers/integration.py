@@ -27,8 +27,8 @@ import pydantic
 
 from bmad_crds.v1alpha1 import integration as integration_api
 from bmad_integrations import base as ibase
-from bmad_integrations import checks
-from bmad_operator import conditions, kube, store, workqueue
+from bmad_integrations import checks, egress
+from bmad_operator import conditions, kube, settings, store, workqueue
 from bmad_operator.conditions import FALSE, TRUE, Cond
 from bmad_operator.reconcilers import common
 
@@ -91,10 +91,21 @@ def next_delay(interval: float, failures: int) -> float:
 
 
 class IntegrationReconciler:
-    def __init__(self, *, api: kube.Kube, cache: store.Store, check_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        *,
+        api: kube.Kube,
+        cache: store.Store,
+        check_timeout: float = 10.0,
+        egress_policy: egress.Policy | None = None,
+    ) -> None:
         self.api = api
         self.cache = cache
         self.check_timeout = check_timeout
+        # Where checks may connect; from BMAD_OPERATOR_EGRESS_* unless the caller says.
+        self.egress_policy = (
+            egress_policy if egress_policy is not None else settings.load().egress_policy()
+        )
         self.queue: workqueue.WorkQueue | None = None
         self._memory: dict[tuple[str, str], CheckMemory] = {}
 
@@ -161,7 +172,11 @@ class IntegrationReconciler:
                     k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()
                 }
         result = await checks.check_integration(
-            spec, secret_data, secret_found=secret_found, timeout=self.check_timeout
+            spec,
+            secret_data,
+            secret_found=secret_found,
+            timeout=self.check_timeout,
+            policy=self.egress_policy,
         )
         binding_name = status.get("bindingSecretName")
         if result.ok:

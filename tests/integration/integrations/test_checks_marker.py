@@ -16,6 +16,8 @@ from bmad_crds.v1alpha1 import integration
 from bmad_integrations import base, checks
 from bmad_testbed import procs
 
+from .policies import TESTBED
+
 pytestmark = pytest.mark.integration
 
 
@@ -94,7 +96,9 @@ async def test_the_marker_appears_in_no_message(
 
     reasons: dict[str, base.Reason] = {}
     for name, case_spec, secret, found in cases:
-        result = await checks.check_integration(case_spec, secret, secret_found=found, timeout=3)
+        result = await checks.check_integration(
+            case_spec, secret, secret_found=found, timeout=3, policy=TESTBED
+        )
         assert not result.ok, name
         assert marker not in result.message, (name, result.message)
         assert "\n" not in result.message, name

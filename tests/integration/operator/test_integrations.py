@@ -21,7 +21,7 @@ from bmad_testbed import procs
 from bmad_testbed.kubectl import Kubectl, eventually
 from bmad_testbed.operator_proc import OperatorProcess
 
-from ..integrations import fakes
+from ..integrations import emulators
 from .helpers import agent, condition
 
 pytestmark = pytest.mark.integration
@@ -225,7 +225,7 @@ def test_integration_reasons_and_recovery(
 def test_email_smtp_with_auth_reasons_and_recovery(
     kubectl: Kubectl, namespace: str, operator: OperatorProcess
 ) -> None:
-    with fakes.SmtpServer(username="mailer", password="smtp-pass-1") as server:
+    with emulators.SmtpServer(username="mailer", password="smtp-pass-1") as server:
         case = Case(
             type="email",
             block=lambda env: {
@@ -246,10 +246,10 @@ def test_email_smtp_with_auth_reasons_and_recovery(
 def test_auth0_reasons_and_recovery(
     kubectl: Kubectl, namespace: str, operator: OperatorProcess
 ) -> None:
-    oidc = fakes.OidcIssuer(
+    oidc = emulators.OidcIssuer(
         client_id="bmad-ops", client_secret="oidc-secret-1", audience="https://agents.bmad.test"
     )
-    with fakes.HttpServer(oidc.route) as server:
+    with emulators.HttpServer(oidc.route) as server:
         oidc.bind(server.url)
         case = Case(
             type="auth0",

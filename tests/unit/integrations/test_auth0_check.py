@@ -10,8 +10,10 @@ import httpx
 import pytest
 
 from bmad_crds.v1alpha1 import integration
-from bmad_integrations import auth0, base
+from bmad_integrations import auth0, base, egress
 from bmad_integrations import binding as layout
+
+from .policies import OPEN, as_named
 
 pytestmark = pytest.mark.unit
 
@@ -65,21 +67,28 @@ def issuer_handler(
 
 
 async def run(
-    handler: Handler, spec: integration.Auth0 | None = None, secrets: base.Credentials | None = None
+    handler: Handler,
+    spec: integration.Auth0 | None = None,
+    secrets: base.Credentials | None = None,
+    policy: egress.Policy = OPEN,
 ) -> base.Checked:
     return await auth0.check(
         spec or block(),
         secrets or creds(),
         timeout=5,
+        policy=policy,
         transport=httpx.MockTransport(handler),
     )
 
 
 async def fails(
-    handler: Handler, spec: integration.Auth0 | None = None, secrets: base.Credentials | None = None
+    handler: Handler,
+    spec: integration.Auth0 | None = None,
+    secrets: base.Credentials | None = None,
+    policy: egress.Policy = OPEN,
 ) -> base.CheckError:
     with pytest.raises(base.CheckError) as caught:
-        await run(handler, spec, secrets)
+        await run(handler, spec, secrets, policy)
     assert SECRET not in caught.value.message
     return caught.value
 
@@ -88,7 +97,7 @@ async def test_an_issuer_with_an_rsa_signing_key_checks_ok() -> None:
     seen: list[httpx.Request] = []
     checked = await run(issuer_handler(seen=seen))
     assert "1 RSA signing key" in checked.detail
-    assert [str(r.url) for r in seen] == [
+    assert [as_named(r) for r in seen] == [
         f"{ISSUER}.well-known/openid-configuration",
         f"{ISSUER}.well-known/jwks.json",
     ]
@@ -101,7 +110,7 @@ async def test_the_domain_names_auth0s_https_issuer() -> None:
         issuer_handler(document=discovery(domain_issuer), seen=seen),
         block(issuer=None, domain="acme.eu.auth0.com"),
     )
-    assert str(seen[0].url) == "https://acme.eu.auth0.com/.well-known/openid-configuration"
+    assert as_named(seen[0]) == "https://acme.eu.auth0.com/.well-known/openid-configuration"
     assert domain_issuer in checked.detail
 
 
@@ -114,21 +123,30 @@ async def test_an_issuer_without_trailing_slash_is_joined_cleanly() -> None:
         ),
         block(issuer=bare),
     )
-    assert str(seen[0].url) == f"{bare}/.well-known/openid-configuration"
+    assert as_named(seen[0]) == f"{bare}/.well-known/openid-configuration"
 
 
 async def test_a_different_announced_issuer_is_invalid_configuration() -> None:
     error = await fails(issuer_handler(document=discovery("https://other.example.test/")))
     assert error.reason is base.Reason.INVALID_CONFIGURATION
-    assert "set spec.auth0.issuer to exactly 'https://other.example.test/'" in error.message
+    assert "names another issuer than 'https://issuer.example.test/'" in error.message
+    assert "other.example.test" not in error.message  # the document's word, not quoted
 
 
-async def test_an_issuer_differing_only_by_the_slash_is_named_exactly() -> None:
-    error = await fails(
-        issuer_handler(document=discovery(ISSUER)), block(issuer=ISSUER.rstrip("/"))
-    )
+@pytest.mark.parametrize(
+    ("configured", "announced", "fix"),
+    [
+        (ISSUER.rstrip("/"), ISSUER, "set spec.auth0.issuer with the trailing slash"),
+        (ISSUER, ISSUER.rstrip("/"), "set spec.auth0.issuer without the trailing slash"),
+    ],
+)
+async def test_an_issuer_differing_only_by_the_slash_says_which_way(
+    configured: str, announced: str, fix: str
+) -> None:
+    document = discovery(announced, jwks_uri=f"{ISSUER}.well-known/jwks.json")
+    error = await fails(issuer_handler(document=document), block(issuer=configured))
     assert error.reason is base.Reason.INVALID_CONFIGURATION
-    assert f"exactly {ISSUER!r}" in error.message
+    assert fix in error.message
 
 
 @pytest.mark.parametrize(
@@ -152,13 +170,18 @@ async def test_a_bad_discovery_answer_maps_to_a_reason(
         assert "spec.auth0.issuer" in error.message
 
 
-async def test_a_redirect_is_not_followed_and_names_the_target() -> None:
+async def test_a_redirect_is_not_followed_nor_quoted() -> None:
+    seen: list[httpx.Request] = []
+
     def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
         return httpx.Response(301, headers={"Location": "https://elsewhere.example.test/x"})
 
     error = await fails(handle)
     assert error.reason is base.Reason.INVALID_CONFIGURATION
-    assert "redirect to https://elsewhere.example.test/x" in error.message
+    assert "301, a redirect, which checks do not follow" in error.message
+    assert "elsewhere" not in error.message
+    assert len(seen) == 1
 
 
 async def test_a_discovery_without_jwks_uri_is_invalid_configuration() -> None:
@@ -274,7 +297,8 @@ async def test_a_malformed_token_request_is_invalid_configuration() -> None:
         issuer_handler(token=token), block(clientId="m2m-client"), creds(clientSecret=SECRET)
     )
     assert error.reason is base.Reason.INVALID_CONFIGURATION
-    assert "audience is invalid" in error.message
+    assert "OAuth error invalid_request" in error.message  # a code the RFC defines
+    assert "audience is invalid" not in error.message  # the description is the server's
 
 
 async def test_a_token_answer_without_access_token_is_invalid_configuration() -> None:
@@ -410,4 +434,58 @@ async def test_a_domain_whose_issuer_differs_suggests_the_issuer_field() -> None
     document = discovery("https://login.acme.test/")
     error = await fails(issuer_handler(document=document), block(issuer=None, domain="acme.test"))
     assert error.reason is base.Reason.INVALID_CONFIGURATION
-    assert "set spec.auth0.issuer to 'https://login.acme.test/' instead" in error.message
+    assert "check spec.auth0.domain" in error.message
+    assert "login.acme.test" not in error.message
+
+
+# --- endpoints the discovery document names -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "url"),
+    [
+        ("jwks_uri", "https://keys.elsewhere.test/jwks.json"),
+        ("jwks_uri", "http://issuer.example.test/.well-known/jwks.json"),  # scheme downgrade
+        ("jwks_uri", "https://issuer.example.test:8443/.well-known/jwks.json"),  # other port
+        ("token_endpoint", "https://tokens.elsewhere.test/oauth/token"),
+    ],
+)
+async def test_an_endpoint_on_another_origin_is_not_followed(key: str, url: str) -> None:
+    seen: list[httpx.Request] = []
+    handler = issuer_handler(document=discovery(**{key: url}), seen=seen)
+    error = await fails(handler, block(clientId="m2m"), creds(clientSecret=SECRET))
+    assert error.reason is base.Reason.DESTINATION_NOT_ALLOWED
+    assert key in error.message
+    assert egress.ALLOW_SETTING in error.message
+    assert "elsewhere" not in error.message
+    assert all(request.headers["Host"] == "issuer.example.test" for request in seen)
+    assert all(request.method == "GET" for request in seen)  # the secret was never sent
+
+
+@pytest.mark.parametrize("rule", ["keys.elsewhere.test", ".elsewhere.test"])
+async def test_an_endpoint_on_a_host_the_allow_list_names_is_followed(rule: str) -> None:
+    seen: list[httpx.Request] = []
+    handler = issuer_handler(
+        document=discovery(jwks_uri="https://keys.elsewhere.test/.well-known/jwks.json"),
+        seen=seen,
+    )
+    policy = egress.Policy.parse(allow=[rule], resolver=OPEN.resolver)
+    await run(handler, policy=policy)
+    assert [request.headers["Host"] for request in seen] == [
+        "issuer.example.test",
+        "keys.elsewhere.test",
+    ]
+
+
+async def test_a_broad_allowed_range_does_not_let_endpoints_leave_the_origin() -> None:
+    handler = issuer_handler(document=discovery(jwks_uri="https://keys.elsewhere.test/k"))
+    policy = egress.Policy.parse(allow=["0.0.0.0/0"], resolver=OPEN.resolver)
+    error = await fails(handler, policy=policy)
+    assert error.reason is base.Reason.DESTINATION_NOT_ALLOWED
+
+
+async def test_an_endpoint_that_is_not_http_is_invalid_configuration() -> None:
+    handler = issuer_handler(document=discovery(jwks_uri="file:///etc/passwd"))
+    error = await fails(handler)
+    assert error.reason is base.Reason.INVALID_CONFIGURATION
+    assert "not an http(s) URL" in error.message

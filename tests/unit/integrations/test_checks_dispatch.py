@@ -13,6 +13,8 @@ import pytest
 from bmad_crds.v1alpha1 import integration
 from bmad_integrations import base, checks
 
+from .policies import OPEN
+
 pytestmark = pytest.mark.unit
 
 MARKER = "MARKER-dispatch-8c7b6a"  # a password that must never show in a message
@@ -40,7 +42,8 @@ def fake_module(monkeypatch: pytest.MonkeyPatch) -> Callable[[CheckFn], list[Any
     def install(check: CheckFn) -> list[Any]:
         calls: list[Any] = []
 
-        async def recording(block: Any, creds: base.Credentials, **options: float) -> Any:
+        async def recording(block: Any, creds: base.Credentials, **options: Any) -> Any:
+            assert options["policy"] is OPEN  # the operator's policy reaches every module
             calls.append((block, creds, options["timeout"]))
             return await check(block, creds, **options)
 
@@ -80,7 +83,7 @@ def test_from_api_data_decodes_base64() -> None:
 
 
 async def test_a_missing_secret_is_secret_not_found() -> None:
-    result = await checks.check_integration(spec(), None, secret_found=False)
+    result = await checks.check_integration(spec(), None, secret_found=False, policy=OPEN)
     assert not result.ok
     assert result.reason == base.Reason.SECRET_NOT_FOUND
     assert "'creds'" in result.message
@@ -93,13 +96,16 @@ async def test_secret_not_found_names_the_overridden_keys() -> None:
         spec("stripe", secretRef={"name": "billing", "keys": {"apiKey": "secret-key"}}),
         None,
         secret_found=False,
+        policy=OPEN,
     )
     assert result.reason == base.Reason.SECRET_NOT_FOUND
     assert "'secret-key'" in result.message
 
 
 async def test_a_missing_key_is_secret_key_missing_before_any_connection() -> None:
-    result = await checks.check_integration(spec(), {"username": b"bmad"}, secret_found=True)
+    result = await checks.check_integration(
+        spec(), {"username": b"bmad"}, secret_found=True, policy=OPEN
+    )
     assert result.reason == base.Reason.SECRET_KEY_MISSING
     assert "'password'" in result.message
 
@@ -113,7 +119,7 @@ async def test_success_carries_the_version_and_the_latency(
 
     calls = fake_module(ok)
     result = await checks.check_integration(
-        spec(), {"password": MARKER.encode()}, secret_found=True, timeout=3
+        spec(), {"password": MARKER.encode()}, secret_found=True, policy=OPEN, timeout=3
     )
     assert result.ok
     assert result.reason == base.Reason.CHECKED
@@ -134,7 +140,7 @@ async def test_a_check_error_becomes_a_failed_result(
 
     fake_module(refused)
     result = await checks.check_integration(
-        spec(), {"password": MARKER.encode()}, secret_found=True
+        spec(), {"password": MARKER.encode()}, secret_found=True, policy=OPEN
     )
     assert not result.ok
     assert result.reason == base.Reason.AUTHENTICATION_FAILED
@@ -150,7 +156,7 @@ async def test_any_other_exception_is_unreachable_in_one_redacted_line(
 
     fake_module(broken)
     result = await checks.check_integration(
-        spec(), {"password": MARKER.encode()}, secret_found=True
+        spec(), {"password": MARKER.encode()}, secret_found=True, policy=OPEN
     )
     assert result.reason == base.Reason.UNREACHABLE
     assert MARKER not in result.message
@@ -166,7 +172,9 @@ async def test_the_overall_bound_is_a_timeout(
         return base.Checked()
 
     fake_module(hangs)
-    result = await checks.check_integration(spec(), None, secret_found=True, timeout=0.1)
+    result = await checks.check_integration(
+        spec(), None, secret_found=True, policy=OPEN, timeout=0.1
+    )
     assert result.reason == base.Reason.TIMEOUT
     assert "0.1s" in result.message
     assert 100 <= result.latency_ms < 5000

@@ -11,6 +11,8 @@ from bmad_crds.v1alpha1 import integration
 from bmad_integrations import base, email
 from bmad_integrations import binding as layout
 
+from .policies import OPEN, PUBLIC, as_named
+
 pytestmark = pytest.mark.unit
 
 API_KEY = "SG.MARKER-key-5e1d9c"  # must never show in a message
@@ -36,6 +38,7 @@ async def run(
         spec,
         secrets or creds(apiKey=API_KEY),
         timeout=5,
+        policy=OPEN,
         transport=httpx.MockTransport(handler),
     )
 
@@ -71,7 +74,7 @@ def sendgrid(
 async def test_sendgrid_checks_the_keys_scopes_with_a_bearer_token() -> None:
     seen: list[httpx.Request] = []
     checked = await run(sendgrid(seen=seen), block("sendgrid"))
-    assert str(seen[0].url) == "https://api.sendgrid.com/v3/scopes"
+    assert as_named(seen[0]) == "https://api.sendgrid.com/v3/scopes"
     assert seen[0].headers["Authorization"] == f"Bearer {API_KEY}"
     assert "2 scope(s)" in checked.detail
 
@@ -79,7 +82,7 @@ async def test_sendgrid_checks_the_keys_scopes_with_a_bearer_token() -> None:
 async def test_sendgrid_honours_the_api_base() -> None:
     seen: list[httpx.Request] = []
     await run(sendgrid(seen=seen), block("sendgrid", apiBase="https://sg.proxy.test/"))
-    assert str(seen[0].url) == "https://sg.proxy.test/v3/scopes"
+    assert as_named(seen[0]) == "https://sg.proxy.test/v3/scopes"
 
 
 @pytest.mark.parametrize("status", [401, 403])
@@ -87,7 +90,8 @@ async def test_sendgrid_refusing_the_key_is_authentication_failed(status: int) -
     body = {"errors": [{"field": None, "message": "authorization required"}]}
     error = await fails(sendgrid(status, body), block("sendgrid"))
     assert error.reason is base.Reason.AUTHENTICATION_FAILED
-    assert "authorization required" in error.message
+    assert f"({status})" in error.message
+    assert "authorization required" not in error.message  # SendGrid's words, not quoted
     assert "'apiKey'" in error.message
 
 
@@ -127,11 +131,20 @@ async def test_sendgrid_without_any_secret_is_invalid_configuration() -> None:
     assert "spec.secretRef" in error.message
 
 
-async def test_a_server_echoing_the_key_is_redacted() -> None:
+async def test_what_the_server_says_is_never_quoted() -> None:
     error = await fails(
         sendgrid(500, {"errors": [{"message": f"bad key {API_KEY}"}]}), block("sendgrid")
     )
     assert error.reason is base.Reason.UNREACHABLE
+    assert "bad key" not in error.message
+
+
+async def test_an_api_base_with_a_query_is_refused_before_any_request() -> None:
+    seen: list[httpx.Request] = []
+    error = await fails(sendgrid(seen=seen), block("sendgrid", apiBase="https://sg.test/?a="))
+    assert error.reason is base.Reason.INVALID_CONFIGURATION
+    assert "spec.email.apiBase" in error.message
+    assert seen == []
 
 
 def _raising(exc: Exception) -> Handler:
@@ -180,17 +193,23 @@ def mailgun(
 async def test_mailgun_reads_the_domain_with_basic_auth() -> None:
     seen: list[httpx.Request] = []
     checked = await run(mailgun(seen=seen), block("mailgun", domain="mg.example.test"))
-    assert str(seen[0].url) == "https://api.mailgun.net/v3/domains/mg.example.test"
+    assert as_named(seen[0]) == "https://api.mailgun.net/v3/domains/mg.example.test"
     expected = base64.b64encode(f"api:{API_KEY}".encode()).decode()
     assert seen[0].headers["Authorization"] == f"Basic {expected}"
     assert checked.detail == "Mailgun domain mg.example.test (active)"
+
+
+async def test_a_domain_state_mailgun_does_not_document_is_not_shown() -> None:
+    record = {"domain": {"name": "mg.example.test", "state": "INTERNAL-words"}}
+    checked = await run(mailgun(body=record), block("mailgun", domain="mg.example.test"))
+    assert checked.detail == "Mailgun domain mg.example.test"
 
 
 async def test_mailgun_honours_the_eu_api_base() -> None:
     seen: list[httpx.Request] = []
     spec = block("mailgun", domain="mg.example.test", apiBase="https://api.eu.mailgun.net")
     await run(mailgun(seen=seen), spec)
-    assert str(seen[0].url) == "https://api.eu.mailgun.net/v3/domains/mg.example.test"
+    assert as_named(seen[0]) == "https://api.eu.mailgun.net/v3/domains/mg.example.test"
 
 
 @pytest.mark.parametrize("status", [401, 403])
@@ -241,14 +260,16 @@ async def test_smtp_without_host_is_invalid_configuration() -> None:
         provider="smtp", from_="noreply@example.test", host=None, port=None, start_tls=False
     )
     with pytest.raises(base.CheckError) as caught:
-        await email.check(spec, creds(), timeout=1)
+        await email.check(spec, creds(), timeout=1, policy=OPEN)
     assert caught.value.reason is base.Reason.INVALID_CONFIGURATION
     assert "spec.email.host" in caught.value.message
 
 
 async def test_smtp_with_a_username_but_no_password_is_secret_key_missing() -> None:
     with pytest.raises(base.CheckError) as caught:
-        await email.check(block("smtp", host="127.0.0.1"), creds(username="mailer"), timeout=1)
+        await email.check(
+            block("smtp", host="127.0.0.1"), creds(username="mailer"), timeout=1, policy=OPEN
+        )
     assert caught.value.reason is base.Reason.SECRET_KEY_MISSING
     assert "'password'" in caught.value.message
 
@@ -256,7 +277,7 @@ async def test_smtp_with_a_username_but_no_password_is_secret_key_missing() -> N
 async def test_smtp_with_a_ca_that_is_not_pem_is_invalid_configuration() -> None:
     spec = block("smtp", host="127.0.0.1", startTLS=True)
     with pytest.raises(base.CheckError) as caught:
-        await email.check(spec, creds(**{"ca.crt": "-----BEGIN nonsense"}), timeout=1)
+        await email.check(spec, creds(**{"ca.crt": "-----BEGIN nonsense"}), timeout=1, policy=OPEN)
     assert caught.value.reason is base.Reason.INVALID_CONFIGURATION
     assert "'ca.crt'" in caught.value.message
 
@@ -267,21 +288,6 @@ async def test_smtp_with_a_ca_that_is_not_pem_is_invalid_configuration() -> None
 )
 def test_the_smtp_port_defaults_by_starttls(fields: dict[str, Any], port: int) -> None:
     assert email.smtp_port(block("smtp", host="smtp.example.test", **fields)) == port
-
-
-@pytest.mark.parametrize(
-    ("banner", "version"),
-    [
-        (b"mail.example.test ESMTP Postfix (Debian/GNU)", "ESMTP Postfix (Debian/GNU)"),
-        (b"host Python SMTP 1.4.6", "Python SMTP 1.4.6"),
-        (b"ready", "ready"),
-        (b"", None),
-    ],
-)
-def test_the_server_version_is_the_banner_without_the_host(
-    banner: bytes, version: str | None
-) -> None:
-    assert email._server_version(banner) == version
 
 
 # --- binding ------------------------------------------------------------------------
@@ -348,3 +354,18 @@ def test_bindings_follow_the_shared_layout(
     spec: integration.Email, secrets: base.Credentials
 ) -> None:
     assert layout.problems(email.binding(spec, secrets)) == []
+
+
+async def test_smtp_connects_to_the_judged_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    connected: list[tuple[str, int]] = []
+
+    def create_connection(address: tuple[str, int], *args: Any) -> Any:
+        connected.append(address)
+        raise ConnectionRefusedError(111, "refused")
+
+    monkeypatch.setattr(email.socket, "create_connection", create_connection)
+    with pytest.raises(base.CheckError) as caught:
+        await email.check(block("smtp", host="smtp.example.test"), creds(), timeout=1, policy=OPEN)
+    assert caught.value.reason is base.Reason.UNREACHABLE
+    assert "SMTP server smtp.example.test:25 refused the connection" in caught.value.message
+    assert connected == [(PUBLIC, 25)]

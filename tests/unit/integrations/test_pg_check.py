@@ -11,8 +11,10 @@ import asyncpg
 import pytest
 
 from bmad_crds.v1alpha1 import integration
-from bmad_integrations import base, postgres
+from bmad_integrations import base, egress, postgres
 from bmad_integrations import binding as layout
+
+from .policies import OPEN, PUBLIC
 
 pytestmark = pytest.mark.unit
 
@@ -59,6 +61,54 @@ def test_verify_full_checks_the_name_too() -> None:
     assert isinstance(context, ssl.SSLContext)
     assert context.verify_mode == ssl.CERT_REQUIRED
     assert context.check_hostname is True
+
+
+def test_the_handshake_names_the_host_although_the_socket_goes_to_an_address() -> None:
+    context = postgres.ssl_argument(block(sslMode="verify-full"), creds())
+    assert isinstance(context, ssl.SSLContext)
+    # asyncpg names the address it connected to; the context puts the name back.
+    tls = context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname=PUBLIC)
+    assert tls.server_hostname == "db.internal"
+
+
+async def test_the_check_connects_to_the_address_it_judged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Resolved once: a resolver that would answer differently later is not asked again."""
+    answers = iter([[PUBLIC], ["10.0.0.1"]])
+    asked: list[str] = []
+
+    def resolver(host: str, port: int) -> list[str]:
+        asked.append(host)
+        return next(answers)
+
+    connected: list[dict[str, Any]] = []
+
+    async def connect(**options: Any) -> Any:
+        connected.append(options)
+        raise ConnectionRefusedError(111, "refused")
+
+    monkeypatch.setattr(asyncpg, "connect", connect)
+    with pytest.raises(base.CheckError) as caught:
+        await postgres.check(block(), creds(), timeout=1, policy=egress.Policy(resolver=resolver))
+    assert caught.value.reason == base.Reason.UNREACHABLE
+    assert asked == ["db.internal"]
+    assert [options["host"] for options in connected] == [PUBLIC]
+
+
+async def test_a_host_resolving_to_a_private_address_is_never_connected(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def connect(**options: Any) -> Any:
+        raise AssertionError("connected")
+
+    monkeypatch.setattr(asyncpg, "connect", connect)
+    policy = egress.Policy(resolver=lambda host, port: ["10.96.0.10"])
+    with pytest.raises(base.CheckError) as caught:
+        await postgres.check(block(), creds(), timeout=1, policy=policy)
+    assert caught.value.reason == base.Reason.DESTINATION_NOT_ALLOWED
+    assert "spec.postgres.host" in caught.value.message
+    assert "10.96.0.10" not in caught.value.message  # what the name resolved to stays ours
 
 
 def test_a_ca_that_is_not_pem_is_invalid_configuration() -> None:
@@ -123,10 +173,11 @@ def test_driver_errors_map_to_reasons(exc: BaseException, reason: base.Reason) -
     assert error(exc).reason == reason
 
 
-def test_driver_text_is_redacted() -> None:
-    found = error(asyncpg.InvalidPasswordError(f"bad password {PASSWORD}"))
+def test_what_the_server_said_is_never_quoted() -> None:
+    found = error(asyncpg.InvalidPasswordError(f"INTERNAL words and {PASSWORD}"))
     assert PASSWORD not in found.message
-    assert "***" in found.message
+    assert "INTERNAL" not in found.message
+    assert "refused the login" in found.message
 
 
 def test_timeout_message_names_the_bound_and_the_target() -> None:
@@ -149,7 +200,7 @@ def test_a_check_error_passes_through() -> None:
 async def test_missing_password_is_reported_before_connecting() -> None:
     lacking = base.Credentials(secret_name="pg-creds", data={"username": "bmad"})
     with pytest.raises(base.CheckError) as caught:
-        await postgres.check(block(), lacking, timeout=1)
+        await postgres.check(block(), lacking, timeout=1, policy=OPEN)
     assert caught.value.reason == base.Reason.SECRET_KEY_MISSING
 
 

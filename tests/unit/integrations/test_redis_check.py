@@ -11,8 +11,10 @@ import pytest
 from redis import exceptions as redis_errors
 
 from bmad_crds.v1alpha1 import integration
-from bmad_integrations import base, redis_store
+from bmad_integrations import base, egress, redis_store
 from bmad_integrations import binding as layout
+
+from .policies import PUBLIC
 
 pytestmark = pytest.mark.unit
 
@@ -29,26 +31,39 @@ def creds(**data: str) -> base.Credentials:
     return base.Credentials(secret_name="redis-creds", data=data)
 
 
+JUDGED = egress.Destination("cache.internal", 6380, PUBLIC)
+
+
 async def test_client_takes_tls_user_and_password_from_block_and_secret() -> None:
     client = redis_store.client(
-        block(tls=True, username="agent"), creds(password=PASSWORD), timeout=3
+        block(tls=True, username="agent"), creds(password=PASSWORD), timeout=3, destination=JUDGED
     )
     try:
         kwargs = client.connection_pool.connection_kwargs
-        assert kwargs["host"] == "cache.internal"
+        # The socket goes to the judged address; the TLS handshake names the host.
+        assert kwargs["host"] == PUBLIC
+        assert kwargs["server_hostname"] == "cache.internal"
+        connection = client.connection_pool.make_connection()
+        arguments = connection._connection_arguments()  # what asyncio.open_connection gets
+        assert arguments["host"] == PUBLIC
+        assert arguments["server_hostname"] == "cache.internal"
+        assert isinstance(arguments["ssl"], ssl.SSLContext)
         assert kwargs["port"] == 6380
         assert kwargs["db"] == 2
         assert kwargs["username"] == "agent"
         assert kwargs["password"] == PASSWORD
         assert kwargs["socket_timeout"] == 3
         assert kwargs["socket_connect_timeout"] == 3
-        assert "ssl_cert_reqs" in kwargs  # only SSL connections take these
+        assert arguments["ssl"].verify_mode == ssl.CERT_REQUIRED
+        assert arguments["ssl"].check_hostname is True
     finally:
         await client.aclose()
 
 
 async def test_without_a_secret_ref_the_client_sends_no_password() -> None:
-    client = redis_store.client(block(), base.Credentials(secret_name=None), timeout=3)
+    client = redis_store.client(
+        block(), base.Credentials(secret_name=None), timeout=3, destination=JUDGED
+    )
     try:
         kwargs = client.connection_pool.connection_kwargs
         assert kwargs["password"] is None
@@ -58,9 +73,14 @@ async def test_without_a_secret_ref_the_client_sends_no_password() -> None:
         await client.aclose()
 
 
-def test_a_referenced_secret_must_hold_the_password() -> None:
+async def test_a_referenced_secret_must_hold_the_password() -> None:
+    def resolver(host: str, port: int) -> list[str]:
+        raise AssertionError("resolved before the Secret was read")
+
     with pytest.raises(base.CheckError) as caught:
-        redis_store.client(block(), creds(**{"ca.crt": "PEM"}), timeout=3)
+        await redis_store.check(
+            block(), creds(**{"ca.crt": "PEM"}), timeout=3, policy=egress.Policy(resolver=resolver)
+        )
     assert caught.value.reason == base.Reason.SECRET_KEY_MISSING
     assert "'password'" in caught.value.message
 
@@ -140,10 +160,19 @@ def test_a_timeout_with_tls_hints_at_a_plaintext_server() -> None:
     assert "tls" in error(redis_errors.TimeoutError("t"), tls=True).message
 
 
-def test_auth_message_names_the_acl_user_and_redacts() -> None:
+def test_auth_message_names_the_acl_user_and_quotes_nothing() -> None:
     found = error(redis_errors.AuthenticationError(f"WRONGPASS {PASSWORD}"), username="agent")
     assert "'agent'" in found.message
     assert PASSWORD not in found.message
+    assert "WRONGPASS" not in found.message
+
+
+async def test_a_host_resolving_to_loopback_is_never_connected() -> None:
+    policy = egress.Policy(resolver=lambda host, port: ["127.0.0.1"])
+    with pytest.raises(base.CheckError) as caught:
+        await redis_store.check(block(), creds(password=PASSWORD), timeout=3, policy=policy)
+    assert caught.value.reason == base.Reason.DESTINATION_NOT_ALLOWED
+    assert "spec.redis.host" in caught.value.message
 
 
 def test_binding_has_the_redis_layout() -> None:

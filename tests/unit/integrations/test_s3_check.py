@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import botocore.exceptions
+import httpx
 import pytest
 
 from bmad_crds.v1alpha1 import integration
-from bmad_integrations import base, object_storage
+from bmad_integrations import base, egress, object_storage
 from bmad_integrations import binding as layout
+
+from .policies import OPEN, PUBLIC
 
 pytestmark = pytest.mark.unit
 
@@ -73,6 +77,7 @@ def test_client_uses_the_endpoint_and_keys() -> None:
         block(provider="minio", endpoint="http://127.0.0.1:9000", region="eu-central-1"),
         creds(),
         timeout=2,
+        http=httpx.Client(),
     )
     try:
         assert client.meta.endpoint_url == "http://127.0.0.1:9000"
@@ -87,20 +92,22 @@ def test_client_uses_the_endpoint_and_keys() -> None:
 def test_client_without_keys_is_secret_key_missing() -> None:
     lacking = base.Credentials(secret_name="s3-creds", data={"accessKeyId": "AKIAEXAMPLE"})
     with pytest.raises(base.CheckError) as caught:
-        object_storage.make_client(block(), lacking, timeout=1)
+        object_storage.make_client(block(), lacking, timeout=1, http=httpx.Client())
     assert caught.value.reason == base.Reason.SECRET_KEY_MISSING
     assert "'secretAccessKey'" in caught.value.message
 
 
 def test_client_without_a_secret_ref_says_to_add_one() -> None:
     with pytest.raises(base.CheckError) as caught:
-        object_storage.make_client(block(), base.Credentials(secret_name=None), timeout=1)
+        object_storage.make_client(
+            block(), base.Credentials(secret_name=None), timeout=1, http=httpx.Client()
+        )
     assert caught.value.reason == base.Reason.INVALID_CONFIGURATION
     assert "spec.secretRef" in caught.value.message
 
 
 def error(exc: BaseException, **fields: Any) -> base.CheckError:
-    return object_storage.error_for(exc, block=block(**fields), creds=creds(), timeout=3)
+    return object_storage.error_for(exc, block=block(**fields), creds=creds())
 
 
 @pytest.mark.parametrize(
@@ -122,22 +129,6 @@ def error(exc: BaseException, **fields: Any) -> base.CheckError:
         ),
         (client_error("InternalError", 500), base.Reason.UNREACHABLE),
         (client_error("SlowDown", 503), base.Reason.UNREACHABLE),
-        (
-            botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:1/b"),
-            base.Reason.UNREACHABLE,
-        ),
-        (
-            botocore.exceptions.ConnectTimeoutError(endpoint_url="http://10.0.0.1/b"),
-            base.Reason.TIMEOUT,
-        ),
-        (
-            botocore.exceptions.ReadTimeoutError(endpoint_url="http://10.0.0.1/b"),
-            base.Reason.TIMEOUT,
-        ),
-        (
-            botocore.exceptions.SSLError(endpoint_url="https://s3.test/b", error="bad cert"),
-            base.Reason.TLS_ERROR,
-        ),
         (ValueError("Invalid endpoint: htp:/x"), base.Reason.INVALID_CONFIGURATION),
         (RuntimeError("surprise"), base.Reason.UNREACHABLE),
     ],
@@ -152,12 +143,99 @@ def test_missing_bucket_message_says_how_to_fix_it() -> None:
     assert "createBucket" in found.message
 
 
-def test_auth_message_names_the_key_names_and_redacts() -> None:
+def test_auth_message_names_the_key_names_and_quotes_nothing() -> None:
     found = error(client_error("SignatureDoesNotMatch", 403))
     assert "'accessKeyId'" in found.message
     assert "'secretAccessKey'" in found.message
+    assert "(SignatureDoesNotMatch)" in found.message  # a code we recognise
+    assert "happened" not in found.message  # the server's message
     leaked = error(RuntimeError(f"echoed {SECRET_KEY}"))
     assert SECRET_KEY not in leaked.message
+    assert "echoed" not in leaked.message
+
+
+# --- the whole check, sent through the egress policy ----------------------------------
+
+
+def run(
+    handler: Any, spec: integration.ObjectStorage, policy: egress.Policy = OPEN
+) -> base.Checked:
+    return object_storage.check_sync(
+        spec, creds(), timeout=2, policy=policy, transport=httpx.MockTransport(handler)
+    )
+
+
+def test_every_request_goes_to_the_judged_address_signed_for_the_name() -> None:
+    seen: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, headers={"Server": "INTERNAL-banner"})
+
+    checked = run(handle, block(provider="minio", endpoint="https://minio.example.test:9000"))
+    assert checked.detail == "bucket bmad-artifacts"
+    assert checked.server_version is None  # the Server header is not reported
+    assert [(r.method, r.url.host, r.url.path) for r in seen] == [
+        ("HEAD", PUBLIC, "/bmad-artifacts")
+    ]
+    assert seen[0].headers["Host"] == "minio.example.test:9000"
+    assert seen[0].extensions["sni_hostname"] == "minio.example.test"
+    assert "Signature=" in seen[0].headers["Authorization"]
+
+
+def test_a_missing_bucket_is_created_through_the_same_path() -> None:
+    seen: list[str] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request.method)
+        return httpx.Response(404 if request.method == "HEAD" else 200)
+
+    spec = block(provider="minio", endpoint="http://minio.example.test", createBucket=True)
+    assert run(handle, spec).detail == "bucket bmad-artifacts (created)"
+    assert seen == ["HEAD", "PUT"]
+
+
+def test_an_endpoint_resolving_to_the_metadata_address_is_refused() -> None:
+    def handle(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("sent")
+
+    policy = egress.Policy(resolver=lambda host, port: ["169.254.169.254"])
+    with pytest.raises(base.CheckError) as caught:
+        run(handle, block(provider="minio", endpoint="http://minio.example.test"), policy)
+    assert caught.value.reason == base.Reason.DESTINATION_NOT_ALLOWED
+    assert "spec.objectStorage.endpoint" in caught.value.message
+
+
+def _tls_failure(request: httpx.Request) -> httpx.Response:
+    error = ssl.SSLCertVerificationError(1, "certificate verify failed: INTERNAL.svc")
+    error.verify_code = 62
+    raise httpx.ConnectError("[SSL: CERTIFICATE_VERIFY_FAILED]", request=request) from error
+
+
+def _raising(exc: Exception) -> Any:
+    def handle(request: httpx.Request) -> httpx.Response:
+        raise exc
+
+    return handle
+
+
+@pytest.mark.parametrize(
+    ("handler", "reason"),
+    [
+        (_raising(httpx.ConnectError("[Errno 111] Connection refused")), base.Reason.UNREACHABLE),
+        (_raising(httpx.ConnectTimeout("timed out")), base.Reason.TIMEOUT),
+        (_raising(httpx.ReadTimeout("timed out")), base.Reason.TIMEOUT),
+        (_tls_failure, base.Reason.TLS_ERROR),
+    ],
+)
+def test_transport_failures_map_to_reasons(handler: Any, reason: base.Reason) -> None:
+    with pytest.raises(base.CheckError) as caught:
+        run(handler, block(provider="minio", endpoint="https://minio.example.test"))
+    assert caught.value.reason == reason
+    assert "minio.example.test" in caught.value.message
+    assert "INTERNAL" not in caught.value.message
+    if reason == base.Reason.TLS_ERROR:
+        assert "does not name the host" in caught.value.message
 
 
 def test_binding_has_the_object_storage_layout() -> None:

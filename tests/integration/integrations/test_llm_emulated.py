@@ -1,4 +1,9 @@
-"""The llm check against real local HTTP servers answering like OpenAI and Anthropic."""
+"""The llm check against emulators of OpenAI and Anthropic that this project wrote.
+
+`emulators.openai_router` and `emulators.anthropic_router` answer in the shapes the
+providers document, behind a real HTTP server on 127.0.0.1. They are not the
+providers' APIs, which the tests may not reach.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ from bmad_crds.v1alpha1 import integration
 from bmad_integrations import base, llm
 from bmad_testbed import procs
 
-from .fakes import LOOPBACK, HttpServer, anthropic_router, openai_router
+from .emulators import LOOPBACK, HttpServer, anthropic_router, openai_router
+from .policies import TESTBED
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +39,7 @@ async def failure(
     block: integration.Llm, secrets: base.Credentials, *, within: float = 5
 ) -> base.CheckError:
     with pytest.raises(base.CheckError) as caught:
-        await llm.check(block, secrets, timeout=within)
+        await llm.check(block, secrets, timeout=within, policy=TESTBED)
     assert API_KEY not in caught.value.message
     assert "sk-" not in caught.value.message
     return caught.value
@@ -65,6 +71,7 @@ async def test_openai_with_the_right_key_checks_ready(openai: HttpServer, provid
         spec(provider, f"{openai.url}/v1", defaultModel="gpt-4o-mini"),
         creds(apiKey=API_KEY),
         timeout=5,
+        policy=TESTBED,
     )
     assert checked.detail == "3 model(s) listed; default model gpt-4o-mini available"
     assert openai.requests[0].headers["Authorization"] == f"Bearer {API_KEY}"
@@ -73,7 +80,8 @@ async def test_openai_with_the_right_key_checks_ready(openai: HttpServer, provid
 async def test_openai_with_a_wrong_key_is_authentication_failed(openai: HttpServer) -> None:
     error = await failure(spec("openai", f"{openai.url}/v1"), creds(apiKey="sk-wrong-key-123456"))
     assert error.reason is base.Reason.AUTHENTICATION_FAILED
-    assert "invalid_api_key" in error.message
+    assert "(401)" in error.message
+    assert "Incorrect" not in error.message  # the emulator's OpenAI-style words
 
 
 async def test_openai_without_a_key_is_secret_key_missing(openai: HttpServer) -> None:
@@ -88,7 +96,7 @@ async def test_openai_missing_default_model_is_invalid_configuration(openai: Htt
     )
     assert error.reason is base.Reason.INVALID_CONFIGURATION
     assert "'gpt-9'" in error.message
-    assert "gpt-4o-mini" in error.message
+    assert "it lists 3 other model(s)" in error.message
 
 
 async def test_a_base_url_without_v1_is_invalid_configuration(openai: HttpServer) -> None:
@@ -129,6 +137,7 @@ async def test_anthropic_with_the_right_key_checks_ready(anthropic: HttpServer) 
         spec("anthropic", anthropic.url, defaultModel="claude-sonnet-4-20250514"),
         creds(apiKey=API_KEY),
         timeout=5,
+        policy=TESTBED,
     )
     assert "2 model(s) listed" in checked.detail
     request = anthropic.requests[0]
@@ -141,6 +150,7 @@ async def test_anthropic_resolves_a_model_alias(anthropic: HttpServer) -> None:
         spec("anthropic", anthropic.url, defaultModel="claude-sonnet-4-0"),
         creds(apiKey=API_KEY),
         timeout=5,
+        policy=TESTBED,
     )
     assert [r.path for r in anthropic.requests] == ["/v1/models", "/v1/models/claude-sonnet-4-0"]
 
@@ -148,7 +158,7 @@ async def test_anthropic_resolves_a_model_alias(anthropic: HttpServer) -> None:
 async def test_anthropic_with_a_wrong_key_is_authentication_failed(anthropic: HttpServer) -> None:
     error = await failure(spec("anthropic", anthropic.url), creds(apiKey="sk-ant-wrong-0000"))
     assert error.reason is base.Reason.AUTHENTICATION_FAILED
-    assert "authentication_error" in error.message
+    assert "(401)" in error.message
 
 
 async def test_anthropic_unknown_model_is_invalid_configuration(anthropic: HttpServer) -> None:

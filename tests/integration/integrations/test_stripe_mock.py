@@ -1,4 +1,5 @@
-"""The stripe check against the test bed's stripe-mock (Stripe's own API mock).
+"""The stripe check against the test bed's stripe-mock: Stripe's own mock of its API,
+not the live Stripe API.
 
 What stripe-mock refuses (found by asking it; it keeps no account, so no key is
 "wrong" in the real sense): any Authorization that is not a valid-looking *test-mode
@@ -20,6 +21,8 @@ from bmad_crds.v1alpha1 import integration
 from bmad_integrations import base, checks
 from bmad_testbed import procs
 
+from .policies import TESTBED
+
 pytestmark = pytest.mark.integration
 
 
@@ -36,7 +39,7 @@ def stripe_spec(api_base: str, **ref: Any) -> integration.IntegrationSpec:
 @pytest.mark.parametrize("key", ["sk_test_123", "rk_test_restricted42"])
 async def test_a_test_mode_secret_key_is_checked(stripe_api_base: str, key: str) -> None:
     result = await checks.check_integration(
-        stripe_spec(stripe_api_base), {"apiKey": key.encode()}, secret_found=True
+        stripe_spec(stripe_api_base), {"apiKey": key.encode()}, secret_found=True, policy=TESTBED
     )
     assert result.ok, result.message
     assert result.reason == base.Reason.CHECKED
@@ -52,7 +55,7 @@ async def test_keys_stripe_mock_refuses_are_authentication_failed(
     stripe_api_base: str, key: str
 ) -> None:
     result = await checks.check_integration(
-        stripe_spec(stripe_api_base), {"apiKey": key.encode()}, secret_found=True
+        stripe_spec(stripe_api_base), {"apiKey": key.encode()}, secret_found=True, policy=TESTBED
     )
     assert result.reason == base.Reason.AUTHENTICATION_FAILED, result.message
     assert key not in result.message  # stripe-mock echoes the key; the check redacts it
@@ -64,6 +67,7 @@ async def test_the_key_name_can_be_overridden(stripe_api_base: str) -> None:
         stripe_spec(stripe_api_base, keys={"apiKey": "STRIPE_SECRET_KEY"}),
         {"STRIPE_SECRET_KEY": b"sk_test_123"},
         secret_found=True,
+        policy=TESTBED,
     )
     assert result.ok, result.message
 
@@ -71,7 +75,7 @@ async def test_the_key_name_can_be_overridden(stripe_api_base: str) -> None:
 async def test_a_closed_port_is_unreachable() -> None:
     api_base = f"http://127.0.0.1:{procs.free_port()}"
     result = await checks.check_integration(
-        stripe_spec(api_base), {"apiKey": b"sk_test_123"}, secret_found=True
+        stripe_spec(api_base), {"apiKey": b"sk_test_123"}, secret_found=True, policy=TESTBED
     )
     assert result.reason == base.Reason.UNREACHABLE
     assert api_base in result.message
@@ -80,14 +84,19 @@ async def test_a_closed_port_is_unreachable() -> None:
 
 async def test_a_missing_key_is_secret_key_missing(stripe_api_base: str) -> None:
     result = await checks.check_integration(
-        stripe_spec(stripe_api_base), {"webhookSecret": b"whsec_1"}, secret_found=True
+        stripe_spec(stripe_api_base),
+        {"webhookSecret": b"whsec_1"},
+        secret_found=True,
+        policy=TESTBED,
     )
     assert result.reason == base.Reason.SECRET_KEY_MISSING
     assert "'apiKey'" in result.message
 
 
 async def test_a_missing_secret_is_secret_not_found(stripe_api_base: str) -> None:
-    result = await checks.check_integration(stripe_spec(stripe_api_base), None, secret_found=False)
+    result = await checks.check_integration(
+        stripe_spec(stripe_api_base), None, secret_found=False, policy=TESTBED
+    )
     assert result.reason == base.Reason.SECRET_NOT_FOUND
     assert "'stripe-creds'" in result.message
     assert "'apiKey'" in result.message
@@ -100,7 +109,10 @@ async def test_the_sdk_does_not_log_a_refused_key(
     key = "sk_live_MARKERlogged77"
     with caplog.at_level(logging.DEBUG):
         result = await checks.check_integration(
-            stripe_spec(stripe_api_base), {"apiKey": key.encode()}, secret_found=True
+            stripe_spec(stripe_api_base),
+            {"apiKey": key.encode()},
+            secret_found=True,
+            policy=TESTBED,
         )
     assert result.reason == base.Reason.AUTHENTICATION_FAILED
     assert key not in caplog.text

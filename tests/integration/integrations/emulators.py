@@ -1,10 +1,14 @@
-"""Real local servers that answer like the third-party services, on 127.0.0.1 only.
+"""Emulators this project wrote of OpenAI, Anthropic, SendGrid, Mailgun and an OIDC
+issuer (Auth0), plus a real SMTP server and TLS material, all on 127.0.0.1 only.
 
 The checks must meet real sockets, real TLS and real SMTP conversations, but the
-tests may not leave the machine. So each provider gets a small router behind a real
-`http.server.ThreadingHTTPServer` (optionally HTTPS) that answers in the provider's
-documented shapes, 401s included, and SMTP gets a real `aiosmtpd` Controller with
-an authenticator and, optionally, STARTTLS with a certificate made here.
+tests may not leave the machine. So each HTTP provider gets a small router, written
+here from the provider's documentation, behind a real
+`http.server.ThreadingHTTPServer` (optionally HTTPS). The routers answer in the
+documented shapes, 401s included, but they are emulations: a test that uses one
+says "emulated" in its file name, and proves the check against our reading of the
+provider's API, not against the provider. SMTP is different: `SmtpServer` is a real
+SMTP server (aiosmtpd) with an authenticator and, optionally, STARTTLS.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import datetime as dt
 import http.server
 import ipaddress
 import json
+import socket
 import ssl
 import threading
 import urllib.parse
@@ -112,9 +117,10 @@ class HttpServer:
                 for name, value in reply.headers.items():
                     self.send_header(name, value)
                 self.end_headers()
-                self.wfile.write(body)
+                if self.command != "HEAD":
+                    self.wfile.write(body)
 
-            do_GET = do_POST = _serve  # noqa: N815 - BaseHTTPRequestHandler's names
+            do_GET = do_POST = do_PUT = do_HEAD = _serve  # noqa: N815 - BaseHTTPRequestHandler's names
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 pass
@@ -551,3 +557,57 @@ class SmtpServer:
 
     def __exit__(self, *exc: object) -> None:
         self._controller.stop()
+
+
+# --- a destination the operator must not reach --------------------------------------
+
+
+class TcpProbe:
+    """A loopback listener that stands in for a service a check must never reach.
+
+    It counts the connections it accepts, sends `greeting` on each, and answers every
+    chunk it receives with `reply`: enough for a client to read "the server's own
+    words" (a banner, an error line) that a check could quote into a status.
+    """
+
+    def __init__(self, *, greeting: bytes = b"", reply: bytes = b"") -> None:
+        self.greeting = greeting
+        self.reply = reply
+        self.connections = 0
+        self._listener = socket.create_server((LOOPBACK, 0))
+        self._listener.settimeout(0.05)
+        self.port: int = self._listener.getsockname()[1]
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            try:
+                if self.greeting:
+                    conn.sendall(self.greeting)
+                while conn.recv(65536):
+                    if self.reply:
+                        conn.sendall(self.reply)
+            except OSError:
+                return
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopped.set()
+        self._listener.close()
+        self._thread.join(timeout=5)

@@ -20,6 +20,8 @@ from bmad_crds.v1alpha1 import integration
 from bmad_integrations import base, checks
 from bmad_testbed import pki, procs
 
+from .policies import TESTBED
+
 pytestmark = pytest.mark.integration
 
 
@@ -40,7 +42,7 @@ async def test_the_right_password_is_checked_with_the_server_version(
 ) -> None:
     secret = {"password": testbed_env["BMAD_REDIS_PASSWORD"].encode()}
     result = await checks.check_integration(
-        redis_spec(plain(testbed_env)), secret, secret_found=True
+        redis_spec(plain(testbed_env)), secret, secret_found=True, policy=TESTBED
     )
     assert result.ok, result.message
     assert result.server_version is not None
@@ -51,14 +53,20 @@ async def test_the_right_password_is_checked_with_the_server_version(
 async def test_the_default_user_by_name_works_too(testbed_env: dict[str, str]) -> None:
     secret = {"password": testbed_env["BMAD_REDIS_PASSWORD"].encode()}
     result = await checks.check_integration(
-        redis_spec(plain(testbed_env), username="default"), secret, secret_found=True
+        redis_spec(plain(testbed_env), username="default"),
+        secret,
+        secret_found=True,
+        policy=TESTBED,
     )
     assert result.ok, result.message
 
 
 async def test_a_wrong_password_is_authentication_failed(testbed_env: dict[str, str]) -> None:
     result = await checks.check_integration(
-        redis_spec(plain(testbed_env)), {"password": b"wrong-password-2"}, secret_found=True
+        redis_spec(plain(testbed_env)),
+        {"password": b"wrong-password-2"},
+        secret_found=True,
+        policy=TESTBED,
     )
     assert result.reason == base.Reason.AUTHENTICATION_FAILED
     assert "wrong-password-2" not in result.message
@@ -67,7 +75,7 @@ async def test_a_wrong_password_is_authentication_failed(testbed_env: dict[str, 
 async def test_an_unknown_acl_user_is_authentication_failed(testbed_env: dict[str, str]) -> None:
     secret = {"password": testbed_env["BMAD_REDIS_PASSWORD"].encode()}
     result = await checks.check_integration(
-        redis_spec(plain(testbed_env), username="nobody"), secret, secret_found=True
+        redis_spec(plain(testbed_env), username="nobody"), secret, secret_found=True, policy=TESTBED
     )
     assert result.reason == base.Reason.AUTHENTICATION_FAILED
     assert "'nobody'" in result.message
@@ -80,7 +88,7 @@ async def test_no_secret_for_a_protected_server_is_authentication_failed(
     spec = integration.IntegrationSpec.model_validate(
         {"type": "redis", "redis": {"host": "127.0.0.1", "port": plain(testbed_env)[1]}}
     )
-    result = await checks.check_integration(spec, None, secret_found=True)
+    result = await checks.check_integration(spec, None, secret_found=True, policy=TESTBED)
     assert result.reason == base.Reason.AUTHENTICATION_FAILED
     assert "'password'" in result.message
 
@@ -89,7 +97,7 @@ async def test_a_secret_without_the_password_is_secret_key_missing(
     testbed_env: dict[str, str],
 ) -> None:
     result = await checks.check_integration(
-        redis_spec(plain(testbed_env)), {"other": b"x"}, secret_found=True
+        redis_spec(plain(testbed_env)), {"other": b"x"}, secret_found=True, policy=TESTBED
     )
     assert result.reason == base.Reason.SECRET_KEY_MISSING
     assert "'password'" in result.message
@@ -101,7 +109,7 @@ async def test_a_database_beyond_the_servers_count_is_invalid_configuration(
 ) -> None:
     secret = {"password": testbed_env["BMAD_REDIS_PASSWORD"].encode()}
     result = await checks.check_integration(
-        redis_spec(plain(testbed_env), db=4000), secret, secret_found=True
+        redis_spec(plain(testbed_env), db=4000), secret, secret_found=True, policy=TESTBED
     )
     assert result.reason == base.Reason.INVALID_CONFIGURATION
     assert "spec.redis.db" in result.message
@@ -109,7 +117,10 @@ async def test_a_database_beyond_the_servers_count_is_invalid_configuration(
 
 async def test_a_closed_port_is_unreachable() -> None:
     result = await checks.check_integration(
-        redis_spec(("127.0.0.1", procs.free_port())), {"password": b"x-1234"}, secret_found=True
+        redis_spec(("127.0.0.1", procs.free_port())),
+        {"password": b"x-1234"},
+        secret_found=True,
+        policy=TESTBED,
     )
     assert result.reason == base.Reason.UNREACHABLE
 
@@ -119,7 +130,11 @@ async def test_tls_against_a_plaintext_server_fails_with_a_hint(
 ) -> None:
     secret = {"password": testbed_env["BMAD_REDIS_PASSWORD"].encode()}
     result = await checks.check_integration(
-        redis_spec(plain(testbed_env), tls=True), secret, secret_found=True, timeout=2
+        redis_spec(plain(testbed_env), tls=True),
+        secret,
+        secret_found=True,
+        timeout=2,
+        policy=TESTBED,
     )
     assert result.reason in (base.Reason.TLS_ERROR, base.Reason.TIMEOUT), result.message
     assert "tls" in result.message.lower()
@@ -127,7 +142,7 @@ async def test_tls_against_a_plaintext_server_fails_with_a_hint(
 
 async def test_a_missing_secret_is_secret_not_found(testbed_env: dict[str, str]) -> None:
     result = await checks.check_integration(
-        redis_spec(plain(testbed_env)), None, secret_found=False
+        redis_spec(plain(testbed_env)), None, secret_found=False, policy=TESTBED
     )
     assert result.reason == base.Reason.SECRET_NOT_FOUND
     assert "'redis-creds'" in result.message
@@ -214,6 +229,7 @@ async def test_tls_with_the_right_ca_and_an_acl_user_is_checked(tls_redis: TlsRe
         redis_spec(("127.0.0.1", tls_redis.port), tls=True, username="agent"),
         secret,
         secret_found=True,
+        policy=TESTBED,
     )
     assert result.ok, result.message
     assert result.server_version is not None
@@ -225,6 +241,7 @@ async def test_tls_with_a_foreign_ca_is_a_tls_error(tls_redis: TlsRedis) -> None
         redis_spec(("127.0.0.1", tls_redis.port), tls=True, username="agent"),
         secret,
         secret_found=True,
+        policy=TESTBED,
     )
     assert result.reason == base.Reason.TLS_ERROR, result.message
     assert "'ca.crt'" in result.message
@@ -237,6 +254,7 @@ async def test_tls_without_a_ca_does_not_trust_a_private_certificate(
         redis_spec(("127.0.0.1", tls_redis.port), tls=True, username="agent"),
         {"password": tls_redis.password.encode()},
         secret_found=True,
+        policy=TESTBED,
     )
     assert result.reason == base.Reason.TLS_ERROR, result.message
 
@@ -247,6 +265,7 @@ async def test_an_acl_user_without_info_is_told_what_to_allow(tls_redis: TlsRedi
         redis_spec(("127.0.0.1", tls_redis.port), tls=True, username="pinger"),
         secret,
         secret_found=True,
+        policy=TESTBED,
     )
     assert result.reason == base.Reason.AUTHENTICATION_FAILED, result.message
     assert "INFO" in result.message

@@ -1,4 +1,4 @@
-"""The postgres check against the test bed's real PostgreSQL."""
+"""The postgres check against the test bed's real PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import pytest
 from bmad_crds.v1alpha1 import integration
 from bmad_integrations import base, checks
 from bmad_testbed import procs
+
+from .policies import TESTBED
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +44,7 @@ async def test_good_credentials_are_checked_with_the_server_version(
     testbed_env: dict[str, str],
 ) -> None:
     result = await checks.check_integration(
-        pg_spec(testbed_env), good_secret(testbed_env), secret_found=True
+        pg_spec(testbed_env), good_secret(testbed_env), secret_found=True, policy=TESTBED
     )
     assert result.ok, result.message
     assert result.reason == base.Reason.CHECKED
@@ -56,7 +58,10 @@ async def test_prefer_falls_back_to_plaintext_on_a_server_without_tls(
     testbed_env: dict[str, str],
 ) -> None:
     result = await checks.check_integration(
-        pg_spec(testbed_env, sslMode="prefer"), good_secret(testbed_env), secret_found=True
+        pg_spec(testbed_env, sslMode="prefer"),
+        good_secret(testbed_env),
+        secret_found=True,
+        policy=TESTBED,
     )
     assert result.ok, result.message
 
@@ -73,7 +78,10 @@ async def test_require_on_a_server_without_tls_is_a_tls_error(
         pytest.skip("the test bed's PostgreSQL offers TLS")
     for mode in ("require", "verify-ca", "verify-full"):
         result = await checks.check_integration(
-            pg_spec(testbed_env, sslMode=mode), good_secret(testbed_env), secret_found=True
+            pg_spec(testbed_env, sslMode=mode),
+            good_secret(testbed_env),
+            secret_found=True,
+            policy=TESTBED,
         )
         assert result.reason == base.Reason.TLS_ERROR, (mode, result.message)
         assert "sslMode" in result.message
@@ -88,13 +96,16 @@ async def test_key_names_can_be_overridden(testbed_env: dict[str, str]) -> None:
         pg_spec(testbed_env, keys={"username": "PGUSER", "password": "PGPASSWORD"}),
         secret,
         secret_found=True,
+        policy=TESTBED,
     )
     assert result.ok, result.message
 
 
 async def test_a_wrong_password_is_authentication_failed(testbed_env: dict[str, str]) -> None:
     secret = {**good_secret(testbed_env), "password": b"wrong-password-1"}
-    result = await checks.check_integration(pg_spec(testbed_env), secret, secret_found=True)
+    result = await checks.check_integration(
+        pg_spec(testbed_env), secret, secret_found=True, policy=TESTBED
+    )
     assert result.reason == base.Reason.AUTHENTICATION_FAILED
     assert "'password'" in result.message
     assert "wrong-password-1" not in result.message
@@ -102,13 +113,18 @@ async def test_a_wrong_password_is_authentication_failed(testbed_env: dict[str, 
 
 async def test_an_unknown_role_is_authentication_failed(testbed_env: dict[str, str]) -> None:
     secret = {"username": b"no_such_role_x", "password": b"whatever-1"}
-    result = await checks.check_integration(pg_spec(testbed_env), secret, secret_found=True)
+    result = await checks.check_integration(
+        pg_spec(testbed_env), secret, secret_found=True, policy=TESTBED
+    )
     assert result.reason == base.Reason.AUTHENTICATION_FAILED
 
 
 async def test_a_missing_database_is_invalid_configuration(testbed_env: dict[str, str]) -> None:
     result = await checks.check_integration(
-        pg_spec(testbed_env, database="no_such_db_x"), good_secret(testbed_env), secret_found=True
+        pg_spec(testbed_env, database="no_such_db_x"),
+        good_secret(testbed_env),
+        secret_found=True,
+        policy=TESTBED,
     )
     assert result.reason == base.Reason.INVALID_CONFIGURATION
     assert "spec.postgres.database" in result.message
@@ -116,7 +132,10 @@ async def test_a_missing_database_is_invalid_configuration(testbed_env: dict[str
 
 async def test_a_closed_port_is_unreachable(testbed_env: dict[str, str]) -> None:
     result = await checks.check_integration(
-        pg_spec(testbed_env, port=procs.free_port()), good_secret(testbed_env), secret_found=True
+        pg_spec(testbed_env, port=procs.free_port()),
+        good_secret(testbed_env),
+        secret_found=True,
+        policy=TESTBED,
     )
     assert result.reason == base.Reason.UNREACHABLE
     assert "refused" in result.message
@@ -124,14 +143,18 @@ async def test_a_closed_port_is_unreachable(testbed_env: dict[str, str]) -> None
 
 async def test_a_missing_key_is_secret_key_missing(testbed_env: dict[str, str]) -> None:
     secret = {"username": testbed_env["BMAD_POSTGRES_USER"].encode()}
-    result = await checks.check_integration(pg_spec(testbed_env), secret, secret_found=True)
+    result = await checks.check_integration(
+        pg_spec(testbed_env), secret, secret_found=True, policy=TESTBED
+    )
     assert result.reason == base.Reason.SECRET_KEY_MISSING
     assert "'password'" in result.message
     assert "pg-creds" in result.message
 
 
 async def test_a_missing_secret_is_secret_not_found(testbed_env: dict[str, str]) -> None:
-    result = await checks.check_integration(pg_spec(testbed_env), None, secret_found=False)
+    result = await checks.check_integration(
+        pg_spec(testbed_env), None, secret_found=False, policy=TESTBED
+    )
     assert result.reason == base.Reason.SECRET_NOT_FOUND
     assert "'pg-creds'" in result.message
     assert "create it" in result.message
