@@ -439,7 +439,7 @@ class WorkflowSpec(common.SpecModel):
         max_length=MAX_STEPS,
         description=(
             "Ids of the steps whose approval was given: add a step's id to let the run go on "
-            "past its approval gate (kubectl patch, a Git commit, or bmad workflow approve)."
+            "past its approval gate (kubectl edit or patch, or a Git commit)."
         ),
         json_schema_extra={"x-kubernetes-list-type": "set"},
     )

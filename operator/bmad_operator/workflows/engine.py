@@ -372,8 +372,8 @@ class _Pass:
             state.reason = APPROVAL_REQUIRED
             prompt = step.approval.prompt if step.approval and step.approval.prompt else ""
             state.message = short(
-                f"Waiting for approval{': ' + prompt if prompt else ''}. Approve with: "
-                f"bmad workflow approve {self.name} {step.id}"
+                f"Waiting for approval{': ' + prompt if prompt else ''}. To approve, add "
+                f"{step.id} to spec.approvals."
             )
             self._event(
                 "Normal",
@@ -827,7 +827,7 @@ class _Pass:
                 TRUE,
                 APPROVAL_REQUIRED,
                 f"Waiting for approval of step {', '.join(awaiting)}: add the id to "
-                "spec.approvals (bmad workflow approve).",
+                "spec.approvals.",
             )
             if awaiting
             else Cond(AWAITING_APPROVAL, FALSE, NO_APPROVAL_PENDING, "No step waits for approval.")
@@ -930,6 +930,6 @@ class _Pass:
             "AwaitingApproval",
             f"step {step.id} waits for approval",
             f"step {step.id} (agent {step.agent}) finished and waits for approval.{ask}"
-            f"{approvers}\n\nApprove with: bmad workflow approve {self.name} {step.id} "
-            f"-n {self.namespace}\nor add {step.id} to spec.approvals.",
+            f"{approvers}\n\nTo approve, add {step.id} to spec.approvals of the Workflow "
+            f"(kubectl edit workflow {self.name} -n {self.namespace}, or a Git commit).",
         )

@@ -530,7 +530,8 @@ def test_the_run_waits_for_approval_then_goes_on() -> None:
     assert mail.phase == "AwaitingApproval"
     assert "prd" in mail.subject
     assert "Is the PRD complete?" in mail.body
-    assert "bmad workflow approve run prd" in mail.body
+    assert "add prd to spec.approvals" in mail.body
+    assert "kubectl edit workflow run -n team-a" in mail.body
     assert "alice" in mail.body
     assert run.tick(seconds=3600).dispatch == ()  # still waiting, no second mail
     assert run.notifications == [mail]
