@@ -745,3 +745,30 @@ def test_status_round_trips_through_the_api_model() -> None:
     assert run.status is not None
     assert api.WorkflowStatus.model_validate(run.status.model_dump(by_alias=True)) == run.status
     assert {"Succeeded", "Failed", "Cancelled"} == engine.TERMINAL
+
+
+def test_outputs_that_do_not_fit_fail_the_attempt() -> None:
+    run = Run({"steps": [{"id": "arch", "agent": "architect", "creates": "arch.md"}]})
+    run.answer(run.tick().dispatch[0], outputs={"suggests-changes": True})
+    run.tick()
+    arch = run.step("arch")
+    assert (arch.phase, arch.reason) == ("Failed", "InvalidResult")
+    assert "'suggests-changes' is not an identifier" in (arch.message or "")
+
+
+def test_a_spec_that_becomes_invalid_mid_run_stops_new_work_until_fixed() -> None:
+    run = Run(CHAIN)
+    [brief] = run.tick().dispatch
+    run.spec = {
+        "steps": [*CHAIN["steps"], {"id": "ux", "agent": "ux-expert", "condition": "wants_ux"}]
+    }
+    run.answer(brief)
+    assert run.tick().dispatch == ()
+    assert run.condition("Valid").reason == "InvalidCondition"
+    assert run.phase() == "Running"
+    assert run.step("brief").phase == "Running"  # its result waits for a valid spec
+    run.spec["steps"][-1]["condition"] = "has(inputs.wants_ux) && inputs.wants_ux"
+    decision = run.tick()
+    assert run.step("brief").phase == "Succeeded"
+    assert [d.step for d in decision.dispatch] == ["prd"]
+    assert run.step("ux").phase == "Skipped"
