@@ -100,7 +100,7 @@ WORKFLOW_ANNOTATED = ("name", "description", "type", "project_types", "decision_
 _YAML_BLOCK = re.compile(r"^```ya?ml[ \t]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 _PARENTHETICAL = re.compile(r"^(?P<name>\S+)\s+\((?P<note>[^()]*)\)$")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_ARTIFACT = re.compile(r"^[A-Za-z0-9][-._A-Za-z0-9/]*$")
+_ARTIFACT = re.compile(workflow_api.ARTIFACT_NAME_PATTERN)
 
 
 class ImportProblem(ValueError):  # noqa: N818 - an error, named for what users read
@@ -370,11 +370,12 @@ def _artifact(value: Any, file: str, field: str) -> tuple[str, str | None]:
     match = _PARENTHETICAL.match(text)
     if match:
         text, note = match.group("name"), match.group("note")
-    if not _ARTIFACT.match(text) or len(text) > 253:
+    if not _ARTIFACT.match(text) or len(text) > workflow_api.ARTIFACT_NAME_MAX_LENGTH:
         raise ImportProblem(
             file,
             field,
-            f"{text!r} cannot name an artifact: use letters, digits, '-', '.', '_' and '/'",
+            f"{text!r} cannot name an artifact: use at most "
+            f"{workflow_api.ARTIFACT_NAME_MAX_LENGTH} letters, digits, '-', '.', '_' and '/'",
         )
     return text, note
 

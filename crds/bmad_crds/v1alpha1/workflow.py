@@ -46,11 +46,15 @@ OUTPUT_VALUE_MAX_LENGTH = 256
 ITEM_NAME_PATTERN = r"^[A-Za-z0-9][-._A-Za-z0-9]*$"
 ITEM_NAME_MAX_LENGTH = 63
 STEP_REASON_MAX_LENGTH = 64
+# Artifact names are compared in the CEL rules below, at a cost that grows with their
+# length: 128 characters keeps the rules within the API server's cost budget.
+ARTIFACT_NAME_MAX_LENGTH = 128
+ARTIFACT_NAME_PATTERN = r"^[A-Za-z0-9][-._A-Za-z0-9/]*$"
 
 ArtifactName = typing.Annotated[
     str,
     pydantic.StringConstraints(
-        min_length=1, max_length=253, pattern=r"^[A-Za-z0-9][-._A-Za-z0-9/]*$"
+        min_length=1, max_length=ARTIFACT_NAME_MAX_LENGTH, pattern=ARTIFACT_NAME_PATTERN
     ),
 ]
 """The name of an artifact, as a relative path: "prd.md", "stories/1.1.md"."""
