@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -20,6 +21,80 @@ testbed_app = typer.Typer(
 app.add_typer(testbed_app, name="testbed")
 operator_app = typer.Typer(no_args_is_help=True, help="The BMAD operator.")
 app.add_typer(operator_app, name="operator")
+
+
+@app.command("import")
+def cmd_import(
+    folder: Annotated[
+        Path,
+        typer.Argument(help="A BMAD-METHOD v4 bmad-core folder (with agents/ and workflows/)."),
+    ],
+    *,
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="Write one file per manifest into this folder."),
+    ] = None,
+    workflow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--workflow",
+            "-w",
+            help="Import only this workflow (repeatable) and the agents it uses.",
+        ),
+    ] = None,
+    provider: Annotated[str, typer.Option(help="Model provider of the imported Agents.")] = "echo",
+    model: Annotated[str, typer.Option(help="Model name of the imported Agents.")] = "echo-1",
+    artifacts: Annotated[
+        str | None,
+        typer.Option(help="objectStorage Integration the imported Workflows store artifacts in."),
+    ] = None,
+    namespace: Annotated[
+        str | None, typer.Option("-n", "--namespace", help="Namespace written into each manifest.")
+    ] = None,
+    keep_going: Annotated[
+        bool,
+        typer.Option(help="Write what maps even when some files do not (still exit 1)."),
+    ] = False,
+) -> None:
+    """Turn BMAD-METHOD v4 agent and workflow files into Agent and Workflow manifests.
+
+    YAML goes to stdout, or into --output as agent-<name>.yaml and workflow-<name>.yaml.
+    Anything that cannot be mapped is an error naming the file and the field; items
+    kept only as notes are listed as warnings (and in the Workflow's annotations).
+    """
+    from bmad_cli import importer
+    from bmad_crds.v1alpha1 import agent as agent_api
+
+    if provider not in agent_api.MODEL_PROVIDERS:
+        typer.echo(
+            f"error: --provider {provider!r}: use one of {', '.join(agent_api.MODEL_PROVIDERS)}",
+            err=True,
+        )
+        raise typer.Exit(2)
+    options = importer.Options(
+        model_provider=provider,
+        model_name=model,
+        artifacts_integration=artifacts,
+        namespace=namespace,
+    )
+    result = importer.import_folder(folder, options, workflows=workflow)
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    for error in result.errors:
+        typer.echo(f"error: {error}", err=True)
+    if result.errors and not keep_going:
+        typer.echo("nothing written: fix the errors above, or pass --keep-going", err=True)
+        raise typer.Exit(1)
+    manifests = result.manifests()
+    if output is None:
+        sys.stdout.write("---\n".join(importer.render(m) for _, m in manifests))
+    else:
+        output.mkdir(parents=True, exist_ok=True)
+        for name, manifest in manifests:
+            (output / name).write_text(importer.render(manifest), encoding="utf-8")
+        typer.echo(f"wrote {len(manifests)} manifests to {output}", err=True)
+    if result.errors:
+        raise typer.Exit(1)
 
 
 @app.command("runtime")

@@ -216,7 +216,7 @@ def workflow_spec() -> dict[str, Any]:
                 "agent": "sm",
                 "creates": "stories",
                 "requires": ["prd.md", "architecture.md"],
-                "repeat": {"over": "epics", "maxParallel": 2},
+                "repeat": {"over": "prd.md", "maxParallel": 2},
             },
             {
                 "id": "implement",

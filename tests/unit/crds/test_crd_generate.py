@@ -184,8 +184,7 @@ REASON = '.status.conditions[?(@.type=="Ready")].reason'
             "workflows",
             [
                 ("Phase", "string", ".status.phase", 0),
-                ("Completed", "integer", ".status.totals.stepsCompleted", 0),
-                ("Steps", "integer", ".status.totals.steps", 0),
+                ("Progress", "string", ".status.progress", 0),
                 ("Ready", "string", READY, 0),
                 ("Reason", "string", REASON, 1),
                 ("Tokens-Out", "integer", ".status.totals.tokensOut", 1),
