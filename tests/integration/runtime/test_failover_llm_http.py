@@ -22,8 +22,7 @@ import fastapi
 import httpx
 import pytest
 
-from bmad_runtime import app as app_mod
-from bmad_runtime import settings
+from bmad_runtime import settings, wiring
 
 pytestmark = pytest.mark.integration
 
@@ -238,7 +237,7 @@ def production_app(tmp_path: Path, model: dict[str, Any], **overrides: Any) -> f
         "model_backoff_max_seconds": 0.05,
     }
     values.update(overrides)
-    return app_mod.create_default_app(settings.RuntimeSettings(**values))
+    return wiring.create_default_app(settings.RuntimeSettings(**values))
 
 
 async def serve(app: fastapi.FastAPI) -> AsyncIterator[httpx.AsyncClient]:

@@ -13,6 +13,7 @@ import pytest
 
 from bmad_runtime import app as app_mod
 from bmad_runtime import context, fakes, ports, settings
+from bmad_runtime.api import deps
 from bmad_runtime.providers import base, echo, router
 
 pytestmark = pytest.mark.unit
@@ -30,10 +31,10 @@ TENANT = "team-a"
 SECRET = "sk-live-do-not-leak-4242"
 
 PRINCIPALS = {
-    "all": ports.Principal("alice", TENANT, app_mod.ALL_SCOPES),
-    "reader": ports.Principal("rita", TENANT, frozenset({app_mod.SCOPE_READ})),
-    "invoker": ports.Principal("ivan", TENANT, frozenset({app_mod.SCOPE_INVOKE})),
-    "other-tenant": ports.Principal("oscar", "team-b", app_mod.ALL_SCOPES),
+    "all": ports.Principal("alice", TENANT, deps.ALL_SCOPES),
+    "reader": ports.Principal("rita", TENANT, frozenset({deps.SCOPE_READ})),
+    "invoker": ports.Principal("ivan", TENANT, frozenset({deps.SCOPE_INVOKE})),
+    "other-tenant": ports.Principal("oscar", "team-b", deps.ALL_SCOPES),
 }
 
 

@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from bmad_runtime import app as app_mod
-from bmad_runtime import config, fakes, settings, telemetry
+from bmad_runtime import config, fakes, settings, telemetry, wiring
+from bmad_runtime.api import deps
 
 pytestmark = pytest.mark.unit
 
@@ -192,10 +192,10 @@ async def test_default_app_runs_on_echo_without_datastores(
         binding_root=tmp_path / "no-bindings",
         auth_enabled=False,
     )
-    app = app_mod.create_default_app(runtime_settings)
+    app = wiring.create_default_app(runtime_settings)
     with caplog.at_level(logging.WARNING):
         async with app.router.lifespan_context(app):
-            state: app_mod.RuntimeState = app.state.runtime
+            state: deps.RuntimeState = app.state.runtime
             assert isinstance(state.store, fakes.InMemoryStore)
             assert state.authenticator is None
             assert state.limiter is None
@@ -213,7 +213,7 @@ async def test_default_app_with_auth_needs_an_auth0_binding(tmp_path: Path) -> N
     runtime_settings = settings.RuntimeSettings(
         agent_config=agent_json(tmp_path), binding_root=tmp_path, auth_enabled=True
     )
-    app = app_mod.create_default_app(runtime_settings)
+    app = wiring.create_default_app(runtime_settings)
     with pytest.raises(config.ConfigError, match="no Integration of type auth0"):
         async with app.router.lifespan_context(app):
             pass
@@ -235,7 +235,7 @@ async def test_default_app_verifies_tokens_with_the_auth0_binding(tmp_path: Path
         agent_config=agent_json(tmp_path),
         binding_root=tmp_path / "bindings",
     )
-    app = app_mod.create_default_app(runtime_settings)
+    app = wiring.create_default_app(runtime_settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://a") as client:
@@ -253,7 +253,7 @@ async def test_default_app_refuses_half_a_datastore(tmp_path: Path) -> None:
         auth_enabled=False,
         redis_url="redis://127.0.0.1:1/0",
     )
-    app = app_mod.create_default_app(runtime_settings)
+    app = wiring.create_default_app(runtime_settings)
     with pytest.raises(config.ConfigError, match="no postgres one"):
         async with app.router.lifespan_context(app):
             pass
@@ -262,7 +262,7 @@ async def test_default_app_refuses_half_a_datastore(tmp_path: Path) -> None:
 def test_default_app_fails_fast_on_a_broken_config(tmp_path: Path) -> None:
     runtime_settings = settings.RuntimeSettings(agent_config=tmp_path / "missing.json")
     with pytest.raises(config.ConfigError, match="BMAD_AGENT_CONFIG"):
-        app_mod.create_default_app(runtime_settings)
+        wiring.create_default_app(runtime_settings)
 
 
 async def test_auth_is_automatic_on_only_with_an_auth0_binding(
@@ -273,7 +273,7 @@ async def test_auth_is_automatic_on_only_with_an_auth0_binding(
         agent_config=agent_json(tmp_path), binding_root=tmp_path / "none"
     )
     assert runtime_settings.auth_enabled is None
-    app = app_mod.create_default_app(runtime_settings)
+    app = wiring.create_default_app(runtime_settings)
     async with app.router.lifespan_context(app):
         pass
     assert "authentication is off" in caplog.text

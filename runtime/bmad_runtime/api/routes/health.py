@@ -16,11 +16,13 @@ import fastapi
 import prometheus_client
 import pydantic
 
-from bmad_runtime import app
+from bmad_runtime.api import deps
 
 logger = logging.getLogger(__name__)
 
 router = fastapi.APIRouter(tags=["health"])
+
+READY_TIMEOUT_SECONDS = 2.0
 
 
 class Health(pydantic.BaseModel):
@@ -39,11 +41,9 @@ class Readiness(pydantic.BaseModel):
 
 async def _check(name: str, probe: asyncio.Future[bool] | asyncio.Task[bool]) -> bool:
     try:
-        return await asyncio.wait_for(probe, timeout=app.READY_TIMEOUT_SECONDS)
+        return await asyncio.wait_for(probe, timeout=READY_TIMEOUT_SECONDS)
     except TimeoutError:
-        logger.warning(
-            "readiness: the %s did not answer within %ss", name, app.READY_TIMEOUT_SECONDS
-        )
+        logger.warning("readiness: the %s did not answer within %ss", name, READY_TIMEOUT_SECONDS)
     except Exception as exc:
         logger.warning("readiness: the %s check failed: %s", name, type(exc).__name__)
     return False
@@ -60,7 +60,7 @@ async def healthz() -> Health:
     summary="Readiness: the store and the primary model are reachable",
     responses={503: {"model": Readiness, "description": "Not ready: see `checks`."}},
 )
-async def readyz(state: app.State, response: fastapi.Response) -> Readiness:
+async def readyz(state: deps.State, response: fastapi.Response) -> Readiness:
     store_ok, model_ok = await asyncio.gather(
         _check("conversation store", asyncio.ensure_future(state.store.ping())),
         _check("primary model", asyncio.ensure_future(state.router.ready())),
@@ -80,7 +80,7 @@ async def readyz(state: app.State, response: fastapi.Response) -> Readiness:
     response_class=fastapi.responses.PlainTextResponse,
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
 )
-async def metrics(state: app.State) -> fastapi.Response:
+async def metrics(state: deps.State) -> fastapi.Response:
     return fastapi.Response(
         state.metrics.render(), media_type=prometheus_client.CONTENT_TYPE_LATEST
     )

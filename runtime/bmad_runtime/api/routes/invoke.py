@@ -25,7 +25,8 @@ import fastapi
 import pydantic
 import pydantic.alias_generators
 
-from bmad_runtime import app, context, ports
+from bmad_runtime import context, ports
+from bmad_runtime.api import deps, errors
 from bmad_runtime.providers import base as providers_base
 from bmad_runtime.providers import router as providers_router
 
@@ -68,7 +69,7 @@ class InvokeRequest(_Camel):
         default=None,
         min_length=1,
         max_length=128,
-        pattern=app.CONVERSATION_ID_PATTERN,
+        pattern=deps.CONVERSATION_ID_PATTERN,
         description="Continue this conversation; a new one is started when omitted.",
     )
     stream: bool = pydantic.Field(
@@ -121,7 +122,7 @@ SSE_EVENT_SCHEMA: dict[str, Any] = {
 class _Turn:
     """One invocation, as the handler prepared it."""
 
-    state: app.RuntimeState
+    state: deps.RuntimeState
     caller: ports.Principal
     conversation_id: str
     user_text: str
@@ -137,7 +138,7 @@ class _Turn:
 
 
 def _messages(
-    state: app.RuntimeState, history: Sequence[ports.Turn], text: str, params: dict[str, Any]
+    state: deps.RuntimeState, history: Sequence[ports.Turn], text: str, params: dict[str, Any]
 ) -> list[ports.Message]:
     config = state.config
     layers = context.Layers(persona=config.persona_text(), instructions=config.instructions)
@@ -150,11 +151,11 @@ def _messages(
             reserve_tokens=int(reserve) if isinstance(reserve, int) else DEFAULT_ANSWER_RESERVE,
         )
     except context.ContextOverflowError as exc:
-        raise app.ApiError(422, "context_overflow", str(exc)) from None
+        raise errors.ApiError(422, "context_overflow", str(exc)) from None
 
 
 async def _prepare(
-    body: InvokeRequest, caller: ports.Principal, state: app.RuntimeState, request_id: str | None
+    body: InvokeRequest, caller: ports.Principal, state: deps.RuntimeState, request_id: str | None
 ) -> _Turn:
     started = time.perf_counter()
     estimated_in = context.estimate_tokens(body.input)
@@ -162,7 +163,7 @@ async def _prepare(
         wait = await state.limiter.hit(tenant=caller.tenant, agent=state.agent, tokens=estimated_in)
         if wait is not None:
             state.metrics.tasks.labels(outcome="rejected").inc()
-            raise app.rate_limited(wait)
+            raise errors.rate_limited(wait)
     conversation_id = body.conversation_id or uuid.uuid4().hex
     turns = state.config.memory.turns
     history = (
@@ -299,7 +300,7 @@ async def _stream(turn: _Turn) -> fastapi.Response:
             logger.warning("stream failed after it started: %s", exc.summary)
             yield sse(
                 "error",
-                app.error_payload(
+                errors.error_payload(
                     "model_failed",
                     f"the model failed while answering: {exc.summary}",
                     request_id=turn.request_id,
@@ -310,7 +311,7 @@ async def _stream(turn: _Turn) -> fastapi.Response:
             logger.exception("stream failed (request %s)", turn.request_id)
             yield sse(
                 "error",
-                app.error_payload(
+                errors.error_payload(
                     "internal_error",
                     "the agent runtime failed while answering; quote request id "
                     f"{turn.request_id} when reporting it",
@@ -337,20 +338,20 @@ async def _stream(turn: _Turn) -> fastapi.Response:
             "description": SSE_DESCRIPTION,
             "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
         },
-        **app.error_responses(400, 401, 403, 413, 422, 429, 500, 502, 503),
+        **errors.error_responses(400, 401, 403, 413, 422, 429, 500, 502, 503),
     },
 )
 async def invoke(
     body: InvokeRequest,
-    caller: app.Invoker,
-    state: app.State,
-    request_id: app.RequestId,
+    caller: deps.Invoker,
+    state: deps.State,
+    request_id: deps.RequestId,
 ) -> fastapi.Response | InvokeResponse:
     if state.slots is not None and state.slots.locked():
         # At spec.limits.concurrency: tell the caller to come back (another replica, or
         # this one in a moment) rather than queue without bound.
         state.metrics.tasks.labels(outcome="rejected").inc()
-        raise app.rate_limited(
+        raise errors.rate_limited(
             1.0, message="the agent is at its concurrency limit (spec.limits.concurrency)"
         )
     turn = await _prepare(body, caller, state, request_id)
@@ -370,7 +371,7 @@ async def invoke(
     return await _finish(turn, completion)
 
 
-async def run_task(state: app.RuntimeState, payload: dict[str, Any]) -> dict[str, Any]:
+async def run_task(state: deps.RuntimeState, payload: dict[str, Any]) -> dict[str, Any]:
     """A task from the bus, answered like `POST /v1/invoke` (same limits, memory, usage).
 
     Tasks come from inside the tenant (the bus keys are the tenant's), so they run as
@@ -378,7 +379,7 @@ async def run_task(state: app.RuntimeState, payload: dict[str, Any]) -> dict[str
     failed task, never a crash.
     """
     body = InvokeRequest.model_validate({**payload, "stream": False})
-    caller = ports.Principal(subject="task-bus", tenant=state.tenant, scopes=app.ALL_SCOPES)
+    caller = ports.Principal(subject="task-bus", tenant=state.tenant, scopes=deps.ALL_SCOPES)
     turn = await _prepare(body, caller, state, None)
     async with contextlib.AsyncExitStack() as slot:
         if state.slots is not None:
