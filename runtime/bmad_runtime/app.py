@@ -83,6 +83,8 @@ def create_app(
     if isinstance(providers.tracer, trace.NoOpTracer):
         providers.tracer = tracing.tracer
     state = deps.RuntimeState(
+        tenant=settings.effective_tenant,
+        agent=settings.agent_name,
         settings=settings,
         config=config,
         store=store,

@@ -22,12 +22,11 @@ import redis.asyncio
 from opentelemetry import trace
 
 from bmad_runtime import app as app_mod
-from bmad_runtime import auth, bus, fakes, memory, ports, ratelimit
+from bmad_runtime import auth, bus, fakes, memory, ports, ratelimit, turns
 from bmad_runtime import bindings as bindings_mod
 from bmad_runtime import config as config_mod
 from bmad_runtime import settings as settings_mod
 from bmad_runtime.api import deps
-from bmad_runtime.api.routes import invoke
 from bmad_runtime.providers import base as providers_base
 from bmad_runtime.providers import router as providers_router
 
@@ -235,7 +234,7 @@ async def _start_task_consumer(
             kind=trace.SpanKind.CONSUMER,
             attributes={"bmad.task_id": task.task_id, "bmad.task_attempt": task.attempt},
         ):
-            return await invoke.run_task(state, dict(task.payload))
+            return await turns.run_task(state, dict(task.payload))
 
     async def depth() -> None:
         while not stop.is_set():

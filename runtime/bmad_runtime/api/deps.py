@@ -8,7 +8,6 @@ production app (`bmad_runtime.wiring`) fills in its real parts at startup.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, cast
@@ -16,43 +15,27 @@ from typing import Annotated, cast
 import fastapi
 from starlette import requests as starlette_requests
 
-from bmad_runtime import config as config_mod
-from bmad_runtime import ports, telemetry
+from bmad_runtime import ports, schemas, telemetry, turns
 from bmad_runtime import settings as settings_mod
 from bmad_runtime.api import errors
-from bmad_runtime.providers import router as providers_router
 
 SCOPE_INVOKE = "agent:invoke"
 SCOPE_READ = "conversations:read"
 SCOPE_DELETE = "conversations:delete"
 ALL_SCOPES = frozenset({SCOPE_INVOKE, SCOPE_READ, SCOPE_DELETE})
 
-# Conversation ids the API accepts (the stores accept more; this keeps URLs plain).
-CONVERSATION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
 
+@dataclass(kw_only=True)
+class RuntimeState(turns.Services):
+    """What the routes share: what a turn uses, plus the settings, auth and tracing.
 
-@dataclass
-class RuntimeState:
-    """What the routes share; `wiring.create_default_app` fills in the real parts at startup."""
+    `wiring.create_default_app` fills in the real store, authenticator and limiter at
+    startup.
+    """
 
     settings: settings_mod.RuntimeSettings
-    config: config_mod.AgentConfig
-    store: ports.ConversationStore
-    router: providers_router.ModelRouter
     authenticator: ports.Authenticator | None
-    limiter: ports.Limiter | None
-    metrics: telemetry.Metrics
     tracing: telemetry.Tracing
-    # spec.limits.concurrency: model calls in flight at once in this replica.
-    slots: asyncio.Semaphore | None = None
-
-    @property
-    def tenant(self) -> str:
-        return self.settings.effective_tenant
-
-    @property
-    def agent(self) -> str:
-        return self.settings.agent_name
 
     async def authorize(self, authorization: str | None, scope: str) -> ports.Principal:
         if self.authenticator is None:
@@ -105,7 +88,7 @@ ConversationId = Annotated[
     fastapi.Path(
         min_length=1,
         max_length=128,
-        pattern=CONVERSATION_ID_PATTERN,
+        pattern=schemas.CONVERSATION_ID_PATTERN,
         description="A conversation id, as returned by POST /v1/invoke.",
     ),
 ]

@@ -19,7 +19,7 @@ from starlette import exceptions as starlette_exceptions
 from starlette import requests as starlette_requests
 from starlette import types as asgi
 
-from bmad_runtime import ports
+from bmad_runtime import context, ports, turns
 from bmad_runtime.providers import router as providers_router
 
 # Where the middleware keeps the request id in the ASGI scope.
@@ -231,6 +231,18 @@ async def _on_api_error(request: starlette_requests.Request, exc: Exception) -> 
     )
 
 
+async def _on_rate_limited(request: starlette_requests.Request, exc: Exception) -> fastapi.Response:
+    assert isinstance(exc, turns.RateLimitedError)
+    return await _on_api_error(request, rate_limited(exc.wait, message=exc.message))
+
+
+async def _on_context_overflow(
+    request: starlette_requests.Request, exc: Exception
+) -> fastapi.Response:
+    assert isinstance(exc, context.ContextOverflowError)
+    return await _on_api_error(request, ApiError(422, "context_overflow", str(exc)))
+
+
 async def _on_model_failure(
     request: starlette_requests.Request, exc: Exception
 ) -> fastapi.Response:
@@ -239,9 +251,11 @@ async def _on_model_failure(
 
 
 def install(app: fastapi.FastAPI) -> None:
-    """Register the handlers that give every error the API's error body."""
+    """Register the handlers that give every error, the use case's too, the error body."""
     app.add_exception_handler(starlette_exceptions.HTTPException, _on_http_exception)
     app.add_exception_handler(fastapi.exceptions.RequestValidationError, _on_validation_error)
     app.add_exception_handler(ports.AuthError, _on_auth_error)
     app.add_exception_handler(ApiError, _on_api_error)
+    app.add_exception_handler(turns.RateLimitedError, _on_rate_limited)
+    app.add_exception_handler(context.ContextOverflowError, _on_context_overflow)
     app.add_exception_handler(providers_router.AllProvidersFailedError, _on_model_failure)
