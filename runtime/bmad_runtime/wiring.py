@@ -21,12 +21,15 @@ import fastapi
 import redis.asyncio
 from opentelemetry import trace
 
+from bmad_integrations import taskwire
 from bmad_runtime import app as app_mod
-from bmad_runtime import auth, bus, fakes, memory, ports, ratelimit, turns
+from bmad_runtime import auth, fakes, memory, ports, ratelimit, turns
 from bmad_runtime import bindings as bindings_mod
 from bmad_runtime import config as config_mod
 from bmad_runtime import settings as settings_mod
 from bmad_runtime.api import deps
+from bmad_runtime.bus import client as bus_client
+from bmad_runtime.bus import consumer as bus_consumer
 from bmad_runtime.providers import base as providers_base
 from bmad_runtime.providers import router as providers_router
 
@@ -223,11 +226,13 @@ async def _start_task_consumer(
     """
     if not settings.redis_url or not settings.task_bus_enabled:
         return
-    task_bus = bus.TaskBus.from_url(settings.redis_url, tenant=state.tenant, agent=state.agent)
+    task_bus = bus_client.TaskBus.from_url(
+        settings.redis_url, tenant=state.tenant, agent=state.agent
+    )
     stop = asyncio.Event()
     consumer = f"{socket.gethostname()}-{os.getpid()}"
 
-    async def handle(task: bus.Task) -> dict[str, Any]:
+    async def handle(task: taskwire.Task) -> dict[str, Any]:
         # One span per task, as per request (a no-op without an exporter).
         with state.tracing.tracer.start_as_current_span(
             "task",
@@ -244,7 +249,7 @@ async def _start_task_consumer(
                 await asyncio.wait_for(stop.wait(), timeout=5)
 
     consuming = asyncio.create_task(
-        task_bus.consume(handle, consumer_name=consumer, stop=stop, grace_s=20.0),
+        bus_consumer.consume(task_bus, handle, consumer_name=consumer, stop=stop, grace_s=20.0),
         name="task-consumer",
     )
     gauge = asyncio.create_task(depth(), name="queue-depth")

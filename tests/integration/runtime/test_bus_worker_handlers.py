@@ -1,12 +1,19 @@
-"""The worker's command line and its deterministic handlers, with a fake Redis."""
+"""The test worker's command line and its deterministic handlers, with a fake Redis.
+
+The worker (bus_worker.py, next to this file) is a test aid that
+test_bus_workers.py runs as processes; these unit tests pin down what it answers."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 
-from bmad_runtime import bus, worker
+from bmad_integrations import taskwire
 
 pytestmark = pytest.mark.unit
 
@@ -48,11 +55,24 @@ class FakeRedis:
         return FakePipeline(self.store, self.ttls)
 
 
-KEYS = bus.Keys("acme", "dev")
+def _load_worker() -> ModuleType:
+    # A script beside this file, not an importable package (pytest's importlib mode).
+    path = Path(__file__).with_name("bus_worker.py")
+    spec = importlib.util.spec_from_file_location("bus_worker", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bus_worker", module)
+    spec.loader.exec_module(module)
+    return module
 
 
-def task(task_id: str = "t1", **payload: Any) -> bus.Task:
-    return bus.Task(task_id=task_id, payload=payload, message_id="1-0", attempt=1)
+worker = _load_worker()
+KEYS = taskwire.Keys("acme", "dev")
+
+
+def task(task_id: str = "t1", **payload: Any) -> taskwire.Task:
+    return taskwire.Task(task_id=task_id, payload=payload, message_id="1-0", attempt=1)
 
 
 async def test_echo_upper_cases_the_input_names_the_consumer_and_counts_runs() -> None:
