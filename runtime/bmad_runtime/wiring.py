@@ -23,13 +23,14 @@ from opentelemetry import trace
 
 from bmad_integrations import taskwire
 from bmad_runtime import app as app_mod
-from bmad_runtime import auth, fakes, memory, ports, ratelimit, turns
+from bmad_runtime import auth, fakes, ports, ratelimit, turns
 from bmad_runtime import bindings as bindings_mod
 from bmad_runtime import config as config_mod
 from bmad_runtime import settings as settings_mod
 from bmad_runtime.api import deps
 from bmad_runtime.bus import client as bus_client
 from bmad_runtime.bus import consumer as bus_consumer
+from bmad_runtime.memory import store as memory_store
 from bmad_runtime.providers import base as providers_base
 from bmad_runtime.providers import router as providers_router
 
@@ -145,7 +146,7 @@ async def _connect_store(
     stack: contextlib.AsyncExitStack,
 ) -> ports.ConversationStore:
     if settings.postgres_dsn and settings.redis_url:
-        store = await memory.PostgresRedisStore.connect(
+        store = await memory_store.PostgresRedisStore.connect(
             postgres_dsn=settings.postgres_dsn,
             redis_url=settings.redis_url,
             recent_turns=max(agent_config.memory.turns, 1),

@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 import asyncpg  # type: ignore[import-untyped]
 import pytest
 
-from bmad_runtime import memory, migrations
+from bmad_runtime import migrations
+from bmad_runtime.memory import store as memory_store
 
 pytestmark = pytest.mark.integration
 
@@ -79,7 +80,7 @@ async def test_replicas_starting_together_migrate_exactly_once(
 ) -> None:
     stores = await asyncio.gather(
         *(
-            memory.PostgresRedisStore.connect(postgres_dsn=fresh_dsn, redis_url=redis_url)
+            memory_store.PostgresRedisStore.connect(postgres_dsn=fresh_dsn, redis_url=redis_url)
             for _ in range(4)
         )
     )
