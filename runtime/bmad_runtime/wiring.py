@@ -3,8 +3,15 @@
 `create_default_app` is the factory uvicorn calls (`main.APP_FACTORY`). It reads the
 settings, agent.json and the mounted bindings at once (a broken config fails before
 serving) and builds the app with `app.create_app`; the app's lifespan then connects
-the conversation store, the authenticator and the rate limiter, and starts the task
-consumer next to the HTTP API, and undoes all of it at shutdown.
+the conversation store of the Agent's memory mode, the authenticator and the rate
+limiter, starts the task consumer next to the HTTP API, and undoes all of it at
+shutdown.
+
+The memory mode is ``spec.memory.store`` (``BMAD_MEMORY_STORE``). ``durable`` needs
+PostgreSQL and Redis: while either is not bound the runtime serves, but is not ready
+(``/readyz`` says what to bind, and so does the log) and consumes no tasks; it never
+falls back to keeping conversations in memory. ``inProcess`` keeps them in this
+process (`memory.inprocess`) and needs nothing.
 """
 
 from __future__ import annotations
@@ -23,13 +30,14 @@ from opentelemetry import trace
 
 from bmad_integrations import taskwire
 from bmad_runtime import app as app_mod
-from bmad_runtime import auth, fakes, ports, ratelimit, turns
+from bmad_runtime import auth, ports, ratelimit, turns
 from bmad_runtime import bindings as bindings_mod
 from bmad_runtime import config as config_mod
 from bmad_runtime import settings as settings_mod
 from bmad_runtime.api import deps
 from bmad_runtime.bus import client as bus_client
 from bmad_runtime.bus import consumer as bus_consumer
+from bmad_runtime.memory import inprocess
 from bmad_runtime.memory import store as memory_store
 from bmad_runtime.providers import base as providers_base
 from bmad_runtime.providers import router as providers_router
@@ -37,42 +45,43 @@ from bmad_runtime.providers import router as providers_router
 logger = logging.getLogger(__name__)
 
 
-class StoreNotConnectedError(RuntimeError):
-    def __init__(self) -> None:
-        super().__init__("the conversation store is not connected yet")
+class UnavailableStore:
+    """Stands in for the store while there is none to use: every call says why."""
 
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
-class _StartingStore:
-    """Stands in for the store until the lifespan has connected the real one."""
+    def _refuse(self) -> ports.StoreUnavailableError:
+        return ports.StoreUnavailableError(self.reason)
 
     async def append(self, turn: ports.Turn, *, tenant: str, agent: str) -> None:
-        raise StoreNotConnectedError
+        raise self._refuse()
 
     async def recent(
         self, conversation_id: str, *, tenant: str, agent: str, limit: int
     ) -> list[ports.Turn]:
-        raise StoreNotConnectedError
+        raise self._refuse()
 
     async def history(
         self, conversation_id: str, *, tenant: str, agent: str, limit: int = 100
     ) -> list[ports.Turn]:
-        raise StoreNotConnectedError
+        raise self._refuse()
 
     async def list_conversations(
         self, *, tenant: str, agent: str, limit: int = 50
     ) -> list[dict[str, Any]]:
-        raise StoreNotConnectedError
+        raise self._refuse()
 
     async def delete_conversation(self, conversation_id: str, *, tenant: str, agent: str) -> bool:
-        raise StoreNotConnectedError
+        raise self._refuse()
 
     async def record_usage(self, record: ports.UsageRecord) -> None:
-        raise StoreNotConnectedError
+        raise self._refuse()
 
     async def audit(
         self, *, tenant: str, agent: str, subject: str, action: str, detail: dict[str, Any]
     ) -> None:
-        raise StoreNotConnectedError
+        raise self._refuse()
 
     async def ping(self) -> bool:
         return False
@@ -126,12 +135,16 @@ def create_default_app(settings: settings_mod.RuntimeSettings | None = None) -> 
                     "BMAD_AUTH_ENABLED=false): /v1/* is open"
                 )
             state.limiter = await _limiter(settings, agent_config, stack)
-            await _start_task_consumer(settings, state, stack)
+            if isinstance(state.store, UnavailableStore):
+                state.store_problem = state.store.reason
+                logger.warning("the task consumer is not started: the store is not available")
+            else:
+                await _start_task_consumer(settings, state, stack)
             yield
 
     return app_mod.create_app(
         settings,
-        store=_StartingStore(),
+        store=UnavailableStore("the agent is starting: its store is not connected yet"),
         providers=model_router,
         authenticator=_StartingAuthenticator() if auth_on else None,
         limiter=None,
@@ -140,35 +153,55 @@ def create_default_app(settings: settings_mod.RuntimeSettings | None = None) -> 
     )
 
 
+def missing_datastores(settings: settings_mod.RuntimeSettings) -> str | None:
+    """Why the durable store cannot be connected, naming what to bind; None if it can."""
+    missing = [
+        kind
+        for kind, given in (("postgres", settings.postgres_dsn), ("redis", settings.redis_url))
+        if not given
+    ]
+    if not missing:
+        return None
+    if len(missing) == 2:
+        bind = "Integrations of type postgres and redis"
+    else:
+        bind = f"an Integration of type {missing[0]} (or set BMAD_{_VARIABLES[missing[0]]})"
+    return (
+        f"spec.memory.store is durable but no {' and no '.join(missing)} is bound: add "
+        f"{bind} to spec.integrations, or set spec.memory.store: inProcess to keep "
+        "conversations in this process only"
+    )
+
+
+_VARIABLES = {"postgres": "POSTGRES_DSN", "redis": "REDIS_URL"}
+
+
 async def _connect_store(
     settings: settings_mod.RuntimeSettings,
     agent_config: config_mod.AgentConfig,
     stack: contextlib.AsyncExitStack,
 ) -> ports.ConversationStore:
-    if settings.postgres_dsn and settings.redis_url:
-        store = await memory_store.PostgresRedisStore.connect(
-            postgres_dsn=settings.postgres_dsn,
-            redis_url=settings.redis_url,
-            recent_turns=max(agent_config.memory.turns, 1),
-            ttl_seconds=agent_config.memory.ttl_seconds,
+    """The store of the mode the Agent chose; an `UnavailableStore` saying why if none."""
+    if settings.memory_store == "inProcess":
+        logger.warning(
+            "spec.memory.store is inProcess: conversations, usage and audit records are kept "
+            "in this process only, lost on restart and not shared with other replicas"
         )
-        stack.push_async_callback(store.close)
-        return store
-    if settings.postgres_dsn or settings.redis_url:
-        have, missing, variable = (
-            ("postgres", "redis", "BMAD_REDIS_URL")
-            if settings.postgres_dsn
-            else ("redis", "postgres", "BMAD_POSTGRES_DSN")
-        )
-        raise config_mod.ConfigError(
-            f"the agent has a {have} datastore but no {missing} one: bind an Integration of "
-            f"type {missing} (or set {variable})"
-        )
-    logger.warning(
-        "no postgres and redis bindings: conversations are kept in this process only and are "
-        "lost on restart (bind Integrations of type postgres and redis to keep them)"
+        return inprocess.InProcessStore()
+    problem = missing_datastores(settings)
+    if problem is not None:
+        logger.error("not ready: %s", problem)
+        return UnavailableStore(problem)
+    assert settings.postgres_dsn is not None
+    assert settings.redis_url is not None
+    store = await memory_store.PostgresRedisStore.connect(
+        postgres_dsn=settings.postgres_dsn,
+        redis_url=settings.redis_url,
+        recent_turns=max(agent_config.memory.turns, 1),
+        ttl_seconds=agent_config.memory.ttl_seconds,
     )
-    return fakes.InMemoryStore()
+    stack.push_async_callback(store.close)
+    return store
 
 
 async def _authenticator(

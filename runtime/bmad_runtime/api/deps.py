@@ -36,6 +36,8 @@ class RuntimeState(turns.Services):
     settings: settings_mod.RuntimeSettings
     authenticator: ports.Authenticator | None
     tracing: telemetry.Tracing
+    # Why the store cannot be used (durable memory without its datastores), for /readyz.
+    store_problem: str | None = None
 
     async def authorize(self, authorization: str | None, scope: str) -> ports.Principal:
         if self.authenticator is None:

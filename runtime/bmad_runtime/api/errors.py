@@ -107,7 +107,8 @@ _DESCRIPTIONS = {
     429: "Rate limited: retry after `Retry-After` seconds.",
     500: "Internal error; the body names the request id, nothing else.",
     502: "No model of the chain (primary and fallbacks) could answer.",
-    503: "The model provider is rate limiting every model of the chain.",
+    503: "Every model of the chain is rate limited by its provider, or the agent's "
+    "conversation store is not available (see /readyz).",
 }
 
 
@@ -243,6 +244,13 @@ async def _on_context_overflow(
     return await _on_api_error(request, ApiError(422, "context_overflow", str(exc)))
 
 
+async def _on_store_unavailable(
+    request: starlette_requests.Request, exc: Exception
+) -> fastapi.Response:
+    assert isinstance(exc, ports.StoreUnavailableError)
+    return await _on_api_error(request, ApiError(503, "store_unavailable", str(exc)))
+
+
 async def _on_model_failure(
     request: starlette_requests.Request, exc: Exception
 ) -> fastapi.Response:
@@ -258,4 +266,5 @@ def install(app: fastapi.FastAPI) -> None:
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(turns.RateLimitedError, _on_rate_limited)
     app.add_exception_handler(context.ContextOverflowError, _on_context_overflow)
+    app.add_exception_handler(ports.StoreUnavailableError, _on_store_unavailable)
     app.add_exception_handler(providers_router.AllProvidersFailedError, _on_model_failure)

@@ -5,15 +5,13 @@ test_bus_workers.py runs as processes; these unit tests pin down what it answers
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
 from bmad_integrations import taskwire
+
+from . import bus_worker as worker
 
 pytestmark = pytest.mark.unit
 
@@ -55,19 +53,6 @@ class FakeRedis:
         return FakePipeline(self.store, self.ttls)
 
 
-def _load_worker() -> ModuleType:
-    # A script beside this file, not an importable package (pytest's importlib mode).
-    path = Path(__file__).with_name("bus_worker.py")
-    spec = importlib.util.spec_from_file_location("bus_worker", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bus_worker", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-worker = _load_worker()
 KEYS = taskwire.Keys("acme", "dev")
 
 

@@ -233,6 +233,7 @@ def production_app(tmp_path: Path, model: dict[str, Any], **overrides: Any) -> f
         "agent_config": config_path,
         "binding_root": tmp_path / "bindings",
         "auth_enabled": False,
+        "memory_store": "inProcess",  # no datastores: these tests are about the models
         "model_backoff_seconds": 0.01,
         "model_backoff_max_seconds": 0.05,
     }

@@ -9,7 +9,8 @@ from typing import Any
 import pydantic
 import pytest
 
-from bmad_runtime import config, context, fakes, ports, schemas, telemetry, turns
+from bmad_runtime import config, context, ports, schemas, telemetry, turns
+from bmad_runtime.memory import inprocess
 from bmad_runtime.providers import base, echo, router
 
 pytestmark = pytest.mark.unit
@@ -33,7 +34,7 @@ def services(
         tenant=TENANT,
         agent=AGENT,
         config=agent_config or config.echo_config(agent=AGENT),
-        store=fakes.InMemoryStore(),
+        store=inprocess.InProcessStore(),
         router=router.ModelRouter(list(chain) or [echo.EchoProvider()]),
         limiter=limiter,
         metrics=telemetry.Metrics(),
@@ -41,8 +42,8 @@ def services(
     )
 
 
-def store_of(given: turns.Services) -> fakes.InMemoryStore:
-    assert isinstance(given.store, fakes.InMemoryStore)
+def store_of(given: turns.Services) -> inprocess.InProcessStore:
+    assert isinstance(given.store, inprocess.InProcessStore)
     return given.store
 
 

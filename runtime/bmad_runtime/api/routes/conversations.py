@@ -73,7 +73,7 @@ def summary(row: dict[str, Any]) -> ConversationSummary:
     "",
     response_model=ConversationList,
     summary="List the caller's conversations with this agent, most recent first",
-    responses=errors.error_responses(401, 403, 422, 500),
+    responses=errors.error_responses(401, 403, 422, 500, 503),
 )
 async def list_conversations(
     state: deps.State,
@@ -90,7 +90,7 @@ async def list_conversations(
     "/{conversation_id}/messages",
     response_model=MessageList,
     summary="The latest messages of one conversation, oldest first",
-    responses=errors.error_responses(401, 403, 404, 422, 500),
+    responses=errors.error_responses(401, 403, 404, 422, 500, 503),
 )
 async def conversation_messages(
     state: deps.State,
@@ -121,7 +121,7 @@ async def conversation_messages(
     summary="Delete one conversation and its messages (usage and audit records stay)",
     responses={
         204: {"description": "Deleted."},
-        **errors.error_responses(401, 403, 404, 422, 500),
+        **errors.error_responses(401, 403, 404, 422, 500, 503),
     },
 )
 async def delete_conversation(
