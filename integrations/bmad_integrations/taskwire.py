@@ -148,6 +148,27 @@ class TaskResult:
     finished_at: float
 
 
+def result_of(
+    task: Task,
+    *,
+    consumer: str,
+    finished_at: float,
+    output: dict[str, Any] | None = None,
+    error: str | None = None,
+) -> TaskResult:
+    """The result of one delivery of ``task``: failed when there is an error."""
+    return TaskResult(
+        task_id=task.task_id,
+        message_id=task.message_id,
+        status="failed" if error is not None else "succeeded",
+        output=None if error is not None else output,
+        error=error,
+        consumer=consumer,
+        attempt=task.attempt,
+        finished_at=finished_at,
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class DeadLetter:
     """One entry of the dead-letter stream."""

@@ -240,16 +240,7 @@ class TaskBus:
                 pipe.xdel(keys.stream, task.message_id)
                 await pipe.execute()
             return True
-        failed = taskwire.TaskResult(
-            task_id=task.task_id,
-            message_id=task.message_id,
-            status="failed",
-            output=None,
-            error=error,
-            consumer=consumer,
-            attempt=task.attempt,
-            finished_at=time.time(),
-        )
+        failed = taskwire.result_of(task, consumer=consumer, finished_at=time.time(), error=error)
         letter = taskwire.dead_letter_fields(
             task_id=task.task_id,
             message_id=task.message_id,

@@ -264,15 +264,8 @@ class _Run:
                     raise taskwire.WireError(
                         f"the handler returned {type(output).__name__}, not a dict"
                     )
-                result = taskwire.TaskResult(
-                    task_id=task.task_id,
-                    message_id=task.message_id,
-                    status="succeeded",
-                    output=output,
-                    error=None,
-                    consumer=self.consumer,
-                    attempt=task.attempt,
-                    finished_at=time.time(),
+                result = taskwire.result_of(
+                    task, consumer=self.consumer, finished_at=time.time(), output=output
                 )
                 taskwire.encode_result(result)  # fail here, as the handler's error, if not JSON
             except Exception as exc:

@@ -182,13 +182,9 @@ class Conversations:
     """The conversation part of the store, over an asyncpg pool and a Redis client."""
 
     def __init__(
-        self,
-        *,
-        pool: Any,
-        redis_client: aioredis.Redis,
-        recent_turns: int = 20,
-        ttl_seconds: int = 86400,
+        self, pool: Any, redis_client: aioredis.Redis, *, recent_turns: int, ttl_seconds: int
     ) -> None:
+        """``recent_turns`` kept hot in Redis per conversation, for ``ttl_seconds`` idle."""
         if not 1 <= recent_turns <= MAX_RECENT_TURNS:
             raise ValueError(f"recent_turns must be 1..{MAX_RECENT_TURNS}, not {recent_turns}")
         if ttl_seconds < 1:

@@ -60,7 +60,7 @@ class PostgresRedisStore:
         self.pool = pool
         self.redis = redis_client
         self.conversations = conversations.Conversations(
-            pool=pool, redis_client=redis_client, recent_turns=recent_turns, ttl_seconds=ttl_seconds
+            pool, redis_client, recent_turns=recent_turns, ttl_seconds=ttl_seconds
         )
         self.usage = usage.UsageLedger(pool=pool)
         self.audits = audit.AuditLog(pool=pool)

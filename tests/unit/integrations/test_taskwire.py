@@ -170,24 +170,25 @@ def test_something_else_under_a_result_key_is_a_wire_error(raw: str) -> None:
 
 
 def test_a_dead_letter_round_trips() -> None:
-    fields = taskwire.dead_letter_fields(
-        task_id="story-1",
-        message_id="9-0",
-        payload='{"input":"x"}',
-        error="RuntimeError: boom",
-        attempts=5,
-        consumer="dev-0",
-    )
+    written: dict[str, Any] = {
+        "task_id": "story-1",
+        "message_id": "9-0",
+        "payload": '{"input":"x"}',
+        "error": "RuntimeError: boom",
+        "attempts": 5,
+        "consumer": "dev-0",
+    }
+    fields = taskwire.dead_letter_fields(**written)
     letter = taskwire.decode_dead_letter(b"12-0", {k.encode(): v for k, v in fields.items()})
-    assert letter == taskwire.DeadLetter(
-        id="12-0",
-        task_id="story-1",
-        message_id="9-0",
-        payload='{"input":"x"}',
-        error="RuntimeError: boom",
-        attempts=5,
-        consumer="dev-0",
-    )
+    assert letter == taskwire.DeadLetter(id="12-0", **written)
+
+
+def test_a_result_of_a_delivery_is_failed_exactly_when_there_is_an_error() -> None:
+    task = taskwire.Task(task_id="t", payload={}, message_id="3-0", attempt=2)
+    ok = taskwire.result_of(task, consumer="c", finished_at=1.0, output={"x": 1})
+    failed = taskwire.result_of(task, consumer="c", finished_at=2.0, error="E: no")
+    assert (ok.status, ok.output, ok.error, ok.attempt) == ("succeeded", {"x": 1}, None, 2)
+    assert (failed.status, failed.output, failed.error) == ("failed", None, "E: no")
 
 
 def test_a_dead_letter_with_missing_fields_decodes_to_empty_values() -> None:

@@ -87,15 +87,8 @@ class FakeBus:
         if written:
             self.dead.append((task.message_id, error))
             if task.task_id:
-                self.results[task.task_id] = taskwire.TaskResult(
-                    task_id=task.task_id,
-                    message_id=task.message_id,
-                    status="failed",
-                    output=None,
-                    error=error,
-                    consumer=consumer,
-                    attempt=task.attempt,
-                    finished_at=0.0,
+                self.results[task.task_id] = taskwire.result_of(
+                    task, consumer=consumer, finished_at=0.0, error=error
                 )
         self._ack(task.message_id)
         return written
