@@ -108,7 +108,17 @@ async def test_a_replica_waits_for_the_migration_lock(fresh_dsn: str) -> None:
         assert "conversations" not in await tables(other)
 
         waiting = asyncio.create_task(migrations.apply(other, lock_timeout=30))
-        await asyncio.sleep(0.5)
+        # Event, not a nap: PostgreSQL shows the other connection waiting for the lock.
+        other_pid = other.get_server_pid()
+        deadline = asyncio.get_running_loop().time() + 30
+        while not await holder.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+            "AND pid = $1",
+            other_pid,
+        ):
+            assert not waiting.done(), waiting
+            assert asyncio.get_running_loop().time() < deadline, "the replica never waited"
+            await asyncio.sleep(0.02)
         assert not waiting.done()
         await holder.fetchval("SELECT pg_advisory_unlock($1)", migrations.LOCK_KEY)
         assert await asyncio.wait_for(waiting, 30) == [m.version for m in migrations.MIGRATIONS]
