@@ -222,7 +222,12 @@ async def stop(worker: Worker, *, timeout_s: float = 20) -> dict[str, Any]:
 async def test_1000_tasks_on_three_workers_one_killed_midway_each_answered_exactly_once(
     bed: Bed,
 ) -> None:
-    workers = [bed.start(f"w{i}", "--task-delay-ms", "20") for i in range(3)]
+    # A longer min-idle than the other tests: on a loaded machine a slow survivor must
+    # not take over the victim's entries before the kill, nor between the kill and the
+    # look at what the victim held.
+    workers = [
+        bed.start(f"w{i}", "--task-delay-ms", "20", "--min-idle-ms", "5000") for i in range(3)
+    ]
     victim, survivors = workers[0], workers[1:]
 
     async def all_consuming() -> bool:

@@ -101,7 +101,12 @@ async def test_two_replicas_share_a_conversation_and_account_for_it(
         gone = await first.get(f"/v1/conversations/{conversation}/messages")
 
     assert opened.status_code == 200, opened.text
-    assert ready.json() == {"status": "ready", "checks": {"store": True, "model": True}}
+    assert ready.json() == {
+        "status": "ready",
+        "checks": {"store": True, "model": True},
+        "memoryStore": "durable",
+        "message": None,
+    }
     assert continued.status_code == 200, continued.text
     assert continued.json()["output"] == "[echo-1] Add a risks section"
     [summary] = listed.json()["conversations"]

@@ -137,7 +137,7 @@ async def test_turns_are_kept_in_order_in_both_stores(
     assert key == f"bmad:{tenant}:{agent}:conv:c-1:turns"
     cached = [json.loads(x) for x in await raw_redis.lrange(key, 0, -1)]
     assert [c["seq"] for c in cached] == [1, 2, 3, 4, 5]
-    assert 0 < await raw_redis.ttl(key) <= store.ttl_seconds
+    assert 0 < await raw_redis.ttl(key) <= store.conversations.ttl_seconds
 
     listed = await store.list_conversations(tenant=tenant, agent=agent)
     assert [(c["id"], c["title"], c["turns"]) for c in listed] == [("c-1", "user says 0", 5)]
