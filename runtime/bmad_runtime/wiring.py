@@ -153,27 +153,24 @@ def create_default_app(settings: settings_mod.RuntimeSettings | None = None) -> 
     )
 
 
-def missing_datastores(settings: settings_mod.RuntimeSettings) -> str | None:
-    """Why the durable store cannot be connected, naming what to bind; None if it can."""
+def missing_datastores(settings: settings_mod.RuntimeSettings) -> str:
+    """Why the durable store cannot be connected (PostgreSQL or Redis is not bound),
+    naming what to bind."""
     missing = [
         kind
         for kind, given in (("postgres", settings.postgres_dsn), ("redis", settings.redis_url))
         if not given
     ]
-    if not missing:
-        return None
-    if len(missing) == 2:
+    if len(missing) != 1:
         bind = "Integrations of type postgres and redis"
     else:
-        bind = f"an Integration of type {missing[0]} (or set BMAD_{_VARIABLES[missing[0]]})"
+        variable = "BMAD_POSTGRES_DSN" if missing == ["postgres"] else "BMAD_REDIS_URL"
+        bind = f"an Integration of type {missing[0]} (or set {variable})"
     return (
         f"spec.memory.store is durable but no {' and no '.join(missing)} is bound: add "
         f"{bind} to spec.integrations, or set spec.memory.store: inProcess to keep "
         "conversations in this process only"
     )
-
-
-_VARIABLES = {"postgres": "POSTGRES_DSN", "redis": "REDIS_URL"}
 
 
 async def _connect_store(
@@ -188,15 +185,14 @@ async def _connect_store(
             "in this process only, lost on restart and not shared with other replicas"
         )
         return inprocess.InProcessStore()
-    problem = missing_datastores(settings)
-    if problem is not None:
+    dsn, url = settings.postgres_dsn, settings.redis_url
+    if not dsn or not url:
+        problem = missing_datastores(settings)
         logger.error("not ready: %s", problem)
         return UnavailableStore(problem)
-    assert settings.postgres_dsn is not None
-    assert settings.redis_url is not None
     store = await memory_store.PostgresRedisStore.connect(
-        postgres_dsn=settings.postgres_dsn,
-        redis_url=settings.redis_url,
+        postgres_dsn=dsn,
+        redis_url=url,
         recent_turns=max(agent_config.memory.turns, 1),
         ttl_seconds=agent_config.memory.ttl_seconds,
     )

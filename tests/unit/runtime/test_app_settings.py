@@ -12,6 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
+from bmad_crds.v1alpha1 import agent as agent_api
+from bmad_operator.builders import agent as agent_builders
 from bmad_runtime import config, settings, telemetry, wiring
 from bmad_runtime.api import deps
 from bmad_runtime.memory import inprocess
@@ -328,3 +330,27 @@ async def test_auth_is_automatic_on_only_with_an_auth0_binding(
     async with app.router.lifespan_context(app):
         pass
     assert "authentication is off" in caplog.text
+
+
+@pytest.mark.parametrize("store", [None, "durable", "inProcess"])
+def test_the_memory_mode_the_operator_renders_is_the_one_the_runtime_reads(
+    monkeypatch: pytest.MonkeyPatch, store: str | None
+) -> None:
+    spec: dict[str, Any] = {"role": "dev", "model": {"provider": "echo", "name": "echo-1"}}
+    if store is not None:
+        spec["memory"] = {"store": store}
+    body = {"metadata": {"name": "dev-1", "namespace": "acme", "uid": "u-1"}, "spec": spec}
+    objects = agent_builders.build_all(
+        body,
+        agent_api.AgentSpec.model_validate(spec),
+        image="bmad:test",
+        bindings=[],
+        secret_versions={},
+    )
+    [deployment] = [o for o in objects if o["kind"] == "Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    for var in container["env"]:
+        if "value" in var:
+            monkeypatch.setenv(var["name"], var["value"])
+
+    assert settings.RuntimeSettings().memory_store == (store or "durable")
