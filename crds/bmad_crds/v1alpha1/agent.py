@@ -36,6 +36,10 @@ ModelProvider = Literal["openai", "anthropic", "openai-compatible", "echo"]
 MODEL_PROVIDERS: tuple[ModelProvider, ...] = typing.get_args(ModelProvider)
 
 MetricType = Literal["queueDepth", "inflight", "promql"]
+# Where conversations are kept: PostgreSQL and Redis (durable), or the pod's memory.
+MemoryStore = Literal["durable", "inProcess"]
+MEMORY_STORES: tuple[MemoryStore, ...] = typing.get_args(MemoryStore)
+DEFAULT_MEMORY_STORE: MemoryStore = "durable"
 ImagePullPolicy = Literal["Always", "IfNotPresent", "Never"]
 
 # Owned objects are named after the Agent, with suffixes; pods add their own hashes.
@@ -267,7 +271,18 @@ class Limits(common.SpecModel):
 
 
 class Memory(common.SpecModel):
-    """How much conversation the agent remembers."""
+    """How much conversation the agent remembers, and where it keeps it."""
+
+    store: MemoryStore = pydantic.Field(
+        default=DEFAULT_MEMORY_STORE,
+        description=(
+            "Where conversations, usage records and the audit log are kept. durable: "
+            "PostgreSQL and Redis, from Integrations of type postgres and redis in "
+            "spec.integrations; the agent is not ready until both are bound. inProcess: "
+            "in each replica's memory only, lost on restart and not shared between "
+            "replicas (demos and trials without datastores)."
+        ),
+    )
 
     turns: int = pydantic.Field(
         default=20,

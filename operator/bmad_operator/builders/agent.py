@@ -146,6 +146,10 @@ def service_account(body: Mapping[str, Any], spec: agent_api.AgentSpec) -> Obj |
     }
 
 
+def memory_store(spec: agent_api.AgentSpec) -> agent_api.MemoryStore:
+    return spec.memory.store if spec.memory else agent_api.DEFAULT_MEMORY_STORE
+
+
 def _env(body: Mapping[str, Any], spec: agent_api.AgentSpec) -> list[Obj]:
     meta = body["metadata"]
     env: list[Obj] = [
@@ -155,6 +159,7 @@ def _env(body: Mapping[str, Any], spec: agent_api.AgentSpec) -> list[Obj]:
         {"name": "BMAD_AGENT_CONFIG", "value": f"{CONFIG_DIR}/agent.json"},
         {"name": "SERVICE_BINDING_ROOT", "value": BINDING_ROOT},
         {"name": "BMAD_HTTP_PORT", "value": str(HTTP_PORT)},
+        {"name": "BMAD_MEMORY_STORE", "value": memory_store(spec)},
     ]
     ours = {e["name"] for e in env}
     for var in spec.runtime.env if spec.runtime and spec.runtime.env else []:

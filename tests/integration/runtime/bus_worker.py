@@ -1,10 +1,12 @@
-"""A task-bus consumer as its own process, with deterministic handlers.
+"""A test aid: the runtime's task-bus consumer as its own process, with deterministic
+handlers instead of a model.
 
-``python -m bmad_runtime.worker --redis-url URL --tenant T --agent A --consumer NAME``
-consumes the agent's stream until SIGTERM (or SIGINT), then shuts down gracefully:
-no new reads, in-flight tasks get ``--grace-s`` to finish, the rest stay pending for
-the other consumers. It is what the integration tests start, kill and restart, and a
-way to watch the bus without a model behind it.
+``python tests/integration/runtime/bus_worker.py --redis-url URL --tenant T --agent A
+--consumer NAME`` consumes the agent's stream with `bmad_runtime.bus.consumer` until
+SIGTERM (or SIGINT), then shuts down gracefully: no new reads, in-flight tasks get
+``--grace-s`` to finish, the rest stay pending for the other consumers. It is what
+test_bus_workers.py starts, kills and restarts. It lives with the tests, not in the
+runtime package: nothing in production runs it.
 
 Handlers:
 
@@ -36,9 +38,11 @@ from typing import Any
 
 from redis import asyncio as aioredis
 
-from bmad_runtime import bus as bus_mod
+from bmad_integrations import taskwire
+from bmad_runtime.bus import client as bus_client
+from bmad_runtime.bus import consumer as bus_consumer
 
-log = logging.getLogger("bmad_runtime.worker")
+log = logging.getLogger("bus_worker")
 
 HANDLERS = ("echo", "fail")
 URL_ENV = "BMAD_REDIS_URL"
@@ -50,7 +54,7 @@ class DeliberateError(RuntimeError):
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m bmad_runtime.worker", description="Consume an agent's task bus."
+        prog="bus_worker.py", description="Consume an agent's task bus."
     )
     parser.add_argument("--redis-url", default=os.environ.get(URL_ENV), help=f"or ${URL_ENV}")
     parser.add_argument("--tenant", required=True)
@@ -61,8 +65,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--concurrency", type=int, default=None)
     parser.add_argument("--block-ms", type=int, default=1000)
-    parser.add_argument("--min-idle-ms", type=int, default=bus_mod.BusConfig.min_idle_ms)
-    parser.add_argument("--max-attempts", type=int, default=bus_mod.BusConfig.max_attempts)
+    parser.add_argument("--min-idle-ms", type=int, default=bus_client.BusConfig.min_idle_ms)
+    parser.add_argument("--max-attempts", type=int, default=bus_client.BusConfig.max_attempts)
     parser.add_argument("--grace-s", type=float, default=30.0)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -73,35 +77,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def runs_key(keys: taskwire.Keys, task_id: str) -> str:
+    """Where the handlers count a task's executions."""
+    return f"{keys.prefix}:runs:{taskwire.validate_task_id(task_id)}"
+
+
 def make_handler(
     name: str,
     *,
     redis: aioredis.Redis,
-    keys: bus_mod.Keys,
+    keys: taskwire.Keys,
     consumer: str,
     delay_ms: int = 0,
     runs_ttl_s: int = 86_400,
-) -> bus_mod.Handler:
+) -> bus_consumer.Handler:
     """The deterministic handler called `name` (see the module docstring)."""
     if name not in HANDLERS:
         raise ValueError(f"unknown handler {name!r}; choose one of {', '.join(HANDLERS)}")
 
-    async def count_run(task: bus_mod.Task) -> int:
-        key = keys.runs(task.task_id)
+    async def count_run(task: taskwire.Task) -> int:
+        key = runs_key(keys, task.task_id)
         async with redis.pipeline(transaction=True) as pipe:
             pipe.incr(key)
             pipe.expire(key, runs_ttl_s)
             run, _ = await pipe.execute()
         return int(run)
 
-    async def echo(task: bus_mod.Task) -> dict[str, Any]:
+    async def echo(task: taskwire.Task) -> dict[str, Any]:
         run = await count_run(task)
         if delay_ms:
             await asyncio.sleep(delay_ms / 1000)
         text = task.payload.get("input", "")
         return {"output": str(text).upper(), "consumer": consumer, "run": run}
 
-    async def fail(task: bus_mod.Task) -> dict[str, Any]:
+    async def fail(task: taskwire.Task) -> dict[str, Any]:
         run = await count_run(task)
         if delay_ms:
             await asyncio.sleep(delay_ms / 1000)
@@ -115,8 +124,8 @@ async def run(args: argparse.Namespace, *, stop: asyncio.Event | None = None) ->
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    config = bus_mod.BusConfig(min_idle_ms=args.min_idle_ms, max_attempts=args.max_attempts)
-    bus = bus_mod.TaskBus.from_url(
+    config = bus_client.BusConfig(min_idle_ms=args.min_idle_ms, max_attempts=args.max_attempts)
+    bus = bus_client.TaskBus.from_url(
         args.redis_url, tenant=args.tenant, agent=args.agent, config=config
     )
     try:
@@ -127,7 +136,8 @@ async def run(args: argparse.Namespace, *, stop: asyncio.Event | None = None) ->
             consumer=args.consumer,
             delay_ms=args.task_delay_ms,
         )
-        stats = await bus.consume(
+        stats = await bus_consumer.consume(
+            bus,
             handler,
             consumer_name=args.consumer,
             batch=args.batch,

@@ -13,19 +13,10 @@ import fastapi
 import pydantic
 import pydantic.alias_generators
 
-from bmad_runtime import app, ports
+from bmad_runtime import ports
+from bmad_runtime.api import deps, errors
 
 router = fastapi.APIRouter(prefix="/v1/conversations", tags=["conversations"])
-
-ConversationId = Annotated[
-    str,
-    fastapi.Path(
-        min_length=1,
-        max_length=128,
-        pattern=app.CONVERSATION_ID_PATTERN,
-        description="A conversation id, as returned by POST /v1/invoke.",
-    ),
-]
 
 
 class _Out(pydantic.BaseModel):
@@ -82,11 +73,11 @@ def summary(row: dict[str, Any]) -> ConversationSummary:
     "",
     response_model=ConversationList,
     summary="List the caller's conversations with this agent, most recent first",
-    responses=app.error_responses(401, 403, 422, 500),
+    responses=errors.error_responses(401, 403, 422, 500, 503),
 )
 async def list_conversations(
-    state: app.State,
-    caller: app.Reader,
+    state: deps.State,
+    caller: deps.Reader,
     limit: Annotated[int, fastapi.Query(ge=1, le=200, description="At most this many.")] = 50,
 ) -> ConversationList:
     rows = await state.store.list_conversations(
@@ -99,19 +90,19 @@ async def list_conversations(
     "/{conversation_id}/messages",
     response_model=MessageList,
     summary="The latest messages of one conversation, oldest first",
-    responses=app.error_responses(401, 403, 404, 422, 500),
+    responses=errors.error_responses(401, 403, 404, 422, 500, 503),
 )
 async def conversation_messages(
-    state: app.State,
-    caller: app.Reader,
-    conversation_id: ConversationId,
+    state: deps.State,
+    caller: deps.Reader,
+    conversation_id: deps.ConversationId,
     limit: Annotated[int, fastapi.Query(ge=1, le=1000, description="At most this many.")] = 100,
 ) -> MessageList:
     turns = await state.store.history(
         conversation_id, tenant=caller.tenant, agent=state.agent, limit=limit
     )
     if not turns:
-        raise app.ApiError(
+        raise errors.ApiError(
             404, "conversation_not_found", f"this agent has no conversation {conversation_id!r}"
         )
     return MessageList(
@@ -130,17 +121,17 @@ async def conversation_messages(
     summary="Delete one conversation and its messages (usage and audit records stay)",
     responses={
         204: {"description": "Deleted."},
-        **app.error_responses(401, 403, 404, 422, 500),
+        **errors.error_responses(401, 403, 404, 422, 500, 503),
     },
 )
 async def delete_conversation(
-    state: app.State, caller: app.Deleter, conversation_id: ConversationId
+    state: deps.State, caller: deps.Deleter, conversation_id: deps.ConversationId
 ) -> fastapi.Response:
     deleted = await state.store.delete_conversation(
         conversation_id, tenant=caller.tenant, agent=state.agent
     )
     if not deleted:
-        raise app.ApiError(
+        raise errors.ApiError(
             404, "conversation_not_found", f"this agent has no conversation {conversation_id!r}"
         )
     await state.store.audit(

@@ -1,4 +1,7 @@
-"""The worker's command line and its deterministic handlers, with a fake Redis."""
+"""The test worker's command line and its deterministic handlers, with a fake Redis.
+
+The worker (bus_worker.py, next to this file) is a test aid that
+test_bus_workers.py runs as processes; these unit tests pin down what it answers."""
 
 from __future__ import annotations
 
@@ -6,7 +9,9 @@ from typing import Any
 
 import pytest
 
-from bmad_runtime import bus, worker
+from bmad_integrations import taskwire
+
+from . import bus_worker as worker
 
 pytestmark = pytest.mark.unit
 
@@ -48,11 +53,11 @@ class FakeRedis:
         return FakePipeline(self.store, self.ttls)
 
 
-KEYS = bus.Keys("acme", "dev")
+KEYS = taskwire.Keys("acme", "dev")
 
 
-def task(task_id: str = "t1", **payload: Any) -> bus.Task:
-    return bus.Task(task_id=task_id, payload=payload, message_id="1-0", attempt=1)
+def task(task_id: str = "t1", **payload: Any) -> taskwire.Task:
+    return taskwire.Task(task_id=task_id, payload=payload, message_id="1-0", attempt=1)
 
 
 async def test_echo_upper_cases_the_input_names_the_consumer_and_counts_runs() -> None:
