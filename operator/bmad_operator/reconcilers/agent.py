@@ -19,7 +19,7 @@ from typing import Any
 import pydantic
 
 from bmad_crds.v1alpha1 import agent as agent_api
-from bmad_operator import conditions, diff, kube, policies, store, tenancy, workqueue
+from bmad_operator import conditions, diff, errors, kube, policies, store, tenancy
 from bmad_operator.builders import agent as builders
 from bmad_operator.conditions import TRUE
 from bmad_operator.reconcilers import common
@@ -111,11 +111,11 @@ class AgentReconciler:
             if diff.needs_apply(live, obj):
                 try:
                     applied = await self.api.apply(obj)
-                except kube.ApiError as exc:
-                    if exc.status in (0, 409, 429) or exc.status >= 500:
+                except errors.ApiError as exc:
+                    if exc.retryable:
                         raise  # transient: retried with backoff
                     await self._apply_failed(body, previous, generation, kind, exc)
-                    raise workqueue.Requeue(30.0, f"apply of {kind} refused") from None
+                    raise errors.Requeue(30.0, f"apply of {kind} refused") from None
                 self.cache.put(applied)
                 label = f"{kind}/{meta['name']}"
                 if live is None:
@@ -172,7 +172,7 @@ class AgentReconciler:
         previous: list[Any],
         generation: int | None,
         kind: str,
-        exc: kube.ApiError,
+        exc: errors.ApiError,
     ) -> None:
         """The API server refused an owned object: say so on the Agent, retry later."""
         ready = conditions.Cond(

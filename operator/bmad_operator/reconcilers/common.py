@@ -9,7 +9,7 @@ from typing import Any
 
 import pydantic
 
-from bmad_operator import diff, kube, metrics, store
+from bmad_operator import diff, errors, kube, metrics, store
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ async def measured(kind: str, what: str, work: Awaitable[None]) -> None:
     with metrics.RECONCILE_SECONDS.labels(kind=kind).time():
         try:
             await work
-        except kube.ApiError as exc:
+        except errors.ApiError as exc:
             metrics.RECONCILES.labels(kind=kind, result="error").inc()
             metrics.RECONCILE_ERRORS.labels(kind=kind, reason=exc.reason or "ApiError").inc()
             log.warning("%s %s: API error, will retry: %s", kind, what, exc)
@@ -49,7 +49,7 @@ async def post_event(
 ) -> None:
     try:
         await api.event(dict(body), type_=type_, reason=reason, message=message)
-    except kube.ApiError as exc:
+    except errors.ApiError as exc:
         log.warning(
             "could not post event %s on %s %s: %s",
             reason,

@@ -25,7 +25,7 @@ from bmad_crds.v1alpha1 import integration as integration_api
 from bmad_crds.v1alpha1 import tenant as tenant_api
 from bmad_integrations import base as ibase
 from bmad_integrations import billing
-from bmad_operator import conditions, kube, store, tenancy, workqueue
+from bmad_operator import conditions, errors, kube, store, tenancy
 from bmad_operator.builders import tenant as builders
 from bmad_operator.conditions import FALSE, TRUE, Cond
 from bmad_operator.reconcilers import common
@@ -307,15 +307,15 @@ class TenantReconciler:
         if FINALIZER not in (meta.get("finalizers") or []):
             return
         previous = (body.get("status") or {}).get("conditions") or []
-        errors: list[str] = []
+        problems: list[str] = []
         # Only namespaces that carry this tenant's label: one listed in the spec but
         # claimed by another tenant (a conflict) is never touched.
         for ns in tenancy.tenant_namespaces(self.cache, meta["name"]):
             try:
                 await self._drop_namespace(meta["name"], ns, spec.deletion_policy)
-            except kube.ApiError as exc:
-                if exc.status != 404:
-                    errors.append(f"namespace {ns}: {exc.message}")
+            except errors.ApiError as exc:
+                if not exc.not_found:
+                    problems.append(f"namespace {ns}: {exc.message}")
         if spec.deletion_policy == "Delete":
             sub = ((body.get("status") or {}).get("billing") or {}).get("subscriptionId")
             if sub and spec.billing is not None:
@@ -323,7 +323,7 @@ class TenantReconciler:
                     account = await self._stripe_account(spec)
                     await billing.cancel_subscription(account, sub)
                 except billing.BillingError as exc:
-                    errors.append(f"subscription {sub}: {exc.message}")
+                    problems.append(f"subscription {sub}: {exc.message}")
                 else:
                     # Remember it is cancelled, so a retried pass does not cancel again.
                     current = dict((body.get("status") or {}).get("billing") or {})
@@ -335,12 +335,12 @@ class TenantReconciler:
                     body, meta = updated, updated["metadata"]
         started = _parse_time(meta["deletionTimestamp"])
         overdue = dt.datetime.now(dt.UTC) - started > FINALIZE_DEADLINE
-        if errors and not overdue:
+        if problems and not overdue:
             cond = Cond(
                 "Ready",
                 FALSE,
                 "DeletionFailed",
-                "Deleting the tenant failed, retrying: " + "; ".join(errors),
+                "Deleting the tenant failed, retrying: " + "; ".join(problems),
             )
             await self._write_status(
                 body,
@@ -351,13 +351,13 @@ class TenantReconciler:
                 },
             )
             await self._event(body, "Warning", "DeletionFailed", cond.message)
-            raise workqueue.Requeue(15.0, "tenant deletion failed")
-        if errors:
+            raise errors.Requeue(15.0, "tenant deletion failed")
+        if problems:
             await self._event(
                 body,
                 "Warning",
                 "DeletionAbandoned",
-                "Gave up after 10 minutes and released the tenant: " + "; ".join(errors),
+                "Gave up after 10 minutes and released the tenant: " + "; ".join(problems),
             )
         finalizers = [f for f in meta.get("finalizers") or [] if f != FINALIZER]
         await self._patch_finalizers(
@@ -378,8 +378,8 @@ class TenantReconciler:
         """Patch finalizers; None when the object is already gone (deleted meanwhile)."""
         try:
             return await self.api.merge_patch(kind, namespace, name, patch)
-        except kube.ApiError as exc:
-            if exc.status == 404:
+        except errors.ApiError as exc:
+            if exc.not_found:
                 self.cache.remove(kind, namespace, name)
                 return None
             raise

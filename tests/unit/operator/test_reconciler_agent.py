@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from bmad_crds.v1alpha1 import agent as agent_api
-from bmad_operator import kube, store, workqueue
+from bmad_operator import errors, store
 from bmad_operator.builders import agent as builders
 from bmad_operator.reconcilers import agent as agent_reconciler
 
@@ -40,7 +40,7 @@ class FakeKube:
         self.applied: list[Obj] = []
         self.statuses: list[Obj] = []
         self.events: list[Obj] = []
-        self.refuse: dict[str, kube.ApiError] = {}
+        self.refuse: dict[str, errors.ApiError] = {}
         self.refuse_events = False
         self._rv = 1000
 
@@ -103,7 +103,7 @@ class FakeKube:
     async def event(self, involved: Obj, *, type_: str, reason: str, message: str) -> None:
         self.calls.append(("event", reason, involved["metadata"]["name"]))
         if self.refuse_events:
-            raise kube.ApiError(403, "Forbidden", "events are forbidden")
+            raise errors.ApiError(403, "Forbidden", "events are forbidden")
         self.events.append({"type": type_, "reason": reason, "message": message})
 
 
@@ -541,17 +541,17 @@ async def test_unknown_or_deleting_agent_makes_no_calls() -> None:
 
 async def test_refused_apply_raises_for_a_retry() -> None:
     h = Harness()
-    h.api.refuse["Deployment"] = kube.ApiError(403, "Forbidden", 'exceeded quota: "compute"')
+    h.api.refuse["Deployment"] = errors.ApiError(403, "Forbidden", 'exceeded quota: "compute"')
     # A refusal is not transient: the pass reports it and asks to be retried later.
-    with pytest.raises(workqueue.Requeue):
+    with pytest.raises(errors.Requeue):
         await h.run()
     assert h.applied_kinds() == ["ServiceAccount", "ConfigMap"]
 
 
 async def test_refused_apply_is_reported_as_apply_failed() -> None:
     h = Harness()
-    h.api.refuse["Deployment"] = kube.ApiError(403, "Forbidden", 'exceeded quota: "compute"')
-    with contextlib.suppress(workqueue.Requeue):
+    h.api.refuse["Deployment"] = errors.ApiError(403, "Forbidden", 'exceeded quota: "compute"')
+    with contextlib.suppress(errors.Requeue):
         await h.run()
     ready = h.condition("Ready")
     assert (ready["status"], ready["reason"]) == ("False", "ApplyFailed")

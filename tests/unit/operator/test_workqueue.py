@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 
 import pytest
 
-from bmad_operator import workqueue
+from bmad_operator import errors, workqueue
 
 pytestmark = pytest.mark.unit
 
@@ -57,7 +57,7 @@ class Recorder:
             if n <= self.fail_first:
                 raise RuntimeError(f"failure {n}")
             if self.requeue_first is not None and n == 1:
-                raise workqueue.Requeue(self.requeue_first, "not yet")
+                raise errors.Requeue(self.requeue_first, "not yet")
         finally:
             self.active[key] -= 1
             async with self.changed:
