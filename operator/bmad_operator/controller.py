@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from bmad_operator import kube, settings, store, tenancy, workqueue
-from bmad_operator.builders import agent as agent_builders
+from bmad_operator.builders import meta
 from bmad_operator.reconcilers import agent as agent_reconciler
 from bmad_operator.reconcilers import integration as integration_reconciler
 from bmad_operator.reconcilers import tenant as tenant_reconciler
@@ -65,38 +65,38 @@ class Controller:
     def on_event(self, event: Mapping[str, Any]) -> None:
         obj = event.get("object") or {}
         kind = obj.get("kind")
-        meta = obj.get("metadata") or {}
-        if not kind or "name" not in meta:
+        metadata = obj.get("metadata") or {}
+        if not kind or "name" not in metadata:
             return
-        labels = meta.get("labels") or {}
-        if kind == "Secret" and labels.get("app.kubernetes.io/managed-by") != "bmad-operator":
+        labels = metadata.get("labels") or {}
+        if kind == "Secret" and not meta.is_managed(labels):
             # Users' Secrets: remember only that they exist and their version, never data.
             obj = {
                 "apiVersion": "v1",
                 "kind": "Secret",
                 "metadata": {
-                    "name": meta["name"],
-                    "namespace": meta.get("namespace"),
-                    "uid": meta.get("uid"),
-                    "resourceVersion": meta.get("resourceVersion"),
+                    "name": metadata["name"],
+                    "namespace": metadata.get("namespace"),
+                    "uid": metadata.get("uid"),
+                    "resourceVersion": metadata.get("resourceVersion"),
                 },
             }
         if event.get("type") == "DELETED":
-            self.store.remove(kind, meta.get("namespace"), meta["name"])
+            self.store.remove(kind, metadata.get("namespace"), metadata["name"])
         else:
             self.store.put(obj)
-        namespace = meta.get("namespace") or ""
+        namespace = metadata.get("namespace") or ""
         if kind == "Agent":
             if event.get("type") == "DELETED":
-                self.agent_queue.forget((namespace, meta["name"]))
+                self.agent_queue.forget((namespace, metadata["name"]))
             else:
-                self.agent_queue.add((namespace, meta["name"]))
+                self.agent_queue.add((namespace, metadata["name"]))
             tenant = tenancy.tenant_of_namespace(self.store, namespace)
             if tenant is not None:  # its usage changed
                 self.tenant_queue.add(("", tenant["metadata"]["name"]))
         elif kind == "Tenant":
-            self.tenant_queue.add(("", meta["name"]))
-            namespaces = set(tenancy.tenant_namespaces(self.store, meta["name"]))
+            self.tenant_queue.add(("", metadata["name"]))
+            namespaces = set(tenancy.tenant_namespaces(self.store, metadata["name"]))
             for key in self.store.keys("Agent"):
                 if key[0] in namespaces:
                     self.agent_queue.add(key)
@@ -106,23 +106,23 @@ class Controller:
                 self.tenant_queue.add(("", tenant))
         elif kind == "Integration":
             if event.get("type") == "DELETED":
-                self.integration_queue.forget((namespace, meta["name"]))
-            self.integration_queue.add((namespace, meta["name"]))
-            for key in self._agents_binding(namespace, meta["name"]):
+                self.integration_queue.forget((namespace, metadata["name"]))
+            self.integration_queue.add((namespace, metadata["name"]))
+            for key in self._agents_binding(namespace, metadata["name"]):
                 self.agent_queue.add(key)
         elif kind == "Secret":
             integration = labels.get("bmad.dev/integration")
             if integration:
                 for key in self._agents_binding(namespace, integration):
                     self.agent_queue.add(key)
-            for key in self.integrations.secret_referenced(namespace, meta["name"]):
+            for key in self.integrations.secret_referenced(namespace, metadata["name"]):
                 self.integration_queue.add(key)
         elif kind in ("ResourceQuota", "LimitRange", "NetworkPolicy", "RoleBinding"):
             tenant_name = labels.get("bmad.dev/tenant")
             if tenant_name:  # drift in a tenant's fences: put them back
                 self.tenant_queue.add(("", tenant_name))
         else:
-            owner = labels.get(agent_builders.AGENT_LABEL)
+            owner = labels.get(meta.AGENT_LABEL)
             if owner and self.store.get("Agent", namespace, owner) is not None:
                 # A rollout changes a Deployment's status several times a second:
                 # gather those into one pass (and one status write) per agent.

@@ -12,11 +12,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from bmad_crds.v1alpha1 import tenant as tenant_api
+from bmad_operator.builders import meta
 
 Obj = dict[str, Any]
 
-TENANT_LABEL = "bmad.dev/tenant"
-MANAGED_BY = "bmad-operator"
 ADMIN_ROLE = "bmad-tenant-admin"
 MONITORING_NAMESPACE = "monitoring"
 
@@ -36,7 +35,7 @@ QUOTA_KEYS: Mapping[str, str] = {
 
 
 def labels(tenant: str) -> dict[str, str]:
-    return {TENANT_LABEL: tenant, "app.kubernetes.io/managed-by": MANAGED_BY}
+    return {meta.TENANT_LABEL: tenant, **meta.managed_labels()}
 
 
 def namespace(tenant: str, name: str) -> Obj:
@@ -57,7 +56,7 @@ def namespace(tenant: str, name: str) -> Obj:
 
 
 def _meta(tenant: str, name: str, ns: str) -> Obj:
-    return {"name": name, "namespace": ns, "labels": labels(tenant)}
+    return meta.object_meta(name, ns, labels=labels(tenant))
 
 
 def resource_quota(tenant: str, ns: str, quota: tenant_api.Quota | None) -> Obj | None:
@@ -114,7 +113,9 @@ def network_policies(tenant: str, ns: str, *, operator_namespace: str) -> list[O
 
     return [
         policy("bmad-default-deny-ingress", {"podSelector": {}, "policyTypes": ["Ingress"]}),
-        policy("bmad-allow-same-tenant", from_namespaces({"matchLabels": {TENANT_LABEL: tenant}})),
+        policy(
+            "bmad-allow-same-tenant", from_namespaces({"matchLabels": {meta.TENANT_LABEL: tenant}})
+        ),
         policy(
             "bmad-allow-operator",
             from_namespaces({"matchLabels": {"kubernetes.io/metadata.name": operator_namespace}}),

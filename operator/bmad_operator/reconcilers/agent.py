@@ -21,6 +21,7 @@ import pydantic
 from bmad_crds.v1alpha1 import agent as agent_api
 from bmad_operator import conditions, diff, errors, kube, policies, store, tenancy
 from bmad_operator.builders import agent as builders
+from bmad_operator.builders import integration as integration_builders
 from bmad_operator.conditions import TRUE
 from bmad_operator.reconcilers import common
 
@@ -213,7 +214,9 @@ class AgentReconciler:
     def _secret_versions(self, namespace: str, bindings: list[str]) -> dict[str, str]:
         versions: dict[str, str] = {}
         for integration in bindings:
-            secret = self.cache.get("Secret", namespace, builders.binding_secret_name(integration))
+            secret = self.cache.get(
+                "Secret", namespace, integration_builders.binding_secret_name(integration)
+            )
             if secret is not None:
                 versions[integration] = str(secret["metadata"].get("resourceVersion", ""))
         return versions

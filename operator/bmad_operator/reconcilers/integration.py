@@ -29,13 +29,13 @@ from bmad_crds.v1alpha1 import integration as integration_api
 from bmad_integrations import base as ibase
 from bmad_integrations import checks
 from bmad_operator import conditions, kube, store, workqueue
+from bmad_operator.builders import integration as builders
 from bmad_operator.conditions import FALSE, TRUE, Cond
 from bmad_operator.reconcilers import common
 
 log = logging.getLogger(__name__)
 
 KIND = "Integration"
-BINDING_LABEL = "bmad.dev/integration"
 MIN_RETRY_SECONDS = 5.0
 
 
@@ -45,41 +45,6 @@ class CheckMemory:
     secret_version: str | None
     due: float
     failures: int
-
-
-def binding_secret_name(name: str) -> str:
-    return f"{name}-binding"
-
-
-def binding_secret(
-    body: Mapping[str, Any], spec_type: str, data: Mapping[str, str]
-) -> dict[str, Any]:
-    meta = body["metadata"]
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {
-            "name": binding_secret_name(meta["name"]),
-            "namespace": meta["namespace"],
-            "labels": {
-                "app.kubernetes.io/managed-by": "bmad-operator",
-                "app.kubernetes.io/component": "binding",
-                BINDING_LABEL: meta["name"],
-            },
-            "ownerReferences": [
-                {
-                    "apiVersion": "bmad.dev/v1alpha1",
-                    "kind": KIND,
-                    "name": meta["name"],
-                    "uid": meta["uid"],
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
-        },
-        "type": f"servicebinding.io/{spec_type}",
-        "data": {k: base64.b64encode(v.encode()).decode() for k, v in sorted(data.items())},
-    }
 
 
 def next_delay(interval: float, failures: int) -> float:
@@ -166,7 +131,7 @@ class IntegrationReconciler:
         binding_name = status.get("bindingSecretName")
         if result.ok:
             data = checks.binding_data(spec, secret_data)
-            wanted = binding_secret(body, spec.type, data)
+            wanted = builders.binding_secret(body, spec.type, data)
             await common.ensure(self.api, self.cache, wanted)
             binding_name = wanted["metadata"]["name"]
             ready = Cond("Ready", TRUE, ibase.Reason.CHECKED, result.message or _ok_message(spec))

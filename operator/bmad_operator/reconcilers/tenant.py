@@ -26,6 +26,7 @@ from bmad_crds.v1alpha1 import tenant as tenant_api
 from bmad_integrations import base as ibase
 from bmad_integrations import billing
 from bmad_operator import conditions, errors, kube, store, tenancy
+from bmad_operator.builders import meta
 from bmad_operator.builders import tenant as builders
 from bmad_operator.conditions import FALSE, TRUE, Cond
 from bmad_operator.reconcilers import common
@@ -189,7 +190,7 @@ class TenantReconciler:
         obj = self.cache.get("Namespace", None, ns)
         if obj is None:
             return None
-        return (obj["metadata"].get("labels") or {}).get(builders.TENANT_LABEL)
+        return (obj["metadata"].get("labels") or {}).get(meta.TENANT_LABEL)
 
     async def _prune(self, tenant: str, ns: str, spec: tenant_api.TenantSpec) -> None:
         """Objects we made that the spec no longer asks for (quota or admins removed)."""
@@ -221,7 +222,7 @@ class TenantReconciler:
         else:
             # Retain: the namespace and its content stay; only our claim on it goes.
             await self.api.merge_patch(
-                "Namespace", None, ns, {"metadata": {"labels": {builders.TENANT_LABEL: None}}}
+                "Namespace", None, ns, {"metadata": {"labels": {meta.TENANT_LABEL: None}}}
             )
             for kind, obj_name in (("RoleBinding", "bmad-tenant-admins"),):
                 await self.api.delete(kind, ns, obj_name)
