@@ -17,6 +17,9 @@ from bmad_operator.builders import meta
 Obj = dict[str, Any]
 
 ADMIN_ROLE = "bmad-tenant-admin"
+QUOTA_NAME = "bmad-tenant-quota"
+LIMITS_NAME = "bmad-tenant-limits"
+ADMINS_BINDING_NAME = "bmad-tenant-admins"
 MONITORING_NAMESPACE = "monitoring"
 
 # spec.quota field → ResourceQuota key
@@ -72,7 +75,7 @@ def resource_quota(tenant: str, ns: str, quota: tenant_api.Quota | None) -> Obj 
     return {
         "apiVersion": "v1",
         "kind": "ResourceQuota",
-        "metadata": _meta(tenant, "bmad-tenant-quota", ns),
+        "metadata": _meta(tenant, QUOTA_NAME, ns),
         "spec": {"hard": hard},
     }
 
@@ -82,7 +85,7 @@ def limit_range(tenant: str, ns: str) -> Obj:
     return {
         "apiVersion": "v1",
         "kind": "LimitRange",
-        "metadata": _meta(tenant, "bmad-tenant-limits", ns),
+        "metadata": _meta(tenant, LIMITS_NAME, ns),
         "spec": {
             "limits": [
                 {
@@ -133,7 +136,7 @@ def role_binding(tenant: str, ns: str, admins: list[tenant_api.Admin] | None) ->
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
-        "metadata": _meta(tenant, "bmad-tenant-admins", ns),
+        "metadata": _meta(tenant, ADMINS_BINDING_NAME, ns),
         "roleRef": {
             "apiGroup": "rbac.authorization.k8s.io",
             "kind": "ClusterRole",

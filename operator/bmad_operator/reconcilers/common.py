@@ -9,7 +9,7 @@ from typing import Any
 
 import pydantic
 
-from bmad_operator import diff, errors, kube, metrics, store
+from bmad_operator import diff, errors, events, kube, metrics, store
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,14 @@ async def write_status(
         cache.put(updated)
 
 
-async def post_event(
-    api: kube.Kube, body: Mapping[str, Any], type_: str, reason: str, message: str
-) -> None:
+async def post_event(api: kube.Kube, body: Mapping[str, Any], event: events.Event) -> None:
+    """Post a decided event on `body`; a refused event is logged, never fails the pass."""
     try:
-        await api.event(dict(body), type_=type_, reason=reason, message=message)
+        await api.event(dict(body), type_=event.type, reason=event.reason, message=event.message)
     except errors.ApiError as exc:
         log.warning(
             "could not post event %s on %s %s: %s",
-            reason,
+            event.reason,
             body.get("kind"),
             body["metadata"]["name"],
             exc,
