@@ -114,6 +114,13 @@ def billing_integration_wrong_type(namespace: str, name: str, type_: str) -> Con
     )
 
 
+def billing_integration_invalid(namespace: str, name: str, detail: str) -> Cond:
+    return billing_failed(
+        INVALID_CONFIGURATION,
+        f"The spec of Integration {namespace}/{name} is invalid: {detail}",
+    )
+
+
 def billing_secret_not_found(namespace: str, name: str, secret: str) -> Cond:
     return billing_failed(
         SECRET_NOT_FOUND,

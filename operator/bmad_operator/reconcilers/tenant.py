@@ -193,7 +193,11 @@ class TenantReconciler:
         obj = self.cache.get("Integration", ns, name) or await self.api.get("Integration", ns, name)
         if obj is None:
             raise BillingSetupError(policy.billing_integration_not_found(ns, name))
-        integ = integration_api.IntegrationSpec.model_validate(obj.get("spec") or {})
+        try:
+            integ = integration_api.IntegrationSpec.model_validate(obj.get("spec") or {})
+        except pydantic.ValidationError as exc:
+            detail = common.describe_validation_error(exc)
+            raise BillingSetupError(policy.billing_integration_invalid(ns, name, detail)) from None
         if integ.type != "stripe" or integ.secret_ref is None:
             raise BillingSetupError(policy.billing_integration_wrong_type(ns, name, integ.type))
         secret = await self.api.get("Secret", ns, integ.secret_ref.name)

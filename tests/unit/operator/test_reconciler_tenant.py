@@ -371,6 +371,7 @@ async def test_billing_creates_the_customer_once_and_keeps_its_id_at_once(
     ("setup", "reason"),
     [
         ("no-integration", "IntegrationNotFound"),
+        ("invalid-integration", "InvalidConfiguration"),
         ("no-secret", "SecretNotFound"),
         ("no-key", "SecretKeyMissing"),
         ("stripe-refuses", "AuthenticationFailed"),
@@ -380,7 +381,11 @@ async def test_billing_problems_are_conditions_with_their_reason(
     stripe: FakeStripe, setup: str, reason: str
 ) -> None:
     h = Harness({"namespaces": ["acme-prod"], "billing": BILLING})
-    if setup == "no-secret":
+    if setup == "invalid-integration":
+        stripe_integration(h)
+        del h.api.objects[("Integration", SYSTEM_NS, "stripe")]["spec"]["stripe"]
+        h.cache.put(h.api.objects[("Integration", SYSTEM_NS, "stripe")])
+    elif setup == "no-secret":
         stripe_integration(h, key=None)
     elif setup == "no-key":
         stripe_integration(h)
