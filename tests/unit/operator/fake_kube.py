@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from bmad_operator import errors
+from bmad_operator import errors, store
 
 Obj = dict[str, Any]
 Key = tuple[str, str, str]  # (kind, namespace or "", name)
@@ -61,6 +61,14 @@ class FakeKube:
 
     def verbs(self, verb: str) -> list[tuple[str, str, str]]:
         return [c for c in self.calls if c[0] == verb]
+
+    def seed(self, obj: Obj, cache: store.Store) -> None:
+        """An object that exists on the server and that the watch has delivered."""
+        obj = copy.deepcopy(obj)
+        meta = obj["metadata"]
+        meta.setdefault("resourceVersion", self.next_rv())
+        self.objects[(obj["kind"], meta.get("namespace") or "", meta["name"])] = obj
+        cache.put(copy.deepcopy(obj))
 
     def find(self, kind: str, namespace: str | None, name: str) -> Obj | None:
         return self.objects.get((kind, namespace or "", name))

@@ -59,12 +59,7 @@ class Harness:
             self.seed(integration)
 
     def seed(self, obj: Obj) -> None:
-        """An object that exists on the server and that the watch has delivered."""
-        obj = copy.deepcopy(obj)
-        meta = obj["metadata"]
-        meta.setdefault("resourceVersion", self.api.next_rv())
-        self.api.objects[(obj["kind"], meta.get("namespace", ""), meta["name"])] = obj
-        self.cache.put(copy.deepcopy(obj))
+        self.api.seed(obj, self.cache)
 
     def edit(self, kind: str, name: str, change: Any) -> None:
         """Someone changes a live object (the watch delivers the new version)."""
@@ -348,7 +343,9 @@ async def test_integration_not_ready_carries_its_message() -> None:
     assert any(v.get("secret") for v in pod_template(h)["spec"]["volumes"])
 
 
-async def test_rotated_binding_secret_rolls_the_pods() -> None:
+async def rotate_bound_secret() -> tuple[Harness, str]:
+    """A Ready agent bound to github; its binding Secret changes; one more pass.
+    Returns the harness and the pod template's config hash before the change."""
     spec = {**SPEC, "integrations": ["github"]}
     h = Harness(spec, integrations={"github": integration("github")})
     h.seed(binding_secret("github", "500"))
@@ -358,6 +355,11 @@ async def test_rotated_binding_secret_rolls_the_pods() -> None:
     before = pod_template(h)["metadata"]["annotations"][builders.CONFIG_HASH]
     h.edit("Secret", "github-binding", lambda s: s["data"].update(token="bmV3"))
     await h.run()
+    return h, before
+
+
+async def test_rotated_binding_secret_rolls_the_pods() -> None:
+    h, before = await rotate_bound_secret()
     assert h.applied_kinds() == ["Deployment"]
     after = pod_template(h)["metadata"]["annotations"][builders.CONFIG_HASH]
     assert after != before
@@ -367,14 +369,7 @@ async def test_rotated_binding_secret_rolls_the_pods() -> None:
 
 
 async def test_rotated_binding_secret_is_not_reported_as_drift() -> None:
-    spec = {**SPEC, "integrations": ["github"]}
-    h = Harness(spec, integrations={"github": integration("github")})
-    h.seed(binding_secret("github", "500"))
-    await h.run()
-    h.make_available()
-    await h.run()
-    h.edit("Secret", "github-binding", lambda s: s["data"].update(token="bmV3"))
-    await h.run()
+    h, _ = await rotate_bound_secret()
     assert h.applied_kinds() == ["Deployment"]
     assert "DriftCorrected" not in h.event_reasons()
 

@@ -103,11 +103,7 @@ class Harness:
             self.set_secret(secret)
 
     def seed(self, obj: Obj) -> None:
-        obj = copy.deepcopy(obj)
-        obj["metadata"].setdefault("resourceVersion", self.api.next_rv())
-        meta = obj["metadata"]
-        self.api.objects[(obj["kind"], meta.get("namespace", ""), meta["name"])] = obj
-        self.cache.put(copy.deepcopy(obj))
+        self.api.seed(obj, self.cache)
 
     def set_secret(self, data: Mapping[str, str]) -> None:
         """Create or change the credentials Secret (the watch delivers it)."""

@@ -90,12 +90,7 @@ class Harness:
         )
 
     def seed(self, obj: Obj) -> None:
-        """An object that exists on the server and that the watch has delivered."""
-        obj = copy.deepcopy(obj)
-        meta = obj["metadata"]
-        meta.setdefault("resourceVersion", self.api.next_rv())
-        self.api.objects[(obj["kind"], meta.get("namespace", ""), meta["name"])] = obj
-        self.cache.put(copy.deepcopy(obj))
+        self.api.seed(obj, self.cache)
 
     def watch(self) -> None:
         """The watch delivers the server's current objects (and forgets deleted ones)."""
