@@ -41,11 +41,11 @@ APPLIED_HASH = "bmad.dev/applied-hash"
 def applied_hash(obj: Mapping[str, Any]) -> str:
     """A digest of what we apply: tells our own changes apart from someone else's."""
     clean = {k: v for k, v in obj.items() if k != "metadata"}
-    meta = {k: v for k, v in obj["metadata"].items() if k != "annotations"}
+    labels_and_names = {k: v for k, v in obj["metadata"].items() if k != "annotations"}
     notes = {
         k: v for k, v in (obj["metadata"].get("annotations") or {}).items() if k != APPLIED_HASH
     }
-    text = json.dumps([clean, meta, notes], sort_keys=True)
+    text = json.dumps([clean, labels_and_names, notes], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -112,13 +112,7 @@ class AgentReconciler:
         except pydantic.ValidationError as exc:
             message = common.describe_validation_error(exc)
             decided = policy.invalid_spec(message)
-            await self._write_status(
-                body,
-                {
-                    "observedGeneration": generation,
-                    "conditions": conditions.merge(previous, decided, generation=generation),
-                },
-            )
+            await common.write_conditions(self.api, self.cache, KIND, body, decided)
             await self._event_on_flip(body, previous, decided[0])
             return
 
@@ -141,20 +135,22 @@ class AgentReconciler:
         deployment: Mapping[str, Any] | None = None
         had_workload = policy.had_workload(previous)
         for obj in desired:
-            kind, meta = obj["kind"], obj["metadata"]
+            kind, obj_meta = obj["kind"], obj["metadata"]
             digest = applied_hash(obj)
-            meta.setdefault("annotations", {})[APPLIED_HASH] = digest
-            live = await common.observe(self.api, self.cache, kind, meta["namespace"], meta["name"])
+            obj_meta.setdefault("annotations", {})[APPLIED_HASH] = digest
+            live = await common.observe(
+                self.api, self.cache, kind, obj_meta["namespace"], obj_meta["name"]
+            )
             if diff.needs_apply(live, obj):
                 try:
                     applied = await self.api.apply(obj)
                 except errors.ApiError as exc:
                     if exc.retryable:
                         raise  # transient: retried with backoff
-                    await self._apply_failed(body, previous, generation, kind, exc)
+                    await self._apply_failed(body, previous, kind, exc)
                     raise errors.Requeue(30.0, f"apply of {kind} refused") from None
                 self.cache.put(applied)
-                label = f"{kind}/{meta['name']}"
+                label = f"{kind}/{obj_meta['name']}"
                 if live is None:
                     (drifted if had_workload else created).append(label)
                 elif (live["metadata"].get("annotations") or {}).get(APPLIED_HASH) == digest:
@@ -198,19 +194,12 @@ class AgentReconciler:
         self,
         body: Mapping[str, Any],
         previous: list[Any],
-        generation: int | None,
         kind: str,
         exc: errors.ApiError,
     ) -> None:
         """The API server refused an owned object: say so on the Agent, retry later."""
         ready = policy.apply_failed(kind, exc.message)
-        await self._write_status(
-            body,
-            {
-                "observedGeneration": generation,
-                "conditions": conditions.merge(previous, [ready], generation=generation),
-            },
-        )
+        await common.write_conditions(self.api, self.cache, KIND, body, [ready])
         await self._event_on_flip(body, previous, ready)
 
     def _integration_states(

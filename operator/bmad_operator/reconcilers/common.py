@@ -4,12 +4,12 @@ it changed, and posting an event without letting a refused event fail the pass."
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
 import pydantic
 
-from bmad_operator import diff, errors, events, kube, metrics, store
+from bmad_operator import conditions, diff, errors, events, kube, metrics, store
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,29 @@ async def write_status(
     updated = await api.patch_status(kind, meta.get("namespace"), meta["name"], status)
     if updated:
         cache.put(updated)
+
+
+async def write_conditions(
+    api: kube.Kube,
+    cache: store.Store,
+    kind: str,
+    body: Mapping[str, Any],
+    decided: Sequence[conditions.Cond],
+) -> None:
+    """A pass that ends early (an invalid spec, a refused apply): only the decided
+    conditions, merged into the previous ones, for the generation it saw."""
+    generation = body["metadata"].get("generation")
+    previous = (body.get("status") or {}).get("conditions") or []
+    await write_status(
+        api,
+        cache,
+        kind,
+        body,
+        {
+            "observedGeneration": generation,
+            "conditions": conditions.merge(previous, decided, generation=generation),
+        },
+    )
 
 
 async def post_event(api: kube.Kube, body: Mapping[str, Any], event: events.Event) -> None:

@@ -80,13 +80,7 @@ class IntegrationReconciler:
         except pydantic.ValidationError as exc:
             msg = common.describe_validation_error(exc)
             ready = policy.invalid_spec(msg)
-            await self._write_status(
-                body,
-                {
-                    "observedGeneration": generation,
-                    "conditions": conditions.merge(previous, [ready], generation=generation),
-                },
-            )
+            await common.write_conditions(self.api, self.cache, KIND, body, [ready])
             await self._event_on_flip(body, previous, ready)
             return
 

@@ -96,13 +96,8 @@ class TenantReconciler:
                 await common.post_event(self.api, body, policy.invalid_spec_on_deletion(msg))
                 await self._release(body)
                 return
-            ready = policy.invalid_spec(msg)
-            await self._write_status(
-                body,
-                {
-                    "observedGeneration": generation,
-                    "conditions": conditions.merge(previous, [ready], generation=generation),
-                },
+            await common.write_conditions(
+                self.api, self.cache, KIND, body, [policy.invalid_spec(msg)]
             )
             return
         if tenant_meta.get("deletionTimestamp"):
