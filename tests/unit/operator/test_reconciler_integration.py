@@ -53,6 +53,7 @@ class ScriptedCheck:
         *,
         secret_found: bool,
         timeout: float,  # noqa: ASYNC109 - the signature of the function it replaces
+        **more: Any,  # what else the real check is given (an egress policy, ...)
     ) -> ibase.CheckResult:
         self.calls.append({"spec": spec, "data": secret_data, "found": secret_found})
         assert self.results, "a check nobody expected"
