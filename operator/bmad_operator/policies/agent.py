@@ -1,4 +1,5 @@
-"""Decisions as pure functions: observed state in, conditions (reason, message) out.
+"""The Agent's decisions: its Deployment and Integrations observed in; its conditions,
+the events to post and the reason of a refused apply out.
 
 Reasons are constants, documented in docs/agents.md; messages are sentences that tell
 the reader what is going on and, when something is wrong, what to change.
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+from bmad_operator import events
 from bmad_operator.conditions import FALSE, TRUE, UNKNOWN, Cond, find
 
 # Reasons ---------------------------------------------------------------------------
@@ -27,6 +29,13 @@ INTEGRATION_FORBIDDEN = "IntegrationForbidden"
 INTEGRATIONS_READY = "IntegrationsReady"
 NO_INTEGRATIONS = "NoIntegrations"
 APPLY_FAILED = "ApplyFailed"
+
+# Event reasons (besides the condition reasons above) --------------------------------
+EVENT_CREATED = "Created"
+EVENT_UPDATED = "Updated"
+EVENT_DRIFT_CORRECTED = "DriftCorrected"
+EVENT_READY = "Ready"
+EVENT_NOT_READY = "NotReady"
 
 
 class IntegrationState(NamedTuple):
@@ -177,3 +186,61 @@ def invalid_spec(message: str) -> list[Cond]:
         Cond("Available", UNKNOWN, INVALID_SPEC, text),
         Cond("Progressing", FALSE, INVALID_SPEC, text),
     ]
+
+
+def apply_failed(kind: str, message: str) -> Cond:
+    """The API server refused an owned object (a quota, an admission webhook)."""
+    return Cond(
+        "Ready", FALSE, APPLY_FAILED, f"The API server refused the agent's {kind}: {message}"
+    )
+
+
+def had_workload(previous: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether an earlier pass saw the Deployment (so a missing object means deletion)."""
+    available = find(previous, "Available")
+    return available is not None and available.get("reason") not in (
+        DEPLOYMENT_MISSING,
+        INVALID_SPEC,
+    )
+
+
+def apply_events(
+    *, created: Sequence[str], updated: Sequence[str], drifted: Sequence[str]
+) -> list[events.Event]:
+    """What one pass applied, told on the Agent: `Kind/name` labels per group."""
+    told: list[events.Event] = []
+    if created:
+        told.append(events.Event(events.NORMAL, EVENT_CREATED, f"Created {', '.join(created)}."))
+    if updated:
+        told.append(events.Event(events.NORMAL, EVENT_UPDATED, f"Applied {', '.join(updated)}."))
+    if drifted:
+        told.append(
+            events.Event(
+                events.WARNING,
+                EVENT_DRIFT_CORRECTED,
+                f"Restored {', '.join(drifted)}, changed or deleted outside the operator.",
+            )
+        )
+    return told
+
+
+def ready_event(before: Mapping[str, Any] | None, ready: Cond) -> events.Event | None:
+    """The event when `Ready` changes status or reason (`before`: the previous Ready).
+
+    Rolling out after having been Ready is news; rolling out from the start is not.
+    """
+    if (
+        before is not None
+        and before.get("status") == ready.status
+        and before.get("reason") == ready.reason
+    ):
+        return None
+    if ready.status == TRUE:
+        return events.Event(events.NORMAL, EVENT_READY, ready.message)
+    if ready.reason == INVALID_SPEC:
+        return events.Event(events.WARNING, INVALID_SPEC, ready.message)
+    if ready.reason in (ROLLING_OUT, DEPLOYMENT_MISSING):
+        if before is not None and before.get("status") == TRUE:
+            return events.Event(events.NORMAL, ROLLING_OUT, ready.message)
+        return None
+    return events.Event(events.WARNING, EVENT_NOT_READY, f"{ready.reason}: {ready.message}")

@@ -7,13 +7,15 @@ reads as "an Agent in this situation shows these conditions".
 from __future__ import annotations
 
 import re
+import types
 from typing import Any, NamedTuple
 
 import pytest
 
-from bmad_operator import policies
 from bmad_operator.conditions import FALSE, TRUE, UNKNOWN, Cond
-from bmad_operator.policies import IntegrationState
+from bmad_operator.policies import agent as policy
+from bmad_operator.policies import integration as integration_policy
+from bmad_operator.policies import tenant as tenant_policy
 
 pytestmark = pytest.mark.unit
 
@@ -48,14 +50,14 @@ def deployment(
 
 
 def evaluate(
-    *, paused: bool, replicas: int, states: list[IntegrationState], live: Obj | None
+    *, paused: bool, replicas: int, states: list[policy.IntegrationState], live: Obj | None
 ) -> dict[str, Cond]:
     desired = 0 if paused else replicas
-    integrations = policies.integrations_condition(states, NS)
-    available, progressing = policies.workload_conditions(
-        desired=desired, paused=paused, observed=policies.rollout(live)
+    integrations = policy.integrations_condition(states, NS)
+    available, progressing = policy.workload_conditions(
+        desired=desired, paused=paused, observed=policy.rollout(live)
     )
-    ready = policies.ready_condition(
+    ready = policy.ready_condition(
         paused=paused,
         integrations=integrations,
         available=available,
@@ -65,17 +67,17 @@ def evaluate(
     return {c.type: c for c in (ready, available, progressing, integrations)}
 
 
-OK = IntegrationState("github", found=True, ready=TRUE, message="Reachable.")
-OK2 = IntegrationState("slack", found=True, ready=TRUE)
-MISSING = IntegrationState("jira", found=False, ready=None)
-BROKEN = IntegrationState("llm", found=True, ready=FALSE, message="SecretNotFound: no key")
+OK = policy.IntegrationState("github", found=True, ready=TRUE, message="Reachable.")
+OK2 = policy.IntegrationState("slack", found=True, ready=TRUE)
+MISSING = policy.IntegrationState("jira", found=False, ready=None)
+BROKEN = policy.IntegrationState("llm", found=True, ready=FALSE, message="SecretNotFound: no key")
 
 
 class Row(NamedTuple):
     id: str
     paused: bool
     replicas: int
-    states: list[IntegrationState]
+    states: list[policy.IntegrationState]
     live: Obj | None
     # type -> (status, reason); reason None: only the status is pinned
     expect: dict[str, tuple[str, str | None]]
@@ -274,7 +276,7 @@ def test_pod_lost_after_rollout_is_replicas_unavailable_not_rolling_out() -> Non
 
 
 def test_integration_not_found_says_what_and_where_and_what_to_change() -> None:
-    cond = policies.integrations_condition([OK, MISSING], NS)
+    cond = policy.integrations_condition([OK, MISSING], NS)
     assert cond.reason == "IntegrationNotFound"
     assert "jira" in cond.message
     assert "github" not in cond.message
@@ -284,23 +286,23 @@ def test_integration_not_found_says_what_and_where_and_what_to_change() -> None:
 
 
 def test_integration_not_found_names_all_missing() -> None:
-    other = IntegrationState("confluence", found=False, ready=None)
-    cond = policies.integrations_condition([MISSING, OK, other], "ns-x")
+    other = policy.IntegrationState("confluence", found=False, ready=None)
+    cond = policy.integrations_condition([MISSING, OK, other], "ns-x")
     assert "jira" in cond.message
     assert "confluence" in cond.message
     assert "ns-x" in cond.message
 
 
 def test_integration_not_ready_carries_the_integrations_message() -> None:
-    cond = policies.integrations_condition([OK, BROKEN], NS)
+    cond = policy.integrations_condition([OK, BROKEN], NS)
     assert cond == Cond(
         "IntegrationsReady",
         FALSE,
         "IntegrationNotReady",
         "Integration llm is not ready: SecretNotFound: no key",
     )
-    bare = IntegrationState("llm", found=True, ready=FALSE)
-    assert policies.integrations_condition([bare], NS).message == "Integration llm is not ready"
+    bare = policy.IntegrationState("llm", found=True, ready=FALSE)
+    assert policy.integrations_condition([bare], NS).message == "Integration llm is not ready"
 
 
 def test_ready_repeats_the_integrations_reason_and_message() -> None:
@@ -310,7 +312,7 @@ def test_ready_repeats_the_integrations_reason_and_message() -> None:
 
 
 def test_integrations_ready_lists_the_bound_integrations() -> None:
-    cond = policies.integrations_condition([OK, OK2], NS)
+    cond = policy.integrations_condition([OK, OK2], NS)
     assert "github" in cond.message
     assert "slack" in cond.message
 
@@ -336,7 +338,7 @@ def test_rollout_messages_count_replicas() -> None:
 
 
 def test_invalid_spec() -> None:
-    conds = policies.invalid_spec("spec.replicas: must be >= 0")
+    conds = policy.invalid_spec("spec.replicas: must be >= 0")
     by_type = {c.type: c for c in conds}
     assert by_type["Ready"].status == FALSE
     assert by_type["Available"].status == UNKNOWN
@@ -349,29 +351,32 @@ def test_invalid_spec() -> None:
 
 def test_rollout_of_a_fresh_deployment() -> None:
     fresh = {"metadata": {"generation": 1}}
-    observed = policies.rollout(fresh)
-    assert observed == policies.Rollout(
-        0, 0, 0, 0, observed_current=False, available_condition=False
-    )
-    assert policies.rollout(None) is None
+    observed = policy.rollout(fresh)
+    assert observed == policy.Rollout(0, 0, 0, 0, observed_current=False, available_condition=False)
+    assert policy.rollout(None) is None
     got = evaluate(paused=False, replicas=1, states=[], live=fresh)
     assert got["Progressing"].reason == "RollingOut"
     assert got["Ready"].status == FALSE
 
 
-def test_reasons_are_one_camel_case_word() -> None:
+@pytest.mark.parametrize(
+    ("module", "at_least"),
+    [(policy, 15), (tenant_policy, 15), (integration_policy, 4)],
+    ids=["agent", "tenant", "integration"],
+)
+def test_reasons_are_one_camel_case_word(module: types.ModuleType, at_least: int) -> None:
     reasons = [
-        value for name, value in vars(policies).items() if name.isupper() and isinstance(value, str)
+        value for name, value in vars(module).items() if name.isupper() and isinstance(value, str)
     ]
-    assert len(reasons) >= 10
+    assert len(reasons) >= at_least
     for reason in reasons:
         assert re.fullmatch(r"[A-Z][a-z]+(?:[A-Z][a-z]+)*", reason), reason
 
 
 def test_a_suspended_tenant_wins_over_everything_else() -> None:
-    integrations = policies.integrations_condition([], "team-a")
-    available, progressing = policies.workload_conditions(desired=0, paused=False, observed=None)
-    ready = policies.ready_condition(
+    integrations = policy.integrations_condition([], "team-a")
+    available, progressing = policy.workload_conditions(desired=0, paused=False, observed=None)
+    ready = policy.ready_condition(
         paused=True,
         integrations=integrations,
         available=available,
