@@ -185,6 +185,16 @@ class Kube:
             content_type="application/merge-patch+json",
         )
 
+    async def patch_scale(self, kind: str, namespace: str | None, name: str, replicas: int) -> Obj:
+        """Set the replica count through the scale subresource, as HPA and kubectl scale do."""
+        return await self._call(
+            "PATCH",
+            path_for(kind, namespace, name) + "/scale",
+            kind=kind,
+            body={"spec": {"replicas": replicas}},
+            content_type="application/merge-patch+json",
+        )
+
     async def delete(self, kind: str, namespace: str | None, name: str) -> bool:
         try:
             await self._call(
