@@ -652,6 +652,10 @@ class _Pass(NamedTuple):
         )
         if desired == raw:
             return self.done(desired, reasons.ACTIVATED, message, state=state)
+        if desired == 0:  # an outside cap of zero: tasks wait, and the status says why
+            message = f"{message} ({bounds.ceiling_words})"
+            limited = _limited(bounds.ceiling_reason, message)
+            return self.done(0, bounds.ceiling_reason, message, state=state, limited=limited)
         if desired == bounds.ceiling and bounds.ceiling < rate:
             reason, why = bounds.ceiling_reason, bounds.ceiling_words
         else:
