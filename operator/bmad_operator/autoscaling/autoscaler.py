@@ -50,6 +50,7 @@ Key = tuple[str, str]  # (namespace, name)
 JITTER = 0.1
 CONCURRENCY = 8
 STATUS_REFRESH_SECONDS = 60.0
+HTTP_CONFLICT = 409
 # A range query's resolution: about 60 points over the lookback, never finer than 1 s.
 RANGE_POINTS = 60
 
@@ -64,7 +65,13 @@ class Api(Protocol):
     ) -> Obj: ...
 
     async def patch_status(
-        self, kind: str, namespace: str | None, name: str, status: Obj
+        self,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        status: Obj,
+        *,
+        resource_version: str | None = None,
     ) -> Obj: ...
 
     async def event(self, involved: Obj, *, type_: str, reason: str, message: str) -> None: ...
@@ -89,7 +96,7 @@ class _Tracked:
     def __init__(self, interval: float) -> None:
         self.interval = interval
         self.state = decide.State()
-        self.written: tuple[Any, ...] | None = None  # what the last status write said
+        self.active: tuple[str, str] | None = None  # ScalingActive as last written
         self.written_at = -float("inf")
         self.last_scale_time: str | None = None
 
@@ -297,12 +304,16 @@ class Autoscaler:
 
         if decision.changed:
             try:
-                await self.api.patch_scale("Agent", namespace, name, decision.desired)
+                scale = await self.api.patch_scale("Agent", namespace, name, decision.desired)
             except Exception:
                 # The history keeps no scale that did not happen; the next pass retries.
                 entry.state = decision.state._replace(events=entry.state.events)
                 raise
             entry.last_scale_time = _timestamp(wall)
+            # A Scale's resourceVersion is the Agent's: the status write below follows it.
+            version = (scale.get("metadata") or {}).get("resourceVersion")
+            if version:
+                body["metadata"]["resourceVersion"] = version
             await self.api.event(
                 body, type_="Normal", reason=decision.reason, message=decision.message
             )
@@ -331,24 +342,39 @@ class Autoscaler:
     async def _write_status(
         self, body: Obj, entry: _Tracked, decision: decide.Decision, now: float
     ) -> None:
+        """Write status.autoscaling and the two conditions when the live object differs.
+
+        Compared with the Agent as read at the start of the pass (not with what this
+        process wrote last): another writer of the Agent's status (the reconciler) that
+        dropped or changed them is corrected on the next pass. The write carries the
+        resourceVersion read, so it never overwrites a status written in between (a 409
+        Conflict skips it; the next pass tries again with a fresh read).
+        """
+        old = body.get("status") or {}
+        previous = old.get("autoscaling") or {}
+        last_scale = entry.last_scale_time or previous.get("lastScaleTime")
+        shown = (
+            previous.get("desiredReplicas"),
+            previous.get("reason"),
+            _shown(old, decision.active.type),
+            _shown(old, decision.limited.type),
+            previous.get("lastScaleTime"),
+        )
         said = (
             decision.desired,
             decision.reason,
             decision.active[1:3],
             decision.limited[1:3],
-            entry.last_scale_time,
+            last_scale,
         )
-        if said == entry.written and now - entry.written_at < self.status_refresh_seconds:
+        if said == shown and now - entry.written_at < self.status_refresh_seconds:
             return
-        old = body.get("status") or {}
-        previous = old.get("autoscaling") or {}
         autoscaling: Obj = {
             "desiredReplicas": decision.desired,
             "reason": decision.reason,
             "message": decision.message,
             "metrics": [_metric_status(r, decision.current) for r in decision.metrics],
         }
-        last_scale = entry.last_scale_time or previous.get("lastScaleTime")
         if last_scale:
             autoscaling["lastScaleTime"] = last_scale
         driver = next(
@@ -357,27 +383,40 @@ class Autoscaler:
         )
         if driver is not None and driver.reading.value is not None and decision.current > 0:
             autoscaling["currentMetricValue"] = round(driver.reading.value / decision.current, 3)
+        meta = body["metadata"]
         merged = conditions.merge(
             old.get("conditions"),
             [decision.active, decision.limited],
-            generation=(body.get("metadata") or {}).get("generation"),
+            generation=meta.get("generation"),
         )
-        await self.api.patch_status(
-            "Agent",
-            body["metadata"]["namespace"],
-            body["metadata"]["name"],
-            {"autoscaling": autoscaling, "conditions": merged},
-        )
-        if decision.active.status == conditions.FALSE and (
-            entry.written is None or entry.written[2] != decision.active[1:3]
-        ):
+        try:
+            await self.api.patch_status(
+                "Agent",
+                meta["namespace"],
+                meta["name"],
+                {"autoscaling": autoscaling, "conditions": merged},
+                resource_version=meta.get("resourceVersion"),
+            )
+        except Exception as exc:
+            if getattr(exc, "status", None) != HTTP_CONFLICT:
+                raise
+            logger.debug(
+                "status of %s/%s changed meanwhile; next pass", meta["namespace"], meta["name"]
+            )
+            return
+        if decision.active.status == conditions.FALSE and entry.active != decision.active[1:3]:
             await self.api.event(
                 body,
                 type_="Warning",
                 reason=decision.active.reason,
                 message=decision.active.message,
             )
-        entry.written, entry.written_at = said, now
+        entry.active, entry.written_at = decision.active[1:3], now
+
+
+def _shown(status: Mapping[str, Any], type_: str) -> tuple[str, str] | None:
+    found = conditions.find(status.get("conditions"), type_)
+    return None if found is None else (str(found.get("status")), str(found.get("reason")))
 
 
 async def _none() -> None:

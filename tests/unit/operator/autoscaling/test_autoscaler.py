@@ -24,11 +24,21 @@ QUEUE = queries.queue_depth(SEL)
 INFLIGHT = queries.inflight(SEL)
 
 
+class ConflictError(Exception):
+    status = 409
+
+
 class FakeApi:
     def __init__(self, body: Obj) -> None:
         self.body = body
         self.calls: list[tuple[str, Any]] = []
         self.fail_scale = False
+        if body:
+            body["metadata"]["resourceVersion"] = "1"
+
+    def _bump(self) -> None:
+        meta = self.body["metadata"]
+        meta["resourceVersion"] = str(int(meta["resourceVersion"]) + 1)
 
     async def get(self, kind: str, namespace: str | None, name: str) -> Obj | None:
         return copy.deepcopy(self.body) if self.body else None
@@ -38,11 +48,30 @@ class FakeApi:
             raise RuntimeError("409 Conflict")
         self.calls.append(("scale", replicas))
         self.body["spec"]["replicas"] = replicas
-        return {"spec": {"replicas": replicas}}
+        self._bump()
+        return {
+            "metadata": {"resourceVersion": self.body["metadata"]["resourceVersion"]},
+            "spec": {"replicas": replicas},
+        }
 
-    async def patch_status(self, kind: str, namespace: str | None, name: str, status: Obj) -> Obj:
+    async def patch_status(
+        self,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        status: Obj,
+        *,
+        resource_version: str | None = None,
+    ) -> Obj:
+        if (
+            resource_version is not None
+            and resource_version != self.body["metadata"]["resourceVersion"]
+        ):
+            self.calls.append(("conflict", resource_version))
+            raise ConflictError("409 Conflict")
         self.calls.append(("status", copy.deepcopy(status)))
         self.body.setdefault("status", {}).update(status)
+        self._bump()
         return self.body
 
     async def event(self, involved: Obj, *, type_: str, reason: str, message: str) -> None:
@@ -151,6 +180,39 @@ async def test_an_unchanged_decision_writes_nothing() -> None:
     clock.now += 60
     await scaler.evaluate(NS, NAME)
     assert [v for v, _ in api.calls] == ["status", "status"]
+
+
+async def test_conditions_dropped_by_another_writer_are_restored_on_the_next_pass() -> None:
+    scaler, api, _, clock = make(agent({}), {QUEUE: 20})
+    await scaler.evaluate(NS, NAME)
+    # The reconciler writes its own conditions list, without the autoscaler's.
+    api.body["status"]["conditions"] = [
+        {"type": "Ready", "status": "True", "reason": "AgentReady", "message": "",
+         "lastTransitionTime": "2025-01-01T00:00:00Z"}
+    ]  # fmt: skip
+    clock.now += 5
+    await scaler.evaluate(NS, NAME)
+    types = [c["type"] for c in api.verbs("status")[-1]["conditions"]]
+    assert types == ["ScalingActive", "ScalingLimited", "Ready"]
+    assert len(api.verbs("status")) == 2
+
+
+async def test_a_status_changed_meanwhile_is_not_overwritten() -> None:
+    scaler, api, _, clock = make(agent({}), {QUEUE: 20})
+    real_get = api.get
+
+    async def stale_get(kind: str, namespace: str | None, name: str) -> Obj | None:
+        body = await real_get(kind, namespace, name)
+        api._bump()  # someone writes between our read and our write
+        return body
+
+    api.get = stale_get  # type: ignore[method-assign]
+    await scaler.evaluate(NS, NAME)
+    assert [v for v, _ in api.calls] == ["conflict"]
+    api.get = real_get  # type: ignore[method-assign]
+    clock.now += 5
+    await scaler.evaluate(NS, NAME)
+    assert [v for v, _ in api.calls] == ["conflict", "status"]
 
 
 async def test_prometheus_down_holds_the_count_and_says_why_once() -> None:
