@@ -157,12 +157,25 @@ class Kube:
             content_type="application/apply-patch+yaml",
         )
 
-    async def patch_status(self, kind: str, namespace: str | None, name: str, status: Obj) -> Obj:
+    async def patch_status(
+        self,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        status: Obj,
+        *,
+        resource_version: str | None = None,
+    ) -> Obj:
+        """Merge-patch the status; with `resource_version`, only if the object is unchanged
+        since then (409 Conflict otherwise): for writers that share a status."""
+        body: Obj = {"status": status}
+        if resource_version is not None:
+            body["metadata"] = {"resourceVersion": resource_version}
         return await self._call(
             "PATCH",
             path_for(kind, namespace, name) + "/status",
             kind=kind,
-            body={"status": status},
+            body=body,
             content_type="application/merge-patch+json",
         )
 
@@ -172,6 +185,16 @@ class Kube:
             path_for(kind, namespace, name),
             kind=kind,
             body=patch,
+            content_type="application/merge-patch+json",
+        )
+
+    async def patch_scale(self, kind: str, namespace: str | None, name: str, replicas: int) -> Obj:
+        """Set the replica count through the scale subresource, as HPA and kubectl scale do."""
+        return await self._call(
+            "PATCH",
+            path_for(kind, namespace, name) + "/scale",
+            kind=kind,
+            body={"spec": {"replicas": replicas}},
             content_type="application/merge-patch+json",
         )
 
