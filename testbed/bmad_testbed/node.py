@@ -146,12 +146,18 @@ def _make_cgroups() -> None:
                 (path / knob).write_text((hierarchy / knob).read_text())
 
 
+def _cgroup_dirs(root: Path) -> list[Path]:
+    """Every cgroup below `root`, deepest first. os.walk shrugs off directories that
+    vanish while it walks (runc and the kubelet remove cgroups as pods die)."""
+    return [Path(d) for d, _, _ in os.walk(root, topdown=False)]
+
+
 def _cgroup_pids() -> set[int]:
     pids: set[int] = set()
     for hierarchy in _hierarchies():
-        for procs_file in (hierarchy / CGROUP_ROOT).rglob("cgroup.procs"):
-            with contextlib.suppress(OSError):
-                pids.update(int(p) for p in procs_file.read_text().split())
+        for d in _cgroup_dirs(hierarchy / CGROUP_ROOT):
+            with contextlib.suppress(OSError, ValueError):
+                pids.update(int(p) for p in (d / "cgroup.procs").read_text().split())
     return pids
 
 
@@ -170,11 +176,7 @@ def _kill_pods() -> None:
 
 def _remove_cgroups() -> None:
     for hierarchy in _hierarchies():
-        root = hierarchy / CGROUP_ROOT
-        if not root.exists():
-            continue
-        dirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
-        for d in [*dirs, root]:
+        for d in _cgroup_dirs(hierarchy / CGROUP_ROOT):
             with contextlib.suppress(OSError):
                 d.rmdir()
 

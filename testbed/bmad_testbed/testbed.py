@@ -301,7 +301,10 @@ def down(*, directory: Path | None = None, keep_data: bool = False) -> list[str]
         own_node = bool(state.get("real_node")) and nodenet.owned_by(directory)
         if own_node:
             # The pods and the node's processes first, while the apiserver still answers.
-            stopped += node.stop(directory, state["records"])
+            try:
+                stopped += node.stop(directory, state["records"])
+            except Exception as exc:  # stop the rest whatever happened
+                build.log(f"cleaning up the real node failed ({exc!r}); stopping the rest")
         # Reverse order: kwok and controllers before the apiserver, the apiserver before etcd.
         for rec in reversed(state["records"]):
             if procs.is_alive(rec):
