@@ -38,6 +38,7 @@ CGROUP_ROOT = "bmad-node"
 CGROUP_MOUNTS = Path("/sys/fs/cgroup")
 CNI_NETWORK = "bmad-node"
 KUBELET_PORT = 10250
+NODE_CPU_SHARES = 8192
 KUBE_ROUTER_HEALTH_PORT = 20244
 
 # The kubelet sets these host-wide on start unless protectKernelDefaults; restored by stop.
@@ -140,6 +141,11 @@ def _make_cgroups() -> None:
     for hierarchy in _hierarchies():
         path = hierarchy / CGROUP_ROOT
         path.mkdir(exist_ok=True)
+        # On a busy machine every host process outside a cgroup weighs 1024, as much as
+        # the whole node: weigh the node like a few busy processes, or its pods starve
+        # and miss their startup probes.
+        if (path / "cpu.shares").exists():
+            (path / "cpu.shares").write_text(str(NODE_CPU_SHARES))
         # A new v1 cpuset cgroup starts with no CPUs and no memory nodes.
         for knob in ("cpuset.cpus", "cpuset.mems"):
             if (path / knob).exists() and not (path / knob).read_text().strip():

@@ -126,6 +126,8 @@ def create(run_dir: Path) -> None:
     try:
         _run("ip", "netns", "add", NETNS)
         _run("ip", "link", "add", HOST_IF, "type", "veth", "peer", "name", NODE_IF, "netns", NETNS)
+        # IPv4 only on the host's end too (the setting goes away with the link).
+        Path(f"/proc/sys/net/ipv6/conf/{HOST_IF}/disable_ipv6").write_text("1")
         _run("ip", "addr", "add", f"{HOST_ADDRESS}/30", "dev", HOST_IF)
         _run("ip", "link", "set", HOST_IF, "up")
         node = ("ip", "-n", NETNS)

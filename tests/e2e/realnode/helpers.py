@@ -84,20 +84,36 @@ def agent_pods(kubectl: kubectl_mod.Kubectl, name: str, namespace: str) -> list[
 def run_client(
     kubectl: kubectl_mod.Kubectl,
     namespace: str,
-    url: str,
+    checks: list[tuple[str, int]],
     *,
     timeout: float = 5,
-) -> str:
-    """GET `url` from a one-shot pod in `namespace`; returns "OK <status>" or "FAIL <why>"."""
+) -> list[str]:
+    """From one one-shot pod in `namespace`, GET each url of `checks` in turn, with up to
+    `attempts` tries a second apart; one line per url: "OK <status>" as soon as a try is
+    answered, else "FAIL <last error>".
+
+    A policy enforcer admits a new pod's address a moment after the pod starts (it
+    watches pods), so a request that must be allowed gets many tries; a request that
+    must be refused, asked after an allowed one succeeded from the same pod, fails every
+    try because of the policy and not because the enforcer has not seen the pod yet.
+    """
     name = f"client-{secrets.token_hex(4)}"
     code = (
-        "import sys, urllib.request\n"
-        "try:\n"
-        f"    with urllib.request.urlopen(sys.argv[1], timeout={timeout}) as r:\n"
-        "        print('OK', r.status)\n"
-        "except Exception as e:\n"
-        "    print('FAIL', type(e).__name__, e)\n"
+        "import sys, time, urllib.request\n"
+        "for url, attempts in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+        "    result = None\n"
+        "    for attempt in range(int(attempts)):\n"
+        "        try:\n"
+        f"            with urllib.request.urlopen(url, timeout={timeout}) as r:\n"
+        "                result = f'OK {r.status}'\n"
+        "                break\n"
+        "        except Exception as e:\n"
+        "            result = f'FAIL {type(e).__name__} {e}'\n"
+        "            time.sleep(1)\n"
+        "    print(result, flush=True)\n"
     )
+    args = [str(a) for url, attempts in checks for a in (url, attempts)]
+    total = sum(attempts for _, attempts in checks) * (timeout + 1)
     kubectl.apply(
         {
             "apiVersion": "v1",
@@ -121,7 +137,7 @@ def run_client(
                         "name": "client",
                         "image": IMAGE,
                         "imagePullPolicy": "IfNotPresent",
-                        "command": ["python", "-c", code, url],
+                        "command": ["python", "-c", code, *args],
                         "resources": {
                             "requests": {"cpu": "10m", "memory": "32Mi"},
                             "limits": {"cpu": "500m", "memory": "128Mi"},
@@ -143,10 +159,10 @@ def run_client(
             f"pod/{name}",
             "-n",
             namespace,
-            "--timeout=120s",
-            timeout=150,
+            f"--timeout={int(120 + total)}s",
+            timeout=150 + total,
         )
-        return kubectl.out("logs", f"pod/{name}", "-n", namespace).strip()
+        return kubectl.out("logs", f"pod/{name}", "-n", namespace).strip().splitlines()
     finally:
         kubectl.run("delete", "pod", name, "-n", namespace, "--wait=false", check=False)
 
