@@ -30,8 +30,11 @@ from .helpers import REPO, RealNode, realnode_dir
 def realnode(clean_env: dict[str, str]) -> Iterator[RealNode]:
     directory = realnode_dir()
     try:
-        # Every service too, so that suites using datastores find them from pods.
-        env = testbed.up(real_node=True, directory=directory)
+        # Every service too, so that suites using datastores find them from pods. The
+        # KUBECONFIG of the session's own test bed must not make this one "external".
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("KUBECONFIG", raising=False)
+            env = testbed.up(real_node=True, directory=directory)
         started = time.monotonic()
         demo = subprocess.run(
             ["bash", str(REPO / "scripts" / "demo.sh")],

@@ -58,10 +58,14 @@ def _host_snapshot(directory: Path) -> dict[str, Any]:
     }
 
 
-def test_real_node_runs_a_pod_and_down_leaves_nothing_behind(tmp_path: Path) -> None:
+def test_real_node_runs_a_pod_and_down_leaves_nothing_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     directory = Path(f"/tmp/bmad-rn-life-{os.getpid()}")
     before = _host_snapshot(directory)
     assert before["netns"].count(nodenet.NETNS) == 0, "another real node runs on this machine"
+    # A test bed of its own, whatever KUBECONFIG the session's test bed exported.
+    monkeypatch.delenv("KUBECONFIG", raising=False)
     env = testbed.up(real_node=True, with_services=[], nodes=1, directory=directory)
     try:
         kubectl = kubectl_mod.Kubectl(env["BMAD_KUBECTL"], env["KUBECONFIG"])
