@@ -17,6 +17,7 @@ import secrets
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,16 @@ from bmad_testbed import kubectl as kubectl_mod
 from bmad_testbed import testbed
 
 from .helpers import REPO, RealNode, realnode_dir
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run this suite last: its test bed (and the demo's agents on the node) then lives
+    only while these tests run, not through the whole session, and test_00_lifecycle
+    (which needs the machine's one real node to itself) runs before it is started."""
+    here = Path(__file__).parent
+    mine = [item for item in items if here in Path(item.path).parents]
+    if mine:
+        items[:] = [item for item in items if here not in Path(item.path).parents] + mine
 
 
 @pytest.fixture(scope="session")
