@@ -16,6 +16,9 @@ import asyncio
 import contextlib
 import signal
 import sys
+from collections.abc import Awaitable, Callable
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 TARGET = "127.0.0.1"
 CHUNK = 64 * 1024
@@ -34,7 +37,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
                 writer.write_eof()
 
 
-def _handler(port: int) -> object:
+def _handler(port: int) -> Handler:
     async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         try:
             server_r, server_w = await asyncio.open_connection(TARGET, port)
@@ -54,8 +57,7 @@ def _handler(port: int) -> object:
 
 async def serve(listen: str, ports: list[int]) -> None:
     servers = [
-        await asyncio.start_server(_handler(p), listen, p, reuse_address=True)  # type: ignore[arg-type]
-        for p in ports
+        await asyncio.start_server(_handler(p), listen, p, reuse_address=True) for p in ports
     ]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
