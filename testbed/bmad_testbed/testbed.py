@@ -145,6 +145,7 @@ def up(
             raise ValueError("--real-node joins the test bed's own control plane: unset KUBECONFIG")
         binaries.update(build.ensure_node())
         images.ensure_pause()
+        _remove_stale_node()
 
     directory.mkdir(parents=True, exist_ok=True)
     # PostgreSQL runs as its own user when we are root: it must traverse this folder.
@@ -240,6 +241,25 @@ def _start_real_node(
             records=records,
         )
     )
+
+
+def _remove_stale_node() -> None:
+    """Clean up a real node whose test bed no longer runs (its processes were killed,
+    say with the session that started them): its namespace, mounts and cgroups stay
+    behind and would block every later `up --real-node` on this machine."""
+    if not nodenet.exists():
+        return
+    previous = nodenet.owner()
+    if previous:
+        state = status(Path(previous))
+        if state and any(state["alive"]):
+            return  # a live test bed: nodenet.create refuses, naming it
+    build.log(f"removing a real node left behind by {previous or 'an unknown test bed'}")
+    if previous:
+        node.stop(Path(previous), [])
+        shutil.rmtree(node.Paths(Path(previous)).root, ignore_errors=True)
+    nodenet.delete_links()
+    nodenet.remove_fallback_route()
 
 
 def load_image(*, directory: Path | None = None, repo: Path) -> images.Archive:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bmad_testbed import images, node, nodenet, testbed
+from bmad_testbed import images, node, nodenet, procs, testbed
 from bmad_testbed import kubectl as kubectl_mod
 from bmad_testbed.kubectl import eventually
 
@@ -99,3 +100,33 @@ def test_real_node_runs_a_pod_and_down_leaves_nothing_behind(
     assert {"containerd", "kubelet", "kube-proxy", "kube-router", "relay"} <= set(stopped)
     assert _host_snapshot(directory) == before
     assert not directory.exists()
+
+
+def test_a_real_node_left_behind_by_killed_processes_is_cleaned_by_the_next_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A session that ends kills what it started; the namespace, mounts and cgroups of
+    its real node stay. The next `up --real-node` removes them and starts its own."""
+    first = Path(f"/tmp/bmad-rn-stale-{os.getpid()}")
+    second = Path(f"/tmp/bmad-rn-next-{os.getpid()}")
+    before = _host_snapshot(second)
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    testbed.up(real_node=True, with_services=[], nodes=1, directory=first)
+    try:
+        state = testbed.status(first)
+        assert state is not None
+        for rec in state["records"]:
+            os.killpg(rec["pid"], signal.SIGKILL)
+        eventually(
+            lambda: not any(procs.is_alive(r) for r in state["records"]),
+            timeout=30,
+            what="every process of the first test bed killed",
+        )
+        assert nodenet.exists()  # left behind
+        env = testbed.up(real_node=True, with_services=[], nodes=1, directory=second)
+        assert env["BMAD_NODE_NAME"] == node.NODE_NAME
+        assert nodenet.owned_by(second)
+    finally:
+        testbed.down(directory=second)
+        testbed.down(directory=first)
+    assert _host_snapshot(second) == before
