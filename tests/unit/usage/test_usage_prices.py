@@ -97,7 +97,8 @@ def test_unpriced_models_are_left_out_of_currency_totals(table: prices.PriceTabl
             "prices.0.inputPer1M",
         ),
         (
-            "currency: USD\nprices:\n  - {provider: a, model: 'x*y', inputPer1M: 1, outputPer1M: 1}",
+            "currency: USD\nprices:\n"
+            "  - {provider: a, model: 'x*y', inputPer1M: 1, outputPer1M: 1}",
             "prices.0.model",
         ),
         (
