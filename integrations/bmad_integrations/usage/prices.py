@@ -42,6 +42,7 @@ PER = decimal.Decimal(1_000_000)
 # The ledger's cost column is NUMERIC(30, 12).
 COST_QUANTUM = decimal.Decimal("1e-12")
 WILDCARD = "*"
+MAX_PRICE = decimal.Decimal(1_000_000)
 
 
 class PriceTableError(ValueError):
@@ -53,8 +54,14 @@ class _Entry(pydantic.BaseModel):
 
     provider: str = pydantic.Field(min_length=1, max_length=256)
     model: str = pydantic.Field(min_length=1, max_length=256)
-    input_per_1m: decimal.Decimal = pydantic.Field(alias="inputPer1M", ge=0, max_digits=24)
-    output_per_1m: decimal.Decimal = pydantic.Field(alias="outputPer1M", ge=0, max_digits=24)
+    # Bounded so that no record's cost can overflow the ledger's NUMERIC(30, 12) (a
+    # row that cannot be inserted would hold up the ingestion of every other).
+    input_per_1m: decimal.Decimal = pydantic.Field(
+        alias="inputPer1M", ge=0, lt=MAX_PRICE, max_digits=24, decimal_places=12
+    )
+    output_per_1m: decimal.Decimal = pydantic.Field(
+        alias="outputPer1M", ge=0, lt=MAX_PRICE, max_digits=24, decimal_places=12
+    )
     currency: str | None = pydantic.Field(default=None, pattern=r"^[A-Z]{3}$")
 
     @pydantic.field_validator("model")

@@ -113,6 +113,16 @@ def test_unpriced_models_are_left_out_of_currency_totals(table: prices.PriceTabl
             "prices.0.typo",
         ),
         ("currency: [USD", "not YAML"),
+        (
+            "currency: USD\nprices:\n  - {provider: a, model: b, inputPer1M: 1000000, "
+            "outputPer1M: 1}",
+            "prices.0.inputPer1M",
+        ),
+        (
+            "currency: USD\nprices:\n  - {provider: a, model: b, inputPer1M: '0.0000000000001', "
+            "outputPer1M: 1}",
+            "prices.0.inputPer1M",
+        ),
     ],
 )
 def test_a_bad_table_says_which_entry_and_field(text: str, words: str) -> None:
