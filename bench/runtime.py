@@ -1,4 +1,4 @@
-"""Benchmark: the agent runtime's POST /v1/invoke (echo model, in-memory store, auth off)
+"""Benchmark: the agent runtime's POST /v1/invoke (echo model, in-process store, auth off)
 against a bare FastAPI endpoint under the same uvicorn settings → requests/s, p50, p99.
 
 The difference is what the runtime itself costs per request: middlewares (request id,
@@ -46,12 +46,15 @@ BODY = {"input": "Summarise the product brief in three bullet points"}
 
 
 def runtime_app() -> Any:
-    from bmad_runtime import app, fakes, settings
+    from bmad_runtime import app, settings
+    from bmad_runtime.memory import inprocess
     from bmad_runtime.providers import echo, router
 
     return app.create_app(
-        settings.RuntimeSettings(agent_name="bench-1", agent_namespace="bench", tenant="bench"),
-        store=fakes.InMemoryStore(),
+        settings.RuntimeSettings(
+            agent_name="bench-1", agent_namespace="bench", tenant="bench", memory_store="inProcess"
+        ),
+        store=inprocess.InProcessStore(),
         providers=router.ModelRouter([echo.EchoProvider()]),
         authenticator=None,
         limiter=None,
@@ -305,7 +308,7 @@ def main() -> int:
         f"uvicorn worker per server, load generator ({LOAD_GENERATOR}) on the same machine "
         "over loopback, "
         f"{args.seconds:g}s per level. Runtime: POST /v1/invoke with the echo model, the "
-        "in-memory store, auth and limits off. Bare: a FastAPI endpoint that parses the same "
+        "in-process store, auth and limits off. Bare: a FastAPI endpoint that parses the same "
         "body and returns the echo. Throughput ratio: runtime / bare requests/s (the load "
         "generator shares the machine, so at high concurrency it may be the bottleneck); "
         "CPU ratio: the server's CPU time per request, runtime / bare.\n",
