@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 
 from bmad_integrations.stripe_webhooks import PaymentState
-from bmad_operator import payments
+from bmad_operator.policies import payments
 
 pytestmark = pytest.mark.unit
 

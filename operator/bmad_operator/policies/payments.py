@@ -12,8 +12,8 @@ again (the moment a grace period ends), so the reconciler needs no polling.
 - The subscription was cancelled, or Stripe gave up on it (``unpaid``,
   ``incomplete_expired``): ``BillingReady=False`` and, after the grace period from
   that event, suspension. A subscription that becomes active again resumes.
-(Stage 1 of issue 14: the Tenant reconciler applies this in stage 2; this module then
-moves under policies/.)
+Reasons are constants, documented in docs/billing.md ("Webhooks"). The Tenant
+reconciler does not apply this decision yet (issue 14, stage 2).
 """
 
 from __future__ import annotations
