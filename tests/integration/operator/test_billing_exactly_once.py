@@ -10,9 +10,6 @@ stands between a retry and a second customer. The test then proves, from what th
 stand-in kept: each Tenant has exactly one customer and one subscription, its status
 names them, and the restarted operator did retry each create, with the same key,
 answered by replay.
-
-(This replaces test_tenants.py's test_billing_is_exactly_once_across_a_sigkill, which
-counted requests to a stateless mock; that one moves out in stage 2 of issue 14.)
 """
 
 from __future__ import annotations
