@@ -41,8 +41,10 @@ def labels(tenant: str) -> dict[str, str]:
     return {meta.TENANT_LABEL: tenant, **meta.managed_labels()}
 
 
-def namespace(tenant: str, name: str) -> Obj:
-    return {
+def namespace(tenant: str, name: str, *, created: bool = False) -> Obj:
+    """The tenant's namespace; `created`: the body that creates it, marked as made for
+    the tenant (only such a namespace is ever deleted with the tenant)."""
+    obj: Obj = {
         "apiVersion": "v1",
         "kind": "Namespace",
         "metadata": {
@@ -55,6 +57,22 @@ def namespace(tenant: str, name: str) -> Obj:
                 "pod-security.kubernetes.io/warn": "restricted",
             },
         },
+    }
+    if created:
+        obj["metadata"]["annotations"] = {meta.CREATED_FOR_TENANT_ANNOTATION: tenant}
+    return obj
+
+
+def adoption_patch(tenant: str, resource_version: str) -> Obj:
+    """The merge patch that hands an existing namespace to the tenant. The
+    resourceVersion makes it conditional: a namespace changed since it was read (another
+    Tenant claimed it, the adoption label was removed) is refused with 409 Conflict.
+    The adoption label is used up."""
+    return {
+        "metadata": {
+            "resourceVersion": resource_version,
+            "labels": {meta.TENANT_LABEL: tenant, tenant_api.ADOPT_LABEL: None},
+        }
     }
 
 

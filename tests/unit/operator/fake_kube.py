@@ -1,7 +1,7 @@
 """`FakeKube`: an in-memory API server with the async methods the reconcilers call.
 
-It has the reconcilers' view of `kube.Kube` (get, apply, patch_status, merge_patch,
-delete, event), records every call, and behaves like the API server where it matters
+It has the reconcilers' view of `kube.Kube` (get, create, apply, patch_status,
+merge_patch, delete, event), records every call, and behaves like the API server where it matters
 to them: apply adds server-side defaults, a uid, a resourceVersion and a generation,
 and keeps the status; patch_status merges into the status; a merge patch that names a
 stale resourceVersion is refused with 409; an object being deleted goes away when its
@@ -37,6 +37,7 @@ class FakeKube:
         self.objects: dict[Key, Obj] = {}
         self.calls: list[tuple[str, str, str]] = []
         self.applied: list[Obj] = []
+        self.created: list[Obj] = []
         self.statuses: list[Obj] = []
         self.patches: list[tuple[str, str, Obj]] = []
         self.deleted: list[tuple[str, str, str]] = []
@@ -54,6 +55,7 @@ class FakeKube:
     def reset(self) -> None:
         self.calls.clear()
         self.applied.clear()
+        self.created.clear()
         self.statuses.clear()
         self.patches.clear()
         self.deleted.clear()
@@ -114,6 +116,24 @@ class FakeKube:
             live["spec"]["sessionAffinity"] = "None"
         if existing is not None and "status" in existing:
             live["status"] = copy.deepcopy(existing["status"])
+        self.objects[key] = live
+        return copy.deepcopy(live)
+
+    async def create(self, obj: Obj) -> Obj:
+        """POST: 409 AlreadyExists when the name is taken, like the API server."""
+        kind, meta = obj["kind"], obj["metadata"]
+        self.calls.append(("create", kind, meta["name"]))
+        key = (kind, meta.get("namespace") or "", meta["name"])
+        if key in self.objects:
+            raise errors.ApiError(409, "AlreadyExists", f"{kind} {meta['name']} already exists")
+        self.created.append(copy.deepcopy(obj))
+        live = copy.deepcopy(obj)
+        live["metadata"].update(
+            uid=f"uid-{kind}-{meta['name']}",
+            resourceVersion=self.next_rv(),
+            generation=1,
+            creationTimestamp="2025-01-01T00:00:00Z",
+        )
         self.objects[key] = live
         return copy.deepcopy(live)
 
