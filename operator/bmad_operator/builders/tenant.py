@@ -18,6 +18,9 @@ Obj = dict[str, Any]
 
 ADMIN_ROLE = "bmad-tenant-admin"
 QUOTA_NAME = "bmad-tenant-quota"
+AGENT_QUOTA_NAME = "bmad-tenant-agents"
+# The API server's own count of Agents in a namespace (object-count quota of a CRD).
+AGENT_COUNT = "count/agents.bmad.dev"
 LIMITS_NAME = "bmad-tenant-limits"
 ADMINS_BINDING_NAME = "bmad-tenant-admins"
 MONITORING_NAMESPACE = "monitoring"
@@ -98,6 +101,23 @@ def resource_quota(tenant: str, ns: str, quota: tenant_api.Quota | None) -> Obj 
     }
 
 
+def agent_quota(tenant: str, ns: str, limits: tenant_api.TenantLimits | None) -> Obj | None:
+    """The tenant's Agent budget as an object-count ResourceQuota in one namespace.
+
+    The API server enforces it atomically, however many creates arrive at once, and
+    also when the operator's webhook is down. It caps each namespace at the whole
+    budget; across namespaces the webhook keeps the sum (see `admission`).
+    """
+    if limits is None or limits.agents is None:
+        return None
+    return {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": _meta(tenant, AGENT_QUOTA_NAME, ns),
+        "spec": {"hard": {AGENT_COUNT: str(limits.agents)}},
+    }
+
+
 def limit_range(tenant: str, ns: str) -> Obj:
     """Defaults for containers that state no resources (the quota then still applies)."""
     return {
@@ -172,9 +192,9 @@ def namespace_objects(
 ) -> list[Obj]:
     """Everything inside one tenant namespace, in apply order."""
     objs: list[Obj] = []
-    quota = resource_quota(tenant, ns, spec.quota)
-    if quota is not None:
-        objs.append(quota)
+    for quota in (resource_quota(tenant, ns, spec.quota), agent_quota(tenant, ns, spec.limits)):
+        if quota is not None:
+            objs.append(quota)
     objs.append(limit_range(tenant, ns))
     objs.extend(network_policies(tenant, ns, operator_namespace=operator_namespace))
     binding = role_binding(tenant, ns, spec.admins)

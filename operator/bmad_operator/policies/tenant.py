@@ -24,6 +24,7 @@ NAMESPACE_EXISTS = "NamespaceExists"
 INVALID_SPEC = "InvalidSpec"
 DELETION_FAILED = "DeletionFailed"
 QUOTA_APPLIED = "QuotaApplied"
+QUOTA_PENDING = "QuotaPending"
 NO_QUOTA = "NoQuota"
 NO_BILLING = "NoBilling"
 SUBSCRIBED = "Subscribed"
@@ -150,8 +151,27 @@ def invalid_spec(message: str) -> Cond:
     return Cond("Ready", FALSE, INVALID_SPEC, f"The spec is invalid: {message}")
 
 
-def quota_condition(*, quota: str | None, namespaces: int) -> Cond:
-    """`quota`: the name of the ResourceQuota the spec asks for, None when it asks none."""
+def quota_counted(quota: Mapping[str, Any]) -> bool:
+    """Whether Kubernetes' quota controller has counted a ResourceQuota as it now reads.
+    Until then the API server refuses every create its limits cover ("status unknown
+    for quota"), and it enforces `status.hard`, not `spec.hard`."""
+    hard = (quota.get("spec") or {}).get("hard") or {}
+    status = quota.get("status") or {}
+    used = status.get("used") or {}
+    return status.get("hard") == hard and all(key in used for key in hard)
+
+
+def quota_condition(*, quota: str | None, namespaces: int, pending: Sequence[str] = ()) -> Cond:
+    """`quota`: the name of the ResourceQuota the spec asks for, None when it asks none;
+    `pending`: "namespace/name" of our ResourceQuotas not counted yet."""
+    if pending:
+        return Cond(
+            "QuotaReady",
+            FALSE,
+            QUOTA_PENDING,
+            f"Kubernetes has not counted ResourceQuota {', '.join(pending)} yet; until it "
+            "has, creates that it limits are refused there. This takes a moment.",
+        )
     if quota is None:
         return Cond("QuotaReady", TRUE, NO_QUOTA, "spec.quota is empty: no ResourceQuota.")
     return Cond(
@@ -225,9 +245,11 @@ def ready_condition(
     billing: Cond,
     namespaces: int,
     agents: int,
+    quota: Cond | None = None,
 ) -> Cond:
-    """Ready, in this order of precedence: a refused namespace, suspension, billing, else
-    ready. Every refused namespace is in the message, each with its fix."""
+    """Ready, in this order of precedence: a refused namespace, suspension, quotas not
+    counted yet, billing, else ready. Every refused namespace is in the message, each
+    with its fix."""
     if refused:
         reason = min(refused, key=lambda r: REFUSAL_PRECEDENCE.index(r.reason)).reason
         return Cond("Ready", FALSE, reason, " ".join(r.message for r in refused))
@@ -238,6 +260,8 @@ def ready_condition(
             SUSPENDED,
             "spec.suspended is true: the tenant's agents are scaled to zero.",
         )
+    if quota is not None and quota.status != TRUE:
+        return Cond("Ready", FALSE, quota.reason, quota.message)
     if billing.status != TRUE:
         return Cond("Ready", FALSE, billing.reason, billing.message)
     return Cond("Ready", TRUE, TENANT_READY, f"{namespaces} namespaces ready; {agents} agents.")
@@ -248,12 +272,15 @@ def pass_events(
     previous: Sequence[Mapping[str, Any]], decided: Sequence[Cond], released: Sequence[str]
 ) -> list[events.Event]:
     """An event per condition that appeared or flipped (Normal when True, Warning when
-    not, with the condition's reason), and one for released namespaces."""
+    not, with the condition's reason; none for a quota not counted yet), and one for
+    released namespaces."""
     told: list[events.Event] = []
     for cond in decided:
         before = find(previous, cond.type)
         if before is not None and before.get("status") == cond.status:
             continue
+        if cond.reason == QUOTA_PENDING:
+            continue  # every new quota is briefly uncounted: nothing to warn about
         type_ = events.NORMAL if cond.status == TRUE else events.WARNING
         told.append(events.Event(type_, cond.reason, cond.message))
     if released:

@@ -129,7 +129,9 @@ class TenantReconciler:
 
         has_quota = builders.resource_quota(name, "x", spec.quota) is not None
         quota_cond = policy.quota_condition(
-            quota=builders.QUOTA_NAME if has_quota else None, namespaces=len(held)
+            quota=builders.QUOTA_NAME if has_quota else None,
+            namespaces=len(held),
+            pending=self._quotas_not_counted(held),
         )
         billing_status, billing_cond = await self._billing(body, spec, status.get("billing"))
         usage = self._usage(name)
@@ -139,6 +141,7 @@ class TenantReconciler:
             billing=billing_cond,
             namespaces=len(held),
             agents=usage["agents"],
+            quota=quota_cond,
         )
         suspended = policy.suspended_condition(spec.suspended)
         new_status: dict[str, Any] = {
@@ -155,14 +158,28 @@ class TenantReconciler:
         for event in policy.pass_events(previous, [ready, billing_cond], released):
             await common.post_event(self.api, body, event)
 
+    def _quotas_not_counted(self, namespaces: list[str]) -> list[str]:
+        """Our ResourceQuotas the quota controller has not counted yet (their status
+        comes back as a watch event, which brings the Tenant back)."""
+        return [
+            f"{ns}/{quota_name}"
+            for ns in namespaces
+            for quota_name in (builders.QUOTA_NAME, builders.AGENT_QUOTA_NAME)
+            if (quota := self.cache.get("ResourceQuota", ns, quota_name)) is not None
+            and not policy.quota_counted(quota)
+        ]
+
     async def _prune(self, tenant: str, ns: str, spec: tenant_api.TenantSpec) -> None:
-        """Objects we made that the spec no longer asks for (quota or admins removed)."""
-        if builders.resource_quota(tenant, ns, spec.quota) is None and (
-            self.cache.get("ResourceQuota", ns, builders.QUOTA_NAME)
-            or await self.api.get("ResourceQuota", ns, builders.QUOTA_NAME)
+        """Objects we made that the spec no longer asks for (quota, agent budget or admins
+        removed). Our ResourceQuotas are watched: one the store has not seen yet comes
+        back as an event, which brings the Tenant back."""
+        for quota_name, wanted in (
+            (builders.QUOTA_NAME, builders.resource_quota(tenant, ns, spec.quota)),
+            (builders.AGENT_QUOTA_NAME, builders.agent_quota(tenant, ns, spec.limits)),
         ):
-            await self.api.delete("ResourceQuota", ns, builders.QUOTA_NAME)
-            self.cache.remove("ResourceQuota", ns, builders.QUOTA_NAME)
+            if wanted is None and self.cache.get("ResourceQuota", ns, quota_name):
+                await self.api.delete("ResourceQuota", ns, quota_name)
+                self.cache.remove("ResourceQuota", ns, quota_name)
         if builders.role_binding(tenant, ns, spec.admins) is None and self.cache.get(
             "RoleBinding", ns, builders.ADMINS_BINDING_NAME
         ):

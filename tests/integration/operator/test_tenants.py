@@ -14,72 +14,14 @@ import pytest
 from bmad_testbed.kubectl import Kubectl, eventually
 from bmad_testbed.operator_proc import OperatorProcess
 
-from .helpers import agent, condition
+from .helpers import Tenants, agent, condition
+from .helpers import tenant as _tenant
+from .helpers import wait_tenant as _wait_tenant
 from .stripe_proxy import StripeProxy
 
 pytestmark = pytest.mark.integration
 
 SYSTEM_NS = "bmad-system"
-
-
-def _tenant(name: str, namespaces: list[str], **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "bmad.dev/v1alpha1",
-        "kind": "Tenant",
-        "metadata": {"name": name},
-        "spec": {"namespaces": namespaces, **spec},
-    }
-
-
-def _wait_tenant(
-    kubectl: Kubectl, name: str, cond_type: str = "Ready", status: str = "True", timeout: float = 60
-) -> dict[str, Any]:
-    def probe() -> dict[str, Any] | None:
-        obj = kubectl.json("get", "tenant", name)
-        cond = condition(obj, cond_type)
-        return obj if cond and cond["status"] == status else None
-
-    found: dict[str, Any] = eventually(
-        probe, timeout=timeout, what=f"tenant {name} {cond_type}={status}"
-    )
-    return found
-
-
-class Tenants:
-    """Creates uniquely named tenants and removes them (and their namespaces) after."""
-
-    def __init__(self, kubectl: Kubectl) -> None:
-        self.kubectl = kubectl
-        self.names: list[str] = []
-        self.namespaces: list[str] = []
-        self.suffix = secrets.token_hex(3)
-
-    def name(self, base: str) -> str:
-        return f"{base}-{self.suffix}"
-
-    def apply(self, doc: dict[str, Any]) -> None:
-        self.names.append(doc["metadata"]["name"])
-        self.namespaces.extend(doc["spec"]["namespaces"])
-        self.kubectl.apply(doc)
-
-    def cleanup(self) -> None:
-        for name in self.names:
-            self.kubectl.run(
-                "delete", "tenant", name, "--ignore-not-found", "--wait=false", check=False
-            )
-        for ns in self.namespaces:
-            self.kubectl.run(
-                "delete", "namespace", ns, "--ignore-not-found", "--wait=false", check=False
-            )
-
-
-@pytest.fixture
-def tenants(kubectl: Kubectl, crds: list[str]) -> Iterator[Tenants]:
-    t = Tenants(kubectl)
-    try:
-        yield t
-    finally:
-        t.cleanup()
 
 
 def test_tenant_creates_fenced_namespaces_and_follows_quota_and_policy(

@@ -1,11 +1,12 @@
 """`FakeKube`: an in-memory API server with the async methods the reconcilers call.
 
-It has the reconcilers' view of `kube.Kube` (get, create, apply, patch_status,
-merge_patch, delete, event), records every call, and behaves like the API server where it matters
-to them: apply adds server-side defaults, a uid, a resourceVersion and a generation,
-and keeps the status; patch_status merges into the status; a merge patch that names a
-stale resourceVersion is refused with 409; an object being deleted goes away when its
-last finalizer is removed. Shared by the reconciler tests of every kind.
+It has the reconcilers' view of `kube.Kube` (get, list, create, apply, patch_status,
+merge_patch, delete, event), records every call, and behaves like the API server where
+it matters to them: apply adds server-side defaults, a uid, a resourceVersion and a
+generation, and keeps the status (a ResourceQuota's is counted at once); patch_status
+merges into the status; a merge patch that names a stale resourceVersion is refused
+with 409; an object being deleted goes away when its last finalizer is removed. Shared
+by the reconciler tests of every kind.
 """
 
 from __future__ import annotations
@@ -116,8 +117,24 @@ class FakeKube:
             live["spec"]["sessionAffinity"] = "None"
         if existing is not None and "status" in existing:
             live["status"] = copy.deepcopy(existing["status"])
+        if kind == "ResourceQuota":
+            # Kubernetes' quota controller counts it (here at once, there a moment later).
+            hard = copy.deepcopy(live["spec"]["hard"])
+            live["status"] = {"hard": hard, "used": dict.fromkeys(hard, "0")}
         self.objects[key] = live
         return copy.deepcopy(live)
+
+    async def list(self, kind: str, namespace: str | None = None, selector: str = "") -> list[Obj]:
+        """Objects of `kind` (in `namespace`), matching a `key=value,...` selector."""
+        self.calls.append(("list", kind, namespace or ""))
+        wanted = dict(part.split("=", 1) for part in selector.split(",") if part)
+        return [
+            copy.deepcopy(obj)
+            for (k, ns, _), obj in sorted(self.objects.items())
+            if k == kind
+            and (namespace is None or ns == namespace)
+            and all((obj["metadata"].get("labels") or {}).get(a) == b for a, b in wanted.items())
+        ]
 
     async def create(self, obj: Obj) -> Obj:
         """POST: 409 AlreadyExists when the name is taken, like the API server."""

@@ -229,8 +229,7 @@ async def test_a_second_identical_pass_writes_nothing() -> None:
     await h.run()
     h.watch()
     await h.run()
-    # Only a read: that no ResourceQuota of ours is left over (the spec asks for none).
-    assert h.api.calls == [("get", "ResourceQuota", "bmad-tenant-quota")]
+    assert h.api.calls == []
 
 
 async def test_a_second_identical_pass_with_a_quota_makes_no_calls() -> None:
@@ -644,4 +643,40 @@ async def test_a_removed_tenant_label_on_a_namespace_made_for_it_is_put_back() -
     await h.run()
     labels = h.api.objects[("Namespace", "", "acme-prod")]["metadata"]["labels"]
     assert labels["bmad.dev/tenant"] == NAME
+    assert h.reason("Ready") == ("True", "TenantReady")
+
+
+# --- issue 10, hole 5: the Agent budget is also a ResourceQuota -------------------------------
+
+
+async def test_the_agent_budget_is_an_object_count_quota_in_every_namespace() -> None:
+    h = Harness({"namespaces": ["acme-prod", "acme-dev"], "limits": {"agents": 5}})
+    await h.run()
+    for ns in ("acme-prod", "acme-dev"):
+        quota = h.api.find("ResourceQuota", ns, "bmad-tenant-agents")
+        assert quota["spec"]["hard"] == {"count/agents.bmad.dev": "5"}
+        assert quota["metadata"]["labels"]["bmad.dev/tenant"] == NAME
+    h.watch()
+    h.update_spec(limits={"replicas": 3})  # no Agent budget any more: the quota goes
+    await h.run()
+    assert ("ResourceQuota", "acme-prod", "bmad-tenant-agents") in h.api.deleted
+    assert ("ResourceQuota", "acme-dev", "bmad-tenant-agents") in h.api.deleted
+
+
+async def test_ready_waits_until_kubernetes_has_counted_the_quotas() -> None:
+    """Until the quota controller has counted a new ResourceQuota, the API server refuses
+    every create it covers ("status unknown for quota"): the Tenant is not ready yet."""
+    h = Harness({"namespaces": ["acme-prod"], "limits": {"agents": 5}})
+    await h.run()
+    h.watch()
+    quota = h.api.objects[("ResourceQuota", "acme-prod", "bmad-tenant-agents")]
+    counted = quota.pop("status")
+    h.watch()
+    await h.run()
+    assert h.reason("QuotaReady") == ("False", "QuotaPending")
+    assert "acme-prod/bmad-tenant-agents" in h.condition("QuotaReady")["message"]
+    assert h.reason("Ready") == ("False", "QuotaPending")
+    quota["status"] = counted  # the watch delivers the counted quota
+    h.watch()
+    await h.run()
     assert h.reason("Ready") == ("True", "TenantReady")
