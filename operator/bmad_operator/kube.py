@@ -157,6 +157,18 @@ class Kube:
             content_type="application/apply-patch+yaml",
         )
 
+    async def create(self, obj: Obj) -> Obj:
+        """Create `obj`; 409 AlreadyExists when its name is taken. Unlike an apply, it
+        never changes an object that exists: a claim that only one caller can win."""
+        kind = obj["kind"]
+        return await self._call(
+            "POST",
+            path_for(kind, obj["metadata"].get("namespace")),
+            kind=kind,
+            body=obj,
+            query=[("fieldManager", FIELD_MANAGER)],
+        )
+
     async def patch_status(
         self,
         kind: str,

@@ -31,6 +31,7 @@ NO_INTEGRATIONS = "NoIntegrations"
 APPLY_FAILED = "ApplyFailed"
 INSTRUCTIONS_NOT_FOUND = "InstructionsNotFound"
 RESERVED_ENV_IGNORED = "ReservedEnvIgnored"
+NAME_CONFLICT = "NameConflict"
 
 # Event reasons (besides the condition reasons above) --------------------------------
 EVENT_CREATED = "Created"
@@ -243,6 +244,21 @@ def apply_failed(kind: str, message: str) -> Cond:
     """The API server refused an owned object (a quota, an admission webhook)."""
     return Cond(
         "Ready", FALSE, APPLY_FAILED, f"The API server refused the agent's {kind}: {message}"
+    )
+
+
+def name_conflict(objects: Sequence[str], namespace: str) -> Cond:
+    """Objects the agent would own exist already and were not created for it (`objects`:
+    `Kind/name` labels). They are never taken over: the operator would overwrite them,
+    and the garbage collector would delete them with the agent."""
+    names = ", ".join(objects)
+    return Cond(
+        "Ready",
+        FALSE,
+        NAME_CONFLICT,
+        f"{names} in namespace {namespace} exists and was not created for this agent; "
+        "nothing was applied and it was left untouched: delete or rename it, or give the "
+        "agent another name.",
     )
 
 
