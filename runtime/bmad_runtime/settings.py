@@ -72,6 +72,15 @@ class RuntimeSettings(pydantic_settings.BaseSettings):
         "whenever Redis is bound.",
     )
 
+    task_attempt_timeout_seconds: float = pydantic.Field(
+        default=1800.0,
+        gt=0,
+        le=86400,
+        description="A task still running after this long is cancelled and counts as a failed "
+        "attempt (retried, or dead-lettered on the last one). While it runs, its entry is "
+        "kept claimed, so no other replica starts it.",
+    )
+
     model_attempts: int = pydantic.Field(
         default=3, ge=1, le=10, description="Tries per model before failing over."
     )

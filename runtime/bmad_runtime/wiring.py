@@ -257,7 +257,12 @@ async def _start_task_consumer(
     if not settings.redis_url or not settings.task_bus_enabled:
         return
     task_bus = bus_client.TaskBus.from_url(
-        settings.redis_url, tenant=state.tenant, agent=state.agent
+        settings.redis_url,
+        tenant=state.tenant,
+        agent=state.agent,
+        config=bus_client.BusConfig(
+            attempt_timeout_ms=int(settings.task_attempt_timeout_seconds * 1000)
+        ),
     )
     stop = asyncio.Event()
     consumer = f"{socket.gethostname()}-{os.getpid()}"
