@@ -2,9 +2,9 @@
 
 Everything comes from the environment the operator writes into the pod (see
 `bmad_operator.builders.agent._env`): ``BMAD_AGENT_*``, ``BMAD_HTTP_PORT``,
-``BMAD_MEMORY_STORE`` and ``SERVICE_BINDING_ROOT``. Datastores not given explicitly
-(``BMAD_REDIS_URL``, ``BMAD_POSTGRES_DSN``) are taken from the bindings of type
-``redis`` and ``postgres``.
+``BMAD_MEMORY_STORE``, ``BMAD_AUTH_MODE`` and ``SERVICE_BINDING_ROOT``. Datastores
+not given explicitly (``BMAD_REDIS_URL``, ``BMAD_POSTGRES_DSN``) are taken from the
+bindings of type ``redis`` and ``postgres``.
 
 Read through `load()`, never at import, so that tests construct `RuntimeSettings`
 directly with the values they need.
@@ -59,11 +59,11 @@ class RuntimeSettings(pydantic_settings.BaseSettings):
         "and Redis, not ready until both are bound; inProcess: in this process only.",
     )
 
-    auth_enabled: bool | None = pydantic.Field(
-        default=None,
-        description="Require Bearer JWTs on /v1/*. Unset: on exactly when an auth0 "
-        "Integration is bound (so demo agents without one still start); true without an "
-        "auth0 binding refuses to start.",
+    auth_mode: agent_api.AuthMode = pydantic.Field(
+        default=agent_api.DEFAULT_AUTH_MODE,
+        description="The Agent's spec.auth.mode. jwt: /v1/* needs a Bearer JWT of the bound "
+        "auth0 Integration (without one the runtime serves, but is not ready and refuses "
+        "/v1/* with 503); none: no authentication, every caller gets every scope.",
     )
     max_request_bytes: int = pydantic.Field(default=MiB, ge=1024)
     task_bus_enabled: bool = pydantic.Field(

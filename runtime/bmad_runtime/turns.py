@@ -10,7 +10,9 @@ Both entrances run it: ``POST /v1/invoke`` (`api.routes.invoke`, whole or stream
 and a task from the agent's bus (`run_task`, called by the consumer that `wiring`
 starts). Nothing here knows HTTP: refusals are domain errors (`RateLimitedError`,
 `context.ContextOverflowError`, `providers.router.AllProvidersFailedError`), which
-the HTTP layer maps to its statuses and a task records as its error.
+the HTTP layer maps to its statuses and a task records as its error. A conversation
+belongs to the subject that started it: continuing another subject's is
+`ports.ConversationNotFoundError`, before the model is asked.
 """
 
 from __future__ import annotations
@@ -122,7 +124,11 @@ async def prepare(
     turns = services.config.memory.turns
     history = (
         await services.store.recent(
-            conversation_id, tenant=caller.tenant, agent=services.agent, limit=turns
+            conversation_id,
+            tenant=caller.tenant,
+            agent=services.agent,
+            limit=turns,
+            subject=caller.subject,
         )
         if turns > 0 and body.conversation_id
         else []
@@ -199,6 +205,7 @@ async def finish(turn: Turn, completion: ports.Completion) -> schemas.InvokeResp
             ports.Turn(turn.conversation_id, "user", turn.user_text, turn.received_at),
             tenant=caller.tenant,
             agent=services.agent,
+            subject=caller.subject,
         )
         await services.store.append(
             ports.Turn(
@@ -210,6 +217,7 @@ async def finish(turn: Turn, completion: ports.Completion) -> schemas.InvokeResp
             ),
             tenant=caller.tenant,
             agent=services.agent,
+            subject=caller.subject,
         )
     usage = completion.usage
     await services.store.record_usage(

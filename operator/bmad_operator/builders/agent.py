@@ -136,6 +136,10 @@ def memory_store(spec: agent_api.AgentSpec) -> agent_api.MemoryStore:
     return spec.memory.store if spec.memory else agent_api.DEFAULT_MEMORY_STORE
 
 
+def auth_mode(spec: agent_api.AgentSpec) -> agent_api.AuthMode:
+    return spec.auth.mode if spec.auth else agent_api.DEFAULT_AUTH_MODE
+
+
 def _env(body: Mapping[str, Any], spec: agent_api.AgentSpec) -> list[Obj]:
     agent = body["metadata"]
     env: list[Obj] = [
@@ -146,6 +150,7 @@ def _env(body: Mapping[str, Any], spec: agent_api.AgentSpec) -> list[Obj]:
         {"name": "SERVICE_BINDING_ROOT", "value": BINDING_ROOT},
         {"name": "BMAD_HTTP_PORT", "value": str(HTTP_PORT)},
         {"name": "BMAD_MEMORY_STORE", "value": memory_store(spec)},
+        {"name": "BMAD_AUTH_MODE", "value": auth_mode(spec)},
     ]
     ours = {e["name"] for e in env}
     for var in spec.runtime.env if spec.runtime and spec.runtime.env else []:

@@ -119,7 +119,9 @@ class AgentReconciler:
         tenant = tenancy.tenant_of_namespace(self.cache, namespace)
         suspended = bool(tenant and (tenant.get("spec") or {}).get("suspended"))
         integration_states = self._integration_states(namespace, spec)
-        integrations_cond = policy.integrations_condition(integration_states, namespace)
+        integrations_cond = policy.integrations_condition(
+            integration_states, namespace, auth_mode=builders.auth_mode(spec)
+        )
         bindings = [s.name for s in integration_states if s.found]
         desired = builders.build_all(
             body,
@@ -218,6 +220,7 @@ class AgentReconciler:
                     found=True,
                     ready=str(cond.get("status")) if cond else None,
                     message=str(cond.get("message", "")) if cond else "",
+                    type=str((obj.get("spec") or {}).get("type") or "") or None,
                 )
             )
         return states

@@ -233,7 +233,7 @@ def production_app(tmp_path: Path, model: dict[str, Any], **overrides: Any) -> f
         "agent_namespace": "acme",
         "agent_config": config_path,
         "binding_root": tmp_path / "bindings",
-        "auth_enabled": False,
+        "auth_mode": "none",
         "memory_store": "inProcess",  # no datastores: these tests are about the models
         "model_backoff_seconds": 0.01,
         "model_backoff_max_seconds": 0.05,
@@ -448,6 +448,6 @@ async def test_readiness_probes_the_primary_models_api(tmp_path: Path, llm: Fake
         unreachable = await client.get("/readyz")
     assert ready.status_code == 200
     assert unreachable.status_code == 503
-    assert unreachable.json()["checks"] == {"store": True, "model": False}
+    assert unreachable.json()["checks"] == {"store": True, "model": False, "auth": True}
     probe = llm.requests("GET /v1/models")[0]
     assert probe.headers["x-api-key"] == KEY

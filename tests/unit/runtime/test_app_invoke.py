@@ -281,7 +281,7 @@ async def test_conversations_of_another_tenant_are_invisible(
     store: inprocess.InProcessStore,
 ) -> None:
     other = ports.Turn("theirs", "user", "secret plans", dt.datetime.now(dt.UTC))
-    await store.append(other, tenant="team-b", agent="analyst-1")
+    await store.append(other, tenant="team-b", agent="analyst-1", subject="anonymous")
     async for client in serve(make_app(store)):
         listed = await client.get("/v1/conversations")
         read = await client.get("/v1/conversations/theirs/messages")

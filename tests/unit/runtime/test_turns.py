@@ -55,7 +55,9 @@ async def test_a_turn_answers_and_records_turns_usage_and_audit() -> None:
 
     assert answer.output == "[echo-1] plan the launch"
     store = store_of(given)
-    history = await store.history(answer.conversation_id, tenant=TENANT, agent=AGENT)
+    history = await store.history(
+        answer.conversation_id, tenant=TENANT, agent=AGENT, subject=CALLER.subject
+    )
     assert [(t.role, t.content) for t in history] == [
         ("user", "plan the launch"),
         ("assistant", "[echo-1] plan the launch"),

@@ -3,8 +3,10 @@
 Kubernetes restarts a pod whose liveness fails, so ``/healthz`` checks nothing but the
 process; ``/readyz`` takes the pod out of its Service while the conversation store or
 the primary model cannot be reached (the model probe is cached, see
-`providers.router.ModelRouter.ready`). It also names the memory mode
-(``spec.memory.store``) and, when the store is missing, what to bind. None of them
+`providers.router.ModelRouter.ready`), or while no caller can be authenticated
+(``spec.auth.mode: jwt`` without an auth0 binding). It also names the memory mode
+(``spec.memory.store``), the auth mode (``spec.auth.mode``) and, when something is
+missing, what to bind. None of them
 needs a token.
 """
 
@@ -36,6 +38,10 @@ class Health(pydantic.BaseModel):
 class ReadyChecks(pydantic.BaseModel):
     store: bool = pydantic.Field(description="The conversation store answers its ping.")
     model: bool = pydantic.Field(description="The primary model's API is reachable.")
+    auth: bool = pydantic.Field(
+        description="Callers can be authenticated: spec.auth.mode is none, or jwt with an "
+        "auth0 Integration bound."
+    )
 
 
 class Readiness(pydantic.BaseModel):
@@ -44,6 +50,10 @@ class Readiness(pydantic.BaseModel):
     memory_store: agent_api.MemoryStore = pydantic.Field(
         description="spec.memory.store: durable (PostgreSQL and Redis) or inProcess (this "
         "process only, lost on restart)."
+    )
+    auth_mode: agent_api.AuthMode = pydantic.Field(
+        description="spec.auth.mode: jwt (Bearer JWTs of the auth0 Integration) or none "
+        "(no authentication: every caller may do everything)."
     )
     message: str | None = pydantic.Field(
         default=None, description="Why the agent is not ready and what to change, when known."
@@ -87,13 +97,15 @@ async def readyz(state: deps.State, response: fastapi.Response) -> Readiness:
             else []
         ),
         *(["the primary model's API cannot be reached"] if not model_ok else []),
+        *([state.auth_problem] if state.auth_problem else []),
     ]
     if problems:
         response.status_code = 503
     return Readiness(
         status="not-ready" if problems else "ready",
-        checks=ReadyChecks(store=store_ok, model=model_ok),
+        checks=ReadyChecks(store=store_ok, model=model_ok, auth=state.auth_problem is None),
         memory_store=state.settings.memory_store,
+        auth_mode="none" if state.authenticator is None else "jwt",
         message="; ".join(problems) or None,
     )
 

@@ -113,7 +113,7 @@ async def _stream(turn: turns.Turn) -> fastapi.Response:
             "description": SSE_DESCRIPTION,
             "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
         },
-        **errors.error_responses(400, 401, 403, 413, 422, 429, 500, 502, 503),
+        **errors.error_responses(400, 401, 403, 404, 413, 422, 429, 500, 502, 503),
     },
 )
 async def invoke(
