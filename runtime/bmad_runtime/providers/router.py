@@ -121,10 +121,12 @@ class ModelRouter:
                     provider.stream_events(messages, params=params)
                 ) as events:
                     async for event in events:
+                        started = True
                         if isinstance(event, ports.Completion):
                             _record_usage(span, event)
-                        started = True
-                        yield event
+                            yield event
+                        else:
+                            yield base.Delta(event.text, provider.name, provider.model)
                 return
             except base.ProviderError as exc:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, exc.message))
