@@ -112,6 +112,7 @@ async def test_two_replicas_share_a_conversation_and_account_for_it(
     assert ready.json() == {
         "status": "ready",
         "checks": {"store": True, "model": True, "auth": True},
+        "models": [{"provider": "echo", "model": "echo-1", "reachable": True}],
         "memoryStore": "durable",
         "authMode": "none",
         "message": None,

@@ -297,7 +297,7 @@ async def test_an_unexpected_error_is_a_bare_500(caplog: pytest.LogCaptureFixtur
     assert SECRET in caplog.text  # ...but the operator's log has the details
 
 
-async def test_readiness_follows_the_store_and_the_primary_model() -> None:
+async def test_readiness_follows_the_store_and_reports_the_models() -> None:
     store = SwitchableStore()
     model = echo.ScriptedProvider(["x"], reachable=True)
     async for client in serve(make_app(store=store, provider=model)):
@@ -312,6 +312,7 @@ async def test_readiness_follows_the_store_and_the_primary_model() -> None:
     assert ready.json() == {
         "status": "ready",
         "checks": {"store": True, "model": True, "auth": True},
+        "models": [{"provider": "scripted", "model": "scripted-1", "reachable": True}],
         "memoryStore": "durable",
         "authMode": "none",
         "message": None,
@@ -319,9 +320,12 @@ async def test_readiness_follows_the_store_and_the_primary_model() -> None:
     assert no_store.status_code == 503
     assert no_store.json()["checks"] == {"store": False, "model": True, "auth": True}
     assert no_store.json()["message"] == "the conversation store does not answer"
-    assert no_model.status_code == 503
+    # Every replica shares the model APIs: their outage is reported, not made NotReady.
+    assert no_model.status_code == 200
+    assert no_model.json()["status"] == "ready"
     assert no_model.json()["checks"] == {"store": True, "model": False, "auth": True}
-    assert "primary model" in no_model.json()["message"]
+    assert no_model.json()["models"][0]["reachable"] is False
+    assert "no model of the chain answers" in no_model.json()["message"]
     assert alive.status_code == 200
     assert alive.json() == {"status": "ok"}
 

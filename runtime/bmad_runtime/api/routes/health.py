@@ -1,13 +1,14 @@
 """Probes and metrics: ``/healthz`` (alive), ``/readyz`` (can serve), ``/metrics``.
 
 Kubernetes restarts a pod whose liveness fails, so ``/healthz`` checks nothing but the
-process; ``/readyz`` takes the pod out of its Service while the conversation store or
-the primary model cannot be reached (the model probe is cached, see
-`providers.router.ModelRouter.ready`), or while no caller can be authenticated
-(``spec.auth.mode: jwt`` without an auth0 binding). It also names the memory mode
-(``spec.memory.store``), the auth mode (``spec.auth.mode``) and, when something is
-missing, what to bind. None of them
-needs a token.
+process; ``/readyz`` takes the pod out of its Service while the conversation store cannot
+be reached, or while no caller can be authenticated (``spec.auth.mode: jwt`` without an
+auth0 binding): what this replica itself lacks. The model APIs are probed and reported
+(each model of the chain, the probe cached, see `providers.router.ModelRouter.probe`)
+but do not decide readiness: every replica shares them, so an outage of the primary
+would take every replica out at once and leave the fallbacks nobody to serve. It also
+names the memory mode (``spec.memory.store``), the auth mode (``spec.auth.mode``) and,
+when something is missing, what to bind. None of them needs a token.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ logger = logging.getLogger(__name__)
 router = fastapi.APIRouter(tags=["health"])
 
 READY_TIMEOUT_SECONDS = 2.0
+NO_MODEL = (
+    "no model of the chain answers its API's probe (see models): invokes fail until one "
+    "does; check the llm Integrations' status and the providers' own status pages"
+)
 
 
 class Health(pydantic.BaseModel):
@@ -37,16 +42,28 @@ class Health(pydantic.BaseModel):
 
 class ReadyChecks(pydantic.BaseModel):
     store: bool = pydantic.Field(description="The conversation store answers its ping.")
-    model: bool = pydantic.Field(description="The primary model's API is reachable.")
+    model: bool = pydantic.Field(
+        description="Some model of the chain (the primary or a fallback) answers its API's "
+        "probe. Reported only: the model APIs do not decide readiness."
+    )
     auth: bool = pydantic.Field(
         description="Callers can be authenticated: spec.auth.mode is none, or jwt with an "
         "auth0 Integration bound."
     )
 
 
+class ModelCheck(pydantic.BaseModel):
+    provider: str
+    model: str
+    reachable: bool = pydantic.Field(description="The model's API answered its probe.")
+
+
 class Readiness(pydantic.BaseModel):
     status: Literal["ready", "not-ready"]
     checks: ReadyChecks
+    models: list[ModelCheck] = pydantic.Field(
+        description="Each model of the chain, the primary first, and whether its API answers."
+    )
     memory_store: agent_api.MemoryStore = pydantic.Field(
         description="spec.memory.store: durable (PostgreSQL and Redis) or inProcess (this "
         "process only, lost on restart)."
@@ -56,7 +73,9 @@ class Readiness(pydantic.BaseModel):
         "(no authentication: every caller may do everything)."
     )
     message: str | None = pydantic.Field(
-        default=None, description="Why the agent is not ready and what to change, when known."
+        default=None,
+        description="Why the agent is not ready and what to change, when known; or, while "
+        "ready, that no model of the chain answers (invokes fail until one does).",
     )
 
     model_config = pydantic.ConfigDict(
@@ -82,31 +101,35 @@ async def healthz() -> Health:
 @router.get(
     "/readyz",
     response_model=Readiness,
-    summary="Readiness: the store and the primary model are reachable",
+    summary="Readiness: the store is reachable and callers can be authenticated",
     responses={503: {"model": Readiness, "description": "Not ready: see `checks`."}},
 )
 async def readyz(state: deps.State, response: fastapi.Response) -> Readiness:
-    store_ok, model_ok = await asyncio.gather(
+    store_ok, models = await asyncio.gather(
         _check("conversation store", asyncio.ensure_future(state.store.ping())),
-        _check("primary model", asyncio.ensure_future(state.router.ready())),
+        state.router.probe(within=READY_TIMEOUT_SECONDS),
     )
+    model_ok = any(m.reachable for m in models)
     problems = [
         *(
             [state.store_problem or "the conversation store does not answer"]
             if not store_ok
             else []
         ),
-        *(["the primary model's API cannot be reached"] if not model_ok else []),
         *([state.auth_problem] if state.auth_problem else []),
     ]
     if problems:
         response.status_code = 503
+    notes = [] if model_ok else [NO_MODEL]
     return Readiness(
         status="not-ready" if problems else "ready",
         checks=ReadyChecks(store=store_ok, model=model_ok, auth=state.auth_problem is None),
+        models=[
+            ModelCheck(provider=m.provider, model=m.model, reachable=m.reachable) for m in models
+        ],
         memory_store=state.settings.memory_store,
         auth_mode="none" if state.authenticator is None else "jwt",
-        message="; ".join(problems) or None,
+        message="; ".join(problems + notes) or None,
     )
 
 
