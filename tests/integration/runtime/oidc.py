@@ -59,6 +59,7 @@ class Issuer:
     def __init__(self) -> None:
         self.keys: list[dict[str, str]] = []
         self.jwks_requests = 0
+        self.jwks_status = 200  # what /keys answers: anything else, an outage
         issuer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -68,6 +69,9 @@ class Issuer:
                     body = {"issuer": issuer.url, "jwks_uri": f"{issuer.url}keys"}
                 elif self.path == "/keys":
                     issuer.jwks_requests += 1
+                    if issuer.jwks_status != 200:
+                        self.send_error(issuer.jwks_status)
+                        return
                     body = {"keys": list(issuer.keys)}
                 else:
                     self.send_error(404)

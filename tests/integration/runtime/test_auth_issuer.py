@@ -100,3 +100,49 @@ async def test_an_issuer_that_is_down_is_503_not_401() -> None:
         assert (caught.value.status, caught.value.code) == (503, auth.AUTH_UNAVAILABLE)
     finally:
         await authenticator.aclose()
+
+
+async def test_cached_keys_are_trusted_no_longer_than_max_stale_age_while_the_jwks_is_down(
+    issuer: Issuer,
+) -> None:
+    """Issue 10, hole 12 (JWKS keys kept for ever when the refresh fails). Before the
+    fix, the keys of the last good fetch verified tokens however long the JWKS stayed
+    down, and this test failed with:
+
+        Failed: DID NOT RAISE AuthError
+    """
+    key = Key("2026-03")
+    issuer.keys = [key.jwk()]
+    now = [1000.0]  # the authenticator's monotonic clock, moved by the test
+    authenticator = auth.JwtAuthenticator(
+        issuer=issuer.url,
+        audience=AUDIENCE,
+        tenant=TENANT,
+        jwks_uri=f"{issuer.url}keys",
+        monotonic=lambda: now[0],
+    )
+    token = f"Bearer {key.sign(issuer.claims())}"
+    try:
+        assert (await authenticator.authenticate(token)).subject == "auth0|alice"
+        issuer.jwks_status = 503  # the issuer's JWKS goes down
+
+        # Past max_key_age: a refresh is tried and fails; the cached keys serve on.
+        now[0] += auth.DEFAULT_MAX_KEY_AGE + 1
+        assert (await authenticator.authenticate(token)).subject == "auth0|alice"
+        assert issuer.jwks_requests == 2
+
+        # Four hours (the default max_stale_age) after the last good fetch: the keys
+        # are trusted no longer.
+        now[0] = 1000.0 + 4 * 3600 + 1
+        with pytest.raises(ports.AuthError) as caught:
+            await authenticator.authenticate(token)
+        assert (caught.value.status, caught.value.code) == (503, auth.AUTH_UNAVAILABLE)
+        assert issuer.jwks_requests == 3
+
+        # The JWKS is back: the next fetch (after the minimum interval) restores them.
+        issuer.jwks_status = 200
+        now[0] += auth.DEFAULT_MIN_REFRESH_INTERVAL + 1
+        assert (await authenticator.authenticate(token)).subject == "auth0|alice"
+        assert issuer.jwks_requests == 4
+    finally:
+        await authenticator.aclose()
