@@ -297,6 +297,7 @@ async def _start_task_consumer(
         while not stop.is_set():
             with contextlib.suppress(Exception):
                 state.metrics.queue_depth.set(await task_bus.queue_depth())
+                state.metrics.dead_letters.set(await task_bus.dead_letter_count())
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=5)
 

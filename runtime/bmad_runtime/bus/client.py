@@ -174,6 +174,10 @@ class TaskBus:
         """Tasks without a result: waiting plus in flight (acked entries are deleted)."""
         return int(await self.redis.xlen(self.keys.stream))
 
+    async def dead_letter_count(self) -> int:
+        """Entries on the dead-letter stream (trimmed to about `DEAD_LETTER_MAXLEN`)."""
+        return int(await self.redis.xlen(self.keys.dead))
+
     async def pending(self) -> int:
         """Entries delivered to a consumer and not yet acked."""
         try:

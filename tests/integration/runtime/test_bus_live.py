@@ -214,6 +214,7 @@ async def test_a_task_that_always_fails_is_dead_lettered_after_max_attempts(
     assert (await lane.tasks.result("fine")) is not None
     assert await lane.bus.pending() == 0, "the dead letter was acked"
     assert await lane.bus.queue_depth() == 0
+    assert await lane.bus.dead_letter_count() == 1
 
 
 async def test_an_entry_that_is_not_a_task_goes_to_the_dead_letters_unrun(
@@ -238,6 +239,39 @@ async def test_an_entry_that_is_not_a_task_goes_to_the_dead_letters_unrun(
     assert letter.payload == '{"hello": "world"}'
     assert ran == []
     assert await lane.bus.queue_depth() == 0
+
+
+async def test_a_full_queue_refuses_new_tasks_and_keeps_every_waiting_one(
+    redis: aioredis.Redis, make_lane: Callable[..., Lane]
+) -> None:
+    """Issue 10, hole 12 (XADD without a bound). The stream is bounded by refusing a
+    submission, not by XADD MAXLEN, which would drop the oldest tasks unrun. Before the
+    fix the producer had no bound, and this test failed with:
+
+        TypeError: TaskProducer.__init__() got an unexpected keyword argument 'max_depth'
+    """
+    lane = make_lane(min_idle_ms=1000)
+    keys = lane.bus.keys
+    tasks = taskbus.TaskProducer(redis, tenant=keys.tenant, agent=keys.agent, max_depth=3)
+    first = await tasks.submit("t0", {"input": "a"})
+    await tasks.submit("t1", {"input": "b"})
+    await tasks.submit("t2", {"input": "c"})
+
+    with pytest.raises(taskbus.QueueFullError) as caught:
+        await tasks.submit("t3", {"input": "d"})
+    assert (caught.value.depth, caught.value.max_depth) == (3, 3)
+    assert "submit again once it drains" in str(caught.value)
+    assert await tasks.submit("t0", {"input": "a"}) == first, "a duplicate is still answered"
+    assert await lane.bus.queue_depth() == 3
+    assert await redis.get(keys.submitted("t3")) is None, "the refused task left no marker"
+
+    consumer = Consumer(lane, counting_handler(redis, lane), "c1")
+    for task_id in ("t0", "t1", "t2"):  # every waiting task ran: none was trimmed away
+        assert (await tasks.wait_result(task_id, timeout_s=10)).status == "succeeded"
+    await until(lambda: _depth_is(lane, 0, pending=0), timeout_s=10, what="the queue to drain")
+    await tasks.submit("t3", {"input": "d"})
+    assert (await tasks.wait_result("t3", timeout_s=10)).status == "succeeded"
+    await consumer.stop()
 
 
 async def _has_result(lane: Lane, task_id: str) -> bool:

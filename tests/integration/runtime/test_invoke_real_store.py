@@ -2,14 +2,17 @@
 
 Two app instances, each with its own connections (as two replicas would have), share
 one conversation; every invocation leaves a usage record and an audit entry in
-PostgreSQL; ``spec.limits`` is enforced through the real Redis limiter.
+PostgreSQL; ``spec.limits`` is enforced through the real Redis limiter; the lengths of
+the task bus's streams are exported on ``/metrics``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
+import time
 import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +22,9 @@ import asyncpg  # type: ignore[import-untyped]
 import fastapi
 import httpx
 import pytest
+from redis import asyncio as aioredis
 
+from bmad_integrations import taskwire
 from bmad_runtime import auth, settings, wiring
 
 from . import oidc
@@ -227,3 +232,35 @@ async def test_a_second_subject_cannot_read_or_delete_the_firsts_conversation(
     assert len(kept.json()["messages"]) == 2, "max's attempts changed nothing"
     assert audited.status_code == 200, "conversations:read:all reads every subject's"
     assert removed.status_code == 204, "the owner deletes her own"
+
+
+async def test_the_lengths_of_the_task_stream_and_the_dead_letters_are_exported(
+    tmp_path: Path, tenant: str, dsn: str, redis_url: str
+) -> None:
+    """Issue 10, hole 12 (the bus's streams: export their lengths). Before the fix
+    only the task stream's length was exported, and this test failed with:
+
+        AssertionError: timed out waiting for bmad_agent_dead_letters 1.0 on /metrics
+    """
+    keys = taskwire.Keys(tenant, "pm-1")
+    redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        # An entry that is not a task: the consumer dead-letters it without running it.
+        await redis.xadd(keys.stream, {"hello": "world"})
+        async for client in serve(production_app(tmp_path, tenant, dsn, redis_url)):
+            deadline = time.monotonic() + 30
+            while True:
+                text = (await client.get("/metrics")).text
+                if "bmad_agent_dead_letters 1.0" in text:
+                    break
+                assert time.monotonic() < deadline, (
+                    "timed out waiting for bmad_agent_dead_letters 1.0 on /metrics"
+                )
+                await asyncio.sleep(0.2)
+        assert "bmad_agent_queue_depth 0.0" in text
+        assert await redis.xlen(keys.dead) == 1
+    finally:
+        found = [key async for key in redis.scan_iter(match=f"{keys.prefix}:*", count=500)]
+        if found:
+            await redis.delete(*found)
+        await redis.aclose()

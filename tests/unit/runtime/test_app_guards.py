@@ -346,6 +346,7 @@ async def test_metrics_count_requests_by_route_template_and_tokens() -> None:
     assert 'bmad_agent_tasks_total{outcome="ok"} 1.0' in text
     assert "bmad_agent_inflight 0.0" in text
     assert "bmad_agent_queue_depth 0.0" in text
+    assert "bmad_agent_dead_letters 0.0" in text
 
 
 async def test_two_apps_keep_their_own_metrics() -> None:
