@@ -27,6 +27,7 @@ INTEGRATION_NOT_FOUND = "IntegrationNotFound"
 INTEGRATION_NOT_READY = "IntegrationNotReady"
 INTEGRATION_FORBIDDEN = "IntegrationForbidden"
 INTEGRATIONS_READY = "IntegrationsReady"
+AUTH_INTEGRATION_MISSING = "AuthIntegrationMissing"
 NO_INTEGRATIONS = "NoIntegrations"
 APPLY_FAILED = "ApplyFailed"
 INSTRUCTIONS_NOT_FOUND = "InstructionsNotFound"
@@ -46,9 +47,22 @@ class IntegrationState(NamedTuple):
     found: bool
     ready: str | None  # the Integration's Ready status, None when never checked
     message: str = ""
+    type: str | None = None  # the Integration's spec.type, when found
 
 
-def integrations_condition(states: Sequence[IntegrationState], namespace: str) -> Cond:
+def integrations_condition(
+    states: Sequence[IntegrationState], namespace: str, *, auth_mode: str | None = None
+) -> Cond:
+    """`auth_mode`: the Agent's spec.auth.mode; ``jwt`` needs an auth0 Integration bound."""
+    if auth_mode == "jwt" and not any(s.found and s.type == "auth0" for s in states):
+        return Cond(
+            "IntegrationsReady",
+            FALSE,
+            AUTH_INTEGRATION_MISSING,
+            "spec.auth.mode is jwt but no Integration of type auth0 is in spec.integrations: "
+            "the agent's API refuses every caller. Add an auth0 Integration, or set "
+            "spec.auth.mode: none to serve without authentication (demos only).",
+        )
     if not states:
         return Cond("IntegrationsReady", TRUE, NO_INTEGRATIONS, "The agent binds no integrations.")
     missing = [s.name for s in states if not s.found]

@@ -126,7 +126,9 @@ class AgentReconciler:
         tenant = self.cache.get("Tenant", None, tenant_name) if tenant_name else None
         suspended = bool(tenant and (tenant.get("spec") or {}).get("suspended"))
         integration_states = self._integration_states(namespace, spec)
-        integrations_cond = policy.integrations_condition(integration_states, namespace)
+        integrations_cond = policy.integrations_condition(
+            integration_states, namespace, auth_mode=builders.auth_mode(spec)
+        )
         bindings = [s.name for s in integration_states if s.found]
         instructions, instructions_problem = await self._instructions(namespace, spec)
         desired = builders.build_all(
@@ -249,6 +251,7 @@ class AgentReconciler:
                     found=True,
                     ready=str(cond.get("status")) if cond else None,
                     message=str(cond.get("message", "")) if cond else "",
+                    type=str((obj.get("spec") or {}).get("type") or "") or None,
                 )
             )
         return states

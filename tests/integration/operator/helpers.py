@@ -15,6 +15,8 @@ def agent(name: str, *, role: str = "dev", replicas: int = 1, **spec: Any) -> di
         "model": {"provider": "echo", "name": "echo-1"},
         # No datastores are bound in these tests: a durable agent would never be ready.
         "memory": {"store": "inProcess"},
+        # No auth0 Integration is bound either: open, as the demo agents are.
+        "auth": {"mode": "none"},
         "replicas": replicas,
     }
     body.update(spec)

@@ -27,7 +27,13 @@ Obj = dict[str, Any]
 NS = "team-a"
 NAME = "mary"
 IMAGE = "ghcr.io/bmad/agent-runtime:0.1.0"
-SPEC: Obj = {"role": "analyst", "model": {"provider": "echo", "name": "echo-1"}}
+# Open, as a demo agent: an agent with spec.auth.mode jwt (the default) is not ready
+# without an auth0 Integration, which most of these tests do not bind.
+SPEC: Obj = {
+    "role": "analyst",
+    "model": {"provider": "echo", "name": "echo-1"},
+    "auth": {"mode": "none"},
+}
 OWNED = ["ServiceAccount", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget"]
 
 
@@ -125,11 +131,14 @@ class Harness:
         return [o["kind"] for o in self.api.applied]
 
 
-def integration(name: str, ready: str = "True", message: str = "Reachable.") -> Obj:
+def integration(
+    name: str, ready: str = "True", message: str = "Reachable.", type_: str = "llm"
+) -> Obj:
     return {
         "apiVersion": "bmad.dev/v1alpha1",
         "kind": "Integration",
         "metadata": {"name": name, "namespace": NS, "uid": f"uid-int-{name}"},
+        "spec": {"type": type_},
         "status": {
             "conditions": [
                 {"type": "Ready", "status": ready, "reason": "Checked", "message": message}
@@ -341,6 +350,29 @@ async def test_integration_not_ready_carries_its_message() -> None:
     assert h.condition("Ready")["reason"] == "IntegrationNotReady"
     # Bound anyway: the Secret may appear and the pods must already mount it.
     assert any(v.get("secret") for v in pod_template(h)["spec"]["volumes"])
+
+
+async def test_jwt_auth_without_an_auth0_integration_is_not_ready() -> None:
+    """Issue 10, hole 6 (the operator's side): the default auth mode needs an issuer."""
+    spec = {k: v for k, v in SPEC.items() if k != "auth"}
+    h = Harness({**spec, "integrations": ["llm"]}, integrations={"llm": integration("llm")})
+    await h.run()
+    h.make_available()
+    await h.run()
+    cond = h.condition("IntegrationsReady")
+    assert (cond["status"], cond["reason"]) == ("False", "AuthIntegrationMissing")
+    assert "spec.auth.mode: none" in cond["message"]
+    assert h.condition("Ready")["reason"] == "AuthIntegrationMissing"
+    env = pod_template(h)["spec"]["containers"][0]["env"]
+    assert {"name": "BMAD_AUTH_MODE", "value": "jwt"} in env
+
+    h.seed(integration("login", type_="auth0"))
+    h.update_spec(lambda s: s.update(integrations=["llm", "login"]))
+    await h.run()
+    h.make_available()
+    await h.run()
+    assert h.condition("IntegrationsReady")["status"] == "True"
+    assert h.condition("Ready")["reason"] == "AgentReady"
 
 
 async def rotate_bound_secret() -> tuple[Harness, str]:
