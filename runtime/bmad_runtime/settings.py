@@ -1,13 +1,13 @@
 """The runtime's process settings: who this agent is and where its services are.
 
-Everything comes from the environment the operator writes into the pod, under the
-names of `bmad_crds.runtime_contract` (``BMAD_AGENT_*``, ``BMAD_TENANT``,
-``BMAD_HTTP_PORT``, ``BMAD_MEMORY_STORE``, ``BMAD_AUTH_MODE``,
-``SERVICE_BINDING_ROOT``). Each setting is read under exactly one name, in exactly
-that case (`env_name`): pydantic-settings would also take ``Bmad_Tenant`` or ``bmad_agent_namespace`` for a setting, and the
-identity of the agent (whose streams, conversations and budgets it uses) must be the
-operator's alone. Datastores not given explicitly (``BMAD_REDIS_URL``,
-``BMAD_POSTGRES_DSN``) are taken from the bindings of type ``redis`` and ``postgres``.
+Everything comes from the environment the operator writes into the pod, under the names
+of `bmad_crds.runtime_contract` (``BMAD_AGENT_*``, ``BMAD_TENANT``, ``BMAD_HTTP_PORT``,
+``BMAD_MEMORY_STORE``, ``BMAD_AUTH_MODE``, ``SERVICE_BINDING_ROOT``). Each setting is
+read under exactly one name, in exactly that case (`env_name`): pydantic-settings would
+also take ``Bmad_Tenant`` or ``bmad_agent_namespace`` for a setting, and the identity of
+the agent (whose streams, conversations and budgets it uses) must be the operator's
+alone. Datastores not given explicitly (``BMAD_REDIS_URL``, ``BMAD_POSTGRES_DSN``) are
+taken from the bindings of type ``redis`` and ``postgres``.
 
 Read through `load()`, never at import, so that tests construct `RuntimeSettings`
 directly with the values they need.
