@@ -30,7 +30,7 @@ from opentelemetry import trace
 
 from bmad_integrations import taskwire
 from bmad_runtime import app as app_mod
-from bmad_runtime import auth, ports, ratelimit, turns
+from bmad_runtime import auth, ports, ratelimit, steps, turns
 from bmad_runtime import bindings as bindings_mod
 from bmad_runtime import config as config_mod
 from bmad_runtime import settings as settings_mod
@@ -139,7 +139,7 @@ def create_default_app(settings: settings_mod.RuntimeSettings | None = None) -> 
                 state.store_problem = state.store.reason
                 logger.warning("the task consumer is not started: the store is not available")
             else:
-                await _start_task_consumer(settings, state, stack)
+                await _start_task_consumer(settings, state, stack, found)
             yield
 
     return app_mod.create_app(
@@ -248,8 +248,12 @@ async def _start_task_consumer(
     settings: settings_mod.RuntimeSettings,
     state: deps.RuntimeState,
     stack: contextlib.AsyncExitStack,
+    found: Mapping[str, bindings_mod.Binding],
 ) -> None:
     """Consume the agent's task stream next to the HTTP API, while Redis is bound.
+
+    A task is a workflow step (`steps.run`, with the objectStorage Integrations bound
+    here for its artifacts) or an invoke request (`turns.run_task`).
 
     Shutdown (the lifespan's end, on SIGTERM) stops reading, lets in-flight tasks finish
     within the grace period and leaves the rest pending for another replica.
@@ -261,6 +265,7 @@ async def _start_task_consumer(
     )
     stop = asyncio.Event()
     consumer = f"{socket.gethostname()}-{os.getpid()}"
+    stores = steps.ArtifactStores(found, tenant=state.tenant)
 
     async def handle(task: taskwire.Task) -> dict[str, Any]:
         # One span per task, as per request (a no-op without an exporter).
@@ -269,6 +274,8 @@ async def _start_task_consumer(
             kind=trace.SpanKind.CONSUMER,
             attributes={"bmad.task_id": task.task_id, "bmad.task_attempt": task.attempt},
         ):
+            if taskwire.is_agent_task(task.payload):
+                return await steps.run(state, stores, task)
             return await turns.run_task(state, dict(task.payload))
 
     async def depth() -> None:
@@ -290,5 +297,6 @@ async def _start_task_consumer(
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await task
         await task_bus.aclose()
+        stores.close()
 
     stack.push_async_callback(shutdown)
