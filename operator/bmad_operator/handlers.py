@@ -94,6 +94,7 @@ WATCHED: tuple[tuple[str, str, str, bool], ...] = (
     ("bmad.dev", "v1alpha1", "agents", False),
     ("bmad.dev", "v1alpha1", "tenants", False),
     ("bmad.dev", "v1alpha1", "integrations", False),
+    ("bmad.dev", "v1alpha1", "workflows", False),
     ("", "v1", "namespaces", False),
     ("", "v1", "secrets", False),
     ("apps", "v1", "deployments", True),
