@@ -1,8 +1,11 @@
-"""Admission: an Agent that would exceed its tenant's budget is refused at apply time.
+"""Admission: an Agent that would exceed its tenant's budget is refused at apply time,
+and so is a Workflow edit that adds an approval its author may not give.
 
 Served by kopf's webhook server with a self-signed certificate made at start-up.
 The ValidatingWebhookConfiguration is ours (not kopf's managed one) so that it only
 selects tenant namespaces: an operator that is down then blocks nobody else's Agents.
+The approvers webhook (`workflows.approvals`) applies in every namespace, but only to
+Workflows whose steps name approvers (a match condition).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from bmad_operator import store, tenancy
 from bmad_operator.builders import meta
+from bmad_operator.workflows import approvals
 
 WEBHOOK_ID = "agent-budget"
 SCALE_WEBHOOK_ID = "agent-budget-scale"
@@ -116,6 +120,13 @@ def webhook_configuration(
             ],
         }
 
+    approvers = webhook(
+        "workflow-approvers.bmad.dev", approvals.WEBHOOK_ID, "workflows", ["CREATE", "UPDATE"]
+    )
+    del approvers["namespaceSelector"]  # Workflows anywhere; only those naming approvers:
+    approvers["matchConditions"] = [
+        {"name": "names-approvers", "expression": approvals.MATCH_CONDITION}
+    ]
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingWebhookConfiguration",
@@ -126,6 +137,7 @@ def webhook_configuration(
         "webhooks": [
             webhook("agent-budget.bmad.dev", WEBHOOK_ID, "agents", ["CREATE", "UPDATE"]),
             webhook("agent-scale-budget.bmad.dev", SCALE_WEBHOOK_ID, "agents/scale", ["UPDATE"]),
+            approvers,
         ],
     }
 

@@ -16,6 +16,7 @@ import kopf
 
 from bmad_operator import admission, controller, kube, settings
 from bmad_operator.builders import meta
+from bmad_operator.workflows import approvals
 
 MANAGED = meta.managed_labels()
 
@@ -160,5 +161,28 @@ async def validate_agent_scale(
     spec = dict(agent.get("spec") or {})
     spec["replicas"] = (body.get("spec") or {}).get("replicas", spec.get("replicas", 1))
     problem = admission.budget_violation(ctl.store, namespace=namespace, name=name, spec=spec)
+    if problem:
+        raise kopf.AdmissionError(problem, code=403)
+
+
+@kopf.on.validate(
+    "bmad.dev",
+    "v1alpha1",
+    "workflows",
+    id=approvals.WEBHOOK_ID,
+    operations=["CREATE", "UPDATE"],
+)
+async def validate_workflow_approvals(
+    body: kopf.Body, userinfo: kopf.UserInfo, **kwargs: Any
+) -> None:
+    """Refuse an approval (a step id added to spec.approvals) by someone not among the
+    step's approvers: the API server says who makes the edit, managedFields do not."""
+    old: Any = kwargs.get("old")
+    problem = approvals.refusal(
+        dict(old.get("spec") or {}) if old else None,
+        dict(body.get("spec") or {}),
+        user=str(userinfo.get("username") or ""),
+        groups=[str(g) for g in userinfo.get("groups") or []],
+    )
     if problem:
         raise kopf.AdmissionError(problem, code=403)

@@ -72,7 +72,12 @@ def test_namespaces_outside_a_tenant_are_not_budgeted() -> None:
 def test_configuration_selects_tenant_namespaces_and_pins_the_ca(tmp_path: object) -> None:
     cert = admission.self_signed("127.0.0.1")
     config = admission.webhook_configuration("https://127.0.0.1:9443", cert.pem)
-    hook, scale_hook = config["webhooks"]
+    hook, scale_hook, approvers_hook = config["webhooks"]
+    assert approvers_hook["rules"][0]["resources"] == ["workflows"]
+    assert approvers_hook["clientConfig"]["url"] == "https://127.0.0.1:9443/workflow-approvers"
+    assert "namespaceSelector" not in approvers_hook  # Workflows in any namespace...
+    [condition] = approvers_hook["matchConditions"]  # ...that name approvers
+    assert "approvers" in condition["expression"]
     assert scale_hook["rules"][0]["resources"] == ["agents/scale"]
     assert scale_hook["clientConfig"]["url"] == "https://127.0.0.1:9443/agent-budget-scale"
     assert hook["namespaceSelector"]["matchExpressions"][0]["key"] == "bmad.dev/tenant"
