@@ -261,7 +261,10 @@ async def _start_task_consumer(
     if not settings.redis_url or not settings.task_bus_enabled:
         return
     task_bus = bus_client.TaskBus.from_url(
-        settings.redis_url, tenant=state.tenant, agent=state.agent
+        settings.redis_url,
+        tenant=state.tenant,
+        agent=state.agent,
+        config=bus_client.BusConfig(min_idle_ms=settings.task_min_idle_ms),
     )
     stop = asyncio.Event()
     consumer = f"{socket.gethostname()}-{os.getpid()}"
