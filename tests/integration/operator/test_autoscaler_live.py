@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bmad_operator import kube
+from bmad_operator import errors, kube
 from bmad_operator.autoscaling import autoscaler, decide, reasons
 from bmad_operator.autoscaling import prometheus as prom
 from bmad_testbed.kubectl import Kubectl
@@ -220,7 +220,7 @@ async def test_a_status_write_with_a_stale_resource_version_is_refused(
     read = await api.get("Agent", namespace, name)
     assert read is not None
     await api.patch_scale("Agent", namespace, name, 2)  # someone writes in between
-    with pytest.raises(kube.ApiError) as caught:
+    with pytest.raises(errors.ApiError) as caught:
         await api.patch_status(
             "Agent", namespace, name, {"autoscaling": {"reason": "Steady"}},
             resource_version=read["metadata"]["resourceVersion"],
