@@ -33,11 +33,12 @@ from typing import Any
 
 import pydantic
 
+from bmad_crds import runtime_contract as contract
 from bmad_crds.v1alpha1 import common as api_common
 from bmad_crds.v1alpha1 import workflow as api
 from bmad_integrations import egress
 from bmad_integrations import email as email_mod
-from bmad_operator import errors, events, kube, settings, store, watching, workqueue
+from bmad_operator import errors, events, kube, settings, store, tenancy, watching, workqueue
 from bmad_operator.builders import integration as integration_builders
 from bmad_operator.builders import meta
 from bmad_operator.policies import workflow as policy
@@ -53,10 +54,12 @@ EVENT_NOTIFICATION_FAILED = "NotificationFailed"
 Key = tuple[str, str]
 
 
-def bus_tenant(namespace: str) -> str:
-    """The tenant part of an Agent's bus keys: its namespace, as the runtime uses it
-    (`RuntimeSettings.effective_tenant`: the Agent's Deployment sets no BMAD_TENANT)."""
-    return namespace
+def bus_identity(cache: store.Store, namespace: str, agent: str) -> tuple[str, str]:
+    """(tenant, agent key) of ``agent``'s bus keys, as its runtime uses them: the tenant
+    its pods get in BMAD_TENANT (the namespace's Tenant, else the namespace) and the
+    contract's agent key (``<namespace>.<name>`` inside a Tenant)."""
+    tenant = tenancy.tenant_name_of_namespace(cache, namespace) or namespace
+    return tenant, contract.agent_key(name=agent, namespace=namespace, tenant=tenant)
 
 
 def _decoded(secret: Mapping[str, Any] | None) -> dict[str, str]:
@@ -253,7 +256,7 @@ class WorkflowReconciler:
             )
             url = _decoded(secret).get("uri")
             if url:
-                routes[agent] = bus_mod.Route(url, bus_tenant(namespace), agent)
+                routes[agent] = bus_mod.Route(url, *bus_identity(self.cache, namespace, agent))
         return routes
 
     @staticmethod

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from bmad_crds import runtime_contract as contract
 from bmad_integrations import egress, taskwire
 from bmad_operator import store
 from bmad_operator.builders import meta
@@ -285,6 +286,25 @@ async def test_a_chain_runs_step_by_step_on_the_agents_buses() -> None:
     assert "Succeeded" in h.reasons()
     # Status and artifacts hold references only: no content, no credentials.
     assert "s3cret" not in str(status)
+
+
+async def test_in_a_tenants_namespace_tasks_go_to_the_stream_its_runtime_reads() -> None:
+    h = Harness()
+    h.kube.seed(
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": NS, "labels": {meta.TENANT_LABEL: "acme"}},
+        },
+        h.cache,
+    )
+
+    await h.tick()
+
+    route, _, _ = h.bus.submitted[0]
+    # The runtime's BMAD_TENANT is the Tenant; its agent key qualifies the name.
+    assert route == bus_mod.Route(REDIS_URL, "acme", f"{NS}.analyst")
+    assert route.agent == contract.agent_key(name="analyst", namespace=NS, tenant="acme")
 
 
 async def test_a_pass_without_news_writes_nothing_and_dispatches_nothing() -> None:
