@@ -44,6 +44,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 ROLES = ("analyst", "pm", "architect", "po", "sm", "dev", "qa")
 SCRIPTED = ("flaky", "steady")
+# The scripted agents' runtimes, tuned on the process: spec.runtime.env may not set the
+# runtime's own BMAD_ variables (the operator alone does).
+SCRIPTED_ENV = {
+    "BMAD_MODEL_ATTEMPTS": "1",
+    "BMAD_MODEL_TIMEOUT_SECONDS": "10",
+    # A replica that holds a task this long without finishing is presumed dead: well
+    # above a step's time here (1.5 s), even on a loaded machine.
+    "BMAD_TASK_MIN_IDLE_MS": "8000",
+}
 
 
 # --- an OpenAI-compatible endpoint whose answers the step's description scripts -------
@@ -323,15 +332,8 @@ def bed(
         fake = {"provider": "openai-compatible", "name": "fake-1", "integration": "llm"}
         for role in ROLES:
             ns.apply(_agent(role, role, echo, ["bus", "artifacts"]))
-        env = [
-            {"name": "BMAD_MODEL_ATTEMPTS", "value": "1"},
-            {"name": "BMAD_MODEL_TIMEOUT_SECONDS", "value": "10"},
-            # A replica that holds a task this long without finishing is presumed dead:
-            # well above a step's time here (1.5 s), even on a loaded machine.
-            {"name": "BMAD_TASK_MIN_IDLE_MS", "value": "8000"},
-        ]
         for name in SCRIPTED:
-            ns.apply(_agent(name, "dev", fake, ["bus", "artifacts", "llm"], runtime={"env": env}))
+            ns.apply(_agent(name, "dev", fake, ["bus", "artifacts", "llm"]))
         kubectl.run(
             "wait",
             "--for=condition=Ready",
@@ -343,10 +345,13 @@ def bed(
             namespace,
             "--timeout=120s",
         )
-        for one in agent_procs.start(
-            kubectl, namespace, [*ROLES, *SCRIPTED], made.workdir, timeout=180
-        ):
+        for one in agent_procs.start(kubectl, namespace, list(ROLES), made.workdir, timeout=180):
             made.runtimes.setdefault(one.agent, []).append(one)
+        for name in SCRIPTED:
+            one = agent_procs.spawn(
+                kubectl, namespace, name, made.workdir, extra_env=SCRIPTED_ENV, timeout=180
+            )
+            made.runtimes.setdefault(name, []).append(agent_procs.wait_ready(one, timeout=180))
         yield made
     finally:
         for running in made.runtimes.values():
@@ -830,7 +835,9 @@ def test_a_runtime_replica_killed_mid_step_leads_to_one_redelivery(bed: Bed) -> 
     eventually(lambda: bed.llm.count("replica-crash") > asked, timeout=60, what="the step to start")
     first.kill()  # mid-step: the model was asked, no result was stored
     second = agent_procs.wait_ready(
-        agent_procs.spawn(bed.kubectl, bed.namespace, "steady", bed.workdir, replica=1)
+        agent_procs.spawn(
+            bed.kubectl, bed.namespace, "steady", bed.workdir, replica=1, extra_env=SCRIPTED_ENV
+        )
     )
     bed.runtimes["steady"].append(second)
 
