@@ -50,6 +50,8 @@ RESOURCES: dict[str, ResourceInfo] = {
     "Workflow": ResourceInfo("bmad.dev/v1alpha1", "workflows", True),
     "Tenant": ResourceInfo("bmad.dev/v1alpha1", "tenants", False),
     "ServiceMonitor": ResourceInfo("monitoring.coreos.com/v1", "servicemonitors", True),
+    "HorizontalPodAutoscaler": ResourceInfo("autoscaling/v2", "horizontalpodautoscalers", True),
+    "ScaledObject": ResourceInfo("keda.sh/v1alpha1", "scaledobjects", True),
 }
 
 

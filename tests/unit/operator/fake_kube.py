@@ -3,7 +3,7 @@
 It has the reconcilers' view of `kube.Kube` (get, apply, patch_status, merge_patch,
 delete, event), records every call, and behaves like the API server where it matters
 to them: apply adds server-side defaults, a uid, a resourceVersion and a generation,
-and keeps the status; patch_status merges into the status; a merge patch that names a
+and keeps the status; patch_status merge-patches the status; a merge patch that names a
 stale resourceVersion is refused with 409; an object being deleted goes away when its
 last finalizer is removed. Shared by the reconciler tests of every kind.
 """
@@ -121,7 +121,8 @@ class FakeKube:
         self.calls.append(("patch_status", kind, name))
         self.statuses.append(copy.deepcopy(status))
         obj = self._existing(kind, namespace, name)
-        obj["status"] = {**(obj.get("status") or {}), **copy.deepcopy(status)}
+        # A merge patch, as the API server applies it: nested objects merge, null removes.
+        obj["status"] = merge_patch(obj.get("status") or {}, status)
         obj["metadata"]["resourceVersion"] = self.next_rv()
         return copy.deepcopy(obj)
 
