@@ -95,7 +95,7 @@ class Metrics:
             prometheus_client.PlatformCollector(registry=self.registry)
         self.queue_depth = prometheus_client.Gauge(
             "bmad_agent_queue_depth",
-            "Tasks waiting on this agent's stream (pending entries of its consumer group).",
+            "Tasks on this agent's stream not answered yet (waiting or being worked on).",
             registry=self.registry,
         )
         self.inflight = prometheus_client.Gauge(

@@ -1,7 +1,10 @@
-"""Small builders of test objects shared by the operator's integration tests."""
+"""Small builders of test objects, and a poll with a deadline, shared by the operator's
+integration tests."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 
@@ -27,3 +30,15 @@ def condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
         if cond.get("type") == type_:
             return dict(cond)
     return None
+
+
+async def eventually(check: Any, *, within: float, what: str, every: float = 0.5) -> Any:
+    """Poll the async `check` until it returns something truthy; fail at the deadline."""
+    deadline = time.monotonic() + within
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(every)
+    raise AssertionError(f"{what}: not within {within:.0f} s (last: {last!r})")
