@@ -7,7 +7,7 @@
    against the changes the stabilization windows allow. The allowed count replays the
    HPA rule (proposal with tolerance; up to the lowest proposal of the scale-up window,
    down to the highest of the scale-down window) over the same depth, read back from
-   Prometheus second by second: the most changes any controller evaluating as often as
+   Prometheus second by second from the Agent's creation on: the most changes any controller evaluating as often as
    every second could make under those windows. Target: none beyond. The changes of the
    raw proposals (no windows) are shown for contrast.
 3. **Wake-up from zero**: a task submitted to an Agent at zero replicas, to its answer.
@@ -256,6 +256,9 @@ async def noise(
     bed: Bed, *, interval: int, seconds: int, up_window: int, down_window: int
 ) -> tuple[int, int, int]:
     name = "noisy"
+    # The replay starts where the operator's history does, at the Agent's creation: the
+    # proposals of the quiet level before the noise are in the windows too.
+    applied = time.time()
     bed.k.apply(
         agent_doc(
             name,
@@ -269,14 +272,15 @@ async def noise(
     await bed.push(name, TARGET)
     await until(lambda: replicas_at(bed, name, 1), within=120, what="noisy at 1")
     rng = random.Random(7)
-    began = time.time()
     for _ in range(seconds):
         await bed.push(name, 30 + rng.uniform(-12, 12))
         await asyncio.sleep(1)
     await asyncio.sleep(interval + 2)  # the operator's evaluation of the last second
     counted = time.time()
-    events = len(bed.scale_events(name))
-    values = [v for _, v in await bed.history(name, began, counted)]
+    scales = bed.scale_events(name)
+    print("noise: scale events:", *scales, sep="\n  ", file=sys.stderr)
+    events = len(scales)
+    values = [v for _, v in await bed.history(name, applied, counted)]
     allowed, raw = allowed_changes(
         values, up_window=up_window, down_window=down_window, low=1, high=20
     )
