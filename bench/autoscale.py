@@ -7,9 +7,10 @@
    against the changes the stabilization windows allow. The allowed count replays the
    HPA rule (proposal with tolerance; up to the lowest proposal of the scale-up window,
    down to the highest of the scale-down window) over the same depth, read back from
-   Prometheus second by second from the Agent's creation on: the most changes any controller evaluating as often as
-   every second could make under those windows. Target: none beyond. The changes of the
-   raw proposals (no windows) are shown for contrast.
+   Prometheus second by second from the Agent's creation on: the most changes any
+   controller evaluating as often as every second could make under those windows.
+   Target: none beyond. The changes of the raw proposals (no windows) are shown for
+   contrast.
 3. **Wake-up from zero**: a task submitted to an Agent at zero replicas, to its answer.
    Real `bmad runtime` processes follow the Deployment (`bmad_testbed.runtimes`); at zero
    the autoscaler reads the task stream from the Agent's Redis.
