@@ -111,6 +111,8 @@ def run_operator(kubectl: Kubectl, kubeconfig: str, n: int, tmp: Path) -> tuple[
         log_path=tmp / f"operator-{n}.log",
         resync_seconds=300,
         workers=32,
+        # a shared 2-core machine can take minutes to start it; the clock starts later
+        start_timeout=300,
     )
     op.start()
     assert op.pid is not None
