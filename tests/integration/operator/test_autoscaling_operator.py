@@ -434,6 +434,8 @@ async def test_a_tenant_budget_caps_the_autoscaler_and_scaling_limited_says_so(
 ) -> None:
     kubectl, namespace, api = scene.kubectl, scene.namespace, scene.api
     tenant = f"budget-{uuid.uuid4().hex[:6]}"
+    # The scene's namespace exists already: an administrator hands it over to the Tenant.
+    kubectl.run("label", "namespace", namespace, f"bmad.dev/adopt-by-tenant={tenant}")
     kubectl.apply(
         {
             "apiVersion": "bmad.dev/v1alpha1",

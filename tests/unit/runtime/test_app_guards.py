@@ -345,7 +345,7 @@ async def test_readiness_follows_the_task_consumer() -> None:
         health.up()
         consuming = await client.get("/readyz")
     assert starting.status_code == 503
-    assert starting.json()["checks"] == {"store": True, "model": True, "bus": False}
+    assert starting.json()["checks"] == {"store": True, "model": True, "auth": True, "bus": False}
     assert starting.json()["message"] == "the task consumer has not reached Redis yet"
     assert down.status_code == 503
     assert "cannot be reached" in down.json()["message"]
