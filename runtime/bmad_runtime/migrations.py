@@ -22,11 +22,11 @@ Tables (all keyed by tenant and agent, so that one database may serve many tenan
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
+
+from bmad_integrations import schema
 
 logger = logging.getLogger(__name__)
 
@@ -35,19 +35,8 @@ logger = logging.getLogger(__name__)
 LOCK_KEY = 0x626D61646D696772
 
 
-class MigrationError(RuntimeError):
-    """The schema cannot be brought up to date (lock timeout, an edited migration)."""
-
-
-@dataclass(frozen=True)
-class Migration:
-    version: int
-    name: str
-    sql: str
-
-    @property
-    def checksum(self) -> str:
-        return hashlib.sha256(self.sql.encode()).hexdigest()
+Migration = schema.Migration
+MigrationError = schema.MigrationError
 
 
 _INITIAL = """

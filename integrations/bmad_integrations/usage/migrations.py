@@ -20,28 +20,17 @@ Tables:
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
 from typing import Any
+
+from bmad_integrations import schema
 
 # pg_advisory_xact_lock's key for "bmad ledger schema" (ASCII "bmadlgr1").
 LOCK_KEY = 0x626D61646C677231
 TABLE = "bmad_ledger_migrations"
 
 
-class MigrationError(RuntimeError):
-    """The schema cannot be brought up to date (an edited migration)."""
-
-
-@dataclass(frozen=True)
-class Migration:
-    version: int
-    name: str
-    sql: str
-
-    @property
-    def checksum(self) -> str:
-        return hashlib.sha256(self.sql.encode()).hexdigest()
+Migration = schema.Migration
+MigrationError = schema.MigrationError
 
 
 _LEDGER = """

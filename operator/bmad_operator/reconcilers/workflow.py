@@ -394,19 +394,8 @@ class WorkflowReconciler:
 
     async def _hold(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
         """Add our finalizer (before the first task goes out)."""
-        metadata = body["metadata"]
-        finalizers = [*(metadata.get("finalizers") or []), FINALIZER]
-        updated = await self.api.merge_patch(
-            KIND,
-            metadata["namespace"],
-            metadata["name"],
-            {
-                "metadata": {
-                    "finalizers": finalizers,
-                    "resourceVersion": metadata.get("resourceVersion"),
-                }
-            },
-        )
+        finalizers = [*(body["metadata"].get("finalizers") or []), FINALIZER]
+        updated = await self._set_finalizers(body, finalizers)
         self.cache.put(updated)
         return updated
 
@@ -414,17 +403,7 @@ class WorkflowReconciler:
         metadata = body["metadata"]
         finalizers = [f for f in metadata.get("finalizers") or [] if f != FINALIZER]
         try:
-            updated = await self.api.merge_patch(
-                KIND,
-                metadata["namespace"],
-                metadata["name"],
-                {
-                    "metadata": {
-                        "finalizers": finalizers,
-                        "resourceVersion": metadata.get("resourceVersion"),
-                    }
-                },
-            )
+            updated = await self._set_finalizers(body, finalizers)
         except errors.ApiError as exc:
             if exc.not_found:
                 return
@@ -433,6 +412,19 @@ class WorkflowReconciler:
             self.cache.remove(KIND, metadata["namespace"], metadata["name"])
         else:
             self.cache.put(updated)
+
+    async def _set_finalizers(
+        self, body: Mapping[str, Any], finalizers: list[str]
+    ) -> dict[str, Any]:
+        """Write the finalizers, only over the version of the Workflow that was read."""
+        metadata = body["metadata"]
+        patch = {
+            "metadata": {
+                "finalizers": finalizers,
+                "resourceVersion": metadata.get("resourceVersion"),
+            }
+        }
+        return await self.api.merge_patch(KIND, metadata["namespace"], metadata["name"], patch)
 
     def _schedule(self, key: Key, decision: engine.Decision, uid: str) -> None:
         if self.queue is None:
