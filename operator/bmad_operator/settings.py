@@ -46,6 +46,14 @@ class OperatorSettings(BaseSettings):
         default="",
         description="Root URL of the webhook server; default https://<host>:<port>.",
     )
+    tracemalloc_dir: str = Field(
+        default="",
+        description="Profiling only: trace allocations and write a tracemalloc snapshot "
+        "here on each SIGUSR1 (bmad_operator.profiling); empty: off.",
+    )
+    tracemalloc_frames: int = Field(
+        default=25, ge=1, le=200, description="Frames kept per traced allocation."
+    )
     # Where Integration checks may connect (bmad_integrations.egress): comma-separated.
     egress_allow: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
