@@ -3,10 +3,11 @@
     .venv/bin/python bench/heap.py SNAPSHOT [--top 25] [--compare OLDER_SNAPSHOT]
 
 Snapshots come from an operator started with `BMAD_OPERATOR_TRACEMALLOC_DIR` (see
-`bmad_operator.profiling`; `bench/reconcile.py --tracemalloc-dir DIR` takes one when
-all Agents are Ready). "By package" charges each allocation to the first frame (from
-the allocation outwards) that is not in the standard library's json/copy/re modules,
-so `json.loads` called by kopf counts as kopf's.
+`bmad_operator.profiling`; `bench/reconcile.py --tracemalloc-dir DIR` restarts the
+operator traced once all Agents are Ready and takes one when it has caught up).
+"By package" charges each allocation to the first frame (from the allocation outwards)
+that is not in the standard library's json/copy/re modules, so `json.loads` called by
+kopf counts as kopf's.
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ from typing import Any
 import httpx
 import psutil
 import pydantic
+import report_file  # bench/, beside this script
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -535,6 +536,9 @@ def table(rows: list[tuple[Result, Result]], *, ours: str = "runtime") -> list[s
     return lines
 
 
+SECTION = "bench/runtime — the agent runtime against a bare FastAPI endpoint"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--serve", choices=["runtime", "store", "bare"], help=argparse.SUPPRESS)
@@ -630,8 +634,7 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write:
-        with args.write.open("a") as fh:
-            fh.write(text)
+        report_file.add_to_section(args.write, SECTION, text)
     return 0
 
 
