@@ -3,9 +3,19 @@
 # (`bmad runtime`, which the operator sets as the agent pods' args).
 #
 #   docker build -t bmad-operator:0.1.0 .
+#
+# BASE_IMAGE is any Debian-like image with Python 3.11 as `python`, a venv module and
+# useradd. Without a registry, `bmad testbed image` builds one from Debian packages
+# (mmdebstrap) and builds this file with buildah against it, offline: it passes
+# PIP_NO_INDEX=1 and PIP_FIND_LINKS=<a wheelhouse mounted into the build>.
+ARG BASE_IMAGE=python:3.11-slim
 
 # --- builder: install the project and its dependencies into a venv ------------------
-FROM python:3.11-slim AS builder
+FROM ${BASE_IMAGE} AS builder
+
+# Unset unless given: pip then uses PyPI as usual.
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -24,12 +34,15 @@ COPY operator/ operator/
 COPY runtime/ runtime/
 COPY testbed/ testbed/
 COPY cli/ cli/
+# DL3013 (pin versions): the only unpinned name is this tree's own wheel, built just
+# above; its dependencies are resolved by pip wheel from pyproject.toml.
+# hadolint ignore=DL3013
 RUN pip wheel --wheel-dir /wheels . \
     && pip install --no-index --find-links /wheels bmad-operator \
     && rm -rf /wheels
 
 # --- final: the venv on a clean base, run as an unprivileged user --------------------
-FROM python:3.11-slim
+FROM ${BASE_IMAGE}
 
 LABEL org.opencontainers.image.title="bmad-operator" \
       org.opencontainers.image.description="BMAD operator and agent runtime" \

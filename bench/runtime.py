@@ -1,4 +1,4 @@
-"""Benchmark: the agent runtime's POST /v1/invoke (echo model, in-memory store, auth off)
+"""Benchmark: the agent runtime's POST /v1/invoke (echo model, in-process store, auth off)
 against a bare FastAPI endpoint under the same uvicorn settings → requests/s, p50, p99.
 
 The difference is what the runtime itself costs per request: middlewares (request id,
@@ -58,12 +58,15 @@ BODY = {"input": "Summarise the product brief in three bullet points"}
 
 
 def runtime_app() -> Any:
-    from bmad_runtime import app, fakes, settings
+    from bmad_runtime import app, settings
+    from bmad_runtime.memory import inprocess
     from bmad_runtime.providers import echo, router
 
     return app.create_app(
-        settings.RuntimeSettings(agent_name="bench-1", agent_namespace="bench", tenant="bench"),
-        store=fakes.InMemoryStore(),
+        settings.RuntimeSettings(
+            agent_name="bench-1", agent_namespace="bench", tenant="bench", memory_store="inProcess"
+        ),
+        store=inprocess.InProcessStore(),
         providers=router.ModelRouter([echo.EchoProvider()]),
         authenticator=None,
         limiter=None,
@@ -84,12 +87,12 @@ STORE_REDIS = "BENCH_RUNTIME_REDIS_URL"
 
 def store_app() -> Any:
     """The production app with the real PostgreSQL and Redis bound (auth off, echo model)."""
-    from bmad_runtime import app, settings
+    from bmad_runtime import settings, wiring
 
     folder = Path(tempfile.mkdtemp(prefix="bench-runtime-"))
     config = folder / "agent.json"
     config.write_text(json.dumps({"role": "pm", "model": {"provider": "echo", "name": "echo-1"}}))
-    return app.create_default_app(
+    return wiring.create_default_app(
         settings.RuntimeSettings(
             agent_name="bench-1",
             agent_namespace="bench",

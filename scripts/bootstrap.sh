@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for BMAD Operator development: Debian packages for the
-# services, a Python venv with the project, and the test bed's binaries (built from
-# the Go module proxy on the first run, cached afterwards).
+# services and the real node, a Python venv with the project, and the test bed's
+# binaries and base images (built from the Go module proxy and Debian's packages on
+# the first run, cached afterwards).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,21 @@ need_debs=()
 [[ -x /usr/bin/prometheus-pushgateway ]] || need_debs+=(prometheus-pushgateway)
 [[ -x /usr/lib/postgresql/15/bin/postgres ]] || need_debs+=(postgresql)
 command -v setpriv >/dev/null || need_debs+=(util-linux)
+# The real node: containerd + runc, CNI plugins, netfilter tools, and what builds
+# the pause and project images without a registry (gcc, mmdebstrap, buildah, and
+# Debian's own Python 3.11 that resolves the image's wheels).
+[[ -x /usr/bin/containerd ]] || need_debs+=(containerd)
+[[ -x /usr/sbin/runc ]] || need_debs+=(runc)
+[[ -x /usr/lib/cni/bridge ]] || need_debs+=(containernetworking-plugins)
+[[ -x /usr/sbin/iptables ]] || need_debs+=(iptables)
+[[ -x /usr/sbin/ipset ]] || need_debs+=(ipset)
+[[ -x /usr/sbin/conntrack ]] || need_debs+=(conntrack)
+[[ -x /usr/sbin/nft ]] || need_debs+=(nftables)
+[[ -x /usr/sbin/ip ]] || need_debs+=(iproute2)
+[[ -x /usr/bin/gcc && -f /usr/lib/x86_64-linux-gnu/libc.a ]] || need_debs+=(gcc libc6-dev)
+[[ -x /usr/bin/mmdebstrap ]] || need_debs+=(mmdebstrap)
+[[ -x /usr/bin/buildah ]] || need_debs+=(buildah)
+/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || need_debs+=(python3 python3-venv)
 if ((${#need_debs[@]})); then
   sudo=""
   [[ $(id -u) -eq 0 ]] || sudo="sudo"
@@ -42,6 +58,6 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
   .venv/bin/python -m pip install -q -e '.[dev]'
   touch "$stamp"
 fi
-echo "[bootstrap] building or finding the test bed's binaries" >&2
+echo "[bootstrap] building or finding the test bed's binaries and base images" >&2
 .venv/bin/bmad testbed build >/dev/null
 echo "[bootstrap] ready" >&2

@@ -115,12 +115,14 @@ def cmd_operator_run() -> None:
 
 @testbed_app.command("build")
 def cmd_build() -> None:
-    """Build (or find in the cache) every binary the test bed starts."""
-    from bmad_testbed import build
+    """Build (or find in the cache) every binary and base image the test bed starts."""
+    from bmad_testbed import build, images
 
     try:
         found = build.ensure_all()
-    except build.BuildError as exc:
+        found["pause-image"] = images.ensure_pause().path
+        found["base-image"] = images.ensure_base().path
+    except (build.BuildError, images.ImageError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     for name, path in sorted(found.items()):
@@ -140,10 +142,18 @@ def cmd_up(
         ),
     ] = "all",
     nodes: Annotated[int, typer.Option(min=1, max=500, help="Number of kwok nodes.")] = 3,
+    real_node: Annotated[
+        bool,
+        typer.Option(
+            "--real-node",
+            help="Also start a real node (kubelet, containerd, kube-proxy, kube-router) in a "
+            "network namespace of its own; the kwok nodes are then tainted. One per machine.",
+        ),
+    ] = False,
     export: Annotated[bool, typer.Option(help="Print `export KEY=value` lines.")] = False,
 ) -> None:
     """Start the test bed in the background; print KEY=value lines for `eval`."""
-    from bmad_testbed import build, procs, testbed
+    from bmad_testbed import build, images, nodenet, procs, testbed
     from bmad_testbed import services as svc
 
     if services == "all":
@@ -153,11 +163,43 @@ def cmd_up(
     else:
         wanted = [s.strip() for s in services.split(",") if s.strip()]
     try:
-        env = testbed.up(with_cluster=cluster, with_services=wanted, nodes=nodes)
-    except (build.BuildError, procs.StartupError, ValueError) as exc:
+        env = testbed.up(
+            with_cluster=cluster, with_services=wanted, nodes=nodes, real_node=real_node
+        )
+    except (
+        build.BuildError,
+        images.ImageError,
+        nodenet.NetworkError,
+        procs.StartupError,
+        ValueError,
+    ) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     sys.stdout.write(testbed.format_env(env, export=export))
+
+
+@testbed_app.command("image")
+def cmd_image(
+    load: Annotated[
+        bool,
+        typer.Option("--load/--no-load", help="Import it into the running test bed's real node."),
+    ] = True,
+) -> None:
+    """Build the project's image from the Dockerfile (offline, cached by content)."""
+    from pathlib import Path
+
+    from bmad_testbed import build, images, procs, testbed
+
+    repo = Path.cwd()
+    if not (repo / "Dockerfile").exists():
+        typer.echo("error: run this in the repository (no Dockerfile here)", err=True)
+        raise typer.Exit(1)
+    try:
+        archive = testbed.load_image(repo=repo) if load else images.ensure_project_image(repo)
+    except (build.BuildError, images.ImageError, procs.StartupError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{archive.ref} {archive.path}")
 
 
 @testbed_app.command("start-operator")

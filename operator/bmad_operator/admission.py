@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from bmad_operator import store, tenancy
-from bmad_operator.builders import tenant as tenant_builders
+from bmad_operator.builders import meta
 
 WEBHOOK_ID = "agent-budget"
 SCALE_WEBHOOK_ID = "agent-budget-scale"
@@ -103,7 +103,7 @@ def webhook_configuration(
             "timeoutSeconds": 5,
             "clientConfig": client(path),
             "namespaceSelector": {
-                "matchExpressions": [{"key": tenant_builders.TENANT_LABEL, "operator": "Exists"}]
+                "matchExpressions": [{"key": meta.TENANT_LABEL, "operator": "Exists"}]
             },
             "rules": [
                 {
@@ -121,7 +121,7 @@ def webhook_configuration(
         "kind": "ValidatingWebhookConfiguration",
         "metadata": {
             "name": CONFIG_NAME,
-            "labels": {"app.kubernetes.io/managed-by": "bmad-operator"},
+            "labels": meta.managed_labels(),
         },
         "webhooks": [
             webhook("agent-budget.bmad.dev", WEBHOOK_ID, "agents", ["CREATE", "UPDATE"]),

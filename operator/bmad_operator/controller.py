@@ -1,8 +1,10 @@
 """Wiring: the store, the work queue, the reconcilers and the periodic resync.
 
-kopf's watch streams feed `on_event`; everything else happens in our own workers,
-so an event storm (a thousand Agents applied at once) becomes a bounded number of
-concurrent reconciles, and several events about one Agent become one reconcile.
+kopf's watch streams feed `on_event`: the store takes the object, then the event is
+routed through the watches each reconciler declares (`watching`) to its work queue.
+Everything else happens in our own workers, so an event storm (a thousand Agents
+applied at once) becomes a bounded number of concurrent reconciles, and several
+events about one Agent become one reconcile.
 """
 
 from __future__ import annotations
@@ -14,15 +16,13 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
-from bmad_operator import kube, settings, store, tenancy, workqueue
-from bmad_operator.builders import agent as agent_builders
+from bmad_operator import kube, settings, store, watching, workqueue
+from bmad_operator.builders import meta
 from bmad_operator.reconcilers import agent as agent_reconciler
 from bmad_operator.reconcilers import integration as integration_reconciler
 from bmad_operator.reconcilers import tenant as tenant_reconciler
 
 log = logging.getLogger(__name__)
-
-OWNED_EVENT_DELAY = 0.3  # seconds
 
 
 class Controller:
@@ -43,6 +43,15 @@ class Controller:
             api=api, cache=self.store, operator_namespace=cfg.system_namespace
         )
         self.tenant_queue = workqueue.WorkQueue("Tenant", self.tenants.reconcile, workers=4)
+        # kind -> (queue, declaration): each reconciler's watches, routed to its queue.
+        self._routes: dict[str, list[tuple[workqueue.WorkQueue, watching.Watch]]] = {}
+        for queue, declared in (
+            (self.agent_queue, self.agents.watches()),
+            (self.integration_queue, self.integrations.watches()),
+            (self.tenant_queue, self.tenants.watches()),
+        ):
+            for watch in declared:
+                self._routes.setdefault(watch.kind, []).append((queue, watch))
         self._resync: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -62,80 +71,18 @@ class Controller:
         await self.api.close()
 
     # -- events -------------------------------------------------------------------
-    def on_event(self, event: Mapping[str, Any]) -> None:
-        obj = event.get("object") or {}
-        kind = obj.get("kind")
-        meta = obj.get("metadata") or {}
-        if not kind or "name" not in meta:
+    def on_event(self, raw: Mapping[str, Any]) -> None:
+        """Keep the store current, then queue what the reconcilers' watches ask for."""
+        event = watching.parse(raw)
+        if event is None:
             return
-        labels = meta.get("labels") or {}
-        if kind == "Secret" and labels.get("app.kubernetes.io/managed-by") != "bmad-operator":
-            # Users' Secrets: remember only that they exist and their version, never data.
-            obj = {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {
-                    "name": meta["name"],
-                    "namespace": meta.get("namespace"),
-                    "uid": meta.get("uid"),
-                    "resourceVersion": meta.get("resourceVersion"),
-                },
-            }
-        if event.get("type") == "DELETED":
-            self.store.remove(kind, meta.get("namespace"), meta["name"])
+        if event.deleted:
+            self.store.remove(event.kind, event.namespace, event.name)
         else:
-            self.store.put(obj)
-        namespace = meta.get("namespace") or ""
-        if kind == "Agent":
-            if event.get("type") == "DELETED":
-                self.agent_queue.forget((namespace, meta["name"]))
-            else:
-                self.agent_queue.add((namespace, meta["name"]))
-            tenant = tenancy.tenant_of_namespace(self.store, namespace)
-            if tenant is not None:  # its usage changed
-                self.tenant_queue.add(("", tenant["metadata"]["name"]))
-        elif kind == "Tenant":
-            self.tenant_queue.add(("", meta["name"]))
-            namespaces = set(tenancy.tenant_namespaces(self.store, meta["name"]))
-            for key in self.store.keys("Agent"):
-                if key[0] in namespaces:
-                    self.agent_queue.add(key)
-        elif kind == "Namespace":
-            tenant = labels.get("bmad.dev/tenant")
-            if tenant:
-                self.tenant_queue.add(("", tenant))
-        elif kind == "Integration":
-            if event.get("type") == "DELETED":
-                self.integration_queue.forget((namespace, meta["name"]))
-            self.integration_queue.add((namespace, meta["name"]))
-            for key in self._agents_binding(namespace, meta["name"]):
-                self.agent_queue.add(key)
-        elif kind == "Secret":
-            integration = labels.get("bmad.dev/integration")
-            if integration:
-                for key in self._agents_binding(namespace, integration):
-                    self.agent_queue.add(key)
-            for key in self.integrations.secret_referenced(namespace, meta["name"]):
-                self.integration_queue.add(key)
-        elif kind in ("ResourceQuota", "LimitRange", "NetworkPolicy", "RoleBinding"):
-            tenant_name = labels.get("bmad.dev/tenant")
-            if tenant_name:  # drift in a tenant's fences: put them back
-                self.tenant_queue.add(("", tenant_name))
-        else:
-            owner = labels.get(agent_builders.AGENT_LABEL)
-            if owner and self.store.get("Agent", namespace, owner) is not None:
-                # A rollout changes a Deployment's status several times a second:
-                # gather those into one pass (and one status write) per agent.
-                self.agent_queue.add_after((namespace, owner), OWNED_EVENT_DELAY)
-
-    def _agents_binding(self, namespace: str, integration: str) -> list[tuple[str, str]]:
-        found = []
-        for (ns, name), body in self.store.items("Agent"):
-            if ns == namespace and integration in (
-                (body.get("spec") or {}).get("integrations") or []
-            ):
-                found.append((ns, name))
-        return found
+            self.store.put(_cached_form(event))
+        for queue, watch in self._routes.get(event.kind, ()):
+            for request in watch.map(event):
+                _enqueue(queue, request)
 
     # -- resync -------------------------------------------------------------------
     async def _resync_loop(self) -> None:
@@ -150,3 +97,30 @@ class Controller:
             for key in self.store.keys("Integration"):
                 # Cheap unless a check is due: the reconciler remembers what it checked.
                 self.integration_queue.add_after(key, random.uniform(0, period * 0.1))  # noqa: S311
+
+
+def _cached_form(event: watching.WatchEvent) -> Mapping[str, Any]:
+    """What the store keeps of an object: all of it, but of users' Secrets only that
+    they exist and their version, never their data."""
+    if event.kind != "Secret" or meta.is_managed(event.labels):
+        return event.body
+    metadata = event.body.get("metadata") or {}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": event.name,
+            "namespace": metadata.get("namespace"),
+            "uid": metadata.get("uid"),
+            "resourceVersion": metadata.get("resourceVersion"),
+        },
+    }
+
+
+def _enqueue(queue: workqueue.WorkQueue, request: watching.Request) -> None:
+    if request.forget:
+        queue.forget(request.key)
+    elif request.delay:
+        queue.add_after(request.key, request.delay)
+    else:
+        queue.add(request.key)

@@ -15,8 +15,9 @@ from typing import Any
 import kopf
 
 from bmad_operator import admission, controller, kube, settings
+from bmad_operator.builders import meta
 
-MANAGED = {"app.kubernetes.io/managed-by": "bmad-operator"}
+MANAGED = meta.managed_labels()
 
 log = logging.getLogger(__name__)
 

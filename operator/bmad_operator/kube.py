@@ -16,7 +16,7 @@ from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client import exceptions as k8s_exceptions
 
-from bmad_operator import metrics, workqueue
+from bmad_operator import errors, metrics
 
 FIELD_MANAGER = "bmad-operator"
 
@@ -51,16 +51,6 @@ RESOURCES: dict[str, ResourceInfo] = {
     "Tenant": ResourceInfo("bmad.dev/v1alpha1", "tenants", False),
     "ServiceMonitor": ResourceInfo("monitoring.coreos.com/v1", "servicemonitors", True),
 }
-
-
-class ApiError(workqueue.Transient):
-    """An API call failed; `status` is the HTTP status (0 when the server was not reached)."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(f"{status} {reason}: {message}")
-        self.status = status
-        self.reason = reason
-        self.message = message
 
 
 def path_for(kind: str, namespace: str | None, name: str | None = None) -> str:
@@ -130,12 +120,12 @@ class Kube:
         except k8s_exceptions.ApiException as exc:
             raise _api_error(exc) from None
         except OSError as exc:
-            raise ApiError(0, "Unreachable", str(exc)) from None
+            raise errors.ApiError(0, "Unreachable", str(exc)) from None
         data: Obj = json.loads(raw) if raw else {}
         status = int(getattr(resp, "status", 200))
         if status >= 400:
             # Without preloading, the client hands back error bodies instead of raising.
-            raise ApiError(
+            raise errors.ApiError(
                 status, str(data.get("reason") or "Error"), str(data.get("message") or raw[:200])
             )
         return data
@@ -143,8 +133,8 @@ class Kube:
     async def get(self, kind: str, namespace: str | None, name: str) -> Obj | None:
         try:
             return await self._call("GET", path_for(kind, namespace, name), kind=kind)
-        except ApiError as exc:
-            if exc.status == 404:
+        except errors.ApiError as exc:
+            if exc.not_found:
                 return None
             raise
 
@@ -167,12 +157,25 @@ class Kube:
             content_type="application/apply-patch+yaml",
         )
 
-    async def patch_status(self, kind: str, namespace: str | None, name: str, status: Obj) -> Obj:
+    async def patch_status(
+        self,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        status: Obj,
+        *,
+        resource_version: str | None = None,
+    ) -> Obj:
+        """Merge-patch the status; with `resource_version`, only if the object is unchanged
+        since then (409 Conflict otherwise): for writers that share a status."""
+        body: Obj = {"status": status}
+        if resource_version is not None:
+            body["metadata"] = {"resourceVersion": resource_version}
         return await self._call(
             "PATCH",
             path_for(kind, namespace, name) + "/status",
             kind=kind,
-            body={"status": status},
+            body=body,
             content_type="application/merge-patch+json",
         )
 
@@ -185,6 +188,16 @@ class Kube:
             content_type="application/merge-patch+json",
         )
 
+    async def patch_scale(self, kind: str, namespace: str | None, name: str, replicas: int) -> Obj:
+        """Set the replica count through the scale subresource, as HPA and kubectl scale do."""
+        return await self._call(
+            "PATCH",
+            path_for(kind, namespace, name) + "/scale",
+            kind=kind,
+            body={"spec": {"replicas": replicas}},
+            content_type="application/merge-patch+json",
+        )
+
     async def delete(self, kind: str, namespace: str | None, name: str) -> bool:
         try:
             await self._call(
@@ -193,8 +206,8 @@ class Kube:
                 kind=kind,
                 body={"propagationPolicy": "Background"},
             )
-        except ApiError as exc:
-            if exc.status == 404:
+        except errors.ApiError as exc:
+            if exc.not_found:
                 return False
             raise
         return True
@@ -229,7 +242,7 @@ class Kube:
         await self._call("POST", path_for("Event", namespace), kind="Event", body=event)
 
 
-def _api_error(exc: k8s_exceptions.ApiException) -> ApiError:
+def _api_error(exc: k8s_exceptions.ApiException) -> errors.ApiError:
     status = int(exc.status or 0)
     reason = str(exc.reason or "")
     message = reason
@@ -239,4 +252,4 @@ def _api_error(exc: k8s_exceptions.ApiException) -> ApiError:
         reason = str(body.get("reason") or reason)
     except (TypeError, ValueError):
         pass
-    return ApiError(status, reason, message)
+    return errors.ApiError(status, reason, message)

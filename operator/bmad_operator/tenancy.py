@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from bmad_operator import store
-from bmad_operator.builders import tenant as tenant_builders
+from bmad_operator.builders import meta
 
 
 class AgentUsage(NamedTuple):
@@ -21,7 +21,7 @@ class AgentUsage(NamedTuple):
 def tenant_name_of_namespace(cache: store.Store, namespace: str) -> str | None:
     ns = cache.get("Namespace", None, namespace)
     labels = (ns or {}).get("metadata", {}).get("labels") or {}
-    name: str | None = labels.get(tenant_builders.TENANT_LABEL)
+    name: str | None = labels.get(meta.TENANT_LABEL)
     return name
 
 
@@ -34,7 +34,7 @@ def tenant_namespaces(cache: store.Store, tenant: str) -> list[str]:
     return sorted(
         name
         for (_, name), ns in cache.items("Namespace")
-        if (ns["metadata"].get("labels") or {}).get(tenant_builders.TENANT_LABEL) == tenant
+        if (ns["metadata"].get("labels") or {}).get(meta.TENANT_LABEL) == tenant
     )
 
 

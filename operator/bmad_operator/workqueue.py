@@ -3,7 +3,9 @@
 kopf calls our handlers once per event; many events for one Agent (its own change,
 each owned object's change, the resync) collapse here into one pending key. A key
 being reconciled is never handed to a second worker; if it is queued again meanwhile
-it runs once more afterwards. Failures come back with exponential backoff.
+it runs once more afterwards. Failures come back with exponential backoff; the
+failure categories (`Transient`, `Requeue`) are the ones in `errors`, shared with the
+API client.
 """
 
 from __future__ import annotations
@@ -14,21 +16,9 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Hashable
 
-from bmad_operator import metrics
+from bmad_operator import errors, metrics
 
 log = logging.getLogger(__name__)
-
-
-class Transient(Exception):  # noqa: N818 - a category, raised as its subclasses
-    """An expected, retryable failure (API conflicts, timeouts): logged without traceback."""
-
-
-class Requeue(Exception):  # noqa: N818 - a signal, not an error
-    """Raised by a reconcile to be called again after `delay` seconds."""
-
-    def __init__(self, delay: float, reason: str = "") -> None:
-        super().__init__(reason)
-        self.delay = delay
 
 
 class WorkQueue:
@@ -107,7 +97,7 @@ class WorkQueue:
             self._active.add(key)
             try:
                 await self._reconcile(key)
-            except Requeue as again:
+            except errors.Requeue as again:
                 self.add_after(key, again.delay)
             except asyncio.CancelledError:
                 raise
@@ -115,7 +105,7 @@ class WorkQueue:
                 n = min(self._failures.get(key, 0) + 1, 64)  # 2**63 s is "the cap" already
                 self._failures[key] = n
                 delay = min(self._max, self._base * 2.0 ** (n - 1)) * random.uniform(0.8, 1.2)  # noqa: S311
-                if isinstance(exc, Transient):
+                if isinstance(exc, errors.Transient):
                     log.warning(
                         "reconcile of %s %s: %s; retrying in %.1fs", self.kind, key, exc, delay
                     )

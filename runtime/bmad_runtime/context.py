@@ -210,18 +210,20 @@ class SavedVersion(NamedTuple):
     created: bool
 
 
-class VersionStore(Protocol):
-    """Where context versions are written (`memory.PostgresRedisStore` is one)."""
+class Snapshot(NamedTuple):
+    """The layers of one (tenant, agent, conversation) as a version store keeps them."""
 
-    async def save_context_version(
-        self,
-        *,
-        tenant: str,
-        agent: str,
-        conversation_id: str | None,
-        layers: dict[str, Any],
-        digest: str,
-    ) -> SavedVersion: ...
+    tenant: str
+    agent: str
+    conversation_id: str | None
+    layers: dict[str, Any]
+    digest: str
+
+
+class VersionStore(Protocol):
+    """Where context versions are written (`memory.context_versions.ContextVersions`)."""
+
+    async def save_context_version(self, snapshot: Snapshot) -> SavedVersion: ...
 
 
 async def save_version(
@@ -238,9 +240,5 @@ async def save_version(
     versions the agent's layers independently of any conversation.
     """
     return await store.save_context_version(
-        tenant=tenant,
-        agent=agent,
-        conversation_id=conversation_id,
-        layers=layers.to_json(),
-        digest=layers.digest(),
+        Snapshot(tenant, agent, conversation_id, layers.to_json(), layers.digest())
     )

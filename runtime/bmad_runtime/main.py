@@ -1,4 +1,4 @@
-"""Serve the agent runtime: uvicorn with `app.create_default_app` as the app factory.
+"""Serve the agent runtime: uvicorn with `wiring.create_default_app` as the app factory.
 
 This is what an agent pod runs (``bmad runtime``). uvicorn calls the factory, which
 reads the settings, agent.json and the bindings; the app's lifespan then connects the
@@ -14,7 +14,7 @@ import uvicorn
 
 from bmad_runtime import settings as settings_mod
 
-APP_FACTORY = "bmad_runtime.app:create_default_app"
+APP_FACTORY = "bmad_runtime.wiring:create_default_app"
 
 
 def run() -> None:

@@ -1,8 +1,9 @@
 """The seams of the runtime: what the HTTP app needs from its stores, auth and limits.
 
-The app (`app.py`) is written against these protocols only; the real implementations
-(`memory.py`, `auth.py`, `ratelimit.py`) and the in-memory fakes used by unit tests
-both satisfy them, so each part can be built and tested on its own.
+The use case (`turns`) and the HTTP layer (`api`) are written against these protocols
+only; the implementations (`memory.store`, `memory.inprocess`, `auth`, `ratelimit`)
+and the stand-ins of the unit tests satisfy them, so each part can be built and tested
+on its own.
 """
 
 from __future__ import annotations
@@ -123,6 +124,10 @@ class Limiter(Protocol):
     async def hit(self, *, tenant: str, agent: str, tokens: int = 0) -> float | None:
         """Count one request (and tokens); None when allowed, else seconds to wait."""
         ...
+
+
+class StoreUnavailableError(Exception):
+    """The conversation store cannot be used: not connected yet, or not bound at all."""
 
 
 class AuthError(Exception):

@@ -1,9 +1,10 @@
 """The runtime's process settings: who this agent is and where its services are.
 
 Everything comes from the environment the operator writes into the pod (see
-`bmad_operator.builders.agent._env`): ``BMAD_AGENT_*``, ``BMAD_HTTP_PORT`` and
-``SERVICE_BINDING_ROOT``. Datastores not given explicitly (``BMAD_REDIS_URL``,
-``BMAD_POSTGRES_DSN``) are taken from the bindings of type ``redis`` and ``postgres``.
+`bmad_operator.builders.agent._env`): ``BMAD_AGENT_*``, ``BMAD_HTTP_PORT``,
+``BMAD_MEMORY_STORE`` and ``SERVICE_BINDING_ROOT``. Datastores not given explicitly
+(``BMAD_REDIS_URL``, ``BMAD_POSTGRES_DSN``) are taken from the bindings of type
+``redis`` and ``postgres``.
 
 Read through `load()`, never at import, so that tests construct `RuntimeSettings`
 directly with the values they need.
@@ -18,6 +19,7 @@ from pathlib import Path
 import pydantic
 import pydantic_settings
 
+from bmad_crds.v1alpha1 import agent as agent_api
 from bmad_runtime import bindings as bindings_mod
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,11 @@ class RuntimeSettings(pydantic_settings.BaseSettings):
 
     redis_url: str | None = None
     postgres_dsn: str | None = None
+    memory_store: agent_api.MemoryStore = pydantic.Field(
+        default=agent_api.DEFAULT_MEMORY_STORE,
+        description="The Agent's spec.memory.store. durable: conversations in PostgreSQL "
+        "and Redis, not ready until both are bound; inProcess: in this process only.",
+    )
 
     auth_enabled: bool | None = pydantic.Field(
         default=None,

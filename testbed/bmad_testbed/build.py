@@ -25,6 +25,11 @@ STRIPE_MOCK_VERSION = "v0.203.0"
 MINIO_VERSION = "v0.0.0-20260212201848-7aac2a2c5b7c"
 
 KUBE_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+# The real node's Kubernetes parts, built the same way (and cached beside the above).
+NODE_KUBE_BINARIES = ("kubelet", "kube-proxy")
+# The NetworkPolicy enforcer of the real node (see docs/testbed.md for why this one).
+KUBE_ROUTER_MODULE = "github.com/cloudnativelabs/kube-router/v2/cmd/kube-router"
+KUBE_ROUTER_VERSION = "v2.1.0"
 
 # Debian packages and the executables we need from each.
 DEBIAN_EXECUTABLES = {
@@ -33,6 +38,28 @@ DEBIAN_EXECUTABLES = {
     "prometheus": "/usr/bin/prometheus",
     "prometheus-pushgateway": "/usr/bin/prometheus-pushgateway",
     "postgresql": "/usr/lib/postgresql/15/bin/postgres",
+}
+
+# The real node's parts that come from Debian packages: executable -> (package, path).
+NODE_DEBIAN_EXECUTABLES = {
+    "containerd": ("containerd", "/usr/bin/containerd"),
+    "ctr": ("containerd", "/usr/bin/ctr"),
+    "containerd-shim-runc-v2": ("containerd", "/usr/bin/containerd-shim-runc-v2"),
+    "runc": ("runc", "/usr/sbin/runc"),
+    "cni-bridge": ("containernetworking-plugins", "/usr/lib/cni/bridge"),
+    "iptables": ("iptables", "/usr/sbin/iptables"),
+    "iptables-save": ("iptables", "/usr/sbin/iptables-save"),
+    "ipset": ("ipset", "/usr/sbin/ipset"),
+    "conntrack": ("conntrack", "/usr/sbin/conntrack"),
+    "nft": ("nftables", "/usr/sbin/nft"),
+    "nsenter": ("util-linux", "/usr/bin/nsenter"),
+    "ip": ("iproute2", "/usr/sbin/ip"),
+    "gcc": ("gcc", "/usr/bin/gcc"),
+}
+# What builds the images (no Docker daemon, no registry): executable -> (package, path).
+IMAGE_DEBIAN_EXECUTABLES = {
+    "mmdebstrap": ("mmdebstrap", "/usr/bin/mmdebstrap"),
+    "buildah": ("buildah", "/usr/bin/buildah"),
 }
 
 
@@ -109,7 +136,8 @@ def _kube_from_assets(name: str) -> Path | None:
     return None
 
 
-def _kubernetes(name: str) -> Path:
+def _kubernetes(name: str, group: tuple[str, ...] = KUBE_BINARIES) -> Path:
+    """One Kubernetes command; a miss builds every missing command of its `group` at once."""
     found = _kube_from_assets(name)
     if found:
         return found
@@ -117,7 +145,7 @@ def _kubernetes(name: str) -> Path:
     target = out / name
     if target.exists():
         return target
-    missing = [b for b in KUBE_BINARIES if not (out / b).exists()]
+    missing = [b for b in group if not (out / b).exists()]
     log(
         f"building Kubernetes {KUBERNETES_VERSION} ({', '.join(missing)}) from the Go module"
         " proxy; the first build on 2 cores takes 15-30 minutes, later runs use the cache"
@@ -125,8 +153,8 @@ def _kubernetes(name: str) -> Path:
     script = resources.files("bmad_testbed") / "scripts" / "build-kubernetes.sh"
     with resources.as_file(script) as path:
         _run_with_heartbeat(
-            ["bash", str(path), KUBERNETES_VERSION, str(out)],
-            what=f"Kubernetes {KUBERNETES_VERSION}",
+            ["bash", str(path), KUBERNETES_VERSION, str(out), *missing],
+            what=f"Kubernetes {KUBERNETES_VERSION} ({', '.join(missing)})",
             env=_go_env(),
         )
     if not target.exists():
@@ -142,6 +170,35 @@ def _debian(package: str) -> Path:
             "(scripts/bootstrap.sh does it: sudo apt-get install -y " + package + ")"
         )
     return path
+
+
+def debian_executable(name: str, table: dict[str, tuple[str, str]]) -> Path:
+    package, path = table[name]
+    found = Path(path)
+    if not found.exists():
+        raise BuildError(
+            f"{found} is missing: install the Debian package {package} "
+            f"(scripts/bootstrap.sh does it: sudo apt-get install -y {package})"
+        )
+    return found
+
+
+def ensure_node() -> dict[str, Path]:
+    """The real node: kubelet and kube-proxy (built), kube-router (built), Debian's parts."""
+    found = {
+        name: debian_executable(name, NODE_DEBIAN_EXECUTABLES) for name in NODE_DEBIAN_EXECUTABLES
+    }
+    found["cni-bin"] = found.pop("cni-bridge").parent
+    for name in NODE_KUBE_BINARIES:
+        found[name] = _kubernetes(name, NODE_KUBE_BINARIES)
+    found["kube-router"] = _go_install(KUBE_ROUTER_MODULE, KUBE_ROUTER_VERSION, "kube-router")
+    return found
+
+
+def ensure_image_tools() -> dict[str, Path]:
+    return {
+        name: debian_executable(name, IMAGE_DEBIAN_EXECUTABLES) for name in IMAGE_DEBIAN_EXECUTABLES
+    }
 
 
 def ensure_control_plane() -> dict[str, Path]:
@@ -172,4 +229,6 @@ def ensure_services() -> dict[str, Path]:
 def ensure_all() -> dict[str, Path]:
     found = ensure_control_plane()
     found.update(ensure_services())
+    found.update(ensure_node())
+    found.update(ensure_image_tools())
     return found

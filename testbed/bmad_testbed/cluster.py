@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from bmad_testbed import pki, procs
+from bmad_testbed import nodenet, pki, procs
 
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 OPERATOR_USER = "bmad-operator"
@@ -72,9 +72,13 @@ def _https_ok(url: str, *, ca: Path, client: pki.CertPair) -> bool:
         return bool(resp.status == 200)
 
 
-def fake_node(name: str) -> dict[str, Any]:
-    """A Node object that kwok takes over (it matches our annotation selector)."""
-    return {
+def fake_node(name: str, *, taint: dict[str, str] | None = None) -> dict[str, Any]:
+    """A Node object that kwok takes over (it matches our annotation selector).
+
+    With a real node in the test bed the kwok nodes carry `taint`, so that only pods
+    that tolerate it are bound to them and everything else runs for real.
+    """
+    node: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": {
@@ -93,6 +97,9 @@ def fake_node(name: str) -> dict[str, Any]:
             "capacity": {"cpu": "256", "memory": "1Ti", "pods": "1000"},
         },
     }
+    if taint:
+        node["spec"] = {"taints": [taint]}
+    return node
 
 
 def start(
@@ -101,9 +108,16 @@ def start(
     binaries: dict[str, Path],
     nodes: int,
     records: list[procs.ProcRecord],
+    real_node: bool = False,
+    kwok_taint: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """Start the control plane; append every process to `records` as soon as it runs.
 
+    With `real_node`, the apiserver is made for pods that really run (see `node`): it
+    advertises the host's end of the node's veth (pods reach it there through the
+    relay), serves the Service range of `nodenet`, keeps the `kubernetes` Service's
+    endpoints, reaches webhooks at their pods' addresses and kubelets at their
+    InternalIP (never a host name, which would be resolved off this machine).
     Returns the KEY=value pairs for the shell (KUBECONFIG and friends).
     """
     logs = run_dir / "logs"
@@ -113,9 +127,31 @@ def start(
         "apiserver",
         cn="kube-apiserver",
         server=True,
-        dns=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"),
-        ips=("127.0.0.1", "10.0.0.1"),
+        dns=(
+            "localhost",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        ),
+        ips=("127.0.0.1", "10.0.0.1", nodenet.HOST_ADDRESS, nodenet.KUBERNETES_SERVICE_ADDRESS),
     )
+    kubelet_client = certs.issue(
+        "apiserver-kubelet-client", cn="kube-apiserver-kubelet-client", org="system:masters"
+    )
+    if real_node:
+        node_flags = [
+            f"--advertise-address={nodenet.HOST_ADDRESS}",
+            f"--service-cluster-ip-range={nodenet.SERVICE_NETWORK}",
+            "--endpoint-reconciler-type=lease",
+            "--enable-aggregator-routing=true",
+        ]
+    else:
+        node_flags = [
+            "--advertise-address=127.0.0.1",
+            "--service-cluster-ip-range=10.0.0.0/16",
+            "--endpoint-reconciler-type=none",
+        ]
     admin = certs.issue("admin", cn="bmad-testbed-admin", org="system:masters")
     # With --use-service-account-credentials=false every controller acts as the
     # controller-manager itself, so it needs the rights of all of them.
@@ -179,7 +215,10 @@ def start(
             f"--etcd-servers=http://127.0.0.1:{etcd_port}",
             f"--secure-port={api_port}",
             "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            *node_flags,
+            f"--kubelet-client-certificate={kubelet_client.cert}",
+            f"--kubelet-client-key={kubelet_client.key}",
+            "--kubelet-preferred-address-types=InternalIP",
             f"--tls-cert-file={serving.cert}",
             f"--tls-private-key-file={serving.key}",
             f"--client-ca-file={certs.ca.cert}",
@@ -187,10 +226,8 @@ def start(
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={sa.cert}",
             f"--service-account-signing-key-file={sa.key}",
-            "--service-cluster-ip-range=10.0.0.0/16",
             "--allow-privileged=true",
             "--profiling=false",
-            "--endpoint-reconciler-type=none",
             "--enable-priority-and-fairness=false",
             "--max-requests-inflight=2000",
             "--max-mutating-requests-inflight=1000",
@@ -281,9 +318,12 @@ def start(
         "BMAD_OPERATOR_KUBECONFIG": str(operator_kc),
         "BMAD_OPERATOR_USER": OPERATOR_USER,
         "BMAD_AUDIT_LOG": str(audit_log),
+        "BMAD_APISERVER_PORT": str(api_port),
     }
     kubectl = str(binaries["kubectl"])
-    node_docs = "\n---\n".join(json.dumps(fake_node(f"kwok-node-{i}")) for i in range(nodes))
+    node_docs = "\n---\n".join(
+        json.dumps(fake_node(f"kwok-node-{i}", taint=kwok_taint)) for i in range(nodes)
+    )
     _kubectl(kubectl, kubeconfig, ["apply", "-f", "-"], stdin=node_docs)
     _wait_nodes_ready(kubectl, kubeconfig, nodes, records=[cm, sched, kwok])
     _wait_default_sa(kubectl, kubeconfig, records=[cm])

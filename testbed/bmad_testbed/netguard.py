@@ -1,8 +1,10 @@
 """Refuse, inside the test process, any connection that would leave this machine.
 
-Tests talk to servers on loopback only. Installing this guard turns an accidental
-call to a public endpoint (a forgotten API base, a library phoning home) into an
-immediate, named error instead of a hang or, worse, a real request.
+Tests talk to servers on loopback only, and to the host's end of the real node's veth
+while that node's network exists (`nodenet.HOST_ADDRESS`, an address of this machine).
+Installing this guard turns an accidental call to a public endpoint (a forgotten API
+base, a library phoning home) into an immediate, named error instead of a hang or,
+worse, a real request.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 from typing import Any
+
+from bmad_testbed import nodenet
 
 
 class OffMachineConnectionError(ConnectionRefusedError):
@@ -36,6 +40,8 @@ def _allowed(family: int, address: Any) -> bool:
         return False
     if ip.version == 6 and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
+    if str(ip) == nodenet.HOST_ADDRESS:
+        return nodenet.exists()
     return ip.is_loopback
 
 
@@ -43,7 +49,8 @@ def _check(sock: socket.socket, address: Any) -> None:
     if not _allowed(sock.family, address):
         raise OffMachineConnectionError(
             f"the test network guard refused a connection to {address!r}: tests may only "
-            "reach servers on loopback (127.0.0.0/8, ::1)"
+            f"reach servers on loopback (127.0.0.0/8, ::1) or {nodenet.HOST_ADDRESS} while the "
+            "real node runs"
         )
 
 

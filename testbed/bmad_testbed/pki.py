@@ -51,6 +51,15 @@ class Pki:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
+        ca_cert, ca_key = self.dir / "ca.crt", self.dir / "ca.key"
+        if ca_cert.exists() and ca_key.exists():
+            # The CA of a running test bed: later parts (the real node) join it.
+            loaded = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
+            assert isinstance(loaded, rsa.RSAPrivateKey)
+            self._ca_key = loaded
+            self._ca_cert = x509.load_pem_x509_certificate(ca_cert.read_bytes())
+            self.ca = CertPair(ca_cert, ca_key)
+            return
         self._ca_key = _key()
         now = dt.datetime.now(dt.UTC)
         self._ca_cert = (

@@ -14,13 +14,14 @@ import json
 import os
 import shlex
 import shutil
+import sys
 import time
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bmad_testbed import build, cluster, operator_proc, procs, services
+from bmad_testbed import build, cluster, images, node, nodenet, operator_proc, procs, services
 
 STATE_FILE = "state.json"
 ENV_FILE = "env"
@@ -77,11 +78,34 @@ def external_kubeconfig(directory: Path) -> str | None:
     return kc
 
 
+# The env keys whose ports the relay opens to the real node's pods (see `relay`).
+RELAYED_PORTS = (
+    "BMAD_APISERVER_PORT",
+    "BMAD_POSTGRES_PORT",
+    "BMAD_REDIS_PORT",
+    "BMAD_S3_ENDPOINT",
+    "BMAD_PROMETHEUS_URL",
+    "BMAD_PUSHGATEWAY_URL",
+    "BMAD_STRIPE_API_BASE",
+    "BMAD_SMTP_PORT",
+)
+
+
+def relayed_ports(env: Mapping[str, str]) -> list[int]:
+    ports = []
+    for key in RELAYED_PORTS:
+        value = env.get(key)
+        if value:
+            ports.append(int(value.rsplit(":", 1)[-1].split("/")[0]))
+    return ports
+
+
 def up(
     *,
     with_cluster: bool = True,
     with_services: Iterable[str] = services.ALL_SERVICES,
     nodes: int = 3,
+    real_node: bool = False,
     directory: Path | None = None,
 ) -> dict[str, str]:
     """Start what is asked for (or reuse what already runs) and return its env."""
@@ -96,7 +120,11 @@ def up(
     current = status(directory)
     if current and all(current["alive"]):
         have = set(current.get("services", []))
-        if set(wanted) <= have and (not with_cluster or current.get("cluster")):
+        if (
+            set(wanted) <= have
+            and (not with_cluster or current.get("cluster"))
+            and (not real_node or current.get("real_node"))
+        ):
             env: dict[str, str] = current["env"]
             return env
     if current:
@@ -112,6 +140,12 @@ def up(
         build.log(f"using the cluster of KUBECONFIG={external}; not starting a control plane")
     if wanted:
         binaries.update(build.ensure_services())
+    if real_node:
+        if external or not with_cluster:
+            raise ValueError("--real-node joins the test bed's own control plane: unset KUBECONFIG")
+        binaries.update(build.ensure_node())
+        images.ensure_pause()
+        _remove_stale_node()
 
     directory.mkdir(parents=True, exist_ok=True)
     # PostgreSQL runs as its own user when we are root: it must traverse this folder.
@@ -123,13 +157,25 @@ def up(
         "env": env,
         "cluster": bool(with_cluster),
         "services": wanted,
+        "real_node": real_node,
         "started": time.time(),
     }
     try:
+        if real_node:
+            build.log(f"making the real node's network namespace {nodenet.NETNS}")
+            _save_state(directory, state)
+            nodenet.create(directory)
         if with_cluster and not external:
             build.log("starting etcd, kube-apiserver, controller-manager, scheduler and kwok")
             env.update(
-                cluster.start(run_dir=directory, binaries=binaries, nodes=nodes, records=records)
+                cluster.start(
+                    run_dir=directory,
+                    binaries=binaries,
+                    nodes=nodes,
+                    records=records,
+                    real_node=real_node,
+                    kwok_taint=node.KWOK_TAINT if real_node else None,
+                )
             )
             kubectl = binaries["kubectl"]
             bin_dir = directory / "bin"
@@ -150,12 +196,83 @@ def up(
             build.log(f"starting {name}")
             env.update(services.STARTERS[name](directory, binaries, records))
             _save_state(directory, state)
+        if real_node:
+            _start_real_node(directory, binaries, env, records)
+            _save_state(directory, state)
     except BaseException:
         _save_state(directory, state)
         down(directory=directory)
         raise
     _save_state(directory, state)
     return env
+
+
+def _start_real_node(
+    directory: Path,
+    binaries: dict[str, Path],
+    env: dict[str, str],
+    records: list[procs.ProcRecord],
+) -> None:
+    ports = relayed_ports(env)
+    build.log(
+        f"relaying ports {', '.join(map(str, ports))} from {nodenet.HOST_ADDRESS} to loopback"
+    )
+    relay = procs.spawn(
+        "relay",
+        [sys.executable, "-m", "bmad_testbed.relay", nodenet.HOST_ADDRESS, *map(str, ports)],
+        log_dir=directory / "logs",
+    )
+    records.append(relay)
+    procs.wait_until(
+        relay,
+        lambda: all(procs.port_open(p, nodenet.HOST_ADDRESS) for p in ports),
+        timeout=30,
+        what="listening",
+    )
+    build.log(
+        f"starting the real node {node.NODE_NAME}: containerd, kubelet, kube-proxy, kube-router"
+    )
+    env.update(
+        node.start(
+            run_dir=directory,
+            binaries=binaries,
+            api_port=int(env["BMAD_APISERVER_PORT"]),
+            kubeconfig=env["KUBECONFIG"],
+            records=records,
+        )
+    )
+
+
+def _remove_stale_node() -> None:
+    """Clean up a real node whose test bed no longer runs (its processes were killed,
+    say with the session that started them): its namespace, mounts and cgroups stay
+    behind and would block every later `up --real-node` on this machine."""
+    if not nodenet.exists():
+        return
+    previous = nodenet.owner()
+    if previous:
+        state = status(Path(previous))
+        if state and any(state["alive"]):
+            return  # a live test bed: nodenet.create refuses, naming it
+    build.log(f"removing a real node left behind by {previous or 'an unknown test bed'}")
+    if previous:
+        node.stop(Path(previous), [])
+        shutil.rmtree(node.Paths(Path(previous)).root, ignore_errors=True)
+    nodenet.delete_links()
+    nodenet.remove_fallback_route()
+
+
+def load_image(*, directory: Path | None = None, repo: Path) -> images.Archive:
+    """Build (or find) the project's image and import it into the running real node."""
+    directory = directory or run_dir()
+    state = _load_state(directory)
+    if not state or not state.get("real_node"):
+        raise procs.StartupError(
+            "no real node runs in this test bed: start it with `bmad testbed up --real-node`"
+        )
+    archive = images.ensure_project_image(repo)
+    node.import_image(directory, archive)
+    return archive
 
 
 def start_operator(
@@ -200,6 +317,14 @@ def down(*, directory: Path | None = None, keep_data: bool = False) -> list[str]
     state = _load_state(directory)
     stopped: list[str] = []
     if state:
+        # Never touch a real node that another test bed owns (one runs per machine).
+        own_node = bool(state.get("real_node")) and nodenet.owned_by(directory)
+        if own_node:
+            # The pods and the node's processes first, while the apiserver still answers.
+            try:
+                stopped += node.stop(directory, state["records"])
+            except Exception as exc:  # stop the rest whatever happened
+                build.log(f"cleaning up the real node failed ({exc!r}); stopping the rest")
         # Reverse order: kwok and controllers before the apiserver, the apiserver before etcd.
         for rec in reversed(state["records"]):
             if procs.is_alive(rec):
@@ -208,6 +333,10 @@ def down(*, directory: Path | None = None, keep_data: bool = False) -> list[str]
         pg_data = state.get("env", {}).get("BMAD_POSTGRES_DATA")
         if pg_data and not keep_data and Path(pg_data).parent.name.startswith("bmad-pg-"):
             shutil.rmtree(Path(pg_data).parent, ignore_errors=True)
+        if own_node:
+            # Only now: the apiserver may have dialled pods until it stopped.
+            nodenet.delete_links()
+            nodenet.remove_fallback_route()
         (directory / STATE_FILE).unlink(missing_ok=True)
         (directory / ENV_FILE).unlink(missing_ok=True)
     if not keep_data and directory.exists():

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bmad_runtime import bus
+from bmad_integrations import taskbus
 from bmad_testbed import procs
 from bmad_testbed.kubectl import eventually
 
@@ -126,12 +126,13 @@ async def test_a_task_on_the_bus_is_answered_by_a_runtime_process(
     runtimes: list[str], redis_url: str
 ) -> None:
     first, _, agent, tenant = runtimes
-    task_bus = bus.TaskBus.from_url(redis_url, tenant=tenant, agent=agent)
+    # The producer any submitter uses (the operator's workflow engine among them).
+    producer = taskbus.TaskProducer.from_url(redis_url, tenant=tenant, agent=agent)
     try:
-        await task_bus.submit("task-1", {"input": "Shard the PRD"})
-        result = await task_bus.wait_result("task-1", timeout_s=30)
+        await producer.submit("task-1", {"input": "Shard the PRD"})
+        result = await producer.wait_result("task-1", timeout_s=30)
     finally:
-        await task_bus.aclose()
+        await producer.aclose()
     assert result is not None
     assert result.status == "succeeded", result
     assert result.output is not None

@@ -35,7 +35,15 @@ ROLES: tuple[Role, ...] = typing.get_args(Role)
 ModelProvider = Literal["openai", "anthropic", "openai-compatible", "echo"]
 MODEL_PROVIDERS: tuple[ModelProvider, ...] = typing.get_args(ModelProvider)
 
-MetricType = Literal["queueDepth", "inflight", "promql"]
+MetricType = Literal["queueDepth", "inflight", "tokensPerMinute", "promql"]
+METRIC_TYPES: tuple[MetricType, ...] = typing.get_args(MetricType)
+ScalingPolicyType = Literal["Pods", "Percent"]
+SelectPolicy = Literal["Max", "Min", "Disabled"]
+AutoscalingEngine = Literal["operator", "keda"]
+# Where conversations are kept: PostgreSQL and Redis (durable), or the pod's memory.
+MemoryStore = Literal["durable", "inProcess"]
+MEMORY_STORES: tuple[MemoryStore, ...] = typing.get_args(MemoryStore)
+DEFAULT_MEMORY_STORE: MemoryStore = "durable"
 ImagePullPolicy = Literal["Always", "IfNotPresent", "Never"]
 
 # Owned objects are named after the Agent, with suffixes; pods add their own hashes.
@@ -44,6 +52,14 @@ NAME_MAX_LENGTH = 52
 MAX_INTEGRATIONS = 32
 MAX_FALLBACKS = 8
 MAX_METRICS = 8
+MAX_SCALING_POLICIES = 8
+
+# Autoscaling defaults that depend on other fields, so the schema cannot hold them.
+DEFAULT_SCALE_UP_WINDOW_SECONDS = 0
+DEFAULT_SCALE_DOWN_WINDOW_SECONDS = 300
+DEFAULT_IDLE_SECONDS = 300
+DEFAULT_ACTIVATION_THRESHOLD = 0
+DEFAULT_QUEUE_DEPTH_TARGET = 5.0
 MAX_ENV = 64
 
 
@@ -145,7 +161,7 @@ class Model(common.SpecModel):
 
 
 class AutoscalingMetric(common.SpecModel):
-    """One signal the autoscaler scales on."""
+    """One signal the autoscaler scales on, with the value it aims for."""
 
     __cel_rules__ = (
         common.Rule(
@@ -157,17 +173,64 @@ class AutoscalingMetric(common.SpecModel):
             check=lambda metric: (metric.query is not None) == (metric.type == "promql"),
             field_path=".query",
         ),
+        common.Rule(
+            rule=(
+                "self.type == 'promql' || "
+                "(has(self.target) && !has(self.targetValue) && !has(self.targetAverageValue))"
+            ),
+            message=(
+                "spec.autoscaling.metrics[].target is required for queueDepth, inflight and "
+                "tokensPerMinute (the value per replica to aim for); targetValue and "
+                "targetAverageValue are only for type promql"
+            ),
+            check=lambda metric: (
+                metric.type == "promql"
+                or (
+                    metric.target is not None
+                    and metric.target_value is None
+                    and metric.target_average_value is None
+                )
+            ),
+            field_path=".target",
+        ),
+        common.Rule(
+            rule=(
+                "self.type != 'promql' || [has(self.target), has(self.targetValue), "
+                "has(self.targetAverageValue)].filter(x, x).size() == 1"
+            ),
+            message=(
+                "spec.autoscaling.metrics[] of type promql needs exactly one target: "
+                "targetValue (the query's value to aim for) or targetAverageValue (its value "
+                "per replica; the older target means the same)"
+            ),
+            check=lambda metric: (
+                metric.type != "promql"
+                or sum(
+                    value is not None
+                    for value in (metric.target, metric.target_value, metric.target_average_value)
+                )
+                == 1
+            ),
+            field_path=".targetValue",
+        ),
     )
 
     type: MetricType = pydantic.Field(
         description=(
-            "queueDepth: pending tasks on the agent's stream per replica; inflight: "
-            "requests being served per replica; promql: the value of query per replica."
+            "queueDepth: tasks on the agent's stream (waiting or being worked on), per "
+            "replica; inflight: invocations and tasks being served, per replica; "
+            "tokensPerMinute: LLM tokens spent per minute, per replica; promql: the value "
+            "of query."
         )
     )
-    target: float = pydantic.Field(
+    target: float | None = pydantic.Field(
+        default=None,
         gt=0,
-        description="Value of the metric per replica the autoscaler aims for.",
+        description=(
+            "Value of the metric per replica the autoscaler aims for: desired replicas = "
+            "ceil(total / target). Required for queueDepth, inflight and tokensPerMinute; "
+            "for promql the same as targetAverageValue."
+        ),
     )
     query: str | None = pydantic.Field(
         default=None,
@@ -175,6 +238,114 @@ class AutoscalingMetric(common.SpecModel):
         max_length=4096,
         description="PromQL query returning one number; only for type promql.",
     )
+    target_value: float | None = pydantic.Field(
+        default=None,
+        gt=0,
+        description=(
+            "promql only: the value of query to aim for, whatever the replica count: "
+            "desired replicas = ceil(current replicas * value / targetValue)."
+        ),
+    )
+    target_average_value: float | None = pydantic.Field(
+        default=None,
+        gt=0,
+        description=(
+            "promql only: the value of query per replica to aim for: desired replicas = "
+            "ceil(value / targetAverageValue)."
+        ),
+    )
+
+
+class ScalingPolicy(common.SpecModel):
+    """How fast the replica count may change within a period."""
+
+    type: ScalingPolicyType = pydantic.Field(
+        description=(
+            "Pods: change by at most value replicas per period; Percent: by at most value "
+            "percent of the replicas at the start of the period."
+        )
+    )
+    value: int = pydantic.Field(
+        ge=1, le=100000, description="Replicas (Pods) or percent (Percent) per period."
+    )
+    period_seconds: int = pydantic.Field(
+        ge=1,
+        le=1800,
+        description="Length of the period in seconds; changes made in it count against value.",
+    )
+
+
+class ScalingRules(common.SpecModel):
+    """Stabilization and rate limits of one scaling direction."""
+
+    stabilization_window_seconds: int | None = pydantic.Field(
+        default=None,
+        ge=0,
+        le=3600,
+        description=(
+            "Seconds of past recommendations to consider: scaling up takes the lowest of "
+            "them, scaling down the highest, so a short spike or dip does not move the "
+            "count. Default 0 for scaleUp, 300 for scaleDown."
+        ),
+    )
+    policies: list[ScalingPolicy] | None = pydantic.Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_SCALING_POLICIES,
+        description=(
+            "Rate limits; selectPolicy says which one applies. Default for scaleUp: 100 "
+            "percent or 4 pods per 15 s (the larger); for scaleDown: 100 percent per 15 s."
+        ),
+    )
+    select_policy: SelectPolicy = pydantic.Field(
+        default="Max",
+        description=(
+            "Max: the policy allowing the largest change applies; Min: the smallest; "
+            "Disabled: never scale in this direction."
+        ),
+    )
+
+
+class ScalingBehavior(common.SpecModel):
+    """Scale-up and scale-down rules, as in a HorizontalPodAutoscaler's behavior."""
+
+    scale_up: ScalingRules | None = pydantic.Field(
+        default=None, description="Rules for adding replicas."
+    )
+    scale_down: ScalingRules | None = pydantic.Field(
+        default=None, description="Rules for removing replicas."
+    )
+
+
+class PredictiveScaling(common.SpecModel):
+    """Scale up ahead of a rising metric, from its recent trend (never down)."""
+
+    enabled: bool = pydantic.Field(
+        default=False,
+        description=(
+            "Forecast each metric leadSeconds ahead from a range query and scale up early "
+            "when the forecast needs more replicas. A forecast never scales down. "
+            "Not implemented yet: the operator does not run forecasts."
+        ),
+    )
+    lookback_seconds: int = pydantic.Field(
+        default=300,
+        ge=30,
+        le=3600,
+        description="Seconds of metric history the forecast is fitted on.",
+    )
+    lead_seconds: int = pydantic.Field(
+        default=60,
+        ge=1,
+        le=1800,
+        description=(
+            "How far ahead to forecast: about the seconds a new replica takes to become ready."
+        ),
+    )
+
+
+def _scales_to_zero(a: Autoscaling) -> bool:
+    return a.min_replicas == 0 or a.scale_to_zero
 
 
 class Autoscaling(common.SpecModel):
@@ -203,17 +374,61 @@ class Autoscaling(common.SpecModel):
             field_path=".maxReplicas",
             reason="FieldValueRequired",
         ),
+        common.Rule(
+            rule=(
+                "(!has(self.idleSeconds) && !has(self.activationThreshold)) "
+                "|| (has(self.minReplicas) && self.minReplicas == 0) "
+                "|| (has(self.scaleToZero) && self.scaleToZero)"
+            ),
+            message=(
+                "spec.autoscaling.idleSeconds and activationThreshold apply only to an agent "
+                "that scales to zero: set minReplicas: 0 or remove them"
+            ),
+            check=lambda a: (
+                (a.idle_seconds is None and a.activation_threshold is None) or _scales_to_zero(a)
+            ),
+            field_path=".idleSeconds",
+            reason="FieldValueForbidden",
+        ),
+        common.Rule(
+            rule=(
+                "!has(self.engine) || self.engine != 'keda' || !has(self.predictive) "
+                "|| !self.predictive.enabled"
+            ),
+            message=(
+                "spec.autoscaling.predictive is not available with engine keda (KEDA does not "
+                "forecast): use engine operator or disable predictive"
+            ),
+            check=lambda a: a.engine != "keda" or a.predictive is None or not a.predictive.enabled,
+            field_path=".predictive",
+            reason="FieldValueForbidden",
+        ),
     )
 
     enabled: bool = pydantic.Field(
         default=False,
         description=(
-            "Whether the operator scales the agent. When false, spec.replicas is left to "
-            "you (or to an HPA/KEDA through the scale subresource)."
+            "Whether the agent is autoscaled. When false, spec.replicas is left to you (or "
+            "to an HPA/KEDA that you attach through the scale subresource). Not implemented "
+            "yet: the operator does not act on spec.autoscaling."
+        ),
+    )
+    engine: AutoscalingEngine = pydantic.Field(
+        default="operator",
+        description=(
+            "operator: the operator evaluates the metrics and writes spec.replicas; keda: "
+            "the operator renders a KEDA ScaledObject with the same intent and KEDA scales "
+            "(needs KEDA installed). Not implemented yet: the operator does not autoscale "
+            "or render ScaledObjects."
         ),
     )
     min_replicas: int = pydantic.Field(
-        default=1, ge=0, description="Fewest replicas while there is work."
+        default=1,
+        ge=0,
+        description=(
+            "Fewest replicas. 0 lets the agent scale to zero after idleSeconds without "
+            "work, and back to at least one when a task waits on its stream."
+        ),
     )
     max_replicas: int | None = pydantic.Field(
         default=None, ge=1, description="Most replicas. Required when enabled."
@@ -226,30 +441,95 @@ class Autoscaling(common.SpecModel):
             "When omitted: queueDepth with target 5."
         ),
     )
+    tolerance: float = pydantic.Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description=(
+            "No change while every metric is within this fraction of its target "
+            "(0.1: between 90% and 110%), so small wobbles do not resize the agent."
+        ),
+    )
+    behavior: ScalingBehavior | None = pydantic.Field(
+        default=None,
+        description=(
+            "Stabilization windows and rate limits per direction, as in an HPA. "
+            "Wins over the older scaleUp/scaleDownStabilizationWindowSeconds."
+        ),
+    )
+    idle_seconds: int | None = pydantic.Field(
+        default=None,
+        ge=0,
+        le=86400,
+        description=(
+            "Only when scaling to zero: seconds without queued or in-flight work before "
+            "the agent goes to zero replicas. Default 300."
+        ),
+    )
+    activation_threshold: int | None = pydantic.Field(
+        default=None,
+        ge=0,
+        le=1000000,
+        description=(
+            "Only when scaling to zero: at zero replicas, the agent wakes when more than "
+            "this many tasks wait on its stream. Default 0: the first task wakes it."
+        ),
+    )
     scale_to_zero: bool = pydantic.Field(
         default=False,
         description=(
-            "Scale to zero replicas when there has been no work for the scale-down "
-            "stabilization window, and back to at least one on the first queued task."
+            "Older spelling of scaling to zero: go to zero replicas after idleSeconds "
+            "without work and keep at least minReplicas (at least one) while there is work."
         ),
     )
-    scale_up_stabilization_window_seconds: int = pydantic.Field(
-        default=0,
-        ge=0,
-        le=3600,
-        description="Seconds of recommendations to consider before scaling up (the lowest wins).",
-    )
-    scale_down_stabilization_window_seconds: int = pydantic.Field(
-        default=300,
+    scale_up_stabilization_window_seconds: int | None = pydantic.Field(
+        default=None,
         ge=0,
         le=3600,
         description=(
-            "Seconds of recommendations to consider before scaling down (the highest wins)."
+            "Older spelling of behavior.scaleUp.stabilizationWindowSeconds, which wins "
+            "when both are set."
+        ),
+    )
+    scale_down_stabilization_window_seconds: int | None = pydantic.Field(
+        default=None,
+        ge=0,
+        le=3600,
+        description=(
+            "Older spelling of behavior.scaleDown.stabilizationWindowSeconds, which wins "
+            "when both are set."
         ),
     )
     polling_interval_seconds: int = pydantic.Field(
-        default=30, ge=1, le=3600, description="Seconds between two evaluations of the metrics."
+        default=5, ge=1, le=3600, description="Seconds between two evaluations of the metrics."
     )
+    predictive: PredictiveScaling | None = pydantic.Field(
+        default=None,
+        description="Scale up ahead of a rising metric (off by default).",
+    )
+
+    def scales_to_zero(self) -> bool:
+        """Whether the agent goes to zero replicas when idle (minReplicas 0 or scaleToZero)."""
+        return _scales_to_zero(self)
+
+    def stabilization_window_seconds(self, direction: Literal["up", "down"]) -> int:
+        """The window in force: behavior's, else the older field's, else the default."""
+        behavior = self.behavior or ScalingBehavior()
+        if direction == "up":
+            rules, older = behavior.scale_up, self.scale_up_stabilization_window_seconds
+            default = DEFAULT_SCALE_UP_WINDOW_SECONDS
+        else:
+            rules, older = behavior.scale_down, self.scale_down_stabilization_window_seconds
+            default = DEFAULT_SCALE_DOWN_WINDOW_SECONDS
+        if rules is not None and rules.stabilization_window_seconds is not None:
+            return rules.stabilization_window_seconds
+        return default if older is None else older
+
+    def effective_metrics(self) -> list[AutoscalingMetric]:
+        """The metrics in force: the listed ones, or queue depth with target 5."""
+        if self.metrics:
+            return list(self.metrics)
+        return [AutoscalingMetric(type="queueDepth", target=DEFAULT_QUEUE_DEPTH_TARGET)]
 
 
 class Limits(common.SpecModel):
@@ -267,7 +547,18 @@ class Limits(common.SpecModel):
 
 
 class Memory(common.SpecModel):
-    """How much conversation the agent remembers."""
+    """How much conversation the agent remembers, and where it keeps it."""
+
+    store: MemoryStore = pydantic.Field(
+        default=DEFAULT_MEMORY_STORE,
+        description=(
+            "Where conversations, usage records and the audit log are kept. durable: "
+            "PostgreSQL and Redis, from Integrations of type postgres and redis in "
+            "spec.integrations; the agent is not ready until both are bound. inProcess: "
+            "in each replica's memory only, lost on restart and not shared between "
+            "replicas (demos and trials without datastores)."
+        ),
+    )
 
     turns: int = pydantic.Field(
         default=20,
@@ -465,18 +756,81 @@ class AgentSpec(common.SpecModel):
         return names
 
 
+class MetricStatus(common.StatusModel):
+    """What the autoscaler last read for one metric and what it proposed from it."""
+
+    type: str = pydantic.Field(description="Type of the metric, as in spec.autoscaling.metrics.")
+    name: str | None = pydantic.Field(
+        default=None, description='The metric in words, for example "queue depth".'
+    )
+    value: float | None = pydantic.Field(
+        default=None,
+        description="Last value read: the total over the agent for per-replica targets.",
+    )
+    average_value: float | None = pydantic.Field(
+        default=None, description="The value per replica (for per-replica targets)."
+    )
+    target: float | None = pydantic.Field(default=None, description="The target aimed for.")
+    target_type: str | None = pydantic.Field(
+        default=None,
+        description="AverageValue (target per replica) or Value (target for the whole query).",
+    )
+    desired_replicas: int | None = pydantic.Field(
+        default=None, ge=0, description="Replicas this metric alone asks for."
+    )
+    forecast: float | None = pydantic.Field(
+        default=None, description="Forecast value of the metric (predictive mode)."
+    )
+    error: str | None = pydantic.Field(
+        default=None,
+        description=("Why the metric has no value: PrometheusUnavailable, QueryFailed or NoData."),
+    )
+
+
 class AutoscalingStatus(common.StatusModel):
-    """What the autoscaler last saw and decided."""
+    """What the autoscaler last saw and decided.
+
+    Its conditions on the Agent: ScalingActive (False with reason PrometheusUnavailable,
+    QueryFailed or NoData when metrics are missing) and ScalingLimited (True when the
+    count was held at minReplicas, maxReplicas, a Tenant budget or a rate limit).
+    """
 
     last_scale_time: datetime.datetime | None = pydantic.Field(
         default=None, description="When the autoscaler last changed spec.replicas."
     )
     current_metric_value: float | None = pydantic.Field(
         default=None,
-        description="Last value per replica of the metric that decided the count.",
+        description=(
+            "Last value per replica of the metric that decided the count (see metrics for all)."
+        ),
     )
     desired_replicas: int | None = pydantic.Field(
         default=None, ge=0, description="Replica count the autoscaler last computed."
+    )
+    metrics: list[MetricStatus] | None = pydantic.Field(
+        default=None,
+        max_length=MAX_METRICS + 2,
+        description=(
+            "Last value of every metric in spec.autoscaling.metrics, plus the queue depth "
+            "and in-flight work that decide scaling to zero."
+        ),
+    )
+    reason: str | None = pydantic.Field(
+        default=None,
+        max_length=1024,
+        pattern=common.CONDITION_REASON_PATTERN,
+        description=(
+            "Why the count is what it is, one CamelCase word (AboveTarget, BelowTarget, "
+            "WithinTolerance, ScaleDownStabilized, TooManyReplicas, ScaledToZero, ...)."
+        ),
+    )
+    message: str | None = pydantic.Field(
+        default=None,
+        max_length=32768,
+        description=(
+            'The last decision in words, for example "queue depth 48 > 4 replicas × '  # noqa: RUF001
+            'target 5: 4 → 10".'
+        ),
     )
 
 
@@ -552,6 +906,29 @@ KIND = common.Kind(
             description="Agent pods wanted (spec.replicas).",
         ),
         *common.ready_columns(reason_priority=1),
+        common.PrinterColumn(
+            name="Autoscaling",
+            type="string",
+            json_path=".status.autoscaling.reason",
+            description=(
+                "Last autoscaling decision (AboveTarget, ScaleDownStabilized, ...); "
+                "empty when not autoscaled."
+            ),
+        ),
+        common.PrinterColumn(
+            name="Min",
+            type="integer",
+            json_path=".spec.autoscaling.minReplicas",
+            description="Fewest replicas the autoscaler keeps.",
+            priority=1,
+        ),
+        common.PrinterColumn(
+            name="Max",
+            type="integer",
+            json_path=".spec.autoscaling.maxReplicas",
+            description="Most replicas the autoscaler may run.",
+            priority=1,
+        ),
         common.AGE_COLUMN,
     ),
 )

@@ -14,12 +14,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bmad_crds.v1alpha1 import agent as agent_api
+from bmad_operator.builders import integration as integration_builders
+from bmad_operator.builders import meta
 
 Obj = dict[str, Any]
 
-API_VERSION = "bmad.dev/v1alpha1"
-MANAGED_BY = "bmad-operator"
-AGENT_LABEL = "bmad.dev/agent"
+KIND = "Agent"
 ROLE_LABEL = "bmad.dev/role"
 CONFIG_HASH = "bmad.dev/config-hash"
 HTTP_PORT = 8080
@@ -33,11 +33,11 @@ DEFAULT_RESOURCES: Obj = {
 
 
 def selector_labels(name: str) -> dict[str, str]:
-    return {AGENT_LABEL: name}
+    return {meta.AGENT_LABEL: name}
 
 
 def selector_string(name: str) -> str:
-    return f"{AGENT_LABEL}={name}"
+    return f"{meta.AGENT_LABEL}={name}"
 
 
 def labels(name: str, role: str) -> dict[str, str]:
@@ -45,38 +45,24 @@ def labels(name: str, role: str) -> dict[str, str]:
         "app.kubernetes.io/name": "bmad-agent",
         "app.kubernetes.io/instance": name,
         "app.kubernetes.io/component": role,
-        "app.kubernetes.io/managed-by": MANAGED_BY,
-        AGENT_LABEL: name,
+        **meta.managed_labels(),
+        meta.AGENT_LABEL: name,
         ROLE_LABEL: role,
     }
 
 
-def owner_reference(body: Mapping[str, Any]) -> Obj:
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "Agent",
-        "name": body["metadata"]["name"],
-        "uid": body["metadata"]["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
 def _meta(body: Mapping[str, Any], name: str, role: str) -> Obj:
-    return {
-        "name": name,
-        "namespace": body["metadata"]["namespace"],
-        "labels": labels(body["metadata"]["name"], role),
-        "ownerReferences": [owner_reference(body)],
-    }
+    return meta.object_meta(
+        name,
+        body["metadata"]["namespace"],
+        labels=labels(body["metadata"]["name"], role),
+        owner_kind=KIND,
+        owner=body,
+    )
 
 
 def config_map_name(agent: str) -> str:
     return f"{agent}-config"
-
-
-def binding_secret_name(integration: str) -> str:
-    return f"{integration}-binding"
 
 
 def binding_volume_name(integration: str) -> str:
@@ -98,7 +84,7 @@ def rendered_config(body: Mapping[str, Any], spec: agent_api.AgentSpec) -> Obj:
     """What the runtime reads at start: everything about the agent but credentials."""
     dumped = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
     return {
-        "apiVersion": API_VERSION,
+        "apiVersion": meta.API_VERSION,
         "kind": "AgentConfig",
         "agent": body["metadata"]["name"],
         "namespace": body["metadata"]["namespace"],
@@ -146,15 +132,20 @@ def service_account(body: Mapping[str, Any], spec: agent_api.AgentSpec) -> Obj |
     }
 
 
+def memory_store(spec: agent_api.AgentSpec) -> agent_api.MemoryStore:
+    return spec.memory.store if spec.memory else agent_api.DEFAULT_MEMORY_STORE
+
+
 def _env(body: Mapping[str, Any], spec: agent_api.AgentSpec) -> list[Obj]:
-    meta = body["metadata"]
+    agent = body["metadata"]
     env: list[Obj] = [
-        {"name": "BMAD_AGENT_NAME", "value": meta["name"]},
-        {"name": "BMAD_AGENT_NAMESPACE", "value": meta["namespace"]},
+        {"name": "BMAD_AGENT_NAME", "value": agent["name"]},
+        {"name": "BMAD_AGENT_NAMESPACE", "value": agent["namespace"]},
         {"name": "BMAD_AGENT_ROLE", "value": spec.role},
         {"name": "BMAD_AGENT_CONFIG", "value": f"{CONFIG_DIR}/agent.json"},
         {"name": "SERVICE_BINDING_ROOT", "value": BINDING_ROOT},
         {"name": "BMAD_HTTP_PORT", "value": str(HTTP_PORT)},
+        {"name": "BMAD_MEMORY_STORE", "value": memory_store(spec)},
     ]
     ours = {e["name"] for e in env}
     for var in spec.runtime.env if spec.runtime and spec.runtime.env else []:
@@ -232,7 +223,10 @@ def deployment(
         volumes.append(
             {
                 "name": vol,
-                "secret": {"secretName": binding_secret_name(integration), "defaultMode": 0o440},
+                "secret": {
+                    "secretName": integration_builders.binding_secret_name(integration),
+                    "defaultMode": 0o440,
+                },
             }
         )
         container["volumeMounts"].append(
@@ -301,8 +295,8 @@ def pod_disruption_budget(body: Mapping[str, Any], spec: agent_api.AgentSpec) ->
 
 
 def endpoint(body: Mapping[str, Any]) -> str:
-    meta = body["metadata"]
-    return f"http://{meta['name']}.{meta['namespace']}.svc:80"
+    agent = body["metadata"]
+    return f"http://{agent['name']}.{agent['namespace']}.svc:80"
 
 
 def desired_replicas(spec: agent_api.AgentSpec, *, suspended: bool = False) -> int:

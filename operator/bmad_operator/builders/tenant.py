@@ -12,12 +12,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from bmad_crds.v1alpha1 import tenant as tenant_api
+from bmad_operator.builders import meta
 
 Obj = dict[str, Any]
 
-TENANT_LABEL = "bmad.dev/tenant"
-MANAGED_BY = "bmad-operator"
 ADMIN_ROLE = "bmad-tenant-admin"
+QUOTA_NAME = "bmad-tenant-quota"
+LIMITS_NAME = "bmad-tenant-limits"
+ADMINS_BINDING_NAME = "bmad-tenant-admins"
 MONITORING_NAMESPACE = "monitoring"
 
 # spec.quota field → ResourceQuota key
@@ -36,7 +38,7 @@ QUOTA_KEYS: Mapping[str, str] = {
 
 
 def labels(tenant: str) -> dict[str, str]:
-    return {TENANT_LABEL: tenant, "app.kubernetes.io/managed-by": MANAGED_BY}
+    return {meta.TENANT_LABEL: tenant, **meta.managed_labels()}
 
 
 def namespace(tenant: str, name: str) -> Obj:
@@ -57,7 +59,7 @@ def namespace(tenant: str, name: str) -> Obj:
 
 
 def _meta(tenant: str, name: str, ns: str) -> Obj:
-    return {"name": name, "namespace": ns, "labels": labels(tenant)}
+    return meta.object_meta(name, ns, labels=labels(tenant))
 
 
 def resource_quota(tenant: str, ns: str, quota: tenant_api.Quota | None) -> Obj | None:
@@ -73,7 +75,7 @@ def resource_quota(tenant: str, ns: str, quota: tenant_api.Quota | None) -> Obj 
     return {
         "apiVersion": "v1",
         "kind": "ResourceQuota",
-        "metadata": _meta(tenant, "bmad-tenant-quota", ns),
+        "metadata": _meta(tenant, QUOTA_NAME, ns),
         "spec": {"hard": hard},
     }
 
@@ -83,7 +85,7 @@ def limit_range(tenant: str, ns: str) -> Obj:
     return {
         "apiVersion": "v1",
         "kind": "LimitRange",
-        "metadata": _meta(tenant, "bmad-tenant-limits", ns),
+        "metadata": _meta(tenant, LIMITS_NAME, ns),
         "spec": {
             "limits": [
                 {
@@ -114,7 +116,9 @@ def network_policies(tenant: str, ns: str, *, operator_namespace: str) -> list[O
 
     return [
         policy("bmad-default-deny-ingress", {"podSelector": {}, "policyTypes": ["Ingress"]}),
-        policy("bmad-allow-same-tenant", from_namespaces({"matchLabels": {TENANT_LABEL: tenant}})),
+        policy(
+            "bmad-allow-same-tenant", from_namespaces({"matchLabels": {meta.TENANT_LABEL: tenant}})
+        ),
         policy(
             "bmad-allow-operator",
             from_namespaces({"matchLabels": {"kubernetes.io/metadata.name": operator_namespace}}),
@@ -132,7 +136,7 @@ def role_binding(tenant: str, ns: str, admins: list[tenant_api.Admin] | None) ->
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
-        "metadata": _meta(tenant, "bmad-tenant-admins", ns),
+        "metadata": _meta(tenant, ADMINS_BINDING_NAME, ns),
         "roleRef": {
             "apiGroup": "rbac.authorization.k8s.io",
             "kind": "ClusterRole",

@@ -19,15 +19,20 @@ from typing import Any
 import pydantic
 
 from bmad_crds.v1alpha1 import agent as agent_api
-from bmad_operator import conditions, diff, kube, policies, store, tenancy, workqueue
+from bmad_operator import conditions, diff, errors, kube, store, tenancy, watching
 from bmad_operator.builders import agent as builders
-from bmad_operator.conditions import TRUE
+from bmad_operator.builders import integration as integration_builders
+from bmad_operator.builders import meta
+from bmad_operator.policies import agent as policy
 from bmad_operator.reconcilers import common
 
 log = logging.getLogger(__name__)
 
 KIND = "Agent"
 OWNED_KINDS = ("ServiceAccount", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget")
+# A rollout changes a Deployment's status several times a second: an owned object's
+# change waits this long, so those events become one pass (and one status write).
+OWNED_EVENT_DELAY = 0.3  # seconds
 
 
 APPLIED_HASH = "bmad.dev/applied-hash"
@@ -36,21 +41,12 @@ APPLIED_HASH = "bmad.dev/applied-hash"
 def applied_hash(obj: Mapping[str, Any]) -> str:
     """A digest of what we apply: tells our own changes apart from someone else's."""
     clean = {k: v for k, v in obj.items() if k != "metadata"}
-    meta = {k: v for k, v in obj["metadata"].items() if k != "annotations"}
+    labels_and_names = {k: v for k, v in obj["metadata"].items() if k != "annotations"}
     notes = {
         k: v for k, v in (obj["metadata"].get("annotations") or {}).items() if k != APPLIED_HASH
     }
-    text = json.dumps([clean, meta, notes], sort_keys=True)
+    text = json.dumps([clean, labels_and_names, notes], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _had_workload(previous: list[Any]) -> bool:
-    """Whether an earlier pass saw the Deployment (so a missing object means deletion)."""
-    available = conditions.find(previous, "Available")
-    return available is not None and available.get("reason") not in (
-        policies.DEPLOYMENT_MISSING,
-        policies.INVALID_SPEC,
-    )
 
 
 class AgentReconciler:
@@ -58,6 +54,47 @@ class AgentReconciler:
         self.api = api
         self.cache = cache
         self.runtime_image = runtime_image
+
+    def watches(self) -> list[watching.Watch]:
+        """The events that bring an Agent back (kubebuilder's SetupWithManager)."""
+        return [
+            watching.primary(KIND, on_delete=watching.FORGET),
+            *(
+                watching.owned(
+                    kind,
+                    owner_kind=KIND,
+                    label=meta.AGENT_LABEL,
+                    cache=self.cache,
+                    delay=OWNED_EVENT_DELAY,
+                )
+                for kind in OWNED_KINDS
+            ),
+            # suspended or resumed, its namespaces changed
+            watching.mapped("Tenant", self._agents_of_tenant),
+            # an Integration it binds was created, checked, deleted
+            watching.mapped("Integration", self._agents_binding_integration),
+            # a binding Secret changed: the pods roll
+            watching.mapped("Secret", self._agents_binding_secret),
+        ]
+
+    def _agents_of_tenant(self, event: watching.WatchEvent) -> list[watching.Request]:
+        namespaces = set(tenancy.tenant_namespaces(self.cache, event.name))
+        return [watching.Request(key) for key in self.cache.keys(KIND) if key[0] in namespaces]
+
+    def _agents_binding_integration(self, event: watching.WatchEvent) -> list[watching.Request]:
+        return self._agents_binding(event.namespace, event.name)
+
+    def _agents_binding_secret(self, event: watching.WatchEvent) -> list[watching.Request]:
+        integration = event.labels.get(meta.INTEGRATION_LABEL)
+        return self._agents_binding(event.namespace, integration) if integration else []
+
+    def _agents_binding(self, namespace: str, integration: str) -> list[watching.Request]:
+        return [
+            watching.Request(key)
+            for key, body in self.cache.items(KIND)
+            if key[0] == namespace
+            and integration in ((body.get("spec") or {}).get("integrations") or [])
+        ]
 
     async def reconcile(self, key: Hashable) -> None:
         namespace, name = typing.cast(tuple[str, str], key)
@@ -74,21 +111,15 @@ class AgentReconciler:
             spec = agent_api.AgentSpec.model_validate(body.get("spec") or {})
         except pydantic.ValidationError as exc:
             message = common.describe_validation_error(exc)
-            decided = policies.invalid_spec(message)
-            await self._write_status(
-                body,
-                {
-                    "observedGeneration": generation,
-                    "conditions": conditions.merge(previous, decided, generation=generation),
-                },
-            )
+            decided = policy.invalid_spec(message)
+            await common.write_conditions(self.api, self.cache, KIND, body, decided)
             await self._event_on_flip(body, previous, decided[0])
             return
 
         tenant = tenancy.tenant_of_namespace(self.cache, namespace)
         suspended = bool(tenant and (tenant.get("spec") or {}).get("suspended"))
         integration_states = self._integration_states(namespace, spec)
-        integrations_cond = policies.integrations_condition(integration_states, namespace)
+        integrations_cond = policy.integrations_condition(integration_states, namespace)
         bindings = [s.name for s in integration_states if s.found]
         desired = builders.build_all(
             body,
@@ -102,22 +133,24 @@ class AgentReconciler:
         updated: list[str] = []  # our inputs changed (spec, bindings, image)
         drifted: list[str] = []  # someone changed or deleted what we had applied
         deployment: Mapping[str, Any] | None = None
-        had_workload = _had_workload(previous)
+        had_workload = policy.had_workload(previous)
         for obj in desired:
-            kind, meta = obj["kind"], obj["metadata"]
+            kind, obj_meta = obj["kind"], obj["metadata"]
             digest = applied_hash(obj)
-            meta.setdefault("annotations", {})[APPLIED_HASH] = digest
-            live = await common.observe(self.api, self.cache, kind, meta["namespace"], meta["name"])
+            obj_meta.setdefault("annotations", {})[APPLIED_HASH] = digest
+            live = await common.observe(
+                self.api, self.cache, kind, obj_meta["namespace"], obj_meta["name"]
+            )
             if diff.needs_apply(live, obj):
                 try:
                     applied = await self.api.apply(obj)
-                except kube.ApiError as exc:
-                    if exc.status in (0, 409, 429) or exc.status >= 500:
+                except errors.ApiError as exc:
+                    if exc.retryable:
                         raise  # transient: retried with backoff
-                    await self._apply_failed(body, previous, generation, kind, exc)
-                    raise workqueue.Requeue(30.0, f"apply of {kind} refused") from None
+                    await self._apply_failed(body, previous, kind, exc)
+                    raise errors.Requeue(30.0, f"apply of {kind} refused") from None
                 self.cache.put(applied)
-                label = f"{kind}/{meta['name']}"
+                label = f"{kind}/{obj_meta['name']}"
                 if live is None:
                     (drifted if had_workload else created).append(label)
                 elif (live["metadata"].get("annotations") or {}).get(APPLIED_HASH) == digest:
@@ -129,11 +162,11 @@ class AgentReconciler:
                 deployment = live
 
         desired_replicas = builders.desired_replicas(spec, suspended=suspended)
-        rollout = policies.rollout(deployment)
-        available, progressing = policies.workload_conditions(
+        rollout = policy.rollout(deployment)
+        available, progressing = policy.workload_conditions(
             desired=desired_replicas, paused=spec.paused, observed=rollout
         )
-        ready = policies.ready_condition(
+        ready = policy.ready_condition(
             paused=spec.paused,
             integrations=integrations_cond,
             available=available,
@@ -153,55 +186,34 @@ class AgentReconciler:
         }
         await self._write_status(body, status)
 
-        if created:
-            await self._event(body, "Normal", "Created", f"Created {', '.join(created)}.")
-        if updated:
-            await self._event(body, "Normal", "Updated", f"Applied {', '.join(updated)}.")
-        if drifted:
-            await self._event(
-                body,
-                "Warning",
-                "DriftCorrected",
-                f"Restored {', '.join(drifted)}, changed or deleted outside the operator.",
-            )
+        for event in policy.apply_events(created=created, updated=updated, drifted=drifted):
+            await common.post_event(self.api, body, event)
         await self._event_on_flip(body, previous, ready)
 
     async def _apply_failed(
         self,
         body: Mapping[str, Any],
         previous: list[Any],
-        generation: int | None,
         kind: str,
-        exc: kube.ApiError,
+        exc: errors.ApiError,
     ) -> None:
         """The API server refused an owned object: say so on the Agent, retry later."""
-        ready = conditions.Cond(
-            "Ready",
-            conditions.FALSE,
-            policies.APPLY_FAILED,
-            f"The API server refused the agent's {kind}: {exc.message}",
-        )
-        await self._write_status(
-            body,
-            {
-                "observedGeneration": generation,
-                "conditions": conditions.merge(previous, [ready], generation=generation),
-            },
-        )
+        ready = policy.apply_failed(kind, exc.message)
+        await common.write_conditions(self.api, self.cache, KIND, body, [ready])
         await self._event_on_flip(body, previous, ready)
 
     def _integration_states(
         self, namespace: str, spec: agent_api.AgentSpec
-    ) -> list[policies.IntegrationState]:
+    ) -> list[policy.IntegrationState]:
         states = []
         for ref in spec.integrations or []:
             obj = self.cache.get("Integration", namespace, ref)
             if obj is None:
-                states.append(policies.IntegrationState(ref, found=False, ready=None))
+                states.append(policy.IntegrationState(ref, found=False, ready=None))
                 continue
             cond = conditions.find((obj.get("status") or {}).get("conditions"), "Ready")
             states.append(
-                policies.IntegrationState(
+                policy.IntegrationState(
                     ref,
                     found=True,
                     ready=str(cond.get("status")) if cond else None,
@@ -213,7 +225,9 @@ class AgentReconciler:
     def _secret_versions(self, namespace: str, bindings: list[str]) -> dict[str, str]:
         versions: dict[str, str] = {}
         for integration in bindings:
-            secret = self.cache.get("Secret", namespace, builders.binding_secret_name(integration))
+            secret = self.cache.get(
+                "Secret", namespace, integration_builders.binding_secret_name(integration)
+            )
             if secret is not None:
                 versions[integration] = str(secret["metadata"].get("resourceVersion", ""))
         return versions
@@ -224,22 +238,6 @@ class AgentReconciler:
     async def _event_on_flip(
         self, body: Mapping[str, Any], previous: list[Any], ready: conditions.Cond
     ) -> None:
-        before = conditions.find(previous, "Ready")
-        if (
-            before is not None
-            and before.get("status") == ready.status
-            and before.get("reason") == ready.reason
-        ):
-            return
-        if ready.status == TRUE:
-            await self._event(body, "Normal", "Ready", ready.message)
-        elif ready.reason == policies.INVALID_SPEC:
-            await self._event(body, "Warning", "InvalidSpec", ready.message)
-        elif ready.reason in (policies.ROLLING_OUT, policies.DEPLOYMENT_MISSING):
-            if before is not None and before.get("status") == TRUE:
-                await self._event(body, "Normal", "RollingOut", ready.message)
-        else:
-            await self._event(body, "Warning", "NotReady", f"{ready.reason}: {ready.message}")
-
-    async def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-        await common.post_event(self.api, body, type_, reason, message)
+        event = policy.ready_event(conditions.find(previous, "Ready"), ready)
+        if event is not None:
+            await common.post_event(self.api, body, event)

@@ -4,12 +4,12 @@ it changed, and posting an event without letting a refused event fail the pass."
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
 import pydantic
 
-from bmad_operator import diff, kube, metrics, store
+from bmad_operator import conditions, diff, errors, events, kube, metrics, store
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ async def measured(kind: str, what: str, work: Awaitable[None]) -> None:
     with metrics.RECONCILE_SECONDS.labels(kind=kind).time():
         try:
             await work
-        except kube.ApiError as exc:
+        except errors.ApiError as exc:
             metrics.RECONCILES.labels(kind=kind, result="error").inc()
             metrics.RECONCILE_ERRORS.labels(kind=kind, reason=exc.reason or "ApiError").inc()
             log.warning("%s %s: API error, will retry: %s", kind, what, exc)
@@ -44,15 +44,37 @@ async def write_status(
         cache.put(updated)
 
 
-async def post_event(
-    api: kube.Kube, body: Mapping[str, Any], type_: str, reason: str, message: str
+async def write_conditions(
+    api: kube.Kube,
+    cache: store.Store,
+    kind: str,
+    body: Mapping[str, Any],
+    decided: Sequence[conditions.Cond],
 ) -> None:
+    """A pass that ends early (an invalid spec, a refused apply): only the decided
+    conditions, merged into the previous ones, for the generation it saw."""
+    generation = body["metadata"].get("generation")
+    previous = (body.get("status") or {}).get("conditions") or []
+    await write_status(
+        api,
+        cache,
+        kind,
+        body,
+        {
+            "observedGeneration": generation,
+            "conditions": conditions.merge(previous, decided, generation=generation),
+        },
+    )
+
+
+async def post_event(api: kube.Kube, body: Mapping[str, Any], event: events.Event) -> None:
+    """Post a decided event on `body`; a refused event is logged, never fails the pass."""
     try:
-        await api.event(dict(body), type_=type_, reason=reason, message=message)
-    except kube.ApiError as exc:
+        await api.event(dict(body), type_=event.type, reason=event.reason, message=event.message)
+    except errors.ApiError as exc:
         log.warning(
             "could not post event %s on %s %s: %s",
-            reason,
+            event.reason,
             body.get("kind"),
             body["metadata"]["name"],
             exc,

@@ -20,74 +20,21 @@ import random
 import time
 import typing
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import pydantic
 
 from bmad_crds.v1alpha1 import integration as integration_api
-from bmad_integrations import base as ibase
 from bmad_integrations import checks, egress
-from bmad_operator import conditions, kube, settings, store, workqueue
-from bmad_operator.conditions import FALSE, TRUE, Cond
+from bmad_operator import conditions, kube, settings, store, watching, workqueue
+from bmad_operator.builders import integration as builders
+from bmad_operator.conditions import Cond
+from bmad_operator.policies import integration as policy
 from bmad_operator.reconcilers import common
 
 log = logging.getLogger(__name__)
 
 KIND = "Integration"
-BINDING_LABEL = "bmad.dev/integration"
-MIN_RETRY_SECONDS = 5.0
-
-
-@dataclass
-class CheckMemory:
-    generation: int | None
-    secret_version: str | None
-    due: float
-    failures: int
-
-
-def binding_secret_name(name: str) -> str:
-    return f"{name}-binding"
-
-
-def binding_secret(
-    body: Mapping[str, Any], spec_type: str, data: Mapping[str, str]
-) -> dict[str, Any]:
-    meta = body["metadata"]
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {
-            "name": binding_secret_name(meta["name"]),
-            "namespace": meta["namespace"],
-            "labels": {
-                "app.kubernetes.io/managed-by": "bmad-operator",
-                "app.kubernetes.io/component": "binding",
-                BINDING_LABEL: meta["name"],
-            },
-            "ownerReferences": [
-                {
-                    "apiVersion": "bmad.dev/v1alpha1",
-                    "kind": KIND,
-                    "name": meta["name"],
-                    "uid": meta["uid"],
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
-        },
-        "type": f"servicebinding.io/{spec_type}",
-        "data": {k: base64.b64encode(v.encode()).decode() for k, v in sorted(data.items())},
-    }
-
-
-def next_delay(interval: float, failures: int) -> float:
-    """When to check again: the interval while healthy, a growing backoff while failing."""
-    if failures <= 0:
-        return interval * random.uniform(0.9, 1.1)  # noqa: S311 - jitter, not crypto
-    backoff = min(interval, MIN_RETRY_SECONDS * 2.0 ** (failures - 1))
-    return backoff * random.uniform(0.9, 1.1)  # noqa: S311
 
 
 class IntegrationReconciler:
@@ -107,19 +54,28 @@ class IntegrationReconciler:
             egress_policy if egress_policy is not None else settings.load().egress_policy()
         )
         self.queue: workqueue.WorkQueue | None = None
-        self._memory: dict[tuple[str, str], CheckMemory] = {}
+        self._memory: dict[tuple[str, str], policy.CheckMemory] = {}
 
     async def reconcile(self, key: Hashable) -> None:
         namespace, name = typing.cast(tuple[str, str], key)
         await common.measured(KIND, f"{namespace}/{name}", self._reconcile(namespace, name))
 
-    def secret_referenced(self, namespace: str, secret: str) -> list[tuple[str, str]]:
-        found = []
-        for (ns, name), body in self.cache.items(KIND):
-            ref = ((body.get("spec") or {}).get("secretRef") or {}).get("name")
-            if ns == namespace and ref == secret:
-                found.append((ns, name))
-        return found
+    def watches(self) -> list[watching.Watch]:
+        """The events that bring an Integration back (kubebuilder's SetupWithManager)."""
+        return [
+            # deleted: its check memory goes in one last pass
+            watching.primary(KIND, on_delete=watching.FORGET_AND_QUEUE),
+            # its credentials Secret changed: check again at once, no polling
+            watching.mapped("Secret", self._referencing),
+        ]
+
+    def _referencing(self, event: watching.WatchEvent) -> list[watching.Request]:
+        return [
+            watching.Request(key)
+            for key, body in self.cache.items(KIND)
+            if key[0] == event.namespace
+            and ((body.get("spec") or {}).get("secretRef") or {}).get("name") == event.name
+        ]
 
     async def _reconcile(self, namespace: str, name: str) -> None:
         key = (namespace, name)
@@ -134,14 +90,8 @@ class IntegrationReconciler:
             spec = integration_api.IntegrationSpec.model_validate(body.get("spec") or {})
         except pydantic.ValidationError as exc:
             msg = common.describe_validation_error(exc)
-            ready = Cond("Ready", FALSE, ibase.Reason.INVALID_CONFIGURATION, msg)
-            await self._write_status(
-                body,
-                {
-                    "observedGeneration": generation,
-                    "conditions": conditions.merge(previous, [ready], generation=generation),
-                },
-            )
+            ready = policy.invalid_spec(msg)
+            await common.write_conditions(self.api, self.cache, KIND, body, [ready])
             await self._event_on_flip(body, previous, ready)
             return
 
@@ -152,11 +102,8 @@ class IntegrationReconciler:
         )
         memory = self._memory.get(key)
         now = time.monotonic()
-        if (
-            memory is not None
-            and memory.generation == generation
-            and memory.secret_version == secret_version
-            and now < memory.due
+        if memory is not None and not policy.check_due(
+            memory, generation=generation, secret_version=secret_version, now=now
         ):
             self._schedule(key, memory.due - now)
             return  # nothing changed and not due: this was our own status write
@@ -181,16 +128,15 @@ class IntegrationReconciler:
         binding_name = status.get("bindingSecretName")
         if result.ok:
             data = checks.binding_data(spec, secret_data)
-            wanted = binding_secret(body, spec.type, data)
+            wanted = builders.binding_secret(body, spec.type, data)
             await common.ensure(self.api, self.cache, wanted)
             binding_name = wanted["metadata"]["name"]
-            ready = Cond("Ready", TRUE, ibase.Reason.CHECKED, result.message or _ok_message(spec))
-        else:
-            ready = Cond("Ready", FALSE, str(result.reason), result.message)
+        ready = policy.ready_condition(result, spec)
 
-        failures = 0 if result.ok else (memory.failures + 1 if memory else 1)
-        delay = next_delay(float(spec.check_interval_seconds), failures)
-        self._memory[key] = CheckMemory(generation, secret_version, now + delay, failures)
+        failures = policy.failures_after(memory, ok=result.ok)
+        jitter = random.uniform(0.9, 1.1)  # noqa: S311 - spreads checks, not crypto
+        delay = policy.next_delay(float(spec.check_interval_seconds), failures, jitter=jitter)
+        self._memory[key] = policy.CheckMemory(generation, secret_version, now + delay, failures)
         new_status: dict[str, Any] = {
             "observedGeneration": generation,
             "lastCheckTime": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -207,7 +153,7 @@ class IntegrationReconciler:
 
     def _schedule(self, key: tuple[str, str], delay: float) -> None:
         if self.queue is not None:
-            self.queue.add_after(key, max(delay, 0.5))
+            self.queue.add_after(key, policy.requeue_delay(delay))
 
     async def _write_status(self, body: Mapping[str, Any], status: dict[str, Any]) -> None:
         await common.write_status(self.api, self.cache, KIND, body, status)
@@ -215,17 +161,6 @@ class IntegrationReconciler:
     async def _event_on_flip(
         self, body: Mapping[str, Any], previous: list[Any], ready: Cond
     ) -> None:
-        before = conditions.find(previous, "Ready")
-        if before is not None and before.get("status") == ready.status:
-            return  # an event only when Ready flips
-        if before is None and ready.status == TRUE:
-            reason, type_ = "Checked", "Normal"
-        elif ready.status == TRUE:
-            reason, type_ = "Recovered", "Normal"
-        else:
-            reason, type_ = str(ready.reason), "Warning"
-        await common.post_event(self.api, body, type_, reason, ready.message)
-
-
-def _ok_message(spec: integration_api.IntegrationSpec) -> str:
-    return f"The {spec.type} service answered an authenticated request."
+        event = policy.ready_event(conditions.find(previous, "Ready"), ready)
+        if event is not None:
+            await common.post_event(self.api, body, event)

@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Build kube-apiserver, kube-controller-manager, kube-scheduler and kubectl from the
-# Go module proxy. k8s.io/kubernetes replaces its staging modules with local paths,
-# so `go install` refuses it; a throwaway wrapper module pins every staging module
-# to the matching v0.X.Y release instead.
+# Build Kubernetes commands from the Go module proxy: by default the control plane
+# (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl); name others
+# (kubelet, kube-proxy) to build those instead. k8s.io/kubernetes replaces its staging
+# modules with local paths, so `go install` refuses it; a throwaway wrapper module pins
+# every staging module to the matching v0.X.Y release instead.
 #
-# usage: build-kubernetes.sh VERSION OUTDIR     (VERSION like 1.33.13)
+# usage: build-kubernetes.sh VERSION OUTDIR [COMMAND...]     (VERSION like 1.33.13)
 set -euo pipefail
 version="${1:?kubernetes version, e.g. 1.33.13}"
 out="${2:?output directory}"
+shift 2
+commands=("$@")
+if ((${#commands[@]} == 0)); then
+  commands=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+fi
 minor="${version#*.}"; minor="${minor%%.*}"
 staging="v0.${version#*.}"
 work="$(mktemp -d)"
@@ -32,18 +38,11 @@ if (( minor >= 36 )); then modules+=(cri-streaming streaming); fi
   echo
   for m in "${modules[@]}"; do echo "replace k8s.io/${m} => k8s.io/${m} ${staging}"; done
 } > "$work/go.mod"
-cat > "$work/tools.go" <<'GO'
-//go:build tools
-
-package tools
-
-import (
-	_ "k8s.io/kubernetes/cmd/kube-apiserver"
-	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
-	_ "k8s.io/kubernetes/cmd/kube-scheduler"
-	_ "k8s.io/kubernetes/cmd/kubectl"
-)
-GO
+{
+  printf '//go:build tools\n\npackage tools\n\nimport (\n'
+  for cmd in "${commands[@]}"; do printf '\t_ "k8s.io/kubernetes/cmd/%s"\n' "$cmd"; done
+  printf ')\n'
+} > "$work/tools.go"
 
 export GOFLAGS="-mod=mod -buildvcs=false"
 export GONOSUMDB="${GONOSUMDB:-k8s.io,sigs.k8s.io}"
@@ -58,7 +57,7 @@ for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   ld+=" -X ${p}.gitVersion=v${version} -X ${p}.gitMajor=${major} -X ${p}.gitMinor=${minor}"
   ld+=" -X ${p}.gitTreeState=clean -X ${p}.buildDate=1970-01-01T00:00:00Z"
 done
-for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+for cmd in "${commands[@]}"; do
   echo "[build-kubernetes] go build ${cmd} (first build on 2 cores takes a while)" >&2
   go build -trimpath -ldflags "$ld" -o "$out/${cmd}.tmp" "k8s.io/kubernetes/cmd/${cmd}"
   mv "$out/${cmd}.tmp" "$out/${cmd}"

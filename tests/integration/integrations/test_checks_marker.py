@@ -97,7 +97,7 @@ async def test_the_marker_appears_in_no_message(
     reasons: dict[str, base.Reason] = {}
     for name, case_spec, secret, found in cases:
         result = await checks.check_integration(
-            case_spec, secret, secret_found=found, timeout=3, policy=TESTBED
+            case_spec, secret, secret_found=found, timeout=15, policy=TESTBED
         )
         assert not result.ok, name
         assert marker not in result.message, (name, result.message)

@@ -9,6 +9,8 @@ def agent(name: str, *, role: str = "dev", replicas: int = 1, **spec: Any) -> di
     body: dict[str, Any] = {
         "role": role,
         "model": {"provider": "echo", "name": "echo-1"},
+        # No datastores are bound in these tests: a durable agent would never be ready.
+        "memory": {"store": "inProcess"},
         "replicas": replicas,
     }
     body.update(spec)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import pytest
@@ -217,13 +216,33 @@ def test_missing_integration_is_a_condition_and_recovers(
     assert "Traceback" not in log
 
 
-def test_no_traceback_in_the_operator_log(operator: OperatorProcess) -> None:
-    time.sleep(0.1)
+def test_no_traceback_in_the_operator_log(
+    kubectl: Kubectl, namespace: str, operator: OperatorProcess
+) -> None:
+    # Its own work, so that this holds run alone too: an Agent that becomes Ready and
+    # one whose Integration is missing (a user error: a condition, never a traceback).
+    k = kubectl.in_namespace(namespace)
+    k.apply(agent("fine", role="po"))
+    k.apply(agent("unbound", role="sm", integrations=["nowhere"]))
+    k.run("wait", "--for=condition=Ready", "agent/fine", "--timeout=90s", timeout=100)
+
+    def reported() -> bool:
+        ready = condition(k.json("get", "agent", "unbound"), "Ready")
+        return bool(ready and ready["reason"] == "IntegrationNotFound")
+
+    eventually(reported, timeout=30, what="IntegrationNotFound on the unbound agent")
     assert "Traceback" not in operator.log_text()
 
 
-def test_operator_exposes_its_metrics_and_liveness(operator: OperatorProcess) -> None:
+def test_operator_exposes_its_metrics_and_liveness(
+    kubectl: Kubectl, namespace: str, operator: OperatorProcess
+) -> None:
     assert operator.healthy()
+    # Labelled metrics appear with their first sample: reconcile something first, so
+    # this holds when run alone, not only after the other tests.
+    k = kubectl.in_namespace(namespace)
+    k.apply(agent("counted", role="qa"))
+    k.run("wait", "--for=condition=Ready", "agent/counted", "--timeout=90s", timeout=100)
     names = {key.split("{", 1)[0] for key in operator.metrics()}
     for metric in (
         "bmad_operator_reconciles_total",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from typing import Any
 
@@ -13,7 +12,7 @@ from bmad_testbed import audit
 from bmad_testbed.kubectl import Kubectl, eventually
 from bmad_testbed.operator_proc import OperatorProcess
 
-from .helpers import agent
+from .helpers import agent, condition
 
 pytestmark = pytest.mark.integration
 
@@ -80,38 +79,63 @@ def test_sigkill_while_reconciling_50_agents(
     assert "Traceback" not in operator.log_text()
 
 
+def _settled(k: Kubectl, count: int) -> bool:
+    """Every Agent's last pass is over: its status shows its Deployment's final state,
+    and the Ready event (the last write of the pass that made it Ready) is posted."""
+    agents = k.json("get", "agents")["items"]
+    deployments = {d["metadata"]["name"]: d for d in k.json("get", "deployments")["items"]}
+    if len(agents) != count:
+        return False
+    for item in agents:
+        status = item.get("status") or {}
+        ready = condition(item, "Ready")
+        dep = deployments.get(item["metadata"]["name"]) or {"metadata": {}}
+        dep_status = dep.get("status") or {}
+        if not (
+            ready
+            and ready["status"] == "True"
+            and status.get("observedGeneration") == item["metadata"]["generation"]
+            and status.get("replicas") == dep_status.get("replicas") == 1
+            and status.get("readyReplicas") == dep_status.get("readyReplicas") == 1
+            and dep_status.get("availableReplicas") == dep_status.get("updatedReplicas") == 1
+            and dep_status.get("observedGeneration") == dep["metadata"].get("generation")
+        ):
+            return False
+    events = k.json("get", "events", "--field-selector", "reason=Ready")["items"]
+    announced = {
+        e["involvedObject"]["name"]
+        for e in events
+        if e["involvedObject"].get("kind") == "Agent"
+        and (e.get("source") or {}).get("component") == "bmad-operator"
+    }
+    return len(announced) == count
+
+
 def test_resync_of_100_unchanged_agents_writes_nothing(
     kubectl: Kubectl, namespace: str, operator: OperatorProcess, testbed_env: dict[str, str]
 ) -> None:
     k = kubectl.in_namespace(namespace)
     _apply_many(k, 100, "idle")
     k.run("wait", "--for=condition=Ready", "agents", "--all", "--timeout=300s", timeout=310)
+    # No "quiet for two seconds": the state itself shows every pass is over.
+    eventually(lambda: _settled(k, 100), timeout=120, what="every agent's last pass done")
     audit_log = testbed_env.get("BMAD_AUDIT_LOG")
     user = testbed_env.get("BMAD_OPERATOR_USER", "")
-
-    def settled() -> bool:
-        # Status updates after the last pod became ready may still be on their way.
-        start = audit.size(audit_log) if audit_log else 0
-        writes_before = _writes(operator)
-        time.sleep(2)
-        if audit_log:
-            return not audit.writes(audit_log, user=user, since=start, namespace=namespace)
-        return _writes(operator) == writes_before
-
-    eventually(settled, timeout=60, interval=0, what="the operator to go quiet")
     offset = audit.size(audit_log) if audit_log else 0
     writes_before = _writes(operator)
     reconciles = 'bmad_operator_reconciles_total{kind="Agent",result="ok"}'
     reconciled_before = operator.metrics()[reconciles]
 
-    # At least one full resync of every Agent (resync period plus its jitter).
+    # At least one full resync of every Agent (resync period plus its jitter). A pass
+    # is counted when it has finished, its API calls included.
     eventually(
         lambda: operator.metrics()[reconciles] - reconciled_before >= 100,
         timeout=operator.resync_seconds * 3 + 10,
         what="a resync of all 100 agents",
     )
-    time.sleep(1)
+    assert _writes(operator) == writes_before
     if audit_log:
+        # The apiserver writes its audit log before it answers (blocking mode).
         writes: list[dict[str, Any]] = audit.writes(
             audit_log, user=user, since=offset, namespace=namespace
         )
@@ -119,4 +143,3 @@ def test_resync_of_100_unchanged_agents_writes_nothing(
         assert writes == [], "\n".join(shown)
         # The audit log does see this user's reads: the measurement is live.
         assert audit.entries(audit_log)
-    assert _writes(operator) == writes_before

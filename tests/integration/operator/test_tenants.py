@@ -345,6 +345,16 @@ def _customer_creates(proxy: StripeProxy) -> dict[str, set[str | None]]:
     return keys
 
 
+def _saved_customers(kubectl: Kubectl, names: list[str]) -> set[str]:
+    """The tenants among `names` whose status holds a Stripe customer id."""
+    saved = set()
+    for item in kubectl.json("get", "tenants")["items"]:
+        billing = (item.get("status") or {}).get("billing") or {}
+        if item["metadata"]["name"] in names and billing.get("customerId"):
+            saved.add(item["metadata"]["name"])
+    return saved
+
+
 def test_billing_is_exactly_once_across_a_sigkill(
     kubectl: Kubectl,
     operator: OperatorProcess,
@@ -369,15 +379,21 @@ def test_billing_is_exactly_once_across_a_sigkill(
         tenants.names.append(doc["metadata"]["name"])
         tenants.namespaces.extend(doc["spec"]["namespaces"])
     kubectl.apply({"apiVersion": "v1", "kind": "List", "items": docs})
-    # Kill the operator in the middle of onboarding.
+    # Kill the operator in the middle of onboarding: once some customers exist and at
+    # least one tenant has its customer id in its status.
     eventually(
-        lambda: len(stripe_billing.calls("POST", "/v1/customers")) >= 3,
+        lambda: (
+            len(stripe_billing.calls("POST", "/v1/customers")) >= 3
+            and bool(_saved_customers(kubectl, names))
+        ),
         timeout=60,
         interval=0.05,
-        what="the first customer creates",
+        what="the first customer creates and a saved customer id",
     )
     operator.kill()
     created_before = len(stripe_billing.calls("POST", "/v1/customers"))
+    saved = _saved_customers(kubectl, names)  # the operator is dead: this is final
+    assert created_before < len(names), "onboarding finished before the kill: not a crash test"
     operator.start()
 
     for n in names:
@@ -385,7 +401,11 @@ def test_billing_is_exactly_once_across_a_sigkill(
         assert obj["status"]["billing"]["customerId"].startswith("cus_")
         assert obj["status"]["billing"]["subscriptionId"].startswith("sub_")
     creates = stripe_billing.calls("POST", "/v1/customers")
-    assert created_before < 20 or len(creates) >= created_before
+    after_restart = creates[created_before:]
+    assert after_restart, "the restarted operator created none of the missing customers"
+    # A tenant whose customer id was in its status is never created again.
+    again = {c.form.get("metadata[bmad_tenant]", ["?"])[0] for c in after_restart} & saved
+    assert not again, f"customers created again after the restart: {sorted(again)}"
     assert all(c.idempotency_key for c in creates), "a customer create without a key"
     keys = _customer_creates(stripe_billing)
     assert set(keys) == set(names)  # every tenant got its customer

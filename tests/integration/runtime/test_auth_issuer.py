@@ -7,7 +7,6 @@ an agent pod built from an ``auth0`` binding.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import http.server
 import json
@@ -121,9 +120,15 @@ def issuer() -> Iterator[Issuer]:
 async def test_discovery_rotation_and_refusals_over_real_http(issuer: Issuer) -> None:
     first, second = Key("2026-01"), Key("2026-02")
     issuer.keys = [first.jwk()]
-    settings = bindings.Auth0Settings(issuer=issuer.url, audience=AUDIENCE, jwks_uri="")
-    authenticator = auth.JwtAuthenticator.from_settings(
-        settings, tenant=TENANT, min_refresh_interval=0.5
+    # The refresh interval runs on a clock the test moves: no sleeping.
+    now = [1000.0]
+    authenticator = auth.JwtAuthenticator(
+        issuer=issuer.url,
+        audience=AUDIENCE,
+        tenant=TENANT,
+        jwks_uri=None,
+        min_refresh_interval=0.5,
+        monotonic=lambda: now[0],
     )
     try:
         principal = await authenticator.authenticate(f"Bearer {first.sign(issuer.claims())}")
@@ -134,7 +139,7 @@ async def test_discovery_rotation_and_refusals_over_real_http(issuer: Issuer) ->
 
         # The issuer rotates: a token signed with the new key triggers one refresh.
         issuer.keys = [first.jwk(), second.jwk()]
-        await asyncio.sleep(0.6)
+        now[0] += 0.6  # past min_refresh_interval
         token = second.sign(issuer.claims(sub="auth0|bob"))
         assert (await authenticator.authenticate(f"Bearer {token}")).subject == "auth0|bob"
         assert issuer.jwks_requests == 2

@@ -1,6 +1,8 @@
 """The task bus against the test bed's real Redis, consumers in this process.
 
-The Lua scripts, XREADGROUP, XAUTOCLAIM and XPENDING as Redis really runs them:
+Tasks are submitted with the shared producer (`bmad_integrations.taskbus`) and run by
+the runtime's consumer (`bmad_runtime.bus`): the two sides of one wire format. The
+Lua scripts, XREADGROUP, XAUTOCLAIM and XPENDING as Redis really runs them:
 idempotent submission, the result written once when a task runs twice to the end,
 dead letters after N attempts, entries that are not tasks, and the queue depth.
 Every test works under its own tenant and agent and deletes its keys afterwards.
@@ -12,12 +14,14 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from redis import asyncio as aioredis
 
-from bmad_runtime import bus
+from bmad_integrations import taskbus, taskwire
+from bmad_runtime.bus import client, consumer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -31,24 +35,38 @@ async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
         await client.aclose()
 
 
-@pytest.fixture
-async def make_bus(redis: aioredis.Redis) -> AsyncIterator[Callable[..., bus.TaskBus]]:
-    tenant, made = f"t-{secrets.token_hex(4)}", list[bus.TaskBus]()
+@dataclass
+class Lane:
+    """One agent's bus seen from both sides: the producer's and the consumers'."""
 
-    def make(**config: Any) -> bus.TaskBus:
+    tasks: taskbus.TaskProducer
+    bus: client.TaskBus
+
+    def runs(self, task_id: str) -> str:
+        """Where the handlers of these tests count a task's executions."""
+        return f"{self.bus.keys.prefix}:runs:{task_id}"
+
+
+@pytest.fixture
+async def make_lane(redis: aioredis.Redis) -> AsyncIterator[Callable[..., Lane]]:
+    tenant, made = f"t-{secrets.token_hex(4)}", list[Lane]()
+
+    def make(**config: Any) -> Lane:
+        agent = f"a-{secrets.token_hex(3)}"
         made.append(
-            bus.TaskBus(
-                redis,
-                tenant=tenant,
-                agent=f"a-{secrets.token_hex(3)}",
-                config=bus.BusConfig(**config),
+            Lane(
+                tasks=taskbus.TaskProducer(redis, tenant=tenant, agent=agent),
+                bus=client.TaskBus(
+                    redis, tenant=tenant, agent=agent, config=client.BusConfig(**config)
+                ),
             )
         )
         return made[-1]
 
     yield make
     for one in made:
-        keys = [key async for key in redis.scan_iter(match=f"{one.keys.prefix}:*", count=500)]
+        prefix = one.bus.keys.prefix
+        keys = [key async for key in redis.scan_iter(match=f"{prefix}:*", count=500)]
         if keys:
             await redis.delete(*keys)
 
@@ -63,23 +81,21 @@ async def until(condition: Callable[[], Awaitable[bool]], *, timeout_s: float, w
 class Consumer:
     """One `consume` running in the background, stopped (gracefully) by `stop()`."""
 
-    def __init__(self, task_bus: bus.TaskBus, handler: bus.Handler, name: str, **kw: Any):
+    def __init__(self, lane: Lane, handler: consumer.Handler, name: str, **kw: Any):
         self.event = asyncio.Event()
         kw.setdefault("block_ms", 100)
         self.runner = asyncio.create_task(
-            task_bus.consume(handler, consumer_name=name, stop=self.event, **kw)
+            consumer.consume(lane.bus, handler, consumer_name=name, stop=self.event, **kw)
         )
 
-    async def stop(self) -> bus.ConsumeStats:
+    async def stop(self) -> consumer.ConsumeStats:
         self.event.set()
         return await asyncio.wait_for(self.runner, timeout=15)
 
 
-def counting_handler(
-    redis: aioredis.Redis, task_bus: bus.TaskBus, *, fail: bool = False
-) -> bus.Handler:
-    async def handler(task: bus.Task) -> dict[str, Any]:
-        run = int(await redis.incr(task_bus.keys.runs(task.task_id)))
+def counting_handler(redis: aioredis.Redis, lane: Lane, *, fail: bool = False) -> consumer.Handler:
+    async def handler(task: taskwire.Task) -> dict[str, Any]:
+        run = int(await redis.incr(lane.runs(task.task_id)))
         if fail:
             raise RuntimeError(f"always fails (run {run})")
         return {"output": str(task.payload.get("input", "")).upper(), "run": run}
@@ -88,87 +104,88 @@ def counting_handler(
 
 
 async def test_submitting_the_same_task_id_twice_enqueues_it_once_and_yields_one_result(
-    redis: aioredis.Redis, make_bus: Callable[..., bus.TaskBus]
+    redis: aioredis.Redis, make_lane: Callable[..., Lane]
 ) -> None:
-    task_bus = make_bus(min_idle_ms=1000)
+    lane = make_lane(min_idle_ms=1000)
 
-    first = await task_bus.submit("story-1", {"input": "plan"})
-    again = await task_bus.submit("story-1", {"input": "something else"})
+    first = await lane.tasks.submit("story-1", {"input": "plan"})
+    again = await lane.tasks.submit("story-1", {"input": "something else"})
 
     assert again == first
-    assert await task_bus.queue_depth() == 1
-    consumer = Consumer(task_bus, counting_handler(redis, task_bus), "c1")
-    result = await task_bus.wait_result("story-1", timeout_s=10)
+    assert await lane.bus.queue_depth() == 1
+    consumer = Consumer(lane, counting_handler(redis, lane), "c1")
+    result = await lane.tasks.wait_result("story-1", timeout_s=10)
     stats = await consumer.stop()
 
     assert result.output == {"output": "PLAN", "run": 1}, "the first submission wins"
     assert result.message_id == first
     assert stats.succeeded == 1
     # Once answered, a third submission neither enqueues nor runs anything.
-    assert await task_bus.submit("story-1", {"input": "plan"}) == first
-    assert await task_bus.queue_depth() == 0
-    assert await redis.get(task_bus.keys.runs("story-1")) == "1"
+    assert await lane.tasks.submit("story-1", {"input": "plan"}) == first
+    assert await lane.bus.queue_depth() == 0
+    assert await redis.get(lane.runs("story-1")) == "1"
 
 
 async def test_a_task_that_runs_twice_to_the_end_has_its_result_written_once(
-    redis: aioredis.Redis, make_bus: Callable[..., bus.TaskBus]
+    redis: aioredis.Redis, make_lane: Callable[..., Lane]
 ) -> None:
     # c1 is slower than min_idle_ms, so c2 reclaims the entry and runs it as well.
-    task_bus = make_bus(min_idle_ms=300, claim_interval_ms=50)
+    lane = make_lane(min_idle_ms=300, claim_interval_ms=50)
     c1_started = asyncio.Event()
 
     started_at: list[float] = []
 
-    async def slow_then_fast(task: bus.Task) -> dict[str, Any]:
-        run = int(await redis.incr(task_bus.keys.runs(task.task_id)))
+    async def slow_then_fast(task: taskwire.Task) -> dict[str, Any]:
+        run = int(await redis.incr(lane.runs(task.task_id)))
         started_at.append(time.monotonic())
         if run == 1:
             c1_started.set()
-            await asyncio.sleep(1.5)
+            # c1 ends its run only once c2 has answered the task (after reclaiming it).
+            await until(lambda: _has_result(lane, "t1"), timeout_s=20, what="c2's result")
         return {"run": run}
 
-    await task_bus.submit("t1", {})
+    await lane.tasks.submit("t1", {})
     # One slot: while its slow run holds it, c1 claims nothing (not even its own entry).
-    c1 = Consumer(task_bus, slow_then_fast, "c1", concurrency=1)
+    c1 = Consumer(lane, slow_then_fast, "c1", concurrency=1)
     await asyncio.wait_for(c1_started.wait(), timeout=10)
-    c2 = Consumer(task_bus, slow_then_fast, "c2")
-    result = await task_bus.wait_result("t1", timeout_s=10)
+    c2 = Consumer(lane, slow_then_fast, "c2")
+    result = await lane.tasks.wait_result("t1", timeout_s=10)
     # A graceful stop lets c1 finish its (first, slower) run within the grace period.
     stats1, stats2 = await c1.stop(), await c2.stop()
 
     assert result.consumer == "c2"
     assert result.attempt == 2, "c2 got it by XAUTOCLAIM: the second delivery"
     assert started_at[1] - started_at[0] >= 0.25, "not before it was idle for min_idle_ms"
-    assert await redis.get(task_bus.keys.runs("t1")) == "2"
+    assert await redis.get(lane.runs("t1")) == "2"
     assert stats2.claimed == 1
     assert stats2.succeeded == 1
     assert stats1.duplicates == 1, "c1 finished later and found the result there"
     assert stats1.succeeded == 0
-    assert await task_bus.result("t1") == result
-    assert await task_bus.queue_depth() == 0
+    assert await lane.tasks.result("t1") == result
+    assert await lane.bus.queue_depth() == 0
 
 
 async def test_a_task_that_always_fails_is_dead_lettered_after_max_attempts(
-    redis: aioredis.Redis, make_bus: Callable[..., bus.TaskBus]
+    redis: aioredis.Redis, make_lane: Callable[..., Lane]
 ) -> None:
-    task_bus = make_bus(min_idle_ms=200, claim_interval_ms=50, max_attempts=3)
-    mid = await task_bus.submit("doomed", {"input": "x"})
-    await task_bus.submit("fine", {"input": "y"})
+    lane = make_lane(min_idle_ms=200, claim_interval_ms=50, max_attempts=3)
+    mid = await lane.tasks.submit("doomed", {"input": "x"})
+    await lane.tasks.submit("fine", {"input": "y"})
 
-    async def handler(task: bus.Task) -> dict[str, Any]:
+    async def handler(task: taskwire.Task) -> dict[str, Any]:
         if task.task_id == "doomed":
-            return await counting_handler(redis, task_bus, fail=True)(task)
-        return await counting_handler(redis, task_bus)(task)
+            return await counting_handler(redis, lane, fail=True)(task)
+        return await counting_handler(redis, lane)(task)
 
-    consumer = Consumer(task_bus, handler, "c1")
-    result = await task_bus.wait_result("doomed", timeout_s=15)
+    consumer = Consumer(lane, handler, "c1")
+    result = await lane.tasks.wait_result("doomed", timeout_s=15)
     stats = await consumer.stop()
 
     assert result.status == "failed"
     assert result.error == "RuntimeError: always fails (run 3)"
     assert result.attempt == 3
-    assert await redis.get(task_bus.keys.runs("doomed")) == "3"
-    letters = await task_bus.dead_letters()
+    assert await redis.get(lane.runs("doomed")) == "3"
+    letters = await lane.bus.dead_letters()
     assert len(letters) == 1
     letter = letters[0]
     assert (letter.task_id, letter.message_id, letter.attempts) == ("doomed", mid, 3)
@@ -177,65 +194,67 @@ async def test_a_task_that_always_fails_is_dead_lettered_after_max_attempts(
     assert letter.consumer == "c1"
     assert stats.failed == 2
     assert stats.dead_lettered == 1
-    assert (await task_bus.result("fine")) is not None
-    assert await task_bus.pending() == 0, "the dead letter was acked"
-    assert await task_bus.queue_depth() == 0
+    assert (await lane.tasks.result("fine")) is not None
+    assert await lane.bus.pending() == 0, "the dead letter was acked"
+    assert await lane.bus.queue_depth() == 0
 
 
 async def test_an_entry_that_is_not_a_task_goes_to_the_dead_letters_unrun(
-    redis: aioredis.Redis, make_bus: Callable[..., bus.TaskBus]
+    redis: aioredis.Redis, make_lane: Callable[..., Lane]
 ) -> None:
-    task_bus = make_bus(min_idle_ms=1000)
-    await task_bus.ensure_group()
-    mid = await redis.xadd(task_bus.keys.stream, {"hello": "world"})
+    lane = make_lane(min_idle_ms=1000)
+    await lane.bus.ensure_group()
+    mid = await redis.xadd(lane.bus.keys.stream, {"hello": "world"})
     ran: list[str] = []
 
-    async def handler(task: bus.Task) -> dict[str, Any]:
+    async def handler(task: taskwire.Task) -> dict[str, Any]:
         ran.append(task.task_id)
         return {}
 
-    consumer = Consumer(task_bus, handler, "c1")
-    await until(
-        lambda: _has_dead_letters(task_bus), timeout_s=10, what="the entry to be dead-lettered"
-    )
+    consumer = Consumer(lane, handler, "c1")
+    await until(lambda: _has_dead_letters(lane), timeout_s=10, what="the entry to be dead-lettered")
     await consumer.stop()
 
-    [letter] = await task_bus.dead_letters()
+    [letter] = await lane.bus.dead_letters()
     assert letter.message_id == mid
     assert "no valid task_id" in letter.error
     assert letter.payload == '{"hello": "world"}'
     assert ran == []
-    assert await task_bus.queue_depth() == 0
+    assert await lane.bus.queue_depth() == 0
 
 
-async def _has_dead_letters(task_bus: bus.TaskBus) -> bool:
-    return bool(await task_bus.dead_letters())
+async def _has_result(lane: Lane, task_id: str) -> bool:
+    return await lane.tasks.result(task_id) is not None
+
+
+async def _has_dead_letters(lane: Lane) -> bool:
+    return bool(await lane.bus.dead_letters())
 
 
 async def test_queue_depth_counts_waiting_and_in_flight_tasks(
-    redis: aioredis.Redis, make_bus: Callable[..., bus.TaskBus]
+    redis: aioredis.Redis, make_lane: Callable[..., Lane]
 ) -> None:
-    task_bus = make_bus(min_idle_ms=60_000)
-    assert await task_bus.queue_depth() == 0
+    lane = make_lane(min_idle_ms=60_000)
+    assert await lane.bus.queue_depth() == 0
     for i in range(12):
-        await task_bus.submit(f"t{i}", {})
-    assert await task_bus.queue_depth() == 12
+        await lane.tasks.submit(f"t{i}", {})
+    assert await lane.bus.queue_depth() == 12
 
     release = asyncio.Event()
 
-    async def held(task: bus.Task) -> dict[str, Any]:
+    async def held(task: taskwire.Task) -> dict[str, Any]:
         if task.task_id in ("t0", "t1", "t2", "t3"):
             return {}
         await release.wait()
         return {}
 
-    consumer = Consumer(task_bus, held, "c1", batch=6, concurrency=6)
+    consumer = Consumer(lane, held, "c1", batch=6, concurrency=6)
     # Four answered; six in flight (delivered, unacked); two not yet delivered.
-    await until(lambda: _depth_is(task_bus, 8, pending=6), timeout_s=10, what="6 in flight")
+    await until(lambda: _depth_is(lane, 8, pending=6), timeout_s=10, what="6 in flight")
     release.set()
-    await until(lambda: _depth_is(task_bus, 0, pending=0), timeout_s=10, what="all done")
+    await until(lambda: _depth_is(lane, 0, pending=0), timeout_s=10, what="all done")
     await consumer.stop()
 
 
-async def _depth_is(task_bus: bus.TaskBus, depth: int, *, pending: int) -> bool:
-    return (await task_bus.queue_depth(), await task_bus.pending()) == (depth, pending)
+async def _depth_is(lane: Lane, depth: int, *, pending: int) -> bool:
+    return (await lane.bus.queue_depth(), await lane.bus.pending()) == (depth, pending)

@@ -1,6 +1,6 @@
 """Worker processes on the test bed's real Redis: killed, stopped, replaced.
 
-Each test starts ``python -m bmad_runtime.worker`` processes (the echo handler,
+Each test starts bus_worker.py processes (the runtime's consumer with the echo handler,
 which counts every execution of a task in ``bmad:T:A:runs:<id>``) and then does to
 them what Kubernetes does to pods: SIGKILL (OOM, node loss) and SIGTERM with a grace
 period (rollouts, scale-down). What must hold: every task gets exactly one result,
@@ -25,11 +25,13 @@ from typing import Any
 import pytest
 from redis import asyncio as aioredis
 
-from bmad_runtime import bus
+from bmad_integrations import taskbus, taskwire
+from bmad_runtime.bus import client
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 MIN_IDLE_MS = 1000
+WORKER = Path(__file__).with_name("bus_worker.py")
 
 
 @dataclass
@@ -62,7 +64,8 @@ class Bed:
     """One tenant/agent's bus, a Redis client, and the workers started on it."""
 
     redis: aioredis.Redis
-    bus: bus.TaskBus
+    bus: client.TaskBus
+    tasks: taskbus.TaskProducer
     start: Callable[..., Worker]
     workers: list[Worker]
 
@@ -86,9 +89,10 @@ async def bed(
 ) -> AsyncIterator[Bed]:
     tenant, agent = f"t-{secrets.token_hex(4)}", f"a-{secrets.token_hex(3)}"
     redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    task_bus = bus.TaskBus(
-        redis, tenant=tenant, agent=agent, config=bus.BusConfig(min_idle_ms=MIN_IDLE_MS)
+    task_bus = client.TaskBus(
+        redis, tenant=tenant, agent=agent, config=client.BusConfig(min_idle_ms=MIN_IDLE_MS)
     )
+    producer = taskbus.TaskProducer(redis, tenant=tenant, agent=agent)
     await task_bus.ensure_group()
     env = {**clean_env, "PYTHONUNBUFFERED": "1"}
 
@@ -96,8 +100,7 @@ async def bed(
         out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
         command = [
             sys.executable,
-            "-m",
-            "bmad_runtime.worker",
+            str(WORKER),
             "--redis-url",
             redis_url,
             "--tenant",
@@ -119,7 +122,7 @@ async def bed(
         return worker
 
     try:
-        yield Bed(redis, task_bus, start, spawned)
+        yield Bed(redis, task_bus, producer, start, spawned)
     finally:
         for worker in spawned:
             if worker.proc.poll() is None:
@@ -147,13 +150,13 @@ async def until(
 
 async def consumers(bed: Bed) -> dict[str, int]:
     """Consumer name -> number of its pending entries."""
-    rows = await bed.redis.xinfo_consumers(bed.bus.keys.stream, bus.GROUP)
+    rows = await bed.redis.xinfo_consumers(bed.bus.keys.stream, taskwire.GROUP)
     return {str(row["name"]): int(row["pending"]) for row in rows}
 
 
 async def pending_of(bed: Bed, consumer: str) -> list[str]:
     rows = await bed.redis.xpending_range(
-        bed.bus.keys.stream, bus.GROUP, min="-", max="+", count=10_000, consumername=consumer
+        bed.bus.keys.stream, taskwire.GROUP, min="-", max="+", count=10_000, consumername=consumer
     )
     return [str(row["message_id"]) for row in rows]
 
@@ -165,27 +168,32 @@ async def submit_all(bed: Bed, count: int) -> dict[str, str]:
     for i in range(0, count, 100):
         chunk = ids[i : i + 100]
         mids += await asyncio.gather(
-            *(bed.bus.submit(tid, {"input": f"input {tid}"}) for tid in chunk)
+            *(bed.tasks.submit(tid, {"input": f"input {tid}"}) for tid in chunk)
         )
     return dict(zip(ids, mids, strict=True))
 
 
-async def results_of(bed: Bed, task_ids: list[str]) -> dict[str, bus.TaskResult | None]:
-    found: dict[str, bus.TaskResult | None] = {}
+async def results_of(bed: Bed, task_ids: list[str]) -> dict[str, taskwire.TaskResult | None]:
+    found: dict[str, taskwire.TaskResult | None] = {}
     for i in range(0, len(task_ids), 200):
         chunk = task_ids[i : i + 200]
         raws = await bed.redis.mget([bed.bus.keys.result(t) for t in chunk])
         found.update(
             {
-                t: None if raw is None else bus.decode_result(raw)
+                t: None if raw is None else taskwire.decode_result(raw)
                 for t, raw in zip(chunk, raws, strict=True)
             }
         )
     return found
 
 
+def runs_key(bed: Bed, task_id: str) -> str:
+    """Where bus_worker.py's handlers count a task's executions."""
+    return f"{bed.bus.keys.prefix}:runs:{task_id}"
+
+
 async def runs_of(bed: Bed, task_ids: list[str]) -> dict[str, int]:
-    raws = await bed.redis.mget([bed.bus.keys.runs(t) for t in task_ids])
+    raws = await bed.redis.mget([runs_key(bed, t) for t in task_ids])
     return {t: int(raw or 0) for t, raw in zip(task_ids, raws, strict=True)}
 
 
@@ -199,7 +207,7 @@ async def assert_acked_only_with_a_result(bed: Bed, task_ids: list[str]) -> None
     assert not set(in_stream) & answered
     assert set(in_stream) | answered == set(task_ids)
     pending = await bed.redis.xpending_range(
-        bed.bus.keys.stream, bus.GROUP, min="-", max="+", count=10_000
+        bed.bus.keys.stream, taskwire.GROUP, min="-", max="+", count=10_000
     )
     assert {str(row["message_id"]) for row in pending} <= set(in_stream.values())
 
@@ -210,11 +218,16 @@ async def stop(worker: Worker, *, timeout_s: float = 20) -> dict[str, Any]:
     return worker.stats()
 
 
+@pytest.mark.timeout(300)
 async def test_1000_tasks_on_three_workers_one_killed_midway_each_answered_exactly_once(
     bed: Bed,
 ) -> None:
-    began = time.monotonic()
-    workers = [bed.start(f"w{i}", "--task-delay-ms", "20") for i in range(3)]
+    # A longer min-idle than the other tests: on a loaded machine a slow survivor must
+    # not take over the victim's entries before the kill, nor between the kill and the
+    # look at what the victim held.
+    workers = [
+        bed.start(f"w{i}", "--task-delay-ms", "20", "--min-idle-ms", "5000") for i in range(3)
+    ]
     victim, survivors = workers[0], workers[1:]
 
     async def all_consuming() -> bool:
@@ -242,8 +255,8 @@ async def test_1000_tasks_on_three_workers_one_killed_midway_each_answered_exact
     async def drained() -> bool:
         return await bed.bus.queue_depth() == 0 and await bed.bus.pending() == 0
 
-    await until(drained, timeout_s=45, what="all 1000 tasks answered", bed=bed)
-    elapsed = time.monotonic() - began
+    # A deadline for liveness, not a speed target (bench/ measures speed).
+    await until(drained, timeout_s=120, what="all 1000 tasks answered", bed=bed)
     stats = {w.name: await stop(w) for w in survivors}
 
     results = await results_of(bed, task_ids)
@@ -286,9 +299,8 @@ async def test_1000_tasks_on_three_workers_one_killed_midway_each_answered_exact
     assert set(ran_twice) <= set(in_flight_at_kill)
     assert (await consumers(bed))["w0"] == 0, "nothing is left pending on the dead consumer"
     assert await bed.bus.dead_letters() == []
-    assert elapsed < 60, f"1000 tasks took {elapsed:.1f}s"
     print(
-        f"\n1000 tasks in {elapsed:.1f}s; results by consumer {by_consumer}; "
+        f"\n1000 tasks: results by consumer {by_consumer}; "
         f"killed at depth {depth_at_kill} holding {len(in_flight_at_kill)}; "
         f"reclaimed {len(reclaimed)}; ran twice {len(ran_twice)}; "
         f"runs total {sum(runs.values())}"
@@ -311,7 +323,7 @@ async def test_a_killed_consumers_tasks_are_reclaimed_by_another_after_min_idle(
     assert len(await pending_of(bed, "w1")) == 3
 
     second = bed.start("w2")
-    answers = [await bed.bus.wait_result(t, timeout_s=30) for t in task_ids]
+    answers = [await bed.tasks.wait_result(t, timeout_s=30) for t in task_ids]
     stats = await stop(second)
 
     assert [a.consumer for a in answers] == ["w2"] * 3
@@ -357,11 +369,10 @@ async def test_sigterm_leaves_tasks_unfinished_after_the_grace_period_pending(
         return set((await runs_of(bed, task_ids)).values()) == {1}
 
     await until(all_started, timeout_s=30, what="all five started", bed=bed)
-    signalled = time.monotonic()
+    # Each handler would take 60s: exiting within stop()'s deadline means the 0.5s
+    # grace period cut them off.
     stats = await stop(worker)
-    took = time.monotonic() - signalled
 
-    assert took < 10, f"a 0.5s grace period took {took:.1f}s"
     assert stats["abandoned"] == 5
     assert stats["succeeded"] == 0
     assert await results_of(bed, task_ids) == dict.fromkeys(task_ids)
@@ -371,7 +382,7 @@ async def test_sigterm_leaves_tasks_unfinished_after_the_grace_period_pending(
 
     # The next consumer takes them over and answers each once.
     successor = bed.start("w2")
-    answers = [await bed.bus.wait_result(t, timeout_s=30) for t in task_ids]
+    answers = [await bed.tasks.wait_result(t, timeout_s=30) for t in task_ids]
     await stop(successor)
     assert {a.consumer for a in answers} == {"w2"}
     assert {a.attempt for a in answers} == {2}

@@ -20,8 +20,7 @@ import fastapi
 import httpx
 import pytest
 
-from bmad_runtime import app as app_mod
-from bmad_runtime import settings
+from bmad_runtime import settings, wiring
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +63,7 @@ def production_app(
     config_path.write_text(
         json.dumps({"role": "pm", "model": {"provider": "echo", "name": "echo-1"}, **agent})
     )
-    return app_mod.create_default_app(
+    return wiring.create_default_app(
         settings.RuntimeSettings(
             agent_name="pm-1",
             agent_namespace=tenant,
@@ -102,7 +101,12 @@ async def test_two_replicas_share_a_conversation_and_account_for_it(
         gone = await first.get(f"/v1/conversations/{conversation}/messages")
 
     assert opened.status_code == 200, opened.text
-    assert ready.json() == {"status": "ready", "checks": {"store": True, "model": True}}
+    assert ready.json() == {
+        "status": "ready",
+        "checks": {"store": True, "model": True},
+        "memoryStore": "durable",
+        "message": None,
+    }
     assert continued.status_code == 200, continued.text
     assert continued.json()["output"] == "[echo-1] Add a risks section"
     [summary] = listed.json()["conversations"]

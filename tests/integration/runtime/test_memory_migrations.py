@@ -6,11 +6,13 @@ import asyncio
 import secrets
 import urllib.parse
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
 
-from bmad_runtime import memory, migrations
+from bmad_runtime import migrations
+from bmad_runtime.memory import store as memory_store
 
 pytestmark = pytest.mark.integration
 
@@ -79,7 +81,7 @@ async def test_replicas_starting_together_migrate_exactly_once(
 ) -> None:
     stores = await asyncio.gather(
         *(
-            memory.PostgresRedisStore.connect(postgres_dsn=fresh_dsn, redis_url=redis_url)
+            memory_store.PostgresRedisStore.connect(postgres_dsn=fresh_dsn, redis_url=redis_url)
             for _ in range(4)
         )
     )
@@ -97,6 +99,26 @@ async def test_replicas_starting_together_migrate_exactly_once(
             await store.close()
 
 
+class RefusalWatch:
+    """A connection that sets `refused` once tries for the migration lock failed twice."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self.refusals = 0
+        self.refused = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        value = await self._conn.fetchval(query, *args)
+        if "pg_try_advisory_lock" in query and value is False:
+            self.refusals += 1
+            if self.refusals >= 2:
+                self.refused.set()
+        return value
+
+
 async def test_a_replica_waits_for_the_migration_lock(fresh_dsn: str) -> None:
     holder = await asyncpg.connect(fresh_dsn)
     other = await asyncpg.connect(fresh_dsn)
@@ -106,8 +128,10 @@ async def test_a_replica_waits_for_the_migration_lock(fresh_dsn: str) -> None:
             await migrations.apply(other, lock_timeout=0.5)
         assert "conversations" not in await tables(other)
 
-        waiting = asyncio.create_task(migrations.apply(other, lock_timeout=30))
-        await asyncio.sleep(0.5)
+        # Event, not a nap: the replica asked for the lock, was refused, and asked again.
+        watched = RefusalWatch(other)
+        waiting = asyncio.create_task(migrations.apply(watched, lock_timeout=30))
+        await asyncio.wait_for(watched.refused.wait(), 30)
         assert not waiting.done()
         await holder.fetchval("SELECT pg_advisory_unlock($1)", migrations.LOCK_KEY)
         assert await asyncio.wait_for(waiting, 30) == [m.version for m in migrations.MIGRATIONS]

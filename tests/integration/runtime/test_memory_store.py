@@ -22,7 +22,10 @@ import asyncpg  # type: ignore[import-untyped]
 import pytest
 import redis.asyncio as aioredis
 
-from bmad_runtime import bindings, context, memory, ports
+from bmad_runtime import bindings, context, ports
+from bmad_runtime.memory import conversations
+from bmad_runtime.memory import store as memory_store
+from bmad_runtime.memory import usage as usage_mod
 
 pytestmark = pytest.mark.integration
 
@@ -55,8 +58,8 @@ async def dsn(postgres_url: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def store(dsn: str, redis_url: str) -> AsyncIterator[memory.PostgresRedisStore]:
-    opened = await memory.PostgresRedisStore.connect(postgres_dsn=dsn, redis_url=redis_url)
+async def store(dsn: str, redis_url: str) -> AsyncIterator[memory_store.PostgresRedisStore]:
+    opened = await memory_store.PostgresRedisStore.connect(postgres_dsn=dsn, redis_url=redis_url)
     try:
         yield opened
     finally:
@@ -88,7 +91,7 @@ def turn(conversation: str, role: ports.Role, content: str, model: str | None = 
 
 
 async def write_dialogue(
-    store: memory.PostgresRedisStore, conversation: str, n: int, *, tenant: str, agent: str
+    store: memory_store.PostgresRedisStore, conversation: str, n: int, *, tenant: str, agent: str
 ) -> list[str]:
     contents = []
     for i in range(n):
@@ -112,7 +115,7 @@ async def forget_tenant_keys(client: aioredis.Redis, tenant: str) -> int:
 
 
 async def test_turns_are_kept_in_order_in_both_stores(
-    store: memory.PostgresRedisStore, raw_redis: aioredis.Redis, names: tuple[str, str]
+    store: memory_store.PostgresRedisStore, raw_redis: aioredis.Redis, names: tuple[str, str]
 ) -> None:
     tenant, agent = names
     contents = await write_dialogue(store, "c-1", 5, tenant=tenant, agent=agent)
@@ -130,29 +133,29 @@ async def test_turns_are_kept_in_order_in_both_stores(
         contents[-2:]
     )
 
-    key = memory.turns_key("c-1", tenant=tenant, agent=agent)
+    key = conversations.turns_key("c-1", tenant=tenant, agent=agent)
     assert key == f"bmad:{tenant}:{agent}:conv:c-1:turns"
     cached = [json.loads(x) for x in await raw_redis.lrange(key, 0, -1)]
     assert [c["seq"] for c in cached] == [1, 2, 3, 4, 5]
-    assert 0 < await raw_redis.ttl(key) <= store.ttl_seconds
+    assert 0 < await raw_redis.ttl(key) <= store.conversations.ttl_seconds
 
     listed = await store.list_conversations(tenant=tenant, agent=agent)
     assert [(c["id"], c["title"], c["turns"]) for c in listed] == [("c-1", "user says 0", 5)]
-    got = await store.get_conversation("c-1", tenant=tenant, agent=agent)
+    got = await store.conversations.get_conversation("c-1", tenant=tenant, agent=agent)
     assert got == listed[0]
-    assert await store.get_conversation("nope", tenant=tenant, agent=agent) is None
+    assert await store.conversations.get_conversation("nope", tenant=tenant, agent=agent) is None
 
 
 async def test_redis_keeps_only_the_recent_turns(
     dsn: str, redis_url: str, raw_redis: aioredis.Redis, names: tuple[str, str]
 ) -> None:
     tenant, agent = names
-    small = await memory.PostgresRedisStore.connect(
+    small = await memory_store.PostgresRedisStore.connect(
         postgres_dsn=dsn, redis_url=redis_url, recent_turns=3, ttl_seconds=120
     )
     try:
         contents = await write_dialogue(small, "c", 7, tenant=tenant, agent=agent)
-        key = memory.turns_key("c", tenant=tenant, agent=agent)
+        key = conversations.turns_key("c", tenant=tenant, agent=agent)
         assert [json.loads(x)["seq"] for x in await raw_redis.lrange(key, 0, -1)] == [5, 6, 7]
         assert 0 < await raw_redis.ttl(key) <= 120
         # Within the hot window from Redis; beyond it from PostgreSQL.
@@ -170,11 +173,11 @@ async def test_redis_keeps_only_the_recent_turns(
 
 
 async def test_recent_falls_back_to_postgres_after_a_redis_flush(
-    store: memory.PostgresRedisStore, raw_redis: aioredis.Redis, names: tuple[str, str]
+    store: memory_store.PostgresRedisStore, raw_redis: aioredis.Redis, names: tuple[str, str]
 ) -> None:
     tenant, agent = names
     contents = await write_dialogue(store, "c", 4, tenant=tenant, agent=agent)
-    key = memory.turns_key("c", tenant=tenant, agent=agent)
+    key = conversations.turns_key("c", tenant=tenant, agent=agent)
     assert await forget_tenant_keys(raw_redis, tenant) == 1
 
     recent = await store.recent("c", tenant=tenant, agent=agent, limit=10)
@@ -192,17 +195,17 @@ async def test_recent_falls_back_to_postgres_after_a_redis_flush(
 
 
 async def test_a_store_on_an_empty_redis_still_sees_the_history(
-    dsn: str, redis_url: str, store: memory.PostgresRedisStore, names: tuple[str, str]
+    dsn: str, redis_url: str, store: memory_store.PostgresRedisStore, names: tuple[str, str]
 ) -> None:
     tenant, agent = names
     contents = await write_dialogue(store, "c", 3, tenant=tenant, agent=agent)
     parts = urllib.parse.urlsplit(redis_url)
     other_db = urllib.parse.urlunsplit(parts._replace(path="/7"))
-    fresh = await memory.PostgresRedisStore.connect(postgres_dsn=dsn, redis_url=other_db)
+    fresh = await memory_store.PostgresRedisStore.connect(postgres_dsn=dsn, redis_url=other_db)
     try:
         recent = await fresh.recent("c", tenant=tenant, agent=agent, limit=20)
         assert [t.content for t in recent] == contents
-        await fresh.redis.delete(memory.turns_key("c", tenant=tenant, agent=agent))
+        await fresh.redis.delete(conversations.turns_key("c", tenant=tenant, agent=agent))
     finally:
         await fresh.close()
 
@@ -210,10 +213,11 @@ async def test_a_store_on_an_empty_redis_still_sees_the_history(
 SCRIPT = textwrap.dedent(
     """
     import asyncio, datetime as dt, json, os, sys
-    from bmad_runtime import memory, ports
+    from bmad_runtime import ports
+    from bmad_runtime.memory import store as memory_store
 
     async def main():
-        store = await memory.PostgresRedisStore.connect(
+        store = await memory_store.PostgresRedisStore.connect(
             postgres_dsn=os.environ["DSN"], redis_url=os.environ["REDIS_URL"]
         )
         tenant, agent, conv = os.environ["TENANT"], os.environ["AGENT"], os.environ["CONV"]
@@ -265,7 +269,7 @@ def run_other_process(
 async def test_a_conversation_continues_in_another_process(
     dsn: str,
     redis_url: str,
-    store: memory.PostgresRedisStore,
+    store: memory_store.PostgresRedisStore,
     raw_redis: aioredis.Redis,
     names: tuple[str, str],
 ) -> None:
@@ -295,12 +299,12 @@ async def test_a_conversation_continues_in_another_process(
 async def test_concurrent_appends_from_two_replicas_get_distinct_sequence_numbers(
     dsn: str,
     redis_url: str,
-    store: memory.PostgresRedisStore,
+    store: memory_store.PostgresRedisStore,
     raw_redis: aioredis.Redis,
     names: tuple[str, str],
 ) -> None:
     tenant, agent = names
-    other = await memory.PostgresRedisStore.connect(postgres_dsn=dsn, redis_url=redis_url)
+    other = await memory_store.PostgresRedisStore.connect(postgres_dsn=dsn, redis_url=redis_url)
     try:
         writes = [
             (store if i % 2 else other).append(
@@ -313,7 +317,7 @@ async def test_concurrent_appends_from_two_replicas_get_distinct_sequence_number
         await other.close()
     history = await store.history("busy", tenant=tenant, agent=agent)
     assert sorted(t.content for t in history) == sorted(f"m{i}" for i in range(30))
-    key = memory.turns_key("busy", tenant=tenant, agent=agent)
+    key = conversations.turns_key("busy", tenant=tenant, agent=agent)
     cached = [json.loads(x) for x in await raw_redis.lrange(key, 0, -1)]
     assert [c["seq"] for c in cached] == list(range(11, 31))  # contiguous, newest 20
     recent = await store.recent("busy", tenant=tenant, agent=agent, limit=20)
@@ -321,7 +325,7 @@ async def test_concurrent_appends_from_two_replicas_get_distinct_sequence_number
 
 
 async def test_tenants_and_agents_cannot_see_each_others_conversations(
-    store: memory.PostgresRedisStore, names: tuple[str, str]
+    store: memory_store.PostgresRedisStore, names: tuple[str, str]
 ) -> None:
     tenant, agent = names
     intruder, other_agent = unique("tenant"), unique("agent")
@@ -335,7 +339,10 @@ async def test_tenants_and_agents_cannot_see_each_others_conversations(
         mine = await store.history("same-id", tenant=who, agent=what)
         assert [t.content for t in mine] == (["intruder's own"] if who == intruder else [])
     assert await store.recent("same-id", tenant=tenant, agent=other_agent, limit=5) == []
-    assert await store.get_conversation("same-id", tenant=tenant, agent=other_agent) is None
+    assert (
+        await store.conversations.get_conversation("same-id", tenant=tenant, agent=other_agent)
+        is None
+    )
     assert not await store.delete_conversation("same-id", tenant=tenant, agent=other_agent)
 
     # The intruder deleting "its" same-id removes only its own.
@@ -345,20 +352,26 @@ async def test_tenants_and_agents_cannot_see_each_others_conversations(
 
 
 async def test_deleting_a_conversation_removes_it_everywhere(
-    store: memory.PostgresRedisStore, raw_redis: aioredis.Redis, names: tuple[str, str]
+    store: memory_store.PostgresRedisStore, raw_redis: aioredis.Redis, names: tuple[str, str]
 ) -> None:
     tenant, agent = names
     await write_dialogue(store, "gone", 3, tenant=tenant, agent=agent)
     await context.save_version(
-        store, context.Layers(persona="p"), tenant=tenant, agent=agent, conversation_id="gone"
+        store.context_versions,
+        context.Layers(persona="p"),
+        tenant=tenant,
+        agent=agent,
+        conversation_id="gone",
     )
     assert await store.delete_conversation("gone", tenant=tenant, agent=agent)
     assert not await store.delete_conversation("gone", tenant=tenant, agent=agent)
-    assert await raw_redis.exists(memory.turns_key("gone", tenant=tenant, agent=agent)) == 0
+    assert await raw_redis.exists(conversations.turns_key("gone", tenant=tenant, agent=agent)) == 0
     assert await store.recent("gone", tenant=tenant, agent=agent, limit=5) == []
     assert await store.history("gone", tenant=tenant, agent=agent) == []
     assert await store.list_conversations(tenant=tenant, agent=agent) == []
-    assert await store.context_version(tenant=tenant, agent=agent, conversation_id="gone") is None
+    assert (
+        await store.context_versions.get(tenant=tenant, agent=agent, conversation_id="gone") is None
+    )
     # A new conversation under the same id starts over.
     await store.append(turn("gone", "user", "fresh start"), tenant=tenant, agent=agent)
     recent = await store.recent("gone", tenant=tenant, agent=agent, limit=5)
@@ -366,12 +379,12 @@ async def test_deleting_a_conversation_removes_it_everywhere(
 
 
 async def test_usage_is_summed_per_tenant_and_month(
-    store: memory.PostgresRedisStore, names: tuple[str, str]
+    store: memory_store.PostgresRedisStore, names: tuple[str, str]
 ) -> None:
     tenant, agent = names
     other_tenant = unique("tenant")
     now = dt.datetime.now(dt.UTC)
-    last_month = memory.month_bounds(now)[0] - dt.timedelta(days=1)
+    last_month = usage_mod.month_bounds(now)[0] - dt.timedelta(days=1)
 
     def usage(who: str, what: str, tokens_in: int, tokens_out: int) -> ports.UsageRecord:
         return ports.UsageRecord(
@@ -391,12 +404,12 @@ async def test_usage_is_summed_per_tenant_and_month(
     await store.record_usage(usage(tenant, agent, 7_000_000, 0), at=last_month)
     await store.record_usage(usage(other_tenant, agent, 999, 999))
 
-    assert await store.tokens_this_month(tenant) == 150 + 15 + 1001
-    assert await store.tokens_this_month(tenant, agent=agent) == 165
-    assert await store.tokens_this_month(tenant, now=last_month) == 7_000_000
-    assert await store.tokens_this_month(other_tenant) == 1998
-    assert await store.tokens_this_month(unique("nobody")) == 0
-    summary = await store.monthly_usage(tenant)
+    assert await store.usage.tokens_this_month(tenant) == 150 + 15 + 1001
+    assert await store.usage.tokens_this_month(tenant, agent=agent) == 165
+    assert await store.usage.tokens_this_month(tenant, now=last_month) == 7_000_000
+    assert await store.usage.tokens_this_month(other_tenant) == 1998
+    assert await store.usage.tokens_this_month(unique("nobody")) == 0
+    summary = await store.usage.monthly(tenant)
     assert summary == [
         {
             "agent": agent,
@@ -418,7 +431,7 @@ async def test_usage_is_summed_per_tenant_and_month(
 
 
 async def test_the_audit_log_refuses_update_and_delete(
-    dsn: str, store: memory.PostgresRedisStore, names: tuple[str, str]
+    dsn: str, store: memory_store.PostgresRedisStore, names: tuple[str, str]
 ) -> None:
     tenant, agent = names
     await store.audit(
@@ -428,10 +441,10 @@ async def test_the_audit_log_refuses_update_and_delete(
         action="conversation.delete",
         detail={"conversation": "c-9", "at": dt.datetime(2024, 1, 2, tzinfo=dt.UTC)},
     )
-    entry_id = await store.audit_entry(
+    entry_id = await store.audits.append(
         tenant=tenant, agent=agent, subject="user|42", action="invoke", detail={}
     )
-    entries = await store.audit_entries(tenant)
+    entries = await store.audits.entries(tenant)
     assert [e["action"] for e in entries] == ["invoke", "conversation.delete"]
     assert entries[1]["detail"] == {"conversation": "c-9", "at": "2024-01-02 00:00:00+00:00"}
 
@@ -446,14 +459,14 @@ async def test_the_audit_log_refuses_update_and_delete(
         assert await conn.fetchval("SELECT count(*) FROM audit_log") == 2
     finally:
         await conn.close()
-    assert [e["action"] for e in await store.audit_entries(tenant, agent=agent)] == [
+    assert [e["action"] for e in await store.audits.entries(tenant, agent=agent)] == [
         "invoke",
         "conversation.delete",
     ]
 
 
 async def test_context_versions_are_written_when_the_layers_change(
-    store: memory.PostgresRedisStore, names: tuple[str, str]
+    store: memory_store.PostgresRedisStore, names: tuple[str, str]
 ) -> None:
     tenant, agent = names
     layers = context.Layers(
@@ -461,23 +474,23 @@ async def test_context_versions_are_written_when_the_layers_change(
         persona="You are John, the PM.",
         artifacts=(context.ArtifactLayer(name="brief.md", version="v1", content="brief"),),
     )
-    first = await context.save_version(store, layers, tenant=tenant, agent=agent)
-    same = await context.save_version(store, layers, tenant=tenant, agent=agent)
+    first = await context.save_version(store.context_versions, layers, tenant=tenant, agent=agent)
+    same = await context.save_version(store.context_versions, layers, tenant=tenant, agent=agent)
     changed = context.Layers(platform="platform", persona="You are John, the PM. Be terse.")
-    second = await context.save_version(store, changed, tenant=tenant, agent=agent)
+    second = await context.save_version(store.context_versions, changed, tenant=tenant, agent=agent)
     scoped = await context.save_version(
-        store, layers, tenant=tenant, agent=agent, conversation_id="c"
+        store.context_versions, layers, tenant=tenant, agent=agent, conversation_id="c"
     )
     assert first == context.SavedVersion(1, created=True)
     assert same == context.SavedVersion(1, created=False)
     assert second == context.SavedVersion(2, created=True)
     assert scoped == context.SavedVersion(1, created=True)  # numbered per conversation
 
-    latest = await store.context_version(tenant=tenant, agent=agent)
+    latest = await store.context_versions.get(tenant=tenant, agent=agent)
     assert latest is not None
     assert latest["version"] == 2
     assert latest["layers"]["persona"] == "You are John, the PM. Be terse."
-    old = await store.context_version(tenant=tenant, agent=agent, version=1)
+    old = await store.context_versions.get(tenant=tenant, agent=agent, version=1)
     assert old is not None
     assert old["layers"]["artifacts"][0]["name"] == "brief.md"
     assert old["sha256"] == layers.digest()
@@ -485,7 +498,10 @@ async def test_context_versions_are_written_when_the_layers_change(
     # Replicas noticing the same change at once create one version, not several.
     racing = context.Layers(platform="platform", persona="Raced.")
     results = await asyncio.gather(
-        *(context.save_version(store, racing, tenant=tenant, agent=agent) for _ in range(8))
+        *(
+            context.save_version(store.context_versions, racing, tenant=tenant, agent=agent)
+            for _ in range(8)
+        )
     )
     assert sorted(r.created for r in results) == [False] * 7 + [True]
     assert {r.version for r in results} == {3}
@@ -493,7 +509,7 @@ async def test_context_versions_are_written_when_the_layers_change(
 
 async def test_ping_needs_both_stores(dsn: str, names: tuple[str, str]) -> None:
     dead_redis = "redis://127.0.0.1:1/0"  # nothing listens on port 1
-    store = await memory.PostgresRedisStore.connect(postgres_dsn=dsn, redis_url=dead_redis)
+    store = await memory_store.PostgresRedisStore.connect(postgres_dsn=dsn, redis_url=dead_redis)
     try:
         assert not await store.ping()
         tenant, agent = names
@@ -505,11 +521,11 @@ async def test_ping_needs_both_stores(dsn: str, names: tuple[str, str]) -> None:
         await store.close()
 
 
-async def test_ping_is_true_when_both_answer(store: memory.PostgresRedisStore) -> None:
+async def test_ping_is_true_when_both_answer(store: memory_store.PostgresRedisStore) -> None:
     assert await store.ping()
 
 
-async def test_bad_names_are_refused(store: memory.PostgresRedisStore) -> None:
+async def test_bad_names_are_refused(store: memory_store.PostgresRedisStore) -> None:
     with pytest.raises(ValueError, match="tenant"):
         await store.append(turn("c", "user", "x"), tenant="a:b", agent="agent")
     with pytest.raises(ValueError, match="conversation id"):
@@ -534,7 +550,7 @@ async def test_the_store_connects_from_binding_settings(
     redis_settings = bindings.RedisSettings(
         url=redis_url, host=rd.hostname or "", port=rd.port or 6379, password=rd.password
     )
-    store = await memory.PostgresRedisStore.from_settings(postgres, redis_settings)
+    store = await memory_store.PostgresRedisStore.from_settings(postgres, redis_settings)
     try:
         assert await store.ping()
         tenant, agent = names

@@ -143,11 +143,16 @@ def test_the_tenant_budget_is_shared_by_two_agents_in_two_processes(
 def test_token_budgets_hold_across_two_processes(redis_url: str, clean_env: dict[str, str]) -> None:
     limits = {"requests_per_minute": 1000, "tokens_per_minute": 1000}
     job = {"prefix": prefix(), "limits": limits, "tenant": "acme", "agent": "dev", "hits": 5}
+    began = time.monotonic()
     outcomes = run_workers(redis_url, [{**job, "tokens": 100}, {**job, "tokens": 100}], clean_env)
     # 1000 tokens a minute, 100 per request: ten requests, whoever sends them.
     assert sum(o.admitted for o in outcomes) == 10
-    more = run_workers(redis_url, [{**job, "tokens": 100, "hits": 3}], clean_env)
-    assert more[0].admitted == 0
+    more = run_workers(redis_url, [{**job, "tokens": 100, "hits": 20}], clean_env)
+    elapsed = time.monotonic() - began
+    # The bucket is empty after the burst and refills 100 tokens every 6 s: however slow
+    # this machine was to start the next process, no more than that refill is admitted.
+    assert more[0].admitted <= int(elapsed // 6)
+    assert more[0].waits, "the burst emptied the bucket: the next requests wait"
     assert set(more[0].limited_by) == {"agent tokens"}
     assert all(0 < w <= 6.0 for w in more[0].waits)  # 100 tokens refill in 6 s
 

@@ -15,8 +15,8 @@ from schemathesis import checks as st_checks
 from schemathesis.specs.openapi import checks as openapi_checks
 
 from bmad_runtime import app as app_mod
-from bmad_runtime import fakes
 from bmad_runtime import settings as settings_mod
+from bmad_runtime.memory import inprocess
 from bmad_runtime.providers import echo, router
 
 pytestmark = pytest.mark.integration
@@ -31,7 +31,7 @@ CHECKS = [
 
 
 def make_app() -> object:
-    store = fakes.InMemoryStore()
+    store = inprocess.InProcessStore()
     return app_mod.create_app(
         # Every value the app reads is given: nothing comes from BMAD_* of the environment.
         settings_mod.RuntimeSettings(
@@ -39,6 +39,7 @@ def make_app() -> object:
             agent_namespace="acme",
             tenant="acme",
             max_request_bytes=64 * 1024,
+            memory_store="inProcess",
         ),
         store=store,
         providers=router.ModelRouter([echo.EchoProvider()]),

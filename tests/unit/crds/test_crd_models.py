@@ -128,6 +128,30 @@ def test_models_can_be_built_with_python_names() -> None:
     assert common.to_json(spec)["autoscaling"]["maxReplicas"] == 4
 
 
+def test_behavior_windows_win_over_the_older_fields() -> None:
+    older = agent.Autoscaling.model_validate(
+        {"scaleUpStabilizationWindowSeconds": 30, "scaleDownStabilizationWindowSeconds": 120}
+    )
+    assert older.stabilization_window_seconds("up") == 30
+    assert older.stabilization_window_seconds("down") == 120
+    both = agent.Autoscaling.model_validate(
+        {
+            "scaleDownStabilizationWindowSeconds": 120,
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": 60}, "scaleUp": {}},
+        }
+    )
+    assert both.stabilization_window_seconds("down") == 60
+    assert both.stabilization_window_seconds("up") == 0
+
+
+def test_scale_to_zero_is_min_zero_or_the_older_flag() -> None:
+    assert agent.Autoscaling.model_validate({"minReplicas": 0}).scales_to_zero()
+    assert agent.Autoscaling.model_validate(
+        {"minReplicas": 2, "scaleToZero": True}
+    ).scales_to_zero()
+    assert not agent.Autoscaling.model_validate({"minReplicas": 2}).scales_to_zero()
+
+
 def test_defaults_match_the_schema_defaults() -> None:
     spec = agent.AgentSpec.model_validate(
         {"role": "dev", "model": {"provider": "echo", "name": "e"}, "autoscaling": {}}
@@ -136,8 +160,14 @@ def test_defaults_match_the_schema_defaults() -> None:
     assert spec.paused is False
     assert spec.autoscaling is not None
     assert spec.autoscaling.min_replicas == 1
-    assert spec.autoscaling.scale_down_stabilization_window_seconds == 300
-    assert spec.autoscaling.polling_interval_seconds == 30
+    assert spec.autoscaling.stabilization_window_seconds("down") == 300
+    assert spec.autoscaling.stabilization_window_seconds("up") == 0
+    assert spec.autoscaling.polling_interval_seconds == 5
+    assert spec.autoscaling.tolerance == 0.1
+    assert spec.autoscaling.engine == "operator"
+    assert spec.autoscaling.scales_to_zero() is False
+    [metric] = spec.autoscaling.effective_metrics()
+    assert (metric.type, metric.target) == ("queueDepth", 5)
     ispec = integration.IntegrationSpec.model_validate(
         {
             "type": "postgres",

@@ -1,10 +1,8 @@
 """`reconcilers.agent.AgentReconciler` against an in-memory API server.
 
-`FakeKube` has the reconciler's view of `kube.Kube` (get, apply, patch_status, event),
-records every call, and behaves like the API server where it matters here: apply
-adds server-side defaults, a uid, a resourceVersion and a generation, and keeps the
-status; patch_status merges into the status. Each test drives passes by hand and
-checks what the reconciler sent: which objects, which status, which events.
+`FakeKube` (fake_kube.py, shared with the other reconcilers' tests) records every
+call and behaves like the API server where it matters here. Each test drives passes
+by hand and checks what the reconciler sent: which objects, which status, which events.
 """
 
 from __future__ import annotations
@@ -17,9 +15,11 @@ from typing import Any
 import pytest
 
 from bmad_crds.v1alpha1 import agent as agent_api
-from bmad_operator import kube, store, workqueue
+from bmad_operator import errors, store
 from bmad_operator.builders import agent as builders
 from bmad_operator.reconcilers import agent as agent_reconciler
+
+from .fake_kube import FakeKube
 
 pytestmark = pytest.mark.unit
 
@@ -29,82 +29,6 @@ NAME = "mary"
 IMAGE = "ghcr.io/bmad/agent-runtime:0.1.0"
 SPEC: Obj = {"role": "analyst", "model": {"provider": "echo", "name": "echo-1"}}
 OWNED = ["ServiceAccount", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget"]
-
-
-class FakeKube:
-    """An in-memory API server with the async methods the reconciler calls."""
-
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str, str], Obj] = {}
-        self.calls: list[tuple[str, str, str]] = []
-        self.applied: list[Obj] = []
-        self.statuses: list[Obj] = []
-        self.events: list[Obj] = []
-        self.refuse: dict[str, kube.ApiError] = {}
-        self.refuse_events = False
-        self._rv = 1000
-
-    def next_rv(self) -> str:
-        self._rv += 1
-        return str(self._rv)
-
-    def reset(self) -> None:
-        self.calls.clear()
-        self.applied.clear()
-        self.statuses.clear()
-        self.events.clear()
-
-    def verbs(self, verb: str) -> list[tuple[str, str, str]]:
-        return [c for c in self.calls if c[0] == verb]
-
-    async def get(self, kind: str, namespace: str | None, name: str) -> Obj | None:
-        self.calls.append(("get", kind, name))
-        found = self.objects.get((kind, namespace or "", name))
-        return copy.deepcopy(found) if found is not None else None
-
-    async def apply(self, obj: Obj) -> Obj:
-        kind, meta = obj["kind"], obj["metadata"]
-        self.calls.append(("apply", kind, meta["name"]))
-        if kind in self.refuse:
-            raise self.refuse[kind]
-        self.applied.append(copy.deepcopy(obj))
-        key = (kind, meta["namespace"], meta["name"])
-        existing = self.objects.get(key)
-        live = copy.deepcopy(obj)
-        live_meta = live["metadata"]
-        live_meta["uid"] = existing["metadata"]["uid"] if existing else f"uid-{kind}-{meta['name']}"
-        live_meta["resourceVersion"] = self.next_rv()
-        live_meta["generation"] = existing["metadata"]["generation"] + 1 if existing else 1
-        live_meta["creationTimestamp"] = "2025-01-01T00:00:00Z"
-        live_meta["managedFields"] = [{"manager": "bmad-operator", "operation": "Apply"}]
-        if kind == "Deployment":
-            live["spec"]["progressDeadlineSeconds"] = 600
-            pod = live["spec"]["template"]["spec"]
-            pod.update(restartPolicy="Always", dnsPolicy="ClusterFirst")
-            for container in pod["containers"]:
-                container.setdefault("imagePullPolicy", "IfNotPresent")
-                container["terminationMessagePath"] = "/dev/termination-log"
-        if kind == "Service":
-            live["spec"]["clusterIP"] = "10.96.0.10"
-            live["spec"]["sessionAffinity"] = "None"
-        if existing is not None and "status" in existing:
-            live["status"] = copy.deepcopy(existing["status"])
-        self.objects[key] = live
-        return copy.deepcopy(live)
-
-    async def patch_status(self, kind: str, namespace: str | None, name: str, status: Obj) -> Obj:
-        self.calls.append(("patch_status", kind, name))
-        self.statuses.append(copy.deepcopy(status))
-        obj = self.objects[(kind, namespace or "", name)]
-        obj["status"] = {**(obj.get("status") or {}), **copy.deepcopy(status)}
-        obj["metadata"]["resourceVersion"] = self.next_rv()
-        return copy.deepcopy(obj)
-
-    async def event(self, involved: Obj, *, type_: str, reason: str, message: str) -> None:
-        self.calls.append(("event", reason, involved["metadata"]["name"]))
-        if self.refuse_events:
-            raise kube.ApiError(403, "Forbidden", "events are forbidden")
-        self.events.append({"type": type_, "reason": reason, "message": message})
 
 
 class Harness:
@@ -135,12 +59,7 @@ class Harness:
             self.seed(integration)
 
     def seed(self, obj: Obj) -> None:
-        """An object that exists on the server and that the watch has delivered."""
-        obj = copy.deepcopy(obj)
-        meta = obj["metadata"]
-        meta.setdefault("resourceVersion", self.api.next_rv())
-        self.api.objects[(obj["kind"], meta.get("namespace", ""), meta["name"])] = obj
-        self.cache.put(copy.deepcopy(obj))
+        self.api.seed(obj, self.cache)
 
     def edit(self, kind: str, name: str, change: Any) -> None:
         """Someone changes a live object (the watch delivers the new version)."""
@@ -424,7 +343,9 @@ async def test_integration_not_ready_carries_its_message() -> None:
     assert any(v.get("secret") for v in pod_template(h)["spec"]["volumes"])
 
 
-async def test_rotated_binding_secret_rolls_the_pods() -> None:
+async def rotate_bound_secret() -> tuple[Harness, str]:
+    """A Ready agent bound to github; its binding Secret changes; one more pass.
+    Returns the harness and the pod template's config hash before the change."""
     spec = {**SPEC, "integrations": ["github"]}
     h = Harness(spec, integrations={"github": integration("github")})
     h.seed(binding_secret("github", "500"))
@@ -434,6 +355,11 @@ async def test_rotated_binding_secret_rolls_the_pods() -> None:
     before = pod_template(h)["metadata"]["annotations"][builders.CONFIG_HASH]
     h.edit("Secret", "github-binding", lambda s: s["data"].update(token="bmV3"))
     await h.run()
+    return h, before
+
+
+async def test_rotated_binding_secret_rolls_the_pods() -> None:
+    h, before = await rotate_bound_secret()
     assert h.applied_kinds() == ["Deployment"]
     after = pod_template(h)["metadata"]["annotations"][builders.CONFIG_HASH]
     assert after != before
@@ -443,14 +369,7 @@ async def test_rotated_binding_secret_rolls_the_pods() -> None:
 
 
 async def test_rotated_binding_secret_is_not_reported_as_drift() -> None:
-    spec = {**SPEC, "integrations": ["github"]}
-    h = Harness(spec, integrations={"github": integration("github")})
-    h.seed(binding_secret("github", "500"))
-    await h.run()
-    h.make_available()
-    await h.run()
-    h.edit("Secret", "github-binding", lambda s: s["data"].update(token="bmV3"))
-    await h.run()
+    h, _ = await rotate_bound_secret()
     assert h.applied_kinds() == ["Deployment"]
     assert "DriftCorrected" not in h.event_reasons()
 
@@ -541,17 +460,17 @@ async def test_unknown_or_deleting_agent_makes_no_calls() -> None:
 
 async def test_refused_apply_raises_for_a_retry() -> None:
     h = Harness()
-    h.api.refuse["Deployment"] = kube.ApiError(403, "Forbidden", 'exceeded quota: "compute"')
+    h.api.refuse["Deployment"] = errors.ApiError(403, "Forbidden", 'exceeded quota: "compute"')
     # A refusal is not transient: the pass reports it and asks to be retried later.
-    with pytest.raises(workqueue.Requeue):
+    with pytest.raises(errors.Requeue):
         await h.run()
     assert h.applied_kinds() == ["ServiceAccount", "ConfigMap"]
 
 
 async def test_refused_apply_is_reported_as_apply_failed() -> None:
     h = Harness()
-    h.api.refuse["Deployment"] = kube.ApiError(403, "Forbidden", 'exceeded quota: "compute"')
-    with contextlib.suppress(workqueue.Requeue):
+    h.api.refuse["Deployment"] = errors.ApiError(403, "Forbidden", 'exceeded quota: "compute"')
+    with contextlib.suppress(errors.Requeue):
         await h.run()
     ready = h.condition("Ready")
     assert (ready["status"], ready["reason"]) == ("False", "ApplyFailed")

@@ -1,7 +1,10 @@
 """`workqueue.WorkQueue`: deduplicated, one reconcile at a time per key, retried.
 
 These run real asyncio workers against small recording reconcile functions; waits
-are bounded (`asyncio.wait_for`) so a broken queue fails instead of hanging.
+are bounded (`asyncio.wait_for`) so a broken queue fails instead of hanging. No test
+sleeps and then concludes that nothing happened: "nothing more ran" is shown by a
+marker key behind the work (one worker runs keys first in, first out) or by the
+delays the queue scheduled, recorded as it schedules them.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ import collections
 import contextlib
 import itertools
 import logging
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 
 import pytest
 
-from bmad_operator import workqueue
+from bmad_operator import errors, workqueue
 
 pytestmark = pytest.mark.unit
 
@@ -39,7 +43,6 @@ class Recorder:
         self.changed = asyncio.Condition()
         self.fail_first = 0
         self.requeue_first: float | None = None
-        self.sleep = 0.0
 
     async def __call__(self, key: Hashable) -> None:
         loop = asyncio.get_running_loop()
@@ -49,15 +52,15 @@ class Recorder:
         self.max_active[key] = max(self.max_active[key], self.active[key])
         self.max_total = max(self.max_total, sum(self.active.values()))
         self.started.set()
+        async with self.changed:
+            self.changed.notify_all()
         try:
             if self.gate is not None:
                 await self.gate.wait()
-            if self.sleep:
-                await asyncio.sleep(self.sleep)
             if n <= self.fail_first:
                 raise RuntimeError(f"failure {n}")
             if self.requeue_first is not None and n == 1:
-                raise workqueue.Requeue(self.requeue_first, "not yet")
+                raise errors.Requeue(self.requeue_first, "not yet")
         finally:
             self.active[key] -= 1
             async with self.changed:
@@ -65,6 +68,13 @@ class Recorder:
 
     def count(self, key: Hashable = KEY) -> int:
         return sum(1 for k, _ in self.calls if k == key)
+
+    async def wait_for_calls_started(self, n: int, key: Hashable = KEY) -> None:
+        async def until() -> None:
+            async with self.changed:
+                await self.changed.wait_for(lambda: self.count(key) >= n)
+
+        await asyncio.wait_for(until(), WAIT)
 
     async def wait_for_calls(self, n: int, key: Hashable = KEY) -> None:
         async def until() -> None:
@@ -94,118 +104,150 @@ async def make_queue() -> AsyncIterator[MakeQueue]:
         await queue.stop()
 
 
-async def _settle(seconds: float = 0.05) -> None:
-    await asyncio.sleep(seconds)
+MARKER = ("team-a", "marker")
+
+
+async def run_marker(queue: workqueue.WorkQueue, recorder: Recorder) -> None:
+    """Queue a marker key and wait for its reconcile. With one worker the queue is
+    first in, first out: whatever was queued before the marker has run by then."""
+    queue.add(MARKER)
+    await recorder.wait_for_calls(1, MARKER)
+
+
+@pytest.fixture
+def no_jitter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backoff delays without their +-20% jitter, so they can be compared exactly."""
+    monkeypatch.setattr(random, "uniform", lambda low, high: (low + high) / 2)
+
+
+def record_scheduling(
+    queue: workqueue.WorkQueue, monkeypatch: pytest.MonkeyPatch
+) -> list[tuple[Hashable, float]]:
+    """Every (key, delay) the queue schedules for later (retries, requeues)."""
+    scheduled: list[tuple[Hashable, float]] = []
+    original = queue.add_after
+
+    def add_after(key: Hashable, delay: float) -> None:
+        scheduled.append((key, delay))
+        original(key, delay)
+
+    monkeypatch.setattr(queue, "add_after", add_after)
+    return scheduled
 
 
 async def test_many_adds_while_idle_make_one_reconcile(
     recorder: Recorder, make_queue: MakeQueue
 ) -> None:
-    queue = make_queue(recorder, workers=4)
+    queue = make_queue(recorder, workers=1)
     for _ in range(50):
         queue.add(KEY)
     assert len(queue) == 1
-    await recorder.wait_for_calls(1)
-    await _settle()
+    await run_marker(queue, recorder)
     assert recorder.count() == 1
     assert len(queue) == 0
 
 
 async def test_distinct_keys_each_reconcile_once(recorder: Recorder, make_queue: MakeQueue) -> None:
-    queue = make_queue(recorder, workers=4)
+    queue = make_queue(recorder, workers=1)
     keys = [("ns", f"a{i}") for i in range(10)]
     for _ in range(3):
         for key in keys:
             queue.add(key)
     assert len(queue) == 10
-    for key in keys:
-        await recorder.wait_for_calls(1, key)
-    await _settle()
-    assert sorted(str(k) for k, _ in recorder.calls) == sorted(str(k) for k in keys)
+    await run_marker(queue, recorder)
+    assert sorted(str(k) for k, _ in recorder.calls if k != MARKER) == sorted(str(k) for k in keys)
 
 
+@pytest.mark.timeout(60)  # a queue that re-runs a key forever starves the loop: fail, not hang
 async def test_add_during_reconcile_runs_exactly_once_more(
     recorder: Recorder, make_queue: MakeQueue
 ) -> None:
     recorder.gate = asyncio.Event()
-    queue = make_queue(recorder, workers=4)
+    queue = make_queue(recorder, workers=1)
     queue.add(KEY)
     await asyncio.wait_for(recorder.started.wait(), WAIT)
     for _ in range(5):
         queue.add(KEY)  # while the first pass runs
-    await _settle(0.02)
-    assert recorder.count() == 1, "a second reconcile of the same key started concurrently"
+    assert len(queue) == 0, "a key being reconciled was queued again instead of marked"
     recorder.gate.set()
     await recorder.wait_for_calls(2)
-    await _settle()
+    await run_marker(queue, recorder)
     assert recorder.count() == 2
-    assert recorder.max_active[KEY] == 1
 
 
 async def test_never_two_concurrent_reconciles_of_one_key(
     recorder: Recorder, make_queue: MakeQueue
 ) -> None:
-    recorder.sleep = 0.005
+    recorder.gate = asyncio.Event()
     queue = make_queue(recorder, workers=8)
     other = ("team-a", "john")
-    for _ in range(40):
+    queue.add(KEY)
+    queue.add(other)
+    await recorder.wait_for_calls_started(1)
+    await recorder.wait_for_calls_started(1, other)
+    # Both keys are being reconciled and six workers are free: more events for
+    # either key must wait for its running pass, not start a second one.
+    for _ in range(20):
         queue.add(KEY)
         queue.add(other)
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(0)
+    recorder.gate.set()
     await recorder.wait_for_calls(2)
     await recorder.wait_for_calls(2, other)
-    await _settle(0.05)
     assert recorder.max_active[KEY] == 1
     assert recorder.max_active[other] == 1
-    assert recorder.count() >= 2
     # ...while different keys do run side by side.
     assert recorder.max_total == 2
 
 
 async def test_failures_are_retried_with_backoff_then_succeed(
-    recorder: Recorder, make_queue: MakeQueue, caplog: pytest.LogCaptureFixture
+    recorder: Recorder,
+    make_queue: MakeQueue,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    no_jitter: None,
 ) -> None:
     base = 0.02
     recorder.fail_first = 3
-    queue = make_queue(recorder, workers=2, base_backoff=base, max_backoff=10.0)
+    queue = make_queue(recorder, workers=1, base_backoff=base, max_backoff=10.0)
+    scheduled = record_scheduling(queue, monkeypatch)
     with caplog.at_level(logging.ERROR, logger="bmad_operator.workqueue"):
         queue.add(KEY)
         await recorder.wait_for_calls(4)
-    await _settle(0.1)
-    assert recorder.count() == 4  # three failures, one success, then quiet
+    assert recorder.count() == 4  # three failures, one success
+    # Exponential: base, 2*base, 4*base; nothing scheduled after the success.
+    assert scheduled == [(KEY, base), (KEY, 2 * base), (KEY, 4 * base)]
     times = [t for _, t in recorder.calls]
-    gaps = [b - a for a, b in itertools.pairwise(times)]
-    # Exponential with +-20% jitter: base, 2*base, 4*base.
-    for n, gap in enumerate(gaps[:3]):
-        assert gap >= 0.8 * base * 2**n - 0.002, gaps
-    assert gaps[2] > gaps[0], gaps
+    for n, gap in enumerate(b - a for a, b in itertools.pairwise(times)):
+        assert gap >= base * 2**n - 0.002, times  # a timer never fires early
     assert len([r for r in caplog.records if "failed" in r.getMessage()]) == 3
 
 
-async def test_backoff_is_capped(recorder: Recorder, make_queue: MakeQueue) -> None:
+async def test_backoff_is_capped(
+    recorder: Recorder, make_queue: MakeQueue, monkeypatch: pytest.MonkeyPatch, no_jitter: None
+) -> None:
     recorder.fail_first = 4
-    queue = make_queue(recorder, workers=1, base_backoff=0.02, max_backoff=0.02)
-    loop = asyncio.get_running_loop()
-    start = loop.time()
+    queue = make_queue(recorder, workers=1, base_backoff=0.02, max_backoff=0.03)
+    scheduled = record_scheduling(queue, monkeypatch)
     queue.add(KEY)
     await recorder.wait_for_calls(5)
-    # Uncapped, 0.02 * (1 + 2 + 4 + 8) = 0.3s; capped, 4 * 0.02 * 1.2 at most.
-    assert loop.time() - start < 0.25
+    # Uncapped: 0.02, 0.04, 0.08, 0.16.
+    assert [delay for _, delay in scheduled] == [0.02, 0.03, 0.03, 0.03]
 
 
-async def test_success_resets_the_backoff(recorder: Recorder, make_queue: MakeQueue) -> None:
+async def test_success_resets_the_backoff(
+    recorder: Recorder, make_queue: MakeQueue, monkeypatch: pytest.MonkeyPatch, no_jitter: None
+) -> None:
     recorder.fail_first = 3
-    queue = make_queue(recorder, workers=1, base_backoff=0.05, max_backoff=10.0)
+    queue = make_queue(recorder, workers=1, base_backoff=0.01, max_backoff=10.0)
+    scheduled = record_scheduling(queue, monkeypatch)
     queue.add(KEY)
     await recorder.wait_for_calls(4)
     # A new failure after a success starts again from the base delay.
     recorder.fail_first = 5
-    loop = asyncio.get_running_loop()
     queue.add(KEY)
-    await recorder.wait_for_calls(5)
-    failed_at = loop.time()
     await recorder.wait_for_calls(6)
-    assert loop.time() - failed_at < 0.05 * 1.2 + 0.1
+    assert [delay for _, delay in scheduled] == [0.01, 0.02, 0.04, 0.01]
 
 
 async def test_an_add_cancels_a_pending_backoff(recorder: Recorder, make_queue: MakeQueue) -> None:
@@ -215,35 +257,39 @@ async def test_an_add_cancels_a_pending_backoff(recorder: Recorder, make_queue: 
     await recorder.wait_for_calls(1)
     queue.add(KEY)  # a new event: reconcile now, not in 30 seconds
     await recorder.wait_for_calls(2)
-    await _settle()
-    assert recorder.count() == 2
+    # The 30 s timer is gone: a new, short one is accepted (a key keeps one timer).
+    queue.add_after(KEY, 0.01)
+    await recorder.wait_for_calls(3)
 
 
-async def test_requeue_schedules_a_later_run(recorder: Recorder, make_queue: MakeQueue) -> None:
+async def test_requeue_schedules_a_later_run(
+    recorder: Recorder, make_queue: MakeQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
     recorder.requeue_first = 0.1
-    queue = make_queue(recorder, workers=2, base_backoff=10.0)
+    queue = make_queue(recorder, workers=1, base_backoff=10.0)
+    scheduled = record_scheduling(queue, monkeypatch)
     queue.add(KEY)
-    await recorder.wait_for_calls(1)
-    await _settle(0.03)
-    assert recorder.count() == 1  # not immediately
     await recorder.wait_for_calls(2)
+    # The requeue delay, not the failure backoff; nothing more after the second pass.
+    assert scheduled == [(KEY, 0.1)]
     (_, first), (_, second) = recorder.calls
     assert second - first >= 0.1 - 0.002
-    assert second - first < 5.0  # the requeue delay, not the failure backoff
-    await _settle()
-    assert recorder.count() == 2
 
 
 async def test_add_after_and_forget(recorder: Recorder, make_queue: MakeQueue) -> None:
     queue = make_queue(recorder, workers=1)
+    loop = asyncio.get_running_loop()
+    scheduled_at = loop.time()
     queue.add_after(KEY, 0.05)
     queue.add_after(KEY, 0.01)  # already scheduled: ignored
-    await _settle(0.02)
-    assert recorder.count() == 0
     await recorder.wait_for_calls(1)
+    assert recorder.calls[0][1] - scheduled_at >= 0.05 - 0.002
     queue.add_after(KEY, 0.03)
     queue.forget(KEY)  # a deleted object: its timer goes too
-    await _settle(0.08)
+    # Timers fire in deadline order: had the 0.03 s one survived, KEY would be
+    # queued before the marker.
+    queue.add_after(MARKER, 0.06)
+    await recorder.wait_for_calls(1, MARKER)
     assert recorder.count() == 1
 
 
@@ -269,8 +315,11 @@ async def test_stop_cancels_workers_and_timers(recorder: Recorder) -> None:
     assert cancelled.is_set()
     assert all(t.done() for t in tasks)
     assert all(t.cancelled() for t in tasks)
-    await _settle(0.1)
-    assert recorder.count(("ns", "later")) == 0
+    # Past the 0.05 s timer's deadline: a timer that survived would have queued its key.
+    past = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.1, past.set)
+    await asyncio.wait_for(past.wait(), WAIT)
+    assert len(queue) == 0
 
 
 async def test_a_key_that_keeps_failing_is_retried_forever(

@@ -4,7 +4,7 @@ readiness, metrics and the OpenAPI document."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import fastapi
@@ -12,7 +12,9 @@ import httpx
 import pytest
 
 from bmad_runtime import app as app_mod
-from bmad_runtime import context, fakes, ports, settings
+from bmad_runtime import context, ports, settings
+from bmad_runtime.api import deps
+from bmad_runtime.memory import inprocess
 from bmad_runtime.providers import base, echo, router
 
 pytestmark = pytest.mark.unit
@@ -26,14 +28,59 @@ def _no_runtime_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+class StaticAuthenticator:
+    """Knows a fixed set of Bearer tokens."""
+
+    def __init__(self, tokens: Mapping[str, ports.Principal]) -> None:
+        self.tokens = dict(tokens)
+
+    async def authenticate(self, authorization: str | None) -> ports.Principal:
+        if not authorization:
+            raise ports.AuthError(
+                401, "missing_token", "send an Authorization: Bearer <token> header"
+            )
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ports.AuthError(
+                401, "invalid_request", "the Authorization header must be 'Bearer <token>'"
+            )
+        principal = self.tokens.get(token.strip())
+        if principal is None:
+            raise ports.AuthError(401, "invalid_token", "the token is not valid")
+        return principal
+
+
+class CountingLimiter:
+    """Allows ``allow`` hits per tenant and agent, then asks to wait ``wait``."""
+
+    def __init__(self, allow: int, *, wait: float = 1.0) -> None:
+        self.allow = allow
+        self.wait = wait
+        self.hits: list[tuple[str, str, int]] = []
+
+    async def hit(self, *, tenant: str, agent: str, tokens: int = 0) -> float | None:
+        self.hits.append((tenant, agent, tokens))
+        count = sum(1 for t, a, _ in self.hits if t == tenant and a == agent)
+        return None if count <= self.allow else self.wait
+
+
+class SwitchableStore(inprocess.InProcessStore):
+    """An in-process store whose ping the test turns off and on."""
+
+    healthy = True
+
+    async def ping(self) -> bool:
+        return self.healthy
+
+
 TENANT = "team-a"
 SECRET = "sk-live-do-not-leak-4242"
 
 PRINCIPALS = {
-    "all": ports.Principal("alice", TENANT, app_mod.ALL_SCOPES),
-    "reader": ports.Principal("rita", TENANT, frozenset({app_mod.SCOPE_READ})),
-    "invoker": ports.Principal("ivan", TENANT, frozenset({app_mod.SCOPE_INVOKE})),
-    "other-tenant": ports.Principal("oscar", "team-b", app_mod.ALL_SCOPES),
+    "all": ports.Principal("alice", TENANT, deps.ALL_SCOPES),
+    "reader": ports.Principal("rita", TENANT, frozenset({deps.SCOPE_READ})),
+    "invoker": ports.Principal("ivan", TENANT, frozenset({deps.SCOPE_INVOKE})),
+    "other-tenant": ports.Principal("oscar", "team-b", deps.ALL_SCOPES),
 }
 
 
@@ -49,7 +96,7 @@ def make_app(
     values.update(overrides)
     return app_mod.create_app(
         settings.RuntimeSettings(**values),
-        store=store or fakes.InMemoryStore(),
+        store=store or inprocess.InProcessStore(),
         providers=router.ModelRouter([provider or echo.EchoProvider()], ready_ttl=0),
         authenticator=authenticator,
         limiter=limiter,
@@ -65,7 +112,7 @@ async def serve(app: fastapi.FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture
 async def secured() -> AsyncIterator[httpx.AsyncClient]:
-    async for client in serve(make_app(authenticator=fakes.StaticAuthenticator(PRINCIPALS))):
+    async for client in serve(make_app(authenticator=StaticAuthenticator(PRINCIPALS))):
         yield client
 
 
@@ -142,7 +189,7 @@ async def test_auth_comes_before_body_validation(secured: httpx.AsyncClient) -> 
 
 
 async def test_rate_limit_is_429_with_retry_after() -> None:
-    limiter = fakes.CountingLimiter(allow=1, wait=2.2)
+    limiter = CountingLimiter(allow=1, wait=2.2)
     async for client in serve(make_app(limiter=limiter)):
         first = await client.post("/v1/invoke", json={"input": "one two three"})
         second = await client.post("/v1/invoke", json={"input": "again"})
@@ -155,7 +202,7 @@ async def test_rate_limit_is_429_with_retry_after() -> None:
 
 
 async def test_a_short_wait_still_says_retry_after_one_second() -> None:
-    async for client in serve(make_app(limiter=fakes.CountingLimiter(allow=0, wait=0.01))):
+    async for client in serve(make_app(limiter=CountingLimiter(allow=0, wait=0.01))):
         response = await client.post("/v1/invoke", json={"input": "x"})
     assert response.headers["retry-after"] == "1"
 
@@ -228,7 +275,7 @@ async def test_malformed_json_is_422() -> None:
     assert_error(response, 422, "validation_error")
 
 
-class LeakyStore(fakes.InMemoryStore):
+class LeakyStore(inprocess.InProcessStore):
     async def record_usage(self, record: ports.UsageRecord) -> None:
         raise RuntimeError(f"connection to postgres://bmad:{SECRET}@db failed")
 
@@ -251,7 +298,7 @@ async def test_an_unexpected_error_is_a_bare_500(caplog: pytest.LogCaptureFixtur
 
 
 async def test_readiness_follows_the_store_and_the_primary_model() -> None:
-    store = fakes.InMemoryStore()
+    store = SwitchableStore()
     model = echo.ScriptedProvider(["x"], reachable=True)
     async for client in serve(make_app(store=store, provider=model)):
         ready = await client.get("/readyz")
@@ -262,11 +309,18 @@ async def test_readiness_follows_the_store_and_the_primary_model() -> None:
         no_model = await client.get("/readyz")
         alive = await client.get("/healthz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "checks": {"store": True, "model": True}}
+    assert ready.json() == {
+        "status": "ready",
+        "checks": {"store": True, "model": True},
+        "memoryStore": "durable",
+        "message": None,
+    }
     assert no_store.status_code == 503
     assert no_store.json()["checks"] == {"store": False, "model": True}
+    assert no_store.json()["message"] == "the conversation store does not answer"
     assert no_model.status_code == 503
     assert no_model.json()["checks"] == {"store": True, "model": False}
+    assert "primary model" in no_model.json()["message"]
     assert alive.status_code == 200
     assert alive.json() == {"status": "ok"}
 
@@ -298,7 +352,7 @@ async def test_two_apps_keep_their_own_metrics() -> None:
 
 
 async def test_openapi_documents_models_errors_and_the_bearer_scheme() -> None:
-    async for client in serve(make_app(authenticator=fakes.StaticAuthenticator({}))):
+    async for client in serve(make_app(authenticator=StaticAuthenticator({}))):
         document = (await client.get("/openapi.json")).json()
     invoke = document["paths"]["/v1/invoke"]["post"]
     assert set(invoke["responses"]) >= {"200", "401", "403", "413", "422", "429", "500", "502"}

@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from bmad_runtime import app as app_mod
-from bmad_runtime import config, fakes, ports, settings
+from bmad_runtime import config, ports, settings
+from bmad_runtime.memory import inprocess
 from bmad_runtime.providers import base, echo, router
 
 pytestmark = pytest.mark.unit
@@ -50,8 +51,8 @@ def make_app(
 
 
 @pytest.fixture
-async def store() -> fakes.InMemoryStore:
-    return fakes.InMemoryStore()
+async def store() -> inprocess.InProcessStore:
+    return inprocess.InProcessStore()
 
 
 async def serve(app: fastapi.FastAPI) -> AsyncIterator[httpx.AsyncClient]:
@@ -62,7 +63,7 @@ async def serve(app: fastapi.FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture
-async def client(store: fakes.InMemoryStore) -> AsyncIterator[httpx.AsyncClient]:
+async def client(store: inprocess.InProcessStore) -> AsyncIterator[httpx.AsyncClient]:
     async for c in serve(make_app(store)):
         yield c
 
@@ -78,7 +79,7 @@ def parse_sse(text: str) -> list[tuple[str, Any]]:
 
 
 async def test_invoke_answers_with_echo_and_usage(
-    client: httpx.AsyncClient, store: fakes.InMemoryStore
+    client: httpx.AsyncClient, store: inprocess.InProcessStore
 ) -> None:
     response = await client.post("/v1/invoke", json={"input": "hello there world"})
 
@@ -109,7 +110,7 @@ async def test_invoke_answers_with_echo_and_usage(
 
 
 async def test_invoke_streams_server_sent_events(
-    client: httpx.AsyncClient, store: fakes.InMemoryStore
+    client: httpx.AsyncClient, store: inprocess.InProcessStore
 ) -> None:
     response = await client.post("/v1/invoke", json={"input": "stream me please", "stream": True})
 
@@ -130,7 +131,7 @@ async def test_invoke_streams_server_sent_events(
 
 
 async def test_conversation_continues_on_a_second_app_sharing_the_store(
-    store: fakes.InMemoryStore,
+    store: inprocess.InProcessStore,
 ) -> None:
     first_model = echo.ScriptedProvider(["Mary here."], model="scripted-a")
     second_model = echo.ScriptedProvider(["Still Mary."], model="scripted-b")
@@ -166,7 +167,7 @@ async def test_conversation_continues_on_a_second_app_sharing_the_store(
 
 
 async def test_persona_and_instructions_are_the_system_layer(
-    store: fakes.InMemoryStore,
+    store: inprocess.InProcessStore,
 ) -> None:
     model = echo.ScriptedProvider(["ok"])
     agent_config = config.parse(
@@ -187,7 +188,7 @@ async def test_persona_and_instructions_are_the_system_layer(
     assert model.params_seen == [{"max_tokens": 50}]
 
 
-async def test_a_stateless_agent_keeps_no_turns(store: fakes.InMemoryStore) -> None:
+async def test_a_stateless_agent_keeps_no_turns(store: inprocess.InProcessStore) -> None:
     stateless = config.parse(
         {"role": "qa", "model": {"provider": "echo", "name": "echo-1"}, "memory": {"turns": 0}}
     )
@@ -198,7 +199,7 @@ async def test_a_stateless_agent_keeps_no_turns(store: fakes.InMemoryStore) -> N
     assert len(store.usage) == 1
 
 
-async def test_failover_names_the_fallback_model(store: fakes.InMemoryStore) -> None:
+async def test_failover_names_the_fallback_model(store: inprocess.InProcessStore) -> None:
     primary = echo.ScriptedProvider(["never"], model="primary-1", fail_times=99)
     fallback = echo.ScriptedProvider(["from the fallback"], model="fallback-1", name="echo")
     async for client in serve(make_app(store, primary, fallback)):
@@ -209,7 +210,7 @@ async def test_failover_names_the_fallback_model(store: fakes.InMemoryStore) -> 
     assert store.usage[0].model == "fallback-1"
 
 
-async def test_every_model_failing_is_a_502_naming_them(store: fakes.InMemoryStore) -> None:
+async def test_every_model_failing_is_a_502_naming_them(store: inprocess.InProcessStore) -> None:
     primary = echo.ScriptedProvider(["x"], model="primary-1", fail_times=99)
     fallback = echo.ScriptedProvider(["x"], model="fallback-1", fail_times=99, failure_status=503)
     async for client in serve(make_app(store, primary, fallback)):
@@ -225,7 +226,7 @@ async def test_every_model_failing_is_a_502_naming_them(store: fakes.InMemorySto
 
 
 async def test_every_model_rate_limited_is_a_503_with_retry_after(
-    store: fakes.InMemoryStore,
+    store: inprocess.InProcessStore,
 ) -> None:
     limited = echo.ScriptedProvider(["x"], fail_times=99, failure_status=429)
     async for client in serve(make_app(store, limited)):
@@ -244,7 +245,7 @@ class BreaksMidStream(echo.EchoProvider):
 
 
 async def test_a_stream_that_breaks_after_starting_ends_with_an_error_event(
-    store: fakes.InMemoryStore,
+    store: inprocess.InProcessStore,
 ) -> None:
     fallback = echo.ScriptedProvider(["unused"])
     async for client in serve(make_app(store, BreaksMidStream(), fallback)):
@@ -259,7 +260,7 @@ async def test_a_stream_that_breaks_after_starting_ends_with_an_error_event(
 
 
 async def test_unknown_conversation_is_404_and_delete_is_audited(
-    client: httpx.AsyncClient, store: fakes.InMemoryStore
+    client: httpx.AsyncClient, store: inprocess.InProcessStore
 ) -> None:
     missing = await client.get("/v1/conversations/nope/messages")
     assert missing.status_code == 404
@@ -277,7 +278,7 @@ async def test_unknown_conversation_is_404_and_delete_is_audited(
 
 
 async def test_conversations_of_another_tenant_are_invisible(
-    store: fakes.InMemoryStore,
+    store: inprocess.InProcessStore,
 ) -> None:
     other = ports.Turn("theirs", "user", "secret plans", dt.datetime.now(dt.UTC))
     await store.append(other, tenant="team-b", agent="analyst-1")
@@ -291,7 +292,9 @@ async def test_conversations_of_another_tenant_are_invisible(
     assert ("team-b", "analyst-1", "theirs") in store.conversations
 
 
-async def test_the_remembered_window_starts_with_a_question(store: fakes.InMemoryStore) -> None:
+async def test_the_remembered_window_starts_with_a_question(
+    store: inprocess.InProcessStore,
+) -> None:
     model = echo.ScriptedProvider(["a1", "a2", "a3"])
     three_turns = config.parse(
         {"role": "qa", "model": {"provider": "echo", "name": "echo-1"}, "memory": {"turns": 3}}
@@ -323,7 +326,7 @@ class _SlowEcho(echo.EchoProvider):
 
 
 async def test_concurrency_limit_answers_429_while_every_slot_is_busy(
-    store: fakes.InMemoryStore,
+    store: inprocess.InProcessStore,
 ) -> None:
     slow = _SlowEcho()
     agent_config = config.echo_config(agent="analyst-1").model_copy(

@@ -12,8 +12,11 @@ from typing import Any
 import httpx
 import pytest
 
-from bmad_runtime import app as app_mod
-from bmad_runtime import config, fakes, settings, telemetry
+from bmad_crds.v1alpha1 import agent as agent_api
+from bmad_operator.builders import agent as agent_builders
+from bmad_runtime import config, settings, telemetry, wiring
+from bmad_runtime.api import deps
+from bmad_runtime.memory import inprocess
 
 pytestmark = pytest.mark.unit
 
@@ -182,7 +185,7 @@ def agent_json(tmp_path: Path, **extra: Any) -> Path:
     return path
 
 
-async def test_default_app_runs_on_echo_without_datastores(
+async def test_default_app_in_process_mode_runs_on_echo_without_datastores(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     runtime_settings = settings.RuntimeSettings(
@@ -191,12 +194,13 @@ async def test_default_app_runs_on_echo_without_datastores(
         agent_config=agent_json(tmp_path),
         binding_root=tmp_path / "no-bindings",
         auth_enabled=False,
+        memory_store="inProcess",
     )
-    app = app_mod.create_default_app(runtime_settings)
+    app = wiring.create_default_app(runtime_settings)
     with caplog.at_level(logging.WARNING):
         async with app.router.lifespan_context(app):
-            state: app_mod.RuntimeState = app.state.runtime
-            assert isinstance(state.store, fakes.InMemoryStore)
+            state: deps.RuntimeState = app.state.runtime
+            assert isinstance(state.store, inprocess.InProcessStore)
             assert state.authenticator is None
             assert state.limiter is None
             transport = httpx.ASGITransport(app=app)
@@ -205,6 +209,7 @@ async def test_default_app_runs_on_echo_without_datastores(
                 ready = await client.get("/readyz")
     assert answer.json()["output"] == "[echo-7] hi"
     assert ready.status_code == 200
+    assert ready.json()["memoryStore"] == "inProcess"
     assert "kept in this process only" in caplog.text
     assert "authentication is off" in caplog.text
 
@@ -213,7 +218,7 @@ async def test_default_app_with_auth_needs_an_auth0_binding(tmp_path: Path) -> N
     runtime_settings = settings.RuntimeSettings(
         agent_config=agent_json(tmp_path), binding_root=tmp_path, auth_enabled=True
     )
-    app = app_mod.create_default_app(runtime_settings)
+    app = wiring.create_default_app(runtime_settings)
     with pytest.raises(config.ConfigError, match="no Integration of type auth0"):
         async with app.router.lifespan_context(app):
             pass
@@ -235,7 +240,7 @@ async def test_default_app_verifies_tokens_with_the_auth0_binding(tmp_path: Path
         agent_config=agent_json(tmp_path),
         binding_root=tmp_path / "bindings",
     )
-    app = app_mod.create_default_app(runtime_settings)
+    app = wiring.create_default_app(runtime_settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://a") as client:
@@ -246,23 +251,71 @@ async def test_default_app_verifies_tokens_with_the_auth0_binding(tmp_path: Path
     assert "bearerAuth" in document["components"]["securitySchemes"]
 
 
-async def test_default_app_refuses_half_a_datastore(tmp_path: Path) -> None:
+async def probe_default_app(
+    runtime_settings: settings.RuntimeSettings,
+) -> tuple[httpx.Response, httpx.Response, deps.RuntimeState]:
+    """/readyz and one invoke of the production app, and its state while it served."""
+    app = wiring.create_default_app(runtime_settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://a") as client:
+            ready = await client.get("/readyz")
+            answer = await client.post("/v1/invoke", json={"input": "hi"})
+            listed = await client.get("/v1/conversations")
+        assert listed.status_code == answer.status_code
+        return ready, answer, app.state.runtime
+
+
+async def test_durable_memory_without_datastores_serves_not_ready_and_says_what_to_bind(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    runtime_settings = settings.RuntimeSettings(
+        agent_config=agent_json(tmp_path), binding_root=tmp_path, auth_enabled=False
+    )
+    assert runtime_settings.memory_store == "durable"  # the default: never a silent fallback
+
+    with caplog.at_level(logging.ERROR):
+        ready, answer, state = await probe_default_app(runtime_settings)
+
+    assert ready.status_code == 503
+    body = ready.json()
+    assert body["checks"]["store"] is False
+    assert body["memoryStore"] == "durable"
+    assert "no postgres and no redis is bound" in body["message"]
+    assert "Integrations of type postgres and redis" in body["message"]
+    assert "spec.memory.store: inProcess" in body["message"]
+    assert "not ready: spec.memory.store is durable but no postgres and no redis" in caplog.text
+    assert answer.status_code == 503
+    assert answer.json()["error"]["code"] == "store_unavailable"
+    assert not isinstance(state.store, inprocess.InProcessStore)
+
+
+async def test_durable_memory_with_half_a_datastore_names_the_missing_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     runtime_settings = settings.RuntimeSettings(
         agent_config=agent_json(tmp_path),
         binding_root=tmp_path,
         auth_enabled=False,
         redis_url="redis://127.0.0.1:1/0",
     )
-    app = app_mod.create_default_app(runtime_settings)
-    with pytest.raises(config.ConfigError, match="no postgres one"):
-        async with app.router.lifespan_context(app):
-            pass
+
+    with caplog.at_level(logging.WARNING):
+        ready, answer, _ = await probe_default_app(runtime_settings)
+
+    assert ready.status_code == 503
+    message = ready.json()["message"]
+    assert "no postgres is bound" in message
+    assert "an Integration of type postgres (or set BMAD_POSTGRES_DSN)" in message
+    assert answer.json()["error"]["code"] == "store_unavailable"
+    # Redis is bound, but tasks would only fail without the store: none are consumed.
+    assert "the task consumer is not started" in caplog.text
 
 
 def test_default_app_fails_fast_on_a_broken_config(tmp_path: Path) -> None:
     runtime_settings = settings.RuntimeSettings(agent_config=tmp_path / "missing.json")
     with pytest.raises(config.ConfigError, match="BMAD_AGENT_CONFIG"):
-        app_mod.create_default_app(runtime_settings)
+        wiring.create_default_app(runtime_settings)
 
 
 async def test_auth_is_automatic_on_only_with_an_auth0_binding(
@@ -273,7 +326,31 @@ async def test_auth_is_automatic_on_only_with_an_auth0_binding(
         agent_config=agent_json(tmp_path), binding_root=tmp_path / "none"
     )
     assert runtime_settings.auth_enabled is None
-    app = app_mod.create_default_app(runtime_settings)
+    app = wiring.create_default_app(runtime_settings)
     async with app.router.lifespan_context(app):
         pass
     assert "authentication is off" in caplog.text
+
+
+@pytest.mark.parametrize("store", [None, "durable", "inProcess"])
+def test_the_memory_mode_the_operator_renders_is_the_one_the_runtime_reads(
+    monkeypatch: pytest.MonkeyPatch, store: str | None
+) -> None:
+    spec: dict[str, Any] = {"role": "dev", "model": {"provider": "echo", "name": "echo-1"}}
+    if store is not None:
+        spec["memory"] = {"store": store}
+    body = {"metadata": {"name": "dev-1", "namespace": "acme", "uid": "u-1"}, "spec": spec}
+    objects = agent_builders.build_all(
+        body,
+        agent_api.AgentSpec.model_validate(spec),
+        image="bmad:test",
+        bindings=[],
+        secret_versions={},
+    )
+    [deployment] = [o for o in objects if o["kind"] == "Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    for var in container["env"]:
+        if "value" in var:
+            monkeypatch.setenv(var["name"], var["value"])
+
+    assert settings.RuntimeSettings().memory_store == (store or "durable")

@@ -1,9 +1,9 @@
 """The consume loop's decisions, on an in-memory stand-in for the stream and group.
 
-`FakeBus` replaces the five Redis-facing steps of `TaskBus` (read new entries, claim
-idle ones, finish, dead-letter, ensure the group) with a queue, a pending-entries
-list and dicts, so retries, dead-lettering, concurrency and the graceful shutdown can
-be tested without a server. The Lua scripts and the real commands are tested against
+`FakeBus` is a `consumer.Source` (read new entries, claim idle ones, finish,
+dead-letter, ensure the group) made of a queue, a pending-entries list and dicts, so
+retries, dead-lettering, concurrency and the graceful shutdown can be tested without
+a server. The Lua scripts and the real commands are tested against
 the test bed's Redis in tests/integration/runtime/test_bus_live.py.
 """
 
@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from bmad_runtime import bus
+from bmad_integrations import taskwire
+from bmad_runtime.bus import client, consumer
 
 pytestmark = pytest.mark.unit
 
@@ -30,19 +31,19 @@ class Pending:
     since: float
 
 
-class FakeBus(bus.TaskBus):
-    def __init__(self, config: bus.BusConfig | None = None) -> None:  # no Redis at all
-        self.keys = bus.Keys("acme", "dev")
-        self.config = config or bus.BusConfig(min_idle_ms=30, max_attempts=3)
+class FakeBus:
+    def __init__(self, config: client.BusConfig | None = None) -> None:
+        self.keys = taskwire.Keys("acme", "dev")
+        self.config = config or client.BusConfig(min_idle_ms=30, max_attempts=3)
         self.new: list[tuple[str, dict[str, str]]] = []
         self.pel: dict[str, Pending] = {}
-        self.results: dict[str, bus.TaskResult] = {}
+        self.results: dict[str, taskwire.TaskResult] = {}
         self.dead: list[tuple[str, str]] = []  # (message id, error)
         self.acked: list[str] = []
         self.seq = 0
 
     def add(self, task_id: str, payload: dict[str, Any] | None = None) -> str:
-        return self.add_raw({"task_id": task_id, "payload": bus.encode_payload(payload or {})})
+        return self.add_raw({"task_id": task_id, "payload": taskwire.encode_payload(payload or {})})
 
     def add_raw(self, fields: dict[str, str]) -> str:
         self.seq += 1
@@ -53,16 +54,18 @@ class FakeBus(bus.TaskBus):
     async def ensure_group(self, *, force: bool = False) -> None:
         return None
 
-    async def _read(self, consumer: str, *, count: int, block_ms: int) -> list[bus.Task]:
+    async def read(self, consumer: str, *, count: int, block_ms: int) -> list[taskwire.Task]:
         if not self.new:
             await asyncio.sleep(min(block_ms, 10) / 1000)
             return []
         taken, self.new = self.new[:count], self.new[count:]
         for mid, fields in taken:
             self.pel[mid] = Pending(fields, 1, consumer, time.monotonic())
-        return [self._task_or_quarantine(mid, fields, 1) for mid, fields in taken]
+        return [client.decode_or_quarantine(mid, fields, 1) for mid, fields in taken]
 
-    async def _claim(self, consumer: str, *, count: int, cursor: str) -> tuple[str, list[bus.Task]]:
+    async def claim(
+        self, consumer: str, *, count: int, cursor: str
+    ) -> tuple[str, list[taskwire.Task]]:
         now, claimed = time.monotonic(), []
         for mid, entry in self.pel.items():
             if len(claimed) == count:
@@ -70,29 +73,22 @@ class FakeBus(bus.TaskBus):
             if (now - entry.since) * 1000 >= self.config.min_idle_ms:
                 entry.deliveries += 1
                 entry.consumer, entry.since = consumer, now
-                claimed.append(self._task_or_quarantine(mid, entry.fields, entry.deliveries))
+                claimed.append(client.decode_or_quarantine(mid, entry.fields, entry.deliveries))
         return "0-0", claimed
 
-    async def _finish(self, task: bus.Task, result: bus.TaskResult) -> bool:
+    async def finish(self, task: taskwire.Task, result: taskwire.TaskResult) -> bool:
         written = task.task_id not in self.results
         self.results.setdefault(task.task_id, result)
         self._ack(task.message_id)
         return written
 
-    async def _dead_letter(self, task: bus.Task, *, error: str, consumer: str) -> bool:
+    async def dead_letter(self, task: taskwire.Task, *, error: str, consumer: str) -> bool:
         written = task.task_id not in self.results
         if written:
             self.dead.append((task.message_id, error))
             if task.task_id:
-                self.results[task.task_id] = bus.TaskResult(
-                    task_id=task.task_id,
-                    message_id=task.message_id,
-                    status="failed",
-                    output=None,
-                    error=error,
-                    consumer=consumer,
-                    attempt=task.attempt,
-                    finished_at=0.0,
+                self.results[task.task_id] = taskwire.result_of(
+                    task, consumer=consumer, finished_at=0.0, error=error
                 )
         self._ack(task.message_id)
         return written
@@ -104,17 +100,17 @@ class FakeBus(bus.TaskBus):
 
 async def consume_until(
     fake: FakeBus,
-    handler: bus.Handler,
+    handler: consumer.Handler,
     done: Callable[[], bool],
     *,
     timeout_s: float = 5.0,
     **options: Any,
-) -> bus.ConsumeStats:
+) -> consumer.ConsumeStats:
     """Run `consume` until `done()` holds, then stop it and return its counters."""
     stop = asyncio.Event()
     options.setdefault("consumer_name", "dev-0")
     options.setdefault("block_ms", 10)
-    runner = asyncio.create_task(fake.consume(handler, stop=stop, **options))
+    runner = asyncio.create_task(consumer.consume(fake, handler, stop=stop, **options))
     deadline = time.monotonic() + timeout_s
     while not done():
         assert not runner.done(), runner.exception()
@@ -125,18 +121,18 @@ async def consume_until(
 
 
 def counting(
-    body: Callable[[bus.Task, int], Awaitable[dict[str, Any]]],
-) -> tuple[bus.Handler, dict[str, int]]:
+    body: Callable[[taskwire.Task, int], Awaitable[dict[str, Any]]],
+) -> tuple[consumer.Handler, dict[str, int]]:
     runs: dict[str, int] = {}
 
-    async def handler(task: bus.Task) -> dict[str, Any]:
+    async def handler(task: taskwire.Task) -> dict[str, Any]:
         runs[task.task_id] = runs.get(task.task_id, 0) + 1
         return await body(task, runs[task.task_id])
 
     return handler, runs
 
 
-async def echo(task: bus.Task, run: int) -> dict[str, Any]:
+async def echo(task: taskwire.Task, run: int) -> dict[str, Any]:
     return {"output": str(task.payload.get("input", "")).upper(), "run": run}
 
 
@@ -160,7 +156,7 @@ async def test_tasks_are_handled_answered_and_acked() -> None:
 
 
 async def test_a_failing_task_is_retried_when_reclaimed_and_then_succeeds() -> None:
-    async def flaky(task: bus.Task, run: int) -> dict[str, Any]:
+    async def flaky(task: taskwire.Task, run: int) -> dict[str, Any]:
         if run == 1:
             raise ConnectionResetError("model endpoint hung up")
         return {"ok": True}
@@ -180,10 +176,10 @@ async def test_a_failing_task_is_retried_when_reclaimed_and_then_succeeds() -> N
 
 
 async def test_a_task_that_always_fails_is_dead_lettered_on_the_last_attempt() -> None:
-    async def broken(task: bus.Task, run: int) -> dict[str, Any]:
+    async def broken(task: taskwire.Task, run: int) -> dict[str, Any]:
         raise ValueError(f"bad input, run {run}")
 
-    fake = FakeBus(bus.BusConfig(min_idle_ms=20, max_attempts=3))
+    fake = FakeBus(client.BusConfig(min_idle_ms=20, max_attempts=3))
     mid = fake.add("t1")
     handler, runs = counting(broken)
 
@@ -200,7 +196,7 @@ async def test_a_task_that_always_fails_is_dead_lettered_on_the_last_attempt() -
 
 async def test_an_entry_delivered_too_often_is_dead_lettered_without_running() -> None:
     # Its earlier consumers died (SIGKILL, OOM) before they could say anything.
-    fake = FakeBus(bus.BusConfig(min_idle_ms=20, max_attempts=3))
+    fake = FakeBus(client.BusConfig(min_idle_ms=20, max_attempts=3))
     fake.pel["9-0"] = Pending(
         {"task_id": "t9", "payload": "{}"}, deliveries=3, consumer="gone", since=0.0
     )
@@ -229,7 +225,7 @@ async def test_an_entry_that_does_not_decode_is_dead_lettered_without_running() 
 
 
 async def test_a_handler_that_returns_no_dict_has_failed() -> None:
-    async def wrong(task: bus.Task, run: int) -> Any:
+    async def wrong(task: taskwire.Task, run: int) -> Any:
         return ["not", "a", "dict"] if run == 1 else {"fixed": True}
 
     fake = FakeBus()
@@ -245,7 +241,7 @@ async def test_a_handler_that_returns_no_dict_has_failed() -> None:
 async def test_a_second_run_that_finishes_late_keeps_the_first_result() -> None:
     fake = FakeBus()
     fake.add("t1")
-    fake.results["t1"] = bus.TaskResult(
+    fake.results["t1"] = taskwire.TaskResult(
         task_id="t1",
         message_id="0-1",
         status="succeeded",
@@ -268,7 +264,7 @@ async def test_a_second_run_that_finishes_late_keeps_the_first_result() -> None:
 async def test_no_more_than_concurrency_handlers_run_at_once() -> None:
     active, peak = 0, 0
 
-    async def slow(task: bus.Task, run: int) -> dict[str, Any]:
+    async def slow(task: taskwire.Task, run: int) -> dict[str, Any]:
         nonlocal active, peak
         active += 1
         peak = max(peak, active)
@@ -289,12 +285,12 @@ async def test_no_more_than_concurrency_handlers_run_at_once() -> None:
 async def test_on_stop_in_flight_tasks_finish_within_the_grace_period() -> None:
     started = asyncio.Event()
 
-    async def slow(task: bus.Task, run: int) -> dict[str, Any]:
+    async def slow(task: taskwire.Task, run: int) -> dict[str, Any]:
         started.set()
         await asyncio.sleep(0.2)
         return {"done": True}
 
-    fake = FakeBus(bus.BusConfig(min_idle_ms=60_000))
+    fake = FakeBus(client.BusConfig(min_idle_ms=60_000))
     for i in range(10):
         fake.add(f"t{i}")
     handler, runs = counting(slow)
@@ -311,20 +307,20 @@ async def test_on_stop_in_flight_tasks_finish_within_the_grace_period() -> None:
 async def test_on_stop_tasks_still_running_after_the_grace_period_stay_pending() -> None:
     started = asyncio.Event()
 
-    async def stuck(task: bus.Task, run: int) -> dict[str, Any]:
+    never = asyncio.Event()
+
+    async def stuck(task: taskwire.Task, run: int) -> dict[str, Any]:
         started.set()
-        await asyncio.sleep(60)
+        await never.wait()  # only the shutdown's cancellation ends it
         return {}
 
-    fake = FakeBus(bus.BusConfig(min_idle_ms=60_000))
+    fake = FakeBus(client.BusConfig(min_idle_ms=60_000))
     for i in range(5):
         fake.add(f"t{i}")
     handler, _ = counting(stuck)
 
-    began = time.monotonic()
     stats = await consume_until(fake, handler, started.is_set, concurrency=5, grace_s=0.05)
 
-    assert time.monotonic() - began < 2
     assert stats.abandoned == 5
     assert not fake.results
     assert not fake.acked
@@ -335,4 +331,4 @@ async def test_on_stop_tasks_still_running_after_the_grace_period_stay_pending()
 async def test_a_consumer_needs_a_usable_name(name: str) -> None:
     handler, _ = counting(echo)
     with pytest.raises(ValueError, match="consumer name"):
-        await FakeBus().consume(handler, consumer_name=name)
+        await consumer.consume(FakeBus(), handler, consumer_name=name)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from typing import Any
 
 import pytest
 
@@ -161,15 +160,8 @@ class FakeVersions:
     def __init__(self) -> None:
         self.rows: list[tuple[str | None, str]] = []
 
-    async def save_context_version(
-        self,
-        *,
-        tenant: str,
-        agent: str,
-        conversation_id: str | None,
-        layers: dict[str, Any],
-        digest: str,
-    ) -> context.SavedVersion:
+    async def save_context_version(self, snapshot: context.Snapshot) -> context.SavedVersion:
+        conversation_id, digest = snapshot.conversation_id, snapshot.digest
         mine = [d for c, d in self.rows if c == conversation_id]
         if mine and mine[-1] == digest:
             return context.SavedVersion(len(mine), created=False)

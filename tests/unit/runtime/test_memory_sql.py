@@ -10,11 +10,12 @@ import ssl
 
 import pytest
 
-from bmad_runtime import bindings, context, memory, migrations, ports
+from bmad_runtime import bindings, context, migrations, ports
+from bmad_runtime.memory import audit, context_versions, conversations, scope, store, usage
 
 pytestmark = pytest.mark.unit
 
-SQL_MODULES = [memory, migrations, context]
+SQL_MODULES = [conversations, usage, audit, context_versions, store, migrations, context]
 
 _SQL = re.compile(
     r"\b(SELECT\s|INSERT\s+INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM|WHERE\s|VALUES\s*\(|"
@@ -75,32 +76,32 @@ def test_no_sql_is_built_by_formatting(module: object) -> None:
 
 
 def test_turns_key_is_namespaced_by_tenant_and_agent() -> None:
-    key = memory.turns_key("c-1", tenant="acme", agent="analyst")
+    key = conversations.turns_key("c-1", tenant="acme", agent="analyst")
     assert key == "bmad:acme:analyst:conv:c-1:turns"
     # A conversation id with colons stays unambiguous: tenant and agent cannot hold one.
-    assert memory.turns_key("x:y", tenant="a", agent="b") == "bmad:a:b:conv:x:y:turns"
+    assert conversations.turns_key("x:y", tenant="a", agent="b") == "bmad:a:b:conv:x:y:turns"
 
 
 @pytest.mark.parametrize("bad", ["", "a:b", "a/b", "-a", "a b", "x" * 300])
 def test_tenant_and_agent_names_are_checked(bad: str) -> None:
     with pytest.raises(ValueError, match="not a valid name"):
-        memory.check_name(bad, "tenant")
+        scope.check_name(bad, "tenant")
 
 
 def test_conversation_ids_are_checked() -> None:
-    assert memory.valid_conversation_id("0192f0c4-uuid:with:colons and spaces")
-    assert not memory.valid_conversation_id("")
-    assert not memory.valid_conversation_id("a\nb")
-    assert not memory.valid_conversation_id("x" * (memory.MAX_CONVERSATION_ID + 1))
+    assert scope.valid_conversation_id("0192f0c4-uuid:with:colons and spaces")
+    assert not scope.valid_conversation_id("")
+    assert not scope.valid_conversation_id("a\nb")
+    assert not scope.valid_conversation_id("x" * (scope.MAX_CONVERSATION_ID + 1))
 
 
 def test_month_bounds_are_utc_calendar_months() -> None:
-    start, end = memory.month_bounds(dt.datetime(2024, 12, 31, 23, 59, tzinfo=dt.UTC))
+    start, end = usage.month_bounds(dt.datetime(2024, 12, 31, 23, 59, tzinfo=dt.UTC))
     assert start == dt.datetime(2024, 12, 1, tzinfo=dt.UTC)
     assert end == dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
     # 00:30 on 1 March in UTC+02:00 is still February in UTC.
     plus2 = dt.timezone(dt.timedelta(hours=2))
-    start, end = memory.month_bounds(dt.datetime(2024, 3, 1, 0, 30, tzinfo=plus2))
+    start, end = usage.month_bounds(dt.datetime(2024, 3, 1, 0, 30, tzinfo=plus2))
     assert (start, end) == (
         dt.datetime(2024, 2, 1, tzinfo=dt.UTC),
         dt.datetime(2024, 3, 1, tzinfo=dt.UTC),
@@ -109,13 +110,13 @@ def test_month_bounds_are_utc_calendar_months() -> None:
 
 def test_a_conversation_title_is_the_start_of_the_first_user_message() -> None:
     now = dt.datetime.now(dt.UTC)
-    assert memory._title(ports.Turn("c", "user", "Plan the launch\nwith details", now)) == (
+    assert conversations.title(ports.Turn("c", "user", "Plan the launch\nwith details", now)) == (
         "Plan the launch"
     )
-    long = memory._title(ports.Turn("c", "user", "word " * 40, now))
+    long = conversations.title(ports.Turn("c", "user", "word " * 40, now))
     assert long is not None
-    assert len(long) == memory.TITLE_LENGTH
-    assert memory._title(ports.Turn("c", "assistant", "hello", now)) is None
+    assert len(long) == conversations.TITLE_LENGTH
+    assert conversations.title(ports.Turn("c", "assistant", "hello", now)) is None
 
 
 def test_migrations_are_ordered_and_their_checksums_stable() -> None:
@@ -171,13 +172,13 @@ def pg_settings(ssl_mode: str, ca_cert: str | None) -> bindings.PostgresSettings
 
 def test_a_binding_ca_becomes_a_tls_context_for_verifying_modes() -> None:
     ca = self_signed_ca()
-    assert memory.postgres_ssl_context(pg_settings("verify-full", None)) is None
-    assert memory.postgres_ssl_context(pg_settings("prefer", ca)) is None
-    full = memory.postgres_ssl_context(pg_settings("verify-full", ca))
+    assert store.postgres_ssl_context(pg_settings("verify-full", None)) is None
+    assert store.postgres_ssl_context(pg_settings("prefer", ca)) is None
+    full = store.postgres_ssl_context(pg_settings("verify-full", ca))
     assert full is not None
     assert full.check_hostname
     assert full.verify_mode == ssl.CERT_REQUIRED
-    chain_only = memory.postgres_ssl_context(pg_settings("verify-ca", ca))
+    chain_only = store.postgres_ssl_context(pg_settings("verify-ca", ca))
     assert chain_only is not None
     assert not chain_only.check_hostname
     assert chain_only.verify_mode == ssl.CERT_REQUIRED

@@ -1,0 +1,114 @@
+"""The producer's side of an agent's task bus: submit a task once, read its result.
+
+Task ids are the caller's idempotency keys. `TaskProducer.submit` runs one Lua script
+that enqueues the task only if neither a submission marker nor a result exists for
+its id, and sets the marker in the same atomic step; so submitting an id twice (a
+retry after a timeout, an operator restart) enqueues it once. The marker lives as
+long as the result (`taskwire.RESULT_TTL_S`), and the consumer that writes the result
+extends it. Keys, fields and encodings come from `taskwire`, which the consumer
+(`bmad_runtime.bus`) uses too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from redis import asyncio as aioredis
+
+from bmad_integrations import taskwire
+
+# KEYS: stream, submitted marker, result. ARGV: group, ttl ms, then the entry's fields
+# and values. Returns {message id, 1 if enqueued now / 0 if it was a duplicate}; for
+# a task that has only its result left, the message id recorded in the result.
+_SUBMIT = """
+local seen = redis.call('GET', KEYS[2])
+if seen then return {seen, 0} end
+local done = redis.call('GET', KEYS[3])
+if done then
+  local ok, decoded = pcall(cjson.decode, done)
+  local mid = ''
+  if ok and type(decoded) == 'table' and type(decoded['message_id']) == 'string' then
+    mid = decoded['message_id']
+  end
+  return {mid, 0}
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+end
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+redis.call('SET', KEYS[2], id, 'PX', ARGV[2])
+return {id, 1}
+"""
+
+
+class TaskProducer:
+    """Submits tasks to one agent's bus and reads their results."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        tenant: str,
+        agent: str,
+        result_ttl_s: int = taskwire.RESULT_TTL_S,
+    ) -> None:
+        if result_ttl_s < 1:
+            raise ValueError("result_ttl_s must be at least 1")
+        self.redis = redis
+        self.keys = taskwire.Keys(tenant, agent)
+        self.result_ttl_s = result_ttl_s
+        self._owns_client = False
+        self._submit_script = redis.register_script(_SUBMIT)
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, tenant: str, agent: str, result_ttl_s: int = taskwire.RESULT_TTL_S
+    ) -> TaskProducer:
+        producer = cls(
+            aioredis.Redis.from_url(url, decode_responses=True),
+            tenant=tenant,
+            agent=agent,
+            result_ttl_s=result_ttl_s,
+        )
+        producer._owns_client = True
+        return producer
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self.redis.aclose()
+
+    async def submit(self, task_id: str, payload: Mapping[str, Any]) -> str:
+        """Enqueue a task once per id; returns the stream entry id (the first one's for
+        a duplicate, or ``""`` if only its result is left)."""
+        keys = self.keys
+        fields = taskwire.entry_fields(task_id, payload)
+        raw = await self._submit_script(
+            keys=[keys.stream, keys.submitted(task_id), keys.result(task_id)],
+            args=[keys.group, self.result_ttl_s * 1000, *taskwire.flat(fields)],
+        )
+        message_id, _enqueued = raw
+        return taskwire.text(message_id)
+
+    async def result(self, task_id: str) -> taskwire.TaskResult | None:
+        raw = await self.redis.get(self.keys.result(task_id))
+        return None if raw is None else taskwire.decode_result(raw)
+
+    async def wait_result(
+        self, task_id: str, *, timeout_s: float, poll_s: float = 0.05
+    ) -> taskwire.TaskResult:
+        """Poll for a result; `TimeoutError` if none within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = await self.result(task_id)
+            if found is not None:
+                return found
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no result for task {task_id} within {timeout_s}s")
+            await asyncio.sleep(poll_s)
+
+    async def queue_depth(self) -> int:
+        """Tasks without a result: waiting plus in flight (finished entries are deleted)."""
+        return int(await self.redis.xlen(self.keys.stream))

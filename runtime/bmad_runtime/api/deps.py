@@ -1,0 +1,96 @@
+"""What routes depend on: the runtime's shared state, the caller, the request id.
+
+Each is an `Annotated` alias (`State`, `Invoker`, `Reader`, `Deleter`, `RequestId`,
+`ConversationId`), so a route declares what it needs in its signature. The state is
+`RuntimeState`, which the app factory puts on ``app.state.runtime``; the wiring of the
+production app (`bmad_runtime.wiring`) fills in its real parts at startup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, cast
+
+import fastapi
+from starlette import requests as starlette_requests
+
+from bmad_runtime import ports, schemas, telemetry, turns
+from bmad_runtime import settings as settings_mod
+from bmad_runtime.api import errors
+
+SCOPE_INVOKE = "agent:invoke"
+SCOPE_READ = "conversations:read"
+SCOPE_DELETE = "conversations:delete"
+ALL_SCOPES = frozenset({SCOPE_INVOKE, SCOPE_READ, SCOPE_DELETE})
+
+
+@dataclass(kw_only=True)
+class RuntimeState(turns.Services):
+    """What the routes share: what a turn uses, plus the settings, auth and tracing.
+
+    `wiring.create_default_app` fills in the real store, authenticator and limiter at
+    startup.
+    """
+
+    settings: settings_mod.RuntimeSettings
+    authenticator: ports.Authenticator | None
+    tracing: telemetry.Tracing
+    # Why the store cannot be used (durable memory without its datastores), for /readyz.
+    store_problem: str | None = None
+
+    async def authorize(self, authorization: str | None, scope: str) -> ports.Principal:
+        if self.authenticator is None:
+            return ports.Principal(subject="anonymous", tenant=self.tenant, scopes=ALL_SCOPES)
+        principal = await self.authenticator.authenticate(authorization)
+        if principal.tenant != self.tenant:
+            raise ports.AuthError(
+                403,
+                "wrong_tenant",
+                f"the token is for tenant {principal.tenant!r}; this agent serves tenant "
+                f"{self.tenant!r}",
+            )
+        if scope not in principal.scopes:
+            raise ports.AuthError(
+                403, "insufficient_scope", f"this call needs a token with scope {scope!r}"
+            )
+        return principal
+
+
+def state_of(request: starlette_requests.Request) -> RuntimeState:
+    return cast(RuntimeState, request.app.state.runtime)
+
+
+# Dependencies are coroutines: FastAPI runs a plain function in a worker thread.
+async def get_state(request: starlette_requests.Request) -> RuntimeState:
+    return state_of(request)
+
+
+def require(scope: str) -> Callable[[starlette_requests.Request], Awaitable[ports.Principal]]:
+    """A dependency: the caller, authenticated and holding ``scope``."""
+
+    async def authorized(request: starlette_requests.Request) -> ports.Principal:
+        return await state_of(request).authorize(request.headers.get("authorization"), scope)
+
+    authorized.__name__ = f"require_{scope.replace(':', '_')}"
+    return authorized
+
+
+async def request_id(request: starlette_requests.Request) -> str | None:
+    return errors.request_id_of(request.scope)
+
+
+State = Annotated[RuntimeState, fastapi.Depends(get_state)]
+Invoker = Annotated[ports.Principal, fastapi.Depends(require(SCOPE_INVOKE))]
+Reader = Annotated[ports.Principal, fastapi.Depends(require(SCOPE_READ))]
+Deleter = Annotated[ports.Principal, fastapi.Depends(require(SCOPE_DELETE))]
+RequestId = Annotated[str | None, fastapi.Depends(request_id)]
+ConversationId = Annotated[
+    str,
+    fastapi.Path(
+        min_length=1,
+        max_length=128,
+        pattern=schemas.CONVERSATION_ID_PATTERN,
+        description="A conversation id, as returned by POST /v1/invoke.",
+    ),
+]

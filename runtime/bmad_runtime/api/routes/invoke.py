@@ -1,0 +1,131 @@
+"""``POST /v1/invoke``: one turn of a conversation with the agent, whole or streamed.
+
+The turn itself is the use case `turns` (shared with the task consumer); this route
+adds what only HTTP has: the caller's token, the refusal at once while every
+concurrency slot is busy, and the stream. With ``stream: true`` the answer arrives as
+Server-Sent Events: ``event: delta`` with ``{"text"}`` pieces, then one ``event: done``
+with the same JSON as the non-streamed answer (or ``event: error`` with an error body).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import fastapi
+
+from bmad_runtime import schemas, turns
+from bmad_runtime.api import deps, errors
+from bmad_runtime.providers import base as providers_base
+
+logger = logging.getLogger(__name__)
+
+router = fastapi.APIRouter(prefix="/v1", tags=["invoke"])
+
+SSE_DESCRIPTION = (
+    'With `stream: true`: Server-Sent Events. `event: delta` carries `{"text": ...}`; '
+    "the last event is `event: done` with the InvokeResponse JSON, or `event: error` "
+    "with an error body if the model failed after it started answering."
+)
+
+
+# One event of the stream (OpenAPI 3.1 has no item schema for streams: this describes
+# each event, as OpenAPI 3.2's itemSchema would; `data` is JSON text).
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "enum": ["delta", "done", "error"]},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "description": 'delta: {"text": "..."}; done: an InvokeResponse; error: an ErrorBody.',
+        },
+        "id": {"type": "string"},
+        "retry": {"type": "integer", "minimum": 0},
+    },
+}
+
+
+def sse(event: str, data: Any) -> bytes:
+    payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return f"event: {event}\ndata: {payload}\n\n".encode()
+
+
+async def _stream(turn: turns.Turn) -> fastapi.Response:
+    answer = turns.stream(turn)
+    try:
+        # Wait for the first piece before answering 200: until then the chain may
+        # still fail over, or fail as a whole with a proper HTTP error.
+        first = await anext(answer)
+    except BaseException:
+        await answer.aclose()
+        raise
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            event: providers_base.Delta | schemas.InvokeResponse | None = first
+            while event is not None:
+                if isinstance(event, providers_base.Delta):
+                    yield sse("delta", {"text": event.text})
+                else:
+                    yield sse("done", event.model_dump(mode="json", by_alias=True))
+                event = await anext(answer, None)
+        except providers_base.ProviderError as exc:
+            logger.warning("stream failed after it started: %s", exc.summary)
+            yield sse(
+                "error",
+                errors.error_payload(
+                    "model_failed",
+                    f"the model failed while answering: {exc.summary}",
+                    request_id=turn.request_id,
+                ),
+            )
+        except Exception:
+            logger.exception("stream failed (request %s)", turn.request_id)
+            yield sse(
+                "error",
+                errors.error_payload(
+                    "internal_error",
+                    "the agent runtime failed while answering; quote request id "
+                    f"{turn.request_id} when reporting it",
+                    request_id=turn.request_id,
+                ),
+            )
+        finally:
+            await answer.aclose()
+
+    return fastapi.responses.StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"X-Accel-Buffering": "no"},
+    )
+
+
+@router.post(
+    "/invoke",
+    response_model=schemas.InvokeResponse,
+    summary="Send the agent a message and get its answer (whole, or streamed as SSE)",
+    responses={
+        200: {
+            "description": SSE_DESCRIPTION,
+            "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
+        },
+        **errors.error_responses(400, 401, 403, 413, 422, 429, 500, 502, 503),
+    },
+)
+async def invoke(
+    body: schemas.InvokeRequest,
+    caller: deps.Invoker,
+    state: deps.State,
+    request_id: deps.RequestId,
+) -> fastapi.Response | schemas.InvokeResponse:
+    # At spec.limits.concurrency: tell the caller to come back (another replica, or
+    # this one in a moment) rather than queue without bound.
+    turns.check_capacity(state)
+    turn = await turns.prepare(state, body, caller, request_id=request_id)
+    if body.stream:
+        return await _stream(turn)
+    return await turns.finish(turn, await turns.complete(turn))

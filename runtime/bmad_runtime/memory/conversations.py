@@ -1,0 +1,352 @@
+"""Conversations: every turn durable in PostgreSQL, the recent ones hot in Redis.
+
+Each `append` commits the turn to PostgreSQL first (``messages``, numbered by
+``conversations.last_seq`` under the conversation's row lock, so ``seq`` order is
+commit order), then pushes it onto a Redis list
+``bmad:{tenant}:{agent}:conv:{id}:turns`` trimmed to ``recent_turns`` whose TTL every
+write refreshes.
+
+The Redis list always holds a contiguous run of turns ending at the newest one it has
+seen: a Lua script pushes a turn only when it directly follows the list's last one
+(each entry carries its ``seq``). A gap — the key expired, Redis was flushed or
+restarted, another replica's push failed — makes the writer rebuild the list from
+PostgreSQL, and a rebuild never replaces a list that is already further along. So
+`recent` can trust the list when it holds ``limit`` turns or starts at the first turn,
+and otherwise reads PostgreSQL (and re-warms Redis). Any replica, any process, sees
+the same conversation; losing Redis loses nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from bmad_runtime import ports
+from bmad_runtime.memory import scope
+
+logger = logging.getLogger(__name__)
+
+TITLE_LENGTH = 80
+MAX_RECENT_TURNS = 1000
+
+# Push one turn if it directly follows the list's last one. 1: pushed or already
+# there; 0: there is a gap (the list is missing earlier turns) and must be rebuilt.
+_APPEND_LUA = """
+local last = redis.call('LINDEX', KEYS[1], -1)
+local last_seq = 0
+if last then last_seq = tonumber(cjson.decode(last)['seq']) end
+local seq = tonumber(ARGV[1])
+if seq <= last_seq then
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  return 1
+end
+if seq ~= last_seq + 1 then
+  return 0
+end
+redis.call('RPUSH', KEYS[1], ARGV[2])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+# Replace the list with turns read from PostgreSQL (ending at seq ARGV[1]) unless the
+# list already reaches that far (a concurrent push or rebuild got there first).
+_REBUILD_LUA = """
+local last = redis.call('LINDEX', KEYS[1], -1)
+if last and tonumber(cjson.decode(last)['seq']) >= tonumber(ARGV[1]) then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return 0
+end
+redis.call('DEL', KEYS[1])
+if #ARGV > 2 then
+  redis.call('RPUSH', KEYS[1], unpack(ARGV, 3))
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
+_UPSERT_CONVERSATION = """
+INSERT INTO conversations AS c (tenant, agent, id, title, last_seq, created_at, updated_at)
+VALUES ($1, $2, $3, $4, 1, $5, $5)
+ON CONFLICT (tenant, agent, id) DO UPDATE
+SET last_seq = c.last_seq + 1,
+    updated_at = GREATEST(c.updated_at, EXCLUDED.updated_at),
+    title = COALESCE(c.title, EXCLUDED.title)
+RETURNING last_seq
+"""
+
+_INSERT_MESSAGE = """
+INSERT INTO messages (tenant, agent, conversation, seq, role, content, model, created_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+"""
+
+_LATEST_MESSAGES = """
+SELECT seq, role, content, model, created_at
+FROM messages
+WHERE tenant = $1 AND agent = $2 AND conversation = $3
+ORDER BY seq DESC
+LIMIT $4
+"""
+
+_LIST_CONVERSATIONS = """
+SELECT id, title, last_seq, created_at, updated_at
+FROM conversations
+WHERE tenant = $1 AND agent = $2
+ORDER BY updated_at DESC, id
+LIMIT $3
+"""
+
+_GET_CONVERSATION = """
+SELECT id, title, last_seq, created_at, updated_at
+FROM conversations
+WHERE tenant = $1 AND agent = $2 AND id = $3
+"""
+
+_DELETE_CONVERSATION = """
+DELETE FROM conversations WHERE tenant = $1 AND agent = $2 AND id = $3 RETURNING id
+"""
+
+_DELETE_CONVERSATION_CONTEXT = """
+DELETE FROM context_versions WHERE tenant = $1 AND agent = $2 AND conversation = $3
+"""
+
+
+def turns_key(conversation_id: str, *, tenant: str, agent: str) -> str:
+    """The Redis list of a conversation's recent turns."""
+    return "bmad:" + ":".join((tenant, agent, "conv", conversation_id, "turns"))
+
+
+def title(turn: ports.Turn) -> str | None:
+    """The start of a user turn's first line: the conversation's title."""
+    if turn.role != "user":
+        return None
+    first = turn.content.strip().splitlines()[0] if turn.content.strip() else ""
+    if not first:
+        return None
+    return first if len(first) <= TITLE_LENGTH else first[: TITLE_LENGTH - 1] + "…"
+
+
+def _encode(seq: int, turn: ports.Turn) -> str:
+    return json.dumps(
+        {
+            "seq": seq,
+            "role": turn.role,
+            "content": turn.content,
+            "model": turn.model,
+            "created_at": scope.utc(turn.created_at).isoformat(),
+        },
+        separators=(",", ":"),
+    )
+
+
+def _decode(raw: str | bytes, conversation_id: str) -> tuple[int, ports.Turn]:
+    data = json.loads(raw)
+    turn = ports.Turn(
+        conversation_id=conversation_id,
+        role=data["role"],
+        content=data["content"],
+        created_at=dt.datetime.fromisoformat(data["created_at"]),
+        model=data.get("model"),
+    )
+    return int(data["seq"]), turn
+
+
+def _row_turn(row: Any, conversation_id: str) -> ports.Turn:
+    return ports.Turn(
+        conversation_id=conversation_id,
+        role=row["role"],
+        content=row["content"],
+        created_at=row["created_at"],
+        model=row["model"],
+    )
+
+
+def _conversation(row: Any) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "title": row["title"],
+        "turns": int(row["last_seq"]),
+        "created_at": row["created_at"].isoformat(),
+        "updated_at": row["updated_at"].isoformat(),
+    }
+
+
+class Conversations:
+    """The conversation part of the store, over an asyncpg pool and a Redis client."""
+
+    def __init__(
+        self, pool: Any, redis_client: aioredis.Redis, *, recent_turns: int, ttl_seconds: int
+    ) -> None:
+        """``recent_turns`` kept hot in Redis per conversation, for ``ttl_seconds`` idle."""
+        if not 1 <= recent_turns <= MAX_RECENT_TURNS:
+            raise ValueError(f"recent_turns must be 1..{MAX_RECENT_TURNS}, not {recent_turns}")
+        if ttl_seconds < 1:
+            raise ValueError(f"ttl_seconds must be positive, not {ttl_seconds}")
+        self.pool = pool
+        self.redis = redis_client
+        self.recent_turns = recent_turns
+        self.ttl_seconds = ttl_seconds
+        self._append_script = redis_client.register_script(_APPEND_LUA)
+        self._rebuild_script = redis_client.register_script(_REBUILD_LUA)
+
+    async def append(self, turn: ports.Turn, *, tenant: str, agent: str) -> None:
+        """Store one turn durably, then push it onto the conversation's recent list.
+
+        A Redis failure after the commit is logged, not raised: the turn is safe in
+        PostgreSQL and `recent` finds it there.
+        """
+        scope.check_owner(tenant, agent)
+        conversation_id = scope.check_conversation_id(turn.conversation_id)
+        created_at = scope.utc(turn.created_at)
+        async with self.pool.acquire() as conn, conn.transaction():
+            seq = await conn.fetchval(
+                _UPSERT_CONVERSATION, tenant, agent, conversation_id, title(turn), created_at
+            )
+            await conn.execute(
+                _INSERT_MESSAGE,
+                tenant,
+                agent,
+                conversation_id,
+                seq,
+                turn.role,
+                turn.content,
+                turn.model,
+                created_at,
+            )
+        key = turns_key(conversation_id, tenant=tenant, agent=agent)
+        try:
+            pushed = await self._append_script(
+                keys=[key],
+                args=[seq, _encode(seq, turn), self.recent_turns, self.ttl_seconds],
+            )
+            if not pushed:
+                await self._rebuild(conversation_id, tenant=tenant, agent=agent)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            logger.warning(
+                "turn %d of conversation %r stored in PostgreSQL but not in Redis (%s)",
+                seq,
+                conversation_id,
+                exc,
+            )
+            await self._forget(key)
+
+    async def _forget(self, key: str) -> None:
+        # A list that missed a turn must not be served: without it, readers go to
+        # PostgreSQL (and rebuild). If Redis cannot even delete, it cannot serve either.
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            await self.redis.delete(key)
+
+    async def _latest_rows(
+        self, conversation_id: str, *, tenant: str, agent: str, limit: int
+    ) -> list[tuple[int, ports.Turn]]:
+        rows = await self.pool.fetch(_LATEST_MESSAGES, tenant, agent, conversation_id, limit)
+        return [(int(r["seq"]), _row_turn(r, conversation_id)) for r in reversed(rows)]
+
+    async def _rebuild(
+        self,
+        conversation_id: str,
+        *,
+        tenant: str,
+        agent: str,
+        rows: Sequence[tuple[int, ports.Turn]] | None = None,
+    ) -> None:
+        if rows is None:
+            rows = await self._latest_rows(
+                conversation_id, tenant=tenant, agent=agent, limit=self.recent_turns
+            )
+        rows = list(rows)[-self.recent_turns :]
+        if not rows:
+            return
+        await self._rebuild_script(
+            keys=[turns_key(conversation_id, tenant=tenant, agent=agent)],
+            args=[rows[-1][0], self.ttl_seconds, *(_encode(s, t) for s, t in rows)],
+        )
+
+    async def recent(
+        self, conversation_id: str, *, tenant: str, agent: str, limit: int
+    ) -> list[ports.Turn]:
+        """The last ``limit`` turns, oldest first: from Redis when it has them all."""
+        scope.check_owner(tenant, agent)
+        if limit <= 0 or not scope.valid_conversation_id(conversation_id):
+            return []
+        key = turns_key(conversation_id, tenant=tenant, agent=agent)
+        try:
+            raw = await self.redis.lrange(key, -limit, -1)
+            cached = sorted(
+                (_decode(item, conversation_id) for item in raw), key=lambda pair: pair[0]
+            )
+        except (redis.exceptions.RedisError, OSError, ValueError, KeyError) as exc:
+            logger.warning("recent turns of %r not read from Redis (%s)", conversation_id, exc)
+            cached = []
+        if cached and (len(cached) >= limit or cached[0][0] == 1):
+            return [turn for _, turn in cached[-limit:]]
+
+        rows = await self._latest_rows(
+            conversation_id, tenant=tenant, agent=agent, limit=max(limit, self.recent_turns)
+        )
+        if rows:
+            try:
+                await self._rebuild(conversation_id, tenant=tenant, agent=agent, rows=rows)
+            except (redis.exceptions.RedisError, OSError) as exc:
+                logger.warning("recent turns of %r not re-warmed (%s)", conversation_id, exc)
+        return [turn for _, turn in rows[-limit:]]
+
+    async def history(
+        self, conversation_id: str, *, tenant: str, agent: str, limit: int = 100
+    ) -> list[ports.Turn]:
+        """The latest ``limit`` turns from PostgreSQL, oldest first."""
+        scope.check_owner(tenant, agent)
+        if limit <= 0 or not scope.valid_conversation_id(conversation_id):
+            return []
+        rows = await self._latest_rows(conversation_id, tenant=tenant, agent=agent, limit=limit)
+        return [turn for _, turn in rows]
+
+    async def list_conversations(
+        self, *, tenant: str, agent: str, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """The agent's conversations for this tenant, most recently updated first.
+
+        Each is ``{"id", "title", "turns", "created_at", "updated_at"}`` (times in ISO
+        8601 with offset, ``title`` the start of the first user message or None).
+        """
+        scope.check_owner(tenant, agent)
+        if limit <= 0:
+            return []
+        rows = await self.pool.fetch(_LIST_CONVERSATIONS, tenant, agent, limit)
+        return [_conversation(r) for r in rows]
+
+    async def get_conversation(
+        self, conversation_id: str, *, tenant: str, agent: str
+    ) -> dict[str, Any] | None:
+        """One conversation as `list_conversations` shows it, or None (404)."""
+        scope.check_owner(tenant, agent)
+        if not scope.valid_conversation_id(conversation_id):
+            return None
+        row = await self.pool.fetchrow(_GET_CONVERSATION, tenant, agent, conversation_id)
+        return None if row is None else _conversation(row)
+
+    async def delete_conversation(self, conversation_id: str, *, tenant: str, agent: str) -> bool:
+        """Delete a conversation, its messages, its context versions and its hot turns.
+
+        False when this tenant's agent has no such conversation. Usage records and the
+        audit log keep their rows (billing and accountability outlive a conversation).
+        """
+        scope.check_owner(tenant, agent)
+        if not scope.valid_conversation_id(conversation_id):
+            return False
+        key = turns_key(conversation_id, tenant=tenant, agent=agent)
+        await self.redis.delete(key)  # raises while Redis is down: nothing half-deleted
+        async with self.pool.acquire() as conn, conn.transaction():
+            deleted = await conn.fetchval(_DELETE_CONVERSATION, tenant, agent, conversation_id)
+            if deleted is not None:
+                await conn.execute(_DELETE_CONVERSATION_CONTEXT, tenant, agent, conversation_id)
+        # Again after the commit: an append racing with the delete may have pushed.
+        await self._forget(key)
+        return deleted is not None

@@ -1,0 +1,283 @@
+"""The use case of the runtime: one turn of a conversation with the agent.
+
+A turn: check the caller's rate limit; load the conversation's recent turns; assemble
+the context (persona and instructions, then the conversation, trimmed to the model's
+window by `context`); take a concurrency slot and ask the model chain; store the user
+and assistant turns, the usage record and an audit entry (never the text: the audit
+log outlives conversations).
+
+Both entrances run it: ``POST /v1/invoke`` (`api.routes.invoke`, whole or streamed)
+and a task from the agent's bus (`run_task`, called by the consumer that `wiring`
+starts). Nothing here knows HTTP: refusals are domain errors (`RateLimitedError`,
+`context.ContextOverflowError`, `providers.router.AllProvidersFailedError`), which
+the HTTP layer maps to its statuses and a task records as its error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import time
+import uuid
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bmad_runtime import config as config_mod
+from bmad_runtime import context, ports, schemas, telemetry
+from bmad_runtime.providers import base as providers_base
+from bmad_runtime.providers import router as providers_router
+
+# What the answer may use when neither the caller nor the agent says (for trimming).
+DEFAULT_ANSWER_RESERVE = 1024
+# Who a task from the bus runs as: the bus keys are the tenant's own.
+TASK_SUBJECT = "task-bus"
+
+
+class RateLimitedError(Exception):
+    """The turn is refused for now: a rate limit, or every concurrency slot is busy."""
+
+    def __init__(self, wait: float, message: str | None = None) -> None:
+        super().__init__(message or f"rate limited for {wait:.1f}s")
+        self.wait = wait
+        self.message = message
+
+
+@dataclass(kw_only=True)
+class Services:
+    """What a turn uses: the agent's config, its store, the model chain, limits, metrics."""
+
+    tenant: str
+    agent: str
+    config: config_mod.AgentConfig
+    store: ports.ConversationStore
+    router: providers_router.ModelRouter
+    limiter: ports.Limiter | None
+    metrics: telemetry.Metrics
+    # spec.limits.concurrency: model calls in flight at once in this replica.
+    slots: asyncio.Semaphore | None = None
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One turn, prepared: the context to send and what `finish` records."""
+
+    services: Services
+    caller: ports.Principal
+    conversation_id: str
+    user_text: str
+    messages: list[ports.Message]
+    params: dict[str, Any]
+    started: float
+    received_at: dt.datetime
+    estimated_in: int
+    request_id: str | None
+
+    def latency_ms(self) -> int:
+        return max(0, int((time.perf_counter() - self.started) * 1000))
+
+
+def check_capacity(services: Services) -> None:
+    """Refuse at once while every slot is busy (HTTP callers do not queue without bound)."""
+    if services.slots is not None and services.slots.locked():
+        services.metrics.tasks.labels(outcome="rejected").inc()
+        raise RateLimitedError(
+            1.0, "the agent is at its concurrency limit (spec.limits.concurrency)"
+        )
+
+
+def _messages(
+    services: Services, history: Sequence[ports.Turn], text: str, params: dict[str, Any]
+) -> list[ports.Message]:
+    config = services.config
+    layers = context.Layers(persona=config.persona_text(), instructions=config.instructions)
+    reserve = providers_base.merge_params(config.model.params, params).get("max_tokens")
+    return context.assemble(
+        layers,
+        [*history, ports.Message("user", text)],
+        context_window=config.context_window,
+        reserve_tokens=int(reserve) if isinstance(reserve, int) else DEFAULT_ANSWER_RESERVE,
+    )
+
+
+async def prepare(
+    services: Services,
+    body: schemas.InvokeRequest,
+    caller: ports.Principal,
+    *,
+    request_id: str | None,
+) -> Turn:
+    """Admit the turn (rate limits) and assemble its context from the recent turns."""
+    started = time.perf_counter()
+    estimated_in = context.estimate_tokens(body.input)
+    if services.limiter is not None:
+        wait = await services.limiter.hit(
+            tenant=caller.tenant, agent=services.agent, tokens=estimated_in
+        )
+        if wait is not None:
+            services.metrics.tasks.labels(outcome="rejected").inc()
+            raise RateLimitedError(wait)
+    conversation_id = body.conversation_id or uuid.uuid4().hex
+    turns = services.config.memory.turns
+    history = (
+        await services.store.recent(
+            conversation_id, tenant=caller.tenant, agent=services.agent, limit=turns
+        )
+        if turns > 0 and body.conversation_id
+        else []
+    )
+    # A window of recent turns may open with an answer; some APIs need a question first.
+    while history and history[0].role != "user":
+        history = history[1:]
+    params = providers_base.merge_params(
+        body.params.model_dump(exclude_none=True) if body.params else None
+    )
+    return Turn(
+        services=services,
+        caller=caller,
+        conversation_id=conversation_id,
+        user_text=body.input,
+        messages=_messages(services, history, body.input, params),
+        params=params,
+        started=started,
+        received_at=dt.datetime.now(dt.UTC),
+        estimated_in=estimated_in,
+        request_id=request_id,
+    )
+
+
+async def complete(turn: Turn) -> ports.Completion:
+    """Ask the model chain, in a concurrency slot (waiting for one if all are busy)."""
+    services = turn.services
+    async with contextlib.AsyncExitStack() as slot:
+        if services.slots is not None:
+            await slot.enter_async_context(services.slots)
+        services.metrics.inflight.inc()
+        try:
+            return await services.router.complete(turn.messages, params=turn.params)
+        except providers_router.AllProvidersFailedError:
+            services.metrics.tasks.labels(outcome="error").inc()
+            raise
+        finally:
+            services.metrics.inflight.dec()
+
+
+async def stream(
+    turn: Turn,
+) -> AsyncGenerator[providers_base.Delta | schemas.InvokeResponse, None]:
+    """The answer as it comes: its pieces, then the whole answer, recorded by `finish`."""
+    services = turn.services
+    events = services.router.stream_events(turn.messages, params=turn.params)
+    services.metrics.inflight.inc()
+    try:
+        completion: ports.Completion | None = None
+        async for event in events:
+            if isinstance(event, providers_base.Delta):
+                yield event
+            else:
+                completion = event
+        if completion is None:  # a provider that ended without its summary
+            raise providers_base.ProviderError(
+                "ended the stream without a result", provider="?", model="?"
+            )
+        yield await finish(turn, completion)
+    except Exception:
+        services.metrics.tasks.labels(outcome="error").inc()
+        raise
+    finally:
+        services.metrics.inflight.dec()
+        await events.aclose()
+
+
+async def finish(turn: Turn, completion: ports.Completion) -> schemas.InvokeResponse:
+    """Store the turn and account for it; the answer as the API returns it."""
+    services, caller = turn.services, turn.caller
+    latency = turn.latency_ms()
+    if services.config.memory.turns > 0:
+        await services.store.append(
+            ports.Turn(turn.conversation_id, "user", turn.user_text, turn.received_at),
+            tenant=caller.tenant,
+            agent=services.agent,
+        )
+        await services.store.append(
+            ports.Turn(
+                turn.conversation_id,
+                "assistant",
+                completion.text,
+                dt.datetime.now(dt.UTC),
+                model=completion.model,
+            ),
+            tenant=caller.tenant,
+            agent=services.agent,
+        )
+    usage = completion.usage
+    await services.store.record_usage(
+        ports.UsageRecord(
+            tenant=caller.tenant,
+            agent=services.agent,
+            conversation_id=turn.conversation_id,
+            model=completion.model,
+            provider=completion.provider,
+            tokens_in=usage.tokens_in,
+            tokens_out=usage.tokens_out,
+            latency_ms=latency,
+        )
+    )
+    await services.store.audit(
+        tenant=caller.tenant,
+        agent=services.agent,
+        subject=caller.subject,
+        action="agent.invoke",
+        detail={
+            "conversationId": turn.conversation_id,
+            "model": completion.model,
+            "provider": completion.provider,
+            "tokensIn": usage.tokens_in,
+            "tokensOut": usage.tokens_out,
+            "latencyMs": latency,
+            "requestId": turn.request_id,
+        },
+    )
+    # Tokens are known only now: book what the admission estimate did not cover.
+    charge = getattr(services.limiter, "charge", None)
+    extra = usage.tokens_in + usage.tokens_out - turn.estimated_in
+    if charge is not None and extra > 0:
+        await charge(tenant=caller.tenant, agent=services.agent, tokens=extra)
+    services.metrics.record_tokens(completion.model, usage)
+    services.metrics.tasks.labels(outcome="ok").inc()
+    return schemas.InvokeResponse(
+        output=completion.text,
+        conversation_id=turn.conversation_id,
+        model=completion.model,
+        provider=completion.provider,
+        usage=schemas.TokenUsage(tokens_in=usage.tokens_in, tokens_out=usage.tokens_out),
+        latency_ms=latency,
+        finish_reason=completion.finish_reason,
+    )
+
+
+async def run(
+    services: Services,
+    body: schemas.InvokeRequest,
+    caller: ports.Principal,
+    *,
+    request_id: str | None,
+) -> schemas.InvokeResponse:
+    """One whole turn: prepare, ask the model in a slot, finish."""
+    turn = await prepare(services, body, caller, request_id=request_id)
+    return await finish(turn, await complete(turn))
+
+
+async def run_task(services: Services, payload: dict[str, Any]) -> dict[str, Any]:
+    """A task from the bus, answered like `POST /v1/invoke` (same limits, memory, usage).
+
+    Tasks come from inside the tenant (the bus keys are the tenant's), so they run as
+    the tenant's internal principal and wait for a concurrency slot; a payload that is
+    not a valid invoke request is a failed task, never a crash.
+    """
+    body = schemas.InvokeRequest.model_validate({**payload, "stream": False})
+    caller = ports.Principal(subject=TASK_SUBJECT, tenant=services.tenant)
+    answer = await run(services, body, caller, request_id=None)
+    services.metrics.tasks.labels(outcome="succeeded").inc()
+    return answer.model_dump(mode="json", by_alias=True)

@@ -1,0 +1,294 @@
+"""The production app: settings from the environment, real clients connected at startup.
+
+`create_default_app` is the factory uvicorn calls (`main.APP_FACTORY`). It reads the
+settings, agent.json and the mounted bindings at once (a broken config fails before
+serving) and builds the app with `app.create_app`; the app's lifespan then connects
+the conversation store of the Agent's memory mode, the authenticator and the rate
+limiter, starts the task consumer next to the HTTP API, and undoes all of it at
+shutdown.
+
+The memory mode is ``spec.memory.store`` (``BMAD_MEMORY_STORE``). ``durable`` needs
+PostgreSQL and Redis: while either is not bound the runtime serves, but is not ready
+(``/readyz`` says what to bind, and so does the log) and consumes no tasks; it never
+falls back to keeping conversations in memory. ``inProcess`` keeps them in this
+process (`memory.inprocess`) and needs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import fastapi
+import redis.asyncio
+from opentelemetry import trace
+
+from bmad_integrations import taskwire
+from bmad_runtime import app as app_mod
+from bmad_runtime import auth, ports, ratelimit, turns
+from bmad_runtime import bindings as bindings_mod
+from bmad_runtime import config as config_mod
+from bmad_runtime import settings as settings_mod
+from bmad_runtime.api import deps
+from bmad_runtime.bus import client as bus_client
+from bmad_runtime.bus import consumer as bus_consumer
+from bmad_runtime.memory import inprocess
+from bmad_runtime.memory import store as memory_store
+from bmad_runtime.providers import base as providers_base
+from bmad_runtime.providers import router as providers_router
+
+logger = logging.getLogger(__name__)
+
+
+class UnavailableStore:
+    """Stands in for the store while there is none to use: every call says why."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def _refuse(self) -> ports.StoreUnavailableError:
+        return ports.StoreUnavailableError(self.reason)
+
+    async def append(self, turn: ports.Turn, *, tenant: str, agent: str) -> None:
+        raise self._refuse()
+
+    async def recent(
+        self, conversation_id: str, *, tenant: str, agent: str, limit: int
+    ) -> list[ports.Turn]:
+        raise self._refuse()
+
+    async def history(
+        self, conversation_id: str, *, tenant: str, agent: str, limit: int = 100
+    ) -> list[ports.Turn]:
+        raise self._refuse()
+
+    async def list_conversations(
+        self, *, tenant: str, agent: str, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        raise self._refuse()
+
+    async def delete_conversation(self, conversation_id: str, *, tenant: str, agent: str) -> bool:
+        raise self._refuse()
+
+    async def record_usage(self, record: ports.UsageRecord) -> None:
+        raise self._refuse()
+
+    async def audit(
+        self, *, tenant: str, agent: str, subject: str, action: str, detail: dict[str, Any]
+    ) -> None:
+        raise self._refuse()
+
+    async def ping(self) -> bool:
+        return False
+
+
+class _StartingAuthenticator:
+    """Refuses every caller until the lifespan has set up the real authenticator."""
+
+    async def authenticate(self, authorization: str | None) -> ports.Principal:
+        raise ports.AuthError(401, "starting", "the agent is starting: retry shortly")
+
+
+def create_default_app(settings: settings_mod.RuntimeSettings | None = None) -> fastapi.FastAPI:
+    """The production app: settings from the environment, real dependencies at startup.
+
+    Reads agent.json and the bindings now (a broken config fails before serving), and
+    connects the store, the authenticator and the limiter in the lifespan.
+    """
+    settings = settings or settings_mod.load()
+    found = bindings_mod.read_bindings(settings.binding_root)
+    agent_config = config_mod.load(settings.agent_config)
+    policy = providers_base.RetryPolicy(
+        attempts=settings.model_attempts,
+        backoff=settings.model_backoff_seconds,
+        backoff_max=settings.model_backoff_max_seconds,
+        retry_after_max=settings.model_retry_after_max_seconds,
+    )
+    auth_on = (
+        settings.auth_enabled
+        if settings.auth_enabled is not None
+        else any(b.type == "auth0" for b in found.values())
+    )
+    model_router = providers_router.build(
+        agent_config.model,
+        found,
+        policy=policy,
+        timeout=settings.model_timeout_seconds,
+        ready_ttl=settings.ready_cache_seconds,
+    )
+
+    @contextlib.asynccontextmanager
+    async def connect(app: fastapi.FastAPI) -> AsyncIterator[None]:
+        state: deps.RuntimeState = app.state.runtime
+        async with contextlib.AsyncExitStack() as stack:
+            state.store = await _connect_store(settings, agent_config, stack)
+            if auth_on:
+                state.authenticator = await _authenticator(settings, found, stack)
+            else:
+                logger.warning(
+                    "authentication is off (no auth0 Integration bound, or "
+                    "BMAD_AUTH_ENABLED=false): /v1/* is open"
+                )
+            state.limiter = await _limiter(settings, agent_config, stack)
+            if isinstance(state.store, UnavailableStore):
+                state.store_problem = state.store.reason
+                logger.warning("the task consumer is not started: the store is not available")
+            else:
+                await _start_task_consumer(settings, state, stack)
+            yield
+
+    return app_mod.create_app(
+        settings,
+        store=UnavailableStore("the agent is starting: its store is not connected yet"),
+        providers=model_router,
+        authenticator=_StartingAuthenticator() if auth_on else None,
+        limiter=None,
+        config=agent_config,
+        lifespan=connect,
+    )
+
+
+def missing_datastores(settings: settings_mod.RuntimeSettings) -> str:
+    """Why the durable store cannot be connected (PostgreSQL or Redis is not bound),
+    naming what to bind."""
+    missing = [
+        kind
+        for kind, given in (("postgres", settings.postgres_dsn), ("redis", settings.redis_url))
+        if not given
+    ]
+    if len(missing) != 1:
+        bind = "Integrations of type postgres and redis"
+    else:
+        variable = "BMAD_POSTGRES_DSN" if missing == ["postgres"] else "BMAD_REDIS_URL"
+        bind = f"an Integration of type {missing[0]} (or set {variable})"
+    return (
+        f"spec.memory.store is durable but no {' and no '.join(missing)} is bound: add "
+        f"{bind} to spec.integrations, or set spec.memory.store: inProcess to keep "
+        "conversations in this process only"
+    )
+
+
+async def _connect_store(
+    settings: settings_mod.RuntimeSettings,
+    agent_config: config_mod.AgentConfig,
+    stack: contextlib.AsyncExitStack,
+) -> ports.ConversationStore:
+    """The store of the mode the Agent chose; an `UnavailableStore` saying why if none."""
+    if settings.memory_store == "inProcess":
+        logger.warning(
+            "spec.memory.store is inProcess: conversations, usage and audit records are kept "
+            "in this process only, lost on restart and not shared with other replicas"
+        )
+        return inprocess.InProcessStore()
+    dsn, url = settings.postgres_dsn, settings.redis_url
+    if not dsn or not url:
+        problem = missing_datastores(settings)
+        logger.error("not ready: %s", problem)
+        return UnavailableStore(problem)
+    store = await memory_store.PostgresRedisStore.connect(
+        postgres_dsn=dsn,
+        redis_url=url,
+        recent_turns=max(agent_config.memory.turns, 1),
+        ttl_seconds=agent_config.memory.ttl_seconds,
+    )
+    stack.push_async_callback(store.close)
+    return store
+
+
+async def _authenticator(
+    settings: settings_mod.RuntimeSettings,
+    found: Mapping[str, bindings_mod.Binding],
+    stack: contextlib.AsyncExitStack,
+) -> ports.Authenticator:
+    issuers = bindings_mod.of_type(found, "auth0")
+    if not issuers:
+        raise config_mod.ConfigError(
+            "authentication is on but no Integration of type auth0 is bound: add one to "
+            "spec.integrations (or set BMAD_AUTH_ENABLED=false for a demo)"
+        )
+    if len(issuers) > 1:
+        logger.warning(
+            "several auth0 bindings (%s): tokens are verified against %r",
+            ", ".join(b.name for b in issuers),
+            issuers[0].name,
+        )
+    authenticator = auth.JwtAuthenticator.from_settings(
+        issuers[0].auth0(), tenant=settings.effective_tenant
+    )
+    stack.push_async_callback(authenticator.aclose)
+    return authenticator
+
+
+async def _limiter(
+    settings: settings_mod.RuntimeSettings,
+    agent_config: config_mod.AgentConfig,
+    stack: contextlib.AsyncExitStack,
+) -> ports.Limiter | None:
+    limits = agent_config.limits
+    if limits.requests_per_minute is None and limits.tokens_per_minute is None:
+        return None
+    if not settings.redis_url:
+        logger.warning("spec.limits is set but no redis is bound: rate limits are not enforced")
+        return None
+    client = redis.asyncio.Redis.from_url(settings.redis_url)
+    stack.push_async_callback(client.aclose)
+    return ratelimit.RedisLimiter(
+        client,
+        requests_per_minute=limits.requests_per_minute,
+        tokens_per_minute=limits.tokens_per_minute,
+    )
+
+
+async def _start_task_consumer(
+    settings: settings_mod.RuntimeSettings,
+    state: deps.RuntimeState,
+    stack: contextlib.AsyncExitStack,
+) -> None:
+    """Consume the agent's task stream next to the HTTP API, while Redis is bound.
+
+    Shutdown (the lifespan's end, on SIGTERM) stops reading, lets in-flight tasks finish
+    within the grace period and leaves the rest pending for another replica.
+    """
+    if not settings.redis_url or not settings.task_bus_enabled:
+        return
+    task_bus = bus_client.TaskBus.from_url(
+        settings.redis_url, tenant=state.tenant, agent=state.agent
+    )
+    stop = asyncio.Event()
+    consumer = f"{socket.gethostname()}-{os.getpid()}"
+
+    async def handle(task: taskwire.Task) -> dict[str, Any]:
+        # One span per task, as per request (a no-op without an exporter).
+        with state.tracing.tracer.start_as_current_span(
+            "task",
+            kind=trace.SpanKind.CONSUMER,
+            attributes={"bmad.task_id": task.task_id, "bmad.task_attempt": task.attempt},
+        ):
+            return await turns.run_task(state, dict(task.payload))
+
+    async def depth() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(Exception):
+                state.metrics.queue_depth.set(await task_bus.queue_depth())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=5)
+
+    consuming = asyncio.create_task(
+        bus_consumer.consume(task_bus, handle, consumer_name=consumer, stop=stop, grace_s=20.0),
+        name="task-consumer",
+    )
+    gauge = asyncio.create_task(depth(), name="queue-depth")
+
+    async def shutdown() -> None:
+        stop.set()
+        for task in (consuming, gauge):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await task
+        await task_bus.aclose()
+
+    stack.push_async_callback(shutdown)

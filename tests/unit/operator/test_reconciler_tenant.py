@@ -1,0 +1,463 @@
+"""`reconcilers.tenant.TenantReconciler` against the in-memory API server.
+
+Each test drives passes by hand and checks what the reconciler sent: the finalizer,
+the namespaces and their fences, what it pruned or released, the status (written
+once) and the events. Stripe is a recording stand-in for `bmad_integrations.billing`
+(the real client is exercised against stripe-mock by the integration tests).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from bmad_integrations import billing
+from bmad_operator import errors, store
+from bmad_operator.reconcilers import tenant as tenant_reconciler
+
+from .fake_kube import FakeKube
+
+pytestmark = pytest.mark.unit
+
+Obj = dict[str, Any]
+NAME = "acme"
+SYSTEM_NS = "bmad-system"
+FENCES = [
+    "LimitRange",
+    "NetworkPolicy",
+    "NetworkPolicy",
+    "NetworkPolicy",
+    "NetworkPolicy",
+]
+
+
+class FakeStripe:
+    """What the reconciler asks of Stripe, recorded; ids derived from the tenant."""
+
+    def __init__(self) -> None:
+        self.customers: list[dict[str, Any]] = []
+        self.subscriptions: list[dict[str, Any]] = []
+        self.cancelled: list[str] = []
+        self.fail: billing.BillingError | None = None
+
+    async def ensure_customer(self, account: billing.StripeAccount, **kw: Any) -> str:
+        if self.fail:
+            raise self.fail
+        self.customers.append({"account": account, **kw})
+        return f"cus_{kw['tenant']}"
+
+    async def ensure_subscription(self, account: billing.StripeAccount, **kw: Any) -> str:
+        self.subscriptions.append({"account": account, **kw})
+        return f"sub_{kw['tenant']}"
+
+    async def cancel_subscription(self, account: billing.StripeAccount, sub: str) -> None:
+        if self.fail:
+            raise self.fail
+        self.cancelled.append(sub)
+
+
+@pytest.fixture
+def stripe(monkeypatch: pytest.MonkeyPatch) -> FakeStripe:
+    fake = FakeStripe()
+    monkeypatch.setattr(billing, "ensure_customer", fake.ensure_customer)
+    monkeypatch.setattr(billing, "ensure_subscription", fake.ensure_subscription)
+    monkeypatch.setattr(billing, "cancel_subscription", fake.cancel_subscription)
+    return fake
+
+
+class Harness:
+    """One Tenant, its fake API server, the operator's store and the reconciler."""
+
+    def __init__(self, spec: Obj) -> None:
+        self.api = FakeKube()
+        self.cache = store.Store()
+        self.reconciler = tenant_reconciler.TenantReconciler(
+            api=self.api,  # type: ignore[arg-type]
+            cache=self.cache,
+            operator_namespace=SYSTEM_NS,
+        )
+        self.seed(
+            {
+                "apiVersion": "bmad.dev/v1alpha1",
+                "kind": "Tenant",
+                "metadata": {"name": NAME, "uid": "uid-tenant-acme", "generation": 1},
+                "spec": copy.deepcopy(spec),
+            }
+        )
+
+    def seed(self, obj: Obj) -> None:
+        self.api.seed(obj, self.cache)
+
+    def watch(self) -> None:
+        """The watch delivers the server's current objects (and forgets deleted ones)."""
+        for obj in list(self.api.objects.values()):
+            self.cache.put(copy.deepcopy(obj))
+        for kind in ("Namespace", "ResourceQuota", "RoleBinding", "Tenant"):
+            for ns, name in self.cache.keys(kind):
+                if self.api.find(kind, ns, name) is None:
+                    self.cache.remove(kind, ns, name)
+
+    def update_spec(self, **change: Any) -> None:
+        obj = self.api.objects[("Tenant", "", NAME)]
+        obj["spec"].update(change)
+        obj["metadata"]["generation"] += 1
+        obj["metadata"]["resourceVersion"] = self.api.next_rv()
+        self.cache.put(copy.deepcopy(obj))
+
+    def delete(self, *, at: dt.datetime | None = None) -> None:
+        """`kubectl delete tenant`: the server sets deletionTimestamp (finalizers hold it)."""
+        obj = self.api.objects[("Tenant", "", NAME)]
+        when = at or dt.datetime.now(dt.UTC)
+        obj["metadata"]["deletionTimestamp"] = when.strftime("%Y-%m-%dT%H:%M:%SZ")
+        obj["metadata"]["resourceVersion"] = self.api.next_rv()
+        self.cache.put(copy.deepcopy(obj))
+
+    async def run(self) -> None:
+        self.api.reset()
+        await self.reconciler.reconcile(("", NAME))
+
+    def tenant(self) -> Obj:
+        obj = self.cache.get("Tenant", None, NAME)
+        assert obj is not None
+        return obj
+
+    def condition(self, type_: str) -> Obj:
+        found = [c for c in self.tenant()["status"]["conditions"] if c["type"] == type_]
+        assert len(found) == 1, (type_, self.tenant().get("status"))
+        cond: Obj = found[0]
+        return cond
+
+    def reason(self, type_: str) -> tuple[str, str]:
+        cond = self.condition(type_)
+        return cond["status"], cond["reason"]
+
+    def applied(self, namespace: str | None = None) -> list[str]:
+        return [
+            o["kind"]
+            for o in self.api.applied
+            if namespace is None
+            or o["metadata"].get("namespace", o["metadata"]["name"]) == namespace
+        ]
+
+    def event_reasons(self) -> list[str]:
+        return [e["reason"] for e in self.api.events]
+
+
+def namespace_of(tenant: str, name: str) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": name, "labels": {"bmad.dev/tenant": tenant}},
+    }
+
+
+def stripe_integration(h: Harness, *, key: str | None = "sk_test_acme") -> None:
+    h.seed(
+        {
+            "apiVersion": "bmad.dev/v1alpha1",
+            "kind": "Integration",
+            "metadata": {"name": "stripe", "namespace": SYSTEM_NS, "uid": "uid-stripe"},
+            "spec": {
+                "type": "stripe",
+                "secretRef": {"name": "stripe-creds"},
+                "stripe": {"apiBase": "http://127.0.0.1:12111"},
+            },
+        }
+    )
+    if key is not None:
+        h.seed(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "stripe-creds", "namespace": SYSTEM_NS},
+                "data": {"apiKey": base64.b64encode(key.encode()).decode()},
+            }
+        )
+
+
+BILLING = {"integration": "stripe", "priceId": "price_basic", "email": "ops@acme.test"}
+
+
+# --- the first pass and an unchanged one ----------------------------------------------------
+
+
+async def test_first_pass_adds_the_finalizer_sets_up_namespaces_and_writes_status_once() -> None:
+    h = Harness({"namespaces": ["acme-prod", "acme-dev"], "quota": {"cpu": "8"}})
+    await h.run()
+    (finalizer_patch,) = h.api.patches
+    assert finalizer_patch[2]["metadata"]["finalizers"] == [tenant_reconciler.FINALIZER]
+    for ns in ("acme-prod", "acme-dev"):
+        assert h.applied(ns) == ["Namespace", "ResourceQuota", *FENCES]
+        labels = h.api.objects[("Namespace", "", ns)]["metadata"]["labels"]
+        assert labels["bmad.dev/tenant"] == NAME
+    assert len(h.api.verbs("patch_status")) == 1
+    status = h.api.statuses[0]
+    assert status["namespaces"] == ["acme-prod", "acme-dev"]
+    assert status["usage"] == {"agents": 0, "replicas": 0, "tokensThisPeriod": 0}
+    assert [c["type"] for c in status["conditions"]] == [
+        "Ready",
+        "QuotaReady",
+        "BillingReady",
+        "Suspended",
+    ]
+    assert h.reason("Ready") == ("True", "TenantReady")
+    assert "2 namespaces ready; 0 agents" in h.condition("Ready")["message"]
+    assert h.reason("QuotaReady") == ("True", "QuotaApplied")
+    assert h.reason("BillingReady") == ("True", "NoBilling")
+    assert h.reason("Suspended") == ("False", "Active")
+    assert all(c["observedGeneration"] == 1 for c in status["conditions"])
+    # A condition that appears True is announced with its reason.
+    assert h.event_reasons() == ["TenantReady", "NoBilling"]
+    assert {e["type"] for e in h.api.events} == {"Normal"}
+
+
+async def test_a_second_identical_pass_writes_nothing() -> None:
+    h = Harness({"namespaces": ["acme-prod"], "admins": [{"kind": "User", "name": "alice"}]})
+    await h.run()
+    h.watch()
+    await h.run()
+    # Only a read: that no ResourceQuota of ours is left over (the spec asks for none).
+    assert h.api.calls == [("get", "ResourceQuota", "bmad-tenant-quota")]
+
+
+async def test_a_second_identical_pass_with_a_quota_makes_no_calls() -> None:
+    h = Harness({"namespaces": ["acme-prod"], "quota": {"pods": "10"}})
+    await h.run()
+    h.watch()
+    await h.run()
+    assert h.api.calls == []
+
+
+async def test_agents_in_its_namespaces_are_counted_in_usage() -> None:
+    h = Harness({"namespaces": ["acme-prod"]})
+    h.seed(namespace_of(NAME, "acme-prod"))
+    for name, replicas in (("mary", 2), ("john", 3)):
+        h.seed(
+            {
+                "kind": "Agent",
+                "metadata": {"name": name, "namespace": "acme-prod"},
+                "spec": {"replicas": replicas},
+            }
+        )
+    h.seed({"kind": "Agent", "metadata": {"name": "else", "namespace": "other"}, "spec": {}})
+    await h.run()
+    assert h.tenant()["status"]["usage"] == {"agents": 2, "replicas": 5, "tokensThisPeriod": 0}
+    assert "2 agents" in h.condition("Ready")["message"]
+
+
+# --- conflicts, suspension, invalid spec ------------------------------------------------------
+
+
+async def test_a_namespace_of_another_tenant_is_left_alone_and_reported() -> None:
+    h = Harness({"namespaces": ["shared", "acme-prod"]})
+    h.seed(namespace_of("globex", "shared"))
+    await h.run()
+    assert h.applied("shared") == []
+    assert h.applied("acme-prod")[0] == "Namespace"
+    assert h.api.objects[("Namespace", "", "shared")]["metadata"]["labels"] == {
+        "bmad.dev/tenant": "globex"
+    }
+    ready = h.condition("Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "NamespaceConflict")
+    assert "shared (tenant globex)" in ready["message"]
+    (warning,) = [e for e in h.api.events if e["type"] == "Warning"]
+    assert warning["reason"] == "NamespaceConflict"
+
+
+async def test_suspension_is_a_condition_and_flips_ready_with_events() -> None:
+    h = Harness({"namespaces": ["acme-prod"]})
+    await h.run()
+    h.watch()
+    h.update_spec(suspended=True)
+    await h.run()
+    assert h.reason("Suspended") == ("True", "SuspendedBySpec")
+    assert h.reason("Ready") == ("False", "Suspended")
+    assert h.event_reasons() == ["Suspended"]
+    assert h.api.events[0]["type"] == "Warning"
+    h.watch()
+    h.update_spec(suspended=False)
+    await h.run()
+    assert h.reason("Ready") == ("True", "TenantReady")
+    assert h.event_reasons() == ["TenantReady"]
+
+
+async def test_invalid_spec_is_a_condition_and_touches_nothing() -> None:
+    h = Harness({"namespaces": ["Not_A_Label"]})
+    await h.run()
+    assert h.api.applied == []
+    assert h.api.patches == []
+    ready = h.condition("Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec")
+    assert "spec.namespaces" in ready["message"]
+
+
+# --- what left the spec -----------------------------------------------------------------------
+
+
+async def test_a_removed_quota_and_removed_admins_are_pruned() -> None:
+    h = Harness(
+        {
+            "namespaces": ["acme-prod"],
+            "quota": {"cpu": "8"},
+            "admins": [{"kind": "User", "name": "alice"}],
+        }
+    )
+    await h.run()
+    h.watch()
+    h.update_spec(quota=None, admins=None)
+    await h.run()
+    assert ("ResourceQuota", "acme-prod", "bmad-tenant-quota") in h.api.deleted
+    assert ("RoleBinding", "acme-prod", "bmad-tenant-admins") in h.api.deleted
+    assert h.reason("QuotaReady") == ("True", "NoQuota")
+
+
+@pytest.mark.parametrize("policy", ["Retain", "Delete"])
+async def test_a_namespace_that_left_the_spec_follows_the_deletion_policy(policy: str) -> None:
+    h = Harness({"namespaces": ["acme-prod", "acme-dev"], "deletionPolicy": policy})
+    await h.run()
+    h.watch()
+    h.update_spec(namespaces=["acme-prod"])
+    await h.run()
+    if policy == "Retain":
+        ns = h.api.find("Namespace", None, "acme-dev")
+        assert ns is not None
+        assert "bmad.dev/tenant" not in ns["metadata"]["labels"]
+        assert ("RoleBinding", "acme-dev", "bmad-tenant-admins") in h.api.deleted
+    else:
+        assert h.api.find("Namespace", None, "acme-dev") is None
+    assert h.api.find("Namespace", None, "acme-prod") is not None
+    assert h.tenant()["status"]["namespaces"] == ["acme-prod"]
+    (released,) = [e for e in h.api.events if e["reason"] == "NamespacesReleased"]
+    assert "acme-dev" in released["message"]
+
+
+# --- billing ----------------------------------------------------------------------------------
+
+
+async def test_billing_creates_the_customer_once_and_keeps_its_id_at_once(
+    stripe: FakeStripe,
+) -> None:
+    h = Harness({"namespaces": ["acme-prod"], "billing": BILLING})
+    stripe_integration(h)
+    await h.run()
+    (customer,) = stripe.customers
+    assert customer["account"].api_key == "sk_test_acme"
+    assert customer["tenant_uid"] == "uid-tenant-acme"
+    assert customer["email"] == "ops@acme.test"
+    # The customer id is written before the subscription is asked for.
+    assert h.api.statuses[0] == {"billing": {"customerId": "cus_acme"}}
+    assert h.tenant()["status"]["billing"] == {
+        "customerId": "cus_acme",
+        "subscriptionId": "sub_acme",
+    }
+    assert h.reason("BillingReady") == ("True", "Subscribed")
+    assert h.reason("Ready") == ("True", "TenantReady")
+    h.watch()
+    await h.run()
+    assert len(stripe.customers) == 1
+    assert len(stripe.subscriptions) == 1
+
+
+@pytest.mark.parametrize(
+    ("setup", "reason"),
+    [
+        ("no-integration", "IntegrationNotFound"),
+        ("invalid-integration", "InvalidConfiguration"),
+        ("no-secret", "SecretNotFound"),
+        ("no-key", "SecretKeyMissing"),
+        ("stripe-refuses", "AuthenticationFailed"),
+    ],
+)
+async def test_billing_problems_are_conditions_with_their_reason(
+    stripe: FakeStripe, setup: str, reason: str
+) -> None:
+    h = Harness({"namespaces": ["acme-prod"], "billing": BILLING})
+    if setup == "invalid-integration":
+        stripe_integration(h)
+        del h.api.objects[("Integration", SYSTEM_NS, "stripe")]["spec"]["stripe"]
+        h.cache.put(h.api.objects[("Integration", SYSTEM_NS, "stripe")])
+    elif setup == "no-secret":
+        stripe_integration(h, key=None)
+    elif setup == "no-key":
+        stripe_integration(h)
+        h.api.objects[("Secret", SYSTEM_NS, "stripe-creds")]["data"] = {}
+    elif setup == "stripe-refuses":
+        stripe_integration(h)
+        stripe.fail = billing.BillingError("AuthenticationFailed", "Stripe refused the API key")
+    await h.run()
+    assert h.reason("BillingReady") == ("False", reason)
+    # Ready carries billing's reason; the namespaces are set up regardless.
+    assert h.reason("Ready") == ("False", reason)
+    assert h.applied("acme-prod")[0] == "Namespace"
+    assert "sk_test_acme" not in str(h.api.statuses) + str(h.api.events)
+
+
+# --- deletion ---------------------------------------------------------------------------------
+
+
+async def test_deletion_with_retain_releases_namespaces_then_the_finalizer() -> None:
+    h = Harness({"namespaces": ["acme-prod"], "deletionPolicy": "Retain"})
+    await h.run()
+    h.watch()
+    h.delete()
+    await h.run()
+    ns = h.api.find("Namespace", None, "acme-prod")
+    assert ns is not None
+    assert "bmad.dev/tenant" not in ns["metadata"]["labels"]
+    assert h.api.find("Tenant", None, NAME) is None  # the finalizer went: the tenant is gone
+
+
+async def test_deletion_with_delete_cancels_the_subscription_once(stripe: FakeStripe) -> None:
+    h = Harness({"namespaces": ["acme-prod"], "deletionPolicy": "Delete", "billing": BILLING})
+    stripe_integration(h)
+    await h.run()
+    h.watch()
+    h.delete()
+    await h.run()
+    assert h.api.find("Namespace", None, "acme-prod") is None
+    assert stripe.cancelled == ["sub_acme"]
+    assert h.api.find("Tenant", None, NAME) is None
+
+
+async def test_a_failed_deletion_is_retried_with_a_condition_then_abandoned() -> None:
+    h = Harness({"namespaces": ["acme-prod"], "deletionPolicy": "Delete"})
+    await h.run()
+    h.watch()
+    h.api.refuse_delete["Namespace"] = errors.ApiError(403, "Forbidden", "namespaces forbidden")
+    h.delete()
+    with pytest.raises(errors.Requeue) as again:
+        await h.run()
+    assert again.value.delay == 15.0
+    assert h.reason("Ready") == ("False", "DeletionFailed")
+    assert "namespaces forbidden" in h.condition("Ready")["message"]
+    assert h.event_reasons() == ["DeletionFailed"]
+    assert h.api.find("Tenant", None, NAME) is not None
+    # After the deadline the finalizer goes anyway: a deletion never hangs forever.
+    h.delete(at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=11))
+    await h.run()
+    assert h.event_reasons() == ["DeletionAbandoned"]
+    assert h.api.find("Tenant", None, NAME) is None
+
+
+async def test_an_invalid_spec_while_deleting_releases_the_finalizer() -> None:
+    h = Harness({"namespaces": ["acme-prod"]})
+    await h.run()
+    h.watch()
+    h.api.objects[("Tenant", "", NAME)]["spec"]["namespaces"] = ["Not_A_Label"]
+    h.delete()
+    await h.run()
+    assert h.event_reasons() == ["DeletionAbandoned"]
+    assert h.api.find("Tenant", None, NAME) is None
+    assert h.api.deleted == []
+
+
+async def test_a_tenant_deleted_meanwhile_is_not_an_error() -> None:
+    h = Harness({"namespaces": ["acme-prod"]})
+    del h.api.objects[("Tenant", "", NAME)]  # gone on the server, still in the store
+    await h.run()
+    assert h.api.applied == []
+    assert h.cache.get("Tenant", None, NAME) is None

@@ -1,0 +1,132 @@
+"""The use case "one turn", without HTTP: what it records, and its domain errors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import pydantic
+import pytest
+
+from bmad_runtime import config, context, ports, schemas, telemetry, turns
+from bmad_runtime.memory import inprocess
+from bmad_runtime.providers import base, echo, router
+
+pytestmark = pytest.mark.unit
+
+TENANT, AGENT = "team-a", "analyst-1"
+CALLER = ports.Principal(subject="alice", tenant=TENANT)
+
+
+class RefusingLimiter:
+    async def hit(self, *, tenant: str, agent: str, tokens: int = 0) -> float | None:
+        return 2.5
+
+
+def services(
+    *chain: base.BaseProvider,
+    agent_config: config.AgentConfig | None = None,
+    limiter: ports.Limiter | None = None,
+    concurrency: int | None = None,
+) -> turns.Services:
+    return turns.Services(
+        tenant=TENANT,
+        agent=AGENT,
+        config=agent_config or config.echo_config(agent=AGENT),
+        store=inprocess.InProcessStore(),
+        router=router.ModelRouter(list(chain) or [echo.EchoProvider()]),
+        limiter=limiter,
+        metrics=telemetry.Metrics(),
+        slots=asyncio.Semaphore(concurrency) if concurrency else None,
+    )
+
+
+def store_of(given: turns.Services) -> inprocess.InProcessStore:
+    assert isinstance(given.store, inprocess.InProcessStore)
+    return given.store
+
+
+async def test_a_turn_answers_and_records_turns_usage_and_audit() -> None:
+    given = services()
+    body = schemas.InvokeRequest(input="plan the launch")
+
+    answer = await turns.run(given, body, CALLER, request_id="r-1")
+
+    assert answer.output == "[echo-1] plan the launch"
+    store = store_of(given)
+    history = await store.history(answer.conversation_id, tenant=TENANT, agent=AGENT)
+    assert [(t.role, t.content) for t in history] == [
+        ("user", "plan the launch"),
+        ("assistant", "[echo-1] plan the launch"),
+    ]
+    [usage] = store.usage
+    assert (usage.tenant, usage.agent, usage.conversation_id) == (
+        TENANT,
+        AGENT,
+        answer.conversation_id,
+    )
+    [audit] = store.audit_log
+    assert audit["subject"] == "alice"
+    assert audit["detail"]["requestId"] == "r-1"
+
+
+async def test_a_refusing_limiter_is_a_rate_limited_error_with_the_wait() -> None:
+    given = services(limiter=RefusingLimiter())
+    with pytest.raises(turns.RateLimitedError) as refused:
+        await turns.prepare(given, schemas.InvokeRequest(input="x"), CALLER, request_id=None)
+    assert refused.value.wait == 2.5
+    assert store_of(given).usage == []
+
+
+async def test_a_context_that_cannot_fit_is_a_context_overflow_error() -> None:
+    tiny = config.parse(
+        {"role": "qa", "model": {"provider": "echo", "name": "echo-1", "contextWindow": 8}}
+    )
+    with pytest.raises(context.ContextOverflowError):
+        await turns.prepare(
+            services(agent_config=tiny),
+            schemas.InvokeRequest(input="word " * 50),
+            CALLER,
+            request_id=None,
+        )
+
+
+async def test_every_slot_busy_is_refused_at_once_with_a_message() -> None:
+    given = services(concurrency=1)
+    assert given.slots is not None
+    async with given.slots:
+        with pytest.raises(turns.RateLimitedError, match=r"spec\.limits\.concurrency"):
+            turns.check_capacity(given)
+    turns.check_capacity(given)  # free again: no error
+
+
+class FailingModel(echo.EchoProvider):
+    async def complete(
+        self, messages: Sequence[ports.Message], *, params: dict[str, Any]
+    ) -> ports.Completion:
+        raise base.ProviderError("down", provider="echo", model="echo-1", retryable=False)
+
+
+async def test_every_model_failing_is_a_domain_error_and_nothing_is_recorded() -> None:
+    given = services(FailingModel())
+    with pytest.raises(router.AllProvidersFailedError):
+        await turns.run(given, schemas.InvokeRequest(input="x"), CALLER, request_id=None)
+    assert store_of(given).usage == []
+
+
+async def test_a_task_runs_as_the_tenants_bus_principal_and_answers_the_invoke_json() -> None:
+    given = services()
+
+    output = await turns.run_task(given, {"input": "shard the PRD"})
+
+    assert output["output"] == "[echo-1] shard the PRD"
+    assert output["usage"]["tokensOut"] > 0
+    assert set(output) >= {"conversationId", "model", "provider", "latencyMs"}
+    [audit] = store_of(given).audit_log
+    assert audit["subject"] == turns.TASK_SUBJECT
+
+
+async def test_a_task_that_is_not_an_invoke_request_fails_validation() -> None:
+    with pytest.raises(pydantic.ValidationError):
+        await turns.run_task(services(), {"text": "no input field"})
