@@ -1,6 +1,8 @@
 """Admission: an Agent that would exceed its tenant's budget is refused at apply time.
 
-Served by kopf's webhook server with a self-signed certificate made at start-up.
+Served by kopf's webhook server, on every replica, with one self-signed certificate
+kept in a Secret (made by the first replica to start, reused by the others and after
+restarts), so the webhook configuration's caBundle holds whichever replica answers.
 The ValidatingWebhookConfiguration is ours (not kopf's managed one) so that it only
 selects tenant namespaces: an operator that is down then blocks nobody else's Agents.
 """
@@ -20,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from bmad_operator import store, tenancy
+from bmad_operator import errors, kube, store, tenancy
 from bmad_operator.builders import meta
 
 WEBHOOK_ID = "agent-budget"
@@ -36,6 +38,94 @@ class Certificate(NamedTuple):
 
 def self_signed(host: str, directory: Path | None = None) -> Certificate:
     """A certificate for `host` that is its own CA (the caBundle of the webhook)."""
+    cert_pem, key_pem = _make_pair(host)
+    return _write(cert_pem, key_pem, directory)
+
+
+def _write(cert_pem: bytes, key_pem: bytes, directory: Path | None = None) -> Certificate:
+    folder = directory or Path(tempfile.mkdtemp(prefix="bmad-webhook-"))
+    certfile, pkeyfile = folder / "tls.crt", folder / "tls.key"
+    certfile.write_bytes(cert_pem)
+    pkeyfile.touch(mode=0o600)
+    pkeyfile.write_bytes(key_pem)
+    return Certificate(certfile, pkeyfile, cert_pem)
+
+
+# A stored certificate this close to its end is replaced at the next start.
+RENEW_BEFORE = dt.timedelta(days=30)
+
+
+def _usable(cert_pem: bytes, host: str) -> bool:
+    """Whether a stored certificate names `host` and is not about to expire."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return False
+    try:
+        wanted: Any = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        wanted = x509.DNSName(host)
+    return wanted in names and cert.not_valid_after_utc - dt.datetime.now(dt.UTC) > RENEW_BEFORE
+
+
+async def shared_certificate(
+    api: kube.Kube, *, namespace: str, name: str, host: str, directory: Path | None = None
+) -> Certificate:
+    """The webhook's certificate and key, the same for every replica and every restart.
+
+    Kept in a `kubernetes.io/tls` Secret: the first replica to start makes it (create
+    fails with 409 for a replica that lost the race, which then reads the winner's), so
+    the caBundle of the webhook configuration stays valid whichever replica answers.
+    A stored certificate for another host, or within 30 days of its end, is replaced
+    (the write carries the resourceVersion read, so two replicas cannot both replace it).
+    """
+    for _ in range(5):
+        secret = await api.get("Secret", namespace, name)
+        data = (secret or {}).get("data") or {}
+        if data.get("tls.crt") and data.get("tls.key"):
+            cert_pem = base64.b64decode(data["tls.crt"])
+            if _usable(cert_pem, host):
+                return _write(cert_pem, base64.b64decode(data["tls.key"]), directory)
+        cert_pem, key_pem = _make_pair(host)
+        encoded = {
+            "tls.crt": base64.b64encode(cert_pem).decode(),
+            "tls.key": base64.b64encode(key_pem).decode(),
+        }
+        try:
+            if secret is None:
+                await api.create(
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Secret",
+                        "type": "kubernetes.io/tls",
+                        "metadata": {
+                            "name": name,
+                            "namespace": namespace,
+                            "labels": meta.managed_labels(),
+                        },
+                        "data": encoded,
+                    }
+                )
+            else:
+                await api.merge_patch(
+                    "Secret",
+                    namespace,
+                    name,
+                    {
+                        "metadata": {"resourceVersion": secret["metadata"]["resourceVersion"]},
+                        "data": encoded,
+                    },
+                )
+        except errors.ApiError as exc:
+            if exc.status == 409:
+                continue  # another replica wrote it first: use theirs
+            raise
+        return _write(cert_pem, key_pem, directory)
+    raise errors.ApiError(409, "Conflict", f"Secret {namespace}/{name} kept changing")
+
+
+def _make_pair(host: str) -> tuple[bytes, bytes]:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     now = dt.datetime.now(dt.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
@@ -56,19 +146,11 @@ def self_signed(host: str, directory: Path | None = None) -> Certificate:
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(key, hashes.SHA256())
     )
-    folder = directory or Path(tempfile.mkdtemp(prefix="bmad-webhook-"))
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    certfile, pkeyfile = folder / "tls.crt", folder / "tls.key"
-    certfile.write_bytes(pem)
-    pkeyfile.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
+    return cert.public_bytes(serialization.Encoding.PEM), key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
     )
-    pkeyfile.chmod(0o600)
-    return Certificate(certfile, pkeyfile, pem)
 
 
 def webhook_configuration(

@@ -7,6 +7,7 @@ in kopf's operator-wide memo, created at startup.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import typing
 from collections.abc import Iterable
@@ -14,7 +15,7 @@ from typing import Any
 
 import kopf
 
-from bmad_operator import admission, controller, kube, settings
+from bmad_operator import admission, controller, kube, leader, settings
 from bmad_operator.builders import meta
 
 MANAGED = meta.managed_labels()
@@ -55,10 +56,11 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     cfg = memo.get("config") or settings_module_load()
     api = await kube.Kube.connect()
     ctl = controller.Controller(api, cfg)
-    ctl.start()
     memo["controller"] = ctl
     if cfg.webhook_port:
-        cert = admission.self_signed(cfg.webhook_host)
+        cert = await admission.shared_certificate(
+            api, namespace=cfg.system_namespace, name=cfg.webhook_secret, host=cfg.webhook_host
+        )
         settings.admission.server = kopf.WebhookServer(
             addr=cfg.webhook_address,
             port=cfg.webhook_port,
@@ -68,6 +70,22 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
         )
         url = cfg.webhook_url or f"https://{cfg.webhook_host}:{cfg.webhook_port}"
         await api.apply(admission.webhook_configuration(url, cert.pem, service=cfg.webhook_service))
+    if not cfg.leader_election:
+        ctl.start()
+        return
+    # Every replica watches (its store serves the webhook); only the Lease's holder
+    # reconciles: the controller starts when leadership is gained and stops when lost.
+    elector = leader.LeaderElector(
+        leader.KubeLeases(api.api),
+        namespace=cfg.lease_namespace or cfg.system_namespace,
+        name=cfg.lease_name,
+        identity=cfg.leader_identity or None,
+        timings=cfg.lease_timings(),
+        on_started=ctl.start,
+        on_stopped=ctl.pause,
+    )
+    memo["elector"] = elector
+    memo["elector_task"] = asyncio.create_task(elector.run(), name="leader-election")
 
 
 def settings_module_load() -> settings.OperatorSettings:
@@ -76,6 +94,11 @@ def settings_module_load() -> settings.OperatorSettings:
 
 @kopf.on.cleanup()
 async def cleanup(memo: Any, **_: Any) -> None:
+    elector = memo.get("elector")
+    if elector is not None:
+        # Graceful: stop campaigning and reconciling, then hand the Lease over so a
+        # standby need not wait for it to expire.
+        await elector.release()
     ctl = memo.get("controller")
     if ctl is not None:
         await ctl.stop()

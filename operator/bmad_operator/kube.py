@@ -179,6 +179,14 @@ class Kube:
             content_type="application/merge-patch+json",
         )
 
+    async def create(self, obj: Obj) -> Obj:
+        """POST: only if it does not exist yet (409 AlreadyExists otherwise), for objects
+        several replicas may race to make and must agree on."""
+        kind = obj["kind"]
+        return await self._call(
+            "POST", path_for(kind, obj["metadata"].get("namespace")), kind=kind, body=obj
+        )
+
     async def merge_patch(self, kind: str, namespace: str | None, name: str, patch: Obj) -> Obj:
         return await self._call(
             "PATCH",

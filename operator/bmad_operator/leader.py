@@ -151,6 +151,7 @@ class LeaderElector:
         self._observed: tuple[Any, ...] | None = None  # the record part of it
         self._observed_at = 0.0  # our clock when the record last changed
         self._stop_lock = asyncio.Lock()
+        self._runner: asyncio.Task[Any] | None = None
 
     @property
     def is_leader(self) -> bool:
@@ -170,6 +171,7 @@ class LeaderElector:
         release the Lease: that is what a crash looks like to the others. Call
         `release()` for a graceful hand-over.
         """
+        self._runner = asyncio.current_task()
         try:
             while True:
                 await self._acquire()
@@ -315,10 +317,17 @@ class LeaderElector:
             await _call(self.on_stopped)
 
     async def release(self) -> bool:
-        """Graceful shutdown: stop leading, then hand the Lease back (no holder), so a
-        standby takes it at its next retry rather than after the lease duration.
-        Returns whether the Lease was released (False if we did not hold it)."""
+        """Graceful shutdown: stop campaigning and leading, then hand the Lease back (no
+        holder), so a standby takes it at its next retry rather than after the lease
+        duration. Returns whether the Lease was released (False if we did not hold it)."""
         was_leader = self.is_leader
+        runner = self._runner
+        if runner is not None and runner is not asyncio.current_task() and not runner.done():
+            # No renewal or new campaign may race the release: stop the loop first
+            # (which stops leading, so nothing reconciles from here on).
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
         await self._stop_leading("releasing the Lease")
         lease = self._lease
         if not was_leader or lease is None:
