@@ -1,16 +1,24 @@
 """Stripe billing for tenants: one customer and one subscription each, exactly once.
 
-Exactly once across retries, crashes and restarts rests on two things:
+Exactly once across retries, crashes and restarts rests on three things:
+- the ids found or made are kept in the Tenant's status (the reconciler's part);
+- before creating, the customer is looked up by the Tenant's uid in its metadata
+  (`bmad_tenant_uid`: a Tenant deleted and created again under the same name is a new
+  Tenant and gets a new customer), and the subscription is looked up among the
+  customer's subscriptions (the Tenant's uid in its metadata, not ended; one to the
+  spec's price first, else any: a changed priceId never adds a second subscription);
 - every create carries an idempotency key derived from the Tenant's uid (never from
-  time or chance), so a create repeated after a crash returns the first result;
-- before creating, the customer is looked up by its `bmad_tenant` metadata, and the
-  ids found are kept in the Tenant's status.
+  time or chance), so a create repeated after a crash returns the first result.
+Stripe keeps idempotency keys for 24 hours and its customer search lags behind
+creates (up to a minute), so each covers the other: the key the moments after a
+create, the look-ups any time later. Listing a customer's subscriptions has no lag.
 The Stripe SDK is synchronous: every call runs in a worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +27,9 @@ import stripe
 from bmad_integrations import base
 
 TENANT_METADATA = "bmad_tenant"
+TENANT_UID_METADATA = "bmad_tenant_uid"
+# Subscriptions in these states are over: a new one is needed.
+ENDED = frozenset({"canceled", "incomplete_expired"})
 
 
 @dataclass(frozen=True)
@@ -31,8 +42,12 @@ def customer_key(tenant_uid: str) -> str:
     return f"bmad-tenant-{tenant_uid}-customer"
 
 
-def subscription_key(tenant_uid: str, price_id: str) -> str:
-    return f"bmad-tenant-{tenant_uid}-subscription-{price_id}"
+def subscription_key(tenant_uid: str, price_id: str, ended: int = 0) -> str:
+    """The key of the tenant's subscription to a price; ``ended`` counts the tenant's
+    subscriptions to that price that are over, so a cancelled subscription is
+    replaced by a new one instead of Stripe replaying the cancelled one's creation."""
+    base_key = f"bmad-tenant-{tenant_uid}-subscription-{price_id}"
+    return base_key if ended == 0 else f"{base_key}-{ended}"
 
 
 class BillingError(Exception):
@@ -51,9 +66,14 @@ def _client(account: StripeAccount) -> stripe.StripeClient:
     return stripe.StripeClient(account.api_key, **kwargs)
 
 
-def _wrap(exc: Exception, account: StripeAccount) -> BillingError:
+def redact(exc: Exception, account: StripeAccount) -> str:
+    """What Stripe said, with the API key taken out wherever it is quoted."""
     creds = base.Credentials(secret_name=None, data={"apiKey": account.api_key})
-    text = creds.redact(str(getattr(exc, "user_message", None) or exc))
+    return creds.redact(str(getattr(exc, "user_message", None) or exc))
+
+
+def _wrap(exc: Exception, account: StripeAccount) -> BillingError:
+    text = redact(exc, account)
     if isinstance(exc, stripe.AuthenticationError):
         return BillingError(
             base.Reason.AUTHENTICATION_FAILED, f"Stripe refused the API key: {text}"
@@ -68,14 +88,21 @@ def _ensure_customer_sync(
 ) -> str:
     client = _client(account)
     try:
+        # A uid is a UUID (hex and '-'): nothing in it can break out of the quotes.
         found = client.v1.customers.search(
-            params={"query": f"metadata['{TENANT_METADATA}']:'{tenant}'", "limit": 10}
+            params={"query": f"metadata['{TENANT_UID_METADATA}']:'{tenant_uid}'", "limit": 10}
         )
+        matching = []
         for customer in found.data:
-            metadata: dict[str, str] = dict(customer.to_dict().get("metadata") or {})
-            if metadata.get(TENANT_METADATA) == tenant:
-                return str(customer.id)
-        params: dict[str, Any] = {"name": name, "metadata": {TENANT_METADATA: tenant}}
+            data = customer.to_dict()
+            if (data.get("metadata") or {}).get(TENANT_UID_METADATA) == tenant_uid:
+                matching.append((data.get("created") or 0, str(customer.id)))
+        if matching:
+            return min(matching)[1]  # the oldest, should an earlier bug have made two
+        params: dict[str, Any] = {
+            "name": name,
+            "metadata": {TENANT_METADATA: tenant, TENANT_UID_METADATA: tenant_uid},
+        }
         if email:
             params["email"] = email
         created = client.v1.customers.create(
@@ -92,17 +119,57 @@ def _ensure_subscription_sync(
 ) -> str:
     client = _client(account)
     try:
+        listed = client.v1.subscriptions.list(
+            params={"customer": customer_id, "status": "all", "limit": 100}
+        ).data
+        existing = find_subscription(listed, tenant_uid=tenant_uid, price_id=price_id)
+        if existing is not None:
+            return existing
+        ended = count_ended(listed, tenant_uid=tenant_uid, price_id=price_id)
         created = client.v1.subscriptions.create(
             params={
                 "customer": customer_id,
                 "items": [{"price": price_id}],
-                "metadata": {TENANT_METADATA: tenant},
+                "metadata": {TENANT_METADATA: tenant, TENANT_UID_METADATA: tenant_uid},
             },
-            options={"idempotency_key": subscription_key(tenant_uid, price_id)},
+            options={"idempotency_key": subscription_key(tenant_uid, price_id, ended)},
         )
         return str(created.id)
     except stripe.StripeError as exc:
         raise _wrap(exc, account) from None
+
+
+def _ours(subscriptions: Iterable[Any], *, tenant_uid: str) -> list[dict[str, Any]]:
+    """The subscriptions made for this Tenant (its uid in their metadata)."""
+    found = []
+    for sub in subscriptions:
+        data = sub.to_dict() if hasattr(sub, "to_dict") else dict(sub)
+        if (data.get("metadata") or {}).get(TENANT_UID_METADATA) == tenant_uid:
+            found.append(data)
+    return found
+
+
+def _has_price(data: dict[str, Any], price_id: str) -> bool:
+    items = (data.get("items") or {}).get("data") or []
+    return any((item.get("price") or {}).get("id") == price_id for item in items)
+
+
+def find_subscription(
+    subscriptions: Iterable[Any], *, tenant_uid: str, price_id: str
+) -> str | None:
+    """The Tenant's subscription that has not ended: to this price if there is one,
+    else any (a tenant has one live subscription; a new priceId does not add one)."""
+    live = [d for d in _ours(subscriptions, tenant_uid=tenant_uid) if d.get("status") not in ENDED]
+    ranked = sorted(
+        live, key=lambda d: (not _has_price(d, price_id), d.get("created") or 0, str(d["id"]))
+    )
+    return str(ranked[0]["id"]) if ranked else None
+
+
+def count_ended(subscriptions: Iterable[Any], *, tenant_uid: str, price_id: str) -> int:
+    """How many of the Tenant's subscriptions to this price are over."""
+    ours = _ours(subscriptions, tenant_uid=tenant_uid)
+    return sum(1 for d in ours if d.get("status") in ENDED and _has_price(d, price_id))
 
 
 def _cancel_subscription_sync(account: StripeAccount, subscription_id: str) -> None:

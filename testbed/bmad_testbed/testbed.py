@@ -145,7 +145,7 @@ def up(
             raise ValueError("--real-node joins the test bed's own control plane: unset KUBECONFIG")
         binaries.update(build.ensure_node())
         images.ensure_pause()
-        _remove_stale_node()
+        remove_stale_node()
 
     directory.mkdir(parents=True, exist_ok=True)
     # PostgreSQL runs as its own user when we are root: it must traverse this folder.
@@ -243,7 +243,7 @@ def _start_real_node(
     )
 
 
-def _remove_stale_node() -> None:
+def remove_stale_node() -> None:
     """Clean up a real node whose test bed no longer runs (its processes were killed,
     say with the session that started them): its namespace, mounts and cgroups stay
     behind and would block every later `up --real-node` on this machine."""

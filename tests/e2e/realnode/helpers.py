@@ -64,14 +64,40 @@ def wait_ready(
 ) -> None:
     """`kubectl wait` for condition Ready; `namespace` empty for a cluster-scoped kind."""
     where = ["-n", namespace] if namespace else []
-    kubectl.run(
-        "wait",
-        "--for=condition=Ready",
-        f"{kind}/{name}",
-        *where,
-        f"--timeout={int(timeout)}s",
-        timeout=timeout + 30,
-    )
+    try:
+        kubectl.run(
+            "wait",
+            "--for=condition=Ready",
+            f"{kind}/{name}",
+            *where,
+            f"--timeout={int(timeout)}s",
+            timeout=timeout + 30,
+        )
+    except (kubectl_mod.KubectlError, subprocess.TimeoutExpired) as exc:
+        raise AssertionError(
+            f"{kind}/{name} not Ready: {exc}\n{diagnose(kubectl, namespace)}"
+        ) from exc
+
+
+def diagnose(kubectl: kubectl_mod.Kubectl, namespace: str) -> str:
+    """What a human would look at when something on the real node is not Ready: the
+    namespace's objects and Events, the node, and the operator pod with its last logs."""
+    probes: list[tuple[str, ...]] = [
+        ("get", "nodes", "-o", "wide"),
+        ("get", "pods", "-n", SYSTEM_NS, "-o", "wide"),
+        ("logs", "-n", SYSTEM_NS, "deployment/bmad-operator", "--tail=40"),
+    ]
+    if namespace:
+        probes += [
+            ("get", "agents,deployments,pods", "-n", namespace, "-o", "wide"),
+            ("get", "agents", "-n", namespace, "-o", "jsonpath={.items[*].status.conditions}"),
+            ("get", "events", "-n", namespace, "--sort-by=.lastTimestamp"),
+        ]
+    out = []
+    for args in probes:
+        proc = kubectl.run(*args, check=False, timeout=60)
+        out.append(f"$ kubectl {' '.join(args)}\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return "\n".join(out)
 
 
 def agent_pods(kubectl: kubectl_mod.Kubectl, name: str, namespace: str) -> list[dict[str, Any]]:

@@ -63,6 +63,10 @@ def test_real_node_runs_a_pod_and_down_leaves_nothing_behind(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     directory = Path(f"/tmp/bmad-rn-life-{os.getpid()}")
+    # A real node whose test bed was killed (an earlier run on this machine ended
+    # mid-way) is cleaned by `up` anyway; clean it first so that the snapshot below
+    # is the machine's own state and not that leftover's.
+    testbed.remove_stale_node()
     before = _host_snapshot(directory)
     assert before["netns"].count(nodenet.NETNS) == 0, "another real node runs on this machine"
     # A test bed of its own, whatever KUBECONFIG the session's test bed exported.
@@ -109,6 +113,7 @@ def test_a_real_node_left_behind_by_killed_processes_is_cleaned_by_the_next_up(
     its real node stay. The next `up --real-node` removes them and starts its own."""
     first = Path(f"/tmp/bmad-rn-stale-{os.getpid()}")
     second = Path(f"/tmp/bmad-rn-next-{os.getpid()}")
+    testbed.remove_stale_node()
     before = _host_snapshot(second)
     monkeypatch.delenv("KUBECONFIG", raising=False)
     testbed.up(real_node=True, with_services=[], nodes=1, directory=first)

@@ -16,7 +16,7 @@ import pytest
 from bmad_testbed import kubectl as kubectl_mod
 from bmad_testbed.kubectl import eventually
 
-from .helpers import NODE_NAME, SYSTEM_NS, agent, condition
+from .helpers import NODE_NAME, SYSTEM_NS, agent, condition, diagnose
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realnode]
 
@@ -37,6 +37,7 @@ def _ready_agents(kubectl: kubectl_mod.Kubectl, ns: str) -> int:
     return sum(1 for a in items if (c := condition(a, "Ready")) and c["status"] == "True")
 
 
+@pytest.mark.timeout(1200)
 def test_force_deleted_operator_is_replaced_and_twenty_agents_converge(
     real_kubectl: kubectl_mod.Kubectl, real_namespace: str
 ) -> None:
@@ -67,9 +68,19 @@ def test_force_deleted_operator_is_replaced_and_twenty_agents_converge(
         )
 
     eventually(replaced, timeout=180, interval=2, what="a new Ready operator pod")
-    kubectl.run(
-        "wait", "--for=condition=Ready", "agents", "--all", "-n", ns, "--timeout=600s", timeout=630
+    # 20 runtimes starting on 2 shared cores: minutes, not seconds, under CI's load.
+    done = kubectl.run(
+        "wait",
+        "--for=condition=Ready",
+        "agents",
+        "--all",
+        "-n",
+        ns,
+        "--timeout=780s",
+        timeout=810,
+        check=False,
     )
+    assert done.returncode == 0, f"{done.stderr}\n{diagnose(kubectl, ns)}"
     assert _ready_agents(kubectl, ns) == COUNT
 
     for kind in OWNED:

@@ -1,0 +1,118 @@
+"""What Stripe's payment events mean for a Tenant: conditions and suspension (pure).
+
+Input: the customer's `stripe_webhooks.PaymentState` (kept by the webhook inbox), the
+time, and the grace period (an operator setting). Output: the ``PaymentFailed``
+condition, an opinion on ``BillingReady`` (None: no opinion, the Stripe setup's
+condition stands), whether the tenant is suspended for payment, and when to look
+again (the moment a grace period ends), so the reconciler needs no polling.
+
+- An invoice payment failed and no payment came after it: ``PaymentFailed=True``;
+  once the grace period has passed since the first failure, the tenant is suspended
+  (``PaymentOverdue``). A later ``invoice.paid`` clears both: work resumes.
+- The subscription was cancelled, or Stripe gave up on it (``unpaid``,
+  ``incomplete_expired``): ``BillingReady=False`` and, after the grace period from
+  that event, suspension. A subscription that becomes active again resumes.
+Reasons are constants, documented in docs/billing.md ("Webhooks"). The Tenant
+reconciler does not apply this decision yet (issue 14, stage 2).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from bmad_integrations import stripe_webhooks
+from bmad_operator.conditions import FALSE, TRUE, Cond
+
+PAYMENT_FAILED = "PaymentFailed"
+# Reasons.
+PAYMENTS_CURRENT = "PaymentsCurrent"
+INVOICE_PAYMENT_FAILED = "InvoicePaymentFailed"
+PAYMENT_OVERDUE = "PaymentOverdue"
+SUBSCRIPTION_CANCELED = "SubscriptionCanceled"
+SUBSCRIPTION_UNPAID = "SubscriptionUnpaid"
+
+_GIVEN_UP = {
+    "canceled": SUBSCRIPTION_CANCELED,
+    "incomplete_expired": SUBSCRIPTION_CANCELED,
+    "unpaid": SUBSCRIPTION_UNPAID,
+}
+
+
+@dataclass(frozen=True)
+class PaymentDecision:
+    payment_failed: Cond
+    billing_ready: Cond | None
+    suspend: bool
+    suspend_reason: str | None
+    suspend_message: str | None
+    requeue_after: float | None
+
+
+def _stamp(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def decide(
+    state: stripe_webhooks.PaymentState | None, *, now: dt.datetime, grace: dt.timedelta
+) -> PaymentDecision:
+    """The Tenant's payment conditions and suspension at ``now``."""
+    deadlines: list[dt.datetime] = []
+    suspend_reason: str | None = None
+    suspend_message: str | None = None
+    billing_ready: Cond | None = None
+    payment_failed = Cond(PAYMENT_FAILED, FALSE, PAYMENTS_CURRENT, "No unpaid invoice.")
+
+    if state is not None and state.failed_since is not None:
+        deadline = state.failed_since + grace
+        if now >= deadline:
+            suspend_reason = PAYMENT_OVERDUE
+            suspend_message = (
+                f"An invoice payment failed at {_stamp(state.failed_since)} and nothing was "
+                f"paid within the grace period: the tenant's agents are suspended since "
+                f"{_stamp(deadline)} until an invoice is paid."
+            )
+            payment_failed = Cond(PAYMENT_FAILED, TRUE, PAYMENT_OVERDUE, suspend_message)
+        else:
+            deadlines.append(deadline)
+            payment_failed = Cond(
+                PAYMENT_FAILED,
+                TRUE,
+                INVOICE_PAYMENT_FAILED,
+                f"An invoice payment failed at {_stamp(state.failed_since)}: the tenant's "
+                f"agents are suspended at {_stamp(deadline)} unless it is paid.",
+            )
+
+    given_up = _GIVEN_UP.get(state.subscription_status or "") if state is not None else None
+    if state is not None and given_up is not None:
+        since = state.subscription_status_at or now
+        deadline = since + grace
+        what = (
+            "was cancelled" if given_up == SUBSCRIPTION_CANCELED else "is unpaid (Stripe gave up)"
+        )
+        message = (
+            f"Stripe subscription {state.subscription_id or '?'} {what} at {_stamp(since)}: "
+            "usage is not billed. Create a subscription for the tenant in Stripe (with "
+            "metadata bmad_tenant_uid) or remove spec.billing."
+        )
+        billing_ready = Cond("BillingReady", FALSE, given_up, message)
+        if now >= deadline:
+            if suspend_reason is None:
+                suspend_reason = given_up
+                suspend_message = (
+                    f"{message} The tenant's agents are suspended since {_stamp(deadline)}."
+                )
+        else:
+            deadlines.append(deadline)
+
+    requeue_after = None
+    if suspend_reason is None and deadlines:
+        requeue_after = max((min(deadlines) - now).total_seconds(), 0.0)
+    return PaymentDecision(
+        payment_failed=payment_failed,
+        billing_ready=billing_ready,
+        suspend=suspend_reason is not None,
+        suspend_reason=suspend_reason,
+        suspend_message=suspend_message,
+        requeue_after=requeue_after,
+    )

@@ -1,0 +1,76 @@
+"""Fixtures of the usage tests: a database of their own, Redis clients, unique names."""
+
+from __future__ import annotations
+
+import secrets
+import urllib.parse
+from collections.abc import AsyncIterator
+
+import asyncpg  # type: ignore[import-untyped]
+import pytest
+import redis.asyncio as aioredis
+
+from bmad_integrations.usage import record, store
+
+
+def with_database(dsn: str, database: str) -> str:
+    parts = urllib.parse.urlsplit(dsn)
+    return urllib.parse.urlunsplit(parts._replace(path="/" + database))
+
+
+@pytest.fixture
+async def ledger_dsn(postgres_url: str) -> AsyncIterator[str]:
+    """A fresh database for the ledger, dropped afterwards."""
+    name = f"bmad_ledger_{secrets.token_hex(5)}"
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')  # a generated identifier
+    finally:
+        await admin.close()
+    try:
+        yield with_database(postgres_url, name)
+    finally:
+        admin = await asyncpg.connect(postgres_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture
+async def ledger(ledger_dsn: str) -> AsyncIterator[store.LedgerStore]:
+    opened = await store.LedgerStore.connect(ledger_dsn, max_size=10)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture
+async def admin_redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """The platform Redis as the operator sees it (the test bed's default user)."""
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def namespaces(admin_redis: aioredis.Redis) -> AsyncIterator[list[str]]:
+    """A supply of unique namespace names; their streams and writers are removed after."""
+    made: list[str] = []
+
+    class Supply(list[str]):
+        def new(self, base: str = "ns") -> str:
+            name = f"{base}-{secrets.token_hex(4)}"
+            made.append(name)
+            return name
+
+    yield Supply()
+    for namespace in made:
+        async for key in admin_redis.scan_iter(match=f"{record.STREAM_PREFIX}:{namespace}:*"):
+            await admin_redis.delete(key)
+        for user in await admin_redis.acl_users():
+            if user.startswith(f"{record.ACL_USER_PREFIX}:{namespace}:"):
+                await admin_redis.acl_deluser(user)
