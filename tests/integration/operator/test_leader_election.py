@@ -104,8 +104,19 @@ async def test_one_of_two_leads_and_the_standby_takes_over_from_a_crashed_leader
         what="one of the two to lead",
     )
     first, standby = (a, b) if a.elector.is_leader else (b, a)
-    # Let the standby see a few renewals: it must keep waiting while they go on.
-    await asyncio.sleep(3 * T.retry_period)
+    # Three renewals go by (read from the API server, polled with a deadline): the
+    # standby must keep waiting all along, having seen who holds the Lease.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 3 * LONGEST_RETRY + MARGIN
+    renewals: set[str] = set()
+    while len(renewals) < 4:
+        spec = await asyncio.to_thread(lease_of, kubectl, namespace, first)
+        renewals.add(spec["renewTime"])
+        assert not standby.elector.is_leader
+        if loop.time() > deadline:
+            pytest.fail(f"the leader renewed {len(renewals) - 1} times, not 3")
+        await asyncio.sleep(0.2)
+    assert standby.elector.holder == first.elector.identity
     assert first.elector.is_leader
     assert not standby.elector.is_leader
     held = lease_of(kubectl, namespace, first)
@@ -138,7 +149,11 @@ async def test_graceful_release_hands_over_without_waiting_for_expiry(
     a = await replicas("replica-a")
     await eventually(lambda: a.elector.is_leader, within=LONGEST_RETRY + MARGIN, what="a leads")
     b = await replicas("replica-b")
-    await asyncio.sleep(2 * T.retry_period)  # b is a standby now
+    await eventually(
+        lambda: b.elector.holder == "replica-a",
+        within=LONGEST_RETRY + MARGIN,
+        what="b to read the Lease and find a holding it",
+    )
     assert not b.elector.is_leader
 
     assert await a.elector.release()
