@@ -84,7 +84,7 @@ def create_app(
         providers.tracer = tracing.tracer
     state = deps.RuntimeState(
         tenant=settings.effective_tenant,
-        agent=settings.agent_name,
+        agent=settings.agent_key,
         settings=settings,
         config=config,
         store=store,

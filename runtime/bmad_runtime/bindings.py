@@ -20,9 +20,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bmad_crds import runtime_contract as contract
 from bmad_integrations import binding as layout
 
-ROOT_ENV = "SERVICE_BINDING_ROOT"
+ROOT_ENV = contract.SERVICE_BINDING_ROOT
 
 
 class BindingError(ValueError):

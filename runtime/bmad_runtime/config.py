@@ -1,9 +1,12 @@
 """The agent's rendered configuration (``agent.json``), as the runtime reads it.
 
 The operator writes it into the agent's ConfigMap (`rendered_config` in
-`bmad_operator.builders.agent`): the Agent's spec minus credentials. Unknown keys are
-ignored so that a newer operator does not break an older runtime; the values the
-runtime relies on are validated here, and a broken file is an error that names it.
+`bmad_operator.builders.agent`): the Agent's spec minus credentials, in the schema of
+`bmad_crds.runtime_contract`. Unknown keys are ignored so that a newer operator does
+not break an older runtime; the values the runtime relies on are validated there, and
+a broken file is an error that names it. When the Agent takes its instructions from
+a ConfigMap (``spec.instructionsFrom``), the operator projects that key next to
+agent.json and `load` reads it into ``instructions``: the agent layer of the context.
 """
 
 from __future__ import annotations
@@ -13,70 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import pydantic
-import pydantic.alias_generators
 
-from bmad_crds.v1alpha1 import agent as agent_api
+from bmad_crds import runtime_contract as contract
 
 
 class ConfigError(ValueError):
     """agent.json is missing or does not describe a usable agent."""
 
 
-class _Model(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(
-        alias_generator=pydantic.alias_generators.to_camel,
-        populate_by_name=True,
-        extra="ignore",
-        frozen=True,
-    )
-
-    @pydantic.model_validator(mode="before")
-    @classmethod
-    def _nulls_are_defaults(cls, data: Any) -> Any:
-        # The operator writes `"instructionsFrom": null` and may write other nulls:
-        # a null means "not given", which is the field's default.
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
-        return data
-
-
-class Persona(_Model):
-    name: str | None = None
-    title: str | None = None
-    style: str | None = None
-    identity: str | None = None
-    focus: str | None = None
-
-
-class ModelRef(_Model):
-    """One model of the chain: the primary or a fallback."""
-
-    provider: agent_api.ModelProvider
-    name: str = pydantic.Field(min_length=1)
-    integration: str | None = None
-
-
-class ModelConfig(ModelRef):
-    params: dict[str, Any] = pydantic.Field(default_factory=dict)
-    fallbacks: list[ModelRef] = pydantic.Field(default_factory=list)
-    context_window: int | None = pydantic.Field(default=None, gt=0)
-
-    @property
-    def chain(self) -> list[ModelRef]:
-        """The primary, then the fallbacks, in the order they are tried."""
-        primary = ModelRef(provider=self.provider, name=self.name, integration=self.integration)
-        return [primary, *self.fallbacks]
-
-
-class Limits(_Model):
-    requests_per_minute: int | None = pydantic.Field(default=None, ge=1)
-    tokens_per_minute: int | None = pydantic.Field(default=None, ge=1)
-    concurrency: int | None = pydantic.Field(default=None, ge=1)
-
-
-class Memory(_Model):
-    turns: int = pydantic.Field(default=20, ge=0)
-    ttl_seconds: int = pydantic.Field(default=86400, ge=1)
+# The models of agent.json are the contract's, shared with the operator's builders.
+Persona = contract.Persona
+ModelRef = contract.ModelRef
+ModelConfig = contract.ModelConfig
+Limits = contract.Limits
+Memory = contract.Memory
 
 
 # The title each BMAD role goes by when the Agent gives no persona.
@@ -94,17 +47,8 @@ ROLE_TITLES: dict[str, str] = {
 }
 
 
-class AgentConfig(_Model):
-    agent: str = "agent"
-    namespace: str = "default"
-    role: str = "custom"
-    persona: Persona = pydantic.Field(default_factory=Persona)
-    instructions: str = ""
-    model: ModelConfig
-    limits: Limits = pydantic.Field(default_factory=Limits)
-    memory: Memory = pydantic.Field(default_factory=Memory)
-    integrations: list[str] = pydantic.Field(default_factory=list)
-    binding_root: str | None = None
+class AgentConfig(contract.AgentConfig):
+    """agent.json as the contract defines it, with what the runtime makes of it."""
 
     def persona_text(self) -> str:
         """The agent's persona, for the agent layer of the context (instructions follow)."""
@@ -167,7 +111,8 @@ def parse(data: Any, *, source: str = "agent.json") -> AgentConfig:
 
 
 def load(path: Path) -> AgentConfig:
-    """Read and validate agent.json (``$BMAD_AGENT_CONFIG``)."""
+    """Read and validate agent.json (``$BMAD_AGENT_CONFIG``) and the instructions file
+    it names."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -181,4 +126,23 @@ def load(path: Path) -> AgentConfig:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not JSON (line {exc.lineno}: {exc.msg})") from None
-    return parse(data, source=str(path))
+    loaded = parse(data, source=str(path))
+    if loaded.instructions_file is None:
+        return loaded
+    text = _instructions(path.parent / loaded.instructions_file, loaded.instructions_from)
+    return loaded.model_copy(update={"instructions": text})
+
+
+def _instructions(file: Path, ref: contract.InstructionsRef | None) -> str:
+    """The instructions the operator projected next to agent.json (spec.instructionsFrom)."""
+    source = f"key {ref.key!r} of ConfigMap {ref.name!r}" if ref else "spec.instructionsFrom"
+    try:
+        return file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{file} does not exist: the agent's instructions ({source}) are mounted there "
+            "by the operator; is the pod's config volume the one the operator renders?"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{file} ({source}) cannot be read: {reason}") from None

@@ -1,10 +1,13 @@
 """The runtime's process settings: who this agent is and where its services are.
 
-Everything comes from the environment the operator writes into the pod (see
-`bmad_operator.builders.agent._env`): ``BMAD_AGENT_*``, ``BMAD_HTTP_PORT``,
-``BMAD_MEMORY_STORE`` and ``SERVICE_BINDING_ROOT``. Datastores not given explicitly
-(``BMAD_REDIS_URL``, ``BMAD_POSTGRES_DSN``) are taken from the bindings of type
-``redis`` and ``postgres``.
+Everything comes from the environment the operator writes into the pod, under the
+names of `bmad_crds.runtime_contract` (``BMAD_AGENT_*``, ``BMAD_TENANT``,
+``BMAD_HTTP_PORT``, ``BMAD_MEMORY_STORE``, ``SERVICE_BINDING_ROOT``). Each setting is
+read under exactly one name, in exactly that case (`env_name`): pydantic-settings
+would also take ``Bmad_Tenant`` or ``bmad_agent_namespace`` for a setting, and the
+identity of the agent (whose streams, conversations and budgets it uses) must be the
+operator's alone. Datastores not given explicitly (``BMAD_REDIS_URL``,
+``BMAD_POSTGRES_DSN``) are taken from the bindings of type ``redis`` and ``postgres``.
 
 Read through `load()`, never at import, so that tests construct `RuntimeSettings`
 directly with the values they need.
@@ -13,26 +16,71 @@ directly with the values they need.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pydantic
+import pydantic.fields
 import pydantic_settings
 
+from bmad_crds import runtime_contract as contract
 from bmad_crds.v1alpha1 import agent as agent_api
 from bmad_runtime import bindings as bindings_mod
 
 logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+ENV_PREFIX = "BMAD_"
+# Settings whose variable is not ENV_PREFIX + the field's name in upper case.
+_ENV_NAMES: dict[str, str] = {"binding_root": contract.SERVICE_BINDING_ROOT}
+
+
+def env_name(field: str) -> str:
+    """The one environment variable a setting is read from."""
+    return _ENV_NAMES.get(field, ENV_PREFIX + field.upper())
+
+
+class ExactEnvironment(pydantic_settings.PydanticBaseSettingsSource):
+    """The process environment, each setting under exactly its `env_name`.
+
+    The environment of a Linux process is case-sensitive, and so is this source:
+    ``bmad_agent_namespace`` or ``Bmad_Tenant`` set by anyone but the operator is not
+    a setting.
+    """
+
+    def get_field_value(
+        self, field: pydantic.fields.FieldInfo, field_name: str
+    ) -> tuple[Any, str, bool]:
+        name = env_name(field_name)
+        return os.environ.get(name), name, False
+
+    def __call__(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for field_name, field in self.settings_cls.model_fields.items():
+            value, _, _ = self.get_field_value(field, field_name)
+            if value is not None:
+                found[field_name] = value
+        return found
 
 
 class RuntimeSettings(pydantic_settings.BaseSettings):
     """One agent replica's settings; every field is an environment variable ``BMAD_<NAME>``."""
 
-    model_config = pydantic_settings.SettingsConfigDict(
-        env_prefix="BMAD_", extra="ignore", populate_by_name=True, frozen=True
-    )
+    model_config = pydantic_settings.SettingsConfigDict(extra="ignore", frozen=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[pydantic_settings.BaseSettings],
+        init_settings: pydantic_settings.PydanticBaseSettingsSource,
+        env_settings: pydantic_settings.PydanticBaseSettingsSource,
+        dotenv_settings: pydantic_settings.PydanticBaseSettingsSource,
+        file_secret_settings: pydantic_settings.PydanticBaseSettingsSource,
+    ) -> tuple[pydantic_settings.PydanticBaseSettingsSource, ...]:
+        # Arguments first (tests), then the environment by exact names; no .env file.
+        return (init_settings, ExactEnvironment(settings_cls))
 
     agent_name: str = pydantic.Field(default="agent", min_length=1, max_length=253)
     agent_namespace: str = pydantic.Field(default="default", min_length=1, max_length=63)
@@ -41,11 +89,12 @@ class RuntimeSettings(pydantic_settings.BaseSettings):
         default=Path("/etc/bmad/agent.json"), description="The rendered agent.json."
     )
     tenant: str | None = pydantic.Field(
-        default=None, description="Tenant the agent serves; the namespace when unset."
+        default=None,
+        description="Tenant the agent serves (the Tenant owning its namespace); the "
+        "namespace when unset.",
     )
     binding_root: Path | None = pydantic.Field(
-        default=None,
-        validation_alias=pydantic.AliasChoices("SERVICE_BINDING_ROOT", "binding_root"),
+        default=None, description="SERVICE_BINDING_ROOT: where the bindings are mounted."
     )
 
     http_host: str = "0.0.0.0"  # noqa: S104 - a pod serves on its own network namespace
@@ -88,6 +137,13 @@ class RuntimeSettings(pydantic_settings.BaseSettings):
     @property
     def effective_tenant(self) -> str:
         return self.tenant or self.agent_namespace
+
+    @property
+    def agent_key(self) -> str:
+        """The agent's name in its tenant's streams, conversations and rate limits."""
+        return contract.agent_key(
+            name=self.agent_name, namespace=self.agent_namespace, tenant=self.effective_tenant
+        )
 
     def with_bindings(self, found: Mapping[str, bindings_mod.Binding]) -> RuntimeSettings:
         """Fill in the datastores that were not set explicitly from the bound Integrations."""

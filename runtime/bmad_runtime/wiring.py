@@ -261,6 +261,9 @@ async def _start_task_consumer(
     )
     stop = asyncio.Event()
     consumer = f"{socket.gethostname()}-{os.getpid()}"
+    # Not ready until the consumer reads the stream: a replica started while Redis is
+    # unreachable keeps retrying, and says so in /readyz meanwhile.
+    state.bus = health = bus_consumer.ConsumerHealth()
 
     async def handle(task: taskwire.Task) -> dict[str, Any]:
         # One span per task, as per request (a no-op without an exporter).
@@ -279,9 +282,21 @@ async def _start_task_consumer(
                 await asyncio.wait_for(stop.wait(), timeout=5)
 
     consuming = asyncio.create_task(
-        bus_consumer.consume(task_bus, handle, consumer_name=consumer, stop=stop, grace_s=20.0),
+        bus_consumer.consume(
+            task_bus, handle, consumer_name=consumer, stop=stop, grace_s=20.0, health=health
+        ),
         name="task-consumer",
     )
+
+    def stopped(task: asyncio.Task[bus_consumer.ConsumeStats]) -> None:
+        if task.cancelled() or stop.is_set():
+            return
+        error = task.exception()
+        reason = f": {type(error).__name__}" if error is not None else ""
+        health.down(f"the task consumer stopped{reason}")
+        logger.error("the task consumer stopped%s; tasks are not consumed", reason)
+
+    consuming.add_done_callback(stopped)
     gauge = asyncio.create_task(depth(), name="queue-depth")
 
     async def shutdown() -> None:

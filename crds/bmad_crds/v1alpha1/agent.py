@@ -62,6 +62,23 @@ DEFAULT_ACTIVATION_THRESHOLD = 0
 DEFAULT_QUEUE_DEPTH_TARGET = 5.0
 MAX_ENV = 64
 
+# The agent runtime's own environment: the operator alone sets it (the agent's
+# identity, tenant, auth and mounts; see `bmad_crds.runtime_contract`). The runtime
+# reads BMAD_* names, and pydantic-settings would read them in any case, so a name is
+# reserved whatever its case.
+RESERVED_ENV_PREFIX = "BMAD_"
+RESERVED_ENV_NAMES: tuple[str, ...] = ("SERVICE_BINDING_ROOT",)
+
+
+def is_reserved_env(name: str) -> bool:
+    """Whether an environment variable of the agent container is the operator's to set.
+
+    Compares in upper case, as CEL's ``upperAscii`` does (names are ASCII: see
+    `common.ENV_VAR_NAME_PATTERN`).
+    """
+    upper = name.upper()
+    return upper.startswith(RESERVED_ENV_PREFIX) or upper in RESERVED_ENV_NAMES
+
 
 def _provider_needs_integration(where: str) -> common.Rule:
     return common.Rule(
@@ -604,6 +621,21 @@ class EnvVar(common.SpecModel):
             message="spec.runtime.env[] may set value or valueFrom, not both: remove one",
             check=lambda env: env.value is None or env.value_from is None,
         ),
+        common.Rule(
+            rule=(
+                f"!self.name.upperAscii().startsWith('{RESERVED_ENV_PREFIX}') && "
+                + " && ".join(f"self.name.upperAscii() != '{n}'" for n in RESERVED_ENV_NAMES)
+            ),
+            message=(
+                f"spec.runtime.env[].name must not start with {RESERVED_ENV_PREFIX} or be "
+                f"{' or '.join(RESERVED_ENV_NAMES)}, in any case: the operator alone sets the "
+                "agent runtime's own variables (its identity, tenant, authentication and "
+                "mounts); rename or remove the variable"
+            ),
+            check=lambda env: not is_reserved_env(env.name),
+            field_path=".name",
+            reason="FieldValueForbidden",
+        ),
     )
 
     name: str = pydantic.Field(
@@ -635,7 +667,10 @@ class Runtime(common.SpecModel):
     env: list[EnvVar] | None = pydantic.Field(
         default=None,
         max_length=MAX_ENV,
-        description="Extra environment variables of the agent container.",
+        description=(
+            "Extra environment variables of the agent container. Names starting with "
+            "BMAD_ and SERVICE_BINDING_ROOT, in any case, are the operator's and refused."
+        ),
         json_schema_extra={
             "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["name"],

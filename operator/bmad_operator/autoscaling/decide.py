@@ -222,19 +222,29 @@ def _changes(events: Sequence[ScaleEvent], period: int, now: float) -> tuple[int
     return added, removed
 
 
+def _period_starts(
+    current: int, events: Sequence[ScaleEvent], rules: Rules, now: float
+) -> list[tuple[Policy, int]]:
+    """Each policy with the replica count at the start of its period (now's count with
+    the period's scale events undone)."""
+    starts = []
+    for policy in rules.policies:
+        added, removed = _changes(events, policy.period_seconds, now)
+        starts.append((policy, current - added + removed))
+    return starts
+
+
 def scale_up_limit(current: int, events: Sequence[ScaleEvent], rules: Rules, now: float) -> int:
     """The most replicas the scale-up policies allow now."""
     if rules.select == "Disabled" or not rules.policies:
         return current
-    proposals = []
-    for policy in rules.policies:
-        added, removed = _changes(events, policy.period_seconds, now)
-        start = current - added + removed
-        if policy.type == "Pods":
-            proposals.append(start + policy.value)
-        else:
-            # Rounded up, so a small count still grows (ceil in integers: exact).
-            proposals.append(-(-start * (100 + policy.value) // 100))
+    proposals = [
+        start + policy.value
+        if policy.type == "Pods"
+        # Rounded up, so a small count still grows (ceil in integers: exact).
+        else -(-start * (100 + policy.value) // 100)
+        for policy, start in _period_starts(current, events, rules, now)
+    ]
     return max(proposals) if rules.select == "Max" else min(proposals)
 
 
@@ -242,14 +252,10 @@ def scale_down_limit(current: int, events: Sequence[ScaleEvent], rules: Rules, n
     """The fewest replicas the scale-down policies allow now."""
     if rules.select == "Disabled" or not rules.policies:
         return current
-    proposals = []
-    for policy in rules.policies:
-        added, removed = _changes(events, policy.period_seconds, now)
-        start = current - added + removed
-        if policy.type == "Pods":
-            proposals.append(start - policy.value)
-        else:
-            proposals.append(start * (100 - policy.value) // 100)
+    proposals = [
+        start - policy.value if policy.type == "Pods" else start * (100 - policy.value) // 100
+        for policy, start in _period_starts(current, events, rules, now)
+    ]
     # Max selects the policy that removes the most, i.e. the lowest count.
     return min(proposals) if rules.select == "Max" else max(proposals)
 

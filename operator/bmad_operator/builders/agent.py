@@ -13,6 +13,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from bmad_crds import runtime_contract as contract
 from bmad_crds.v1alpha1 import agent as agent_api
 from bmad_operator.builders import integration as integration_builders
 from bmad_operator.builders import meta
@@ -22,9 +23,9 @@ Obj = dict[str, Any]
 KIND = "Agent"
 ROLE_LABEL = "bmad.dev/role"
 CONFIG_HASH = "bmad.dev/config-hash"
-HTTP_PORT = 8080
-CONFIG_DIR = "/etc/bmad"
-BINDING_ROOT = "/bindings"
+HTTP_PORT = contract.HTTP_PORT
+CONFIG_DIR = contract.CONFIG_DIR
+BINDING_ROOT = contract.BINDING_ROOT
 RUNTIME_UID = 10001
 DEFAULT_RESOURCES: Obj = {
     "requests": {"cpu": "100m", "memory": "256Mi"},
@@ -74,6 +75,40 @@ def binding_volume_name(integration: str) -> str:
     return f"binding-{integration[:43].rstrip('-')}-{digest}"
 
 
+def writable_volume_name(path: str) -> str:
+    return path.strip("/").replace("/", "-")
+
+
+def config_volume(name: str, spec: agent_api.AgentSpec) -> Obj:
+    """agent.json, and next to it the key spec.instructionsFrom names.
+
+    The user's ConfigMap is not optional: a pod never starts without its instructions
+    (the reconciler says on the Agent when the ConfigMap or the key is missing).
+    """
+    ref = spec.instructions_from
+    if ref is None:
+        return {
+            "name": "config",
+            "configMap": {"name": config_map_name(name), "defaultMode": 0o444},
+        }
+    return {
+        "name": "config",
+        "projected": {
+            "defaultMode": 0o444,
+            "sources": [
+                {"configMap": {"name": config_map_name(name)}},
+                {
+                    "configMap": {
+                        "name": ref.name,
+                        "items": [{"key": ref.key, "path": contract.INSTRUCTIONS_FILE}],
+                        "optional": False,
+                    }
+                },
+            ],
+        },
+    }
+
+
 def service_account_name(name: str, spec: agent_api.AgentSpec) -> str:
     if spec.runtime and spec.runtime.service_account_name:
         return spec.runtime.service_account_name
@@ -81,23 +116,11 @@ def service_account_name(name: str, spec: agent_api.AgentSpec) -> str:
 
 
 def rendered_config(body: Mapping[str, Any], spec: agent_api.AgentSpec) -> Obj:
-    """What the runtime reads at start: everything about the agent but credentials."""
-    dumped = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
-    return {
-        "apiVersion": meta.API_VERSION,
-        "kind": "AgentConfig",
-        "agent": body["metadata"]["name"],
-        "namespace": body["metadata"]["namespace"],
-        "role": dumped["role"],
-        "persona": dumped.get("persona", {}),
-        "instructions": dumped.get("instructions", ""),
-        "instructionsFrom": dumped.get("instructionsFrom"),
-        "model": dumped["model"],
-        "limits": dumped.get("limits", {}),
-        "memory": dumped.get("memory", {}),
-        "integrations": dumped.get("integrations", []),
-        "bindingRoot": BINDING_ROOT,
-    }
+    """What the runtime reads at start (agent.json): what the agent does, no credentials."""
+    agent = body["metadata"]
+    return contract.agent_config(
+        agent=agent["name"], namespace=agent["namespace"], spec=spec
+    ).rendered()
 
 
 def config_map(body: Mapping[str, Any], spec: agent_api.AgentSpec) -> Obj:
@@ -111,12 +134,20 @@ def config_map(body: Mapping[str, Any], spec: agent_api.AgentSpec) -> Obj:
     }
 
 
-def config_hash(config: Mapping[str, Any], secret_versions: Mapping[str, str]) -> str:
-    """Changes whenever the rendered config or a bound Secret changes: rolls the pods."""
+def config_hash(
+    config: Mapping[str, Any],
+    secret_versions: Mapping[str, str],
+    *,
+    instructions_version: str | None = None,
+) -> str:
+    """Changes whenever the rendered config, a bound Secret or the ConfigMap of
+    spec.instructionsFrom changes: rolls the pods."""
     digest = hashlib.sha256()
     digest.update(json.dumps(config.get("data", {}), sort_keys=True).encode())
     for name in sorted(secret_versions):
         digest.update(f"\0{name}={secret_versions[name]}".encode())
+    if instructions_version is not None:
+        digest.update(f"\0\0instructions={instructions_version}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -136,20 +167,51 @@ def memory_store(spec: agent_api.AgentSpec) -> agent_api.MemoryStore:
     return spec.memory.store if spec.memory else agent_api.DEFAULT_MEMORY_STORE
 
 
-def _env(body: Mapping[str, Any], spec: agent_api.AgentSpec) -> list[Obj]:
-    agent = body["metadata"]
-    env: list[Obj] = [
-        {"name": "BMAD_AGENT_NAME", "value": agent["name"]},
-        {"name": "BMAD_AGENT_NAMESPACE", "value": agent["namespace"]},
-        {"name": "BMAD_AGENT_ROLE", "value": spec.role},
-        {"name": "BMAD_AGENT_CONFIG", "value": f"{CONFIG_DIR}/agent.json"},
-        {"name": "SERVICE_BINDING_ROOT", "value": BINDING_ROOT},
-        {"name": "BMAD_HTTP_PORT", "value": str(HTTP_PORT)},
-        {"name": "BMAD_MEMORY_STORE", "value": memory_store(spec)},
+def tenant_of(body: Mapping[str, Any], tenant: str | None) -> str:
+    """The tenant the runtime serves: the namespace's Tenant, else the namespace."""
+    return tenant or str(body["metadata"]["namespace"])
+
+
+def split_reserved_env(raw_spec: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The spec without the names in spec.runtime.env that are the operator's (any
+    case), and those names.
+
+    The API server refuses them (a CEL rule, and `agent_api.EnvVar`'s model the same),
+    so only an Agent stored before that rule still has them: it is reconciled without
+    them (and told so) rather than left running with a forged identity.
+    """
+    runtime = raw_spec.get("runtime")
+    if not isinstance(runtime, Mapping):
+        return dict(raw_spec), []
+    env = runtime.get("env")
+    if not isinstance(env, list):
+        return dict(raw_spec), []
+    reserved = [
+        str(var["name"])
+        for var in env
+        if isinstance(var, Mapping)
+        and isinstance(var.get("name"), str)
+        and contract.is_reserved_env(var["name"])
     ]
-    ours = {e["name"] for e in env}
+    if not reserved:
+        return dict(raw_spec), []
+    kept = [var for var in env if not (isinstance(var, Mapping) and var.get("name") in reserved)]
+    return {**raw_spec, "runtime": {**runtime, "env": kept}}, reserved
+
+
+def _env(body: Mapping[str, Any], spec: agent_api.AgentSpec, *, tenant: str | None) -> list[Obj]:
+    agent = body["metadata"]
+    env: list[Obj] = list(
+        contract.PodEnvironment(
+            agent_name=agent["name"],
+            agent_namespace=agent["namespace"],
+            agent_role=spec.role,
+            tenant=tenant_of(body, tenant),
+            memory_store=memory_store(spec),
+        ).env()
+    )
     for var in spec.runtime.env if spec.runtime and spec.runtime.env else []:
-        if var.name in ours:
+        if contract.is_reserved_env(var.name):
             continue
         item = var.model_dump(mode="json", by_alias=True, exclude_none=True)
         env.append(item)
@@ -171,14 +233,16 @@ def deployment(
     replicas: int,
     config_digest: str,
     bindings: Sequence[str] = (),
+    tenant: str | None = None,
 ) -> Obj:
+    """`tenant`: the Tenant owning the Agent's namespace (None: the namespace)."""
     name = body["metadata"]["name"]
     container: Obj = {
         "name": "agent",
         "image": (spec.runtime.image if spec.runtime and spec.runtime.image else image),
         "args": ["runtime"],
         "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
-        "env": _env(body, spec),
+        "env": _env(body, spec, tenant=tenant),
         "resources": _resources(spec),
         "readinessProbe": {
             "httpGet": {"path": "/readyz", "port": "http", "scheme": "HTTP"},
@@ -209,14 +273,17 @@ def deployment(
         },
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-            {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - the pod's own emptyDir
+            *(
+                {"name": writable_volume_name(path), "mountPath": path}
+                for path in contract.WRITABLE_DIRS
+            ),
         ],
     }
     if spec.runtime and spec.runtime.image_pull_policy:
         container["imagePullPolicy"] = spec.runtime.image_pull_policy
     volumes: list[Obj] = [
-        {"name": "config", "configMap": {"name": config_map_name(name), "defaultMode": 0o444}},
-        {"name": "tmp", "emptyDir": {}},
+        config_volume(name, spec),
+        *({"name": writable_volume_name(path), "emptyDir": {}} for path in contract.WRITABLE_DIRS),
     ]
     for integration in bindings:
         vol = binding_volume_name(integration)
@@ -311,13 +378,17 @@ def build_all(
     secret_versions: Mapping[str, str] | None = None,
     bindings: Sequence[str] = (),
     suspended: bool = False,
+    tenant: str | None = None,
+    instructions_version: str | None = None,
 ) -> list[Obj]:
     """Every owned object, in the order they should be applied.
 
-    `suspended`: the agent's tenant is suspended, so it runs no replicas.
+    `suspended`: the agent's tenant is suspended, so it runs no replicas. `tenant`: the
+    Tenant owning the namespace (None: none does). `instructions_version`: the
+    resourceVersion of spec.instructionsFrom's ConfigMap (a change rolls the pods).
     """
     config = config_map(body, spec)
-    digest = config_hash(config, secret_versions or {})
+    digest = config_hash(config, secret_versions or {}, instructions_version=instructions_version)
     objs: list[Obj] = []
     sa = service_account(body, spec)
     if sa is not None:
@@ -331,6 +402,7 @@ def build_all(
             replicas=desired_replicas(spec, suspended=suspended),
             config_digest=digest,
             bindings=bindings,
+            tenant=tenant,
         )
     )
     objs.append(service(body, spec))

@@ -29,6 +29,8 @@ INTEGRATION_FORBIDDEN = "IntegrationForbidden"
 INTEGRATIONS_READY = "IntegrationsReady"
 NO_INTEGRATIONS = "NoIntegrations"
 APPLY_FAILED = "ApplyFailed"
+INSTRUCTIONS_NOT_FOUND = "InstructionsNotFound"
+RESERVED_ENV_IGNORED = "ReservedEnvIgnored"
 
 # Event reasons (besides the condition reasons above) --------------------------------
 EVENT_CREATED = "Created"
@@ -151,6 +153,49 @@ def workload_conditions(
     return available, progressing
 
 
+def instructions_problem(
+    *, config_map: str, key: str, live: Mapping[str, Any] | None, namespace: str
+) -> Cond | None:
+    """spec.instructionsFrom names a ConfigMap key that the pods mount: is it there?
+
+    The mount is not optional, so pods without it do not start; this says why.
+    """
+    if live is None:
+        return Cond(
+            "Ready",
+            FALSE,
+            INSTRUCTIONS_NOT_FOUND,
+            f"ConfigMap {config_map} (spec.instructionsFrom) not found in namespace "
+            f"{namespace}: the agent's pods cannot start without their instructions; create "
+            f"it with the key {key}, or change spec.instructionsFrom.",
+        )
+    if key not in (live.get("data") or {}):
+        return Cond(
+            "Ready",
+            FALSE,
+            INSTRUCTIONS_NOT_FOUND,
+            f"ConfigMap {config_map} has no key {key} (spec.instructionsFrom.key): the "
+            "agent's pods cannot start without their instructions; add the key, or change "
+            "spec.instructionsFrom.",
+        )
+    return None
+
+
+def reserved_env_problem(names: Sequence[str]) -> Cond | None:
+    """spec.runtime.env holds names that are the operator's (stored before the API
+    refused them): they are not passed to the pods, and the spec should lose them."""
+    if not names:
+        return None
+    return Cond(
+        "Ready",
+        FALSE,
+        RESERVED_ENV_IGNORED,
+        f"spec.runtime.env sets {', '.join(sorted(names))}: names starting with BMAD_ and "
+        "SERVICE_BINDING_ROOT, in any case, are the operator's, so they were not passed to "
+        "the agent; remove them from spec.runtime.env.",
+    )
+
+
 def ready_condition(
     *,
     paused: bool,
@@ -159,8 +204,11 @@ def ready_condition(
     progressing: Cond,
     desired: int,
     suspended_by: str | None = None,
+    problems: Sequence[Cond | None] = (),
 ) -> Cond:
-    """`suspended_by`: the name of the agent's tenant when that tenant is suspended."""
+    """`suspended_by`: the name of the agent's tenant when that tenant is suspended;
+    `problems`: Ready conditions of what is wrong with the spec's references (the
+    first one that is not None wins)."""
     if suspended_by is not None:
         return Cond(
             "Ready",
@@ -170,6 +218,9 @@ def ready_condition(
         )
     if paused:
         return Cond("Ready", FALSE, PAUSED, "spec.paused is true: the agent is scaled to zero.")
+    for problem in problems:
+        if problem is not None:
+            return problem
     if integrations.status != TRUE:
         return Cond("Ready", FALSE, integrations.reason, integrations.message)
     if progressing.status == TRUE:

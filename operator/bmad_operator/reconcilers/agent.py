@@ -71,6 +71,8 @@ class AgentReconciler:
             ),
             # suspended or resumed, its namespaces changed
             watching.mapped("Tenant", self._agents_of_tenant),
+            # its tenant label changed: the agents' BMAD_TENANT follows
+            watching.mapped("Namespace", self._agents_in_namespace),
             # an Integration it binds was created, checked, deleted
             watching.mapped("Integration", self._agents_binding_integration),
             # a binding Secret changed: the pods roll
@@ -80,6 +82,9 @@ class AgentReconciler:
     def _agents_of_tenant(self, event: watching.WatchEvent) -> list[watching.Request]:
         namespaces = set(tenancy.tenant_namespaces(self.cache, event.name))
         return [watching.Request(key) for key in self.cache.keys(KIND) if key[0] in namespaces]
+
+    def _agents_in_namespace(self, event: watching.WatchEvent) -> list[watching.Request]:
+        return [watching.Request(key) for key in self.cache.keys(KIND) if key[0] == event.name]
 
     def _agents_binding_integration(self, event: watching.WatchEvent) -> list[watching.Request]:
         return self._agents_binding(event.namespace, event.name)
@@ -107,8 +112,9 @@ class AgentReconciler:
             return
         generation = body["metadata"].get("generation")
         previous = (body.get("status") or {}).get("conditions") or []
+        raw_spec, ignored_env = builders.split_reserved_env(body.get("spec") or {})
         try:
-            spec = agent_api.AgentSpec.model_validate(body.get("spec") or {})
+            spec = agent_api.AgentSpec.model_validate(raw_spec)
         except pydantic.ValidationError as exc:
             message = common.describe_validation_error(exc)
             decided = policy.invalid_spec(message)
@@ -116,11 +122,13 @@ class AgentReconciler:
             await self._event_on_flip(body, previous, decided[0])
             return
 
-        tenant = tenancy.tenant_of_namespace(self.cache, namespace)
+        tenant_name = tenancy.tenant_name_of_namespace(self.cache, namespace)
+        tenant = self.cache.get("Tenant", None, tenant_name) if tenant_name else None
         suspended = bool(tenant and (tenant.get("spec") or {}).get("suspended"))
         integration_states = self._integration_states(namespace, spec)
         integrations_cond = policy.integrations_condition(integration_states, namespace)
         bindings = [s.name for s in integration_states if s.found]
+        instructions, instructions_problem = await self._instructions(namespace, spec)
         desired = builders.build_all(
             body,
             spec,
@@ -128,6 +136,10 @@ class AgentReconciler:
             bindings=bindings,
             secret_versions=self._secret_versions(namespace, bindings),
             suspended=suspended,
+            tenant=tenant_name,
+            instructions_version=(
+                str(instructions["metadata"].get("resourceVersion", "")) if instructions else None
+            ),
         )
         created: list[str] = []  # did not exist
         updated: list[str] = []  # our inputs changed (spec, bindings, image)
@@ -173,6 +185,7 @@ class AgentReconciler:
             progressing=progressing,
             desired=desired_replicas,
             suspended_by=tenant["metadata"]["name"] if suspended and tenant else None,
+            problems=[instructions_problem, policy.reserved_env_problem(ignored_env)],
         )
         decided = [ready, available, progressing, integrations_cond]
         status: dict[str, Any] = {
@@ -221,6 +234,24 @@ class AgentReconciler:
                 )
             )
         return states
+
+    async def _instructions(
+        self, namespace: str, spec: agent_api.AgentSpec
+    ) -> tuple[Mapping[str, Any] | None, conditions.Cond | None]:
+        """The ConfigMap of spec.instructionsFrom, and what is wrong with it if anything.
+
+        Users' ConfigMaps are not watched (only ours are), so this is one GET per pass
+        of an Agent that names one: a new version is seen at the next pass (a rollout's
+        events, or the periodic resync) and rolls the pods.
+        """
+        ref = spec.instructions_from
+        if ref is None:
+            return None, None
+        live = await self.api.get("ConfigMap", namespace, ref.name)
+        problem = policy.instructions_problem(
+            config_map=ref.name, key=ref.key, live=live, namespace=namespace
+        )
+        return live, problem
 
     def _secret_versions(self, namespace: str, bindings: list[str]) -> dict[str, str]:
         versions: dict[str, str] = {}

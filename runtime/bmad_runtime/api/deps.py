@@ -18,6 +18,7 @@ from starlette import requests as starlette_requests
 from bmad_runtime import ports, schemas, telemetry, turns
 from bmad_runtime import settings as settings_mod
 from bmad_runtime.api import errors
+from bmad_runtime.bus import consumer as bus_consumer
 
 SCOPE_INVOKE = "agent:invoke"
 SCOPE_READ = "conversations:read"
@@ -38,6 +39,8 @@ class RuntimeState(turns.Services):
     tracing: telemetry.Tracing
     # Why the store cannot be used (durable memory without its datastores), for /readyz.
     store_problem: str | None = None
+    # The task consumer's state, for /readyz; None when this replica runs no consumer.
+    bus: bus_consumer.ConsumerHealth | None = None
 
     async def authorize(self, authorization: str | None, scope: str) -> ports.Principal:
         if self.authenticator is None:

@@ -6,6 +6,11 @@ every `BusConfig.claim_interval_s`; a handler error is retried on a later delive
 and dead-lettered on the last allowed one (`before_run`, `after_failure`); on stop,
 in-flight tasks get a grace period and the rest stay pending for another consumer.
 The loop talks to Redis only through a `Source` (`client.TaskBus` is the real one).
+
+Redis may be unreachable when the loop starts (a replica starting during a Redis
+outage) or go away later: the loop keeps retrying with capped backoff, creating the
+consumer group first, and says in its `ConsumerHealth` whether it reads the stream,
+so that readiness can tell (``/readyz`` reports ``bus``).
 """
 
 from __future__ import annotations
@@ -48,6 +53,20 @@ class Source(Protocol):
     async def finish(self, task: taskwire.Task, result: taskwire.TaskResult) -> bool: ...
 
     async def dead_letter(self, task: taskwire.Task, *, error: str, consumer: str) -> bool: ...
+
+
+@dataclass
+class ConsumerHealth:
+    """Whether the loop reads its stream now, and if not, why (for ``/readyz``)."""
+
+    consuming: bool = False
+    problem: str | None = "the task consumer has not reached Redis yet"
+
+    def up(self) -> None:
+        self.consuming, self.problem = True, None
+
+    def down(self, problem: str) -> None:
+        self.consuming, self.problem = False, problem
 
 
 @dataclass
@@ -94,8 +113,12 @@ async def consume(
     concurrency: int | None = None,
     stop: asyncio.Event | None = None,
     grace_s: float = 30.0,
+    health: ConsumerHealth | None = None,
 ) -> ConsumeStats:
     """Run tasks until `stop` is set, then shut down gracefully.
+
+    `health` is kept current: consuming once the group exists and a read or claim
+    went through, not consuming (with the reason) while Redis cannot be reached.
 
     Up to `concurrency` (default `batch`) handlers run at once. Reads block at most
     `block_ms`, which bounds how long a stop takes to be noticed. On stop no more
@@ -115,6 +138,7 @@ async def consume(
         concurrency=max(1, concurrency or batch),
         stop=stop or asyncio.Event(),
         grace_s=grace_s,
+        health=health or ConsumerHealth(),
     )
     return await run.main()
 
@@ -138,6 +162,7 @@ class _Run:
         concurrency: int,
         stop: asyncio.Event,
         grace_s: float,
+        health: ConsumerHealth,
     ) -> None:
         self.source = source
         self.handler = handler
@@ -147,14 +172,12 @@ class _Run:
         self.concurrency = concurrency
         self.stop = stop
         self.grace_s = grace_s
+        self.health = health
         self.stats = ConsumeStats()
         self.inflight: set[asyncio.Task[None]] = set()
         self.finishing: set[asyncio.Task[Any]] = set()
 
     async def main(self) -> ConsumeStats:
-        await self.source.ensure_group()
-        keys = self.source.keys
-        log.info("consumer %s: consuming %s (group %s)", self.consumer, keys.stream, keys.group)
         try:
             await self._loop()
         finally:
@@ -168,10 +191,23 @@ class _Run:
         next_claim = loop.time()  # at once: a predecessor may have left entries
         cursor = "0-0"
         backoff = 0.1
+        grouped = False
         stopper = asyncio.ensure_future(self.stop.wait())
         try:
             while not self.stop.is_set():
                 try:
+                    if not grouped:
+                        # Not before the loop: Redis may be down when the replica starts.
+                        await self.source.ensure_group()
+                        grouped = True
+                        keys = self.source.keys
+                        log.info(
+                            "consumer %s: consuming %s (group %s)",
+                            self.consumer,
+                            keys.stream,
+                            keys.group,
+                        )
+                        self.health.up()
                     now = loop.time()
                     if self._free() > 0 and now >= next_claim:
                         cursor, claimed = await self.source.claim(
@@ -196,6 +232,9 @@ class _Run:
                     )
                     self.stats.read += len(tasks)
                     self._spawn(tasks)
+                    if not self.health.consuming:
+                        log.info("consumer %s: redis is back, consuming again", self.consumer)
+                        self.health.up()
                     backoff = 0.1
                 except redis_errors.ResponseError as exc:
                     if "NOGROUP" not in str(exc):
@@ -204,6 +243,10 @@ class _Run:
                     log.warning("consumer %s: group missing, creating it", self.consumer)
                     await self.source.ensure_group(force=True)
                 except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+                    self.health.down(
+                        f"the task bus (Redis) cannot be reached ({type(exc).__name__}): "
+                        "tasks are not consumed"
+                    )
                     log.warning(
                         "consumer %s: redis unavailable (%s), retrying in %.1fs",
                         self.consumer,

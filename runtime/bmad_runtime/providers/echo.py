@@ -1,18 +1,25 @@
 """Deterministic models for tests and demos: no network, no keys, no randomness.
 
 `EchoProvider` answers ``"[<model>] <last user message>"`` and counts whitespace words
-as tokens. `ScriptedProvider` answers from a list, can fail its first N calls (to
-exercise retries and failover) and remembers what it was sent.
+as tokens; with the model parameter ``echoSystem: true`` (``spec.model.params``) it
+puts the system messages it was sent (persona, instructions) before that, so a test
+or a demo can see what the agent was told. `ScriptedProvider` answers from a list,
+can fail its first N calls (to exercise retries and failover) and remembers what it
+was sent.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
 from bmad_runtime import ports
 from bmad_runtime.providers import base
+
+ECHO_SYSTEM = "echo_system"
+"""The parameter (``echoSystem`` in an Agent's spec) that makes the echo show the system
+messages."""
 
 
 def last_user_text(messages: Sequence[ports.Message]) -> str:
@@ -23,11 +30,22 @@ def last_user_text(messages: Sequence[ports.Message]) -> str:
 
 
 class EchoProvider(base.BaseProvider):
-    def __init__(self, model: str = "echo-1", *, name: str = "echo") -> None:
+    def __init__(
+        self,
+        model: str = "echo-1",
+        *,
+        name: str = "echo",
+        params: Mapping[str, Any] | None = None,
+    ) -> None:
         self.name = name
         self.model = model
+        # The Agent's spec.model.params, as the HTTP providers take them.
+        self.params = base.merge_params(params)
 
-    def answer(self, messages: Sequence[ports.Message]) -> str:
+    def answer(self, messages: Sequence[ports.Message], params: dict[str, Any]) -> str:
+        if base.merge_params(self.params, params).get(ECHO_SYSTEM) is True:
+            system = "\n\n".join(m.content for m in messages if m.role == "system")
+            return f"[{self.model}] {system}\n\n{last_user_text(messages)}"
         return f"[{self.model}] {last_user_text(messages)}"
 
     def _completion(self, messages: Sequence[ports.Message], text: str) -> ports.Completion:
@@ -41,12 +59,12 @@ class EchoProvider(base.BaseProvider):
     async def complete(
         self, messages: Sequence[ports.Message], *, params: dict[str, Any]
     ) -> ports.Completion:
-        return self._completion(messages, self.answer(messages))
+        return self._completion(messages, self.answer(messages, params))
 
     async def stream_events(
         self, messages: Sequence[ports.Message], *, params: dict[str, Any]
     ) -> AsyncGenerator[base.StreamEvent, None]:
-        text = self.answer(messages)
+        text = self.answer(messages, params)
         for piece in base.split_chunks(text):
             yield base.Delta(piece)
         yield self._completion(messages, text)

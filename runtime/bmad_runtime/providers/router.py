@@ -212,7 +212,7 @@ def build_provider(
     policy: base.RetryPolicy,
 ) -> base.BaseProvider:
     if ref.provider == "echo" or llm is None:
-        return echo.EchoProvider(ref.name)
+        return echo.EchoProvider(ref.name, params=params)
     cls: type[base.HttpProvider] = (
         anthropic.AnthropicProvider
         if ref.provider == "anthropic"

@@ -448,6 +448,6 @@ async def test_readiness_probes_the_primary_models_api(tmp_path: Path, llm: Fake
         unreachable = await client.get("/readyz")
     assert ready.status_code == 200
     assert unreachable.status_code == 503
-    assert unreachable.json()["checks"] == {"store": True, "model": False}
+    assert unreachable.json()["checks"] == {"store": True, "model": False, "bus": None}
     probe = llm.requests("GET /v1/models")[0]
     assert probe.headers["x-api-key"] == KEY

@@ -7,9 +7,11 @@ PostgreSQL; ``spec.limits`` is enforced through the real Redis limiter.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
+import time
 import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -83,6 +85,16 @@ async def serve(app: fastapi.FastAPI) -> AsyncIterator[httpx.AsyncClient]:
             yield client
 
 
+async def ready_soon(client: httpx.AsyncClient, timeout_s: float = 30.0) -> httpx.Response:
+    """/readyz once it says ready: the task consumer reaches Redis just after startup."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answer = await client.get("/readyz")
+        if answer.status_code == 200 or time.monotonic() > deadline:
+            return answer
+        await asyncio.sleep(0.05)
+
+
 async def test_two_replicas_share_a_conversation_and_account_for_it(
     tmp_path: Path, tenant: str, dsn: str, redis_url: str
 ) -> None:
@@ -90,7 +102,7 @@ async def test_two_replicas_share_a_conversation_and_account_for_it(
         opened = await first.post("/v1/invoke", json={"input": "Draft the PRD outline"})
         conversation = opened.json()["conversationId"]
         async for second in serve(production_app(tmp_path, tenant, dsn, redis_url)):
-            ready = await second.get("/readyz")
+            ready = await ready_soon(second)
             continued = await second.post(
                 "/v1/invoke",
                 json={"input": "Add a risks section", "conversationId": conversation},
@@ -103,7 +115,7 @@ async def test_two_replicas_share_a_conversation_and_account_for_it(
     assert opened.status_code == 200, opened.text
     assert ready.json() == {
         "status": "ready",
-        "checks": {"store": True, "model": True},
+        "checks": {"store": True, "model": True, "bus": True},
         "memoryStore": "durable",
         "message": None,
     }

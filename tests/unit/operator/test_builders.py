@@ -304,19 +304,33 @@ OPERATOR_VARS = (
     "BMAD_AGENT_NAME",
     "BMAD_AGENT_NAMESPACE",
     "BMAD_AGENT_ROLE",
+    "BMAD_TENANT",
     "BMAD_AGENT_CONFIG",
     "SERVICE_BINDING_ROOT",
     "BMAD_HTTP_PORT",
+    "BMAD_MEMORY_STORE",
 )
+# What issue 10 (hole 2) found passed through: the exact-case filter let these in.
+HOSTILE_VARS = ("bmad_agent_namespace", "Bmad_Tenant", "BMAD_AUTH_ENABLED", "service_binding_root")
 
 
-def test_user_env_cannot_override_the_operators_variables(build_agent_objects: Any) -> None:
-    hijack = [{"name": name, "value": "hijacked"} for name in OPERATOR_VARS]
-    spec = {
-        **SPECS["minimal"],
-        "runtime": {"env": [*hijack, {"name": "MINE", "value": "kept"}]},
-    }
-    objs = build_agent_objects(spec, name="true-name", namespace="true-ns")
+def _spec_around_the_api(spec: dict[str, Any], env: list[dict[str, str]]) -> agent_api.AgentSpec:
+    """A spec whose env skipped validation: the API refuses reserved names (CEL and the
+    model's rule alike), so only an object stored before that rule still has them."""
+    parsed = agent_api.AgentSpec.model_validate(spec)
+    runtime = agent_api.Runtime.model_construct(
+        env=[agent_api.EnvVar.model_construct(name=e["name"], value=e["value"]) for e in env]
+    )
+    return parsed.model_copy(update={"runtime": runtime})
+
+
+def test_user_env_cannot_override_the_operators_variables(make_body: Any) -> None:
+    hijack = [{"name": name, "value": "hijacked"} for name in (*OPERATOR_VARS, *HOSTILE_VARS)]
+    body = make_body(SPECS["minimal"], name="true-name", namespace="true-ns")
+    spec = _spec_around_the_api(SPECS["minimal"], [*hijack, {"name": "MINE", "value": "kept"}])
+
+    objs = builders.build_all(body, spec, image="img", tenant="acme")
+
     env_list = _container(objs)["env"]
     names = [e["name"] for e in env_list]
     assert len(names) == len(set(names)), names
@@ -324,9 +338,35 @@ def test_user_env_cannot_override_the_operators_variables(build_agent_objects: A
     assert env["BMAD_AGENT_NAME"] == {"name": "BMAD_AGENT_NAME", "value": "true-name"}
     assert env["BMAD_AGENT_NAMESPACE"]["value"] == "true-ns"
     assert env["BMAD_AGENT_ROLE"]["value"] == "analyst"
+    assert env["BMAD_TENANT"]["value"] == "acme"
     assert env["BMAD_AGENT_CONFIG"]["value"] == "/etc/bmad/agent.json"
     assert all(e.get("value") != "hijacked" for e in env_list)
+    assert not set(HOSTILE_VARS) & set(names)
     assert env["MINE"] == {"name": "MINE", "value": "kept"}
+
+
+def test_reserved_env_names_are_split_off_a_stored_spec() -> None:
+    raw = {
+        **SPECS["minimal"],
+        "runtime": {
+            "image": "img:1",
+            "env": [
+                {"name": "Bmad_Tenant", "value": "x"},
+                {"name": "KEEP", "value": "y"},
+                {"name": "service_binding_root", "value": "/z"},
+            ],
+        },
+    }
+    clean, ignored = builders.split_reserved_env(raw)
+    assert ignored == ["Bmad_Tenant", "service_binding_root"]
+    assert clean["runtime"] == {"image": "img:1", "env": [{"name": "KEEP", "value": "y"}]}
+    assert raw["runtime"]["env"][0]["name"] == "Bmad_Tenant"  # the input is left alone
+    assert builders.split_reserved_env(SPECS["minimal"]) == (SPECS["minimal"], [])
+
+
+def test_the_tenant_defaults_to_the_namespace(build_agent_objects: Any) -> None:
+    env = _env(build_agent_objects(SPECS["minimal"], namespace="solo"))
+    assert env["BMAD_TENANT"] == {"name": "BMAD_TENANT", "value": "solo"}
 
 
 def test_user_env_from_secrets_stays_a_reference(build_agent_objects: Any) -> None:
@@ -366,13 +406,49 @@ def test_config_map_holds_no_secret_values_only_names(build_agent_objects: Any) 
         "role",
         "persona",
         "instructions",
-        "instructionsFrom",
         "model",
         "limits",
         "memory",
         "integrations",
         "bindingRoot",
     }
+
+
+def test_instructions_from_a_config_map_are_projected_next_to_agent_json(
+    build_agent_objects: Any,
+) -> None:
+    spec = {**SPECS["minimal"], "instructionsFrom": {"name": "prompts", "key": "analyst.md"}}
+    objs = build_agent_objects(spec, name="mary")
+    config = json.loads(_by_kind(objs)["ConfigMap"]["data"]["agent.json"])
+    assert config["instructionsFrom"] == {"name": "prompts", "key": "analyst.md"}
+    assert config["instructionsFile"] == "instructions.md"
+    assert config["instructions"] == ""
+    volumes = {v["name"]: v for v in _pod(objs)["spec"]["volumes"]}
+    sources = volumes["config"]["projected"]["sources"]
+    assert sources == [
+        {"configMap": {"name": "mary-config"}},
+        {
+            "configMap": {
+                "name": "prompts",
+                "items": [{"key": "analyst.md", "path": "instructions.md"}],
+                "optional": False,
+            }
+        },
+    ]
+
+
+def test_a_new_version_of_the_instructions_config_map_rolls_the_pods(make_body: Any) -> None:
+    spec_raw = {**SPECS["minimal"], "instructionsFrom": {"name": "prompts", "key": "a.md"}}
+    body = make_body(spec_raw)
+    spec = agent_api.AgentSpec.model_validate(spec_raw)
+
+    def digest(version: str) -> str:
+        objs = builders.build_all(body, spec, image="i:1", instructions_version=version)
+        annotations = _pod(objs)["metadata"]["annotations"]
+        return str(annotations[builders.CONFIG_HASH])
+
+    assert digest("100") == digest("100")
+    assert digest("100") != digest("101")
 
 
 def test_config_map_is_mounted_read_only(build_agent_objects: Any) -> None:

@@ -39,6 +39,8 @@ class Case(NamedTuple):
     spec: dict[str, Any]
     bindings: tuple[str, ...] = ()
     secret_versions: dict[str, str] | None = None
+    tenant: str | None = None
+    instructions_version: str | None = None
 
 
 CASES = (
@@ -88,8 +90,6 @@ CASES = (
                         "name": "FEATURES",
                         "valueFrom": {"configMapKeyRef": {"name": "flags", "key": "features"}},
                     },
-                    # Ignored: the operator's own variables cannot be overridden.
-                    {"name": "BMAD_AGENT_NAME", "value": "someone-else"},
                 ],
             },
         },
@@ -120,6 +120,7 @@ CASES = (
         },
         bindings=("github", "llm"),
         secret_versions={"github": "4711", "llm": "815"},
+        tenant="acme",
     ),
     Case(
         name="own-service-account",
@@ -131,6 +132,7 @@ CASES = (
             "model": {"provider": "echo", "name": "echo-1"},
             "runtime": {"serviceAccountName": "qa-bot"},
         },
+        instructions_version="31337",
     ),
 )
 
@@ -165,6 +167,8 @@ def _build(case: Case) -> list[dict[str, Any]]:
         image=IMAGE,
         bindings=case.bindings,
         secret_versions=case.secret_versions,
+        tenant=case.tenant,
+        instructions_version=case.instructions_version,
     )
 
 
@@ -210,5 +214,9 @@ def test_golden_cases_cover_what_they_claim() -> None:
     full_container = deployment("full")["spec"]["template"]["spec"]["containers"][0]
     assert full_container["image"] == "registry.example.com/bmad/runtime:1.2.3"
     assert deployment("minimal")["spec"]["template"]["spec"]["containers"][0]["image"] == IMAGE
+    bound_env = deployment("bound")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "BMAD_TENANT", "value": "acme"} in bound_env
+    own_volumes = deployment("own-service-account")["spec"]["template"]["spec"]["volumes"]
+    assert [v["projected"] for v in own_volumes if v["name"] == "config"]
     bound_mounts = deployment("bound")["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
     assert {m["mountPath"] for m in bound_mounts} >= {"/bindings/github", "/bindings/llm"}

@@ -484,3 +484,117 @@ async def test_a_refused_event_does_not_fail_the_pass() -> None:
     assert h.applied_kinds() == OWNED
     assert len(h.api.verbs("patch_status")) == 1
     assert h.api.verbs("event")  # it tried
+
+
+# --- the runtime contract: tenant, instructionsFrom, reserved env (issues 10 and 11) -------
+
+
+def pod_env(h: Harness) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in pod_template(h)["spec"]["containers"][0]["env"]}
+
+
+def namespace(tenant: str | None) -> Obj:
+    labels = {"bmad.dev/tenant": tenant} if tenant else {}
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS, "labels": labels}}
+
+
+async def test_the_namespaces_tenant_is_rendered_for_the_runtime() -> None:
+    h = Harness()
+    h.seed(namespace("acme"))
+    await h.run()
+    assert pod_env(h)["BMAD_TENANT"] == "acme"
+    # The namespace moves to another tenant: the pods follow (the Namespace watch
+    # brings the Agent back, see test_watching).
+    h.seed(namespace("globex"))
+    await h.run()
+    assert h.applied_kinds() == ["Deployment"]
+    assert pod_env(h)["BMAD_TENANT"] == "globex"
+
+
+async def test_without_a_tenant_the_namespace_is_the_tenant() -> None:
+    h = Harness()
+    h.seed(namespace(None))
+    await h.run()
+    assert pod_env(h)["BMAD_TENANT"] == NS
+
+
+FROM_CONFIG_MAP: Obj = {**SPEC, "instructionsFrom": {"name": "prompts", "key": "mary.md"}}
+
+
+def user_config_map(h: Harness, data: dict[str, str]) -> None:
+    """A user's ConfigMap: on the server only (the operator watches only its own)."""
+    h.api.objects[("ConfigMap", NS, "prompts")] = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "prompts", "namespace": NS, "resourceVersion": h.api.next_rv()},
+        "data": data,
+    }
+
+
+async def test_a_missing_instructions_config_map_is_a_condition_not_a_silent_run() -> None:
+    """Issue 11 (a): before, the Agent became Ready with no instructions and no word."""
+    h = Harness(FROM_CONFIG_MAP)
+    await h.run()
+    h.make_available()  # were the pods to start anyway, the Agent still says why not
+    await h.run()
+    ready = h.condition("Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "InstructionsNotFound")
+    assert "ConfigMap prompts" in ready["message"]
+    assert "mary.md" in ready["message"]
+    assert ("get", "ConfigMap", "prompts") in h.api.calls
+    assert h.cache.get("ConfigMap", NS, "prompts") is None  # not kept: it is not watched
+    # The pods mount the key; the kubelet holds them until it exists.
+    (config,) = [v for v in pod_template(h)["spec"]["volumes"] if v["name"] == "config"]
+    assert config["projected"]["sources"][1]["configMap"]["name"] == "prompts"
+
+
+async def test_an_instructions_config_map_without_the_key_is_a_condition() -> None:
+    h = Harness(FROM_CONFIG_MAP)
+    user_config_map(h, {"other.md": "..."})
+    await h.run()
+    ready = h.condition("Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "InstructionsNotFound")
+    assert "has no key mary.md" in ready["message"]
+
+
+async def test_instructions_created_later_make_the_agent_ready_and_roll_the_pods() -> None:
+    h = Harness(FROM_CONFIG_MAP)
+    await h.run()
+    before = pod_template(h)["metadata"]["annotations"][builders.CONFIG_HASH]
+    user_config_map(h, {"mary.md": "Interview the stakeholders first."})
+    await h.run()
+    assert h.applied_kinds() == ["Deployment"]
+    h.make_available()
+    await h.run()
+    assert h.condition("Ready")["status"] == "True", h.status()
+    assert pod_template(h)["metadata"]["annotations"][builders.CONFIG_HASH] != before
+    # A new version of the instructions rolls the pods again (the runtime reads them
+    # at start); the text itself never leaves the user's ConfigMap.
+    rolled = pod_template(h)["metadata"]["annotations"][builders.CONFIG_HASH]
+    user_config_map(h, {"mary.md": "Ask for the budget first."})
+    await h.run()
+    assert pod_template(h)["metadata"]["annotations"][builders.CONFIG_HASH] != rolled
+    assert "budget" not in json.dumps(h.api.applied)
+
+
+async def test_hole_2_reserved_env_of_a_stored_agent_is_dropped_and_reported() -> None:
+    """Issue 10, hole 2: an Agent stored before the API refused reserved names is not
+    left running with a forged identity: they are dropped and Ready says so."""
+    env = [
+        {"name": "bmad_agent_namespace", "value": "victim"},
+        {"name": "Bmad_Tenant", "value": "victim"},
+        {"name": "BMAD_AUTH_ENABLED", "value": "false"},
+        {"name": "LOG_LEVEL", "value": "debug"},
+    ]
+    h = Harness({**SPEC, "runtime": {"env": env}})
+    await h.run()
+    rendered = pod_env(h)
+    assert {"bmad_agent_namespace", "Bmad_Tenant", "BMAD_AUTH_ENABLED"}.isdisjoint(rendered)
+    assert rendered["LOG_LEVEL"] == "debug"
+    assert rendered["BMAD_AGENT_NAMESPACE"] == NS
+    h.make_available()
+    await h.run()
+    ready = h.condition("Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ReservedEnvIgnored")
+    assert "BMAD_AUTH_ENABLED, Bmad_Tenant, bmad_agent_namespace" in ready["message"]
+    assert h.condition("Available")["status"] == "True"  # it serves, as the operator's agent

@@ -4,30 +4,39 @@ the runtime reads.
 Nothing here is written by hand on the operator's side: the agent.json, the
 container's environment, the mounts and the binding Secret are taken from the
 builders' output for an Agent and an Integration, laid out the way the kubelet would
-(ConfigMap key as a file, Secret keys as files under the mount path), and handed to
-the runtime's own readers. A field renamed on one side only fails here.
+(`tests/podlayout.py`: ConfigMap keys as files, projected volumes merged, Secret keys
+as files under the mount path), and handed to the runtime's own readers. A field
+renamed on one side only fails here; so does a spec field with no home, an env name
+the runtime does not read, or a reserved name that gets through.
 """
 
 from __future__ import annotations
 
-import base64
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from bmad_crds import runtime_contract as contract
+from bmad_crds.v1alpha1 import agent as agent_api
 from bmad_crds.v1alpha1 import integration as integration_api
 from bmad_integrations import checks
 from bmad_operator.builders import agent as agent_builders
 from bmad_operator.builders import integration as integration_builders
-from bmad_runtime import bindings, config, settings
+from bmad_runtime import bindings, config, settings, wiring
+from bmad_runtime.api import deps
+
+from ... import podlayout
 
 pytestmark = pytest.mark.unit
 
 Obj = dict[str, Any]
 BuildAgent = Callable[..., list[Obj]]  # the conftest fixture build_agent_objects
+MakeBody = Callable[..., Obj]
 
 SPEC: Obj = {
     "role": "architect",
@@ -44,52 +53,48 @@ SPEC: Obj = {
     "limits": {"requestsPerMinute": 60, "concurrency": 3},
     "memory": {"turns": 12},
 }
-
-
-def _by_kind(objs: list[Obj]) -> dict[str, Obj]:
-    return {o["kind"]: o for o in objs}
-
-
-def _container(objs: list[Obj]) -> Obj:
-    container: Obj = _by_kind(objs)["Deployment"]["spec"]["template"]["spec"]["containers"][0]
-    return container
-
-
-def _mount_path(objs: list[Obj], volume: str) -> str:
-    (path,) = [m["mountPath"] for m in _container(objs)["volumeMounts"] if m["name"] == volume]
-    return str(path)
-
-
-def _in(root: Path, absolute: str) -> Path:
-    """Where an absolute path of the pod lands under `root` in this test."""
-    return root / absolute.lstrip("/")
+INSTRUCTIONS = "Answer in numbered steps.\nCite the PRD section you rely on.\n"
+FROM_CONFIG_MAP: Obj = {
+    "role": "custom",
+    "persona": {"name": "Quinn", "title": "Reviewer"},
+    "instructionsFrom": {"name": "prompts", "key": "review.md"},
+    "model": {"provider": "echo", "name": "echo-1", "params": {"echoSystem": True}},
+    "memory": {"store": "inProcess"},
+}
 
 
 @pytest.fixture
 def _no_runtime_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
-        if name.startswith(("BMAD_", "OTEL_")) or name == "SERVICE_BINDING_ROOT":
+        if name.upper().startswith(("BMAD_", "OTEL_")) or name.upper() == "SERVICE_BINDING_ROOT":
             monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def pod_environment(
+    monkeypatch: pytest.MonkeyPatch, _no_runtime_environment: None
+) -> Callable[[list[Obj], Path], None]:
+    """Set the process environment to the rendered container's (paths under a root)."""
+
+    def apply(objs: list[Obj], root: Path) -> None:
+        for name, value in podlayout.environment(objs, root).items():
+            monkeypatch.setenv(name, value)
+
+    return apply
 
 
 def test_the_runtime_reads_the_agent_json_the_operator_mounts(
     build_agent_objects: BuildAgent, tmp_path: Path
 ) -> None:
     objs = build_agent_objects(SPEC, name="winston", bindings=["cache", "claude"])
-    config_map = _by_kind(objs)["ConfigMap"]
-    pod = _by_kind(objs)["Deployment"]["spec"]["template"]["spec"]
+    config_map = podlayout.by_kind(objs)["ConfigMap"]
+    pod = podlayout.by_kind(objs)["Deployment"]["spec"]["template"]["spec"]
     (volume,) = [v for v in pod["volumes"] if "configMap" in v]
     assert volume["configMap"]["name"] == config_map["metadata"]["name"]
-    env = {e["name"]: e.get("value") for e in _container(objs)["env"]}
-    # The file the runtime is told to read is the ConfigMap key, where it is mounted.
-    config_path = Path(env["BMAD_AGENT_CONFIG"])
-    mount = Path(_mount_path(objs, volume["name"]))
-    assert config_path.parent == mount
-    for key, text in config_map["data"].items():
-        _in(tmp_path, str(mount / key)).parent.mkdir(parents=True, exist_ok=True)
-        _in(tmp_path, str(mount / key)).write_text(text)
+    env = podlayout.environment(objs, tmp_path)
+    podlayout.lay_out(tmp_path, objs, secrets={"cache-binding": {}, "claude-binding": {}})
 
-    loaded = config.load(_in(tmp_path, str(config_path)))
+    loaded = config.load(Path(env[contract.AGENT_CONFIG]))
 
     assert (loaded.agent, loaded.namespace, loaded.role) == ("winston", "team-a", "architect")
     assert loaded.instructions == "Draw the boxes first."
@@ -102,18 +107,41 @@ def test_the_runtime_reads_the_agent_json_the_operator_mounts(
     assert loaded.limits.requests_per_minute == 60
     assert loaded.memory.turns == 12
     assert loaded.integrations == ["cache", "claude"]
-    assert loaded.binding_root == env["SERVICE_BINDING_ROOT"]
+    assert loaded.binding_root == contract.BINDING_ROOT
+    # The same schema on both ends: what the builder wrote is the contract's model.
+    assert contract.AgentConfig.model_validate(json.loads(config_map["data"]["agent.json"]))
+
+
+def test_the_mounts_are_where_the_contract_says(build_agent_objects: BuildAgent) -> None:
+    objs = build_agent_objects(SPEC, name="winston", bindings=["cache"])
+    mounts = {m["mountPath"]: m for m in podlayout.container(objs)["volumeMounts"]}
+    volumes = {
+        v["name"]: v
+        for v in podlayout.by_kind(objs)["Deployment"]["spec"]["template"]["spec"]["volumes"]
+    }
+    env = {e["name"]: e.get("value") for e in podlayout.container(objs)["env"]}
+    assert mounts[contract.CONFIG_DIR]["readOnly"] is True
+    assert env[contract.AGENT_CONFIG] == contract.CONFIG_PATH
+    assert env[contract.SERVICE_BINDING_ROOT] == contract.BINDING_ROOT
+    assert mounts[f"{contract.BINDING_ROOT}/cache"]["readOnly"] is True
+    (port,) = podlayout.container(objs)["ports"]
+    assert port["containerPort"] == contract.HTTP_PORT == int(env[contract.HTTP_PORT_ENV])
+    # The root filesystem is read-only: the writable directories are the pod's emptyDirs.
+    assert podlayout.container(objs)["securityContext"]["readOnlyRootFilesystem"] is True
+    writable = {path for path, m in mounts.items() if not m.get("readOnly")}
+    assert writable == set(contract.WRITABLE_DIRS)
+    for path in contract.WRITABLE_DIRS:
+        assert "emptyDir" in volumes[mounts[path]["name"]]
 
 
 @pytest.mark.usefixtures("_no_runtime_environment")
 def test_the_runtime_settings_are_the_environment_the_deployment_sets(
-    build_agent_objects: BuildAgent, monkeypatch: pytest.MonkeyPatch
+    build_agent_objects: BuildAgent,
+    pod_environment: Callable[[list[Obj], Path], None],
+    tmp_path: Path,
 ) -> None:
     objs = build_agent_objects(SPEC, name="winston")
-    container = _container(objs)
-    for var in container["env"]:
-        if "value" in var:
-            monkeypatch.setenv(var["name"], var["value"])
+    pod_environment(objs, tmp_path)
 
     loaded = settings.RuntimeSettings()
 
@@ -122,10 +150,37 @@ def test_the_runtime_settings_are_the_environment_the_deployment_sets(
         "team-a",
         "architect",
     )
-    (port,) = container["ports"]
-    assert loaded.http_port == port["containerPort"]
-    assert str(loaded.agent_config).endswith("/agent.json")
-    assert str(loaded.binding_root) == agent_builders.BINDING_ROOT
+    assert loaded.http_port == contract.HTTP_PORT
+    assert loaded.agent_config == podlayout.in_root(tmp_path, contract.CONFIG_PATH)
+    assert loaded.binding_root == podlayout.in_root(tmp_path, contract.BINDING_ROOT)
+    assert loaded.memory_store == "durable"
+
+
+def test_every_variable_the_operator_sets_is_one_the_runtime_reads(
+    build_agent_objects: BuildAgent,
+) -> None:
+    rendered = [e["name"] for e in podlayout.container(build_agent_objects(SPEC))["env"]]
+    read = {settings.env_name(field) for field in settings.RuntimeSettings.model_fields}
+    assert set(rendered) <= read, set(rendered) - read
+    assert {
+        e["name"]
+        for e in contract.PodEnvironment(
+            agent_name="a", agent_namespace="n", agent_role="dev", tenant="t"
+        ).env()
+    } == set(rendered)
+    # ... and every one of them (and the auth switch) is reserved: no spec can set it.
+    for name in [*rendered, contract.AUTH_ENABLED]:
+        assert contract.is_reserved_env(name)
+        assert contract.is_reserved_env(name.lower())
+
+
+def test_every_spec_field_has_a_home() -> None:
+    """A field added to the Agent API must be placed: in agent.json, or the operator's."""
+    fields = set(agent_api.AgentSpec.model_fields)
+    placed = contract.SPEC_FIELDS_IN_AGENT_JSON | contract.SPEC_FIELDS_OF_THE_OPERATOR
+    assert fields == placed, fields ^ placed
+    schema_fields = set(contract.AgentConfig.model_fields)
+    assert schema_fields >= contract.SPEC_FIELDS_IN_AGENT_JSON
 
 
 @pytest.mark.usefixtures("_no_runtime_environment")
@@ -147,15 +202,12 @@ def test_the_runtime_reads_the_binding_secret_the_operator_publishes(
     secret = integration_builders.binding_secret(integration, spec.type, data)
 
     objs = build_agent_objects(SPEC, name="winston", bindings=["cache"])
-    pod = _by_kind(objs)["Deployment"]["spec"]["template"]["spec"]
-    (volume,) = [v for v in pod["volumes"] if v.get("secret")]
-    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
-    # The kubelet writes each key of the Secret as a file where the volume is mounted.
-    folder = _in(tmp_path, _mount_path(objs, volume["name"]))
-    folder.mkdir(parents=True)
-    for key, value in secret["data"].items():
-        (folder / key).write_bytes(base64.b64decode(value))
-    root = _in(tmp_path, agent_builders.BINDING_ROOT)
+    podlayout.lay_out(
+        tmp_path,
+        objs,
+        secrets={secret["metadata"]["name"]: podlayout.secret_data(secret)},
+    )
+    root = podlayout.in_root(tmp_path, contract.BINDING_ROOT)
 
     found = bindings.read_bindings(root)
     loaded = settings.RuntimeSettings(binding_root=root).with_bindings(found)
@@ -166,3 +218,172 @@ def test_the_runtime_reads_the_binding_secret_the_operator_publishes(
     assert loaded.redis_url.startswith("redis://")
     assert "10.0.0.7:6380/2" in loaded.redis_url
     assert found["cache"].redis().url == loaded.redis_url
+
+
+# --- issue 11: instructionsFrom, the tenant ---------------------------------------------
+
+
+async def test_instructions_from_a_config_map_reach_the_models_system_prompt(
+    build_agent_objects: BuildAgent,
+    pod_environment: Callable[[list[Obj], Path], None],
+    tmp_path: Path,
+) -> None:
+    """Issue 11 (a): spec.instructionsFrom was written into agent.json but neither
+    mounted nor read, so the agent ran with no instructions. On main (9ca8f9d) the
+    Deployment's volumes were ``[config (configMap), tmp (emptyDir)]`` and
+    ``config.load(agent.json).instructions`` was ``''``."""
+    objs = build_agent_objects(FROM_CONFIG_MAP, name="quinn")
+    podlayout.lay_out(tmp_path, objs, config_maps={"prompts": {"review.md": INSTRUCTIONS}})
+    pod_environment(objs, tmp_path)
+
+    runtime_settings = settings.load()
+    assert config.load(runtime_settings.agent_config).instructions == INSTRUCTIONS
+    app = wiring.create_default_app(runtime_settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://agent") as client:
+            answer = await client.post("/v1/invoke", json={"input": "Review story 1.2"})
+
+    assert answer.status_code == 200, answer.text
+    output = answer.json()["output"]
+    # The echo model (echoSystem) shows its system prompt: the persona, then the
+    # instructions from the ConfigMap, then the user's message.
+    assert output.startswith("[echo-1] You are Quinn, the Reviewer.")
+    assert INSTRUCTIONS.strip() in output
+    assert output.endswith("Review story 1.2")
+
+
+def test_a_missing_instructions_config_map_is_a_pod_that_does_not_start(
+    build_agent_objects: BuildAgent, tmp_path: Path
+) -> None:
+    """Not an agent without instructions: the kubelet refuses the volume (the reconciler
+    says why on the Agent, see test_reconciler_agent)."""
+    objs = build_agent_objects(FROM_CONFIG_MAP, name="quinn")
+    with pytest.raises(podlayout.MountError, match="ConfigMap prompts not found"):
+        podlayout.lay_out(tmp_path, objs)
+    with pytest.raises(podlayout.MountError, match=r"no key 'review\.md'"):
+        podlayout.lay_out(tmp_path, objs, config_maps={"prompts": {"other.md": "x"}})
+
+
+def test_agent_json_without_its_instructions_file_is_an_error_naming_the_config_map(
+    build_agent_objects: BuildAgent, tmp_path: Path
+) -> None:
+    objs = build_agent_objects(FROM_CONFIG_MAP, name="quinn")
+    path = tmp_path / "agent.json"
+    path.write_text(podlayout.by_kind(objs)["ConfigMap"]["data"]["agent.json"])
+    with pytest.raises(config.ConfigError, match=r"key 'review\.md' of ConfigMap 'prompts'"):
+        config.load(path)
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", ".hidden", "a/b"])
+def test_agent_json_may_only_name_a_file_next_to_it(tmp_path: Path, name: str) -> None:
+    # Tenant admins may edit the Agent's ConfigMap: it must not make the runtime read
+    # anything outside its config directory.
+    path = tmp_path / "agent.json"
+    path.write_text(
+        json.dumps({"model": {"provider": "echo", "name": "e"}, "instructionsFile": name})
+    )
+    with pytest.raises(config.ConfigError, match="must be a file name"):
+        config.load(path)
+
+
+@pytest.mark.usefixtures("_no_runtime_environment")
+def test_the_runtime_serves_the_tenant_the_operator_renders(
+    make_body: MakeBody, pod_environment: Callable[[list[Obj], Path], None], tmp_path: Path
+) -> None:
+    """Issue 11 (b): the Tenant was never passed (BMAD_TENANT), so the runtime used the
+    namespace and a tenant's namespaces got separate budgets. On main (9ca8f9d): no
+    BMAD_TENANT in the rendered env, and the runtime's tenant was ``'team-a'``."""
+    spec_raw = {
+        "role": "dev",
+        "model": {"provider": "echo", "name": "echo-1"},
+        "memory": {"store": "inProcess"},
+    }
+    body = make_body(spec_raw, name="winston", namespace="team-a")
+    spec = agent_api.AgentSpec.model_validate(body["spec"])
+    objs = agent_builders.build_all(body, spec, image="img", tenant="acme")
+    podlayout.lay_out(tmp_path, objs)
+    pod_environment(objs, tmp_path)
+
+    loaded = settings.load()
+
+    assert loaded.effective_tenant == "acme"
+    # One tenant, many namespaces: the namespace tells same-named Agents apart.
+    assert loaded.agent_key == "team-a.winston"
+    app = wiring.create_default_app(loaded)
+    state: deps.RuntimeState = app.state.runtime
+    assert (state.tenant, state.agent) == ("acme", "team-a.winston")
+
+
+def test_agents_keep_their_plain_name_when_their_namespace_is_their_tenant() -> None:
+    assert contract.agent_key(name="dev", namespace="solo", tenant="solo") == "dev"
+    assert contract.agent_key(name="dev", namespace="solo", tenant=None) == "dev"
+    keys = {
+        contract.agent_key(name=name, namespace=namespace, tenant="acme")
+        for name, namespace in [("dev", "acme"), ("dev", "acme-dev"), ("acme-dev", "dev")]
+    }
+    assert len(keys) == 3
+
+
+# --- issue 10, hole 2: a tenant can set the runtime's identity -----------------------
+
+HOSTILE = {
+    "bmad_agent_namespace": "victim",
+    "Bmad_Tenant": "victim",
+    "BMAD_AUTH_ENABLED": "false",
+    "bmad_agent_name": "victim-agent",
+    "service_binding_root": "/tmp/forged",
+}
+
+
+def _around_the_api(spec: Obj, env: dict[str, str]) -> agent_api.AgentSpec:
+    """A spec carrying reserved names, as only an object stored before the API's rule
+    can (the API server and the model refuse them)."""
+    parsed = agent_api.AgentSpec.model_validate(spec)
+    runtime = agent_api.Runtime.model_construct(
+        env=[agent_api.EnvVar.model_construct(name=k, value=v) for k, v in env.items()]
+    )
+    return parsed.model_copy(update={"runtime": runtime})
+
+
+@pytest.mark.usefixtures("_no_runtime_environment")
+def test_hole_2_a_tenant_cannot_set_the_runtimes_identity(
+    make_body: MakeBody, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Issue 10, hole 2. On main (9ca8f9d) the builder passed ``bmad_agent_namespace``
+    and ``Bmad_Tenant`` through (its filter compared exact case) and pydantic-settings
+    read them case-insensitively: the same steps gave
+    ``AssertionError: ('victim', 'victim')`` for (agent_namespace, effective_tenant)."""
+    body = make_body(SPEC, name="winston", namespace="team-a")
+    spec = _around_the_api(SPEC, HOSTILE)
+
+    objs = agent_builders.build_all(body, spec, image="img", tenant="acme")
+
+    rendered = {e["name"] for e in podlayout.container(objs)["env"]}
+    assert not rendered & set(HOSTILE), rendered & set(HOSTILE)
+    # The reconciler takes them out before it parses a stored spec, and says so.
+    raw = {**SPEC, "runtime": {"env": [{"name": k, "value": v} for k, v in HOSTILE.items()]}}
+    clean, ignored = agent_builders.split_reserved_env(raw)
+    assert ignored == list(HOSTILE)
+    assert agent_api.AgentSpec.model_validate(clean).runtime == agent_api.Runtime(env=[])
+    # Even were they in the environment, the runtime reads its settings by exact name:
+    # any other spelling is not a setting. (An exact BMAD_* name can only come from
+    # the Deployment, which tenant admins cannot edit: the builder is its only author.)
+    for name, value in podlayout.environment(objs, tmp_path).items():
+        monkeypatch.setenv(name, value)
+    for name, value in HOSTILE.items():
+        if name != name.upper():
+            monkeypatch.setenv(name, value)
+    loaded = settings.RuntimeSettings()
+    assert (loaded.agent_namespace, loaded.effective_tenant) == ("team-a", "acme")
+    assert loaded.agent_name == "winston"
+    assert loaded.auth_enabled is None
+    assert loaded.binding_root == podlayout.in_root(tmp_path, contract.BINDING_ROOT)
+
+
+@pytest.mark.parametrize("name", [*HOSTILE, "SERVICE_BINDING_ROOT", "bmad_x"])
+def test_hole_2_every_reserved_name_is_refused_by_the_api_in_any_case(name: str) -> None:
+    with pytest.raises(ValueError, match=r"must not start with BMAD_"):
+        agent_api.AgentSpec.model_validate(
+            {**SPEC, "runtime": {"env": [{"name": name, "value": "x"}]}}
+        )

@@ -116,11 +116,14 @@ CASES: dict[str, tuple[Obj, list[Sent]]] = {
             Sent("Tenant", ("", "acme")),
         ],
     ),
-    "namespace labelled for a tenant": (
+    "namespace labelled for a tenant: its agents (their tenant) and the tenant": (
         event("MODIFIED", obj("Namespace", "team-a", labels={"bmad.dev/tenant": "acme"})),
-        [Sent("Tenant", ("", "acme"))],
+        [Sent("Agent", ("team-a", "mary")), Sent("Tenant", ("", "acme"))],
     ),
-    "namespace of nobody": (event("MODIFIED", obj("Namespace", "team-c")), []),
+    "namespace of nobody: its agents (their tenant is the namespace)": (
+        event("MODIFIED", obj("Namespace", "team-c")),
+        [Sent("Agent", ("team-c", "quinn"))],
+    ),
     **{
         f"{kind} of a tenant: drift put back": (
             event("MODIFIED", obj(kind, "x", "team-a", labels={"bmad.dev/tenant": "acme"})),

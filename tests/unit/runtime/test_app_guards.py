@@ -14,6 +14,7 @@ import pytest
 from bmad_runtime import app as app_mod
 from bmad_runtime import context, ports, settings
 from bmad_runtime.api import deps
+from bmad_runtime.bus import consumer as bus_consumer
 from bmad_runtime.memory import inprocess
 from bmad_runtime.providers import base, echo, router
 
@@ -311,18 +312,40 @@ async def test_readiness_follows_the_store_and_the_primary_model() -> None:
     assert ready.status_code == 200
     assert ready.json() == {
         "status": "ready",
-        "checks": {"store": True, "model": True},
+        "checks": {"store": True, "model": True, "bus": None},
         "memoryStore": "durable",
         "message": None,
     }
     assert no_store.status_code == 503
-    assert no_store.json()["checks"] == {"store": False, "model": True}
+    assert no_store.json()["checks"] == {"store": False, "model": True, "bus": None}
     assert no_store.json()["message"] == "the conversation store does not answer"
     assert no_model.status_code == 503
-    assert no_model.json()["checks"] == {"store": True, "model": False}
+    assert no_model.json()["checks"] == {"store": True, "model": False, "bus": None}
     assert "primary model" in no_model.json()["message"]
     assert alive.status_code == 200
     assert alive.json() == {"status": "ok"}
+
+
+async def test_readiness_follows_the_task_consumer() -> None:
+    """A replica whose consumer cannot read its stream is not ready (issue 11)."""
+    app = make_app()
+    state: deps.RuntimeState = app.state.runtime
+    state.bus = health = bus_consumer.ConsumerHealth()
+    async for client in serve(app):
+        starting = await client.get("/readyz")
+        health.down(
+            "the task bus (Redis) cannot be reached (ConnectionError): tasks are not consumed"
+        )
+        down = await client.get("/readyz")
+        health.up()
+        consuming = await client.get("/readyz")
+    assert starting.status_code == 503
+    assert starting.json()["checks"] == {"store": True, "model": True, "bus": False}
+    assert starting.json()["message"] == "the task consumer has not reached Redis yet"
+    assert down.status_code == 503
+    assert "cannot be reached" in down.json()["message"]
+    assert consuming.status_code == 200
+    assert consuming.json()["checks"]["bus"] is True
 
 
 async def test_metrics_count_requests_by_route_template_and_tokens() -> None:

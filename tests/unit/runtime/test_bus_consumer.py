@@ -10,12 +10,15 @@ the test bed's Redis in tests/integration/runtime/test_bus_live.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 import pytest
+from redis import exceptions as redis_errors
 
 from bmad_integrations import taskwire
 from bmad_runtime.bus import client, consumer
@@ -332,3 +335,71 @@ async def test_a_consumer_needs_a_usable_name(name: str) -> None:
     handler, _ = counting(echo)
     with pytest.raises(ValueError, match="consumer name"):
         await consumer.consume(FakeBus(), handler, consumer_name=name)
+
+
+class UnreachableAtFirst(FakeBus):
+    """Redis refuses connections for the first `outages` calls, as during an outage."""
+
+    def __init__(self, outages: int) -> None:
+        super().__init__()
+        self.outages = outages
+        self.refused = 0
+
+    def _maybe_refuse(self) -> None:
+        if self.refused < self.outages:
+            self.refused += 1
+            raise redis_errors.ConnectionError("Connection refused")
+
+    async def ensure_group(self, *, force: bool = False) -> None:
+        self._maybe_refuse()
+
+    async def read(self, consumer: str, *, count: int, block_ms: int) -> list[taskwire.Task]:
+        self._maybe_refuse()
+        return await super().read(consumer, count=count, block_ms=block_ms)
+
+
+async def test_a_consumer_started_while_redis_is_down_consumes_once_it_is_back() -> None:
+    """Issue 11: on main (9ca8f9d) `consume` called ensure_group before its retry loop,
+    so a replica started during a Redis outage lost its consumer at once: `consume`
+    raised ``ConnectionError`` on its first call, and the runtime's task died without
+    a log line."""
+    fake = UnreachableAtFirst(outages=3)
+    fake.add("t-1", {"input": "hello"})
+    health = consumer.ConsumerHealth()
+    seen: list[bool] = []
+    handler, runs = counting(echo)
+
+    def done() -> bool:
+        seen.append(health.consuming)
+        return "t-1" in fake.results
+
+    with mock_backoff():
+        stats = await consume_until(fake, handler, done, health=health)
+
+    assert fake.refused == 3
+    assert runs == {"t-1": 1}
+    assert stats.succeeded == 1
+    assert health.consuming
+    assert health.problem is None
+    assert seen[0] is False  # not consuming while Redis refused
+
+
+async def test_health_says_why_the_consumer_does_not_read() -> None:
+    fake = UnreachableAtFirst(outages=10_000)
+    health = consumer.ConsumerHealth()
+    with mock_backoff():
+        await consume_until(fake, echo_handler, lambda: fake.refused >= 2, health=health)
+    assert not health.consuming
+    assert health.problem is not None
+    assert "cannot be reached (ConnectionError)" in health.problem
+
+
+async def echo_handler(task: taskwire.Task) -> dict[str, Any]:
+    return await echo(task, 1)
+
+
+@contextlib.contextmanager
+def mock_backoff() -> Iterator[None]:
+    """Retries at once: the loop's backoff starts at 0.1 s and doubles."""
+    with mock.patch.object(consumer._Run, "BACKOFF_MAX_S", 0.01):
+        yield

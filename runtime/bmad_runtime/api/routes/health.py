@@ -3,7 +3,8 @@
 Kubernetes restarts a pod whose liveness fails, so ``/healthz`` checks nothing but the
 process; ``/readyz`` takes the pod out of its Service while the conversation store or
 the primary model cannot be reached (the model probe is cached, see
-`providers.router.ModelRouter.ready`). It also names the memory mode
+`providers.router.ModelRouter.ready`), or while the task consumer does not read the
+agent's stream (Redis unreachable: ``checks.bus``). It also names the memory mode
 (``spec.memory.store``) and, when the store is missing, what to bind. None of them
 needs a token.
 """
@@ -36,6 +37,11 @@ class Health(pydantic.BaseModel):
 class ReadyChecks(pydantic.BaseModel):
     store: bool = pydantic.Field(description="The conversation store answers its ping.")
     model: bool = pydantic.Field(description="The primary model's API is reachable.")
+    bus: bool | None = pydantic.Field(
+        default=None,
+        description="The task consumer reads the agent's stream; null when this replica "
+        "consumes no tasks (no Redis bound, or the store is not available).",
+    )
 
 
 class Readiness(pydantic.BaseModel):
@@ -88,11 +94,14 @@ async def readyz(state: deps.State, response: fastapi.Response) -> Readiness:
         ),
         *(["the primary model's API cannot be reached"] if not model_ok else []),
     ]
+    bus_ok = state.bus.consuming if state.bus is not None else None
+    if state.bus is not None and not bus_ok:
+        problems.append(state.bus.problem or "the task consumer does not read its stream")
     if problems:
         response.status_code = 503
     return Readiness(
         status="not-ready" if problems else "ready",
-        checks=ReadyChecks(store=store_ok, model=model_ok),
+        checks=ReadyChecks(store=store_ok, model=model_ok, bus=bus_ok),
         memory_store=state.settings.memory_store,
         message="; ".join(problems) or None,
     )
