@@ -80,6 +80,8 @@ def agent_doc(name: str, namespace: str, i: int) -> dict[str, Any]:
         "spec": {
             "role": ROLES[i % len(ROLES)],
             "model": {"provider": "echo", "name": "echo-1"},
+            "memory": {"store": "inProcess"},
+            "auth": {"mode": "none"},
             "replicas": 1,
         },
     }

@@ -65,9 +65,10 @@ AGENT_CONFIG = "BMAD_AGENT_CONFIG"
 SERVICE_BINDING_ROOT = "SERVICE_BINDING_ROOT"
 HTTP_PORT_ENV = "BMAD_HTTP_PORT"
 MEMORY_STORE = "BMAD_MEMORY_STORE"
+AUTH_MODE = "BMAD_AUTH_MODE"
+"""The Agent's spec.auth.mode: jwt (the default) or none, chosen in the spec only."""
 AUTH_ENABLED = "BMAD_AUTH_ENABLED"
-"""Read by the runtime, never rendered by today's operator (authentication follows the
-bound auth0 Integration); reserved so that no Agent spec can set it."""
+"""No longer read (spec.auth.mode replaced it); reserved so that no Agent spec can set it."""
 
 IDENTITY_ENV: tuple[str, ...] = (AGENT_NAME, AGENT_NAMESPACE, AGENT_ROLE, TENANT)
 PATH_ENV: tuple[str, ...] = (AGENT_CONFIG, SERVICE_BINDING_ROOT)
@@ -104,6 +105,7 @@ class PodEnvironment(pydantic.BaseModel):
     binding_root: str = BINDING_ROOT
     http_port: int = HTTP_PORT
     memory_store: agent_api.MemoryStore = agent_api.DEFAULT_MEMORY_STORE
+    auth_mode: agent_api.AuthMode = agent_api.DEFAULT_AUTH_MODE
 
     def env(self) -> list[dict[str, str]]:
         """The container's ``env`` entries, in a stable order."""
@@ -116,6 +118,7 @@ class PodEnvironment(pydantic.BaseModel):
             SERVICE_BINDING_ROOT: self.binding_root,
             HTTP_PORT_ENV: str(self.http_port),
             MEMORY_STORE: self.memory_store,
+            AUTH_MODE: self.auth_mode,
         }
         return [{"name": name, "value": value} for name, value in values.items()]
 

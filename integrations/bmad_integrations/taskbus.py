@@ -5,8 +5,11 @@ that enqueues the task only if neither a submission marker nor a result exists f
 its id, and sets the marker in the same atomic step; so submitting an id twice (a
 retry after a timeout, an operator restart) enqueues it once. The marker lives as
 long as the result (`taskwire.RESULT_TTL_S`), and the consumer that writes the result
-extends it. Keys, fields and encodings come from `taskwire`, which the consumer
-(`bmad_runtime.bus`) uses too.
+extends it. The stream is bounded: while it holds `max_depth` tasks (waiting plus in
+flight) a new task is refused with `QueueFullError`, in the same atomic step, rather
+than trimmed (an XADD with MAXLEN would silently drop the oldest tasks, unrun). Keys,
+fields and encodings come from `taskwire`, which the consumer (`bmad_runtime.bus`)
+uses too.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from redis import asyncio as aioredis
 
 from bmad_integrations import taskwire
 
-# KEYS: stream, submitted marker, result. ARGV: group, ttl ms, then the entry's fields
-# and values. Returns {message id, 1 if enqueued now / 0 if it was a duplicate}; for
-# a task that has only its result left, the message id recorded in the result.
+# KEYS: stream, submitted marker, result. ARGV: group, ttl ms, max depth, then the
+# entry's fields and values. Returns {message id, 1 if enqueued now / 0 if it was a
+# duplicate}; for a task that has only its result left, the message id recorded in the
+# result; {stream length, -1} when the stream is full (nothing written).
 _SUBMIT = """
 local seen = redis.call('GET', KEYS[2])
 if seen then return {seen, 0} end
@@ -38,10 +42,24 @@ end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
 end
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+local depth = redis.call('XLEN', KEYS[1])
+if depth >= tonumber(ARGV[3]) then return {tostring(depth), -1} end
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4))
 redis.call('SET', KEYS[2], id, 'PX', ARGV[2])
 return {id, 1}
 """
+
+
+class QueueFullError(Exception):
+    """The agent's stream holds its most tasks already: try again later."""
+
+    def __init__(self, *, tenant: str, agent: str, depth: int, max_depth: int) -> None:
+        self.depth = depth
+        self.max_depth = max_depth
+        super().__init__(
+            f"the task queue of agent {agent!r} (tenant {tenant!r}) is full: {depth} tasks "
+            f"waiting or running, at most {max_depth}; submit again once it drains"
+        )
 
 
 class TaskProducer:
@@ -54,24 +72,35 @@ class TaskProducer:
         tenant: str,
         agent: str,
         result_ttl_s: int = taskwire.RESULT_TTL_S,
+        max_depth: int = taskwire.MAX_QUEUE_DEPTH,
     ) -> None:
         if result_ttl_s < 1:
             raise ValueError("result_ttl_s must be at least 1")
+        if max_depth < 1:
+            raise ValueError("max_depth must be at least 1")
         self.redis = redis
         self.keys = taskwire.Keys(tenant, agent)
         self.result_ttl_s = result_ttl_s
+        self.max_depth = max_depth
         self._owns_client = False
         self._submit_script = redis.register_script(_SUBMIT)
 
     @classmethod
     def from_url(
-        cls, url: str, *, tenant: str, agent: str, result_ttl_s: int = taskwire.RESULT_TTL_S
+        cls,
+        url: str,
+        *,
+        tenant: str,
+        agent: str,
+        result_ttl_s: int = taskwire.RESULT_TTL_S,
+        max_depth: int = taskwire.MAX_QUEUE_DEPTH,
     ) -> TaskProducer:
         producer = cls(
             aioredis.Redis.from_url(url, decode_responses=True),
             tenant=tenant,
             agent=agent,
             result_ttl_s=result_ttl_s,
+            max_depth=max_depth,
         )
         producer._owns_client = True
         return producer
@@ -82,14 +111,24 @@ class TaskProducer:
 
     async def submit(self, task_id: str, payload: Mapping[str, Any]) -> str:
         """Enqueue a task once per id; returns the stream entry id (the first one's for
-        a duplicate, or ``""`` if only its result is left)."""
+        a duplicate, or ``""`` if only its result is left).
+
+        Raises `QueueFullError` for a new task while the stream holds `max_depth`.
+        """
         keys = self.keys
         fields = taskwire.entry_fields(task_id, payload)
         raw = await self._submit_script(
             keys=[keys.stream, keys.submitted(task_id), keys.result(task_id)],
-            args=[keys.group, self.result_ttl_s * 1000, *taskwire.flat(fields)],
+            args=[keys.group, self.result_ttl_s * 1000, self.max_depth, *taskwire.flat(fields)],
         )
-        message_id, _enqueued = raw
+        message_id, enqueued = raw
+        if int(enqueued) < 0:
+            raise QueueFullError(
+                tenant=keys.tenant,
+                agent=keys.agent,
+                depth=int(taskwire.text(message_id)),
+                max_depth=self.max_depth,
+            )
         return taskwire.text(message_id)
 
     async def result(self, task_id: str) -> taskwire.TaskResult | None:

@@ -45,6 +45,9 @@ GROUP = "agents"
 TASK_ID_MAX_CHARS = 256
 RESULT_TTL_S = 86_400
 """How long results, and the submission markers that deduplicate, are kept."""
+MAX_QUEUE_DEPTH = 100_000
+"""The most tasks an agent's stream holds (waiting plus in flight): a submission beyond
+it is refused, never trimmed away (XADD MAXLEN would drop tasks nobody ran)."""
 
 # Stream entry fields.
 FIELD_TASK_ID = "task_id"

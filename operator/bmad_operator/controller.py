@@ -16,7 +16,7 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
-from bmad_operator import kube, settings, store, watching, workqueue
+from bmad_operator import admission, kube, settings, store, watching, workqueue
 from bmad_operator.builders import meta
 from bmad_operator.reconcilers import agent as agent_reconciler
 from bmad_operator.reconcilers import integration as integration_reconciler
@@ -30,6 +30,8 @@ class Controller:
         self.api = api
         self.cfg = cfg
         self.store = store.Store()
+        # The budget webhook reads the API server, never this store (see admission).
+        self.budget = admission.BudgetWebhook(api)
         self.agents = agent_reconciler.AgentReconciler(
             api=api, cache=self.store, runtime_image=cfg.runtime_image
         )

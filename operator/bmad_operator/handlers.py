@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import typing
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import kopf
 
-from bmad_operator import admission, controller, kube, leader, settings
+from bmad_operator import admission, controller, errors, kube, leader, settings
 from bmad_operator.builders import meta
+from bmad_operator.builders import webhook as webhook_builders
+from bmad_operator.policies import budget as policy_budget
 
 MANAGED = meta.managed_labels()
 
@@ -58,23 +62,13 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     ctl = controller.Controller(api, cfg)
     memo["controller"] = ctl
     if cfg.webhook_port:
-        cert = await admission.shared_certificate(
-            api, namespace=cfg.system_namespace, name=cfg.webhook_secret, host=cfg.webhook_host
-        )
-        settings.admission.server = kopf.WebhookServer(
-            addr=cfg.webhook_address,
-            port=cfg.webhook_port,
-            host=cfg.webhook_host,
-            certfile=str(cert.certfile),
-            pkeyfile=str(cert.pkeyfile),
-        )
-        url = cfg.webhook_url or f"https://{cfg.webhook_host}:{cfg.webhook_port}"
-        await api.apply(admission.webhook_configuration(url, cert.pem, service=cfg.webhook_service))
+        memo["webhook"] = await _serve_webhook(settings, api, cfg)
     if not cfg.leader_election:
         ctl.start()
         return
-    # Every replica watches (its store serves the webhook); only the Lease's holder
-    # reconciles: the controller starts when leadership is gained and stops when lost.
+    # Every replica watches (its store is current) and serves the webhook; only the
+    # Lease's holder reconciles: the controller starts when leadership is gained and
+    # stops when it is lost.
     elector = leader.LeaderElector(
         leader.KubeLeases(api.api),
         namespace=cfg.lease_namespace or cfg.system_namespace,
@@ -86,6 +80,40 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     )
     memo["elector"] = elector
     memo["elector_task"] = asyncio.create_task(elector.run(), name="leader-election")
+
+
+async def _serve_webhook(
+    kopf_settings: kopf.OperatorSettings, api: kube.Kube, cfg: settings.OperatorSettings
+) -> admission.Endpoint:
+    """Serve the budget webhook with the certificate kept in the operator's namespace,
+    and apply its configuration, owned by that namespace (uninstalling removes both)."""
+    system_ns = await api.get("Namespace", None, cfg.system_namespace)
+    if system_ns is None:
+        # A run outside the cluster (in a cluster the install makes the namespace).
+        log.info("creating the operator's namespace %s", cfg.system_namespace)
+        system_ns = await api.create(
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cfg.system_namespace}}
+        )
+    cert = await admission.ensure_certificate(
+        api, namespace=cfg.system_namespace, host=cfg.webhook_host
+    )
+    certfile, keyfile = admission.write_files(cert, Path(tempfile.mkdtemp(prefix="bmad-webhook-")))
+    kopf_settings.admission.server = kopf.WebhookServer(
+        addr=cfg.webhook_address,
+        port=cfg.webhook_port,
+        host=cfg.webhook_host,
+        certfile=str(certfile),
+        pkeyfile=str(keyfile),
+    )
+    url = cfg.webhook_url or f"https://{cfg.webhook_host}:{cfg.webhook_port}"
+    await api.apply(
+        webhook_builders.configuration(
+            cert.cert_pem, owner=system_ns, url=url, service=cfg.webhook_service
+        )
+    )
+    return admission.Endpoint(
+        cfg.webhook_address, cfg.webhook_port, cfg.webhook_host, cert.cert_pem
+    )
 
 
 def settings_module_load() -> settings.OperatorSettings:
@@ -100,8 +128,38 @@ async def cleanup(memo: Any, **_: Any) -> None:
         # standby need not wait for it to expire.
         await elector.release()
     ctl = memo.get("controller")
-    if ctl is not None:
-        await ctl.stop()
+    if ctl is None:
+        return
+    cfg = memo.get("config") or settings_module_load()
+    if memo.get("webhook") is not None and not cfg.webhook_service:
+        # Served by this process alone (outside a cluster, on a URL): its configuration
+        # goes with it. In a cluster it stays for the next replica or start.
+        try:
+            await ctl.api.delete(
+                "ValidatingWebhookConfiguration", None, webhook_builders.CONFIG_NAME
+            )
+        except errors.ApiError as exc:
+            log.warning("could not remove the webhook configuration: %s", exc)
+    await ctl.stop()
+
+
+@kopf.on.probe(id="webhook")
+async def webhook_serving(memo: Any, **_: Any) -> str:
+    """Part of /healthz (the liveness and readiness probes): the webhook answers a TLS
+    handshake verified as the API server verifies it. /healthz fails while it does not.
+
+    A permanent error, so that kopf answers at once instead of retrying the probe."""
+    endpoint = memo.get("webhook")
+    if endpoint is None:
+        cfg = memo.get("config") or settings_module_load()
+        if cfg.webhook_port:
+            raise kopf.PermanentError("the budget webhook is not set up yet")
+        return "disabled"
+    try:
+        await admission.check_serving(endpoint)
+    except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+        raise kopf.PermanentError(f"the budget webhook does not serve: {exc}") from None
+    return "serving"
 
 
 async def feed(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
@@ -147,18 +205,32 @@ async def secret_versions(
     "bmad.dev", "v1alpha1", "agents", id=admission.WEBHOOK_ID, operations=["CREATE", "UPDATE"]
 )
 async def validate_agent_budget(
-    body: kopf.Body, name: str, namespace: str | None, memo: Any, **_: Any
+    *,
+    body: kopf.Body,
+    name: str,
+    namespace: str | None,
+    memo: Any,
+    old: kopf.Body | None = None,
+    operation: str | None = None,
+    dryrun: bool = False,
+    **_: Any,
 ) -> None:
-    """Refuse an Agent that would exceed its tenant's Agent or replica budget."""
-    ctl = memo.get("controller")
-    if ctl is None or namespace is None:
+    """Refuse an Agent create, or an update to more replicas, beyond its tenant's budget."""
+    if namespace is None:
         return
-    problem = admission.budget_violation(
-        ctl.store,
-        namespace=namespace,
-        name=name or body.get("metadata", {}).get("name", ""),
-        spec=dict(body.get("spec") or {}),
+    webhook = _budget(memo)
+    name = name or body.get("metadata", {}).get("name", "")
+    creating = operation == "CREATE"
+    if creating:
+        old_replicas = 0
+    elif old is not None:
+        old_replicas = policy_budget.agent_replicas(old.get("spec"))
+    else:
+        old_replicas = await webhook.current_replicas(namespace, name)
+    change = policy_budget.Change(
+        (namespace, name), creating, old_replicas, policy_budget.agent_replicas(body.get("spec"))
     )
+    problem = await webhook.review(namespace, change, dry_run=bool(dryrun))
     if problem:
         raise kopf.AdmissionError(problem, code=403)
 
@@ -172,15 +244,34 @@ async def validate_agent_budget(
     subresource="scale",
 )
 async def validate_agent_scale(
-    body: kopf.Body, name: str, namespace: str | None, memo: Any, **_: Any
+    *,
+    body: kopf.Body,
+    name: str,
+    namespace: str | None,
+    memo: Any,
+    old: kopf.Body | None = None,
+    dryrun: bool = False,
+    **_: Any,
 ) -> None:
     """`kubectl scale`, an HPA or KEDA go through agents/scale: the same replica budget."""
-    ctl = memo.get("controller")
-    if ctl is None or namespace is None:
+    if namespace is None:
         return
-    agent = ctl.store.get("Agent", namespace, name) or {}
-    spec = dict(agent.get("spec") or {})
-    spec["replicas"] = (body.get("spec") or {}).get("replicas", spec.get("replicas", 1))
-    problem = admission.budget_violation(ctl.store, namespace=namespace, name=name, spec=spec)
+    webhook = _budget(memo)
+    new_replicas = int((body.get("spec") or {}).get("replicas") or 0)
+    if old is not None:
+        old_replicas = int((old.get("spec") or {}).get("replicas") or 0)
+    else:
+        old_replicas = await webhook.current_replicas(namespace, name)
+    change = policy_budget.Change((namespace, name), False, old_replicas, new_replicas)
+    problem = await webhook.review(namespace, change, dry_run=bool(dryrun))
     if problem:
         raise kopf.AdmissionError(problem, code=403)
+
+
+def _budget(memo: Any) -> admission.BudgetWebhook:
+    ctl = memo.get("controller")
+    if ctl is None:
+        # Only growth is sent here: refusing it until the operator is up fails closed.
+        raise kopf.AdmissionError("the budget webhook is starting: retry in a moment", code=503)
+    webhook: admission.BudgetWebhook = ctl.budget
+    return webhook

@@ -157,6 +157,18 @@ class Kube:
             content_type="application/apply-patch+yaml",
         )
 
+    async def create(self, obj: Obj) -> Obj:
+        """Create `obj`; 409 AlreadyExists when its name is taken. Unlike an apply, it
+        never changes an object that exists: a claim that only one caller can win."""
+        kind = obj["kind"]
+        return await self._call(
+            "POST",
+            path_for(kind, obj["metadata"].get("namespace")),
+            kind=kind,
+            body=obj,
+            query=[("fieldManager", FIELD_MANAGER)],
+        )
+
     async def patch_status(
         self,
         kind: str,
@@ -177,14 +189,6 @@ class Kube:
             kind=kind,
             body=body,
             content_type="application/merge-patch+json",
-        )
-
-    async def create(self, obj: Obj) -> Obj:
-        """POST: only if it does not exist yet (409 AlreadyExists otherwise), for objects
-        several replicas may race to make and must agree on."""
-        kind = obj["kind"]
-        return await self._call(
-            "POST", path_for(kind, obj["metadata"].get("namespace")), kind=kind, body=obj
         )
 
     async def merge_patch(self, kind: str, namespace: str | None, name: str, patch: Obj) -> Obj:

@@ -68,11 +68,6 @@ class OperatorSettings(BaseSettings):
     leader_identity: str = Field(
         default="", description="This replica's name in the Lease; empty: pod name + uuid."
     )
-    webhook_secret: str = Field(
-        default="bmad-operator-webhook-tls",
-        description="Secret (in the system namespace) holding the webhook's certificate and "
-        "key, shared by every replica and kept across restarts; made on first start.",
-    )
     tracemalloc_dir: str = Field(
         default="",
         description="Profiling only: trace allocations and write a tracemalloc snapshot "

@@ -22,7 +22,7 @@ from opentelemetry import trace
 
 from bmad_crds.v1alpha1 import agent as agent_api
 from bmad_runtime import config as config_mod
-from bmad_runtime import ports, telemetry
+from bmad_runtime import ports, telemetry, turns
 from bmad_runtime import settings as settings_mod
 from bmad_runtime.api import deps, errors, middleware
 from bmad_runtime.api.routes import conversations, health, invoke
@@ -97,13 +97,21 @@ def create_app(
     )
 
     @contextlib.asynccontextmanager
+    async def serving() -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            # Records of streams left early, while the store is still connected.
+            await turns.drain(state)
+
+    @contextlib.asynccontextmanager
     async def run(app: fastapi.FastAPI) -> AsyncIterator[None]:
         try:
-            if lifespan is None:
+            async with contextlib.AsyncExitStack() as stack:
+                if lifespan is not None:
+                    await stack.enter_async_context(lifespan(app))
+                await stack.enter_async_context(serving())
                 yield
-            else:
-                async with lifespan(app):
-                    yield
         finally:
             await providers.aclose()
             tracing.shutdown()

@@ -13,7 +13,11 @@ The JWK set is fetched from the binding's ``jwksUri`` (or, without one, from the
 when a token names a key id the cache does not know (the issuer rotated its keys)
 or when the cached set grows old (a revoked key disappears). Every fetch, failed or
 not, starts a minimum interval during which no other fetch happens, so a flood of
-tokens with made-up key ids cannot turn the runtime against the issuer.
+tokens with made-up key ids cannot turn the runtime against the issuer. While the
+issuer cannot be reached, the cached keys serve on, but only up to ``max_stale_age``
+after the last good fetch: then they are dropped and tokens are refused with 503
+until a fetch succeeds, so a key the issuer revoked during an outage of its JWKS
+does not stay trusted for ever.
 
 Every refusal is a `ports.AuthError` with an HTTP status (401 for a token that
 does not prove who is calling, 403 for a caller who may not do this, 503 when the
@@ -54,6 +58,9 @@ DEFAULT_MIN_REFRESH_INTERVAL: Final = 10.0
 """Seconds that must pass between two fetches of the JWK set."""
 DEFAULT_MAX_KEY_AGE: Final = 3600.0
 """Seconds after which the cached JWK set is fetched again on the next request."""
+DEFAULT_MAX_STALE_AGE: Final = 4 * 3600.0
+"""Seconds after its last good fetch beyond which the cached JWK set is no longer used,
+even when no fetch succeeds (tokens are refused with 503 until one does)."""
 DEFAULT_TIMEOUT: Final = 5.0
 
 # Error codes (AuthError.code). 401: the token does not prove who is calling.
@@ -181,6 +188,7 @@ class JwtAuthenticator:
         leeway: float = DEFAULT_LEEWAY,
         min_refresh_interval: float = DEFAULT_MIN_REFRESH_INTERVAL,
         max_key_age: float = DEFAULT_MAX_KEY_AGE,
+        max_stale_age: float = DEFAULT_MAX_STALE_AGE,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -188,6 +196,8 @@ class JwtAuthenticator:
             raise ValueError("issuer, audience and tenant must all be set")
         if leeway < 0 or min_refresh_interval < 0 or max_key_age <= 0:
             raise ValueError("leeway and min_refresh_interval must be >= 0, max_key_age > 0")
+        if max_stale_age < max_key_age:
+            raise ValueError("max_stale_age must be at least max_key_age")
         self.issuer = issuer
         self.audience = audience
         self.tenant = tenant
@@ -195,6 +205,7 @@ class JwtAuthenticator:
         self.leeway = leeway
         self.min_refresh_interval = min_refresh_interval
         self.max_key_age = max_key_age
+        self.max_stale_age = max_stale_age
         self._jwks_uri = jwks_uri or None
         self._owns_http = http is None
         self._http = http if http is not None else httpx.AsyncClient(timeout=DEFAULT_TIMEOUT)
@@ -217,6 +228,7 @@ class JwtAuthenticator:
         leeway: float = DEFAULT_LEEWAY,
         min_refresh_interval: float = DEFAULT_MIN_REFRESH_INTERVAL,
         max_key_age: float = DEFAULT_MAX_KEY_AGE,
+        max_stale_age: float = DEFAULT_MAX_STALE_AGE,
     ) -> JwtAuthenticator:
         """The authenticator of an ``auth0`` binding, for the agent's tenant."""
         return cls(
@@ -229,6 +241,7 @@ class JwtAuthenticator:
             leeway=leeway,
             min_refresh_interval=min_refresh_interval,
             max_key_age=max_key_age,
+            max_stale_age=max_stale_age,
         )
 
     async def aclose(self) -> None:
@@ -339,6 +352,14 @@ class JwtAuthenticator:
         if key is None and self._keys is not None:
             await self._refresh()  # perhaps the issuer rotated its keys
             key = self._lookup(kid)
+        if self._keys is not None and self._too_old():
+            # No fetch has succeeded for max_stale_age: trust these keys no longer.
+            log.warning(
+                "Dropping the signing keys of %s: none could be fetched for %ss",
+                self.issuer,
+                int(self.max_stale_age),
+            )
+            self._keys, key = None, None
         if self._keys is None:
             raise ports.AuthError(
                 503,
@@ -365,6 +386,12 @@ class JwtAuthenticator:
         return (
             self._fetched_at is not None
             and self._monotonic() - self._fetched_at >= self.max_key_age
+        )
+
+    def _too_old(self) -> bool:
+        return (
+            self._fetched_at is not None
+            and self._monotonic() - self._fetched_at >= self.max_stale_age
         )
 
     async def _refresh(self) -> None:

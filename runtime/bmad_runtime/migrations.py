@@ -10,7 +10,8 @@ diverging. Add a new `Migration` with the next version instead.
 
 Tables (all keyed by tenant and agent, so that one database may serve many tenants):
 
-* ``conversations`` — one row per conversation; ``last_seq`` numbers its messages.
+* ``conversations`` — one row per conversation; ``last_seq`` numbers its messages,
+  ``owner`` is the subject that started it.
 * ``messages`` — the full history, ``seq`` 1, 2, … per conversation.
 * ``context_versions`` — the system layers an agent ran with, a new version whenever
   they change (``layers_sha256`` makes the comparison cheap).
@@ -134,7 +135,18 @@ CREATE TRIGGER audit_log_no_truncate
     FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only();
 """
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _INITIAL),)
+# Conversations belong to the subject (the token's ``sub``) that started them. Rows
+# from before have no owner: only a caller allowed every subject's conversations
+# reaches them.
+_CONVERSATION_OWNERS = """
+ALTER TABLE conversations ADD COLUMN owner text;
+CREATE INDEX conversations_by_owner ON conversations (tenant, agent, owner, updated_at DESC);
+"""
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial schema", _INITIAL),
+    Migration(2, "conversation owners", _CONVERSATION_OWNERS),
+)
 
 _CREATE_LEDGER = """
 CREATE TABLE IF NOT EXISTS schema_migrations (

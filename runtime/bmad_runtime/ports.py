@@ -70,24 +70,37 @@ class UsageRecord:
 
 
 class ConversationStore(Protocol):
-    """Hot turns in Redis, full history, usage records and the audit log in PostgreSQL."""
+    """Hot turns in Redis, full history, usage records and the audit log in PostgreSQL.
 
-    async def append(self, turn: Turn, *, tenant: str, agent: str) -> None: ...
+    A conversation belongs to the subject whose turn started it. ``subject`` scopes
+    every call: `append` and `recent` raise `ConversationNotFoundError` for another
+    subject's conversation; `history`, `list_conversations` and `delete_conversation`
+    see only the subject's own, or every subject's when ``subject`` is None (a caller
+    whose scopes grant that).
+    """
+
+    async def append(self, turn: Turn, *, tenant: str, agent: str, subject: str) -> None: ...
 
     async def recent(
-        self, conversation_id: str, *, tenant: str, agent: str, limit: int
+        self, conversation_id: str, *, tenant: str, agent: str, limit: int, subject: str
     ) -> list[Turn]: ...
 
     async def history(
-        self, conversation_id: str, *, tenant: str, agent: str, limit: int = 100
+        self,
+        conversation_id: str,
+        *,
+        tenant: str,
+        agent: str,
+        subject: str | None,
+        limit: int = 100,
     ) -> list[Turn]: ...
 
     async def list_conversations(
-        self, *, tenant: str, agent: str, limit: int = 50
+        self, *, tenant: str, agent: str, subject: str | None, limit: int = 50
     ) -> list[dict[str, Any]]: ...
 
     async def delete_conversation(
-        self, conversation_id: str, *, tenant: str, agent: str
+        self, conversation_id: str, *, tenant: str, agent: str, subject: str | None
     ) -> bool: ...
 
     async def record_usage(self, record: UsageRecord) -> None: ...
@@ -124,6 +137,10 @@ class Limiter(Protocol):
     async def hit(self, *, tenant: str, agent: str, tokens: int = 0) -> float | None:
         """Count one request (and tokens); None when allowed, else seconds to wait."""
         ...
+
+
+class ConversationNotFoundError(Exception):
+    """The conversation belongs to another subject: to this caller, it does not exist."""
 
 
 class StoreUnavailableError(Exception):

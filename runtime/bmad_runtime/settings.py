@@ -1,13 +1,13 @@
 """The runtime's process settings: who this agent is and where its services are.
 
-Everything comes from the environment the operator writes into the pod, under the
-names of `bmad_crds.runtime_contract` (``BMAD_AGENT_*``, ``BMAD_TENANT``,
-``BMAD_HTTP_PORT``, ``BMAD_MEMORY_STORE``, ``SERVICE_BINDING_ROOT``). Each setting is
-read under exactly one name, in exactly that case (`env_name`): pydantic-settings
-would also take ``Bmad_Tenant`` or ``bmad_agent_namespace`` for a setting, and the
-identity of the agent (whose streams, conversations and budgets it uses) must be the
-operator's alone. Datastores not given explicitly (``BMAD_REDIS_URL``,
-``BMAD_POSTGRES_DSN``) are taken from the bindings of type ``redis`` and ``postgres``.
+Everything comes from the environment the operator writes into the pod, under the names
+of `bmad_crds.runtime_contract` (``BMAD_AGENT_*``, ``BMAD_TENANT``, ``BMAD_HTTP_PORT``,
+``BMAD_MEMORY_STORE``, ``BMAD_AUTH_MODE``, ``SERVICE_BINDING_ROOT``). Each setting is
+read under exactly one name, in exactly that case (`env_name`): pydantic-settings would
+also take ``Bmad_Tenant`` or ``bmad_agent_namespace`` for a setting, and the identity of
+the agent (whose streams, conversations and budgets it uses) must be the operator's
+alone. Datastores not given explicitly (``BMAD_REDIS_URL``, ``BMAD_POSTGRES_DSN``) are
+taken from the bindings of type ``redis`` and ``postgres``.
 
 Read through `load()`, never at import, so that tests construct `RuntimeSettings`
 directly with the values they need.
@@ -108,17 +108,26 @@ class RuntimeSettings(pydantic_settings.BaseSettings):
         "and Redis, not ready until both are bound; inProcess: in this process only.",
     )
 
-    auth_enabled: bool | None = pydantic.Field(
-        default=None,
-        description="Require Bearer JWTs on /v1/*. Unset: on exactly when an auth0 "
-        "Integration is bound (so demo agents without one still start); true without an "
-        "auth0 binding refuses to start.",
+    auth_mode: agent_api.AuthMode = pydantic.Field(
+        default=agent_api.DEFAULT_AUTH_MODE,
+        description="The Agent's spec.auth.mode. jwt: /v1/* needs a Bearer JWT of the bound "
+        "auth0 Integration (without one the runtime serves, but is not ready and refuses "
+        "/v1/* with 503); none: no authentication, every caller gets every scope.",
     )
     max_request_bytes: int = pydantic.Field(default=MiB, ge=1024)
     task_bus_enabled: bool = pydantic.Field(
         default=True,
         description="Consume the agent's task stream (Redis Streams) next to the HTTP API "
         "whenever Redis is bound.",
+    )
+
+    task_attempt_timeout_seconds: float = pydantic.Field(
+        default=1800.0,
+        gt=0,
+        le=86400,
+        description="A task still running after this long is cancelled and counts as a failed "
+        "attempt (retried, or dead-lettered on the last one). While it runs, its entry is "
+        "kept claimed, so no other replica starts it.",
     )
 
     model_attempts: int = pydantic.Field(

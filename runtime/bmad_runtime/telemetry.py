@@ -55,6 +55,12 @@ class Metrics:
             "Tasks waiting on this agent's stream (pending entries of its consumer group).",
             registry=self.registry,
         )
+        self.dead_letters = prometheus_client.Gauge(
+            "bmad_agent_dead_letters",
+            "Entries on this agent's dead-letter stream (tasks that failed every attempt, "
+            "and entries that are not tasks; the latest are kept).",
+            registry=self.registry,
+        )
         self.inflight = prometheus_client.Gauge(
             "bmad_agent_inflight",
             "Invocations and tasks this replica is serving right now.",

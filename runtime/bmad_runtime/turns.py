@@ -10,7 +10,9 @@ Both entrances run it: ``POST /v1/invoke`` (`api.routes.invoke`, whole or stream
 and a task from the agent's bus (`run_task`, called by the consumer that `wiring`
 starts). Nothing here knows HTTP: refusals are domain errors (`RateLimitedError`,
 `context.ContextOverflowError`, `providers.router.AllProvidersFailedError`), which
-the HTTP layer maps to its statuses and a task records as its error.
+the HTTP layer maps to its statuses and a task records as its error. A conversation
+belongs to the subject that started it: continuing another subject's is
+`ports.ConversationNotFoundError`, before the model is asked.
 """
 
 from __future__ import annotations
@@ -18,16 +20,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from bmad_runtime import config as config_mod
 from bmad_runtime import context, ports, schemas, telemetry
 from bmad_runtime.providers import base as providers_base
 from bmad_runtime.providers import router as providers_router
+
+logger = logging.getLogger(__name__)
 
 # What the answer may use when neither the caller nor the agent says (for trimming).
 DEFAULT_ANSWER_RESERVE = 1024
@@ -57,6 +62,8 @@ class Services:
     metrics: telemetry.Metrics
     # spec.limits.concurrency: model calls in flight at once in this replica.
     slots: asyncio.Semaphore | None = None
+    # Records of streams the caller left early, written outside the request's task.
+    background: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -122,7 +129,11 @@ async def prepare(
     turns = services.config.memory.turns
     history = (
         await services.store.recent(
-            conversation_id, tenant=caller.tenant, agent=services.agent, limit=turns
+            conversation_id,
+            tenant=caller.tenant,
+            agent=services.agent,
+            limit=turns,
+            subject=caller.subject,
         )
         if turns > 0 and body.conversation_id
         else []
@@ -147,12 +158,20 @@ async def prepare(
     )
 
 
+@contextlib.asynccontextmanager
+async def _slot(services: Services) -> AsyncIterator[None]:
+    """One of the replica's concurrency slots (waiting for one if all are busy)."""
+    if services.slots is None:
+        yield
+        return
+    async with services.slots:
+        yield
+
+
 async def complete(turn: Turn) -> ports.Completion:
     """Ask the model chain, in a concurrency slot (waiting for one if all are busy)."""
     services = turn.services
-    async with contextlib.AsyncExitStack() as slot:
-        if services.slots is not None:
-            await slot.enter_async_context(services.slots)
+    async with _slot(services):
         services.metrics.inflight.inc()
         try:
             return await services.router.complete(turn.messages, params=turn.params)
@@ -166,31 +185,89 @@ async def complete(turn: Turn) -> ports.Completion:
 async def stream(
     turn: Turn,
 ) -> AsyncGenerator[providers_base.Delta | schemas.InvokeResponse, None]:
-    """The answer as it comes: its pieces, then the whole answer, recorded by `finish`."""
+    """The answer as it comes, in a concurrency slot: its pieces, then the whole answer,
+    recorded by `finish`.
+
+    A stream that ends early after the caller was sent part of an answer (the caller
+    went away, or the model broke off) is recorded too, as far as it went: the turns,
+    a usage record and an audit entry with the tokens estimated from what was sent
+    (`record_partial`).
+    """
     services = turn.services
-    events = services.router.stream_events(turn.messages, params=turn.params)
-    services.metrics.inflight.inc()
+    sent: list[providers_base.Delta] = []
+    outcome = "error"
+    async with _slot(services):
+        events = services.router.stream_events(turn.messages, params=turn.params)
+        services.metrics.inflight.inc()
+        try:
+            completion: ports.Completion | None = None
+            async for event in events:
+                if isinstance(event, providers_base.Delta):
+                    sent.append(event)
+                    yield event
+                else:
+                    completion = event
+            if completion is None:  # a provider that ended without its summary
+                raise providers_base.ProviderError(
+                    "ended the stream without a result", provider="?", model="?"
+                )
+            outcome = "finished"  # from here on, `finish` records it
+            yield await finish(turn, completion)
+        except (GeneratorExit, asyncio.CancelledError):
+            if outcome != "finished":
+                outcome = "client_disconnected"
+            raise
+        except Exception:
+            services.metrics.tasks.labels(outcome="error").inc()
+            raise
+        finally:
+            services.metrics.inflight.dec()
+            if outcome != "finished" and sent:
+                # Before any await: the request's task may be cancelled, and every await
+                # here with it; the record is written by a task of its own.
+                _detach(services, record_partial(turn, sent, reason=outcome))
+            await events.aclose()
+
+
+def _detach(services: Services, work: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(work, name="bmad-partial-record")
+    services.background.add(task)
+    task.add_done_callback(services.background.discard)
+
+
+async def record_partial(turn: Turn, sent: Sequence[providers_base.Delta], *, reason: str) -> None:
+    """Record a stream that ended early as far as it went: the text the caller was sent,
+    the prompt and that text as estimated tokens, ``finishReason`` `reason`."""
+    text = "".join(piece.text for piece in sent)
+    usage = ports.Usage(
+        tokens_in=context.count_tokens(turn.messages), tokens_out=context.estimate_tokens(text)
+    )
+    last = sent[-1]
+    completion = ports.Completion(
+        text=text, usage=usage, model=last.model, provider=last.provider, finish_reason=reason
+    )
     try:
-        completion: ports.Completion | None = None
-        async for event in events:
-            if isinstance(event, providers_base.Delta):
-                yield event
-            else:
-                completion = event
-        if completion is None:  # a provider that ended without its summary
-            raise providers_base.ProviderError(
-                "ended the stream without a result", provider="?", model="?"
-            )
-        yield await finish(turn, completion)
+        await finish(turn, completion, outcome=reason)
     except Exception:
-        services.metrics.tasks.labels(outcome="error").inc()
-        raise
-    finally:
-        services.metrics.inflight.dec()
-        await events.aclose()
+        logger.exception(
+            "the record of a stream that ended early (%s, request %s) could not be written",
+            reason,
+            turn.request_id,
+        )
 
 
-async def finish(turn: Turn, completion: ports.Completion) -> schemas.InvokeResponse:
+DRAIN_SECONDS = 10.0
+
+
+async def drain(services: Services) -> None:
+    """Let the records of early-ended streams be written (at shutdown)."""
+    if services.background:
+        await asyncio.wait(set(services.background), timeout=DRAIN_SECONDS)
+
+
+async def finish(
+    turn: Turn, completion: ports.Completion, *, outcome: str = "ok"
+) -> schemas.InvokeResponse:
     """Store the turn and account for it; the answer as the API returns it."""
     services, caller = turn.services, turn.caller
     latency = turn.latency_ms()
@@ -199,6 +276,7 @@ async def finish(turn: Turn, completion: ports.Completion) -> schemas.InvokeResp
             ports.Turn(turn.conversation_id, "user", turn.user_text, turn.received_at),
             tenant=caller.tenant,
             agent=services.agent,
+            subject=caller.subject,
         )
         await services.store.append(
             ports.Turn(
@@ -210,6 +288,7 @@ async def finish(turn: Turn, completion: ports.Completion) -> schemas.InvokeResp
             ),
             tenant=caller.tenant,
             agent=services.agent,
+            subject=caller.subject,
         )
     usage = completion.usage
     await services.store.record_usage(
@@ -237,6 +316,7 @@ async def finish(turn: Turn, completion: ports.Completion) -> schemas.InvokeResp
             "tokensOut": usage.tokens_out,
             "latencyMs": latency,
             "requestId": turn.request_id,
+            "finishReason": completion.finish_reason,
         },
     )
     # Tokens are known only now: book what the admission estimate did not cover.
@@ -245,7 +325,7 @@ async def finish(turn: Turn, completion: ports.Completion) -> schemas.InvokeResp
     if charge is not None and extra > 0:
         await charge(tenant=caller.tenant, agent=services.agent, tokens=extra)
     services.metrics.record_tokens(completion.model, usage)
-    services.metrics.tasks.labels(outcome="ok").inc()
+    services.metrics.tasks.labels(outcome=outcome).inc()
     return schemas.InvokeResponse(
         output=completion.text,
         conversation_id=turn.conversation_id,

@@ -54,25 +54,33 @@ class UnavailableStore:
     def _refuse(self) -> ports.StoreUnavailableError:
         return ports.StoreUnavailableError(self.reason)
 
-    async def append(self, turn: ports.Turn, *, tenant: str, agent: str) -> None:
+    async def append(self, turn: ports.Turn, *, tenant: str, agent: str, subject: str) -> None:
         raise self._refuse()
 
     async def recent(
-        self, conversation_id: str, *, tenant: str, agent: str, limit: int
+        self, conversation_id: str, *, tenant: str, agent: str, limit: int, subject: str
     ) -> list[ports.Turn]:
         raise self._refuse()
 
     async def history(
-        self, conversation_id: str, *, tenant: str, agent: str, limit: int = 100
+        self,
+        conversation_id: str,
+        *,
+        tenant: str,
+        agent: str,
+        subject: str | None,
+        limit: int = 100,
     ) -> list[ports.Turn]:
         raise self._refuse()
 
     async def list_conversations(
-        self, *, tenant: str, agent: str, limit: int = 50
+        self, *, tenant: str, agent: str, subject: str | None, limit: int = 50
     ) -> list[dict[str, Any]]:
         raise self._refuse()
 
-    async def delete_conversation(self, conversation_id: str, *, tenant: str, agent: str) -> bool:
+    async def delete_conversation(
+        self, conversation_id: str, *, tenant: str, agent: str, subject: str | None
+    ) -> bool:
         raise self._refuse()
 
     async def record_usage(self, record: ports.UsageRecord) -> None:
@@ -87,11 +95,14 @@ class UnavailableStore:
         return False
 
 
-class _StartingAuthenticator:
-    """Refuses every caller until the lifespan has set up the real authenticator."""
+class RefusingAuthenticator:
+    """Refuses every caller with one error: while starting, or without an issuer."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status, self.code, self.message = status, code, message
 
     async def authenticate(self, authorization: str | None) -> ports.Principal:
-        raise ports.AuthError(401, "starting", "the agent is starting: retry shortly")
+        raise ports.AuthError(self.status, self.code, self.message)
 
 
 def create_default_app(settings: settings_mod.RuntimeSettings | None = None) -> fastapi.FastAPI:
@@ -109,11 +120,7 @@ def create_default_app(settings: settings_mod.RuntimeSettings | None = None) -> 
         backoff_max=settings.model_backoff_max_seconds,
         retry_after_max=settings.model_retry_after_max_seconds,
     )
-    auth_on = (
-        settings.auth_enabled
-        if settings.auth_enabled is not None
-        else any(b.type == "auth0" for b in found.values())
-    )
+    auth_on = settings.auth_mode == "jwt"
     model_router = providers_router.build(
         agent_config.model,
         found,
@@ -129,10 +136,12 @@ def create_default_app(settings: settings_mod.RuntimeSettings | None = None) -> 
             state.store = await _connect_store(settings, agent_config, stack)
             if auth_on:
                 state.authenticator = await _authenticator(settings, found, stack)
+                if isinstance(state.authenticator, RefusingAuthenticator):
+                    state.auth_problem = state.authenticator.message
             else:
                 logger.warning(
-                    "authentication is off (no auth0 Integration bound, or "
-                    "BMAD_AUTH_ENABLED=false): /v1/* is open"
+                    "spec.auth.mode is none: authentication is off, /v1/* is open to every "
+                    "caller that reaches this agent, with every scope"
                 )
             state.limiter = await _limiter(settings, agent_config, stack)
             if isinstance(state.store, UnavailableStore):
@@ -146,7 +155,11 @@ def create_default_app(settings: settings_mod.RuntimeSettings | None = None) -> 
         settings,
         store=UnavailableStore("the agent is starting: its store is not connected yet"),
         providers=model_router,
-        authenticator=_StartingAuthenticator() if auth_on else None,
+        authenticator=(
+            RefusingAuthenticator(401, "starting", "the agent is starting: retry shortly")
+            if auth_on
+            else None
+        ),
         limiter=None,
         config=agent_config,
         lifespan=connect,
@@ -207,10 +220,14 @@ async def _authenticator(
 ) -> ports.Authenticator:
     issuers = bindings_mod.of_type(found, "auth0")
     if not issuers:
-        raise config_mod.ConfigError(
-            "authentication is on but no Integration of type auth0 is bound: add one to "
-            "spec.integrations (or set BMAD_AUTH_ENABLED=false for a demo)"
+        # Not a crash loop: the pod serves its probes and says what to change.
+        problem = (
+            "spec.auth.mode is jwt but no Integration of type auth0 is bound: add one to "
+            "spec.integrations, or set spec.auth.mode: none to serve without "
+            "authentication (demos only)"
         )
+        logger.error("not ready: %s", problem)
+        return RefusingAuthenticator(503, auth.AUTH_UNAVAILABLE, problem)
     if len(issuers) > 1:
         logger.warning(
             "several auth0 bindings (%s): tokens are verified against %r",
@@ -257,7 +274,12 @@ async def _start_task_consumer(
     if not settings.redis_url or not settings.task_bus_enabled:
         return
     task_bus = bus_client.TaskBus.from_url(
-        settings.redis_url, tenant=state.tenant, agent=state.agent
+        settings.redis_url,
+        tenant=state.tenant,
+        agent=state.agent,
+        config=bus_client.BusConfig(
+            attempt_timeout_ms=int(settings.task_attempt_timeout_seconds * 1000)
+        ),
     )
     stop = asyncio.Event()
     consumer = f"{socket.gethostname()}-{os.getpid()}"
@@ -278,6 +300,7 @@ async def _start_task_consumer(
         while not stop.is_set():
             with contextlib.suppress(Exception):
                 state.metrics.queue_depth.set(await task_bus.queue_depth())
+                state.metrics.dead_letters.set(await task_bus.dead_letter_count())
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=5)
 

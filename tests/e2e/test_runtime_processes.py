@@ -57,7 +57,7 @@ def runtimes(tmp_path: Path, postgres_url: str, redis_url: str) -> Iterator[list
                 BMAD_HTTP_PORT=str(port),
                 BMAD_POSTGRES_DSN=postgres_url,
                 BMAD_REDIS_URL=redis_url,
-                BMAD_AUTH_ENABLED="false",
+                BMAD_AUTH_MODE="none",
             )
             log = (tmp_path / f"runtime-{i}.log").open("wb")
             started.append(

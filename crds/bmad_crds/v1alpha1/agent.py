@@ -44,6 +44,10 @@ AutoscalingEngine = Literal["operator", "keda"]
 MemoryStore = Literal["durable", "inProcess"]
 MEMORY_STORES: tuple[MemoryStore, ...] = typing.get_args(MemoryStore)
 DEFAULT_MEMORY_STORE: MemoryStore = "durable"
+# Who may call the agent's HTTP API: holders of a JWT of its auth0 Integration, or anyone.
+AuthMode = Literal["jwt", "none"]
+AUTH_MODES: tuple[AuthMode, ...] = typing.get_args(AuthMode)
+DEFAULT_AUTH_MODE: AuthMode = "jwt"
 ImagePullPolicy = Literal["Always", "IfNotPresent", "Never"]
 
 # Owned objects are named after the Agent, with suffixes; pods add their own hashes.
@@ -591,6 +595,21 @@ class Memory(common.SpecModel):
     )
 
 
+class Auth(common.SpecModel):
+    """Who may call the agent's HTTP API (/v1/*)."""
+
+    mode: AuthMode = pydantic.Field(
+        default=DEFAULT_AUTH_MODE,
+        description=(
+            "jwt: callers present a Bearer JWT of the auth0 Integration in "
+            "spec.integrations (the agent is not ready without one), and each caller sees "
+            "its own conversations only. none: no authentication at all; every caller "
+            "that reaches the agent's Service may invoke it and read and delete every "
+            "conversation (demos and trials only)."
+        ),
+    )
+
+
 class EnvVarSource(common.SpecModel):
     """Where an environment variable's value comes from."""
 
@@ -771,6 +790,11 @@ class AgentSpec(common.SpecModel):
     limits: Limits | None = pydantic.Field(default=None, description="Rate and concurrency limits.")
     memory: Memory | None = pydantic.Field(
         default=None, description="Conversation memory of the agent."
+    )
+    auth: Auth | None = pydantic.Field(
+        default=None,
+        description="Who may call the agent's HTTP API; a JWT of its auth0 Integration when "
+        "omitted.",
     )
     resources: common.ResourceRequirements | None = pydantic.Field(
         default=None, description="CPU and memory of the agent container."

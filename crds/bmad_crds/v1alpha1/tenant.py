@@ -1,7 +1,8 @@
 """The Tenant kind: one customer of the platform (cluster-scoped).
 
 A Tenant owns namespaces: the operator creates and labels them (Pod Security
-``restricted``), puts a ResourceQuota, a LimitRange, a default-deny NetworkPolicy and
+``restricted``; an existing namespace only when a cluster admin handed it over with
+the adoption label), puts a ResourceQuota, a LimitRange, a default-deny NetworkPolicy and
 RBAC for the tenant's admins in each, keeps a Stripe customer and subscription through
 a stripe Integration, and enforces the tenant's budgets. ``deletionPolicy`` says what
 happens to the namespaces when the Tenant is deleted.
@@ -24,6 +25,10 @@ MAX_ADMINS = 64
 
 # Tenants are label values on their namespaces and objects.
 NAME_MAX_LENGTH = common.DNS1123_LABEL_MAX_LENGTH
+
+# A namespace that exists already is taken over by a Tenant only when it carries this
+# label with the Tenant's name: set by a cluster admin (only they can label namespaces).
+ADOPT_LABEL = "bmad.dev/adopt-by-tenant"
 
 
 class Admin(common.SpecModel):
@@ -113,7 +118,12 @@ class TenantSpec(common.SpecModel):
     namespaces: list[common.DnsLabel] = pydantic.Field(
         min_length=1,
         max_length=MAX_NAMESPACES,
-        description="Namespaces of the tenant; the operator creates and labels them.",
+        description=(
+            "Namespaces of the tenant; the operator creates and labels them. A namespace "
+            "that exists already is taken over only when a cluster admin labelled it "
+            "bmad.dev/adopt-by-tenant=<tenant>; kube-*, default and the operator's own "
+            "namespace never are."
+        ),
         json_schema_extra={"x-kubernetes-list-type": "set"},
     )
     admins: list[Admin] | None = pydantic.Field(

@@ -167,6 +167,10 @@ def memory_store(spec: agent_api.AgentSpec) -> agent_api.MemoryStore:
     return spec.memory.store if spec.memory else agent_api.DEFAULT_MEMORY_STORE
 
 
+def auth_mode(spec: agent_api.AgentSpec) -> agent_api.AuthMode:
+    return spec.auth.mode if spec.auth else agent_api.DEFAULT_AUTH_MODE
+
+
 def tenant_of(body: Mapping[str, Any], tenant: str | None) -> str:
     """The tenant the runtime serves: the namespace's Tenant, else the namespace."""
     return tenant or str(body["metadata"]["namespace"])
@@ -208,6 +212,7 @@ def _env(body: Mapping[str, Any], spec: agent_api.AgentSpec, *, tenant: str | No
             agent_role=spec.role,
             tenant=tenant_of(body, tenant),
             memory_store=memory_store(spec),
+            auth_mode=auth_mode(spec),
         ).env()
     )
     for var in spec.runtime.env if spec.runtime and spec.runtime.env else []:

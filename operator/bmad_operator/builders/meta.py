@@ -21,6 +21,9 @@ COMPONENT_LABEL = "app.kubernetes.io/component"
 AGENT_LABEL = "bmad.dev/agent"
 TENANT_LABEL = "bmad.dev/tenant"
 INTEGRATION_LABEL = "bmad.dev/integration"
+# On a namespace the operator created for a tenant (never on one it adopted): only
+# such a namespace is deleted with `deletionPolicy: Delete`.
+CREATED_FOR_TENANT_ANNOTATION = "bmad.dev/created-for-tenant"
 
 
 def managed_labels() -> dict[str, str]:

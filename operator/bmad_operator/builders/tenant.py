@@ -18,6 +18,9 @@ Obj = dict[str, Any]
 
 ADMIN_ROLE = "bmad-tenant-admin"
 QUOTA_NAME = "bmad-tenant-quota"
+AGENT_QUOTA_NAME = "bmad-tenant-agents"
+# The API server's own count of Agents in a namespace (object-count quota of a CRD).
+AGENT_COUNT = "count/agents.bmad.dev"
 LIMITS_NAME = "bmad-tenant-limits"
 ADMINS_BINDING_NAME = "bmad-tenant-admins"
 MONITORING_NAMESPACE = "monitoring"
@@ -41,8 +44,10 @@ def labels(tenant: str) -> dict[str, str]:
     return {meta.TENANT_LABEL: tenant, **meta.managed_labels()}
 
 
-def namespace(tenant: str, name: str) -> Obj:
-    return {
+def namespace(tenant: str, name: str, *, created: bool = False) -> Obj:
+    """The tenant's namespace; `created`: the body that creates it, marked as made for
+    the tenant (only such a namespace is ever deleted with the tenant)."""
+    obj: Obj = {
         "apiVersion": "v1",
         "kind": "Namespace",
         "metadata": {
@@ -55,6 +60,22 @@ def namespace(tenant: str, name: str) -> Obj:
                 "pod-security.kubernetes.io/warn": "restricted",
             },
         },
+    }
+    if created:
+        obj["metadata"]["annotations"] = {meta.CREATED_FOR_TENANT_ANNOTATION: tenant}
+    return obj
+
+
+def adoption_patch(tenant: str, resource_version: str) -> Obj:
+    """The merge patch that hands an existing namespace to the tenant. The
+    resourceVersion makes it conditional: a namespace changed since it was read (another
+    Tenant claimed it, the adoption label was removed) is refused with 409 Conflict.
+    The adoption label is used up."""
+    return {
+        "metadata": {
+            "resourceVersion": resource_version,
+            "labels": {meta.TENANT_LABEL: tenant, tenant_api.ADOPT_LABEL: None},
+        }
     }
 
 
@@ -77,6 +98,23 @@ def resource_quota(tenant: str, ns: str, quota: tenant_api.Quota | None) -> Obj 
         "kind": "ResourceQuota",
         "metadata": _meta(tenant, QUOTA_NAME, ns),
         "spec": {"hard": hard},
+    }
+
+
+def agent_quota(tenant: str, ns: str, limits: tenant_api.TenantLimits | None) -> Obj | None:
+    """The tenant's Agent budget as an object-count ResourceQuota in one namespace.
+
+    The API server enforces it atomically, however many creates arrive at once, and
+    also when the operator's webhook is down. It caps each namespace at the whole
+    budget; across namespaces the webhook keeps the sum (see `admission`).
+    """
+    if limits is None or limits.agents is None:
+        return None
+    return {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": _meta(tenant, AGENT_QUOTA_NAME, ns),
+        "spec": {"hard": {AGENT_COUNT: str(limits.agents)}},
     }
 
 
@@ -154,9 +192,9 @@ def namespace_objects(
 ) -> list[Obj]:
     """Everything inside one tenant namespace, in apply order."""
     objs: list[Obj] = []
-    quota = resource_quota(tenant, ns, spec.quota)
-    if quota is not None:
-        objs.append(quota)
+    for quota in (resource_quota(tenant, ns, spec.quota), agent_quota(tenant, ns, spec.limits)):
+        if quota is not None:
+            objs.append(quota)
     objs.append(limit_range(tenant, ns))
     objs.extend(network_policies(tenant, ns, operator_namespace=operator_namespace))
     binding = role_binding(tenant, ns, spec.admins)

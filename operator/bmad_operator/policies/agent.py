@@ -27,10 +27,12 @@ INTEGRATION_NOT_FOUND = "IntegrationNotFound"
 INTEGRATION_NOT_READY = "IntegrationNotReady"
 INTEGRATION_FORBIDDEN = "IntegrationForbidden"
 INTEGRATIONS_READY = "IntegrationsReady"
+AUTH_INTEGRATION_MISSING = "AuthIntegrationMissing"
 NO_INTEGRATIONS = "NoIntegrations"
 APPLY_FAILED = "ApplyFailed"
 INSTRUCTIONS_NOT_FOUND = "InstructionsNotFound"
 RESERVED_ENV_IGNORED = "ReservedEnvIgnored"
+NAME_CONFLICT = "NameConflict"
 
 # Event reasons (besides the condition reasons above) --------------------------------
 EVENT_CREATED = "Created"
@@ -45,9 +47,22 @@ class IntegrationState(NamedTuple):
     found: bool
     ready: str | None  # the Integration's Ready status, None when never checked
     message: str = ""
+    type: str | None = None  # the Integration's spec.type, when found
 
 
-def integrations_condition(states: Sequence[IntegrationState], namespace: str) -> Cond:
+def integrations_condition(
+    states: Sequence[IntegrationState], namespace: str, *, auth_mode: str | None = None
+) -> Cond:
+    """`auth_mode`: the Agent's spec.auth.mode; ``jwt`` needs an auth0 Integration bound."""
+    if auth_mode == "jwt" and not any(s.found and s.type == "auth0" for s in states):
+        return Cond(
+            "IntegrationsReady",
+            FALSE,
+            AUTH_INTEGRATION_MISSING,
+            "spec.auth.mode is jwt but no Integration of type auth0 is in spec.integrations: "
+            "the agent's API refuses every caller. Add an auth0 Integration, or set "
+            "spec.auth.mode: none to serve without authentication (demos only).",
+        )
     if not states:
         return Cond("IntegrationsReady", TRUE, NO_INTEGRATIONS, "The agent binds no integrations.")
     missing = [s.name for s in states if not s.found]
@@ -243,6 +258,21 @@ def apply_failed(kind: str, message: str) -> Cond:
     """The API server refused an owned object (a quota, an admission webhook)."""
     return Cond(
         "Ready", FALSE, APPLY_FAILED, f"The API server refused the agent's {kind}: {message}"
+    )
+
+
+def name_conflict(objects: Sequence[str], namespace: str) -> Cond:
+    """Objects the agent would own exist already and were not created for it (`objects`:
+    `Kind/name` labels). They are never taken over: the operator would overwrite them,
+    and the garbage collector would delete them with the agent."""
+    names = ", ".join(objects)
+    return Cond(
+        "Ready",
+        FALSE,
+        NAME_CONFLICT,
+        f"{names} in namespace {namespace} exists and was not created for this agent; "
+        "nothing was applied and it was left untouched: delete or rename it, or give the "
+        "agent another name.",
     )
 
 

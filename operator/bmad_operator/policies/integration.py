@@ -20,6 +20,7 @@ from bmad_operator.conditions import FALSE, TRUE, Cond
 # Reasons ---------------------------------------------------------------------------
 CHECKED = ibase.Reason.CHECKED
 INVALID_CONFIGURATION = ibase.Reason.INVALID_CONFIGURATION
+NAME_CONFLICT = "NameConflict"
 # Event reasons: the first success, a success after a failure.
 EVENT_CHECKED = "Checked"
 EVENT_RECOVERED = "Recovered"
@@ -85,6 +86,19 @@ def ready_condition(result: ibase.CheckResult, spec: integration_api.Integration
         message = result.message or f"The {spec.type} service answered an authenticated request."
         return Cond("Ready", TRUE, CHECKED, message)
     return Cond("Ready", FALSE, str(result.reason), result.message)
+
+
+def name_conflict(obj: str, namespace: str) -> Cond:
+    """The binding Secret's name (`obj`: `Secret/<name>`) is taken by a Secret the
+    operator did not create: it is never overwritten or adopted."""
+    return Cond(
+        "Ready",
+        FALSE,
+        NAME_CONFLICT,
+        f"{obj} in namespace {namespace} exists and was not created for this Integration; "
+        "the binding was not published and that Secret was left untouched: delete or "
+        "rename it, or give the Integration another name.",
+    )
 
 
 def ready_event(before: Mapping[str, Any] | None, ready: Cond) -> events.Event | None:

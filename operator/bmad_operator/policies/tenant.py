@@ -10,6 +10,7 @@ import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+from bmad_crds.v1alpha1 import tenant as tenant_api
 from bmad_integrations import base as ibase
 from bmad_operator import events
 from bmad_operator.conditions import FALSE, TRUE, Cond, find
@@ -18,9 +19,12 @@ from bmad_operator.conditions import FALSE, TRUE, Cond, find
 TENANT_READY = "TenantReady"
 SUSPENDED = "Suspended"
 NAMESPACE_CONFLICT = "NamespaceConflict"
+NAMESPACE_PROTECTED = "NamespaceProtected"
+NAMESPACE_EXISTS = "NamespaceExists"
 INVALID_SPEC = "InvalidSpec"
 DELETION_FAILED = "DeletionFailed"
 QUOTA_APPLIED = "QuotaApplied"
+QUOTA_PENDING = "QuotaPending"
 NO_QUOTA = "NoQuota"
 NO_BILLING = "NoBilling"
 SUBSCRIBED = "Subscribed"
@@ -40,29 +44,106 @@ FINALIZE_DEADLINE = dt.timedelta(minutes=10)
 
 
 # -- namespaces -------------------------------------------------------------------
-class NamespacePlan(NamedTuple):
-    claimed: list[str]  # ours to set up: unlabelled, or labelled for this tenant
-    conflicts: list[str]  # "<namespace> (tenant <other>)": labelled for another tenant
+# Never a tenant's, whatever their labels say: Kubernetes' own (the `kube-` prefix is
+# reserved to it) and `default`; the operator's own namespace is added by the caller.
+SYSTEM_NAMESPACES = frozenset({"default", "kube-system", "kube-public", "kube-node-lease"})
+
+CREATE = "Create"  # missing: create it, labelled for the tenant, in one call
+HOLD = "Hold"  # labelled for the tenant: set it up
+ADOPT = "Adopt"  # exists, unlabelled, handed over to the tenant or created for it
+REFUSE = "Refuse"
 
 
-def plan_namespaces(
-    tenant: str, wanted: Sequence[str], owners: Mapping[str, str | None]
-) -> NamespacePlan:
-    """Split the spec's namespaces by who holds them (`owners`: namespace -> tenant label)."""
-    claimed: list[str] = []
-    conflicts: list[str] = []
-    for ns in wanted:
-        owner = owners.get(ns)
-        if owner not in (None, tenant):
-            conflicts.append(f"{ns} (tenant {owner})")
-        else:
-            claimed.append(ns)
-    return NamespacePlan(claimed, conflicts)
+class NamespaceView(NamedTuple):
+    """What a pass saw of one namespace: whether it exists, and its two labels."""
+
+    exists: bool
+    tenant: str | None = None  # its bmad.dev/tenant label
+    adopt_by: str | None = None  # its adoption label (bmad.dev/adopt-by-tenant)
+    created_for: str | None = None  # the tenant the operator created it for, if any
 
 
-def to_release(labelled: Iterable[str], wanted: Sequence[str]) -> list[str]:
-    """Namespaces labelled for the tenant that its spec no longer lists."""
-    return [ns for ns in labelled if ns not in wanted]
+class Refusal(NamedTuple):
+    namespace: str
+    reason: str  # NamespaceProtected, NamespaceConflict or NamespaceExists
+    message: str  # names the namespace and what to do
+
+
+class Claim(NamedTuple):
+    action: str  # CREATE, HOLD, ADOPT or REFUSE
+    refusal: Refusal | None = None
+
+
+def protected(namespace: str, operator_namespace: str) -> bool:
+    return (
+        namespace in SYSTEM_NAMESPACES
+        or namespace.startswith("kube-")
+        or namespace == operator_namespace
+    )
+
+
+def claim(tenant: str, namespace: str, seen: NamespaceView, *, operator_namespace: str) -> Claim:
+    """What the tenant may do with one namespace of its spec.
+
+    A namespace is the tenant's only if the operator created it for the tenant (it
+    carries the tenant's label and mark from its first write) or a cluster admin
+    handed it over with the adoption label. Kubernetes' namespaces and the operator's
+    own are never a tenant's, adoption label or not.
+    """
+    if protected(namespace, operator_namespace):
+        return Claim(
+            REFUSE,
+            Refusal(
+                namespace,
+                NAMESPACE_PROTECTED,
+                f"Namespace {namespace} is a system namespace (Kubernetes' or the operator's "
+                "own) and is never given to a tenant: remove it from spec.namespaces.",
+            ),
+        )
+    if not seen.exists:
+        return Claim(CREATE)
+    if seen.tenant == tenant:
+        return Claim(HOLD)
+    if seen.tenant:
+        return Claim(
+            REFUSE,
+            Refusal(
+                namespace,
+                NAMESPACE_CONFLICT,
+                f"Namespace {namespace} (tenant {seen.tenant}) belongs to another tenant: "
+                "remove it from spec.namespaces or from the other tenant.",
+            ),
+        )
+    if tenant in (seen.adopt_by, seen.created_for):
+        # Handed over by an admin, or made for this tenant and its label lost since.
+        return Claim(ADOPT)
+    handed = f" (it is marked for adoption by tenant {seen.adopt_by})" if seen.adopt_by else ""
+    return Claim(
+        REFUSE,
+        Refusal(
+            namespace,
+            NAMESPACE_EXISTS,
+            f"Namespace {namespace} exists and was not created for tenant {tenant}{handed}: "
+            "a cluster admin can hand it over with `kubectl label namespace "
+            f"{namespace} {tenant_api.ADOPT_LABEL}={tenant}`, or use another name "
+            "in spec.namespaces.",
+        ),
+    )
+
+
+def to_release(labelled: Iterable[str], held: Sequence[str]) -> list[str]:
+    """Namespaces labelled for the tenant that it does not hold (any more): gone from
+    the spec, or refused (a system namespace labelled by an older operator)."""
+    return [ns for ns in labelled if ns not in held]
+
+
+def delete_on_release(
+    tenant: str, namespace: str, created_for: str | None, *, operator_namespace: str
+) -> bool:
+    """With `deletionPolicy: Delete`, whether a released namespace is deleted: only one
+    the operator created for this tenant (`created_for`: its mark), never an adopted or
+    a system one. The others are released."""
+    return created_for == tenant and not protected(namespace, operator_namespace)
 
 
 # -- conditions -------------------------------------------------------------------
@@ -70,8 +151,27 @@ def invalid_spec(message: str) -> Cond:
     return Cond("Ready", FALSE, INVALID_SPEC, f"The spec is invalid: {message}")
 
 
-def quota_condition(*, quota: str | None, namespaces: int) -> Cond:
-    """`quota`: the name of the ResourceQuota the spec asks for, None when it asks none."""
+def quota_counted(quota: Mapping[str, Any]) -> bool:
+    """Whether Kubernetes' quota controller has counted a ResourceQuota as it now reads.
+    Until then the API server refuses every create its limits cover ("status unknown
+    for quota"), and it enforces `status.hard`, not `spec.hard`."""
+    hard = (quota.get("spec") or {}).get("hard") or {}
+    status = quota.get("status") or {}
+    used = status.get("used") or {}
+    return status.get("hard") == hard and all(key in used for key in hard)
+
+
+def quota_condition(*, quota: str | None, namespaces: int, pending: Sequence[str] = ()) -> Cond:
+    """`quota`: the name of the ResourceQuota the spec asks for, None when it asks none;
+    `pending`: "namespace/name" of our ResourceQuotas not counted yet."""
+    if pending:
+        return Cond(
+            "QuotaReady",
+            FALSE,
+            QUOTA_PENDING,
+            f"Kubernetes has not counted ResourceQuota {', '.join(pending)} yet; until it "
+            "has, creates that it limits are refused there. This takes a moment.",
+        )
     if quota is None:
         return Cond("QuotaReady", TRUE, NO_QUOTA, "spec.quota is empty: no ResourceQuota.")
     return Cond(
@@ -134,23 +234,25 @@ def suspended_condition(suspended: bool) -> Cond:
     return Cond("Suspended", FALSE, ACTIVE, "Agents run as specified.")
 
 
+# A refused namespace is reported under the gravest of the reasons present.
+REFUSAL_PRECEDENCE = (NAMESPACE_PROTECTED, NAMESPACE_CONFLICT, NAMESPACE_EXISTS)
+
+
 def ready_condition(
     *,
-    conflicts: Sequence[str],
+    refused: Sequence[Refusal],
     suspended: bool,
     billing: Cond,
     namespaces: int,
     agents: int,
+    quota: Cond | None = None,
 ) -> Cond:
-    """Ready, in this order of precedence: a conflict, suspension, billing, else ready."""
-    if conflicts:
-        return Cond(
-            "Ready",
-            FALSE,
-            NAMESPACE_CONFLICT,
-            f"Namespace {', '.join(conflicts)} belongs to another tenant: remove it from "
-            "spec.namespaces or from the other tenant.",
-        )
+    """Ready, in this order of precedence: a refused namespace, suspension, quotas not
+    counted yet, billing, else ready. Every refused namespace is in the message, each
+    with its fix."""
+    if refused:
+        reason = min(refused, key=lambda r: REFUSAL_PRECEDENCE.index(r.reason)).reason
+        return Cond("Ready", FALSE, reason, " ".join(r.message for r in refused))
     if suspended:
         return Cond(
             "Ready",
@@ -158,6 +260,8 @@ def ready_condition(
             SUSPENDED,
             "spec.suspended is true: the tenant's agents are scaled to zero.",
         )
+    if quota is not None and quota.status != TRUE:
+        return Cond("Ready", FALSE, quota.reason, quota.message)
     if billing.status != TRUE:
         return Cond("Ready", FALSE, billing.reason, billing.message)
     return Cond("Ready", TRUE, TENANT_READY, f"{namespaces} namespaces ready; {agents} agents.")
@@ -168,12 +272,15 @@ def pass_events(
     previous: Sequence[Mapping[str, Any]], decided: Sequence[Cond], released: Sequence[str]
 ) -> list[events.Event]:
     """An event per condition that appeared or flipped (Normal when True, Warning when
-    not, with the condition's reason), and one for released namespaces."""
+    not, with the condition's reason; none for a quota not counted yet), and one for
+    released namespaces."""
     told: list[events.Event] = []
     for cond in decided:
         before = find(previous, cond.type)
         if before is not None and before.get("status") == cond.status:
             continue
+        if cond.reason == QUOTA_PENDING:
+            continue  # every new quota is briefly uncounted: nothing to warn about
         type_ = events.NORMAL if cond.status == TRUE else events.WARNING
         told.append(events.Event(type_, cond.reason, cond.message))
     if released:

@@ -126,7 +126,9 @@ class AgentReconciler:
         tenant = self.cache.get("Tenant", None, tenant_name) if tenant_name else None
         suspended = bool(tenant and (tenant.get("spec") or {}).get("suspended"))
         integration_states = self._integration_states(namespace, spec)
-        integrations_cond = policy.integrations_condition(integration_states, namespace)
+        integrations_cond = policy.integrations_condition(
+            integration_states, namespace, auth_mode=builders.auth_mode(spec)
+        )
         bindings = [s.name for s in integration_states if s.found]
         instructions, instructions_problem = await self._instructions(namespace, spec)
         desired = builders.build_all(
@@ -141,18 +143,36 @@ class AgentReconciler:
                 str(instructions["metadata"].get("resourceVersion", "")) if instructions else None
             ),
         )
+        lives = [
+            await common.observe(
+                self.api, self.cache, obj["kind"], namespace, obj["metadata"]["name"]
+            )
+            for obj in desired
+        ]
+        uid = body["metadata"].get("uid", "")
+        foreign = [
+            f"{obj['kind']}/{obj['metadata']['name']}"
+            for obj, live in zip(desired, lives, strict=True)
+            if live is not None and not common.controlled_by(live, uid)
+        ]
+        if foreign:
+            # Never adopt what someone else made. Such objects carry none of our labels,
+            # so no watch event says when they go: the resync brings the Agent back.
+            ready = policy.name_conflict(foreign, namespace)
+            await common.write_conditions(self.api, self.cache, KIND, body, [ready])
+            await self._event_on_flip(body, previous, ready)
+            return
+
         created: list[str] = []  # did not exist
         updated: list[str] = []  # our inputs changed (spec, bindings, image)
         drifted: list[str] = []  # someone changed or deleted what we had applied
         deployment: Mapping[str, Any] | None = None
         had_workload = policy.had_workload(previous)
-        for obj in desired:
+        for obj, observed in zip(desired, lives, strict=True):
+            live = observed
             kind, obj_meta = obj["kind"], obj["metadata"]
             digest = applied_hash(obj)
             obj_meta.setdefault("annotations", {})[APPLIED_HASH] = digest
-            live = await common.observe(
-                self.api, self.cache, kind, obj_meta["namespace"], obj_meta["name"]
-            )
             if diff.needs_apply(live, obj):
                 try:
                     applied = await self.api.apply(obj)
@@ -231,6 +251,7 @@ class AgentReconciler:
                     found=True,
                     ready=str(cond.get("status")) if cond else None,
                     message=str(cond.get("message", "")) if cond else "",
+                    type=str((obj.get("spec") or {}).get("type") or "") or None,
                 )
             )
         return states

@@ -10,6 +10,7 @@ from typing import Any
 import pydantic
 
 from bmad_operator import conditions, diff, errors, events, kube, metrics, store
+from bmad_operator.builders import meta
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +92,27 @@ def describe_validation_error(exc: pydantic.ValidationError) -> str:
 async def observe(
     api: kube.Kube, cache: store.Store, kind: str, namespace: str | None, name: str
 ) -> dict[str, Any] | None:
-    """The live object: from the watch cache, or (a miss) confirmed with one GET."""
+    """The live object: from the watch cache, or (a miss) confirmed with one GET.
+
+    Only objects with our managed-by label are kept from a GET: the watches of owned
+    kinds select on it, so nothing would ever tell the cache that someone else's object
+    changed or went away.
+    """
     live = cache.get(kind, namespace, name)
     if live is None:
         live = await api.get(kind, namespace, name)
-        if live is not None:
+        if live is not None and meta.is_managed(live.get("metadata", {}).get("labels")):
             cache.put(live)
     return live
+
+
+def controlled_by(live: Mapping[str, Any], owner_uid: str) -> bool:
+    """Whether `live` names the object with `owner_uid` as its controller, which only
+    the operator sets, on what it creates for that owner."""
+    return any(
+        ref.get("controller") and ref.get("uid") == owner_uid
+        for ref in live.get("metadata", {}).get("ownerReferences") or []
+    )
 
 
 async def ensure(api: kube.Kube, cache: store.Store, obj: dict[str, Any]) -> dict[str, Any]:

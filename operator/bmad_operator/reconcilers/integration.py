@@ -126,14 +126,25 @@ class IntegrationReconciler:
             policy=self.egress_policy,
         )
         binding_name = status.get("bindingSecretName")
+        conflict: str | None = None
         if result.ok:
             data = checks.binding_data(spec, secret_data)
             wanted = builders.binding_secret(body, spec.type, data)
-            await common.ensure(self.api, self.cache, wanted)
-            binding_name = wanted["metadata"]["name"]
-        ready = policy.ready_condition(result, spec)
+            wanted_name = wanted["metadata"]["name"]
+            live = await common.observe(self.api, self.cache, "Secret", namespace, wanted_name)
+            if live is not None and not common.controlled_by(live, body["metadata"]["uid"]):
+                # Someone else's Secret with the binding's name: never overwritten or adopted.
+                conflict = f"Secret/{wanted_name}"
+            else:
+                await common.ensure(self.api, self.cache, wanted)
+                binding_name = wanted_name
+        ready = (
+            policy.name_conflict(conflict, namespace)
+            if conflict
+            else policy.ready_condition(result, spec)
+        )
 
-        failures = policy.failures_after(memory, ok=result.ok)
+        failures = policy.failures_after(memory, ok=result.ok and conflict is None)
         jitter = random.uniform(0.9, 1.1)  # noqa: S311 - spreads checks, not crypto
         delay = policy.next_delay(float(spec.check_interval_seconds), failures, jitter=jitter)
         self._memory[key] = policy.CheckMemory(generation, secret_version, now + delay, failures)

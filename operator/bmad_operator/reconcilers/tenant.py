@@ -64,8 +64,8 @@ class TenantReconciler:
             watching.primary(KIND, on_delete=watching.QUEUE),
             # an Agent came or went in one of its namespaces: its usage changed
             watching.mapped("Agent", self._tenant_of_agent),
-            # its namespaces: labelled, relabelled, deleted
-            watching.mapped("Namespace", _tenant_label),
+            # its namespaces: labelled, relabelled, deleted, or handed over for adoption
+            watching.mapped("Namespace", _tenant_or_adopter),
             # drift in a tenant's fences: put them back
             *(watching.mapped(kind, _tenant_label) for kind in FENCE_KINDS),
         ]
@@ -109,36 +109,44 @@ class TenantReconciler:
                 return
             body = updated
 
-        owners = {ns: tenancy.tenant_name_of_namespace(self.cache, ns) for ns in spec.namespaces}
-        plan = policy.plan_namespaces(name, spec.namespaces, owners)
-        for ns in plan.claimed:
+        held: list[str] = []
+        refused: list[policy.Refusal] = []
+        for ns in spec.namespaces:
+            refusal = await self._claim(name, ns)
+            if refusal is not None:
+                refused.append(refusal)
+                continue
+            held.append(ns)
             await common.ensure(self.api, self.cache, builders.namespace(name, ns))
             for obj in builders.namespace_objects(
                 name, ns, spec, operator_namespace=self.operator_namespace
             ):
                 await common.ensure(self.api, self.cache, obj)
             await self._prune(name, ns, spec)
-        released = policy.to_release(tenancy.tenant_namespaces(self.cache, name), spec.namespaces)
+        released = policy.to_release(tenancy.tenant_namespaces(self.cache, name), held)
         for ns in released:
-            await self._drop_namespace(ns, spec.deletion_policy)
+            await self._drop_namespace(name, ns, spec.deletion_policy)
 
         has_quota = builders.resource_quota(name, "x", spec.quota) is not None
         quota_cond = policy.quota_condition(
-            quota=builders.QUOTA_NAME if has_quota else None, namespaces=len(spec.namespaces)
+            quota=builders.QUOTA_NAME if has_quota else None,
+            namespaces=len(held),
+            pending=self._quotas_not_counted(held),
         )
         billing_status, billing_cond = await self._billing(body, spec, status.get("billing"))
         usage = self._usage(name)
         ready = policy.ready_condition(
-            conflicts=plan.conflicts,
+            refused=refused,
             suspended=spec.suspended,
             billing=billing_cond,
-            namespaces=len(spec.namespaces),
+            namespaces=len(held),
             agents=usage["agents"],
+            quota=quota_cond,
         )
         suspended = policy.suspended_condition(spec.suspended)
         new_status: dict[str, Any] = {
             "observedGeneration": generation,
-            "namespaces": list(spec.namespaces),
+            "namespaces": held,
             "usage": usage,
             "conditions": conditions.merge(
                 previous, [ready, quota_cond, billing_cond, suspended], generation=generation
@@ -150,22 +158,75 @@ class TenantReconciler:
         for event in policy.pass_events(previous, [ready, billing_cond], released):
             await common.post_event(self.api, body, event)
 
+    def _quotas_not_counted(self, namespaces: list[str]) -> list[str]:
+        """Our ResourceQuotas the quota controller has not counted yet (their status
+        comes back as a watch event, which brings the Tenant back)."""
+        return [
+            f"{ns}/{quota_name}"
+            for ns in namespaces
+            for quota_name in (builders.QUOTA_NAME, builders.AGENT_QUOTA_NAME)
+            if (quota := self.cache.get("ResourceQuota", ns, quota_name)) is not None
+            and not policy.quota_counted(quota)
+        ]
+
     async def _prune(self, tenant: str, ns: str, spec: tenant_api.TenantSpec) -> None:
-        """Objects we made that the spec no longer asks for (quota or admins removed)."""
-        if builders.resource_quota(tenant, ns, spec.quota) is None and (
-            self.cache.get("ResourceQuota", ns, builders.QUOTA_NAME)
-            or await self.api.get("ResourceQuota", ns, builders.QUOTA_NAME)
+        """Objects we made that the spec no longer asks for (quota, agent budget or admins
+        removed). Our ResourceQuotas are watched: one the store has not seen yet comes
+        back as an event, which brings the Tenant back."""
+        for quota_name, wanted in (
+            (builders.QUOTA_NAME, builders.resource_quota(tenant, ns, spec.quota)),
+            (builders.AGENT_QUOTA_NAME, builders.agent_quota(tenant, ns, spec.limits)),
         ):
-            await self.api.delete("ResourceQuota", ns, builders.QUOTA_NAME)
-            self.cache.remove("ResourceQuota", ns, builders.QUOTA_NAME)
+            if wanted is None and self.cache.get("ResourceQuota", ns, quota_name):
+                await self.api.delete("ResourceQuota", ns, quota_name)
+                self.cache.remove("ResourceQuota", ns, quota_name)
         if builders.role_binding(tenant, ns, spec.admins) is None and self.cache.get(
             "RoleBinding", ns, builders.ADMINS_BINDING_NAME
         ):
             await self.api.delete("RoleBinding", ns, builders.ADMINS_BINDING_NAME)
             self.cache.remove("RoleBinding", ns, builders.ADMINS_BINDING_NAME)
 
-    async def _drop_namespace(self, ns: str, deletion_policy: str) -> None:
-        if deletion_policy == "Delete":
+    async def _claim(self, tenant: str, ns: str) -> policy.Refusal | None:
+        """Make `ns` the tenant's if it may be (`policy.claim`); why not, otherwise.
+
+        Both ways of claiming are single conditional writes, so two Tenants racing for
+        one namespace cannot both win: a create fails with 409 AlreadyExists if the
+        name was taken meanwhile, an adoption patch with 409 Conflict if the namespace
+        changed since it was read.
+        """
+        live = await common.observe(self.api, self.cache, "Namespace", None, ns)
+        decided = policy.claim(
+            tenant, ns, _namespace_view(live), operator_namespace=self.operator_namespace
+        )
+        if decided.action == policy.CREATE:
+            try:
+                created = await self.api.create(builders.namespace(tenant, ns, created=True))
+            except errors.ApiError as exc:
+                if exc.status != 409:
+                    raise
+                # Someone else created it first: judge what is there now.
+                live = await self.api.get("Namespace", None, ns)
+                decided = policy.claim(
+                    tenant, ns, _namespace_view(live), operator_namespace=self.operator_namespace
+                )
+                if decided.action != policy.HOLD and decided.refusal is None:
+                    raise  # it changed again (deleted, marked for adoption): retry the pass
+            else:
+                self.cache.put(created)
+        elif decided.action == policy.ADOPT:
+            assert live is not None
+            patch = builders.adoption_patch(tenant, live["metadata"]["resourceVersion"])
+            self.cache.put(await self.api.merge_patch("Namespace", None, ns, patch))
+        return decided.refusal
+
+    async def _drop_namespace(self, tenant: str, ns: str, deletion_policy: str) -> None:
+        live = self.cache.get("Namespace", None, ns) or {}
+        created_for = (live.get("metadata", {}).get("annotations") or {}).get(
+            meta.CREATED_FOR_TENANT_ANNOTATION
+        )
+        if deletion_policy == "Delete" and policy.delete_on_release(
+            tenant, ns, created_for, operator_namespace=self.operator_namespace
+        ):
             await self.api.delete("Namespace", None, ns)
         else:
             # Retain: the namespace and its content stay; only our claim on it goes.
@@ -254,7 +315,7 @@ class TenantReconciler:
         # claimed by another tenant (a conflict) is never touched.
         for ns in tenancy.tenant_namespaces(self.cache, tenant):
             try:
-                await self._drop_namespace(ns, spec.deletion_policy)
+                await self._drop_namespace(tenant, ns, spec.deletion_policy)
             except errors.ApiError as exc:
                 if not exc.not_found:
                     problems.append(f"namespace {ns}: {exc.message}")
@@ -329,6 +390,24 @@ class TenantReconciler:
 
 def _finalizers(body: Mapping[str, Any]) -> list[str]:
     return list(body["metadata"].get("finalizers") or [])
+
+
+def _namespace_view(live: Mapping[str, Any] | None) -> policy.NamespaceView:
+    if live is None:
+        return policy.NamespaceView(exists=False)
+    labels = live.get("metadata", {}).get("labels") or {}
+    notes = live.get("metadata", {}).get("annotations") or {}
+    return policy.NamespaceView(
+        exists=True,
+        tenant=labels.get(meta.TENANT_LABEL),
+        adopt_by=labels.get(tenant_api.ADOPT_LABEL),
+        created_for=notes.get(meta.CREATED_FOR_TENANT_ANNOTATION),
+    )
+
+
+def _tenant_or_adopter(event: watching.WatchEvent) -> list[watching.Request]:
+    names = {event.labels.get(meta.TENANT_LABEL), event.labels.get(tenant_api.ADOPT_LABEL)}
+    return [watching.Request(("", tenant)) for tenant in sorted(n for n in names if n)]
 
 
 def _tenant_label(event: watching.WatchEvent) -> list[watching.Request]:

@@ -23,7 +23,11 @@ from bmad_runtime.bus import consumer as bus_consumer
 SCOPE_INVOKE = "agent:invoke"
 SCOPE_READ = "conversations:read"
 SCOPE_DELETE = "conversations:delete"
-ALL_SCOPES = frozenset({SCOPE_INVOKE, SCOPE_READ, SCOPE_DELETE})
+# Conversations belong to the subject that started them; these widen reading and
+# deleting to every subject's (with SCOPE_READ / SCOPE_DELETE).
+SCOPE_READ_ALL = "conversations:read:all"
+SCOPE_DELETE_ALL = "conversations:delete:all"
+ALL_SCOPES = frozenset({SCOPE_INVOKE, SCOPE_READ, SCOPE_DELETE, SCOPE_READ_ALL, SCOPE_DELETE_ALL})
 
 
 @dataclass(kw_only=True)
@@ -41,6 +45,8 @@ class RuntimeState(turns.Services):
     store_problem: str | None = None
     # The task consumer's state, for /readyz; None when this replica runs no consumer.
     bus: bus_consumer.ConsumerHealth | None = None
+    # Why no caller can be authenticated (jwt without an auth0 binding), for /readyz.
+    auth_problem: str | None = None
 
     async def authorize(self, authorization: str | None, scope: str) -> ports.Principal:
         if self.authenticator is None:
@@ -58,6 +64,12 @@ class RuntimeState(turns.Services):
                 403, "insufficient_scope", f"this call needs a token with scope {scope!r}"
             )
         return principal
+
+
+def owner_filter(caller: ports.Principal, all_scope: str) -> str | None:
+    """Whose conversations the caller may reach: its own, or everyone's (None) with
+    `all_scope`."""
+    return None if all_scope in caller.scopes else caller.subject
 
 
 def state_of(request: starlette_requests.Request) -> RuntimeState:

@@ -101,7 +101,7 @@ _DESCRIPTIONS = {
     400: "The body cannot be read (for instance, it is not UTF-8).",
     401: "No, or an invalid, Bearer token.",
     403: "The token lacks the scope this call needs, or is for another tenant.",
-    404: "No such conversation (for this tenant and agent).",
+    404: "No such conversation (of this caller, for this tenant and agent).",
     413: "The request body is larger than the runtime accepts.",
     422: "The request is invalid; `details` names each field.",
     429: "Rate limited: retry after `Retry-After` seconds.",
@@ -251,6 +251,13 @@ async def _on_store_unavailable(
     return await _on_api_error(request, ApiError(503, "store_unavailable", str(exc)))
 
 
+async def _on_conversation_not_found(
+    request: starlette_requests.Request, exc: Exception
+) -> fastapi.Response:
+    assert isinstance(exc, ports.ConversationNotFoundError)
+    return await _on_api_error(request, ApiError(404, "conversation_not_found", str(exc)))
+
+
 async def _on_model_failure(
     request: starlette_requests.Request, exc: Exception
 ) -> fastapi.Response:
@@ -267,4 +274,5 @@ def install(app: fastapi.FastAPI) -> None:
     app.add_exception_handler(turns.RateLimitedError, _on_rate_limited)
     app.add_exception_handler(context.ContextOverflowError, _on_context_overflow)
     app.add_exception_handler(ports.StoreUnavailableError, _on_store_unavailable)
+    app.add_exception_handler(ports.ConversationNotFoundError, _on_conversation_not_found)
     app.add_exception_handler(providers_router.AllProvidersFailedError, _on_model_failure)

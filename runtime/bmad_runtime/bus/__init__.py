@@ -7,7 +7,10 @@ has one stream and one consumer group, shared by all its replicas. A consumer gr
 hands every entry to one consumer and keeps it *pending* until it is acknowledged,
 so a replica that dies (OOM kill, node loss, SIGKILL) leaves its entries behind; the
 survivors take them over with XAUTOCLAIM once they have been idle for `min_idle_ms`.
-Delivery is therefore at-least-once and a task may run twice.
+A live consumer resets the idle time of the entries it is running (a heartbeat), so
+only a dead or cut-off consumer's entries go idle, however long a task takes.
+Delivery is therefore at-least-once, and a task runs twice only when its first
+consumer stopped (or lost Redis) in the middle of it.
 
 The *result* is still written exactly once. The result lives under the task id, and
 the Lua script that stores it sets the key only if it is absent (``SET NX``) and
@@ -28,5 +31,5 @@ flight, which is what the autoscaler scales on.
 
 Modules: `scripts` (the Lua that finishes and dead-letters atomically), `client`
 (the Redis commands of one agent's bus: read, claim, finish, dead-letter) and
-`consumer` (the loop: concurrency, retries, graceful shutdown).
+`consumer` (the loop: concurrency, heartbeats, retries, graceful shutdown).
 """

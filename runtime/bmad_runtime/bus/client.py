@@ -1,7 +1,8 @@
 """The Redis commands of one agent's task bus, as its consumers use them.
 
-`TaskBus` reads new entries for a consumer (XREADGROUP), takes over idle ones
-(XAUTOCLAIM, with XPENDING for the delivery count), finishes and dead-letters tasks
+`TaskBus` reads new entries for a consumer (XREADGROUP), keeps its in-flight ones
+claimed (a heartbeat script: XCLAIM JUSTID of what it still holds), takes over idle
+ones (XAUTOCLAIM, with XPENDING for the delivery count), finishes and dead-letters tasks
 (the Lua in `bus.scripts`) and reports the queue's state. Keys, fields and encodings
 are `bmad_integrations.taskwire`'s; submitting is the producer's
 (`bmad_integrations.taskbus`). The loop that decides what to run when is
@@ -30,11 +31,19 @@ class BusConfig:
     """What all consumers of one agent must agree on."""
 
     min_idle_ms: int = 30_000
-    """An entry pending this long without an ack is taken over by another consumer;
-    longer than the slowest task should take, or slow tasks run twice."""
+    """An entry whose consumer has not touched it for this long is taken over by
+    another consumer. A live consumer touches its in-flight entries every
+    `heartbeat_interval_ms`, so only the entries of a dead (or cut-off) consumer go
+    idle: a task may take much longer than this."""
     max_attempts: int = 5
     claim_interval_ms: int | None = None
     """How often a consumer looks for stale entries; default `min_idle_ms` / 2."""
+    heartbeat_interval_ms: int | None = None
+    """How often a consumer resets the idle time of its in-flight entries; default
+    `min_idle_ms` / 3, and always less than `min_idle_ms`."""
+    attempt_timeout_ms: int | None = None
+    """A handler still running after this long is cancelled and the attempt counts as
+    failed (retried, or dead-lettered on the last attempt); None: no deadline."""
     result_ttl_s: int = taskwire.RESULT_TTL_S
     """How long results (and the submission markers) are kept."""
 
@@ -47,12 +56,24 @@ class BusConfig:
             raise ValueError("result_ttl_s must be at least 1")
         if self.claim_interval_ms is not None and self.claim_interval_ms < 1:
             raise ValueError("claim_interval_ms must be at least 1")
+        beat = self.heartbeat_interval_ms
+        if beat is not None and not 1 <= beat < self.min_idle_ms:
+            raise ValueError("heartbeat_interval_ms must be at least 1 and below min_idle_ms")
+        if self.attempt_timeout_ms is not None and self.attempt_timeout_ms < 1:
+            raise ValueError("attempt_timeout_ms must be at least 1")
 
     @property
     def claim_interval_s(self) -> float:
         ms = self.claim_interval_ms
         if ms is None:
             ms = min(max(self.min_idle_ms // 2, 100), 10_000)
+        return ms / 1000
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        ms = self.heartbeat_interval_ms
+        if ms is None:
+            ms = max(self.min_idle_ms // 3, 1)
         return ms / 1000
 
 
@@ -117,6 +138,7 @@ class TaskBus:
         self._group_ready = False
         self._finish_script = redis.register_script(scripts.FINISH)
         self._dead_script = redis.register_script(scripts.DEAD)
+        self._heartbeat_script = redis.register_script(scripts.HEARTBEAT)
 
     @classmethod
     def from_url(
@@ -151,6 +173,10 @@ class TaskBus:
     async def queue_depth(self) -> int:
         """Tasks without a result: waiting plus in flight (acked entries are deleted)."""
         return int(await self.redis.xlen(self.keys.stream))
+
+    async def dead_letter_count(self) -> int:
+        """Entries on the dead-letter stream (trimmed to about `DEAD_LETTER_MAXLEN`)."""
+        return int(await self.redis.xlen(self.keys.dead))
 
     async def pending(self) -> int:
         """Entries delivered to a consumer and not yet acked."""
@@ -207,6 +233,19 @@ class TaskBus:
             attempt = int(detail[0]["times_delivered"])
             tasks.append(decode_or_quarantine(mid, fields, attempt))
         return cursor, tasks
+
+    async def heartbeat(self, consumer: str, message_ids: Iterable[str]) -> set[str]:
+        """Reset the idle time of the entries `consumer` still holds; returns those ids.
+
+        An id missing from the answer was acked, or taken over by another consumer
+        (this one was silent for `min_idle_ms`): its run is no longer this consumer's."""
+        ids = list(message_ids)
+        if not ids:
+            return set()
+        held = await self._heartbeat_script(
+            keys=[self.keys.stream], args=[self.keys.group, consumer, *ids]
+        )
+        return {taskwire.text(mid) for mid in held or []}
 
     async def finish(self, task: taskwire.Task, result: taskwire.TaskResult) -> bool:
         """Store the result unless one is there, ack and delete the entry; True if stored."""

@@ -11,12 +11,20 @@ Redis may be unreachable when the loop starts (a replica starting during a Redis
 outage) or go away later: the loop keeps retrying with capped backoff, creating the
 consumer group first, and says in its `ConsumerHealth` whether it reads the stream,
 so that readiness can tell (``/readyz`` reports ``bus``).
+
+While a handler runs, its entry is kept claimed: every
+`BusConfig.heartbeat_interval_s` the consumer resets the idle time of the entries it
+holds, so XAUTOCLAIM (another consumer's, or this one's) takes over only the entries
+of a consumer that stopped, however long a task takes. An entry this consumer finds
+in its own hands again (a late heartbeat) is not started twice; an entry another
+consumer took over while this one was silent has its run here cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -43,6 +51,8 @@ class Source(Protocol):
     config: client.BusConfig
 
     async def ensure_group(self, *, force: bool = False) -> None: ...
+
+    async def heartbeat(self, consumer: str, message_ids: Iterable[str]) -> set[str]: ...
 
     async def read(self, consumer: str, *, count: int, block_ms: int) -> list[taskwire.Task]: ...
 
@@ -83,6 +93,8 @@ class ConsumeStats:
     dead_lettered: int = 0
     abandoned: int = 0
     """In-flight tasks cancelled at shutdown, left pending for others to reclaim."""
+    lost: int = 0
+    """In-flight tasks cancelled because another consumer took their entry over."""
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -175,15 +187,53 @@ class _Run:
         self.health = health
         self.stats = ConsumeStats()
         self.inflight: set[asyncio.Task[None]] = set()
+        self.running: dict[str, asyncio.Task[None]] = {}  # by message id
         self.finishing: set[asyncio.Task[Any]] = set()
 
     async def main(self) -> ConsumeStats:
+        # The group is made inside the loop (Redis may be down when the replica starts).
+        beating = asyncio.create_task(self._heartbeats(), name=f"bmad-heartbeat-{self.consumer}")
         try:
             await self._loop()
         finally:
-            await self._drain()
+            try:
+                await self._drain()
+            finally:
+                beating.cancel()
+                await asyncio.gather(beating, return_exceptions=True)
         log.info("consumer %s: stopped: %s", self.consumer, self.stats.as_dict())
         return self.stats
+
+    async def _heartbeats(self) -> None:
+        """Keep the entries of running tasks claimed until they finish (or are lost)."""
+        interval = self.source.config.heartbeat_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            ids = [mid for mid, job in self.running.items() if not job.done()]
+            if not ids:
+                continue
+            try:
+                held = await self.source.heartbeat(self.consumer, ids)
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+                log.warning("consumer %s: heartbeat failed (%s)", self.consumer, exc)
+                continue
+            except redis_errors.ResponseError as exc:
+                log.warning("consumer %s: heartbeat refused (%s)", self.consumer, exc)
+                continue
+            for mid in ids:
+                job = self.running.get(mid)
+                if mid in held or job is None or job.done() or job in self.finishing:
+                    continue
+                # Acked by a second run elsewhere, or taken over while this consumer
+                # was silent for min_idle_ms: the task is not ours to run any more.
+                log.warning(
+                    "consumer %s: entry %s was taken over by another consumer; "
+                    "cancelling its run here",
+                    self.consumer,
+                    mid,
+                )
+                self.stats.lost += 1
+                job.cancel()
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -263,9 +313,19 @@ class _Run:
 
     def _spawn(self, tasks: Iterable[taskwire.Task]) -> None:
         for task in tasks:
-            job = asyncio.create_task(self._run(task), name=f"bmad-task-{task.message_id}")
+            mid = task.message_id
+            if mid in self.running:
+                # Reclaimed from ourselves (a heartbeat came late): it is running here.
+                continue
+            job = asyncio.create_task(self._run(task), name=f"bmad-task-{mid}")
             self.inflight.add(job)
+            self.running[mid] = job
             job.add_done_callback(self.inflight.discard)
+            job.add_done_callback(functools.partial(self._forget, mid))
+
+    def _forget(self, mid: str, job: asyncio.Task[None]) -> None:
+        if self.running.get(mid) is job:
+            del self.running[mid]
 
     async def _drain(self) -> None:
         """Give in-flight tasks the grace period, then cancel them unacked."""
@@ -302,7 +362,17 @@ class _Run:
                 await self._dead(task, error)
                 return
             try:
-                output = await self.handler(task)
+                timeout_ms = self.source.config.attempt_timeout_ms
+                deadline = asyncio.timeout(None if timeout_ms is None else timeout_ms / 1000)
+                try:
+                    async with deadline:
+                        output = await self.handler(task)
+                except TimeoutError:
+                    if not deadline.expired():
+                        raise
+                    raise TimeoutError(
+                        f"the attempt took longer than {timeout_ms} ms (attempt_timeout_ms)"
+                    ) from None
                 if not isinstance(output, dict):
                     raise taskwire.WireError(
                         f"the handler returned {type(output).__name__}, not a dict"

@@ -34,3 +34,19 @@ redis.call('XDEL', KEYS[2], ARGV[2])
 if written then return 1 end
 return 0
 """
+
+# KEYS: stream. ARGV: group, consumer, then message ids. Resets the idle time of each
+# entry this consumer still holds (XCLAIM with min-idle 0 and JUSTID does not count a
+# delivery), and leaves alone what another consumer took over or what was acked.
+# Returns the ids still held.
+HEARTBEAT = """
+local held = {}
+for i = 3, #ARGV do
+  local owned = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if #owned > 0 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    held[#held + 1] = ARGV[i]
+  end
+end
+return held
+"""

@@ -3,8 +3,13 @@
 Each `append` commits the turn to PostgreSQL first (``messages``, numbered by
 ``conversations.last_seq`` under the conversation's row lock, so ``seq`` order is
 commit order), then pushes it onto a Redis list
-``bmad:{tenant}:{agent}:conv:{id}:turns`` trimmed to ``recent_turns`` whose TTL every
-write refreshes.
+``bmad:{tenant}:{agent}:conv:{owner digest}:{id}:turns`` trimmed to ``recent_turns``
+whose TTL every write refreshes.
+
+A conversation belongs to the subject whose turn created it (``conversations.owner``):
+an append of another subject's turn is refused in the same statement that numbers it,
+reads filter by owner in SQL, and the Redis list is keyed by a digest of the owner, so
+a subject never even finds another subject's list.
 
 The Redis list always holds a contiguous run of turns ending at the newest one it has
 seen: a Lua script pushes a turn only when it directly follows the list's last one
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -72,13 +78,16 @@ end
 return 1
 """
 
+# No row comes back when the conversation exists and is another subject's.
 _UPSERT_CONVERSATION = """
-INSERT INTO conversations AS c (tenant, agent, id, title, last_seq, created_at, updated_at)
-VALUES ($1, $2, $3, $4, 1, $5, $5)
+INSERT INTO conversations AS c
+    (tenant, agent, id, title, last_seq, created_at, updated_at, owner)
+VALUES ($1, $2, $3, $4, 1, $5, $5, $6)
 ON CONFLICT (tenant, agent, id) DO UPDATE
 SET last_seq = c.last_seq + 1,
     updated_at = GREATEST(c.updated_at, EXCLUDED.updated_at),
     title = COALESCE(c.title, EXCLUDED.title)
+WHERE c.owner = EXCLUDED.owner
 RETURNING last_seq
 """
 
@@ -87,30 +96,39 @@ INSERT INTO messages (tenant, agent, conversation, seq, role, content, model, cr
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 """
 
+# $5: the owner to filter by; NULL for every owner's.
 _LATEST_MESSAGES = """
-SELECT seq, role, content, model, created_at
-FROM messages
-WHERE tenant = $1 AND agent = $2 AND conversation = $3
-ORDER BY seq DESC
+SELECT m.seq, m.role, m.content, m.model, m.created_at
+FROM messages m
+JOIN conversations c ON c.tenant = m.tenant AND c.agent = m.agent AND c.id = m.conversation
+WHERE m.tenant = $1 AND m.agent = $2 AND m.conversation = $3
+  AND ($5::text IS NULL OR c.owner = $5)
+ORDER BY m.seq DESC
 LIMIT $4
 """
 
 _LIST_CONVERSATIONS = """
-SELECT id, title, last_seq, created_at, updated_at
+SELECT id, title, last_seq, created_at, updated_at, owner
 FROM conversations
-WHERE tenant = $1 AND agent = $2
+WHERE tenant = $1 AND agent = $2 AND ($4::text IS NULL OR owner = $4)
 ORDER BY updated_at DESC, id
 LIMIT $3
 """
 
 _GET_CONVERSATION = """
-SELECT id, title, last_seq, created_at, updated_at
+SELECT id, title, last_seq, created_at, updated_at, owner
 FROM conversations
-WHERE tenant = $1 AND agent = $2 AND id = $3
+WHERE tenant = $1 AND agent = $2 AND id = $3 AND ($4::text IS NULL OR owner = $4)
+"""
+
+_OWNER = """
+SELECT owner FROM conversations WHERE tenant = $1 AND agent = $2 AND id = $3
 """
 
 _DELETE_CONVERSATION = """
-DELETE FROM conversations WHERE tenant = $1 AND agent = $2 AND id = $3 RETURNING id
+DELETE FROM conversations
+WHERE tenant = $1 AND agent = $2 AND id = $3 AND ($4::text IS NULL OR owner = $4)
+RETURNING owner
 """
 
 _DELETE_CONVERSATION_CONTEXT = """
@@ -118,8 +136,20 @@ DELETE FROM context_versions WHERE tenant = $1 AND agent = $2 AND conversation =
 """
 
 
-def turns_key(conversation_id: str, *, tenant: str, agent: str) -> str:
-    """The Redis list of a conversation's recent turns."""
+def owner_digest(owner: str) -> str:
+    """A subject as a key part: fixed length, no ':' (subjects may hold anything)."""
+    return hashlib.sha256(owner.encode()).hexdigest()[:24]
+
+
+def turns_key(conversation_id: str, *, tenant: str, agent: str, owner: str) -> str:
+    """The Redis list of the recent turns of `owner`'s conversation."""
+    return "bmad:" + ":".join(
+        (tenant, agent, "conv", owner_digest(owner), conversation_id, "turns")
+    )
+
+
+def unowned_turns_key(conversation_id: str, *, tenant: str, agent: str) -> str:
+    """Where lists were kept before conversations had owners (deleted with them)."""
     return "bmad:" + ":".join((tenant, agent, "conv", conversation_id, "turns"))
 
 
@@ -175,6 +205,7 @@ def _conversation(row: Any) -> dict[str, Any]:
         "turns": int(row["last_seq"]),
         "created_at": row["created_at"].isoformat(),
         "updated_at": row["updated_at"].isoformat(),
+        "owner": row["owner"],
     }
 
 
@@ -196,19 +227,32 @@ class Conversations:
         self._append_script = redis_client.register_script(_APPEND_LUA)
         self._rebuild_script = redis_client.register_script(_REBUILD_LUA)
 
-    async def append(self, turn: ports.Turn, *, tenant: str, agent: str) -> None:
+    async def append(self, turn: ports.Turn, *, tenant: str, agent: str, subject: str) -> None:
         """Store one turn durably, then push it onto the conversation's recent list.
 
-        A Redis failure after the commit is logged, not raised: the turn is safe in
-        PostgreSQL and `recent` finds it there.
+        The first turn makes `subject` the conversation's owner; a turn of another
+        subject raises `ports.ConversationNotFoundError` and stores nothing. A Redis
+        failure after the commit is logged, not raised: the turn is safe in PostgreSQL
+        and `recent` finds it there.
         """
         scope.check_owner(tenant, agent)
         conversation_id = scope.check_conversation_id(turn.conversation_id)
+        owner = scope.check_subject(subject)
         created_at = scope.utc(turn.created_at)
         async with self.pool.acquire() as conn, conn.transaction():
             seq = await conn.fetchval(
-                _UPSERT_CONVERSATION, tenant, agent, conversation_id, title(turn), created_at
+                _UPSERT_CONVERSATION,
+                tenant,
+                agent,
+                conversation_id,
+                title(turn),
+                created_at,
+                owner,
             )
+            if seq is None:
+                raise ports.ConversationNotFoundError(
+                    f"this agent has no conversation {conversation_id!r}"
+                )
             await conn.execute(
                 _INSERT_MESSAGE,
                 tenant,
@@ -220,14 +264,14 @@ class Conversations:
                 turn.model,
                 created_at,
             )
-        key = turns_key(conversation_id, tenant=tenant, agent=agent)
+        key = turns_key(conversation_id, tenant=tenant, agent=agent, owner=owner)
         try:
             pushed = await self._append_script(
                 keys=[key],
                 args=[seq, _encode(seq, turn), self.recent_turns, self.ttl_seconds],
             )
             if not pushed:
-                await self._rebuild(conversation_id, tenant=tenant, agent=agent)
+                await self._rebuild(conversation_id, tenant=tenant, agent=agent, owner=owner)
         except (redis.exceptions.RedisError, OSError) as exc:
             logger.warning(
                 "turn %d of conversation %r stored in PostgreSQL but not in Redis (%s)",
@@ -237,16 +281,16 @@ class Conversations:
             )
             await self._forget(key)
 
-    async def _forget(self, key: str) -> None:
+    async def _forget(self, *keys: str) -> None:
         # A list that missed a turn must not be served: without it, readers go to
         # PostgreSQL (and rebuild). If Redis cannot even delete, it cannot serve either.
         with contextlib.suppress(redis.exceptions.RedisError, OSError):
-            await self.redis.delete(key)
+            await self.redis.delete(*keys)
 
     async def _latest_rows(
-        self, conversation_id: str, *, tenant: str, agent: str, limit: int
+        self, conversation_id: str, *, tenant: str, agent: str, owner: str | None, limit: int
     ) -> list[tuple[int, ports.Turn]]:
-        rows = await self.pool.fetch(_LATEST_MESSAGES, tenant, agent, conversation_id, limit)
+        rows = await self.pool.fetch(_LATEST_MESSAGES, tenant, agent, conversation_id, limit, owner)
         return [(int(r["seq"]), _row_turn(r, conversation_id)) for r in reversed(rows)]
 
     async def _rebuild(
@@ -255,28 +299,32 @@ class Conversations:
         *,
         tenant: str,
         agent: str,
+        owner: str,
         rows: Sequence[tuple[int, ports.Turn]] | None = None,
     ) -> None:
         if rows is None:
             rows = await self._latest_rows(
-                conversation_id, tenant=tenant, agent=agent, limit=self.recent_turns
+                conversation_id, tenant=tenant, agent=agent, owner=owner, limit=self.recent_turns
             )
         rows = list(rows)[-self.recent_turns :]
         if not rows:
             return
         await self._rebuild_script(
-            keys=[turns_key(conversation_id, tenant=tenant, agent=agent)],
+            keys=[turns_key(conversation_id, tenant=tenant, agent=agent, owner=owner)],
             args=[rows[-1][0], self.ttl_seconds, *(_encode(s, t) for s, t in rows)],
         )
 
     async def recent(
-        self, conversation_id: str, *, tenant: str, agent: str, limit: int
+        self, conversation_id: str, *, tenant: str, agent: str, limit: int, subject: str
     ) -> list[ports.Turn]:
-        """The last ``limit`` turns, oldest first: from Redis when it has them all."""
+        """The last ``limit`` turns of `subject`'s conversation, oldest first: from Redis
+        when it has them all. [] for a conversation that does not exist yet;
+        `ports.ConversationNotFoundError` for another subject's."""
         scope.check_owner(tenant, agent)
+        owner = scope.check_subject(subject)
         if limit <= 0 or not scope.valid_conversation_id(conversation_id):
             return []
-        key = turns_key(conversation_id, tenant=tenant, agent=agent)
+        key = turns_key(conversation_id, tenant=tenant, agent=agent, owner=owner)
         try:
             raw = await self.redis.lrange(key, -limit, -1)
             cached = sorted(
@@ -289,64 +337,95 @@ class Conversations:
             return [turn for _, turn in cached[-limit:]]
 
         rows = await self._latest_rows(
-            conversation_id, tenant=tenant, agent=agent, limit=max(limit, self.recent_turns)
+            conversation_id,
+            tenant=tenant,
+            agent=agent,
+            owner=owner,
+            limit=max(limit, self.recent_turns),
         )
         if rows:
             try:
-                await self._rebuild(conversation_id, tenant=tenant, agent=agent, rows=rows)
+                await self._rebuild(
+                    conversation_id, tenant=tenant, agent=agent, owner=owner, rows=rows
+                )
             except (redis.exceptions.RedisError, OSError) as exc:
                 logger.warning("recent turns of %r not re-warmed (%s)", conversation_id, exc)
-        return [turn for _, turn in rows[-limit:]]
+            return [turn for _, turn in rows[-limit:]]
+        existing = await self.pool.fetchrow(_OWNER, tenant, agent, conversation_id)
+        if existing is not None and existing["owner"] != owner:
+            raise ports.ConversationNotFoundError(
+                f"this agent has no conversation {conversation_id!r}"
+            )
+        return []
 
     async def history(
-        self, conversation_id: str, *, tenant: str, agent: str, limit: int = 100
+        self,
+        conversation_id: str,
+        *,
+        tenant: str,
+        agent: str,
+        subject: str | None,
+        limit: int = 100,
     ) -> list[ports.Turn]:
-        """The latest ``limit`` turns from PostgreSQL, oldest first."""
+        """The latest ``limit`` turns from PostgreSQL, oldest first: of `subject`'s
+        conversation, or of anyone's when `subject` is None."""
         scope.check_owner(tenant, agent)
         if limit <= 0 or not scope.valid_conversation_id(conversation_id):
             return []
-        rows = await self._latest_rows(conversation_id, tenant=tenant, agent=agent, limit=limit)
+        rows = await self._latest_rows(
+            conversation_id, tenant=tenant, agent=agent, owner=subject, limit=limit
+        )
         return [turn for _, turn in rows]
 
     async def list_conversations(
-        self, *, tenant: str, agent: str, limit: int = 50
+        self, *, tenant: str, agent: str, subject: str | None, limit: int = 50
     ) -> list[dict[str, Any]]:
-        """The agent's conversations for this tenant, most recently updated first.
+        """`subject`'s conversations (everyone's when None), most recently updated first.
 
-        Each is ``{"id", "title", "turns", "created_at", "updated_at"}`` (times in ISO
-        8601 with offset, ``title`` the start of the first user message or None).
+        Each is ``{"id", "title", "turns", "created_at", "updated_at", "owner"}`` (times
+        in ISO 8601 with offset, ``title`` the start of the first user message or None).
         """
         scope.check_owner(tenant, agent)
         if limit <= 0:
             return []
-        rows = await self.pool.fetch(_LIST_CONVERSATIONS, tenant, agent, limit)
+        rows = await self.pool.fetch(_LIST_CONVERSATIONS, tenant, agent, limit, subject)
         return [_conversation(r) for r in rows]
 
     async def get_conversation(
-        self, conversation_id: str, *, tenant: str, agent: str
+        self, conversation_id: str, *, tenant: str, agent: str, subject: str | None
     ) -> dict[str, Any] | None:
         """One conversation as `list_conversations` shows it, or None (404)."""
         scope.check_owner(tenant, agent)
         if not scope.valid_conversation_id(conversation_id):
             return None
-        row = await self.pool.fetchrow(_GET_CONVERSATION, tenant, agent, conversation_id)
+        row = await self.pool.fetchrow(_GET_CONVERSATION, tenant, agent, conversation_id, subject)
         return None if row is None else _conversation(row)
 
-    async def delete_conversation(self, conversation_id: str, *, tenant: str, agent: str) -> bool:
+    async def delete_conversation(
+        self, conversation_id: str, *, tenant: str, agent: str, subject: str | None
+    ) -> bool:
         """Delete a conversation, its messages, its context versions and its hot turns.
 
-        False when this tenant's agent has no such conversation. Usage records and the
-        audit log keep their rows (billing and accountability outlive a conversation).
+        False when this tenant's agent has no such conversation of `subject` (of anyone,
+        when None). Usage records and the audit log keep their rows (billing and
+        accountability outlive a conversation).
         """
         scope.check_owner(tenant, agent)
         if not scope.valid_conversation_id(conversation_id):
             return False
-        key = turns_key(conversation_id, tenant=tenant, agent=agent)
-        await self.redis.delete(key)  # raises while Redis is down: nothing half-deleted
+        owner = subject
+        if owner is None:
+            owner = await self.pool.fetchval(_OWNER, tenant, agent, conversation_id)
+        keys = [unowned_turns_key(conversation_id, tenant=tenant, agent=agent)]
+        if owner is not None:
+            keys.append(turns_key(conversation_id, tenant=tenant, agent=agent, owner=owner))
+        await self.redis.delete(*keys)  # raises while Redis is down: nothing half-deleted
         async with self.pool.acquire() as conn, conn.transaction():
-            deleted = await conn.fetchval(_DELETE_CONVERSATION, tenant, agent, conversation_id)
+            deleted = await conn.fetchrow(
+                _DELETE_CONVERSATION, tenant, agent, conversation_id, subject
+            )
             if deleted is not None:
                 await conn.execute(_DELETE_CONVERSATION_CONTEXT, tenant, agent, conversation_id)
         # Again after the commit: an append racing with the delete may have pushed.
-        await self._forget(key)
+        await self._forget(*keys)
         return deleted is not None

@@ -31,6 +31,7 @@ _Key = tuple[str, str, str]  # tenant, agent, conversation
 class Conversation:
     created_at: dt.datetime
     updated_at: dt.datetime
+    owner: str
     title: str | None = None
     count: int = 0
     """Turns appended so far (the deque keeps only the latest `MAX_TURNS`)."""
@@ -40,7 +41,8 @@ class Conversation:
 
 
 class InProcessStore:
-    """A `ports.ConversationStore` in dicts; conversations are scoped by tenant and agent."""
+    """A `ports.ConversationStore` in dicts; conversations are scoped by tenant and agent,
+    and belong to the subject that started them."""
 
     def __init__(self, *, max_conversations: int = MAX_CONVERSATIONS) -> None:
         self.max_conversations = max_conversations
@@ -58,14 +60,30 @@ class InProcessStore:
         """The latest audit entries, oldest first."""
         return list(self._audit)
 
-    async def append(self, turn: ports.Turn, *, tenant: str, agent: str) -> None:
-        key = (tenant, agent, turn.conversation_id)
+    def _mine(
+        self, conversation_id: str, *, tenant: str, agent: str, subject: str | None
+    ) -> Conversation | None:
+        conversation = self.conversations.get((tenant, agent, conversation_id))
+        if conversation is None or subject not in (None, conversation.owner):
+            return None
+        return conversation
+
+    def _check_not_foreign(self, key: _Key, subject: str) -> Conversation | None:
         conversation = self.conversations.get(key)
+        if conversation is not None and conversation.owner != subject:
+            raise ports.ConversationNotFoundError(f"this agent has no conversation {key[2]!r}")
+        return conversation
+
+    async def append(self, turn: ports.Turn, *, tenant: str, agent: str, subject: str) -> None:
+        key = (tenant, agent, turn.conversation_id)
+        conversation = self._check_not_foreign(key, subject)
         if conversation is None:
             if len(self.conversations) >= self.max_conversations:
                 oldest = min(self.conversations, key=lambda k: self.conversations[k].updated_at)
                 del self.conversations[oldest]
-            conversation = Conversation(created_at=turn.created_at, updated_at=turn.created_at)
+            conversation = Conversation(
+                created_at=turn.created_at, updated_at=turn.created_at, owner=subject
+            )
             self.conversations[key] = conversation
         conversation.turns.append(turn)
         conversation.count += 1
@@ -73,26 +91,35 @@ class InProcessStore:
         conversation.updated_at = max(conversation.updated_at, turn.created_at)
 
     async def recent(
-        self, conversation_id: str, *, tenant: str, agent: str, limit: int
+        self, conversation_id: str, *, tenant: str, agent: str, limit: int, subject: str
     ) -> list[ports.Turn]:
-        return await self.history(conversation_id, tenant=tenant, agent=agent, limit=limit)
+        self._check_not_foreign((tenant, agent, conversation_id), subject)
+        return await self.history(
+            conversation_id, tenant=tenant, agent=agent, subject=subject, limit=limit
+        )
 
     async def history(
-        self, conversation_id: str, *, tenant: str, agent: str, limit: int = 100
+        self,
+        conversation_id: str,
+        *,
+        tenant: str,
+        agent: str,
+        subject: str | None,
+        limit: int = 100,
     ) -> list[ports.Turn]:
         """The latest ``limit`` turns, oldest first (as the durable store answers)."""
-        conversation = self.conversations.get((tenant, agent, conversation_id))
+        conversation = self._mine(conversation_id, tenant=tenant, agent=agent, subject=subject)
         if limit <= 0 or conversation is None:
             return []
         return list(conversation.turns)[-limit:]
 
     async def list_conversations(
-        self, *, tenant: str, agent: str, limit: int = 50
+        self, *, tenant: str, agent: str, subject: str | None, limit: int = 50
     ) -> list[dict[str, Any]]:
         mine = [
             (key[2], conv)
             for key, conv in self.conversations.items()
-            if key[0] == tenant and key[1] == agent
+            if key[0] == tenant and key[1] == agent and subject in (None, conv.owner)
         ]
         mine.sort(key=lambda item: item[1].updated_at, reverse=True)
         # The shape of the durable store's `list_conversations`.
@@ -103,12 +130,18 @@ class InProcessStore:
                 "turns": conv.count,
                 "created_at": conv.created_at.isoformat(),
                 "updated_at": conv.updated_at.isoformat(),
+                "owner": conv.owner,
             }
             for conversation_id, conv in mine[: max(limit, 0)]
         ]
 
-    async def delete_conversation(self, conversation_id: str, *, tenant: str, agent: str) -> bool:
-        return self.conversations.pop((tenant, agent, conversation_id), None) is not None
+    async def delete_conversation(
+        self, conversation_id: str, *, tenant: str, agent: str, subject: str | None
+    ) -> bool:
+        if self._mine(conversation_id, tenant=tenant, agent=agent, subject=subject) is None:
+            return False
+        del self.conversations[(tenant, agent, conversation_id)]
+        return True
 
     async def record_usage(self, record: ports.UsageRecord) -> None:
         self._usage.append(record)

@@ -29,6 +29,16 @@ def check_owner(tenant: str, agent: str | None = None) -> None:
         check_name(agent, "agent")
 
 
+MAX_SUBJECT = 1024
+
+
+def check_subject(value: str) -> str:
+    """A conversation's owner: the caller's subject (a token's ``sub``), never empty."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_SUBJECT:
+        raise ValueError(f"a subject must be 1 to {MAX_SUBJECT} characters")
+    return value
+
+
 def valid_conversation_id(value: str) -> bool:
     return (
         isinstance(value, str)

@@ -152,31 +152,41 @@ class PostgresRedisStore:
 
     # -- the port, handed to the parts ---------------------------------------------
 
-    async def append(self, turn: ports.Turn, *, tenant: str, agent: str) -> None:
-        await self.conversations.append(turn, tenant=tenant, agent=agent)
+    async def append(self, turn: ports.Turn, *, tenant: str, agent: str, subject: str) -> None:
+        await self.conversations.append(turn, tenant=tenant, agent=agent, subject=subject)
 
     async def recent(
-        self, conversation_id: str, *, tenant: str, agent: str, limit: int
+        self, conversation_id: str, *, tenant: str, agent: str, limit: int, subject: str
     ) -> list[ports.Turn]:
         return await self.conversations.recent(
-            conversation_id, tenant=tenant, agent=agent, limit=limit
+            conversation_id, tenant=tenant, agent=agent, limit=limit, subject=subject
         )
 
     async def history(
-        self, conversation_id: str, *, tenant: str, agent: str, limit: int = 100
+        self,
+        conversation_id: str,
+        *,
+        tenant: str,
+        agent: str,
+        subject: str | None,
+        limit: int = 100,
     ) -> list[ports.Turn]:
         return await self.conversations.history(
-            conversation_id, tenant=tenant, agent=agent, limit=limit
+            conversation_id, tenant=tenant, agent=agent, subject=subject, limit=limit
         )
 
     async def list_conversations(
-        self, *, tenant: str, agent: str, limit: int = 50
+        self, *, tenant: str, agent: str, subject: str | None, limit: int = 50
     ) -> list[dict[str, Any]]:
-        return await self.conversations.list_conversations(tenant=tenant, agent=agent, limit=limit)
+        return await self.conversations.list_conversations(
+            tenant=tenant, agent=agent, subject=subject, limit=limit
+        )
 
-    async def delete_conversation(self, conversation_id: str, *, tenant: str, agent: str) -> bool:
+    async def delete_conversation(
+        self, conversation_id: str, *, tenant: str, agent: str, subject: str | None
+    ) -> bool:
         return await self.conversations.delete_conversation(
-            conversation_id, tenant=tenant, agent=agent
+            conversation_id, tenant=tenant, agent=agent, subject=subject
         )
 
     async def record_usage(

@@ -71,9 +71,12 @@ class ProviderError(Exception):
 
 @dataclass(frozen=True)
 class Delta:
-    """A piece of a streamed answer."""
+    """A piece of a streamed answer; the router names the provider and model that sent
+    it (what a stream the caller leaves early is accounted to)."""
 
     text: str
+    provider: str = ""
+    model: str = ""
 
 
 StreamEvent = Delta | ports.Completion

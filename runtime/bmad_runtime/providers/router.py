@@ -13,10 +13,12 @@ credentials come from the llm Integration named by ``integration`` (the binding'
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -52,6 +54,27 @@ class AllProvidersFailedError(Exception):
         return min(waits) if waits else None
 
 
+@dataclass(frozen=True)
+class Reachability:
+    """Whether one model of the chain answered its API's probe."""
+
+    provider: str
+    model: str
+    reachable: bool
+
+
+async def _ping(provider: base.BaseProvider, within: float) -> bool:
+    try:
+        return await asyncio.wait_for(provider.ping(), timeout=within)
+    except TimeoutError:
+        logger.warning(
+            "probe: %s/%s did not answer within %ss", provider.name, provider.model, within
+        )
+    except Exception as exc:
+        logger.warning("probe: %s/%s failed: %s", provider.name, provider.model, type(exc).__name__)
+    return False
+
+
 class ModelRouter:
     def __init__(
         self,
@@ -69,7 +92,7 @@ class ModelRouter:
         self._client = client
         self._ready_ttl = ready_ttl
         self._clock = clock
-        self._ready: tuple[float, bool] | None = None
+        self._probed: tuple[float, tuple[Reachability, ...]] | None = None
 
     @property
     def primary(self) -> base.BaseProvider:
@@ -121,10 +144,12 @@ class ModelRouter:
                     provider.stream_events(messages, params=params)
                 ) as events:
                     async for event in events:
+                        started = True
                         if isinstance(event, ports.Completion):
                             _record_usage(span, event)
-                        started = True
-                        yield event
+                            yield event
+                        else:
+                            yield base.Delta(event.text, provider.name, provider.model)
                 return
             except base.ProviderError as exc:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, exc.message))
@@ -143,14 +168,18 @@ class ModelRouter:
         else:
             logger.warning("%s; no fallback left", exc.summary)
 
-    async def ready(self) -> bool:
-        """Whether the primary model is reachable (cached for ``ready_ttl`` seconds)."""
+    async def probe(self, *, within: float = 2.0) -> tuple[Reachability, ...]:
+        """Whether each model of the chain answers its API's probe, in chain order, each
+        given `within` seconds (the answer is cached for ``ready_ttl`` seconds)."""
         now = self._clock()
-        if self._ready is not None and now - self._ready[0] < self._ready_ttl:
-            return self._ready[1]
-        ok = await self.primary.ping()
-        self._ready = (now, ok)
-        return ok
+        if self._probed is not None and now - self._probed[0] < self._ready_ttl:
+            return self._probed[1]
+        answers = await asyncio.gather(*(_ping(p, within) for p in self.chain))
+        found = tuple(
+            Reachability(p.name, p.model, ok) for p, ok in zip(self.chain, answers, strict=True)
+        )
+        self._probed = (now, found)
+        return found
 
     async def aclose(self) -> None:
         for provider in self.chain:

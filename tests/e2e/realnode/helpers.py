@@ -41,6 +41,8 @@ def agent(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
         "spec": {
             "role": "analyst",
             "model": {"provider": "echo", "name": "echo-1"},
+            # No auth0 Integration on the test bed: open, as the demo's agents are.
+            "auth": {"mode": "none"},
             "replicas": 1,
             "resources": {
                 "requests": {"cpu": "10m", "memory": "96Mi"},

@@ -1,8 +1,12 @@
-"""Small builders of test objects shared by the operator's integration tests."""
+"""Small builders of test objects, and the Tenants helper, shared by the operator's
+integration tests."""
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
+
+from bmad_testbed.kubectl import Kubectl, eventually
 
 
 def agent(name: str, *, role: str = "dev", replicas: int = 1, **spec: Any) -> dict[str, Any]:
@@ -11,6 +15,8 @@ def agent(name: str, *, role: str = "dev", replicas: int = 1, **spec: Any) -> di
         "model": {"provider": "echo", "name": "echo-1"},
         # No datastores are bound in these tests: a durable agent would never be ready.
         "memory": {"store": "inProcess"},
+        # No auth0 Integration is bound either: open, as the demo agents are.
+        "auth": {"mode": "none"},
         "replicas": replicas,
     }
     body.update(spec)
@@ -27,3 +33,54 @@ def condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
         if cond.get("type") == type_:
             return dict(cond)
     return None
+
+
+def tenant(name: str, namespaces: list[str], **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "bmad.dev/v1alpha1",
+        "kind": "Tenant",
+        "metadata": {"name": name},
+        "spec": {"namespaces": namespaces, **spec},
+    }
+
+
+def wait_tenant(
+    kubectl: Kubectl, name: str, cond_type: str = "Ready", status: str = "True", timeout: float = 60
+) -> dict[str, Any]:
+    def probe() -> dict[str, Any] | None:
+        obj = kubectl.json("get", "tenant", name)
+        cond = condition(obj, cond_type)
+        return obj if cond and cond["status"] == status else None
+
+    found: dict[str, Any] = eventually(
+        probe, timeout=timeout, what=f"tenant {name} {cond_type}={status}"
+    )
+    return found
+
+
+class Tenants:
+    """Creates uniquely named tenants and removes them (and their namespaces) after."""
+
+    def __init__(self, kubectl: Kubectl) -> None:
+        self.kubectl = kubectl
+        self.names: list[str] = []
+        self.namespaces: list[str] = []
+        self.suffix = secrets.token_hex(3)
+
+    def name(self, base: str) -> str:
+        return f"{base}-{self.suffix}"
+
+    def apply(self, doc: dict[str, Any]) -> None:
+        self.names.append(doc["metadata"]["name"])
+        self.namespaces.extend(doc["spec"]["namespaces"])
+        self.kubectl.apply(doc)
+
+    def cleanup(self) -> None:
+        for name in self.names:
+            self.kubectl.run(
+                "delete", "tenant", name, "--ignore-not-found", "--wait=false", check=False
+            )
+        for ns in self.namespaces:
+            self.kubectl.run(
+                "delete", "namespace", ns, "--ignore-not-found", "--wait=false", check=False
+            )

@@ -29,8 +29,7 @@ import pytest
 from bmad_testbed.kubectl import Kubectl, eventually
 from bmad_testbed.operator_proc import OperatorProcess
 
-from .helpers import agent, condition
-from .test_tenants import Tenants, _tenant, _wait_tenant, tenants  # noqa: F401 (fixture)
+from .helpers import Tenants, agent, condition, tenant, wait_tenant
 
 pytestmark = pytest.mark.integration
 
@@ -255,17 +254,15 @@ def _record(answers: list[Answer]) -> str:
 def test_hostile_tenant_admin_is_refused_everything_of_another_tenant(
     kubectl: Kubectl,
     operator: OperatorProcess,
-    tenants: Tenants,  # noqa: F811
+    tenants: Tenants,
 ) -> None:
     a, b = tenants.name("hostile"), tenants.name("victim")
     ns_a, ns_b = f"{a}-ns", f"{b}-ns"
     alice, bob = f"alice-{a}", f"bob-{b}"
-    tenants.apply(
-        _tenant(a, [ns_a], admins=[{"kind": "User", "name": alice}], quota={"pods": "10"})
-    )
-    tenants.apply(_tenant(b, [ns_b], admins=[{"kind": "User", "name": bob}]))
-    _wait_tenant(kubectl, a)
-    _wait_tenant(kubectl, b)
+    tenants.apply(tenant(a, [ns_a], admins=[{"kind": "User", "name": alice}], quota={"pods": "10"}))
+    tenants.apply(tenant(b, [ns_b], admins=[{"kind": "User", "name": bob}]))
+    wait_tenant(kubectl, a)
+    wait_tenant(kubectl, b)
 
     as_alice, as_bob = _as(kubectl, alice), _as(kubectl, bob)
     # Bob's tenant: an Agent, a credentials Secret, an Integration using it.

@@ -14,71 +14,13 @@ from bmad_testbed.kubectl import Kubectl, eventually
 from bmad_testbed.operator_proc import OperatorProcess
 from bmad_testbed.stripe_proxy import StripeProxy
 
-from .helpers import agent, condition
+from .helpers import Tenants, agent, condition
+from .helpers import tenant as _tenant
+from .helpers import wait_tenant as _wait_tenant
 
 pytestmark = pytest.mark.integration
 
 SYSTEM_NS = "bmad-system"
-
-
-def _tenant(name: str, namespaces: list[str], **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "bmad.dev/v1alpha1",
-        "kind": "Tenant",
-        "metadata": {"name": name},
-        "spec": {"namespaces": namespaces, **spec},
-    }
-
-
-def _wait_tenant(
-    kubectl: Kubectl, name: str, cond_type: str = "Ready", status: str = "True", timeout: float = 60
-) -> dict[str, Any]:
-    def probe() -> dict[str, Any] | None:
-        obj = kubectl.json("get", "tenant", name)
-        cond = condition(obj, cond_type)
-        return obj if cond and cond["status"] == status else None
-
-    found: dict[str, Any] = eventually(
-        probe, timeout=timeout, what=f"tenant {name} {cond_type}={status}"
-    )
-    return found
-
-
-class Tenants:
-    """Creates uniquely named tenants and removes them (and their namespaces) after."""
-
-    def __init__(self, kubectl: Kubectl) -> None:
-        self.kubectl = kubectl
-        self.names: list[str] = []
-        self.namespaces: list[str] = []
-        self.suffix = secrets.token_hex(3)
-
-    def name(self, base: str) -> str:
-        return f"{base}-{self.suffix}"
-
-    def apply(self, doc: dict[str, Any]) -> None:
-        self.names.append(doc["metadata"]["name"])
-        self.namespaces.extend(doc["spec"]["namespaces"])
-        self.kubectl.apply(doc)
-
-    def cleanup(self) -> None:
-        for name in self.names:
-            self.kubectl.run(
-                "delete", "tenant", name, "--ignore-not-found", "--wait=false", check=False
-            )
-        for ns in self.namespaces:
-            self.kubectl.run(
-                "delete", "namespace", ns, "--ignore-not-found", "--wait=false", check=False
-            )
-
-
-@pytest.fixture
-def tenants(kubectl: Kubectl, crds: list[str]) -> Iterator[Tenants]:
-    t = Tenants(kubectl)
-    try:
-        yield t
-    finally:
-        t.cleanup()
 
 
 def test_tenant_creates_fenced_namespaces_and_follows_quota_and_policy(
@@ -382,3 +324,122 @@ def test_deleting_a_tenant_follows_its_deletion_policy(
             assert "bmad.dev/tenant" not in labels
             assert kubectl.in_namespace(ns).exists("limitrange", "bmad-tenant-limits")
         assert cancels == []
+
+
+# --- issue 10, hole 8: a Tenant takes only namespaces made for it -----------------------------
+
+
+def _labels(kubectl: Kubectl, ns: str) -> dict[str, str]:
+    return dict(kubectl.json("get", "namespace", ns)["metadata"].get("labels") or {})
+
+
+def _ready_reason(kubectl: Kubectl, name: str, reason: str) -> dict[str, Any]:
+    def probe() -> dict[str, Any] | None:
+        cond = condition(kubectl.json("get", "tenant", name), "Ready")
+        return cond if cond and cond["reason"] == reason else None
+
+    found: dict[str, Any] = eventually(probe, timeout=60, what=f"tenant {name} Ready {reason}")
+    return found
+
+
+def test_namespace_takeover_kube_system_is_refused_and_left_alone(
+    kubectl: Kubectl, operator: OperatorProcess, tenants: Tenants
+) -> None:
+    """Hole 8: the Tenant labelled kube-system for itself and put its fences in it.
+
+    On the code before the fix:
+        AssertionError: timed out after 60s waiting for tenant ... Ready NamespaceProtected
+    """
+    name = tenants.name("hijack")
+    before = _labels(kubectl, "kube-system")
+    doc = _tenant(name, ["kube-system", f"{name}-ns"], deletionPolicy="Delete")
+    tenants.names.append(name)
+    tenants.namespaces.append(f"{name}-ns")  # never kube-system: the cleanup deletes these
+    kubectl.apply(doc)
+    ready = _ready_reason(kubectl, name, "NamespaceProtected")
+    assert ready["status"] == "False"
+    assert "kube-system" in ready["message"]
+    assert "remove it from spec.namespaces" in ready["message"]
+    # The other namespace is set up; kube-system got nothing.
+    assert _labels(kubectl, f"{name}-ns")["bmad.dev/tenant"] == name
+    assert _labels(kubectl, "kube-system") == before
+    ks = kubectl.in_namespace("kube-system")
+    assert not ks.exists("networkpolicy", "bmad-default-deny-ingress")
+    assert not ks.exists("limitrange", "bmad-tenant-limits")
+    assert kubectl.json("get", "tenant", name)["status"]["namespaces"] == [f"{name}-ns"]
+    # Deleting the Tenant (deletionPolicy Delete) leaves kube-system where it is.
+    kubectl.run("delete", "tenant", name, "--wait=true", "--timeout=60s", timeout=70)
+    assert kubectl.json("get", "namespace", "kube-system")["status"]["phase"] == "Active"
+
+
+def test_namespace_takeover_an_existing_namespace_needs_the_adoption_label(
+    kubectl: Kubectl, operator: OperatorProcess, tenants: Tenants
+) -> None:
+    """Hole 8: an existing, unlabelled namespace was taken over (and with deletionPolicy
+    Delete deleted with the Tenant).
+
+    On the code before the fix:
+        AssertionError: timed out after 60s waiting for tenant ... Ready NamespaceExists
+    """
+    name = tenants.name("adopter")
+    legacy = f"{name}-legacy"
+    kubectl.run("create", "namespace", legacy)
+    kubectl.run("label", "namespace", legacy, "team=sre")
+    tenants.apply(_tenant(name, [legacy], deletionPolicy="Delete"))
+    ready = _ready_reason(kubectl, name, "NamespaceExists")
+    assert f"kubectl label namespace {legacy} bmad.dev/adopt-by-tenant={name}" in ready["message"]
+    assert "bmad.dev/tenant" not in _labels(kubectl, legacy)
+    assert not kubectl.in_namespace(legacy).exists("limitrange", "bmad-tenant-limits")
+
+    # A cluster admin hands it over: adopted, the adoption label used up.
+    kubectl.run("label", "namespace", legacy, f"bmad.dev/adopt-by-tenant={name}")
+    _wait_tenant(kubectl, name)
+    labels = _labels(kubectl, legacy)
+    assert labels["bmad.dev/tenant"] == name
+    assert labels["team"] == "sre"
+    assert "bmad.dev/adopt-by-tenant" not in labels
+    assert kubectl.in_namespace(legacy).exists("limitrange", "bmad-tenant-limits")
+
+    # Adopted, not created for the tenant: deleting it releases the namespace, never deletes.
+    kubectl.run("delete", "tenant", name, "--wait=true", "--timeout=60s", timeout=70)
+    ns = kubectl.json("get", "namespace", legacy)
+    assert ns["status"]["phase"] == "Active"
+    assert "bmad.dev/tenant" not in (ns["metadata"].get("labels") or {})
+
+
+def test_namespace_takeover_two_tenants_racing_for_one_new_namespace(
+    kubectl: Kubectl, operator: OperatorProcess, tenants: Tenants
+) -> None:
+    """Hole 8: two Tenants naming one new namespace. Exactly one holds it; the other is
+    told, and none of its fences or admins are in the namespace.
+
+    This end state was often reached before the fix too (the last writer's label won,
+    the other Tenant noticed on its next pass); the race itself, both claiming at once,
+    is shown deterministically by the unit test
+    test_namespace_takeover_two_tenants_racing_for_a_new_namespace_one_wins."""
+    a, b = tenants.name("race-a"), tenants.name("race-b")
+    shared = f"{tenants.suffix}-contested"
+    docs = [_tenant(t, [shared], admins=[{"kind": "User", "name": f"admin-{t}"}]) for t in (a, b)]
+    for doc in docs:
+        tenants.names.append(doc["metadata"]["name"])
+    tenants.namespaces.append(shared)
+    kubectl.apply({"apiVersion": "v1", "kind": "List", "items": docs})
+
+    def settled() -> dict[str, str] | None:
+        reasons = {}
+        for t in (a, b):
+            cond = condition(kubectl.json("get", "tenant", t), "Ready")
+            if cond is None:
+                return None
+            reasons[t] = cond["reason"]
+        return reasons if sorted(reasons.values()) == ["NamespaceConflict", "TenantReady"] else None
+
+    reasons = eventually(settled, timeout=60, what="one tenant ready, the other in conflict")
+    (winner,) = [t for t, r in reasons.items() if r == "TenantReady"]
+    assert _labels(kubectl, shared)["bmad.dev/tenant"] == winner
+    binding = kubectl.in_namespace(shared).json("get", "rolebinding", "bmad-tenant-admins")
+    assert [s["name"] for s in binding["subjects"]] == [f"admin-{winner}"]
+    same = kubectl.in_namespace(shared).json("get", "networkpolicy", "bmad-allow-same-tenant")
+    assert same["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "bmad.dev/tenant": winner
+    }

@@ -7,103 +7,16 @@ an agent pod built from an ``auth0`` binding.
 
 from __future__ import annotations
 
-import base64
-import http.server
-import json
-import threading
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from jose import jwt
 
 from bmad_runtime import auth, bindings, ports
 
+from .oidc import AUDIENCE, TENANT, Issuer, Key
+
 pytestmark = pytest.mark.integration
-
-AUDIENCE = "https://agents.bmad.test"
-TENANT = "acme"
-
-
-def b64uint(value: int) -> str:
-    raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-class Key:
-    def __init__(self, kid: str) -> None:
-        self.kid = kid
-        self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-    def jwk(self) -> dict[str, str]:
-        numbers = self.private.public_key().public_numbers()
-        return {
-            "kty": "RSA",
-            "use": "sig",
-            "alg": "RS256",
-            "kid": self.kid,
-            "n": b64uint(numbers.n),
-            "e": b64uint(numbers.e),
-        }
-
-    def sign(self, claims: dict[str, Any]) -> str:
-        pem = self.private.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ).decode()
-        token: str = jwt.encode(claims, pem, "RS256", headers={"kid": self.kid})
-        return token
-
-
-class Issuer:
-    """Discovery and JWKS on 127.0.0.1, counting the JWKS requests."""
-
-    def __init__(self) -> None:
-        self.keys: list[dict[str, str]] = []
-        self.jwks_requests = 0
-        issuer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body: dict[str, Any]
-                if self.path == "/.well-known/openid-configuration":
-                    body = {"issuer": issuer.url, "jwks_uri": f"{issuer.url}keys"}
-                elif self.path == "/keys":
-                    issuer.jwks_requests += 1
-                    body = {"keys": list(issuer.keys)}
-                else:
-                    self.send_error(404)
-                    return
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def claims(self, **overrides: Any) -> dict[str, Any]:
-        now = int(time.time())
-        return {
-            "iss": self.url,
-            "aud": AUDIENCE,
-            "sub": "auth0|alice",
-            "iat": now,
-            "exp": now + 300,
-            auth.TENANT_CLAIM: TENANT,
-            "scope": "agents:invoke",
-            **overrides,
-        }
 
 
 @pytest.fixture
@@ -185,5 +98,51 @@ async def test_an_issuer_that_is_down_is_503_not_401() -> None:
         with pytest.raises(ports.AuthError) as caught:
             await authenticator.authenticate(f"Bearer {token}")
         assert (caught.value.status, caught.value.code) == (503, auth.AUTH_UNAVAILABLE)
+    finally:
+        await authenticator.aclose()
+
+
+async def test_cached_keys_are_trusted_no_longer_than_max_stale_age_while_the_jwks_is_down(
+    issuer: Issuer,
+) -> None:
+    """Issue 10, hole 12 (JWKS keys kept for ever when the refresh fails). Before the
+    fix, the keys of the last good fetch verified tokens however long the JWKS stayed
+    down, and this test failed with:
+
+        Failed: DID NOT RAISE AuthError
+    """
+    key = Key("2026-03")
+    issuer.keys = [key.jwk()]
+    now = [1000.0]  # the authenticator's monotonic clock, moved by the test
+    authenticator = auth.JwtAuthenticator(
+        issuer=issuer.url,
+        audience=AUDIENCE,
+        tenant=TENANT,
+        jwks_uri=f"{issuer.url}keys",
+        monotonic=lambda: now[0],
+    )
+    token = f"Bearer {key.sign(issuer.claims())}"
+    try:
+        assert (await authenticator.authenticate(token)).subject == "auth0|alice"
+        issuer.jwks_status = 503  # the issuer's JWKS goes down
+
+        # Past max_key_age: a refresh is tried and fails; the cached keys serve on.
+        now[0] += auth.DEFAULT_MAX_KEY_AGE + 1
+        assert (await authenticator.authenticate(token)).subject == "auth0|alice"
+        assert issuer.jwks_requests == 2
+
+        # Four hours (the default max_stale_age) after the last good fetch: the keys
+        # are trusted no longer.
+        now[0] = 1000.0 + 4 * 3600 + 1
+        with pytest.raises(ports.AuthError) as caught:
+            await authenticator.authenticate(token)
+        assert (caught.value.status, caught.value.code) == (503, auth.AUTH_UNAVAILABLE)
+        assert issuer.jwks_requests == 3
+
+        # The JWKS is back: the next fetch (after the minimum interval) restores them.
+        issuer.jwks_status = 200
+        now[0] += auth.DEFAULT_MIN_REFRESH_INTERVAL + 1
+        assert (await authenticator.authenticate(token)).subject == "auth0|alice"
+        assert issuer.jwks_requests == 4
     finally:
         await authenticator.aclose()

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from redis import asyncio as aioredis
+from redis import exceptions as redis_errors
 
 from bmad_integrations import taskbus, taskwire
 from bmad_runtime.bus import client, consumer
@@ -126,10 +127,26 @@ async def test_submitting_the_same_task_id_twice_enqueues_it_once_and_yields_one
     assert await redis.get(lane.runs("story-1")) == "1"
 
 
+class CutOff:
+    """A consumer's bus whose heartbeats do not reach Redis (a partition, a paused
+    process): its entries go idle although its handler still runs."""
+
+    def __init__(self, bus: client.TaskBus) -> None:
+        self.bus = bus
+        self.keys, self.config = bus.keys, bus.config
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.bus, name)
+
+    async def heartbeat(self, consumer: str, message_ids: Any) -> set[str]:
+        raise redis_errors.ConnectionError("cut off from Redis (simulated)")
+
+
 async def test_a_task_that_runs_twice_to_the_end_has_its_result_written_once(
     redis: aioredis.Redis, make_lane: Callable[..., Lane]
 ) -> None:
-    # c1 is slower than min_idle_ms, so c2 reclaims the entry and runs it as well.
+    # c1 is cut off from Redis for its heartbeats and slower than min_idle_ms, so c2
+    # reclaims the entry and runs it as well.
     lane = make_lane(min_idle_ms=300, claim_interval_ms=50)
     c1_started = asyncio.Event()
 
@@ -146,7 +163,7 @@ async def test_a_task_that_runs_twice_to_the_end_has_its_result_written_once(
 
     await lane.tasks.submit("t1", {})
     # One slot: while its slow run holds it, c1 claims nothing (not even its own entry).
-    c1 = Consumer(lane, slow_then_fast, "c1", concurrency=1)
+    c1 = Consumer(Lane(lane.tasks, CutOff(lane.bus)), slow_then_fast, "c1", concurrency=1)  # type: ignore[arg-type]
     await asyncio.wait_for(c1_started.wait(), timeout=10)
     c2 = Consumer(lane, slow_then_fast, "c2")
     result = await lane.tasks.wait_result("t1", timeout_s=10)
@@ -197,6 +214,7 @@ async def test_a_task_that_always_fails_is_dead_lettered_after_max_attempts(
     assert (await lane.tasks.result("fine")) is not None
     assert await lane.bus.pending() == 0, "the dead letter was acked"
     assert await lane.bus.queue_depth() == 0
+    assert await lane.bus.dead_letter_count() == 1
 
 
 async def test_an_entry_that_is_not_a_task_goes_to_the_dead_letters_unrun(
@@ -221,6 +239,39 @@ async def test_an_entry_that_is_not_a_task_goes_to_the_dead_letters_unrun(
     assert letter.payload == '{"hello": "world"}'
     assert ran == []
     assert await lane.bus.queue_depth() == 0
+
+
+async def test_a_full_queue_refuses_new_tasks_and_keeps_every_waiting_one(
+    redis: aioredis.Redis, make_lane: Callable[..., Lane]
+) -> None:
+    """Issue 10, hole 12 (XADD without a bound). The stream is bounded by refusing a
+    submission, not by XADD MAXLEN, which would drop the oldest tasks unrun. Before the
+    fix the producer had no bound, and this test failed with:
+
+        TypeError: TaskProducer.__init__() got an unexpected keyword argument 'max_depth'
+    """
+    lane = make_lane(min_idle_ms=1000)
+    keys = lane.bus.keys
+    tasks = taskbus.TaskProducer(redis, tenant=keys.tenant, agent=keys.agent, max_depth=3)
+    first = await tasks.submit("t0", {"input": "a"})
+    await tasks.submit("t1", {"input": "b"})
+    await tasks.submit("t2", {"input": "c"})
+
+    with pytest.raises(taskbus.QueueFullError) as caught:
+        await tasks.submit("t3", {"input": "d"})
+    assert (caught.value.depth, caught.value.max_depth) == (3, 3)
+    assert "submit again once it drains" in str(caught.value)
+    assert await tasks.submit("t0", {"input": "a"}) == first, "a duplicate is still answered"
+    assert await lane.bus.queue_depth() == 3
+    assert await redis.get(keys.submitted("t3")) is None, "the refused task left no marker"
+
+    consumer = Consumer(lane, counting_handler(redis, lane), "c1")
+    for task_id in ("t0", "t1", "t2"):  # every waiting task ran: none was trimmed away
+        assert (await tasks.wait_result(task_id, timeout_s=10)).status == "succeeded"
+    await until(lambda: _depth_is(lane, 0, pending=0), timeout_s=10, what="the queue to drain")
+    await tasks.submit("t3", {"input": "d"})
+    assert (await tasks.wait_result("t3", timeout_s=10)).status == "succeeded"
+    await consumer.stop()
 
 
 async def _has_result(lane: Lane, task_id: str) -> bool:
@@ -258,3 +309,45 @@ async def test_queue_depth_counts_waiting_and_in_flight_tasks(
 
 async def _depth_is(lane: Lane, depth: int, *, pending: int) -> bool:
     return (await lane.bus.queue_depth(), await lane.bus.pending()) == (depth, pending)
+
+
+async def test_slow_tasks_are_not_run_more_than_once(
+    redis: aioredis.Redis, make_lane: Callable[..., Lane]
+) -> None:
+    """Issue 10, hole 1: a handler slower than `min_idle_ms` ran twice (or more).
+
+    Two live consumers, an idle time of 200 ms and a handler that takes 1.2 s: XAUTOCLAIM
+    took the in-flight entries over (its own consumer's too), ran them again, and after
+    `max_attempts` deliveries stored a ``failed`` result while the first run was still
+    going. Before the heartbeat this test failed with (runs, status) per task:
+
+        AssertionError: (runs, status): {'slow-0': (2, 'succeeded'), 'slow-1': (2,
+        'succeeded'), 'slow-2': (2, 'failed'), 'slow-3': (2, 'failed'), 'slow-4': (2,
+        'failed'), 'slow-5': (2, 'failed'), 'slow-6': (2, 'failed'), 'slow-7': (2,
+        'succeeded'), 'slow-8': (2, 'succeeded'), 'slow-9': (2, 'succeeded')}
+    """
+    lane = make_lane(min_idle_ms=200, claim_interval_ms=50, max_attempts=2)
+    for i in range(10):
+        await lane.tasks.submit(f"slow-{i}", {"input": f"x{i}"})
+
+    async def slow(task: taskwire.Task) -> dict[str, Any]:
+        run = int(await redis.incr(lane.runs(task.task_id)))
+        await asyncio.sleep(1.2)
+        return {"run": run}
+
+    c1 = Consumer(lane, slow, "c1", concurrency=10)
+    c2 = Consumer(lane, slow, "c2", concurrency=10)
+    ids = [f"slow-{i}" for i in range(10)]
+    results = [await lane.tasks.wait_result(t, timeout_s=30) for t in ids]
+    # Let any second run that started still end (and count) before looking.
+    stats = [await c1.stop(), await c2.stop()]
+
+    outcome = {
+        r.task_id: (int(await redis.get(lane.runs(r.task_id)) or 0), r.status) for r in results
+    }
+    assert outcome == dict.fromkeys(ids, (1, "succeeded")), f"(runs, status): {outcome}"
+    assert {r.attempt for r in results} == {1}
+    assert sum(s.lost for s in stats) == 0, "nothing was taken from a live consumer"
+    assert sum(s.succeeded for s in stats) == 10
+    assert await lane.bus.dead_letters() == []
+    assert await lane.bus.queue_depth() == 0

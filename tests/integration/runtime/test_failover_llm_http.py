@@ -233,7 +233,7 @@ def production_app(tmp_path: Path, model: dict[str, Any], **overrides: Any) -> f
         "agent_namespace": "acme",
         "agent_config": config_path,
         "binding_root": tmp_path / "bindings",
-        "auth_enabled": False,
+        "auth_mode": "none",
         "memory_store": "inProcess",  # no datastores: these tests are about the models
         "model_backoff_seconds": 0.01,
         "model_backoff_max_seconds": 0.05,
@@ -439,7 +439,9 @@ def models_list(status: int) -> Answer:
     return answer
 
 
-async def test_readiness_probes_the_primary_models_api(tmp_path: Path, llm: FakeLLM) -> None:
+async def test_readiness_probes_the_models_api_and_reports_an_outage(
+    tmp_path: Path, llm: FakeLLM
+) -> None:
     model = anthropic_agent(tmp_path, llm)
     llm.on("GET /v1/models", models_list(200))
     async for client in serve(production_app(tmp_path, model, ready_cache_seconds=0)):
@@ -447,7 +449,55 @@ async def test_readiness_probes_the_primary_models_api(tmp_path: Path, llm: Fake
         llm.on("GET /v1/models", models_list(503))
         unreachable = await client.get("/readyz")
     assert ready.status_code == 200
-    assert unreachable.status_code == 503
-    assert unreachable.json()["checks"] == {"store": True, "model": False, "bus": None}
+    assert ready.json()["models"] == [
+        {"provider": "anthropic", "model": "claude-sonnet-4-5", "reachable": True}
+    ]
+    # Reported, and the replica stays in its Service: the model API is no part of it.
+    assert unreachable.status_code == 200, unreachable.text
+    body = unreachable.json()
+    assert body["checks"] == {"store": True, "model": False, "auth": True, "bus": None}
+    assert "no model of the chain answers" in body["message"]
     probe = llm.requests("GET /v1/models")[0]
     assert probe.headers["x-api-key"] == KEY
+
+
+async def test_a_primary_model_outage_leaves_the_replica_ready_for_its_fallback(
+    tmp_path: Path, llm: FakeLLM
+) -> None:
+    """Issue 10, hole 11: readiness followed the primary model alone, so an outage of
+    its API took every replica out of its Service and the fallback never served. Before
+    the fix this test failed with:
+
+        AssertionError: the primary's outage: 503 {"status":"not-ready",
+        "checks":{"store":true,"model":false,"auth":true},"memoryStore":"inProcess",
+        "authMode":"none","message":"the primary model's API cannot be reached"}
+    """
+    model = two_openai_endpoints(tmp_path, llm)
+    llm.on("GET /primary/v1/models", models_list(200))
+    llm.on("GET /fallback/v1/models", models_list(200))
+    llm.on("/primary/v1/chat/completions", failing(503, "server_error"))
+    llm.on("/fallback/v1/chat/completions", openai_ok("the fallback serves"))
+    app = production_app(tmp_path, model, ready_cache_seconds=0, model_attempts=1)
+    async for client in serve(app):
+        ready = await client.get("/readyz")
+        llm.on("GET /primary/v1/models", models_list(503))  # the primary's API goes down
+        outage = await client.get("/readyz")
+        served = await client.post("/v1/invoke", json={"input": "hi"})
+
+    assert ready.status_code == 200, ready.text
+    assert outage.status_code == 200, f"the primary's outage: {outage.status_code} {outage.text}"
+    body = outage.json()
+    assert body["status"] == "ready"
+    assert body["checks"] == {"store": True, "model": True, "auth": True, "bus": None}
+    assert body["models"] == [
+        {"provider": "openai-compatible", "model": "gpt-primary", "reachable": False},
+        {"provider": "openai-compatible", "model": "gpt-fallback", "reachable": True},
+    ]
+    assert body["message"] is None
+    assert served.status_code == 200, served.text
+    assert served.json()["model"] == "gpt-fallback"
+    # Each model's probe went to its own API with its own key.
+    [primary_probe, *_] = llm.requests("GET /primary/v1/models")
+    [fallback_probe, *_] = llm.requests("GET /fallback/v1/models")
+    assert primary_probe.headers["authorization"] == f"Bearer {KEY}"
+    assert fallback_probe.headers["authorization"] == f"Bearer {KEY}-2"

@@ -2,7 +2,8 @@
 
 Two app instances, each with its own connections (as two replicas would have), share
 one conversation; every invocation leaves a usage record and an audit entry in
-PostgreSQL; ``spec.limits`` is enforced through the real Redis limiter.
+PostgreSQL; ``spec.limits`` is enforced through the real Redis limiter; the lengths of
+the task bus's streams are exported on ``/metrics``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ import asyncpg  # type: ignore[import-untyped]
 import fastapi
 import httpx
 import pytest
+from redis import asyncio as aioredis
 
-from bmad_runtime import settings, wiring
+from bmad_integrations import taskwire
+from bmad_runtime import auth, settings, wiring
+
+from . import oidc
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +64,13 @@ def tenant() -> str:
 
 
 def production_app(
-    tmp_path: Path, tenant: str, dsn: str, redis_url: str, **agent: Any
+    tmp_path: Path,
+    tenant: str,
+    dsn: str,
+    redis_url: str,
+    *,
+    binding_root: Path | None = None,
+    **agent: Any,
 ) -> fastapi.FastAPI:
     config_path = tmp_path / "agent.json"
     config_path.write_text(
@@ -70,8 +81,8 @@ def production_app(
             agent_name="pm-1",
             agent_namespace=tenant,
             agent_config=config_path,
-            binding_root=tmp_path / "no-bindings",
-            auth_enabled=False,
+            binding_root=binding_root or tmp_path / "no-bindings",
+            auth_mode="none" if binding_root is None else "jwt",
             postgres_dsn=dsn,
             redis_url=redis_url,
         )
@@ -115,8 +126,10 @@ async def test_two_replicas_share_a_conversation_and_account_for_it(
     assert opened.status_code == 200, opened.text
     assert ready.json() == {
         "status": "ready",
-        "checks": {"store": True, "model": True, "bus": True},
+        "checks": {"store": True, "model": True, "auth": True, "bus": True},
+        "models": [{"provider": "echo", "model": "echo-1", "reachable": True}],
         "memoryStore": "durable",
+        "authMode": "none",
         "message": None,
     }
     assert continued.status_code == 200, continued.text
@@ -173,3 +186,91 @@ async def test_spec_limits_are_enforced_through_redis(
     refused = answers[-1]
     assert refused.json()["error"]["code"] == "rate_limited"
     assert 1 <= int(refused.headers["retry-after"]) <= 60
+
+
+async def test_a_second_subject_cannot_read_or_delete_the_firsts_conversation(
+    tmp_path: Path, tenant: str, dsn: str, redis_url: str
+) -> None:
+    """Issue 10, hole 6, on PostgreSQL and Redis with real JWTs from a real issuer: two
+    token holders of one tenant. Before the fix this test failed with:
+
+        AssertionError: max read mia's conversation: 200
+    """
+    with oidc.running() as issuer:
+        key = oidc.Key("k1")
+        issuer.keys = [key.jwk()]
+        binding = tmp_path / "bindings" / "login"
+        binding.mkdir(parents=True)
+        for name, value in {
+            "type": "auth0",
+            "issuer": issuer.url,
+            "audience": oidc.AUDIENCE,
+            "jwksUri": f"{issuer.url}keys",
+        }.items():
+            (binding / name).write_text(value)
+
+        def token(subject: str, scopes: str) -> dict[str, str]:
+            claims = issuer.claims(sub=subject, scope=scopes, **{auth.TENANT_CLAIM: tenant})
+            return {"Authorization": f"Bearer {key.sign(claims)}"}
+
+        own = "agent:invoke conversations:read conversations:delete"
+        mia, max_ = token("auth0|mia", own), token("auth0|max", own)
+        auditor = token("auth0|audit", "conversations:read conversations:read:all")
+        app = production_app(tmp_path, tenant, dsn, redis_url, binding_root=tmp_path / "bindings")
+        async for client in serve(app):
+            opened = await client.post("/v1/invoke", json={"input": "mia's plan"}, headers=mia)
+            conversation = opened.json()["conversationId"]
+            path = f"/v1/conversations/{conversation}"
+            read = await client.get(f"{path}/messages", headers=max_)
+            listed = await client.get("/v1/conversations", headers=max_)
+            continued = await client.post(
+                "/v1/invoke",
+                json={"input": "and then?", "conversationId": conversation},
+                headers=max_,
+            )
+            deleted = await client.delete(path, headers=max_)
+            kept = await client.get(f"{path}/messages", headers=mia)
+            audited = await client.get(f"{path}/messages", headers=auditor)
+            removed = await client.delete(path, headers=mia)
+
+    assert opened.status_code == 200, opened.text
+    assert read.status_code == 404, f"max read mia's conversation: {read.status_code}"
+    assert read.json()["error"]["code"] == "conversation_not_found"
+    assert listed.json()["conversations"] == []
+    assert continued.status_code == 404, continued.text
+    assert deleted.status_code == 404
+    assert len(kept.json()["messages"]) == 2, "max's attempts changed nothing"
+    assert audited.status_code == 200, "conversations:read:all reads every subject's"
+    assert removed.status_code == 204, "the owner deletes her own"
+
+
+async def test_the_lengths_of_the_task_stream_and_the_dead_letters_are_exported(
+    tmp_path: Path, tenant: str, dsn: str, redis_url: str
+) -> None:
+    """Issue 10, hole 12 (the bus's streams: export their lengths). Before the fix
+    only the task stream's length was exported, and this test failed with:
+
+        AssertionError: timed out waiting for bmad_agent_dead_letters 1.0 on /metrics
+    """
+    keys = taskwire.Keys(tenant, "pm-1")
+    redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        # An entry that is not a task: the consumer dead-letters it without running it.
+        await redis.xadd(keys.stream, {"hello": "world"})
+        async for client in serve(production_app(tmp_path, tenant, dsn, redis_url)):
+            deadline = time.monotonic() + 30
+            while True:
+                text = (await client.get("/metrics")).text
+                if "bmad_agent_dead_letters 1.0" in text:
+                    break
+                assert time.monotonic() < deadline, (
+                    "timed out waiting for bmad_agent_dead_letters 1.0 on /metrics"
+                )
+                await asyncio.sleep(0.2)
+        assert "bmad_agent_queue_depth 0.0" in text
+        assert await redis.xlen(keys.dead) == 1
+    finally:
+        found = [key async for key in redis.scan_iter(match=f"{keys.prefix}:*", count=500)]
+        if found:
+            await redis.delete(*found)
+        await redis.aclose()

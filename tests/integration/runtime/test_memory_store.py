@@ -29,6 +29,8 @@ from bmad_runtime.memory import usage as usage_mod
 
 pytestmark = pytest.mark.integration
 
+OWNER = "auth0|owner"
+
 
 def with_database(dsn: str, database: str) -> str:
     parts = urllib.parse.urlsplit(dsn)
@@ -101,6 +103,7 @@ async def write_dialogue(
             turn(conversation, role, content, model="echo-1" if role == "assistant" else None),
             tenant=tenant,
             agent=agent,
+            subject=OWNER,
         )
         contents.append(content)
     return contents
@@ -120,30 +123,38 @@ async def test_turns_are_kept_in_order_in_both_stores(
     tenant, agent = names
     contents = await write_dialogue(store, "c-1", 5, tenant=tenant, agent=agent)
 
-    recent = await store.recent("c-1", tenant=tenant, agent=agent, limit=3)
+    recent = await store.recent("c-1", tenant=tenant, agent=agent, limit=3, subject=OWNER)
     assert [t.content for t in recent] == contents[-3:]
     assert all(t.conversation_id == "c-1" for t in recent)
-    history = await store.history("c-1", tenant=tenant, agent=agent)
+    history = await store.history("c-1", tenant=tenant, agent=agent, subject=OWNER)
     assert [t.content for t in history] == contents
     assert [t.role for t in history] == ["user", "assistant"] * 2 + ["user"]
     assert history[1].model == "echo-1"
     assert history[0].model is None
     assert history[0].created_at.tzinfo is not None
-    assert [t.content for t in await store.history("c-1", tenant=tenant, agent=agent, limit=2)] == (
-        contents[-2:]
-    )
+    assert [
+        t.content
+        for t in await store.history("c-1", tenant=tenant, agent=agent, limit=2, subject=OWNER)
+    ] == (contents[-2:])
 
-    key = conversations.turns_key("c-1", tenant=tenant, agent=agent)
-    assert key == f"bmad:{tenant}:{agent}:conv:c-1:turns"
+    key = conversations.turns_key("c-1", tenant=tenant, agent=agent, owner=OWNER)
+    assert key == f"bmad:{tenant}:{agent}:conv:{conversations.owner_digest(OWNER)}:c-1:turns"
     cached = [json.loads(x) for x in await raw_redis.lrange(key, 0, -1)]
     assert [c["seq"] for c in cached] == [1, 2, 3, 4, 5]
     assert 0 < await raw_redis.ttl(key) <= store.conversations.ttl_seconds
 
-    listed = await store.list_conversations(tenant=tenant, agent=agent)
+    listed = await store.list_conversations(tenant=tenant, agent=agent, subject=OWNER)
     assert [(c["id"], c["title"], c["turns"]) for c in listed] == [("c-1", "user says 0", 5)]
-    got = await store.conversations.get_conversation("c-1", tenant=tenant, agent=agent)
+    got = await store.conversations.get_conversation(
+        "c-1", tenant=tenant, agent=agent, subject=OWNER
+    )
     assert got == listed[0]
-    assert await store.conversations.get_conversation("nope", tenant=tenant, agent=agent) is None
+    assert (
+        await store.conversations.get_conversation(
+            "nope", tenant=tenant, agent=agent, subject=OWNER
+        )
+        is None
+    )
 
 
 async def test_redis_keeps_only_the_recent_turns(
@@ -155,18 +166,21 @@ async def test_redis_keeps_only_the_recent_turns(
     )
     try:
         contents = await write_dialogue(small, "c", 7, tenant=tenant, agent=agent)
-        key = conversations.turns_key("c", tenant=tenant, agent=agent)
+        key = conversations.turns_key("c", tenant=tenant, agent=agent, owner=OWNER)
         assert [json.loads(x)["seq"] for x in await raw_redis.lrange(key, 0, -1)] == [5, 6, 7]
         assert 0 < await raw_redis.ttl(key) <= 120
         # Within the hot window from Redis; beyond it from PostgreSQL.
         assert [
-            t.content for t in await small.recent("c", tenant=tenant, agent=agent, limit=2)
+            t.content
+            for t in await small.recent("c", tenant=tenant, agent=agent, limit=2, subject=OWNER)
         ] == (contents[-2:])
         assert [
-            t.content for t in await small.recent("c", tenant=tenant, agent=agent, limit=6)
+            t.content
+            for t in await small.recent("c", tenant=tenant, agent=agent, limit=6, subject=OWNER)
         ] == (contents[-6:])
         assert [
-            t.content for t in await small.recent("c", tenant=tenant, agent=agent, limit=50)
+            t.content
+            for t in await small.recent("c", tenant=tenant, agent=agent, limit=50, subject=OWNER)
         ] == (contents)
     finally:
         await small.close()
@@ -177,10 +191,10 @@ async def test_recent_falls_back_to_postgres_after_a_redis_flush(
 ) -> None:
     tenant, agent = names
     contents = await write_dialogue(store, "c", 4, tenant=tenant, agent=agent)
-    key = conversations.turns_key("c", tenant=tenant, agent=agent)
+    key = conversations.turns_key("c", tenant=tenant, agent=agent, owner=OWNER)
     assert await forget_tenant_keys(raw_redis, tenant) == 1
 
-    recent = await store.recent("c", tenant=tenant, agent=agent, limit=10)
+    recent = await store.recent("c", tenant=tenant, agent=agent, limit=10, subject=OWNER)
     assert [t.content for t in recent] == contents
     # The read re-warmed Redis from PostgreSQL.
     assert [json.loads(x)["seq"] for x in await raw_redis.lrange(key, 0, -1)] == [1, 2, 3, 4]
@@ -188,9 +202,11 @@ async def test_recent_falls_back_to_postgres_after_a_redis_flush(
     # Flushed again, then a new turn: the writer notices the gap and rebuilds, so a
     # list holding only the newest turn is never taken for the whole conversation.
     await forget_tenant_keys(raw_redis, tenant)
-    await store.append(turn("c", "user", "after the flush"), tenant=tenant, agent=agent)
+    await store.append(
+        turn("c", "user", "after the flush"), tenant=tenant, agent=agent, subject=OWNER
+    )
     assert [json.loads(x)["seq"] for x in await raw_redis.lrange(key, 0, -1)] == [1, 2, 3, 4, 5]
-    recent = await store.recent("c", tenant=tenant, agent=agent, limit=10)
+    recent = await store.recent("c", tenant=tenant, agent=agent, limit=10, subject=OWNER)
     assert [t.content for t in recent] == [*contents, "after the flush"]
 
 
@@ -203,9 +219,11 @@ async def test_a_store_on_an_empty_redis_still_sees_the_history(
     other_db = urllib.parse.urlunsplit(parts._replace(path="/7"))
     fresh = await memory_store.PostgresRedisStore.connect(postgres_dsn=dsn, redis_url=other_db)
     try:
-        recent = await fresh.recent("c", tenant=tenant, agent=agent, limit=20)
+        recent = await fresh.recent("c", tenant=tenant, agent=agent, limit=20, subject=OWNER)
         assert [t.content for t in recent] == contents
-        await fresh.redis.delete(conversations.turns_key("c", tenant=tenant, agent=agent))
+        await fresh.redis.delete(
+            conversations.turns_key("c", tenant=tenant, agent=agent, owner=OWNER)
+        )
     finally:
         await fresh.close()
 
@@ -215,6 +233,8 @@ SCRIPT = textwrap.dedent(
     import asyncio, datetime as dt, json, os, sys
     from bmad_runtime import ports
     from bmad_runtime.memory import store as memory_store
+
+    OWNER = "auth0|owner"
 
     async def main():
         store = await memory_store.PostgresRedisStore.connect(
@@ -226,9 +246,10 @@ SCRIPT = textwrap.dedent(
                 await store.append(
                     ports.Turn(conv, "user", sys.argv[2], dt.datetime.now(dt.UTC)),
                     tenant=tenant, agent=agent,
+                    subject=OWNER,
                 )
-            recent = await store.recent(conv, tenant=tenant, agent=agent, limit=50)
-            history = await store.history(conv, tenant=tenant, agent=agent)
+            recent = await store.recent(conv, tenant=tenant, agent=agent, limit=50, subject=OWNER)
+            history = await store.history(conv, tenant=tenant, agent=agent, subject=OWNER)
             print(json.dumps({
                 "pid": os.getpid(),
                 "recent": [t.content for t in recent],
@@ -287,7 +308,7 @@ async def test_a_conversation_continues_in_another_process(
         run_other_process, "append", "from the other process", conv="shared", **where
     )
     assert seen["recent"] == [*contents, "from the other process"]
-    recent = await store.recent("shared", tenant=tenant, agent=agent, limit=10)
+    recent = await store.recent("shared", tenant=tenant, agent=agent, limit=10, subject=OWNER)
     assert [t.content for t in recent] == [*contents, "from the other process"]
 
     # And with Redis flushed in between, PostgreSQL carries the conversation across.
@@ -308,19 +329,22 @@ async def test_concurrent_appends_from_two_replicas_get_distinct_sequence_number
     try:
         writes = [
             (store if i % 2 else other).append(
-                turn("busy", "user", f"m{i}"), tenant=tenant, agent=agent
+                turn("busy", "user", f"m{i}"),
+                tenant=tenant,
+                agent=agent,
+                subject=OWNER,
             )
             for i in range(30)
         ]
         await asyncio.gather(*writes)
     finally:
         await other.close()
-    history = await store.history("busy", tenant=tenant, agent=agent)
+    history = await store.history("busy", tenant=tenant, agent=agent, subject=OWNER)
     assert sorted(t.content for t in history) == sorted(f"m{i}" for i in range(30))
-    key = conversations.turns_key("busy", tenant=tenant, agent=agent)
+    key = conversations.turns_key("busy", tenant=tenant, agent=agent, owner=OWNER)
     cached = [json.loads(x) for x in await raw_redis.lrange(key, 0, -1)]
     assert [c["seq"] for c in cached] == list(range(11, 31))  # contiguous, newest 20
-    recent = await store.recent("busy", tenant=tenant, agent=agent, limit=20)
+    recent = await store.recent("busy", tenant=tenant, agent=agent, limit=20, subject=OWNER)
     assert [t.content for t in recent] == [t.content for t in history[-20:]]
 
 
@@ -330,25 +354,36 @@ async def test_tenants_and_agents_cannot_see_each_others_conversations(
     tenant, agent = names
     intruder, other_agent = unique("tenant"), unique("agent")
     await write_dialogue(store, "same-id", 2, tenant=tenant, agent=agent)
-    await store.append(turn("same-id", "user", "intruder's own"), tenant=intruder, agent=agent)
+    await store.append(
+        turn("same-id", "user", "intruder's own"), tenant=intruder, agent=agent, subject=OWNER
+    )
 
     for who, what in ((intruder, agent), (tenant, other_agent)):
-        assert [c["id"] for c in await store.list_conversations(tenant=who, agent=what)] == (
-            ["same-id"] if who == intruder else []
-        )
-        mine = await store.history("same-id", tenant=who, agent=what)
+        assert [
+            c["id"] for c in await store.list_conversations(tenant=who, agent=what, subject=OWNER)
+        ] == (["same-id"] if who == intruder else [])
+        mine = await store.history("same-id", tenant=who, agent=what, subject=OWNER)
         assert [t.content for t in mine] == (["intruder's own"] if who == intruder else [])
-    assert await store.recent("same-id", tenant=tenant, agent=other_agent, limit=5) == []
     assert (
-        await store.conversations.get_conversation("same-id", tenant=tenant, agent=other_agent)
+        await store.recent("same-id", tenant=tenant, agent=other_agent, limit=5, subject=OWNER)
+        == []
+    )
+    assert (
+        await store.conversations.get_conversation(
+            "same-id", tenant=tenant, agent=other_agent, subject=OWNER
+        )
         is None
     )
-    assert not await store.delete_conversation("same-id", tenant=tenant, agent=other_agent)
+    assert not await store.delete_conversation(
+        "same-id", tenant=tenant, agent=other_agent, subject=OWNER
+    )
 
     # The intruder deleting "its" same-id removes only its own.
-    assert await store.delete_conversation("same-id", tenant=intruder, agent=agent)
-    assert len(await store.history("same-id", tenant=tenant, agent=agent)) == 2
-    assert len(await store.recent("same-id", tenant=tenant, agent=agent, limit=5)) == 2
+    assert await store.delete_conversation("same-id", tenant=intruder, agent=agent, subject=OWNER)
+    assert len(await store.history("same-id", tenant=tenant, agent=agent, subject=OWNER)) == 2
+    assert (
+        len(await store.recent("same-id", tenant=tenant, agent=agent, limit=5, subject=OWNER)) == 2
+    )
 
 
 async def test_deleting_a_conversation_removes_it_everywhere(
@@ -363,18 +398,25 @@ async def test_deleting_a_conversation_removes_it_everywhere(
         agent=agent,
         conversation_id="gone",
     )
-    assert await store.delete_conversation("gone", tenant=tenant, agent=agent)
-    assert not await store.delete_conversation("gone", tenant=tenant, agent=agent)
-    assert await raw_redis.exists(conversations.turns_key("gone", tenant=tenant, agent=agent)) == 0
-    assert await store.recent("gone", tenant=tenant, agent=agent, limit=5) == []
-    assert await store.history("gone", tenant=tenant, agent=agent) == []
-    assert await store.list_conversations(tenant=tenant, agent=agent) == []
+    assert await store.delete_conversation("gone", tenant=tenant, agent=agent, subject=OWNER)
+    assert not await store.delete_conversation("gone", tenant=tenant, agent=agent, subject=OWNER)
+    assert (
+        await raw_redis.exists(
+            conversations.turns_key("gone", tenant=tenant, agent=agent, owner=OWNER)
+        )
+        == 0
+    )
+    assert await store.recent("gone", tenant=tenant, agent=agent, limit=5, subject=OWNER) == []
+    assert await store.history("gone", tenant=tenant, agent=agent, subject=OWNER) == []
+    assert await store.list_conversations(tenant=tenant, agent=agent, subject=OWNER) == []
     assert (
         await store.context_versions.get(tenant=tenant, agent=agent, conversation_id="gone") is None
     )
     # A new conversation under the same id starts over.
-    await store.append(turn("gone", "user", "fresh start"), tenant=tenant, agent=agent)
-    recent = await store.recent("gone", tenant=tenant, agent=agent, limit=5)
+    await store.append(
+        turn("gone", "user", "fresh start"), tenant=tenant, agent=agent, subject=OWNER
+    )
+    recent = await store.recent("gone", tenant=tenant, agent=agent, limit=5, subject=OWNER)
     assert [t.content for t in recent] == ["fresh start"]
 
 
@@ -442,7 +484,11 @@ async def test_the_audit_log_refuses_update_and_delete(
         detail={"conversation": "c-9", "at": dt.datetime(2024, 1, 2, tzinfo=dt.UTC)},
     )
     entry_id = await store.audits.append(
-        tenant=tenant, agent=agent, subject="user|42", action="invoke", detail={}
+        tenant=tenant,
+        agent=agent,
+        subject="user|42",
+        action="invoke",
+        detail={},
     )
     entries = await store.audits.entries(tenant)
     assert [e["action"] for e in entries] == ["invoke", "conversation.delete"]
@@ -514,8 +560,10 @@ async def test_ping_needs_both_stores(dsn: str, names: tuple[str, str]) -> None:
         assert not await store.ping()
         tenant, agent = names
         # PostgreSQL still takes the turn; reads fall back to it.
-        await store.append(turn("c", "user", "redis is down"), tenant=tenant, agent=agent)
-        recent = await store.recent("c", tenant=tenant, agent=agent, limit=5)
+        await store.append(
+            turn("c", "user", "redis is down"), tenant=tenant, agent=agent, subject=OWNER
+        )
+        recent = await store.recent("c", tenant=tenant, agent=agent, limit=5, subject=OWNER)
         assert [t.content for t in recent] == ["redis is down"]
     finally:
         await store.close()
@@ -527,10 +575,10 @@ async def test_ping_is_true_when_both_answer(store: memory_store.PostgresRedisSt
 
 async def test_bad_names_are_refused(store: memory_store.PostgresRedisStore) -> None:
     with pytest.raises(ValueError, match="tenant"):
-        await store.append(turn("c", "user", "x"), tenant="a:b", agent="agent")
+        await store.append(turn("c", "user", "x"), tenant="a:b", agent="agent", subject=OWNER)
     with pytest.raises(ValueError, match="conversation id"):
-        await store.append(turn("", "user", "x"), tenant="t", agent="agent")
-    assert await store.history("bad\nid", tenant="t", agent="agent") == []
+        await store.append(turn("", "user", "x"), tenant="t", agent="agent", subject=OWNER)
+    assert await store.history("bad\nid", tenant="t", agent="agent", subject=OWNER) == []
 
 
 async def test_the_store_connects_from_binding_settings(
@@ -554,9 +602,50 @@ async def test_the_store_connects_from_binding_settings(
     try:
         assert await store.ping()
         tenant, agent = names
-        await store.append(turn("c", "user", "bound"), tenant=tenant, agent=agent)
+        await store.append(turn("c", "user", "bound"), tenant=tenant, agent=agent, subject=OWNER)
         assert [
-            t.content for t in await store.recent("c", tenant=tenant, agent=agent, limit=1)
+            t.content
+            for t in await store.recent("c", tenant=tenant, agent=agent, limit=1, subject=OWNER)
         ] == ["bound"]
     finally:
         await store.close()
+
+
+async def test_a_conversation_belongs_to_the_subject_that_started_it(
+    store: memory_store.PostgresRedisStore, raw_redis: aioredis.Redis, names: tuple[str, str]
+) -> None:
+    """Issue 10, hole 6, in the store: another subject of the same tenant and agent
+    neither reads, continues, lists nor deletes it; None (every subject) reaches it."""
+    tenant, agent = names
+    contents = await write_dialogue(store, "mine", 2, tenant=tenant, agent=agent)
+    other = "auth0|other"
+
+    with pytest.raises(ports.ConversationNotFoundError):
+        await store.recent("mine", tenant=tenant, agent=agent, limit=5, subject=other)
+    with pytest.raises(ports.ConversationNotFoundError):
+        await store.append(
+            turn("mine", "user", "let me in"), tenant=tenant, agent=agent, subject=other
+        )
+    assert await store.history("mine", tenant=tenant, agent=agent, subject=other) == []
+    assert await store.list_conversations(tenant=tenant, agent=agent, subject=other) == []
+    assert not await store.delete_conversation("mine", tenant=tenant, agent=agent, subject=other)
+    assert (
+        await raw_redis.exists(
+            conversations.turns_key("mine", tenant=tenant, agent=agent, owner=other)
+        )
+        == 0
+    ), "the other subject has no hot list of it either"
+
+    # Nothing changed for the owner; every subject's view (None) sees it with its owner.
+    history = await store.history("mine", tenant=tenant, agent=agent, subject=OWNER)
+    assert [t.content for t in history] == contents
+    [row] = await store.list_conversations(tenant=tenant, agent=agent, subject=None)
+    assert (row["id"], row["owner"], row["turns"]) == ("mine", OWNER, 2)
+    assert len(await store.history("mine", tenant=tenant, agent=agent, subject=None)) == 2
+    assert await store.delete_conversation("mine", tenant=tenant, agent=agent, subject=None)
+    assert (
+        await raw_redis.exists(
+            conversations.turns_key("mine", tenant=tenant, agent=agent, owner=OWNER)
+        )
+        == 0
+    )

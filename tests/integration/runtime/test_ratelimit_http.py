@@ -46,7 +46,7 @@ async def replica(
             agent_namespace=namespace,
             agent_config=config,
             binding_root=tmp_path / "no-bindings",
-            auth_enabled=False,
+            auth_mode="none",
             redis_url=redis_url,
             memory_store="inProcess",  # this test is about the limit, not the store
             task_bus_enabled=False,

@@ -206,6 +206,7 @@ REVIEWER: dict[str, Any] = {
     "instructionsFrom": {"name": "prompts", "key": "reviewer.md"},
     "model": {"provider": "echo", "name": "echo-1", "params": {"echoSystem": True}},
     "memory": {"store": "inProcess"},
+    "auth": {"mode": "none"},  # no auth0 Integration is bound
 }
 
 

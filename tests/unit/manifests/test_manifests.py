@@ -60,7 +60,7 @@ OPERATOR_PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset(
         ("rbac.authorization.k8s.io", "clusterroles", "bind"),
         *(
             ("admissionregistration.k8s.io", "validatingwebhookconfigurations", verb)
-            for verb in ("get", "list", "watch", "create", "patch", "update")
+            for verb in ("get", "list", "watch", "create", "patch", "update", "delete")
         ),
         *(
             (group, "events", verb)
@@ -280,6 +280,9 @@ def test_operator_deployment_wiring(default_objs: list[Obj], operator_deployment
         "port": "health",
         "scheme": "HTTP",
     }
+    # Ready only while the budget webhook serves (/healthz runs the probe "webhook"):
+    # the webhook Service never sends the API server to a pod that cannot answer.
+    assert container["readinessProbe"]["httpGet"] == container["livenessProbe"]["httpGet"]
     assert container["resources"]["limits"]["memory"] == "1Gi"
 
     metrics = one(default_objs, "Service", "bmad-operator-metrics")

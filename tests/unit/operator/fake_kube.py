@@ -1,11 +1,12 @@
 """`FakeKube`: an in-memory API server with the async methods the reconcilers call.
 
-It has the reconcilers' view of `kube.Kube` (get, apply, patch_status, merge_patch,
-delete, event), records every call, and behaves like the API server where it matters
-to them: apply adds server-side defaults, a uid, a resourceVersion and a generation,
-and keeps the status; patch_status merges into the status; a merge patch that names a
-stale resourceVersion is refused with 409; an object being deleted goes away when its
-last finalizer is removed. Shared by the reconciler tests of every kind.
+It has the reconcilers' view of `kube.Kube` (get, list, create, apply, patch_status,
+merge_patch, delete, event), records every call, and behaves like the API server where
+it matters to them: apply adds server-side defaults, a uid, a resourceVersion and a
+generation, and keeps the status (a ResourceQuota's is counted at once); patch_status
+merges into the status; a merge patch that names a stale resourceVersion is refused
+with 409; an object being deleted goes away when its last finalizer is removed. Shared
+by the reconciler tests of every kind.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class FakeKube:
         self.objects: dict[Key, Obj] = {}
         self.calls: list[tuple[str, str, str]] = []
         self.applied: list[Obj] = []
+        self.created: list[Obj] = []
         self.statuses: list[Obj] = []
         self.patches: list[tuple[str, str, Obj]] = []
         self.deleted: list[tuple[str, str, str]] = []
@@ -54,6 +56,7 @@ class FakeKube:
     def reset(self) -> None:
         self.calls.clear()
         self.applied.clear()
+        self.created.clear()
         self.statuses.clear()
         self.patches.clear()
         self.deleted.clear()
@@ -114,6 +117,40 @@ class FakeKube:
             live["spec"]["sessionAffinity"] = "None"
         if existing is not None and "status" in existing:
             live["status"] = copy.deepcopy(existing["status"])
+        if kind == "ResourceQuota":
+            # Kubernetes' quota controller counts it (here at once, there a moment later).
+            hard = copy.deepcopy(live["spec"]["hard"])
+            live["status"] = {"hard": hard, "used": dict.fromkeys(hard, "0")}
+        self.objects[key] = live
+        return copy.deepcopy(live)
+
+    async def list(self, kind: str, namespace: str | None = None, selector: str = "") -> list[Obj]:
+        """Objects of `kind` (in `namespace`), matching a `key=value,...` selector."""
+        self.calls.append(("list", kind, namespace or ""))
+        wanted = dict(part.split("=", 1) for part in selector.split(",") if part)
+        return [
+            copy.deepcopy(obj)
+            for (k, ns, _), obj in sorted(self.objects.items())
+            if k == kind
+            and (namespace is None or ns == namespace)
+            and all((obj["metadata"].get("labels") or {}).get(a) == b for a, b in wanted.items())
+        ]
+
+    async def create(self, obj: Obj) -> Obj:
+        """POST: 409 AlreadyExists when the name is taken, like the API server."""
+        kind, meta = obj["kind"], obj["metadata"]
+        self.calls.append(("create", kind, meta["name"]))
+        key = (kind, meta.get("namespace") or "", meta["name"])
+        if key in self.objects:
+            raise errors.ApiError(409, "AlreadyExists", f"{kind} {meta['name']} already exists")
+        self.created.append(copy.deepcopy(obj))
+        live = copy.deepcopy(obj)
+        live["metadata"].update(
+            uid=f"uid-{kind}-{meta['name']}",
+            resourceVersion=self.next_rv(),
+            generation=1,
+            creationTimestamp="2025-01-01T00:00:00Z",
+        )
         self.objects[key] = live
         return copy.deepcopy(live)
 

@@ -386,3 +386,15 @@ def test_a_suspended_tenant_wins_over_everything_else() -> None:
     )
     assert (ready.status, ready.reason) == ("False", "TenantSuspended")
     assert "acme" in ready.message
+
+
+def test_jwt_auth_needs_a_bound_auth0_integration() -> None:
+    login = policy.IntegrationState("login", found=True, ready=TRUE, type="auth0")
+    gone = policy.IntegrationState("login", found=False, ready=None)
+    for states in ([], [OK], [OK, gone]):
+        cond = policy.integrations_condition(states, NS, auth_mode="jwt")
+        assert (cond.status, cond.reason) == (FALSE, "AuthIntegrationMissing"), states
+        assert "spec.auth.mode: none" in cond.message
+        assert "auth0" in cond.message
+    assert policy.integrations_condition([OK, login], NS, auth_mode="jwt").status == TRUE
+    assert policy.integrations_condition([], NS, auth_mode="none").reason == "NoIntegrations"

@@ -13,11 +13,24 @@ pytestmark = pytest.mark.unit
 
 BILLING_OK = policy.no_billing()
 BILLING_BAD = policy.billing_failed("AuthenticationFailed", "Stripe refused the API key.")
+OPERATOR_NS = "bmad-system"
+
+
+def _refusal(namespace: str, seen: policy.NamespaceView) -> policy.Refusal:
+    decided = policy.claim("acme", namespace, seen, operator_namespace=OPERATOR_NS)
+    assert decided.action == policy.REFUSE
+    assert decided.refusal is not None
+    return decided.refusal
+
+
+CONFLICT = _refusal("shared", policy.NamespaceView(True, tenant="globex"))
+EXISTS = _refusal("legacy", policy.NamespaceView(True))
+PROTECTED = _refusal("kube-system", policy.NamespaceView(True))
 
 
 def _ready(**kw: object) -> Cond:
     args: dict[str, object] = {
-        "conflicts": [],
+        "refused": [],
         "suspended": False,
         "billing": BILLING_OK,
         "namespaces": 2,
@@ -34,11 +47,20 @@ def _ready(**kw: object) -> Cond:
         ({"billing": BILLING_BAD}, "AuthenticationFailed"),
         ({"suspended": True, "billing": BILLING_BAD}, "Suspended"),
         (
-            {"conflicts": ["x (tenant y)"], "suspended": True, "billing": BILLING_BAD},
+            {"refused": [CONFLICT], "suspended": True, "billing": BILLING_BAD},
             "NamespaceConflict",
         ),
+        ({"refused": [EXISTS, CONFLICT, PROTECTED]}, "NamespaceProtected"),
+        ({"refused": [EXISTS, CONFLICT]}, "NamespaceConflict"),
     ],
-    ids=["ready", "billing", "suspended-over-billing", "conflict-over-all"],
+    ids=[
+        "ready",
+        "billing",
+        "suspended-over-billing",
+        "conflict-over-all",
+        "protected-first",
+        "conflict-over-exists",
+    ],
 )
 def test_ready_precedence_conflict_then_suspension_then_billing(
     situation: dict[str, object], reason: str
@@ -50,18 +72,84 @@ def test_ready_precedence_conflict_then_suspension_then_billing(
 
 def test_ready_messages_say_what_to_change() -> None:
     assert _ready().message == "2 namespaces ready; 3 agents."
-    conflict = _ready(conflicts=["shared (tenant globex)"]).message
+    conflict = _ready(refused=[CONFLICT]).message
     assert "shared (tenant globex)" in conflict
     assert "remove it from spec.namespaces" in conflict
+    both = _ready(refused=[CONFLICT, EXISTS]).message
+    assert "shared (tenant globex)" in both
+    assert "kubectl label namespace legacy bmad.dev/adopt-by-tenant=acme" in both
     assert _ready(billing=BILLING_BAD).message == BILLING_BAD.message
 
 
-def test_plan_keeps_unlabelled_and_own_namespaces_and_names_the_others() -> None:
-    plan = policy.plan_namespaces(
-        "acme", ["free", "mine", "theirs"], {"free": None, "mine": "acme", "theirs": "globex"}
-    )
-    assert plan.claimed == ["free", "mine"]
-    assert plan.conflicts == ["theirs (tenant globex)"]
+@pytest.mark.parametrize(
+    ("namespace", "seen", "action", "reason"),
+    [
+        ("new", policy.NamespaceView(False), policy.CREATE, None),
+        ("mine", policy.NamespaceView(True, tenant="acme"), policy.HOLD, None),
+        ("theirs", policy.NamespaceView(True, tenant="globex"), policy.REFUSE, "NamespaceConflict"),
+        ("legacy", policy.NamespaceView(True), policy.REFUSE, "NamespaceExists"),
+        (
+            "handed",
+            policy.NamespaceView(True, adopt_by="acme"),
+            policy.ADOPT,
+            None,
+        ),
+        # made for the tenant, its label removed since: put back
+        ("relabel", policy.NamespaceView(True, created_for="acme"), policy.ADOPT, None),
+        (
+            "made-for-globex",
+            policy.NamespaceView(True, created_for="globex"),
+            policy.REFUSE,
+            "NamespaceExists",
+        ),
+        (
+            "to-globex",
+            policy.NamespaceView(True, adopt_by="globex"),
+            policy.REFUSE,
+            "NamespaceExists",
+        ),
+        # Kubernetes' own and the operator's: never, not even labelled or handed over.
+        (
+            "kube-system",
+            policy.NamespaceView(True, tenant="acme"),
+            policy.REFUSE,
+            "NamespaceProtected",
+        ),
+        ("kube-anything", policy.NamespaceView(False), policy.REFUSE, "NamespaceProtected"),
+        (
+            "default",
+            policy.NamespaceView(True, adopt_by="acme"),
+            policy.REFUSE,
+            "NamespaceProtected",
+        ),
+        (
+            OPERATOR_NS,
+            policy.NamespaceView(True, adopt_by="acme"),
+            policy.REFUSE,
+            "NamespaceProtected",
+        ),
+    ],
+)
+def test_a_namespace_is_the_tenants_only_if_made_for_it_or_handed_over(
+    namespace: str, seen: policy.NamespaceView, action: str, reason: str | None
+) -> None:
+    decided = policy.claim("acme", namespace, seen, operator_namespace=OPERATOR_NS)
+    assert decided.action == action
+    assert (decided.refusal.reason if decided.refusal else None) == reason
+    if decided.refusal:
+        assert decided.refusal.namespace == namespace
+        assert f"Namespace {namespace} " in decided.refusal.message
+
+
+def test_only_a_namespace_created_for_the_tenant_is_ever_deleted() -> None:
+    def deleted(ns: str, created_for: str | None) -> bool:
+        return policy.delete_on_release("acme", ns, created_for, operator_namespace=OPERATOR_NS)
+
+    assert deleted("acme-prod", "acme")
+    assert not deleted("adopted", None)
+    assert not deleted("made-for-globex", "globex")
+    assert not deleted("kube-system", "acme")
+    assert not deleted(OPERATOR_NS, "acme")
 
 
 def test_only_labelled_namespaces_gone_from_the_spec_are_released() -> None:

@@ -27,7 +27,13 @@ Obj = dict[str, Any]
 NS = "team-a"
 NAME = "mary"
 IMAGE = "ghcr.io/bmad/agent-runtime:0.1.0"
-SPEC: Obj = {"role": "analyst", "model": {"provider": "echo", "name": "echo-1"}}
+# Open, as a demo agent: an agent with spec.auth.mode jwt (the default) is not ready
+# without an auth0 Integration, which most of these tests do not bind.
+SPEC: Obj = {
+    "role": "analyst",
+    "model": {"provider": "echo", "name": "echo-1"},
+    "auth": {"mode": "none"},
+}
 OWNED = ["ServiceAccount", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget"]
 
 
@@ -125,11 +131,14 @@ class Harness:
         return [o["kind"] for o in self.api.applied]
 
 
-def integration(name: str, ready: str = "True", message: str = "Reachable.") -> Obj:
+def integration(
+    name: str, ready: str = "True", message: str = "Reachable.", type_: str = "llm"
+) -> Obj:
     return {
         "apiVersion": "bmad.dev/v1alpha1",
         "kind": "Integration",
         "metadata": {"name": name, "namespace": NS, "uid": f"uid-int-{name}"},
+        "spec": {"type": type_},
         "status": {
             "conditions": [
                 {"type": "Ready", "status": ready, "reason": "Checked", "message": message}
@@ -341,6 +350,29 @@ async def test_integration_not_ready_carries_its_message() -> None:
     assert h.condition("Ready")["reason"] == "IntegrationNotReady"
     # Bound anyway: the Secret may appear and the pods must already mount it.
     assert any(v.get("secret") for v in pod_template(h)["spec"]["volumes"])
+
+
+async def test_jwt_auth_without_an_auth0_integration_is_not_ready() -> None:
+    """Issue 10, hole 6 (the operator's side): the default auth mode needs an issuer."""
+    spec = {k: v for k, v in SPEC.items() if k != "auth"}
+    h = Harness({**spec, "integrations": ["llm"]}, integrations={"llm": integration("llm")})
+    await h.run()
+    h.make_available()
+    await h.run()
+    cond = h.condition("IntegrationsReady")
+    assert (cond["status"], cond["reason"]) == ("False", "AuthIntegrationMissing")
+    assert "spec.auth.mode: none" in cond["message"]
+    assert h.condition("Ready")["reason"] == "AuthIntegrationMissing"
+    env = pod_template(h)["spec"]["containers"][0]["env"]
+    assert {"name": "BMAD_AUTH_MODE", "value": "jwt"} in env
+
+    h.seed(integration("login", type_="auth0"))
+    h.update_spec(lambda s: s.update(integrations=["llm", "login"]))
+    await h.run()
+    h.make_available()
+    await h.run()
+    assert h.condition("IntegrationsReady")["status"] == "True"
+    assert h.condition("Ready")["reason"] == "AgentReady"
 
 
 async def rotate_bound_secret() -> tuple[Harness, str]:
@@ -598,3 +630,82 @@ async def test_hole_2_reserved_env_of_a_stored_agent_is_dropped_and_reported() -
     assert (ready["status"], ready["reason"]) == ("False", "ReservedEnvIgnored")
     assert "BMAD_AUTH_ENABLED, Bmad_Tenant, bmad_agent_namespace" in ready["message"]
     assert h.condition("Available")["status"] == "True"  # it serves, as the operator's agent
+
+
+# --- issue 10, hole 9: objects the operator did not create are never adopted ----------------
+
+
+def foreign(kind: str, name: str = NAME) -> Obj:
+    """An object someone else made, with the name the Agent's would have: no owner, no labels
+    of ours (so the operator's label-filtered watch never delivers it)."""
+    spec: Obj = {
+        "Service": {"spec": {"selector": {"app": "legacy"}, "ports": [{"port": 5432}]}},
+        "ServiceAccount": {},
+    }[kind]
+    return {
+        "apiVersion": "v1",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": NS, "uid": f"uid-foreign-{kind}"},
+        **copy.deepcopy(spec),
+    }
+
+
+@pytest.mark.parametrize("kind", ["Service", "ServiceAccount"])
+async def test_name_conflict_a_foreign_object_named_like_the_agent_is_left_untouched(
+    kind: str,
+) -> None:
+    """Hole 9: a pre-existing Service or ServiceAccount named like the Agent was overwritten
+    and given the Agent as owner (so the garbage collector deleted it with the Agent).
+
+    On the code before the fix:
+        assert h.api.applied == []
+        AssertionError: assert [{'apiVersion': 'v1', 'kind': 'ServiceAccount', ...
+    """
+    h = Harness()
+    before = foreign(kind)
+    h.api.objects[(kind, NS, NAME)] = copy.deepcopy(before)  # on the server, not in the store
+    await h.run()
+    assert h.api.applied == []  # nothing at all: pods would otherwise run as a foreign account
+    assert h.api.objects[(kind, NS, NAME)] == before
+    ready = h.condition("Ready")
+    assert ready["status"] == "False"
+    assert ready["reason"] == "NameConflict"
+    assert f"{kind}/{NAME}" in ready["message"]
+    assert "delete or rename" in ready["message"]
+    assert h.event_reasons() == ["NotReady"]
+    # The foreign object is not kept in the store: nothing would ever tell it that it left.
+    assert h.cache.get(kind, NS, NAME) is None
+
+
+async def test_name_conflict_clears_once_the_foreign_object_is_gone() -> None:
+    """Hole 9: removing the conflicting object lets the Agent converge."""
+    h = Harness()
+    h.api.objects[("Service", NS, NAME)] = foreign("Service")
+    await h.run()
+    assert h.condition("Ready")["reason"] == "NameConflict"
+    del h.api.objects[("Service", NS, NAME)]
+    await h.run()
+    assert h.applied_kinds() == OWNED
+    service = h.live("Service")
+    assert service["metadata"]["ownerReferences"][0]["uid"] == "uid-agent-mary"
+    assert h.condition("Ready")["reason"] != "NameConflict"
+
+
+async def test_an_object_of_a_previous_agent_of_the_same_name_is_a_conflict_too() -> None:
+    """Its owner reference names another uid (the garbage collector is about to delete it):
+    it is not ours to take over either."""
+    h = Harness()
+    old = foreign("Service")
+    old["metadata"]["ownerReferences"] = [
+        {
+            "apiVersion": "bmad.dev/v1alpha1",
+            "kind": "Agent",
+            "name": NAME,
+            "uid": "uid-old",
+            "controller": True,
+        }
+    ]
+    h.api.objects[("Service", NS, NAME)] = copy.deepcopy(old)
+    await h.run()
+    assert h.api.objects[("Service", NS, NAME)] == old
+    assert h.condition("Ready")["reason"] == "NameConflict"

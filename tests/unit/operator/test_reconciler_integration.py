@@ -268,3 +268,40 @@ async def test_a_deleted_integration_forgets_its_last_check(check: ScriptedCheck
     check.ok()
     await h.run()
     assert len(check.calls) == 2
+
+
+async def test_name_conflict_a_foreign_secret_named_like_the_binding_is_left_untouched(
+    check: ScriptedCheck,
+) -> None:
+    """Hole 9: a Secret `<integration>-binding` that the operator did not create was
+    overwritten with the binding and given the Integration as owner.
+
+    On the code before the fix:
+        assert h.api.applied == []
+        AssertionError: assert [{'apiVersion': 'v1', 'kind': 'Secret', ...
+    """
+    h = Harness(secret={"password": "s3cret"})
+    before: Obj = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "cache-binding", "namespace": NS, "uid": "uid-theirs"},
+        "data": {"theirs": base64.b64encode(b"keep me").decode()},
+    }
+    h.api.objects[("Secret", NS, "cache-binding")] = copy.deepcopy(before)
+    check.ok()
+    await h.run()
+    assert h.api.applied == []
+    assert h.api.objects[("Secret", NS, "cache-binding")] == before
+    status, reason, message = h.ready()
+    assert (status, reason) == ("False", "NameConflict")
+    assert "Secret/cache-binding" in message
+    assert "bindingSecretName" not in h.status()
+    assert h.events() == [("Warning", "NameConflict")]
+    # Once it is gone, the next check publishes the binding.
+    del h.api.objects[("Secret", NS, "cache-binding")]
+    h.update_spec(checkIntervalSeconds=INTERVAL + 1)  # a change: checked at once
+    check.ok()
+    await h.run()
+    (binding,) = h.api.applied
+    assert binding["metadata"]["ownerReferences"][0]["uid"] == "uid-int"
+    assert h.ready()[:2] == ("True", "Checked")

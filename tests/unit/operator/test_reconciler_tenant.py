@@ -8,6 +8,7 @@ once) and the events. Stripe is a recording stand-in for `bmad_integrations.bill
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import datetime as dt
@@ -146,6 +147,9 @@ class Harness:
     def event_reasons(self) -> list[str]:
         return [e["reason"] for e in self.api.events]
 
+    def created_namespaces(self) -> list[str]:
+        return [o["metadata"]["name"] for o in self.api.created if o["kind"] == "Namespace"]
+
 
 def namespace_of(tenant: str, name: str) -> Obj:
     return {
@@ -190,10 +194,15 @@ async def test_first_pass_adds_the_finalizer_sets_up_namespaces_and_writes_statu
     await h.run()
     (finalizer_patch,) = h.api.patches
     assert finalizer_patch[2]["metadata"]["finalizers"] == [tenant_reconciler.FINALIZER]
+    # Each namespace is created, labelled for the tenant, in one call (a claim only one
+    # Tenant can win), and marked as made for it.
+    assert h.created_namespaces() == ["acme-prod", "acme-dev"]
     for ns in ("acme-prod", "acme-dev"):
-        assert h.applied(ns) == ["Namespace", "ResourceQuota", *FENCES]
-        labels = h.api.objects[("Namespace", "", ns)]["metadata"]["labels"]
-        assert labels["bmad.dev/tenant"] == NAME
+        assert h.applied(ns) == ["ResourceQuota", *FENCES]
+        ns_meta = h.api.objects[("Namespace", "", ns)]["metadata"]
+        assert ns_meta["labels"]["bmad.dev/tenant"] == NAME
+        assert ns_meta["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+        assert ns_meta["annotations"] == {"bmad.dev/created-for-tenant": NAME}
     assert len(h.api.verbs("patch_status")) == 1
     status = h.api.statuses[0]
     assert status["namespaces"] == ["acme-prod", "acme-dev"]
@@ -220,8 +229,7 @@ async def test_a_second_identical_pass_writes_nothing() -> None:
     await h.run()
     h.watch()
     await h.run()
-    # Only a read: that no ResourceQuota of ours is left over (the spec asks for none).
-    assert h.api.calls == [("get", "ResourceQuota", "bmad-tenant-quota")]
+    assert h.api.calls == []
 
 
 async def test_a_second_identical_pass_with_a_quota_makes_no_calls() -> None:
@@ -257,7 +265,7 @@ async def test_a_namespace_of_another_tenant_is_left_alone_and_reported() -> Non
     h.seed(namespace_of("globex", "shared"))
     await h.run()
     assert h.applied("shared") == []
-    assert h.applied("acme-prod")[0] == "Namespace"
+    assert h.created_namespaces() == ["acme-prod"]
     assert h.api.objects[("Namespace", "", "shared")]["metadata"]["labels"] == {
         "bmad.dev/tenant": "globex"
     }
@@ -392,7 +400,7 @@ async def test_billing_problems_are_conditions_with_their_reason(
     assert h.reason("BillingReady") == ("False", reason)
     # Ready carries billing's reason; the namespaces are set up regardless.
     assert h.reason("Ready") == ("False", reason)
-    assert h.applied("acme-prod")[0] == "Namespace"
+    assert h.created_namespaces() == ["acme-prod"]
     assert "sk_test_acme" not in str(h.api.statuses) + str(h.api.events)
 
 
@@ -461,3 +469,214 @@ async def test_a_tenant_deleted_meanwhile_is_not_an_error() -> None:
     await h.run()
     assert h.api.applied == []
     assert h.cache.get("Tenant", None, NAME) is None
+
+
+# --- issue 10, hole 8: a Tenant takes only namespaces made for it -----------------------------
+
+
+def bare_namespace(name: str, labels: dict[str, str] | None = None) -> Obj:
+    """A namespace someone else made (the watch delivers every namespace)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": name, "uid": f"uid-ns-{name}", "labels": dict(labels or {})},
+    }
+
+
+@pytest.mark.parametrize(
+    ("namespace", "labels"),
+    [
+        ("kube-system", {}),
+        ("kube-public", {}),
+        ("kube-node-lease", {}),
+        # the operator's own: refused even with an adoption label
+        (SYSTEM_NS, {"bmad.dev/adopt-by-tenant": NAME}),
+    ],
+)
+async def test_namespace_takeover_a_system_namespace_is_refused_and_left_unlabelled(
+    namespace: str, labels: dict[str, str]
+) -> None:
+    """Hole 8: a Tenant naming kube-system (or the operator's namespace) labelled it, put
+    its fences in it, and with deletionPolicy Delete deleted it on release.
+
+    On the code before the fix:
+        assert h.applied(namespace) == []
+        AssertionError: assert ['Namespace', 'LimitRange', 'NetworkPolicy', ...] == []
+    """
+    h = Harness({"namespaces": [namespace, "acme-prod"], "deletionPolicy": "Delete"})
+    before = bare_namespace(namespace, labels)
+    h.seed(before)
+    await h.run()
+    assert h.applied(namespace) == []
+    assert h.api.find("Namespace", None, namespace)["metadata"]["labels"] == labels
+    assert h.applied("acme-prod")  # the others are set up regardless
+    ready = h.condition("Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "NamespaceProtected")
+    assert f"Namespace {namespace} " in ready["message"]
+    assert "remove it from spec.namespaces" in ready["message"]
+    assert h.tenant()["status"]["namespaces"] == ["acme-prod"]
+    # Deleting the Tenant never deletes it.
+    h.watch()
+    h.delete()
+    await h.run()
+    assert h.api.find("Namespace", None, namespace) is not None
+    assert ("Namespace", "", namespace) not in h.api.deleted
+
+
+async def test_namespace_takeover_an_existing_namespace_needs_an_admins_adoption_label() -> None:
+    """Hole 8: an existing unlabelled namespace (a monitoring namespace, another team's)
+    was taken over silently.
+
+    On the code before the fix:
+        assert h.applied("monitoring") == []
+        AssertionError: assert ['Namespace', 'LimitRange', 'NetworkPolicy', ...] == []
+    """
+    h = Harness({"namespaces": ["monitoring"], "deletionPolicy": "Delete"})
+    h.seed(bare_namespace("monitoring", {"team": "sre"}))
+    await h.run()
+    assert h.applied("monitoring") == []
+    assert h.api.find("Namespace", None, "monitoring")["metadata"]["labels"] == {"team": "sre"}
+    ready = h.condition("Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "NamespaceExists")
+    assert "kubectl label namespace monitoring bmad.dev/adopt-by-tenant=acme" in ready["message"]
+    assert h.tenant()["status"]["namespaces"] == []
+
+    # A cluster admin hands it over: the tenant adopts it, in one conditional write.
+    h.seed(bare_namespace("monitoring", {"team": "sre", "bmad.dev/adopt-by-tenant": NAME}))
+    rv = h.api.find("Namespace", None, "monitoring")["metadata"]["resourceVersion"]
+    await h.run()
+    (adoption,) = [p for p in h.api.patches if p[0] == "Namespace"]
+    assert adoption[2]["metadata"]["resourceVersion"] == rv
+    labels = h.api.find("Namespace", None, "monitoring")["metadata"]["labels"]
+    assert labels["bmad.dev/tenant"] == NAME
+    assert labels["team"] == "sre"
+    assert "bmad.dev/adopt-by-tenant" not in labels  # used up
+    assert h.applied("monitoring")[-len(FENCES) :] == FENCES
+    assert h.reason("Ready") == ("True", "TenantReady")
+
+    # Adopted, not created for the tenant: deleting the Tenant releases it, never deletes it.
+    h.watch()
+    h.delete()
+    await h.run()
+    ns = h.api.find("Namespace", None, "monitoring")
+    assert ns is not None
+    assert "bmad.dev/tenant" not in ns["metadata"]["labels"]
+
+
+async def test_namespace_takeover_an_adoption_label_for_another_tenant_adopts_nothing() -> None:
+    h = Harness({"namespaces": ["legacy"]})
+    h.seed(bare_namespace("legacy", {"bmad.dev/adopt-by-tenant": "globex"}))
+    await h.run()
+    assert h.api.patches[1:] == []  # only the finalizer
+    assert h.applied("legacy") == []
+    ready = h.condition("Ready")
+    assert ready["reason"] == "NamespaceExists"
+    assert "globex" in ready["message"]
+
+
+class RacingKube(FakeKube):
+    """Reads answer what was there when asked, then let the other reconcile run: two
+    Tenants both see a namespace missing before either creates it."""
+
+    async def get(self, kind: str, namespace: str | None, name: str) -> Obj | None:
+        found = await super().get(kind, namespace, name)
+        await asyncio.sleep(0)
+        return found
+
+
+async def test_namespace_takeover_two_tenants_racing_for_a_new_namespace_one_wins() -> None:
+    """Hole 8: two Tenants naming one new namespace both "claimed" it; the label (and the
+    admin RoleBinding) went to whoever wrote last.
+
+    On the code before the fix both reported themselves ready over one namespace:
+        AssertionError: {'acme': 'TenantReady', 'globex': 'TenantReady'}
+        assert ['acme', 'globex'] == ['globex']
+    """
+    api = RacingKube()
+    tenants = {}
+    for tenant in ("acme", "globex"):
+        cache = store.Store()
+        api.seed(
+            {
+                "apiVersion": "bmad.dev/v1alpha1",
+                "kind": "Tenant",
+                "metadata": {"name": tenant, "uid": f"uid-{tenant}", "generation": 1},
+                "spec": {
+                    "namespaces": ["shared"],
+                    "admins": [{"kind": "User", "name": f"admin-{tenant}"}],
+                },
+            },
+            cache,
+        )
+        rec = tenant_reconciler.TenantReconciler(
+            api=api,  # type: ignore[arg-type]
+            cache=cache,
+            operator_namespace=SYSTEM_NS,
+        )
+        tenants[tenant] = (rec, cache)
+    await asyncio.gather(*(rec.reconcile(("", t)) for t, (rec, _) in tenants.items()))
+    holder = api.find("Namespace", None, "shared")["metadata"]["labels"]["bmad.dev/tenant"]
+    outcomes = {}
+    for tenant, (_, cache) in tenants.items():
+        ready = next(
+            c
+            for c in cache.get("Tenant", None, tenant)["status"]["conditions"]
+            if c["type"] == "Ready"
+        )
+        outcomes[tenant] = ready["reason"]
+    winners = [t for t, reason in outcomes.items() if reason == "TenantReady"]
+    assert winners == [holder], outcomes
+    (loser,) = set(tenants) - {holder}
+    assert outcomes[loser] == "NamespaceConflict"
+    binding = api.find("RoleBinding", "shared", "bmad-tenant-admins")
+    assert [s["name"] for s in binding["subjects"]] == [f"admin-{holder}"]
+
+
+async def test_a_removed_tenant_label_on_a_namespace_made_for_it_is_put_back() -> None:
+    h = Harness({"namespaces": ["acme-prod"]})
+    await h.run()
+    h.watch()
+    ns = h.api.objects[("Namespace", "", "acme-prod")]
+    del ns["metadata"]["labels"]["bmad.dev/tenant"]
+    ns["metadata"]["resourceVersion"] = h.api.next_rv()
+    h.watch()
+    await h.run()
+    labels = h.api.objects[("Namespace", "", "acme-prod")]["metadata"]["labels"]
+    assert labels["bmad.dev/tenant"] == NAME
+    assert h.reason("Ready") == ("True", "TenantReady")
+
+
+# --- issue 10, hole 5: the Agent budget is also a ResourceQuota -------------------------------
+
+
+async def test_the_agent_budget_is_an_object_count_quota_in_every_namespace() -> None:
+    h = Harness({"namespaces": ["acme-prod", "acme-dev"], "limits": {"agents": 5}})
+    await h.run()
+    for ns in ("acme-prod", "acme-dev"):
+        quota = h.api.find("ResourceQuota", ns, "bmad-tenant-agents")
+        assert quota["spec"]["hard"] == {"count/agents.bmad.dev": "5"}
+        assert quota["metadata"]["labels"]["bmad.dev/tenant"] == NAME
+    h.watch()
+    h.update_spec(limits={"replicas": 3})  # no Agent budget any more: the quota goes
+    await h.run()
+    assert ("ResourceQuota", "acme-prod", "bmad-tenant-agents") in h.api.deleted
+    assert ("ResourceQuota", "acme-dev", "bmad-tenant-agents") in h.api.deleted
+
+
+async def test_ready_waits_until_kubernetes_has_counted_the_quotas() -> None:
+    """Until the quota controller has counted a new ResourceQuota, the API server refuses
+    every create it covers ("status unknown for quota"): the Tenant is not ready yet."""
+    h = Harness({"namespaces": ["acme-prod"], "limits": {"agents": 5}})
+    await h.run()
+    h.watch()
+    quota = h.api.objects[("ResourceQuota", "acme-prod", "bmad-tenant-agents")]
+    counted = quota.pop("status")
+    h.watch()
+    await h.run()
+    assert h.reason("QuotaReady") == ("False", "QuotaPending")
+    assert "acme-prod/bmad-tenant-agents" in h.condition("QuotaReady")["message"]
+    assert h.reason("Ready") == ("False", "QuotaPending")
+    quota["status"] = counted  # the watch delivers the counted quota
+    h.watch()
+    await h.run()
+    assert h.reason("Ready") == ("True", "TenantReady")

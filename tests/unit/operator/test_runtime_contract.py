@@ -169,7 +169,7 @@ def test_every_variable_the_operator_sets_is_one_the_runtime_reads(
         ).env()
     } == set(rendered)
     # ... and every one of them (and the auth switch) is reserved: no spec can set it.
-    for name in [*rendered, contract.AUTH_ENABLED]:
+    for name in [*rendered, contract.AUTH_ENABLED, contract.AUTH_MODE]:
         assert contract.is_reserved_env(name)
         assert contract.is_reserved_env(name.lower())
 
@@ -331,6 +331,7 @@ HOSTILE = {
     "bmad_agent_namespace": "victim",
     "Bmad_Tenant": "victim",
     "BMAD_AUTH_ENABLED": "false",
+    "bmad_auth_mode": "none",
     "bmad_agent_name": "victim-agent",
     "service_binding_root": "/tmp/forged",
 }
@@ -377,7 +378,7 @@ def test_hole_2_a_tenant_cannot_set_the_runtimes_identity(
     loaded = settings.RuntimeSettings()
     assert (loaded.agent_namespace, loaded.effective_tenant) == ("team-a", "acme")
     assert loaded.agent_name == "winston"
-    assert loaded.auth_enabled is None
+    assert loaded.auth_mode == "jwt"  # the spec's choice (the default), not the forged one
     assert loaded.binding_root == podlayout.in_root(tmp_path, contract.BINDING_ROOT)
 
 

@@ -298,7 +298,7 @@ async def test_an_unexpected_error_is_a_bare_500(caplog: pytest.LogCaptureFixtur
     assert SECRET in caplog.text  # ...but the operator's log has the details
 
 
-async def test_readiness_follows_the_store_and_the_primary_model() -> None:
+async def test_readiness_follows_the_store_and_reports_the_models() -> None:
     store = SwitchableStore()
     model = echo.ScriptedProvider(["x"], reachable=True)
     async for client in serve(make_app(store=store, provider=model)):
@@ -312,16 +312,21 @@ async def test_readiness_follows_the_store_and_the_primary_model() -> None:
     assert ready.status_code == 200
     assert ready.json() == {
         "status": "ready",
-        "checks": {"store": True, "model": True, "bus": None},
+        "checks": {"store": True, "model": True, "auth": True, "bus": None},
+        "models": [{"provider": "scripted", "model": "scripted-1", "reachable": True}],
         "memoryStore": "durable",
+        "authMode": "none",
         "message": None,
     }
     assert no_store.status_code == 503
-    assert no_store.json()["checks"] == {"store": False, "model": True, "bus": None}
+    assert no_store.json()["checks"] == {"store": False, "model": True, "auth": True, "bus": None}
     assert no_store.json()["message"] == "the conversation store does not answer"
-    assert no_model.status_code == 503
-    assert no_model.json()["checks"] == {"store": True, "model": False, "bus": None}
-    assert "primary model" in no_model.json()["message"]
+    # Every replica shares the model APIs: their outage is reported, not made NotReady.
+    assert no_model.status_code == 200
+    assert no_model.json()["status"] == "ready"
+    assert no_model.json()["checks"] == {"store": True, "model": False, "auth": True, "bus": None}
+    assert no_model.json()["models"][0]["reachable"] is False
+    assert "no model of the chain answers" in no_model.json()["message"]
     assert alive.status_code == 200
     assert alive.json() == {"status": "ok"}
 
@@ -364,6 +369,7 @@ async def test_metrics_count_requests_by_route_template_and_tokens() -> None:
     assert 'bmad_agent_tasks_total{outcome="ok"} 1.0' in text
     assert "bmad_agent_inflight 0.0" in text
     assert "bmad_agent_queue_depth 0.0" in text
+    assert "bmad_agent_dead_letters 0.0" in text
 
 
 async def test_two_apps_keep_their_own_metrics() -> None:
@@ -395,3 +401,68 @@ async def test_openapi_has_no_security_when_auth_is_off() -> None:
         document = (await client.get("/openapi.json")).json()
     assert "securitySchemes" not in document.get("components", {})
     assert "security" not in document["paths"]["/v1/invoke"]["post"]
+
+
+SCOPED = {
+    "mia": ports.Principal(
+        "auth0|mia", TENANT, frozenset({deps.SCOPE_INVOKE, deps.SCOPE_READ, deps.SCOPE_DELETE})
+    ),
+    "max": ports.Principal(
+        "auth0|max", TENANT, frozenset({deps.SCOPE_INVOKE, deps.SCOPE_READ, deps.SCOPE_DELETE})
+    ),
+    "auditor": ports.Principal(
+        "auth0|audit",
+        TENANT,
+        frozenset(
+            {
+                deps.SCOPE_READ,
+                deps.SCOPE_DELETE,
+                "conversations:read:all",
+                "conversations:delete:all",
+            }
+        ),
+    ),
+}
+
+
+async def test_conversations_are_scoped_to_the_callers_subject() -> None:
+    """Issue 10, hole 6: any token holder of the tenant read and deleted every
+    conversation. Before the fix this test failed with:
+
+        AssertionError: assert 200 == 404 (max read mia's messages)
+    """
+    app = make_app(authenticator=StaticAuthenticator(SCOPED))
+    async for client in serve(app):
+        opened = await client.post(
+            "/v1/invoke", json={"input": "mia's secret plan"}, headers=bearer("mia")
+        )
+        conversation = opened.json()["conversationId"]
+        path = f"/v1/conversations/{conversation}"
+        read = await client.get(f"{path}/messages", headers=bearer("max"))
+        listed = await client.get("/v1/conversations", headers=bearer("max"))
+        continued = await client.post(
+            "/v1/invoke",
+            json={"input": "what did she say?", "conversationId": conversation},
+            headers=bearer("max"),
+        )
+        deleted = await client.delete(path, headers=bearer("max"))
+        still = await client.get(f"{path}/messages", headers=bearer("mia"))
+        audited = await client.get(f"{path}/messages", headers=bearer("auditor"))
+        everyone = await client.get("/v1/conversations", headers=bearer("auditor"))
+        removed = await client.delete(path, headers=bearer("auditor"))
+        gone = await client.get(f"{path}/messages", headers=bearer("mia"))
+
+    assert opened.status_code == 200, opened.text
+    assert read.status_code == 404, f"{read.status_code} (max read mia's messages)"
+    assert_error(read, 404, "conversation_not_found")
+    assert listed.json()["conversations"] == []
+    assert_error(continued, 404, "conversation_not_found")
+    assert_error(deleted, 404, "conversation_not_found")
+    assert [m["content"] for m in still.json()["messages"]] == [
+        "mia's secret plan",
+        "[echo-1] mia's secret plan",
+    ], "max's attempts changed nothing"
+    assert audited.status_code == 200, "conversations:read:all reads every subject's"
+    assert [c["conversationId"] for c in everyone.json()["conversations"]] == [conversation]
+    assert removed.status_code == 204, "conversations:delete:all deletes every subject's"
+    assert gone.status_code == 404

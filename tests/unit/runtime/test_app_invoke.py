@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from bmad_runtime import app as app_mod
-from bmad_runtime import config, ports, settings
+from bmad_runtime import config, context, ports, settings
 from bmad_runtime.memory import inprocess
 from bmad_runtime.providers import base, echo, router
 
@@ -256,7 +256,10 @@ async def test_a_stream_that_breaks_after_starting_ends_with_an_error_event(
     assert kind == "error"
     assert data["error"]["code"] == "model_failed"
     assert fallback.calls == []  # no second model's answer glued onto the first's
-    assert store.usage == []
+    # What the caller was sent was spent: it is on record, as far as it went.
+    [usage] = store.usage
+    assert usage.tokens_out == context.estimate_tokens("half an ")
+    assert store.audit_log[-1]["detail"]["finishReason"] == "error"
 
 
 async def test_unknown_conversation_is_404_and_delete_is_audited(
@@ -281,7 +284,7 @@ async def test_conversations_of_another_tenant_are_invisible(
     store: inprocess.InProcessStore,
 ) -> None:
     other = ports.Turn("theirs", "user", "secret plans", dt.datetime.now(dt.UTC))
-    await store.append(other, tenant="team-b", agent="analyst-1")
+    await store.append(other, tenant="team-b", agent="analyst-1", subject="anonymous")
     async for client in serve(make_app(store)):
         listed = await client.get("/v1/conversations")
         read = await client.get("/v1/conversations/theirs/messages")

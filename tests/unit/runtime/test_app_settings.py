@@ -77,7 +77,7 @@ def test_settings_come_from_the_operators_environment(
     assert loaded.postgres_dsn is not None
     assert loaded.postgres_dsn.startswith("postgresql://bmad:p%40ss@127.0.0.1:5432/bmad")
     assert loaded.max_request_bytes == 1024 * 1024
-    assert loaded.auth_enabled is None  # automatic: on when an auth0 binding is mounted
+    assert loaded.auth_mode == "jwt"  # the default: never open unless the Agent says so
 
 
 def test_explicit_urls_win_over_bindings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -193,7 +193,7 @@ async def test_default_app_in_process_mode_runs_on_echo_without_datastores(
         agent_namespace="acme",
         agent_config=agent_json(tmp_path),
         binding_root=tmp_path / "no-bindings",
-        auth_enabled=False,
+        auth_mode="none",
         memory_store="inProcess",
     )
     app = wiring.create_default_app(runtime_settings)
@@ -212,16 +212,6 @@ async def test_default_app_in_process_mode_runs_on_echo_without_datastores(
     assert ready.json()["memoryStore"] == "inProcess"
     assert "kept in this process only" in caplog.text
     assert "authentication is off" in caplog.text
-
-
-async def test_default_app_with_auth_needs_an_auth0_binding(tmp_path: Path) -> None:
-    runtime_settings = settings.RuntimeSettings(
-        agent_config=agent_json(tmp_path), binding_root=tmp_path, auth_enabled=True
-    )
-    app = wiring.create_default_app(runtime_settings)
-    with pytest.raises(config.ConfigError, match="no Integration of type auth0"):
-        async with app.router.lifespan_context(app):
-            pass
 
 
 async def test_default_app_verifies_tokens_with_the_auth0_binding(tmp_path: Path) -> None:
@@ -270,7 +260,7 @@ async def test_durable_memory_without_datastores_serves_not_ready_and_says_what_
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     runtime_settings = settings.RuntimeSettings(
-        agent_config=agent_json(tmp_path), binding_root=tmp_path, auth_enabled=False
+        agent_config=agent_json(tmp_path), binding_root=tmp_path, auth_mode="none"
     )
     assert runtime_settings.memory_store == "durable"  # the default: never a silent fallback
 
@@ -296,7 +286,7 @@ async def test_durable_memory_with_half_a_datastore_names_the_missing_one(
     runtime_settings = settings.RuntimeSettings(
         agent_config=agent_json(tmp_path),
         binding_root=tmp_path,
-        auth_enabled=False,
+        auth_mode="none",
         redis_url="redis://127.0.0.1:1/0",
     )
 
@@ -316,20 +306,6 @@ def test_default_app_fails_fast_on_a_broken_config(tmp_path: Path) -> None:
     runtime_settings = settings.RuntimeSettings(agent_config=tmp_path / "missing.json")
     with pytest.raises(config.ConfigError, match="BMAD_AGENT_CONFIG"):
         wiring.create_default_app(runtime_settings)
-
-
-async def test_auth_is_automatic_on_only_with_an_auth0_binding(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    # No auth0 Integration bound (a demo agent on the echo model): it must start, open.
-    runtime_settings = settings.RuntimeSettings(
-        agent_config=agent_json(tmp_path), binding_root=tmp_path / "none"
-    )
-    assert runtime_settings.auth_enabled is None
-    app = wiring.create_default_app(runtime_settings)
-    async with app.router.lifespan_context(app):
-        pass
-    assert "authentication is off" in caplog.text
 
 
 @pytest.mark.parametrize("store", [None, "durable", "inProcess"])
@@ -354,3 +330,58 @@ def test_the_memory_mode_the_operator_renders_is_the_one_the_runtime_reads(
             monkeypatch.setenv(var["name"], var["value"])
 
     assert settings.RuntimeSettings().memory_store == (store or "durable")
+
+
+async def test_the_agent_api_is_not_open_by_default(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 10, hole 6: with no auth0 Integration bound, every caller got every scope.
+
+    Unauthenticated is now a choice (spec.auth.mode: none); the default, jwt, without
+    an auth0 binding serves nothing under /v1/ and says on /readyz what to bind. Before
+    the fix this test failed with:
+
+        AssertionError: assert 200 == 503 (the invoke was answered, unauthenticated)
+    """
+    runtime_settings = settings.RuntimeSettings(
+        agent_config=agent_json(tmp_path),
+        binding_root=tmp_path / "no-bindings",
+        memory_store="inProcess",
+    )
+    with caplog.at_level(logging.WARNING):
+        ready, answer, state = await probe_default_app(runtime_settings)
+
+    assert answer.status_code == 503, f"{answer.status_code} (the invoke was answered)"
+    assert answer.json()["error"]["code"] == "auth_unavailable"
+    assert ready.status_code == 503
+    body = ready.json()
+    assert body["authMode"] == "jwt"
+    assert body["checks"]["auth"] is False
+    assert "no Integration of type auth0 is bound" in body["message"]
+    assert "spec.auth.mode: none" in body["message"]
+    assert "not ready: spec.auth.mode is jwt" in caplog.text
+    assert state.authenticator is not None
+
+
+@pytest.mark.parametrize("mode", [None, "jwt", "none"])
+def test_the_auth_mode_the_operator_renders_is_the_one_the_runtime_reads(
+    monkeypatch: pytest.MonkeyPatch, mode: str | None
+) -> None:
+    spec: dict[str, Any] = {"role": "dev", "model": {"provider": "echo", "name": "echo-1"}}
+    if mode is not None:
+        spec["auth"] = {"mode": mode}
+    body = {"metadata": {"name": "dev-1", "namespace": "acme", "uid": "u-1"}, "spec": spec}
+    objects = agent_builders.build_all(
+        body,
+        agent_api.AgentSpec.model_validate(spec),
+        image="bmad:test",
+        bindings=[],
+        secret_versions={},
+    )
+    [deployment] = [o for o in objects if o["kind"] == "Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    for var in container["env"]:
+        if "value" in var:
+            monkeypatch.setenv(var["name"], var["value"])
+
+    assert settings.RuntimeSettings().auth_mode == (mode or "jwt")

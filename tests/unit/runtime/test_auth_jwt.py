@@ -645,3 +645,7 @@ def test_the_constructor_refuses_nonsense() -> None:
         auth.JwtAuthenticator(issuer=ISSUER, audience=AUDIENCE, tenant="")
     with pytest.raises(ValueError, match="leeway"):
         auth.JwtAuthenticator(issuer=ISSUER, audience=AUDIENCE, tenant=TENANT, leeway=-1)
+    with pytest.raises(ValueError, match="max_stale_age"):
+        auth.JwtAuthenticator(
+            issuer=ISSUER, audience=AUDIENCE, tenant=TENANT, max_key_age=600, max_stale_age=60
+        )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from unittest import mock
@@ -44,6 +44,7 @@ class FakeBus:
         self.dead: list[tuple[str, str]] = []  # (message id, error)
         self.acked: list[str] = []
         self.seq = 0
+        self.beats = 0
 
     def add(self, task_id: str, payload: dict[str, Any] | None = None) -> str:
         return self.add_raw({"task_id": task_id, "payload": taskwire.encode_payload(payload or {})})
@@ -56,6 +57,16 @@ class FakeBus:
 
     async def ensure_group(self, *, force: bool = False) -> None:
         return None
+
+    async def heartbeat(self, consumer: str, message_ids: Iterable[str]) -> set[str]:
+        held = set()
+        for mid in message_ids:
+            entry = self.pel.get(mid)
+            if entry is not None and entry.consumer == consumer:
+                entry.since = time.monotonic()
+                held.add(mid)
+        self.beats += 1
+        return held
 
     async def read(self, consumer: str, *, count: int, block_ms: int) -> list[taskwire.Task]:
         if not self.new:
@@ -403,3 +414,101 @@ def mock_backoff() -> Iterator[None]:
     """Retries at once: the loop's backoff starts at 0.1 s and doubles."""
     with mock.patch.object(consumer._Run, "BACKOFF_MAX_S", 0.01):
         yield
+
+
+async def test_a_task_slower_than_min_idle_is_kept_claimed_and_runs_once() -> None:
+    """Issue 10, hole 1 (the loop's side): heartbeats keep a slow task's entry claimed."""
+
+    async def slow(task: taskwire.Task, run: int) -> dict[str, Any]:
+        await asyncio.sleep(0.3)  # ten times min_idle_ms
+        return {"run": run}
+
+    fake = FakeBus(client.BusConfig(min_idle_ms=30, claim_interval_ms=5, max_attempts=2))
+    for i in range(5):
+        fake.add(f"t{i}")
+    handler, runs = counting(slow)
+
+    stats = await consume_until(fake, handler, lambda: len(fake.results) == 5)
+
+    assert runs == {f"t{i}": 1 for i in range(5)}
+    assert {r.status for r in fake.results.values()} == {"succeeded"}
+    assert stats.succeeded == 5
+    assert fake.beats > 0
+    assert not fake.dead
+
+
+class LateHeartbeats(FakeBus):
+    """Heartbeats that never arrive in time: the consumer's own claim finds its entries."""
+
+    async def heartbeat(self, consumer: str, message_ids: Iterable[str]) -> set[str]:
+        return {mid for mid in message_ids if mid in self.pel}
+
+
+async def test_an_own_entry_reclaimed_after_a_late_heartbeat_is_not_started_again() -> None:
+    async def slow(task: taskwire.Task, run: int) -> dict[str, Any]:
+        await asyncio.sleep(0.2)
+        return {"run": run}
+
+    fake = LateHeartbeats(client.BusConfig(min_idle_ms=20, claim_interval_ms=5, max_attempts=2))
+    fake.add("t1")
+    handler, runs = counting(slow)
+
+    stats = await consume_until(fake, handler, lambda: "t1" in fake.results)
+
+    assert runs == {"t1": 1}
+    assert stats.claimed >= 1, "the claim did find its own in-flight entry"
+    assert fake.results["t1"].status == "succeeded"
+    assert not fake.dead, "an in-flight task is never dead-lettered by its own claims"
+
+
+async def test_a_run_whose_entry_another_consumer_took_over_is_cancelled() -> None:
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def long(task: taskwire.Task, run: int) -> dict[str, Any]:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return {}
+
+    fake = FakeBus(client.BusConfig(min_idle_ms=60, heartbeat_interval_ms=5))
+    mid = fake.add("t1")
+    handler, _ = counting(long)
+
+    async def steal() -> None:
+        await started.wait()
+        # As XAUTOCLAIM of a consumer that saw it idle (and now heartbeats it itself).
+        fake.pel[mid].consumer, fake.pel[mid].since = "elsewhere", time.monotonic() + 3600
+
+    thief = asyncio.create_task(steal())
+    stats = await consume_until(fake, handler, cancelled.is_set)
+    await thief
+
+    assert stats.lost == 1
+    assert not fake.results
+    assert fake.pel[mid].consumer == "elsewhere", "left to the consumer that has it now"
+
+
+async def test_an_attempt_past_its_deadline_fails_and_is_retried() -> None:
+    async def hangs_first(task: taskwire.Task, run: int) -> dict[str, Any]:
+        if run == 1:
+            await asyncio.sleep(30)
+        return {"run": run}
+
+    fake = FakeBus(client.BusConfig(min_idle_ms=30, attempt_timeout_ms=50, max_attempts=3))
+    fake.add("t1")
+    handler, runs = counting(hangs_first)
+
+    stats = await consume_until(fake, handler, lambda: "t1" in fake.results)
+
+    assert runs == {"t1": 2}
+    assert stats.failed == 1
+    assert fake.results["t1"].output == {"run": 2}
+
+
+def test_the_heartbeat_must_come_before_an_entry_goes_idle() -> None:
+    with pytest.raises(ValueError, match="heartbeat_interval_ms"):
+        client.BusConfig(min_idle_ms=100, heartbeat_interval_ms=100)
+    assert client.BusConfig(min_idle_ms=30_000).heartbeat_interval_s == 10.0

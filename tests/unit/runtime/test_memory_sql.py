@@ -75,11 +75,19 @@ def test_no_sql_is_built_by_formatting(module: object) -> None:
     assert offenders == [], f"SQL built by string formatting in {module}: {offenders}"
 
 
-def test_turns_key_is_namespaced_by_tenant_and_agent() -> None:
-    key = conversations.turns_key("c-1", tenant="acme", agent="analyst")
-    assert key == "bmad:acme:analyst:conv:c-1:turns"
-    # A conversation id with colons stays unambiguous: tenant and agent cannot hold one.
-    assert conversations.turns_key("x:y", tenant="a", agent="b") == "bmad:a:b:conv:x:y:turns"
+def test_turns_key_is_namespaced_by_tenant_agent_and_owner() -> None:
+    key = conversations.turns_key("c-1", tenant="acme", agent="analyst", owner="auth0|mia")
+    mia = conversations.owner_digest("auth0|mia")
+    assert key == f"bmad:acme:analyst:conv:{mia}:c-1:turns"
+    assert len(mia) == 24
+    assert ":" not in mia
+    assert mia != conversations.owner_digest("auth0|max")
+    # A conversation id with colons stays unambiguous: tenant, agent and the owner's
+    # digest cannot hold one.
+    assert (
+        conversations.turns_key("x:y", tenant="a", agent="b", owner="o:p")
+        == f"bmad:a:b:conv:{conversations.owner_digest('o:p')}:x:y:turns"
+    )
 
 
 @pytest.mark.parametrize("bad", ["", "a:b", "a/b", "-a", "a b", "x" * 300])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
@@ -104,16 +105,43 @@ async def test_router_spans_one_per_model_call() -> None:
     assert spans[1].attributes["gen_ai.usage.output_tokens"] == 4
 
 
-async def test_readiness_of_the_primary_is_cached() -> None:
+async def test_the_probe_of_the_chain_is_cached() -> None:
     now = [0.0]
     primary = echo.ScriptedProvider(["x"], reachable=True)
-    chain = router.ModelRouter([primary], ready_ttl=10, clock=lambda: now[0])
-    assert await chain.ready()
+    fallback = echo.ScriptedProvider(["y"], model="fallback-1", reachable=True)
+    chain = router.ModelRouter([primary, fallback], ready_ttl=10, clock=lambda: now[0])
+    assert [p.reachable for p in await chain.probe()] == [True, True]
     primary.reachable = False
     now[0] = 5
-    assert await chain.ready()  # cached
+    assert [p.reachable for p in await chain.probe()] == [True, True]  # cached
     now[0] = 11
-    assert not await chain.ready()
+    assert await chain.probe() == (
+        router.Reachability("scripted", "scripted-1", reachable=False),
+        router.Reachability("scripted", "fallback-1", reachable=True),
+    )
+
+
+class Hanging(echo.ScriptedProvider):
+    async def ping(self) -> bool:
+        await asyncio.Event().wait()
+        return True
+
+
+class Broken(echo.ScriptedProvider):
+    async def ping(self) -> bool:
+        raise OSError("connection refused")
+
+
+async def test_a_probe_that_hangs_or_raises_counts_as_unreachable_and_spares_the_others() -> None:
+    chain = router.ModelRouter(
+        [
+            Hanging(["x"]),
+            Broken(["x"], model="broken-1"),
+            echo.ScriptedProvider(["y"], model="ok-1"),
+        ],
+        ready_ttl=0,
+    )
+    assert [p.reachable for p in await chain.probe(within=0.05)] == [False, False, True]
 
 
 def write_binding(root: Path, name: str, **data: str) -> None:

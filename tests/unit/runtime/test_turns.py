@@ -55,7 +55,9 @@ async def test_a_turn_answers_and_records_turns_usage_and_audit() -> None:
 
     assert answer.output == "[echo-1] plan the launch"
     store = store_of(given)
-    history = await store.history(answer.conversation_id, tenant=TENANT, agent=AGENT)
+    history = await store.history(
+        answer.conversation_id, tenant=TENANT, agent=AGENT, subject=CALLER.subject
+    )
     assert [(t.role, t.content) for t in history] == [
         ("user", "plan the launch"),
         ("assistant", "[echo-1] plan the launch"),
@@ -130,3 +132,45 @@ async def test_a_task_runs_as_the_tenants_bus_principal_and_answers_the_invoke_j
 async def test_a_task_that_is_not_an_invoke_request_fails_validation() -> None:
     with pytest.raises(pydantic.ValidationError):
         await turns.run_task(services(), {"text": "no input field"})
+
+
+async def test_a_stream_holds_a_slot_and_one_left_early_is_recorded_as_far_as_it_went() -> None:
+    """Issue 10, hole 7 (the use case's side)."""
+    given = services(echo.ScriptedProvider(["alpha beta gamma delta"]), concurrency=1)
+    turn = await turns.prepare(given, schemas.InvokeRequest(input="go"), CALLER, request_id="r")
+    answer = turns.stream(turn)
+    first = await anext(answer)
+    second = await anext(answer)
+    assert given.slots is not None
+    assert given.slots.locked(), "the stream holds the replica's only slot"
+
+    await answer.aclose()  # the caller went away after two pieces
+    await turns.drain(given)
+
+    assert not given.slots.locked()
+    assert isinstance(first, base.Delta)
+    assert isinstance(second, base.Delta)
+    sent = first.text + second.text
+    assert (first.provider, first.model) == ("scripted", "scripted-1")
+    store = store_of(given)
+    [usage] = store.usage
+    assert usage.tokens_out == context.estimate_tokens(sent)
+    assert usage.tokens_in == context.count_tokens(turn.messages)
+    [audit] = store.audit_log
+    assert audit["detail"]["finishReason"] == "client_disconnected"
+    history = await store.history(
+        turn.conversation_id, tenant=TENANT, agent=AGENT, subject=CALLER.subject
+    )
+    assert [(t.role, t.content) for t in history] == [("user", "go"), ("assistant", sent)]
+
+
+async def test_a_stream_that_ends_normally_is_recorded_once() -> None:
+    given = services(concurrency=1)
+    turn = await turns.prepare(given, schemas.InvokeRequest(input="hi"), CALLER, request_id="r")
+    events = [event async for event in turns.stream(turn)]
+    await turns.drain(given)
+
+    assert isinstance(events[-1], schemas.InvokeResponse)
+    store = store_of(given)
+    assert len(store.usage) == 1
+    assert store.audit_log[0]["detail"]["finishReason"] == "stop"

@@ -1,7 +1,10 @@
 """The agent's conversations: list them, read one's messages, delete one.
 
-Everything is scoped by the caller's tenant and this agent: another tenant's
-conversation does not exist as far as a caller can tell (404). Deleting is audited.
+Everything is scoped by the caller's tenant, this agent and the caller's subject:
+another tenant's or another subject's conversation does not exist as far as a caller
+can tell (404). A token with ``conversations:read:all`` reads, and one with
+``conversations:delete:all`` deletes, every subject's conversations of the tenant.
+Deleting is audited.
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ def summary(row: dict[str, Any]) -> ConversationSummary:
 @router.get(
     "",
     response_model=ConversationList,
-    summary="List the caller's conversations with this agent, most recent first",
+    summary="List the caller's conversations with this agent (every subject's with "
+    "conversations:read:all), most recent first",
     responses=errors.error_responses(401, 403, 422, 500, 503),
 )
 async def list_conversations(
@@ -81,7 +85,10 @@ async def list_conversations(
     limit: Annotated[int, fastapi.Query(ge=1, le=200, description="At most this many.")] = 50,
 ) -> ConversationList:
     rows = await state.store.list_conversations(
-        tenant=caller.tenant, agent=state.agent, limit=limit
+        tenant=caller.tenant,
+        agent=state.agent,
+        subject=deps.owner_filter(caller, deps.SCOPE_READ_ALL),
+        limit=limit,
     )
     return ConversationList(conversations=[summary(row) for row in rows])
 
@@ -99,7 +106,11 @@ async def conversation_messages(
     limit: Annotated[int, fastapi.Query(ge=1, le=1000, description="At most this many.")] = 100,
 ) -> MessageList:
     turns = await state.store.history(
-        conversation_id, tenant=caller.tenant, agent=state.agent, limit=limit
+        conversation_id,
+        tenant=caller.tenant,
+        agent=state.agent,
+        subject=deps.owner_filter(caller, deps.SCOPE_READ_ALL),
+        limit=limit,
     )
     if not turns:
         raise errors.ApiError(
@@ -128,7 +139,10 @@ async def delete_conversation(
     state: deps.State, caller: deps.Deleter, conversation_id: deps.ConversationId
 ) -> fastapi.Response:
     deleted = await state.store.delete_conversation(
-        conversation_id, tenant=caller.tenant, agent=state.agent
+        conversation_id,
+        tenant=caller.tenant,
+        agent=state.agent,
+        subject=deps.owner_filter(caller, deps.SCOPE_DELETE_ALL),
     )
     if not deleted:
         raise errors.ApiError(

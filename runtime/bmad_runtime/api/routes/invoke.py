@@ -5,16 +5,20 @@ adds what only HTTP has: the caller's token, the refusal at once while every
 concurrency slot is busy, and the stream. With ``stream: true`` the answer arrives as
 Server-Sent Events: ``event: delta`` with ``{"text"}`` pieces, then one ``event: done``
 with the same JSON as the non-streamed answer (or ``event: error`` with an error body).
+A stream holds a concurrency slot while it runs, and one the caller leaves early is
+recorded as far as it went (`turns.stream`).
 """
 
 from __future__ import annotations
 
+import collections.abc
 import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import fastapi
+from starlette import types as asgi
 
 from bmad_runtime import schemas, turns
 from bmad_runtime.api import deps, errors
@@ -47,6 +51,20 @@ SSE_EVENT_SCHEMA: dict[str, Any] = {
         "retry": {"type": "integer", "minimum": 0},
     },
 }
+
+
+class ClosingStreamingResponse(fastapi.responses.StreamingResponse):
+    """Closes its body as soon as the response ends, however it ends: a client that
+    goes away must end the model's stream (and free its slot) now, not whenever the
+    body generator happens to be garbage-collected."""
+
+    async def stream_response(self, send: asgi.Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            body = self.body_iterator
+            if isinstance(body, collections.abc.AsyncGenerator):
+                await body.aclose()
 
 
 def sse(event: str, data: Any) -> bytes:
@@ -97,7 +115,7 @@ async def _stream(turn: turns.Turn) -> fastapi.Response:
         finally:
             await answer.aclose()
 
-    return fastapi.responses.StreamingResponse(
+    return ClosingStreamingResponse(
         body(),
         media_type="text/event-stream",
         headers={"X-Accel-Buffering": "no"},
@@ -113,7 +131,7 @@ async def _stream(turn: turns.Turn) -> fastapi.Response:
             "description": SSE_DESCRIPTION,
             "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
         },
-        **errors.error_responses(400, 401, 403, 413, 422, 429, 500, 502, 503),
+        **errors.error_responses(400, 401, 403, 404, 413, 422, 429, 500, 502, 503),
     },
 )
 async def invoke(
