@@ -21,6 +21,8 @@ testbed_app = typer.Typer(
 app.add_typer(testbed_app, name="testbed")
 operator_app = typer.Typer(no_args_is_help=True, help="The BMAD operator.")
 app.add_typer(operator_app, name="operator")
+workflow_app = typer.Typer(no_args_is_help=True, help="Workflows running in the cluster.")
+app.add_typer(workflow_app, name="workflow")
 
 
 @app.command("import")
@@ -94,6 +96,30 @@ def cmd_import(
             (output / name).write_text(importer.render(manifest), encoding="utf-8")
         typer.echo(f"wrote {len(manifests)} manifests to {output}", err=True)
     if result.errors:
+        raise typer.Exit(1)
+
+
+@workflow_app.command("approve")
+def cmd_workflow_approve(
+    name: Annotated[str, typer.Argument(help="The Workflow.")],
+    step: Annotated[str, typer.Argument(help="The id of the step to approve.")],
+    namespace: Annotated[
+        str | None,
+        typer.Option("-n", "--namespace", help="Namespace (default: the current context's)."),
+    ] = None,
+) -> None:
+    """Approve a step: add its id to spec.approvals, as the current kubeconfig user.
+
+    When the step names approvers, the operator's admission check refuses the edit
+    unless you are one of them (or in one of their groups).
+    """
+    import asyncio
+
+    from bmad_cli import workflows
+
+    outcome = asyncio.run(workflows.run_approve(namespace=namespace, name=name, step=step))
+    typer.echo(outcome.message if outcome.ok else f"error: {outcome.message}", err=not outcome.ok)
+    if not outcome.ok:
         raise typer.Exit(1)
 
 

@@ -274,7 +274,8 @@ SPEC_FIELDS_IN_AGENT_JSON: frozenset[str] = frozenset(
     }
 )
 SPEC_FIELDS_OF_THE_OPERATOR: frozenset[str] = frozenset(
-    {"replicas", "autoscaling", "resources", "runtime", "paused"}
+    {"replicas", "autoscaling", "resources", "runtime", "paused", "auth"}
 )
-"""Acted on by the operator (the Deployment, the scaler); the runtime never needs them.
-``memory.store`` also travels as `MEMORY_STORE`."""
+"""Acted on by the operator (the Deployment, the scaler, the pod's environment); the
+runtime reads none of them from agent.json. ``memory.store`` also travels as
+`MEMORY_STORE`, ``auth.mode`` only as `AUTH_MODE`."""

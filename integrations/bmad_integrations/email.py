@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.message
+import email.utils
 import smtplib
 import socket
 import ssl
 import time
 import urllib.parse
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -385,3 +388,126 @@ def binding(block: integration.Email, creds: base.Credentials) -> dict[str, str]
         if block.domain:
             data["domain"] = block.domain
     return data
+
+
+# --- sending ------------------------------------------------------------------------
+
+
+class Mail(NamedTuple):
+    """One plain-text message."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    subject: str
+    body: str
+    message_id: str | None = None
+    """A stable Message-ID, so that a message sent twice (a retry) reads as one."""
+
+
+class SendError(Exception):
+    """A message could not be sent; the message says what to check and names no secret."""
+
+
+async def send(
+    data: Mapping[str, str],
+    mail: Mail,
+    *,
+    policy: egress.Policy,
+    timeout: float = 10.0,  # noqa: ASYNC109 - bounds the network exchange
+) -> None:
+    """Send ``mail`` with the settings of an email binding (its Secret's data).
+
+    SMTP only: connect (where the egress policy allows), EHLO, STARTTLS when the
+    binding says ``startTLS``, AUTH when it holds a username, then the message.
+    """
+    provider = data.get("provider", "")
+    if provider != "smtp":
+        raise SendError(
+            f"sending through an email Integration of provider {provider!r} is not "
+            "supported: use an smtp Integration for notifications"
+        )
+    host = data.get("host", "")
+    if not host:
+        raise SendError("the email binding names no host: check spec.email.host")
+    try:
+        port = int(data.get("port") or SMTP_PORT)
+    except ValueError:
+        raise SendError("the email binding's port is not a number: check spec.email.port") from None
+    session = _Sender(
+        host=host,
+        port=port,
+        start_tls=data.get("startTLS", "false") == "true",
+        login=(data["username"], data.get("password", "")) if data.get("username") else None,
+        timeout=timeout,
+        policy=policy,
+    )
+    await asyncio.to_thread(session.send, mail)
+
+
+class _Sender:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        start_tls: bool,
+        login: tuple[str, str] | None,
+        timeout: float,
+        policy: egress.Policy,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.start_tls = start_tls
+        self.login = login
+        self.timeout = timeout
+        self.policy = policy
+        self.where = f"SMTP server {egress.where(host, port)}"
+
+    def send(self, mail: Mail) -> None:
+        message = email.message.EmailMessage()
+        message["From"] = mail.sender
+        message["To"] = ", ".join(mail.recipients)
+        message["Subject"] = mail.subject
+        message["Date"] = email.utils.formatdate(localtime=False, usegmt=True)
+        if mail.message_id:
+            message["Message-ID"] = mail.message_id
+        message.set_content(mail.body)
+        try:
+            destination = self.policy.destination_sync(self.host, self.port, field=HOST_FIELD)
+        except base.CheckError as exc:
+            raise SendError(exc.message) from None
+        conn: _Smtp | None = None
+        try:
+            conn = _Smtp(destination, timeout=self.timeout)
+            conn.ehlo()
+            if self.start_tls:
+                conn.starttls(context=ssl.create_default_context())
+                conn.ehlo()
+            if self.login is not None:
+                conn.login(*self.login)
+            refused = conn.send_message(message, mail.sender, list(mail.recipients))
+            if refused:
+                raise SendError(
+                    f"{self.where} refused recipients {', '.join(sorted(refused))}: check "
+                    "spec.notify.recipients"
+                )
+            with contextlib.suppress(smtplib.SMTPException, OSError):
+                conn.quit()
+        except smtplib.SMTPAuthenticationError as exc:
+            raise SendError(
+                f"{self.where} rejected the login ({exc.smtp_code}): check the credentials "
+                "of the email Integration"
+            ) from None
+        except smtplib.SMTPResponseException as exc:
+            raise SendError(f"{self.where} answered {exc.smtp_code} while sending") from None
+        except (smtplib.SMTPException, ssl.SSLError) as exc:
+            raise SendError(f"{self.where}: {type(exc).__name__} while sending") from None
+        except TimeoutError:
+            raise SendError(f"{self.where} did not answer within {self.timeout:g}s") from None
+        except OSError:
+            raise SendError(
+                f"cannot reach {self.where}: check spec.email.host and spec.email.port"
+            ) from None
+        finally:
+            if conn is not None:
+                conn.close()

@@ -10,6 +10,11 @@ flight) a new task is refused with `QueueFullError`, in the same atomic step, ra
 than trimmed (an XADD with MAXLEN would silently drop the oldest tasks, unrun). Keys,
 fields and encodings come from `taskwire`, which the consumer (`bmad_runtime.bus`)
 uses too.
+
+`cancel` stores a ``cancelled`` result under the id unless one is there: a consumer
+that has not started the task skips it, and a later submit of the id enqueues
+nothing. `results` reads many results in one round trip, for a producer (the
+workflow engine) that has many tasks out at once.
 """
 
 from __future__ import annotations
@@ -130,6 +135,34 @@ class TaskProducer:
                 max_depth=self.max_depth,
             )
         return taskwire.text(message_id)
+
+    async def cancel(self, task_id: str, *, reason: str) -> bool:
+        """Store a ``cancelled`` result unless the task has one; True if it was cancelled now.
+
+        A consumer checks for a result before it runs a task, so a task not started yet
+        never runs; one already running finishes, and its result is not stored.
+        """
+        result = taskwire.cancelled_result(task_id, reason=reason, finished_at=time.time())
+        written = await self.redis.set(
+            self.keys.result(task_id),
+            taskwire.encode_result(result),
+            nx=True,
+            px=self.result_ttl_s * 1000,
+        )
+        if written:
+            await self.redis.publish(self.keys.finished, task_id)
+        return bool(written)
+
+    async def results(self, task_ids: list[str]) -> dict[str, taskwire.TaskResult]:
+        """The results there are among ``task_ids`` (one MGET); ids without one are left out."""
+        if not task_ids:
+            return {}
+        raws = await self.redis.mget([self.keys.result(tid) for tid in task_ids])
+        return {
+            tid: taskwire.decode_result(raw)
+            for tid, raw in zip(task_ids, raws, strict=True)
+            if raw is not None
+        }
 
     async def result(self, task_id: str) -> taskwire.TaskResult | None:
         raw = await self.redis.get(self.keys.result(task_id))

@@ -1,4 +1,5 @@
-"""Admission: an Agent that would take its tenant over budget is refused at apply time.
+"""Admission: an Agent that would take its tenant over budget is refused at apply time
+(the approvals of Workflows are reviewed by `workflows.approvals`, wired in handlers).
 
 The webhook's I/O; the decision is `policies.budget`, the configuration and the TLS
 Secret are `builders.webhook`. What makes the count hold:

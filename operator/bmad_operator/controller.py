@@ -21,6 +21,7 @@ from bmad_operator.builders import meta
 from bmad_operator.reconcilers import agent as agent_reconciler
 from bmad_operator.reconcilers import integration as integration_reconciler
 from bmad_operator.reconcilers import tenant as tenant_reconciler
+from bmad_operator.reconcilers import workflow as workflow_reconciler
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,20 @@ class Controller:
             api=api, cache=self.store, operator_namespace=cfg.system_namespace
         )
         self.tenant_queue = workqueue.WorkQueue("Tenant", self.tenants.reconcile, workers=4)
+        self.workflows = workflow_reconciler.WorkflowReconciler(
+            api=api, cache=self.store, poll_seconds=cfg.workflow_poll_seconds
+        )
+        self.workflow_queue = workqueue.WorkQueue(
+            "Workflow", self.workflows.reconcile, workers=max(4, cfg.workers // 2)
+        )
+        self.workflows.queue = self.workflow_queue
         # kind -> (queue, declaration): each reconciler's watches, routed to its queue.
         self._routes: dict[str, list[tuple[workqueue.WorkQueue, watching.Watch]]] = {}
         for queue, declared in (
             (self.agent_queue, self.agents.watches()),
             (self.integration_queue, self.integrations.watches()),
             (self.tenant_queue, self.tenants.watches()),
+            (self.workflow_queue, self.workflows.watches()),
         ):
             for watch in declared:
                 self._routes.setdefault(watch.kind, []).append((queue, watch))
@@ -72,11 +81,13 @@ class Controller:
         self.agent_queue.start()
         self.integration_queue.start()
         self.tenant_queue.start()
+        self.workflow_queue.start()
         self._resync = asyncio.create_task(self._resync_loop(), name="resync")
         for queue, kind in (
             (self.tenant_queue, "Tenant"),
             (self.integration_queue, "Integration"),
             (self.agent_queue, "Agent"),
+            (self.workflow_queue, "Workflow"),
         ):
             for key in self.store.keys(kind):
                 queue.add(key)
@@ -89,7 +100,12 @@ class Controller:
         self._leading = False
         if self._resync:
             self._resync.cancel()
-        for queue in (self.agent_queue, self.integration_queue, self.tenant_queue):
+        for queue in (
+            self.agent_queue,
+            self.integration_queue,
+            self.tenant_queue,
+            self.workflow_queue,
+        ):
             queue.cancel()  # all of them now, before waiting for any
         if self._resync:
             with contextlib.suppress(asyncio.CancelledError):
@@ -98,9 +114,11 @@ class Controller:
         await self.agent_queue.stop()
         await self.integration_queue.stop()
         await self.tenant_queue.stop()
+        await self.workflow_queue.stop()
 
     async def stop(self) -> None:
         await self.pause()
+        await self.workflows.bus.close()
         await self.api.close()
 
     # -- events -------------------------------------------------------------------
@@ -121,7 +139,7 @@ class Controller:
 
     # -- resync -------------------------------------------------------------------
     async def _resync_loop(self) -> None:
-        """Every Agent again every `resync_seconds`, spread out with jitter."""
+        """Every object again every `resync_seconds`, spread out with jitter."""
         period = self.cfg.resync_seconds
         while True:
             await asyncio.sleep(period * random.uniform(0.9, 1.1))  # noqa: S311
@@ -132,6 +150,9 @@ class Controller:
             for key in self.store.keys("Integration"):
                 # Cheap unless a check is due: the reconciler remembers what it checked.
                 self.integration_queue.add_after(key, random.uniform(0, period * 0.1))  # noqa: S311
+            for key in self.store.keys("Workflow"):
+                # A run that ended costs nothing: its pass returns at once.
+                self.workflow_queue.add_after(key, random.uniform(0, period * 0.1))  # noqa: S311
 
 
 def _cached_form(event: watching.WatchEvent) -> Mapping[str, Any]:

@@ -21,6 +21,7 @@ from bmad_operator import admission, controller, errors, kube, leader, settings
 from bmad_operator.builders import meta
 from bmad_operator.builders import webhook as webhook_builders
 from bmad_operator.policies import budget as policy_budget
+from bmad_operator.workflows import approvals
 
 MANAGED = meta.managed_labels()
 
@@ -108,7 +109,11 @@ async def _serve_webhook(
     url = cfg.webhook_url or f"https://{cfg.webhook_host}:{cfg.webhook_port}"
     await api.apply(
         webhook_builders.configuration(
-            cert.cert_pem, owner=system_ns, url=url, service=cfg.webhook_service
+            cert.cert_pem,
+            owner=system_ns,
+            url=url,
+            service=cfg.webhook_service,
+            approvers=(approvals.WEBHOOK_ID, approvals.MATCH_CONDITION),
         )
     )
     return admission.Endpoint(
@@ -175,6 +180,7 @@ WATCHED: tuple[tuple[str, str, str, bool], ...] = (
     ("bmad.dev", "v1alpha1", "agents", False),
     ("bmad.dev", "v1alpha1", "tenants", False),
     ("bmad.dev", "v1alpha1", "integrations", False),
+    ("bmad.dev", "v1alpha1", "workflows", False),
     ("", "v1", "namespaces", False),
     ("", "v1", "secrets", False),
     ("apps", "v1", "deployments", True),
@@ -275,3 +281,26 @@ def _budget(memo: Any) -> admission.BudgetWebhook:
         raise kopf.AdmissionError("the budget webhook is starting: retry in a moment", code=503)
     webhook: admission.BudgetWebhook = ctl.budget
     return webhook
+
+
+@kopf.on.validate(
+    "bmad.dev",
+    "v1alpha1",
+    "workflows",
+    id=approvals.WEBHOOK_ID,
+    operations=["CREATE", "UPDATE"],
+)
+async def validate_workflow_approvals(
+    body: kopf.Body, userinfo: kopf.UserInfo, **kwargs: Any
+) -> None:
+    """Refuse an approval (a step id added to spec.approvals) by someone not among the
+    step's approvers: the API server says who makes the edit, managedFields do not."""
+    old: Any = kwargs.get("old")
+    problem = approvals.refusal(
+        dict(old.get("spec") or {}) if old else None,
+        dict(body.get("spec") or {}),
+        user=str(userinfo.get("username") or ""),
+        groups=[str(g) for g in userinfo.get("groups") or []],
+    )
+    if problem:
+        raise kopf.AdmissionError(problem, code=403)

@@ -30,6 +30,13 @@ class OperatorSettings(BaseSettings):
         default="bmad-system",
         description="The operator's own namespace: billing Integrations and network allowances.",
     )
+    workflow_poll_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="While a Workflow has attempts out, look for their results at least "
+        "this often (a stored result is normally announced at once).",
+    )
     webhook_port: int = Field(
         default=0, ge=0, le=65535, description="Port of the admission webhook; 0 disables it."
     )

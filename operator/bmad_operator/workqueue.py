@@ -58,9 +58,15 @@ class WorkQueue:
         metrics.QUEUE_DEPTH.labels(kind=self.kind).set(len(self._pending))
 
     def add_after(self, key: Hashable, delay: float) -> None:
-        if key in self._pending or key in self._timers:
+        """Queue `key` in `delay` seconds; of two timers for one key, the earlier wins."""
+        if key in self._pending:
             return
         loop = asyncio.get_running_loop()
+        timer = self._timers.get(key)
+        if timer is not None:
+            if timer.when() <= loop.time() + delay:
+                return
+            timer.cancel()
         self._timers[key] = loop.call_later(delay, self._fire, key)
 
     def _fire(self, key: Hashable) -> None:

@@ -193,7 +193,21 @@ class ArtifactStore:
         metadata: Mapping[str, str] | None = None,
     ) -> str:
         """Store a new version of ``name``; return its version id."""
-        key = self.key(name)
+        return await self.put_key(
+            self.key(name), data, content_type=content_type, metadata=metadata
+        )
+
+    async def put_key(
+        self,
+        key: str,
+        data: bytes | str,
+        *,
+        content_type: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> str:
+        """Store a new version under a key someone else chose (a workflow step's
+        artifact, keyed by the operator); the key is checked like a name."""
+        key = check_name(key)
         if isinstance(data, str):
             body = data.encode()
             kind = content_type or "text/plain; charset=utf-8"
@@ -215,8 +229,14 @@ class ArtifactStore:
 
     async def get(self, name: str, version: str | None = None) -> Artifact:
         """The latest version of ``name``, or the given one."""
-        key = self.key(name)
+        return await self._get(self.key(name), version, name=name)
 
+    async def get_key(self, key: str, version: str | None = None) -> Artifact:
+        """The latest version under ``key`` (checked like a name), or the given one."""
+        key = check_name(key)
+        return await self._get(key, version, name=key)
+
+    async def _get(self, key: str, version: str | None, *, name: str) -> Artifact:
         def call() -> Artifact:
             extra: dict[str, Any] = {"VersionId": version} if version else {}
             try:
@@ -225,9 +245,9 @@ class ArtifactStore:
                 code = _code(exc)
                 if code in _MISSING or (version and code == "InvalidArgument"):
                     which = f" version {version!r}" if version else ""
+                    under = f" under {self.prefix!r}" if name != key else ""
                     raise ArtifactNotFoundError(
-                        f"artifact {name!r}{which} not found under {self.prefix!r} in bucket "
-                        f"{self.bucket!r}"
+                        f"artifact {name!r}{which} not found{under} in bucket {self.bucket!r}"
                     ) from None
                 raise
             with response["Body"] as stream:

@@ -120,6 +120,13 @@ class RuntimeSettings(pydantic_settings.BaseSettings):
         description="Consume the agent's task stream (Redis Streams) next to the HTTP API "
         "whenever Redis is bound.",
     )
+    task_min_idle_ms: int = pydantic.Field(
+        default=30_000,
+        ge=100,
+        le=3_600_000,
+        description="A task a replica took and has not finished after this long is taken "
+        "over by another replica (its holder is presumed dead): longer than a task takes.",
+    )
 
     task_attempt_timeout_seconds: float = pydantic.Field(
         default=1800.0,

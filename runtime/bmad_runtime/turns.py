@@ -95,10 +95,18 @@ def check_capacity(services: Services) -> None:
 
 
 def _messages(
-    services: Services, history: Sequence[ports.Turn], text: str, params: dict[str, Any]
+    services: Services,
+    history: Sequence[ports.Turn],
+    text: str,
+    params: dict[str, Any],
+    artifacts: Sequence[context.ArtifactLayer] = (),
 ) -> list[ports.Message]:
     config = services.config
-    layers = context.Layers(persona=config.persona_text(), instructions=config.instructions)
+    layers = context.Layers(
+        persona=config.persona_text(),
+        instructions=config.instructions,
+        artifacts=tuple(artifacts),
+    )
     reserve = providers_base.merge_params(config.model.params, params).get("max_tokens")
     return context.assemble(
         layers,
@@ -114,10 +122,14 @@ async def prepare(
     caller: ports.Principal,
     *,
     request_id: str | None,
+    artifacts: Sequence[context.ArtifactLayer] = (),
 ) -> Turn:
-    """Admit the turn (rate limits) and assemble its context from the recent turns."""
+    """Admit the turn (rate limits) and assemble its context from the recent turns
+    (and, for a workflow step, the artifacts it was given)."""
     started = time.perf_counter()
-    estimated_in = context.estimate_tokens(body.input)
+    estimated_in = context.estimate_tokens(body.input) + sum(
+        context.estimate_tokens(a.content) for a in artifacts
+    )
     if services.limiter is not None:
         wait = await services.limiter.hit(
             tenant=caller.tenant, agent=services.agent, tokens=estimated_in
@@ -149,7 +161,7 @@ async def prepare(
         caller=caller,
         conversation_id=conversation_id,
         user_text=body.input,
-        messages=_messages(services, history, body.input, params),
+        messages=_messages(services, history, body.input, params, artifacts),
         params=params,
         started=started,
         received_at=dt.datetime.now(dt.UTC),
@@ -343,9 +355,10 @@ async def run(
     caller: ports.Principal,
     *,
     request_id: str | None,
+    artifacts: Sequence[context.ArtifactLayer] = (),
 ) -> schemas.InvokeResponse:
     """One whole turn: prepare, ask the model in a slot, finish."""
-    turn = await prepare(services, body, caller, request_id=request_id)
+    turn = await prepare(services, body, caller, request_id=request_id, artifacts=artifacts)
     return await finish(turn, await complete(turn))
 
 

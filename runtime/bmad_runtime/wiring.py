@@ -30,7 +30,7 @@ from opentelemetry import trace
 
 from bmad_integrations import taskwire
 from bmad_runtime import app as app_mod
-from bmad_runtime import auth, ports, ratelimit, turns
+from bmad_runtime import auth, ports, ratelimit, steps, turns
 from bmad_runtime import bindings as bindings_mod
 from bmad_runtime import config as config_mod
 from bmad_runtime import settings as settings_mod
@@ -148,7 +148,7 @@ def create_default_app(settings: settings_mod.RuntimeSettings | None = None) -> 
                 state.store_problem = state.store.reason
                 logger.warning("the task consumer is not started: the store is not available")
             else:
-                await _start_task_consumer(settings, state, stack)
+                await _start_task_consumer(settings, state, stack, found)
             yield
 
     return app_mod.create_app(
@@ -265,8 +265,12 @@ async def _start_task_consumer(
     settings: settings_mod.RuntimeSettings,
     state: deps.RuntimeState,
     stack: contextlib.AsyncExitStack,
+    found: Mapping[str, bindings_mod.Binding],
 ) -> None:
     """Consume the agent's task stream next to the HTTP API, while Redis is bound.
+
+    A task is a workflow step (`steps.run`, with the objectStorage Integrations bound
+    here for its artifacts) or an invoke request (`turns.run_task`).
 
     Shutdown (the lifespan's end, on SIGTERM) stops reading, lets in-flight tasks finish
     within the grace period and leaves the rest pending for another replica.
@@ -278,11 +282,13 @@ async def _start_task_consumer(
         tenant=state.tenant,
         agent=state.agent,
         config=bus_client.BusConfig(
-            attempt_timeout_ms=int(settings.task_attempt_timeout_seconds * 1000)
+            min_idle_ms=settings.task_min_idle_ms,
+            attempt_timeout_ms=int(settings.task_attempt_timeout_seconds * 1000),
         ),
     )
     stop = asyncio.Event()
     consumer = f"{socket.gethostname()}-{os.getpid()}"
+    stores = steps.ArtifactStores(found, tenant=state.tenant)
     # Not ready until the consumer reads the stream: a replica started while Redis is
     # unreachable keeps retrying, and says so in /readyz meanwhile.
     state.bus = health = bus_consumer.ConsumerHealth()
@@ -294,6 +300,8 @@ async def _start_task_consumer(
             kind=trace.SpanKind.CONSUMER,
             attributes={"bmad.task_id": task.task_id, "bmad.task_attempt": task.attempt},
         ):
+            if taskwire.is_agent_task(task.payload):
+                return await steps.run(state, stores, task)
             return await turns.run_task(state, dict(task.payload))
 
     async def depth() -> None:
@@ -328,5 +336,6 @@ async def _start_task_consumer(
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await task
         await task_bus.aclose()
+        stores.close()
 
     stack.push_async_callback(shutdown)

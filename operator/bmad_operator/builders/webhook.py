@@ -46,10 +46,15 @@ def configuration(
     service: str = "",
     service_port: int = 443,
     name: str = CONFIG_NAME,
+    approvers: tuple[str, str] | None = None,
 ) -> Obj:
     """The ValidatingWebhookConfiguration: `url` is the webhook server's root, or
     `service` ("namespace/name") when the API server reaches it through a Service;
-    `owner` is the operator's Namespace (its deletion deletes the configuration)."""
+    `owner` is the operator's Namespace (its deletion deletes the configuration).
+
+    `approvers` (path, match condition): also review Workflow creates and updates that
+    name approvers, in every namespace, for approvals their author may not give.
+    """
 
     def client(path: str) -> Obj:
         config: Obj = {"caBundle": base64.b64encode(ca_pem).decode()}
@@ -90,6 +95,24 @@ def configuration(
             ],
         }
 
+    hooks = [
+        webhook("agent-budget.bmad.dev", BUDGET_PATH, "agents", ["CREATE", "UPDATE"], GROWS_AGENT),
+        webhook(
+            "agent-scale-budget.bmad.dev",
+            SCALE_BUDGET_PATH,
+            "agents/scale",
+            ["UPDATE"],
+            GROWS_SCALE,
+        ),
+    ]
+    if approvers is not None:
+        path, condition = approvers
+        review = webhook(
+            "workflow-approvers.bmad.dev", path, "workflows", ["CREATE", "UPDATE"], condition
+        )
+        del review["namespaceSelector"]  # Workflows anywhere; only those naming approvers
+        review["matchConditions"] = [{"name": "names-approvers", "expression": condition}]
+        hooks.append(review)
     owner_meta = owner["metadata"]
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
@@ -107,18 +130,7 @@ def configuration(
                 }
             ],
         },
-        "webhooks": [
-            webhook(
-                "agent-budget.bmad.dev", BUDGET_PATH, "agents", ["CREATE", "UPDATE"], GROWS_AGENT
-            ),
-            webhook(
-                "agent-scale-budget.bmad.dev",
-                SCALE_BUDGET_PATH,
-                "agents/scale",
-                ["UPDATE"],
-                GROWS_SCALE,
-            ),
-        ],
+        "webhooks": hooks,
     }
 
 

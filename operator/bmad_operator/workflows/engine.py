@@ -146,12 +146,16 @@ def decide(
     agents: Collection[str] | None = None,
     approvals: Collection[str] | None = None,
     deleting: bool = False,
+    problems: Sequence[dag_mod.DagError] = (),
 ) -> Decision:
     """The next actions of one Workflow; see the module docstring for the rules.
 
     ``agents``: names of the Agents in the Workflow's namespace (None: not checked).
     ``approvals``: approved step ids, already checked against ``approvers`` by the
     caller; ``spec.approvals`` when None.
+    ``problems``: what the caller found wrong with the references of the run (an Agent
+    without a task bus, an Integration of the wrong type); they invalidate the run
+    like the graph's own problems.
     """
     return _Pass(
         workflow,
@@ -160,6 +164,7 @@ def decide(
         agents=agents,
         approvals=approvals,
         deleting=deleting,
+        problems=problems,
     ).run()
 
 
@@ -178,6 +183,7 @@ class _Pass:
         agents: Collection[str] | None,
         approvals: Collection[str] | None,
         deleting: bool,
+        problems: Sequence[dag_mod.DagError] = (),
     ) -> None:
         if now.tzinfo is None:
             raise ValueError("now must be timezone-aware")
@@ -193,6 +199,7 @@ class _Pass:
         self.agents = agents
         self.approvals = set(self.spec.approvals or ()) if approvals is None else set(approvals)
         self.deleting = deleting
+        self.problems = tuple(problems)
         self.index = {step.id: i for i, step in enumerate(self.spec.steps)}
         self.by_id = {step.id: step for step in self.spec.steps}
         self.dispatch: list[tasks.Dispatch] = []
@@ -264,6 +271,7 @@ class _Pass:
                         "or name another Agent",
                     )
                 )
+        errors.extend(self.problems)
         return errors
 
     # --- results and timeouts ----------------------------------------------------

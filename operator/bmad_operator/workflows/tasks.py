@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from bmad_crds.v1alpha1 import workflow as api
 from bmad_operator.workflows import expr
@@ -46,6 +46,27 @@ def task_id(uid: str, step: str, item: str | None, attempt: int) -> str:
     if not is_item_name(item):
         raise ValueError(f"item {item!r} of step {step!r} is not a valid item name")
     return f"{PREFIX}:{uid}:{step}:{item}:{attempt}"
+
+
+class TaskRef(NamedTuple):
+    """What a task id says: whose attempt it is."""
+
+    uid: str
+    step: str
+    item: str | None
+    attempt: int
+
+
+def parse_task_id(task_id: str) -> TaskRef | None:
+    """The parts of a task id made by :func:`task_id`; None for any other id."""
+    parts = task_id.split(":")
+    if len(parts) not in (4, 5) or parts[0] != PREFIX or not parts[-1].isdigit():
+        return None
+    item = parts[3] if len(parts) == 5 else None
+    attempt = int(parts[-1])
+    if not parts[1] or not parts[2] or attempt < 1:
+        return None
+    return TaskRef(parts[1], parts[2], item, attempt)
 
 
 def outstanding(uid: str, status: api.WorkflowStatus | None) -> list[str]:

@@ -11,6 +11,7 @@ are `bmad_integrations.taskwire`'s; submitting is the producer's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterable
@@ -259,7 +260,25 @@ class TaskBus:
                 self.config.result_ttl_s * 1000,
             ],
         )
+        if int(written):
+            await self._announce(task.task_id)
         return bool(int(written))
+
+    async def settled(self, task: taskwire.Task) -> bool:
+        """Whether the task already has a result (cancelled, or run elsewhere); if so its
+        entry is acknowledged and deleted, so that it is not run."""
+        if not task.task_id or not await self.redis.exists(self.keys.result(task.task_id)):
+            return False
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self.keys.stream, self.keys.group, task.message_id)
+            pipe.xdel(self.keys.stream, task.message_id)
+            await pipe.execute()
+        return True
+
+    async def _announce(self, task_id: str) -> None:
+        """Tell a waiting producer that the result is there (a hint: it also polls)."""
+        with contextlib.suppress(redis_errors.RedisError):
+            await self.redis.publish(self.keys.finished, task_id)
 
     async def dead_letter(self, task: taskwire.Task, *, error: str, consumer: str) -> bool:
         """Move the entry to the dead letters with a ``failed`` result; True if stored."""
@@ -304,4 +323,6 @@ class TaskBus:
                 *taskwire.flat(letter),
             ],
         )
+        if int(written):
+            await self._announce(task.task_id)
         return bool(int(written))

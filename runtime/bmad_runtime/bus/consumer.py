@@ -5,6 +5,9 @@
 every `BusConfig.claim_interval_s`; a handler error is retried on a later delivery
 and dead-lettered on the last allowed one (`before_run`, `after_failure`); on stop,
 in-flight tasks get a grace period and the rest stay pending for another consumer.
+A task that already has a result (it was cancelled, or another consumer finished it)
+is acknowledged without running; a handler that raises `TaskFailedError` records a
+failed result at once, without the redeliveries meant for consumers that died.
 The loop talks to Redis only through a `Source` (`client.TaskBus` is the real one).
 
 Redis may be unreachable when the loop starts (a replica starting during a Redis
@@ -44,6 +47,12 @@ ERROR_MAX_CHARS = 2_000
 Handler = Callable[[taskwire.Task], Awaitable[dict[str, Any]]]
 
 
+class TaskFailedError(Exception):
+    """Raised by a handler for a task that failed for good (the agent could not do it,
+    the payload is wrong): its failed result is stored now, it is not delivered again.
+    Any other exception is retried on a later delivery, as if the consumer had died."""
+
+
 class Source(Protocol):
     """The bus commands the loop needs (`client.TaskBus`; a fake in unit tests)."""
 
@@ -63,6 +72,8 @@ class Source(Protocol):
     async def finish(self, task: taskwire.Task, result: taskwire.TaskResult) -> bool: ...
 
     async def dead_letter(self, task: taskwire.Task, *, error: str, consumer: str) -> bool: ...
+
+    async def settled(self, task: taskwire.Task) -> bool: ...
 
 
 @dataclass
@@ -95,13 +106,17 @@ class ConsumeStats:
     """In-flight tasks cancelled at shutdown, left pending for others to reclaim."""
     lost: int = 0
     """In-flight tasks cancelled because another consumer took their entry over."""
+    skipped: int = 0
+    """Tasks not run because they already had a result (cancelled, or finished elsewhere)."""
+    refused: int = 0
+    """Tasks whose handler raised `TaskFailedError`: failed at once, not retried."""
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
 
-def describe_error(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
+def describe_error(exc: BaseException, *, with_type: bool = True) -> str:
+    text = f"{type(exc).__name__}: {exc}" if with_type else str(exc)
     return text if len(text) <= ERROR_MAX_CHARS else text[: ERROR_MAX_CHARS - 1] + "…"
 
 
@@ -361,6 +376,14 @@ class _Run:
                 )
                 await self._dead(task, error)
                 return
+            if await self.source.settled(task):
+                self.stats.skipped += 1
+                log.info(
+                    "consumer %s: task %s already has a result (cancelled or done): skipped",
+                    self.consumer,
+                    task.task_id,
+                )
+                return
             try:
                 timeout_ms = self.source.config.attempt_timeout_ms
                 deadline = asyncio.timeout(None if timeout_ms is None else timeout_ms / 1000)
@@ -381,6 +404,20 @@ class _Run:
                     task, consumer=self.consumer, finished_at=time.time(), output=output
                 )
                 taskwire.encode_result(result)  # fail here, as the handler's error, if not JSON
+            except TaskFailedError as exc:
+                result = taskwire.result_of(
+                    task,
+                    consumer=self.consumer,
+                    finished_at=time.time(),
+                    error=describe_error(exc, with_type=False),
+                )
+                with self._recording():
+                    await self.source.finish(task, result)
+                self.stats.refused += 1
+                log.warning(
+                    "consumer %s: task %s failed: %s", self.consumer, task.task_id, result.error
+                )
+                return
             except Exception as exc:
                 error = describe_error(exc)
                 if after_failure(attempt=task.attempt, max_attempts=max_attempts) == "dead":

@@ -351,3 +351,95 @@ async def test_slow_tasks_are_not_run_more_than_once(
     assert sum(s.succeeded for s in stats) == 10
     assert await lane.bus.dead_letters() == []
     assert await lane.bus.queue_depth() == 0
+
+
+# --- cancellation, many results at once, the finished channel ----------------------
+
+
+async def test_a_cancelled_task_is_skipped_and_never_enqueued_again(
+    redis: aioredis.Redis, make_lane: Callable[..., Lane]
+) -> None:
+    lane = make_lane(min_idle_ms=1000)
+    await lane.tasks.submit("wf:u:prd:1", {"input": "x"})
+
+    assert await lane.tasks.cancel("wf:u:prd:1", reason="timed out after 30s")
+    assert not await lane.tasks.cancel("wf:u:prd:1", reason="again"), "cancelled once"
+    consumer = Consumer(lane, counting_handler(redis, lane), "c1")
+    await until(lambda: _queue_empty(lane), timeout_s=10, what="the cancelled entry to be acked")
+    stats = await consumer.stop()
+
+    result = await lane.tasks.result("wf:u:prd:1")
+    assert result is not None
+    assert (result.status, result.error, result.consumer) == (
+        "cancelled",
+        "timed out after 30s",
+        taskwire.CANCELLED_BY,
+    )
+    assert stats.skipped == 1
+    assert await redis.get(lane.runs("wf:u:prd:1")) is None, "the handler never ran it"
+    # A producer that submits the id again (an operator restart) enqueues nothing.
+    await lane.tasks.submit("wf:u:prd:1", {"input": "x"})
+    assert await lane.bus.queue_depth() == 0
+
+
+async def test_a_task_failed_error_is_answered_once_and_not_redelivered(
+    redis: aioredis.Redis, make_lane: Callable[..., Lane]
+) -> None:
+    lane = make_lane(min_idle_ms=100, claim_interval_ms=20, max_attempts=5)
+
+    async def refuse(task: taskwire.Task) -> dict[str, Any]:
+        await redis.incr(lane.runs(task.task_id))
+        raise consumer.TaskFailedError("the agent could not write the PRD")
+
+    await lane.tasks.submit("t1", {})
+    running = Consumer(lane, refuse, "c1")
+    result = await lane.tasks.wait_result("t1", timeout_s=10)
+    stats = await running.stop()
+
+    assert (result.status, result.error) == ("failed", "the agent could not write the PRD")
+    assert stats.refused == 1
+    assert await redis.get(lane.runs("t1")) == "1"
+    assert await lane.bus.dead_letters() == []
+    assert await lane.bus.queue_depth() == 0
+
+
+async def test_results_of_many_tasks_come_in_one_call_and_each_is_announced(
+    redis: aioredis.Redis, make_lane: Callable[..., Lane]
+) -> None:
+    lane = make_lane(min_idle_ms=1000)
+    announced: list[str] = []
+    pubsub = redis.pubsub()
+    await pubsub.psubscribe(taskwire.FINISHED_PATTERN)
+
+    async def listen() -> None:
+        async for message in pubsub.listen():
+            if message["type"] == "pmessage" and message["channel"] == lane.bus.keys.finished:
+                announced.append(message["data"])
+
+    listening = asyncio.create_task(listen())
+    try:
+        for i in range(3):
+            await lane.tasks.submit(f"t{i}", {"input": f"x{i}"})
+        running = Consumer(lane, counting_handler(redis, lane), "c1")
+        await until(lambda: _queue_empty(lane), timeout_s=10, what="three results")
+        await running.stop()
+        await lane.tasks.cancel("t9", reason="never submitted")
+        await until(lambda: _true(len(announced) == 4), timeout_s=5, what="four announcements")
+    finally:
+        listening.cancel()
+        await pubsub.aclose()
+
+    found = await lane.tasks.results(["t0", "t1", "missing", "t2", "t9"])
+    assert sorted(found) == ["t0", "t1", "t2", "t9"]
+    assert found["t1"].output == {"output": "X1", "run": 1}
+    assert found["t9"].status == "cancelled"
+    assert sorted(announced) == ["t0", "t1", "t2", "t9"]
+    assert await lane.tasks.results([]) == {}
+
+
+async def _queue_empty(lane: Lane) -> bool:
+    return await lane.bus.queue_depth() == 0
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -194,3 +194,135 @@ def test_a_result_of_a_delivery_is_failed_exactly_when_there_is_an_error() -> No
 def test_a_dead_letter_with_missing_fields_decodes_to_empty_values() -> None:
     letter = taskwire.decode_dead_letter("1-0", {})
     assert (letter.task_id, letter.attempts, letter.error) == ("", 0, "")
+
+
+# --- cancellation and the finished channel -----------------------------------------
+
+
+def test_a_cancellation_is_a_cancelled_result_no_consumer_wrote() -> None:
+    cancelled = taskwire.cancelled_result("wf:u:prd:1", reason="timed out", finished_at=3.0)
+    decoded = taskwire.decode_result(taskwire.encode_result(cancelled))
+    assert decoded == cancelled
+    assert (decoded.status, decoded.error, decoded.output) == ("cancelled", "timed out", None)
+    assert decoded.consumer == taskwire.CANCELLED_BY
+    with pytest.raises(ValueError, match="task id"):
+        taskwire.cancelled_result("a b", reason="x", finished_at=0.0)
+
+
+def test_the_finished_channel_names_its_agent() -> None:
+    keys = taskwire.Keys("acme", "dev")
+    assert keys.finished == "bmad:acme:dev:finished"
+    assert taskwire.agent_of_channel(keys.finished) == ("acme", "dev")
+    assert taskwire.FINISHED_PATTERN == "bmad:*:finished"
+    for other in ("bmad:acme:dev:tasks", "x:acme:dev:finished", "bmad:acme:finished"):
+        assert taskwire.agent_of_channel(other) is None
+
+
+# --- workflow step tasks ------------------------------------------------------------
+
+
+def step_task(**fields: Any) -> taskwire.AgentTask:
+    values: dict[str, Any] = {
+        "workflow": taskwire.WorkflowRef(namespace="team-a", name="todo", uid="u-1"),
+        "step": "prd",
+        "attempt": 1,
+        "max_attempts": 3,
+        "description": "Write the PRD.",
+        "inputs": {"project": "todo"},
+        "requires": [
+            taskwire.ArtifactRef(
+                name="project-brief.md",
+                step="brief",
+                integration="artifacts",
+                uri="s3://bmad/team-a/todo/project-brief.md",
+                version="v1",
+            )
+        ],
+        "target": taskwire.ArtifactTarget(
+            name="prd.md", mode="creates", integration="artifacts", key="team-a/todo/prd.md"
+        ),
+    }
+    values.update(fields)
+    return taskwire.AgentTask(**values)
+
+
+def test_a_step_task_round_trips_through_the_stream_entry() -> None:
+    task = step_task(item="1.1", lists_items=True, outputs=["suggests_prd_changes"])
+    fields = taskwire.entry_fields("wf:u-1:prd:1.1:1", task.to_payload())
+    entry = taskwire.decode_entry("1-0", fields, attempt=1)
+    assert taskwire.is_agent_task(entry.payload)
+    assert taskwire.decode_agent_task(entry.payload) == task
+    wire = json.loads(fields["payload"])
+    assert wire["kind"] == "workflowStep"
+    assert wire["maxAttempts"] == 3  # camelCase, like the API
+    assert wire["target"] == {
+        "name": "prd.md",
+        "mode": "creates",
+        "integration": "artifacts",
+        "key": "team-a/todo/prd.md",
+    }
+    assert "content" not in wire["requires"][0]  # references, not content
+
+
+def test_an_invoke_payload_is_not_a_step_task() -> None:
+    assert not taskwire.is_agent_task({"input": "hello"})
+    with pytest.raises(taskwire.WireError, match="not a workflow step task: workflow"):
+        taskwire.decode_agent_task({"kind": "workflowStep", "step": "x"})
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"attempt": 0}, "attempt"),
+        ({"stepp": "x"}, "stepp"),
+        ({"target": {"name": "a", "mode": "deletes"}}, "target.mode"),
+    ],
+)
+def test_a_malformed_step_task_names_the_field(change: dict[str, Any], match: str) -> None:
+    payload = {**step_task().to_payload(), **change}
+    with pytest.raises(taskwire.WireError, match=match):
+        taskwire.decode_agent_task(payload)
+
+
+def test_a_step_output_round_trips_with_references_and_small_figures() -> None:
+    output = taskwire.StepOutput(
+        artifact=taskwire.StoredArtifact(uri="s3://bmad/k", version="v2", size=10),
+        items=["1.1", "1.2"],
+        outputs={"suggests_prd_changes": False, "epics": 2, "note": "ok"},
+        message="PRD written",
+        tokens_in=30,
+        tokens_out=12,
+        model="echo-1",
+        provider="echo",
+        latency_ms=7,
+    )
+    stored = taskwire.result_of(
+        taskwire.Task(task_id="t", payload={}, message_id="1-0", attempt=1),
+        consumer="c",
+        finished_at=1.0,
+        output=output.to_payload(),
+    )
+    decoded = taskwire.decode_result(taskwire.encode_result(stored))
+    again = taskwire.decode_step_output(decoded.output)
+    assert again == output
+    assert again.outputs["suggests_prd_changes"] is False
+    assert again.outputs["epics"] == 2
+
+
+@pytest.mark.parametrize(
+    ("output", "match"),
+    [
+        (None, "has no output"),
+        ({"items": ["a b"]}, "items.0"),
+        ({"items": [str(i) for i in range(101)]}, "items"),
+        ({"outputs": {"not-an-id": 1}}, "not an identifier"),
+        ({"outputs": {"x": "y" * 257}}, "longer than 256"),
+        ({"outputs": {"x": [1]}}, "outputs.x"),
+        ({"tokensIn": -1}, "tokensIn"),
+    ],
+)
+def test_a_step_output_beyond_the_limits_is_a_wire_error(
+    output: dict[str, Any] | None, match: str
+) -> None:
+    with pytest.raises(taskwire.WireError, match=match):
+        taskwire.decode_step_output(output)

@@ -19,6 +19,7 @@ import pytest
 from bmad_operator import admission
 from bmad_operator.builders import webhook as builders
 from bmad_operator.policies import budget
+from bmad_operator.workflows import approvals
 
 from .fake_kube import FakeKube
 
@@ -329,3 +330,19 @@ async def test_reviews_waiting_their_turn_share_one_listing_taken_after_they_arr
     before = len(api.verbs("list"))
     assert await webhook.review("a", _create("next")) is None
     assert len(api.verbs("list")) > before
+
+
+def test_configuration_reviews_workflows_naming_approvers_in_any_namespace() -> None:
+    cert = admission.self_signed("127.0.0.1")
+    config = builders.configuration(
+        cert.cert_pem,
+        owner=OWNER,
+        url="https://127.0.0.1:9443",
+        approvers=(approvals.WEBHOOK_ID, approvals.MATCH_CONDITION),
+    )
+    _, _, approvers_hook = config["webhooks"]
+    assert approvers_hook["rules"][0]["resources"] == ["workflows"]
+    assert approvers_hook["clientConfig"]["url"] == "https://127.0.0.1:9443/workflow-approvers"
+    assert "namespaceSelector" not in approvers_hook  # Workflows in any namespace...
+    [condition] = approvers_hook["matchConditions"]  # ...that name approvers
+    assert "approvers" in condition["expression"]

@@ -60,6 +60,7 @@ FROM_CONFIG_MAP: Obj = {
     "instructionsFrom": {"name": "prompts", "key": "review.md"},
     "model": {"provider": "echo", "name": "echo-1", "params": {"echoSystem": True}},
     "memory": {"store": "inProcess"},
+    "auth": {"mode": "none"},  # no auth0 Integration bound
 }
 
 

@@ -17,6 +17,7 @@ from bmad_operator import handlers as kopf_handlers
 from bmad_operator.reconcilers import agent as agent_reconciler
 from bmad_operator.reconcilers import integration as integration_reconciler
 from bmad_operator.reconcilers import tenant as tenant_reconciler
+from bmad_operator.reconcilers import workflow as workflow_reconciler
 
 from .fake_kube import FakeKube
 
@@ -55,6 +56,14 @@ def world_objects() -> list[Obj]:
         obj("Integration", "db", "team-a", spec={"secretRef": {"name": "db-creds"}}),
         obj("Integration", "db", "team-b", spec={"secretRef": {"name": "db-creds"}}),
         obj("Integration", "llm", "team-b", spec={"secretRef": {"name": "llm-creds"}}),
+        obj("Workflow", "todo", "team-a", spec={"steps": [{"id": "a", "agent": "mary"}]}),
+        obj(
+            "Workflow",
+            "done",
+            "team-b",
+            spec={"steps": [{"id": "a", "agent": "john"}]},
+            status={"phase": "Succeeded"},
+        ),
     ]
 
 
@@ -72,17 +81,37 @@ def event(type_: str | None, body: Obj) -> Obj:
 AGENT_LABEL = {"bmad.dev/agent": "mary", "app.kubernetes.io/managed-by": "bmad-operator"}
 
 CASES: dict[str, tuple[Obj, list[Sent]]] = {
-    "agent changed: itself, and its tenant's usage": (
+    "agent changed: itself, its tenant's usage, the running workflows naming it": (
         event("MODIFIED", obj("Agent", "mary", "team-a")),
-        [Sent("Agent", ("team-a", "mary")), Sent("Tenant", ("", "acme"))],
+        [
+            Sent("Agent", ("team-a", "mary")),
+            Sent("Tenant", ("", "acme")),
+            Sent("Workflow", ("team-a", "todo")),
+        ],
+    ),
+    "agent named only by a finished workflow": (
+        event("MODIFIED", obj("Agent", "john", "team-b")),
+        [Sent("Agent", ("team-b", "john")), Sent("Tenant", ("", "acme"))],
     ),
     "agent in no tenant's namespace": (
         event("ADDED", obj("Agent", "quinn", "team-c")),
         [Sent("Agent", ("team-c", "quinn"))],
     ),
-    "agent deleted: its retries forgotten, its tenant recounted": (
+    "agent deleted: its retries forgotten, its tenant recounted, its workflows told": (
         event("DELETED", obj("Agent", "mary", "team-a")),
-        [Sent("Agent", ("team-a", "mary"), forget=True), Sent("Tenant", ("", "acme"))],
+        [
+            Sent("Agent", ("team-a", "mary"), forget=True),
+            Sent("Tenant", ("", "acme")),
+            Sent("Workflow", ("team-a", "todo")),
+        ],
+    ),
+    "workflow changed: itself": (
+        event("MODIFIED", obj("Workflow", "todo", "team-a")),
+        [Sent("Workflow", ("team-a", "todo"))],
+    ),
+    "workflow deleted: its timers forgotten": (
+        event("DELETED", obj("Workflow", "todo", "team-a")),
+        [Sent("Workflow", ("team-a", "todo"), forget=True)],
     ),
     "initial listing (no type) is a change": (
         event(None, obj("Agent", "quinn", "team-c")),
@@ -131,9 +160,13 @@ CASES: dict[str, tuple[Obj, list[Sent]]] = {
         )
         for kind in ("ResourceQuota", "LimitRange", "NetworkPolicy", "RoleBinding")
     },
-    "integration changed: itself and the agents of its namespace that bind it": (
+    "integration changed: itself, the agents that bind it, the running workflows": (
         event("MODIFIED", obj("Integration", "db", "team-a")),
-        [Sent("Agent", ("team-a", "mary")), Sent("Integration", ("team-a", "db"))],
+        [
+            Sent("Agent", ("team-a", "mary")),
+            Sent("Integration", ("team-a", "db")),
+            Sent("Workflow", ("team-a", "todo")),
+        ],
     ),
     "integration deleted: retries forgotten, one last pass": (
         event("DELETED", obj("Integration", "llm", "team-b")),
@@ -157,6 +190,21 @@ CASES: dict[str, tuple[Obj, list[Sent]]] = {
             ),
         ),
         [Sent("Agent", ("team-b", "john"))],
+    ),
+    "binding secret published: the running workflows of its namespace (a task bus URL)": (
+        event(
+            "ADDED",
+            obj(
+                "Secret",
+                "db-binding",
+                "team-a",
+                labels={
+                    "bmad.dev/integration": "db",
+                    "app.kubernetes.io/managed-by": "bmad-operator",
+                },
+            ),
+        ),
+        [Sent("Agent", ("team-a", "mary")), Sent("Workflow", ("team-a", "todo"))],
     ),
     "credentials secret: the integrations of its namespace that reference it": (
         event("MODIFIED", obj("Secret", "db-creds", "team-b", data={"password": "cDQ1NQ=="})),
@@ -186,6 +234,10 @@ def declarations(cache: store.Store) -> dict[str, list[watching.Watch]]:
             api=api,  # type: ignore[arg-type]
             cache=cache,
             operator_namespace="bmad-system",
+        ).watches(),
+        "Workflow": workflow_reconciler.WorkflowReconciler(
+            api=api,  # type: ignore[arg-type]
+            cache=cache,
         ).watches(),
     }
 
@@ -223,7 +275,7 @@ def routed(monkeypatch: pytest.MonkeyPatch) -> tuple[controller.Controller, list
     for item in world_objects():
         ctl.store.put(item)
     calls: list[Recorded] = []
-    for queue in (ctl.agent_queue, ctl.integration_queue, ctl.tenant_queue):
+    for queue in (ctl.agent_queue, ctl.integration_queue, ctl.tenant_queue, ctl.workflow_queue):
 
         def recorder(verb: str, name: str = queue.kind) -> Any:
             def record(key: Any, delay: float | None = None) -> None:

@@ -281,14 +281,15 @@ async def test_add_after_and_forget(recorder: Recorder, make_queue: MakeQueue) -
     loop = asyncio.get_running_loop()
     scheduled_at = loop.time()
     queue.add_after(KEY, 0.05)
-    queue.add_after(KEY, 0.01)  # already scheduled: ignored
+    queue.add_after(KEY, 0.01)  # earlier: replaces the 0.05 s timer
+    queue.add_after(KEY, 0.2)  # later than the one set: ignored
     await recorder.wait_for_calls(1)
-    assert recorder.calls[0][1] - scheduled_at >= 0.05 - 0.002
+    assert recorder.calls[0][1] - scheduled_at >= 0.01 - 0.002
     queue.add_after(KEY, 0.03)
     queue.forget(KEY)  # a deleted object: its timer goes too
-    # Timers fire in deadline order: had the 0.03 s one survived, KEY would be
-    # queued before the marker.
-    queue.add_after(MARKER, 0.06)
+    # Timers fire in deadline order: had the 0.03 s one (or the replaced 0.05 s or the
+    # ignored 0.2 s one) survived, KEY would be queued again before the marker.
+    queue.add_after(MARKER, 0.3)
     await recorder.wait_for_calls(1, MARKER)
     assert recorder.count() == 1
 
@@ -353,3 +354,15 @@ async def test_a_key_that_keeps_failing_is_retried_forever(
         # A dead worker's exception comes back out of stop(): it is reported above.
         with contextlib.suppress(Exception):
             await queue.stop()
+
+
+async def test_of_two_timers_for_one_key_the_earlier_wins(
+    recorder: Recorder, make_queue: MakeQueue
+) -> None:
+    queue = make_queue(recorder, workers=1)
+    queue.add_after(KEY, 30.0)  # a poll far away
+    queue.add_after(KEY, 0.01)  # a retry due now: it must not wait for the poll
+    await recorder.wait_for_calls(1)
+    queue.add_after(KEY, 0.01)
+    queue.add_after(KEY, 30.0)  # a later one does not push the earlier back
+    await recorder.wait_for_calls(2)

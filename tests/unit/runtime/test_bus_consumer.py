@@ -107,6 +107,12 @@ class FakeBus:
         self._ack(task.message_id)
         return written
 
+    async def settled(self, task: taskwire.Task) -> bool:
+        if task.task_id not in self.results:
+            return False
+        self._ack(task.message_id)
+        return True
+
     def _ack(self, mid: str) -> None:
         if self.pel.pop(mid, None) is not None:
             self.acked.append(mid)
@@ -252,11 +258,9 @@ async def test_a_handler_that_returns_no_dict_has_failed() -> None:
     assert fake.results["t1"].output == {"fixed": True}
 
 
-async def test_a_second_run_that_finishes_late_keeps_the_first_result() -> None:
-    fake = FakeBus()
-    fake.add("t1")
-    fake.results["t1"] = taskwire.TaskResult(
-        task_id="t1",
+def first_result(task_id: str) -> taskwire.TaskResult:
+    return taskwire.TaskResult(
+        task_id=task_id,
         message_id="0-1",
         status="succeeded",
         output={"first": True},
@@ -265,7 +269,18 @@ async def test_a_second_run_that_finishes_late_keeps_the_first_result() -> None:
         attempt=1,
         finished_at=0.0,
     )
-    handler, runs = counting(echo)
+
+
+async def test_a_second_run_that_finishes_late_keeps_the_first_result() -> None:
+    fake = FakeBus()
+    fake.add("t1")
+
+    async def overtaken(task: taskwire.Task, run: int) -> dict[str, Any]:
+        # Another consumer (the slow first owner) stores its result meanwhile.
+        fake.results[task.task_id] = first_result(task.task_id)
+        return {"second": True}
+
+    handler, runs = counting(overtaken)
 
     stats = await consume_until(fake, handler, lambda: not fake.new and not fake.pel)
 
@@ -273,6 +288,40 @@ async def test_a_second_run_that_finishes_late_keeps_the_first_result() -> None:
     assert stats.duplicates == 1
     assert stats.succeeded == 0
     assert fake.results["t1"].output == {"first": True}
+
+
+async def test_a_task_that_has_a_result_already_is_acked_without_running() -> None:
+    fake = FakeBus()
+    cancelled = fake.add("t1")
+    fake.add("t2")
+    fake.results["t1"] = taskwire.cancelled_result("t1", reason="timed out", finished_at=0.0)
+    handler, runs = counting(echo)
+
+    stats = await consume_until(fake, handler, lambda: "t2" in fake.results and not fake.pel)
+
+    assert runs == {"t2": 1}
+    assert stats.skipped == 1
+    assert cancelled in fake.acked
+    assert fake.results["t1"].status == "cancelled"
+
+
+async def test_a_task_failed_error_is_recorded_at_once_without_redelivery() -> None:
+    fake = FakeBus(client.BusConfig(min_idle_ms=1, max_attempts=5))
+    fake.add("t1")
+
+    async def refuse(task: taskwire.Task, run: int) -> dict[str, Any]:
+        raise consumer.TaskFailedError("the agent could not write the PRD")
+
+    handler, runs = counting(refuse)
+
+    stats = await consume_until(fake, handler, lambda: "t1" in fake.results and not fake.pel)
+
+    assert runs == {"t1": 1}
+    assert stats.refused == 1
+    assert stats.failed == 0
+    assert not fake.dead
+    result = fake.results["t1"]
+    assert (result.status, result.error) == ("failed", "the agent could not write the PRD")
 
 
 async def test_no_more_than_concurrency_handlers_run_at_once() -> None:
