@@ -166,11 +166,19 @@ def operator_kubeconfig(kubectl: kubectl_mod.Kubectl, testbed_env: dict[str, str
 
 @pytest.fixture(scope="session")
 def operator(
-    crds: list[str], operator_kubeconfig: str, tmp_path_factory: pytest.TempPathFactory
+    crds: list[str],
+    operator_kubeconfig: str,
+    testbed_env: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[operator_proc.OperatorProcess]:
-    """The operator, running as its own process for the whole session (resync 5s)."""
+    """The operator, running as its own process for the whole session (resync 5s),
+    autoscaling from the test bed's Prometheus."""
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    proc = operator_proc.OperatorProcess(kubeconfig=operator_kubeconfig, log_path=log)
+    proc = operator_proc.OperatorProcess(
+        kubeconfig=operator_kubeconfig,
+        log_path=log,
+        prometheus_url=testbed_env.get("BMAD_PROMETHEUS_URL"),
+    )
     proc.start()
     try:
         yield proc

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from bmad_operator import admission, kube, settings, store, watching, workqueue
+from bmad_operator.autoscaling import autoscaler, budget, prometheus, streams
 from bmad_operator.builders import meta
 from bmad_operator.reconcilers import agent as agent_reconciler
 from bmad_operator.reconcilers import integration as integration_reconciler
@@ -33,8 +34,28 @@ class Controller:
         self.store = store.Store()
         # The budget webhook reads the API server, never this store (see admission).
         self.budget = admission.BudgetWebhook(api)
+        self.prometheus: prometheus.Client | prometheus.Unconfigured = (
+            prometheus.Client(cfg.prometheus_url, timeout=cfg.prometheus_timeout_seconds)
+            if cfg.prometheus_url
+            else prometheus.Unconfigured()
+        )
+        self.streams = streams.StreamLengths(self.store, policy=cfg.egress_policy())
+        # The autoscaler writes spec.replicas (through /scale) and hands its report to
+        # the Agent reconciler, the one writer of an Agent's status.
+        self.autoscaler = autoscaler.Autoscaler(
+            api,
+            self.prometheus,
+            self.store,
+            queues=self.streams,
+            notify=self._queue_agent,
+            cap_for=lambda body: budget.tenant_cap(self.store, body),
+        )
         self.agents = agent_reconciler.AgentReconciler(
-            api=api, cache=self.store, runtime_image=cfg.runtime_image
+            api=api,
+            cache=self.store,
+            runtime_image=cfg.runtime_image,
+            scaling=self.autoscaler,
+            prometheus_url=cfg.prometheus_url,
         )
         self.agent_queue = workqueue.WorkQueue("Agent", self.agents.reconcile, workers=cfg.workers)
         self.integrations = integration_reconciler.IntegrationReconciler(api=api, cache=self.store)
@@ -53,18 +74,23 @@ class Controller:
             "Workflow", self.workflows.reconcile, workers=max(4, cfg.workers // 2)
         )
         self.workflows.queue = self.workflow_queue
-        # kind -> (queue, declaration): each reconciler's watches, routed to its queue.
-        self._routes: dict[str, list[tuple[workqueue.WorkQueue, watching.Watch]]] = {}
-        for queue, declared in (
+        # kind -> (queue, declaration): each reconciler's watches, routed to its queue
+        # (and the autoscaler's, to itself: it tracks the Agents it scales).
+        self._routes: dict[str, list[tuple[watching.Sink, watching.Watch]]] = {}
+        sinks: tuple[tuple[watching.Sink, list[watching.Watch]], ...] = (
             (self.agent_queue, self.agents.watches()),
             (self.integration_queue, self.integrations.watches()),
             (self.tenant_queue, self.tenants.watches()),
             (self.workflow_queue, self.workflows.watches()),
-        ):
+            (self.autoscaler, self.autoscaler.watches()),
+        )
+        for queue, declared in sinks:
             for watch in declared:
                 self._routes.setdefault(watch.kind, []).append((queue, watch))
         self._resync: asyncio.Task[None] | None = None
         self._leading = False
+        self._stop_autoscaler = asyncio.Event()
+        self._autoscaling: asyncio.Task[None] | None = None
 
     @property
     def leading(self) -> bool:
@@ -83,6 +109,10 @@ class Controller:
         self.tenant_queue.start()
         self.workflow_queue.start()
         self._resync = asyncio.create_task(self._resync_loop(), name="resync")
+        self._stop_autoscaler = asyncio.Event()
+        self._autoscaling = asyncio.create_task(
+            self.autoscaler.run(self._stop_autoscaler), name="autoscaler"
+        )
         for queue, kind in (
             (self.tenant_queue, "Tenant"),
             (self.integration_queue, "Integration"),
@@ -111,6 +141,10 @@ class Controller:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._resync
             self._resync = None
+        if self._autoscaling:
+            self._stop_autoscaler.set()
+            await self._autoscaling
+            self._autoscaling = None
         await self.agent_queue.stop()
         await self.integration_queue.stop()
         await self.tenant_queue.stop()
@@ -118,8 +152,14 @@ class Controller:
 
     async def stop(self) -> None:
         await self.pause()
+        await self.prometheus.aclose()
+        await self.streams.aclose()
         await self.workflows.bus.close()
         await self.api.close()
+
+    def _queue_agent(self, key: tuple[str, str]) -> None:
+        """The autoscaler has a new report on an Agent: its reconciler writes it."""
+        self.agent_queue.add(key)
 
     # -- events -------------------------------------------------------------------
     def on_event(self, raw: Mapping[str, Any]) -> None:
@@ -173,7 +213,7 @@ def _cached_form(event: watching.WatchEvent) -> Mapping[str, Any]:
     }
 
 
-def _enqueue(queue: workqueue.WorkQueue, request: watching.Request) -> None:
+def _enqueue(queue: watching.Sink, request: watching.Request) -> None:
     if request.forget:
         queue.forget(request.key)
     elif request.delay:

@@ -192,6 +192,10 @@ WATCHED: tuple[tuple[str, str, str, bool], ...] = (
     ("", "v1", "limitranges", True),
     ("networking.k8s.io", "v1", "networkpolicies", True),
     ("rbac.authorization.k8s.io", "v1", "rolebindings", True),
+    # Other autoscalers of an Agent (a conflict the autoscaler reports), and the
+    # ScaledObjects of engine keda; kopf watches these once KEDA's CRD exists.
+    ("autoscaling", "v2", "horizontalpodautoscalers", False),
+    ("keda.sh", "v1alpha1", "scaledobjects", False),
 )
 for _group, _version, _plural, _ours in WATCHED:
     kopf.on.event(

@@ -50,6 +50,8 @@ RESOURCES: dict[str, ResourceInfo] = {
     "Workflow": ResourceInfo("bmad.dev/v1alpha1", "workflows", True),
     "Tenant": ResourceInfo("bmad.dev/v1alpha1", "tenants", False),
     "ServiceMonitor": ResourceInfo("monitoring.coreos.com/v1", "servicemonitors", True),
+    "HorizontalPodAutoscaler": ResourceInfo("autoscaling/v2", "horizontalpodautoscalers", True),
+    "ScaledObject": ResourceInfo("keda.sh/v1alpha1", "scaledobjects", True),
 }
 
 
@@ -121,12 +123,21 @@ class Kube:
             raise _api_error(exc) from None
         except OSError as exc:
             raise errors.ApiError(0, "Unreachable", str(exc)) from None
-        data: Obj = json.loads(raw) if raw else {}
         status = int(getattr(resp, "status", 200))
+        try:
+            data: Obj = json.loads(raw) if raw else {}
+        except ValueError:
+            if status < 400:
+                raise
+            # An API group the server does not serve answers "404 page not found" as
+            # text, not as a Status object (KEDA's CRD not installed, for example).
+            data = {"reason": "NotFound" if status == 404 else "Error"}
         if status >= 400:
             # Without preloading, the client hands back error bodies instead of raising.
             raise errors.ApiError(
-                status, str(data.get("reason") or "Error"), str(data.get("message") or raw[:200])
+                status,
+                str(data.get("reason") or "Error"),
+                str(data.get("message") or raw[:200].decode(errors="replace").strip()),
             )
         return data
 

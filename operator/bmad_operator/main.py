@@ -20,6 +20,8 @@ def run() -> None:
     logging.getLogger("kopf").setLevel(logging.WARNING)
     if cfg.tracemalloc_dir:
         profiling.start(cfg.tracemalloc_dir, frames=cfg.tracemalloc_frames)
+    # httpx logs every request at INFO: one line per Prometheus query of every Agent.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if cfg.metrics_port:
         start_http_server(cfg.metrics_port, addr=cfg.bind_address)
     liveness = f"http://{cfg.bind_address}:{cfg.health_port}/healthz" if cfg.health_port else None

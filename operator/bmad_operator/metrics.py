@@ -22,3 +22,13 @@ QUEUE_DEPTH = Gauge("bmad_operator_queue_depth", "Keys waiting to be reconciled.
 API_WRITES = Counter(
     "bmad_operator_api_writes_total", "Write requests sent to the API server.", ["verb", "kind"]
 )
+AUTOSCALER_EVALUATIONS = Counter(
+    "bmad_operator_autoscaler_evaluations_total",
+    "Autoscaler evaluations of an Agent, by the reason of the decision.",
+    ["reason"],
+)
+AUTOSCALER_SCALES = Counter(
+    "bmad_operator_autoscaler_scales_total",
+    "Replica counts the autoscaler wrote, by direction (up, down).",
+    ["direction"],
+)

@@ -83,6 +83,15 @@ class OperatorSettings(BaseSettings):
     tracemalloc_frames: int = Field(
         default=25, ge=1, le=200, description="Frames kept per traced allocation."
     )
+    prometheus_url: str = Field(
+        default="",
+        description="Prometheus the autoscaler reads Agents' metrics from (and KEDA "
+        "ScaledObjects name), for example http://prometheus.monitoring.svc:9090; empty: "
+        "autoscaled Agents are held at their count with ScalingActive=False.",
+    )
+    prometheus_timeout_seconds: float = Field(
+        default=5.0, gt=0, le=60, description="How long one Prometheus query may take."
+    )
     # Where Integration checks may connect (bmad_integrations.egress): comma-separated.
     egress_allow: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

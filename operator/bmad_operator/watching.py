@@ -10,8 +10,8 @@ operator's store (already updated with the event), never the API server.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple, Protocol
 
 from bmad_operator import store
 
@@ -46,6 +46,17 @@ class Request(NamedTuple):
 
 
 Mapper = Callable[[WatchEvent], Iterable[Request]]
+
+
+class Sink(Protocol):
+    """Where requests go: a reconciler's work queue, or anything that takes keys alike
+    (the autoscaler tracks the Agents it scales this way)."""
+
+    def add(self, key: Hashable) -> None: ...
+
+    def add_after(self, key: Hashable, delay: float) -> None: ...
+
+    def forget(self, key: Hashable) -> None: ...
 
 
 class Watch(NamedTuple):

@@ -79,7 +79,9 @@ def create_app(
     tracing = telemetry.tracing(
         agent=settings.agent_name, namespace=settings.agent_namespace, role=settings.agent_role
     )
-    metrics = metrics or telemetry.Metrics()
+    metrics = metrics or telemetry.Metrics(
+        labels=telemetry.agent_labels(namespace=settings.agent_namespace, agent=settings.agent_name)
+    )
     if isinstance(providers.tracer, trace.NoOpTracer):
         providers.tracer = tracing.tracer
     state = deps.RuntimeState(

@@ -2,7 +2,11 @@
 
 Metrics live in a `CollectorRegistry` of the app's own (not the process-global one),
 so that a test process can run several apps side by side; ``/metrics`` serves it.
-The operator's autoscaler reads ``bmad_agent_queue_depth`` and ``bmad_agent_inflight``.
+The operator's autoscaler reads ``bmad_agent_queue_depth``, ``bmad_agent_inflight`` and
+``bmad_agent_tokens_total``, selecting the series of one Agent by their ``namespace``
+and ``agent`` labels: every series an app serves carries both (`Metrics(labels=...)`),
+so any scrape finds them, whether or not its relabelling adds them (a scrape that
+sets a ``namespace`` target label of its own, the pod's, keeps the same value).
 
 Traces: an OpenTelemetry SDK `TracerProvider` per app, exporting over OTLP only when
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set and an OTLP exporter package is installed (the
@@ -15,7 +19,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import prometheus_client
@@ -24,6 +28,7 @@ from opentelemetry.sdk import resources
 from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.trace import export as sdk_export
 from opentelemetry.sdk.trace import sampling
+from prometheus_client import metrics_core, registry
 
 from bmad_runtime import ports
 
@@ -32,6 +37,9 @@ logger = logging.getLogger(__name__)
 # LLM calls take from tens of milliseconds (cached, echo) to minutes (long answers).
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 SERVICE_NAME = "bmad-agent-runtime"
+# The labels that say whose series these are (the operator's autoscaler selects on them).
+NAMESPACE_LABEL = "namespace"
+AGENT_LABEL = "agent"
 
 # OTEL_EXPORTER_OTLP_PROTOCOL value -> the module of its span exporter.
 _EXPORTERS = {
@@ -40,19 +48,54 @@ _EXPORTERS = {
 }
 
 
+def agent_labels(*, namespace: str, agent: str) -> dict[str, str]:
+    """The labels every series of one agent's replica carries."""
+    return {NAMESPACE_LABEL: namespace, AGENT_LABEL: agent}
+
+
+class _Labelled(registry.Collector):
+    """Every sample of ``inner`` with ``labels`` added (a sample's own labels win)."""
+
+    def __init__(self, inner: prometheus_client.CollectorRegistry, labels: Mapping[str, str]):
+        self.inner = inner
+        self.labels = dict(labels)
+
+    def collect(self) -> Iterator[metrics_core.Metric]:
+        for family in self.inner.collect():
+            labelled = metrics_core.Metric(
+                family.name, family.documentation, family.type, family.unit
+            )
+            labelled.samples = [
+                sample._replace(labels={**self.labels, **sample.labels})
+                for sample in family.samples
+            ]
+            yield labelled
+
+
 class Metrics:
-    """The runtime's Prometheus metrics, in a registry of their own."""
+    """The runtime's Prometheus metrics, in a registry of their own.
+
+    With ``labels`` (`agent_labels`), ``/metrics`` serves every series with them.
+    """
 
     def __init__(
-        self, registry: prometheus_client.CollectorRegistry | None = None, *, process: bool = True
+        self,
+        registry: prometheus_client.CollectorRegistry | None = None,
+        *,
+        process: bool = True,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         self.registry = registry or prometheus_client.CollectorRegistry(auto_describe=True)
+        self._served = self.registry
+        if labels:
+            self._served = prometheus_client.CollectorRegistry(auto_describe=False)
+            self._served.register(_Labelled(self.registry, labels))
         if process:
             prometheus_client.ProcessCollector(registry=self.registry)
             prometheus_client.PlatformCollector(registry=self.registry)
         self.queue_depth = prometheus_client.Gauge(
             "bmad_agent_queue_depth",
-            "Tasks waiting on this agent's stream (pending entries of its consumer group).",
+            "Tasks on this agent's stream not answered yet (waiting or being worked on).",
             registry=self.registry,
         )
         self.dead_letters = prometheus_client.Gauge(
@@ -91,7 +134,7 @@ class Metrics:
         self.tokens.labels(direction="out", model=model).inc(usage.tokens_out)
 
     def render(self) -> bytes:
-        return prometheus_client.generate_latest(self.registry)
+        return prometheus_client.generate_latest(self._served)
 
 
 def _otlp_exporter(env: Mapping[str, str]) -> sdk_export.SpanExporter | None:

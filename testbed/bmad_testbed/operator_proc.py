@@ -30,6 +30,7 @@ def loopback_env(
     webhook_port: int,
     resync_seconds: float,
     workers: int | None = None,
+    prometheus_url: str | None = None,
 ) -> dict[str, str]:
     """The operator's settings for a run on this machine: every port on 127.0.0.1."""
     env = {
@@ -46,6 +47,9 @@ def loopback_env(
     }
     if workers is not None:
         env["BMAD_OPERATOR_WORKERS"] = str(workers)
+    if prometheus_url:
+        # The autoscaler's Prometheus: the test bed's.
+        env["BMAD_OPERATOR_PROMETHEUS_URL"] = prometheus_url
     return env
 
 
@@ -57,9 +61,11 @@ class OperatorProcess:
         log_path: Path,
         resync_seconds: float = 5.0,
         workers: int = 16,
+        prometheus_url: str | None = None,
         extra_env: dict[str, str] | None = None,
     ) -> None:
         self.kubeconfig = kubeconfig
+        self.prometheus_url = prometheus_url
         self.log_path = log_path
         self.resync_seconds = resync_seconds
         self.workers = workers
@@ -82,6 +88,7 @@ class OperatorProcess:
                 webhook_port=self.webhook_port,
                 resync_seconds=self.resync_seconds,
                 workers=self.workers,
+                prometheus_url=self.prometheus_url,
             )
         )
         env.update(self.extra_env)

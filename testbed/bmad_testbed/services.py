@@ -185,12 +185,20 @@ def start_prometheus(
         log_dir=run_dir / "logs",
     )
     records.append(pgw)
+    # Processes a test starts (real `bmad runtime` replicas) are scraped too: the test
+    # writes a file_sd target file into this folder, and Prometheus picks it up.
+    targets = data / "targets"
+    targets.mkdir(exist_ok=True)
     conf = data / "prometheus.yml"
     conf.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
         "scrape_configs:\n"
         "  - job_name: pushgateway\n    honor_labels: true\n"
         f"    static_configs:\n      - targets: ['127.0.0.1:{pg_port}']\n"
+        "  - job_name: file-targets\n"
+        "    file_sd_configs:\n"
+        f"      - files: ['{targets}/*.json']\n"
+        "        refresh_interval: 1s\n"
     )
     prom = procs.spawn(
         "prometheus",
@@ -217,6 +225,7 @@ def start_prometheus(
     return {
         "BMAD_PROMETHEUS_URL": f"http://127.0.0.1:{prom_port}",
         "BMAD_PUSHGATEWAY_URL": f"http://127.0.0.1:{pg_port}",
+        "BMAD_PROMETHEUS_TARGETS_DIR": str(targets),
     }
 
 

@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -297,6 +297,7 @@ def start_operator(
             metrics_port=metrics_port,
             webhook_port=procs.free_port(),
             resync_seconds=resync_seconds,
+            prometheus_url=state["env"].get("BMAD_PROMETHEUS_URL"),
         ),
     )
     state["records"].append(rec)
@@ -308,6 +309,51 @@ def start_operator(
         timeout=60,
         what="healthy (/healthz)",
     )
+    return rec
+
+
+class Stopped(typing.NamedTuple):
+    """A recorded server stopped by `stop_server`: what `start_again` needs."""
+
+    name: str
+    args: list[str]
+    log_dir: Path
+
+
+def stop_server(name: str, *, directory: Path | None = None) -> Stopped:
+    """Stop one running server of the test bed, keeping its data and its record.
+
+    For tests of what happens while a service is down (Prometheus stopped mid-run):
+    `start_again` starts the same command line again, on the same port and data.
+    """
+    directory = directory or run_dir()
+    state = _load_state(directory)
+    found = [r for r in (state or {}).get("records", []) if r["name"] == name]
+    if not found or not procs.is_alive(found[-1]):
+        raise procs.StartupError(f"the test bed runs no {name}")
+    rec = found[-1]
+    raw = Path(f"/proc/{rec['pid']}/cmdline").read_bytes()
+    args = [part.decode() for part in raw.split(b"\0") if part]
+    procs.stop(rec)
+    return Stopped(name, args, Path(rec["log"]).parent)
+
+
+def start_again(
+    stopped: Stopped,
+    *,
+    ready: Callable[[], bool],
+    directory: Path | None = None,
+    timeout: float = 60,
+) -> procs.ProcRecord:
+    """Start a server `stop_server` stopped, record it in place of the old one, and
+    wait until `ready()`."""
+    directory = directory or run_dir()
+    rec = procs.spawn(stopped.name, stopped.args, log_dir=stopped.log_dir)
+    state = _load_state(directory)
+    if state is not None:
+        state["records"] = [rec if r["name"] == stopped.name else r for r in state["records"]]
+        _save_state(directory, state)
+    procs.wait_until(rec, ready, timeout=timeout, what="ready")
     return rec
 
 

@@ -344,9 +344,9 @@ class PredictiveScaling(common.SpecModel):
     enabled: bool = pydantic.Field(
         default=False,
         description=(
-            "Forecast each metric leadSeconds ahead from a range query and scale up early "
-            "when the forecast needs more replicas. A forecast never scales down. "
-            "Not implemented yet: the operator does not run forecasts."
+            "Forecast each metric leadSeconds ahead from a range query (a least-squares "
+            "line over lookbackSeconds) and scale up early when the forecast needs more "
+            "replicas. A forecast never scales down."
         ),
     )
     lookback_seconds: int = pydantic.Field(
@@ -430,17 +430,18 @@ class Autoscaling(common.SpecModel):
         default=False,
         description=(
             "Whether the agent is autoscaled. When false, spec.replicas is left to you (or "
-            "to an HPA/KEDA that you attach through the scale subresource). Not implemented "
-            "yet: the operator does not act on spec.autoscaling."
+            "to an HPA/KEDA that you attach through the scale subresource). When true, "
+            "another autoscaler targeting the agent is reported (ScalingActive=False, "
+            "ConflictingScaler) and not fought."
         ),
     )
     engine: AutoscalingEngine = pydantic.Field(
         default="operator",
         description=(
-            "operator: the operator evaluates the metrics and writes spec.replicas; keda: "
-            "the operator renders a KEDA ScaledObject with the same intent and KEDA scales "
-            "(needs KEDA installed). Not implemented yet: the operator does not autoscale "
-            "or render ScaledObjects."
+            "operator: the operator evaluates the metrics every pollingIntervalSeconds and "
+            "writes spec.replicas through the scale subresource; keda: the operator applies "
+            "a KEDA ScaledObject with the same intent and KEDA scales (needs KEDA; without "
+            "it ScalingActive=False with reason KEDANotInstalled)."
         ),
     )
     min_replicas: int = pydantic.Field(
@@ -842,7 +843,10 @@ class MetricStatus(common.StatusModel):
     )
     error: str | None = pydantic.Field(
         default=None,
-        description=("Why the metric has no value: PrometheusUnavailable, QueryFailed or NoData."),
+        description=(
+            "Why the metric has no value: PrometheusUnavailable, QueryFailed, NoData or "
+            "QueueUnavailable (the task stream read at zero replicas)."
+        ),
     )
 
 

@@ -5,22 +5,27 @@ when they are due, a few at a time; each Agent's next evaluation is its interval
 later, jittered by ±10% so that hundreds of Agents created together do not query
 Prometheus in lockstep. One evaluation:
 
-1. reads the Agent (fresh: ``spec.replicas`` may have been changed by hand);
-2. reads its metrics from Prometheus (and the queue depth and in-flight work when it
-   scales to zero; a range query per metric in predictive mode), every failure kept
-   as a reading with its reason;
-3. decides (``decide.decide``, pure);
-4. when the count changes, writes it through the Agent's **scale subresource** (as an
+1. reads the Agent from the operator's store (the watch keeps it current; no GET);
+2. looks for another autoscaler of the same Agent (an HPA, a ScaledObject not ours):
+   if there is one, it reports the conflict and leaves ``spec.replicas`` alone;
+3. reads its metrics from Prometheus (and the queue depth and in-flight work when it
+   scales to zero; at zero replicas the queue depth from the task stream itself, see
+   ``streams``; a range query per metric in predictive mode), every failure kept as a
+   reading with its reason;
+4. decides (``decide.decide``, pure), capped by the Tenant's replica budget;
+5. when the count changes, writes it through the Agent's **scale subresource** (as an
    HPA would) and posts one Event saying why, in words;
-5. writes ``status.autoscaling`` and the ``ScalingActive`` / ``ScalingLimited``
-   conditions only when the decision changed (count, reason, a condition), or every
-   ``status_refresh_seconds`` to refresh the metric values shown.
+6. publishes the Agent's :class:`report.Report` (``status.autoscaling`` and the
+   ``ScalingActive`` / ``ScalingLimited`` conditions) when what it says changed, or
+   every ``status_refresh_seconds`` to refresh the metric values shown, and queues the
+   Agent: the Agent reconciler writes it in its one status write (see ``report``).
 
 The decision's history (recommendations, scale events, idle time) lives here, in
 memory; after a restart the decision starts from the current count (see ``decide``).
 
-Not wired into the controller yet: the controller calls :meth:`Autoscaler.track` on
-Agent events and :meth:`Autoscaler.forget` on deletion, and runs :meth:`Autoscaler.run`.
+The controller routes Agent events here through :meth:`watches` (this class takes
+``add``/``forget`` like a work queue: an Agent is tracked while it is autoscaled by the
+operator) and runs :meth:`run` as a task.
 """
 
 from __future__ import annotations
@@ -32,15 +37,17 @@ import heapq
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+import typing
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any, Protocol
 
 import pydantic
 
 from bmad_crds.v1alpha1 import agent as agent_api
-from bmad_operator import conditions
+from bmad_operator import conditions, metrics, watching
 from bmad_operator.autoscaling import config as autoscaling_config
-from bmad_operator.autoscaling import decide, forecast, prometheus, queries
+from bmad_operator.autoscaling import decide, forecast, prometheus, queries, reasons
+from bmad_operator.autoscaling import report as scaling_report
 
 logger = logging.getLogger(__name__)
 
@@ -50,31 +57,26 @@ Key = tuple[str, str]  # (namespace, name)
 JITTER = 0.1
 CONCURRENCY = 8
 STATUS_REFRESH_SECONDS = 60.0
-HTTP_CONFLICT = 409
 # A range query's resolution: about 60 points over the lookback, never finer than 1 s.
 RANGE_POINTS = 60
 
 
 class Api(Protocol):
-    """What the Autoscaler needs of the API server (``bmad_operator.kube.Kube`` has it)."""
-
-    async def get(self, kind: str, namespace: str | None, name: str) -> Obj | None: ...
+    """What the Autoscaler writes to the API server (``bmad_operator.kube.Kube`` has it)."""
 
     async def patch_scale(
         self, kind: str, namespace: str | None, name: str, replicas: int
     ) -> Obj: ...
 
-    async def patch_status(
-        self,
-        kind: str,
-        namespace: str | None,
-        name: str,
-        status: Obj,
-        *,
-        resource_version: str | None = None,
-    ) -> Obj: ...
-
     async def event(self, involved: Obj, *, type_: str, reason: str, message: str) -> None: ...
+
+
+class Source(Protocol):
+    """What the Autoscaler reads: the operator's store, kept current by the watches."""
+
+    def get(self, kind: str, namespace: str | None, name: str) -> Obj | None: ...
+
+    def items(self, kind: str) -> Iterator[tuple[Key, Obj]]: ...
 
 
 class Metrics(Protocol):
@@ -87,7 +89,15 @@ class Metrics(Protocol):
     ) -> list[prometheus.Series]: ...
 
 
+class Queues(Protocol):
+    """The length of an Agent's task stream (``streams.StreamLengths`` has it); None
+    when the Agent has no stream (it binds no Redis)."""
+
+    async def length(self, body: Mapping[str, Any]) -> decide.Reading | None: ...
+
+
 CapFor = Callable[[Obj], decide.Cap | None]
+Notify = Callable[[Key], None]
 
 
 class _Tracked:
@@ -96,9 +106,12 @@ class _Tracked:
     def __init__(self, interval: float) -> None:
         self.interval = interval
         self.state = decide.State()
-        self.active: tuple[str, str] | None = None  # ScalingActive as last written
-        self.written_at = -float("inf")
+        self.active: tuple[str, str] | None = None  # ScalingActive as last published
+        self.published_at = -float("inf")
         self.last_scale_time: str | None = None
+        # The Agent's resourceVersion and count after our last scale: until the store
+        # has caught up with that write, the count is the one written.
+        self.scaled: tuple[int, int] | None = None
 
 
 class Schedule:
@@ -141,27 +154,6 @@ class Schedule:
         return out
 
 
-def _metric_status(result: decide.MetricResult, current: int) -> Obj:
-    reading, metric = result.reading, result.metric
-    status: Obj = {
-        "type": metric.type,
-        "name": metric.name,
-        "target": metric.target,
-        "targetType": metric.target_type,
-    }
-    if reading.value is not None:
-        status["value"] = reading.value
-        if metric.target_type == "AverageValue" and current > 0:
-            status["averageValue"] = round(reading.value / current, 3)
-    if result.proposal is not None:
-        status["desiredReplicas"] = result.proposal
-    if reading.forecast is not None:
-        status["forecast"] = reading.forecast
-    if reading.error is not None:
-        status["error"] = reading.error
-    return status
-
-
 class Autoscaler:
     """Evaluates every tracked Agent on its interval; see the module docstring."""
 
@@ -169,7 +161,10 @@ class Autoscaler:
         self,
         api: Api,
         metrics: Metrics,
+        cache: Source,
         *,
+        queues: Queues | None = None,
+        notify: Notify | None = None,
         label_names: tuple[str, str] = ("namespace", "agent"),
         cap_for: CapFor | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -180,6 +175,9 @@ class Autoscaler:
     ) -> None:
         self.api = api
         self.metrics = metrics
+        self.cache = cache
+        self.queues = queues
+        self.notify = notify
         self.label_names = label_names
         self.cap_for = cap_for
         self.clock = clock
@@ -188,10 +186,32 @@ class Autoscaler:
         self.status_refresh_seconds = status_refresh_seconds
         self.schedule = Schedule()
         self.tracked: dict[Key, _Tracked] = {}
+        self.reports: dict[Key, scaling_report.Report] = {}
         self._limit = asyncio.Semaphore(concurrency)
         self._wake = asyncio.Event()
 
-    # --- which Agents ------------------------------------------------------------------
+    # --- which Agents: Agent events, routed like a work queue's ------------------------
+
+    def watches(self) -> list[watching.Watch]:
+        """Every Agent event comes here (``add``); a deleted Agent is forgotten."""
+        return [watching.primary("Agent", on_delete=watching.FORGET)]
+
+    def add(self, key: Hashable) -> None:
+        namespace, name = _key(key)
+        body = self.cache.get("Agent", namespace, name)
+        if body is None:
+            self.forget(key)
+        else:
+            self.track(body)
+
+    def add_after(self, key: Hashable, delay: float) -> None:
+        self.add(key)  # the schedule decides when an Agent is evaluated
+
+    def forget(self, key: Hashable) -> None:
+        key = _key(key)
+        self.tracked.pop(key, None)
+        self.reports.pop(key, None)
+        self.schedule.remove(key)
 
     def track(self, body: Mapping[str, Any]) -> bool:
         """Start, keep or stop evaluating an Agent after an event; True when tracked."""
@@ -199,7 +219,7 @@ class Autoscaler:
         key = (str(meta.get("namespace")), str(meta.get("name")))
         interval = _interval(body)
         if interval is None:
-            self.forget(*key)
+            self.forget(key)
             return False
         entry = self.tracked.get(key)
         if entry is None:
@@ -213,9 +233,10 @@ class Autoscaler:
             self._wake.set()
         return True
 
-    def forget(self, namespace: str, name: str) -> None:
-        self.tracked.pop((namespace, name), None)
-        self.schedule.remove((namespace, name))
+    def report(self, namespace: str, name: str) -> scaling_report.Report | None:
+        """What the Agent's status should show, as last published; None before the
+        first evaluation (the status then keeps what it shows)."""
+        return self.reports.get((namespace, name))
 
     def _jittered(self, interval: float) -> float:
         return interval * (1 + self.rng.uniform(-JITTER, JITTER))
@@ -260,27 +281,49 @@ class Autoscaler:
     # --- one evaluation ----------------------------------------------------------------
 
     async def evaluate(self, namespace: str, name: str) -> decide.Decision | None:
-        """One pass for one Agent; None when it is gone or no longer autoscaled here."""
-        body = await self.api.get("Agent", namespace, name)
-        if body is None or _interval(body) is None:
-            self.forget(namespace, name)
+        """One pass for one Agent; None when it is gone, no longer autoscaled here, or
+        scaled by another autoscaler (then its report says so)."""
+        key = (namespace, name)
+        body = self.cache.get("Agent", namespace, name)
+        interval = None if body is None else _interval(body)
+        if body is None or interval is None or body["metadata"].get("deletionTimestamp"):
+            self.forget(key)
             return None
         spec = agent_api.AgentSpec.model_validate(body["spec"])
         autoscaling = spec.autoscaling
         assert autoscaling is not None  # _interval checked it
-        entry = self.tracked.setdefault((namespace, name), _Tracked(_interval(body) or 5))
-        settings = autoscaling_config.from_spec(autoscaling)
-        selector = queries.Selector(namespace, name, *self.label_names)
+        entry = self.tracked.get(key)
+        if entry is None:
+            entry = self.tracked[key] = _Tracked(interval)
+        if entry.last_scale_time is None:
+            shown = (body.get("status") or {}).get("autoscaling") or {}
+            entry.last_scale_time = shown.get("lastScaleTime")
+        current = self._current(body, entry, spec.replicas)
         now, wall = self.clock(), self.wall_clock()
 
-        metrics = autoscaling.effective_metrics()
-        promql = [queries.for_metric(m, selector) for m in metrics]
+        scalers = scaling_report.foreign_scalers(
+            name,
+            self._in(namespace, "HorizontalPodAutoscaler"),
+            self._in(namespace, "ScaledObject"),
+        )
+        if scalers:
+            metrics.AUTOSCALER_EVALUATIONS.labels(reason=reasons.CONFLICTING_SCALER).inc()
+            await self._publish(body, entry, scaling_report.conflict(scalers, current=current), now)
+            return None
+
+        settings = autoscaling_config.from_spec(autoscaling)
+        selector = queries.Selector(namespace, name, *self.label_names)
+        metric_specs = autoscaling.effective_metrics()
+        promql = [queries.for_metric(m, selector) for m in metric_specs]
         work = [queries.queue_depth(selector), queries.inflight(selector)]
         wanted = list(dict.fromkeys(promql + (work if settings.scale_to_zero else [])))
         read = dict(
             zip(wanted, await asyncio.gather(*(self._read(q) for q in wanted)), strict=True)
         )
+        queue_depth = read.get(work[0], decide.Reading())
         readings = [read[q] for q in promql]
+        if settings.scale_to_zero and current == 0:
+            queue_depth, readings = await self._at_zero(body, metric_specs, queue_depth, readings)
         predictive = autoscaling.predictive
         if predictive is not None and predictive.enabled:
             ahead = await asyncio.gather(
@@ -294,13 +337,14 @@ class Autoscaler:
             readings = [r._replace(forecast=f) for r, f in zip(readings, ahead, strict=True)]
         observation = decide.Observation(
             now=now,
-            current_replicas=spec.replicas,
+            current_replicas=current,
             readings=tuple(readings),
-            queue_depth=read.get(work[0], decide.Reading()),
+            queue_depth=queue_depth,
             inflight=read.get(work[1], decide.Reading()),
             cap=self.cap_for(body) if self.cap_for else None,
         )
         decision = decide.decide(settings, observation, entry.state)
+        metrics.AUTOSCALER_EVALUATIONS.labels(reason=decision.reason).inc()
 
         if decision.changed:
             try:
@@ -310,16 +354,56 @@ class Autoscaler:
                 entry.state = decision.state._replace(events=entry.state.events)
                 raise
             entry.last_scale_time = _timestamp(wall)
-            # A Scale's resourceVersion is the Agent's: the status write below follows it.
-            version = (scale.get("metadata") or {}).get("resourceVersion")
-            if version:
-                body["metadata"]["resourceVersion"] = version
+            direction = "up" if decision.desired > decision.current else "down"
+            metrics.AUTOSCALER_SCALES.labels(direction=direction).inc()
+            version = _version((scale.get("metadata") or {}).get("resourceVersion"))
+            if version is not None:
+                entry.scaled = (version, decision.desired)
             await self.api.event(
                 body, type_="Normal", reason=decision.reason, message=decision.message
             )
         entry.state = decision.state
-        await self._write_status(body, entry, decision, now)
+        shown = scaling_report.from_decision(decision, last_scale_time=entry.last_scale_time)
+        await self._publish(body, entry, shown, now)
         return decision
+
+    def _in(self, namespace: str, kind: str) -> list[Obj]:
+        return [obj for (ns, _), obj in self.cache.items(kind) if ns == namespace]
+
+    def _current(self, body: Mapping[str, Any], entry: _Tracked, replicas: int) -> int:
+        """spec.replicas, or the count we wrote when the store has not seen it yet."""
+        if entry.scaled is not None:
+            seen = _version(body["metadata"].get("resourceVersion"))
+            if seen is not None and seen < entry.scaled[0]:
+                return entry.scaled[1]
+            entry.scaled = None
+        return replicas
+
+    async def _at_zero(
+        self,
+        body: Mapping[str, Any],
+        metrics: list[agent_api.AutoscalingMetric],
+        queue_depth: decide.Reading,
+        readings: list[decide.Reading],
+    ) -> tuple[decide.Reading, list[decide.Reading]]:
+        """At zero replicas no pod exports the queue depth: read the task stream itself.
+
+        The stream's length stands in for the queue depth, and for every queueDepth
+        metric that Prometheus has no data for, so the agent wakes to the count the
+        queue asks for at once.
+        """
+        if self.queues is None or queue_depth.value is not None:
+            return queue_depth, readings
+        stream = await self.queues.length(body)
+        if stream is None:
+            return queue_depth, readings
+        if stream.value is None:
+            return stream, readings
+        filled = [
+            stream if m.type == "queueDepth" and r.value is None else r
+            for m, r in zip(metrics, readings, strict=True)
+        ]
+        return stream, filled
 
     async def _read(self, promql: str) -> decide.Reading:
         try:
@@ -339,84 +423,44 @@ class Autoscaler:
             return None
         return forecast.ahead(series[0].points, lead_seconds=lead)
 
-    async def _write_status(
-        self, body: Obj, entry: _Tracked, decision: decide.Decision, now: float
+    async def _publish(
+        self, body: Mapping[str, Any], entry: _Tracked, shown: scaling_report.Report, now: float
     ) -> None:
-        """Write status.autoscaling and the two conditions when the live object differs.
-
-        Compared with the Agent as read at the start of the pass (not with what this
-        process wrote last): another writer of the Agent's status (the reconciler) that
-        dropped or changed them is corrected on the next pass. The write carries the
-        resourceVersion read, so it never overwrites a status written in between (a 409
-        Conflict skips it; the next pass tries again with a fresh read).
-        """
-        old = body.get("status") or {}
-        previous = old.get("autoscaling") or {}
-        last_scale = entry.last_scale_time or previous.get("lastScaleTime")
-        shown = (
-            previous.get("desiredReplicas"),
-            previous.get("reason"),
-            _shown(old, decision.active.type),
-            _shown(old, decision.limited.type),
-            previous.get("lastScaleTime"),
-        )
-        said = (
-            decision.desired,
-            decision.reason,
-            decision.active[1:3],
-            decision.limited[1:3],
-            last_scale,
-        )
-        if said == shown and now - entry.written_at < self.status_refresh_seconds:
-            return
-        autoscaling: Obj = {
-            "desiredReplicas": decision.desired,
-            "reason": decision.reason,
-            "message": decision.message,
-            "metrics": [_metric_status(r, decision.current) for r in decision.metrics],
-        }
-        if last_scale:
-            autoscaling["lastScaleTime"] = last_scale
-        driver = next(
-            (r for r in decision.metrics if r.proposal is not None and r.reading.value is not None),
-            None,
-        )
-        if driver is not None and driver.reading.value is not None and decision.current > 0:
-            autoscaling["currentMetricValue"] = round(driver.reading.value / decision.current, 3)
+        """Hand the report to the Agent's status writer when what it says changed (or
+        its metric values are old), and say once, as a Warning, why scaling stopped."""
         meta = body["metadata"]
-        merged = conditions.merge(
-            old.get("conditions"),
-            [decision.active, decision.limited],
-            generation=meta.get("generation"),
-        )
-        try:
-            await self.api.patch_status(
-                "Agent",
-                meta["namespace"],
-                meta["name"],
-                {"autoscaling": autoscaling, "conditions": merged},
-                resource_version=meta.get("resourceVersion"),
-            )
-        except Exception as exc:
-            if getattr(exc, "status", None) != HTTP_CONFLICT:
-                raise
-            logger.debug(
-                "status of %s/%s changed meanwhile; next pass", meta["namespace"], meta["name"]
-            )
+        key = (str(meta["namespace"]), str(meta["name"]))
+        before = self.reports.get(key)
+        fresh = now - entry.published_at < self.status_refresh_seconds
+        if (
+            before is not None
+            and scaling_report.shown(before) == scaling_report.shown(shown)
+            and fresh
+        ):
             return
-        if decision.active.status == conditions.FALSE and entry.active != decision.active[1:3]:
+        self.reports[key] = shown
+        entry.published_at = now
+        if self.notify is not None:
+            self.notify(key)
+        active = next((c for c in shown.conditions if c.type == reasons.SCALING_ACTIVE), None)
+        said = None if active is None else (active.status, active.reason)
+        if active is not None and active.status == conditions.FALSE and entry.active != said:
             await self.api.event(
-                body,
-                type_="Warning",
-                reason=decision.active.reason,
-                message=decision.active.message,
+                dict(body), type_="Warning", reason=active.reason, message=active.message
             )
-        entry.active, entry.written_at = decision.active[1:3], now
+        entry.active = said
 
 
-def _shown(status: Mapping[str, Any], type_: str) -> tuple[str, str] | None:
-    found = conditions.find(status.get("conditions"), type_)
-    return None if found is None else (str(found.get("status")), str(found.get("reason")))
+def _key(key: Hashable) -> Key:
+    namespace, name = typing.cast(Key, key)
+    return (str(namespace), str(name))
+
+
+def _version(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 async def _none() -> None:

@@ -215,3 +215,23 @@ class Client:
             )
             for item in result
         ]
+
+
+class Unconfigured:
+    """Stands in for Prometheus when the operator has none: every read says what to set."""
+
+    MESSAGE = (
+        "the operator has no Prometheus to read metrics from: set "
+        "BMAD_OPERATOR_PROMETHEUS_URL in its settings"
+    )
+
+    async def aclose(self) -> None:
+        return None
+
+    async def value(self, promql: str, *, at: float | None = None) -> float:
+        raise PrometheusUnavailableError(self.MESSAGE)
+
+    async def query_range(
+        self, promql: str, *, start: float, end: float, step: float
+    ) -> list[Series]:
+        raise PrometheusUnavailableError(self.MESSAGE)

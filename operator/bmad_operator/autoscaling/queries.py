@@ -14,11 +14,10 @@ The agent runtime (``bmad_runtime.telemetry``) exports, per replica:
   ``direction`` and ``model``): tokens spent; ``rate()`` over a window, summed over
   pods, directions and models, times 60 gives tokens per minute.
 
-The runtime itself puts no agent or namespace label on its series: the scrape adds
-them. Series must carry the Agent's namespace and name in the labels named by
-:class:`Selector` (``namespace`` and ``agent`` by default): a ServiceMonitor/PodMonitor
-relabels the pod label ``bmad.dev/agent`` to ``agent``; metrics pushed through a
-Pushgateway carry them in their grouping key.
+Series must carry the Agent's namespace and name in the labels named by
+:class:`Selector` (``namespace`` and ``agent`` by default). The runtime puts both on
+every series it serves (``bmad_runtime.telemetry``), so any scrape of the pods finds
+them; metrics pushed through a Pushgateway carry them in their grouping key.
 """
 
 from __future__ import annotations

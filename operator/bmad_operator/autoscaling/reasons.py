@@ -16,7 +16,21 @@ SCALING_LIMITED: Final = "ScalingLimited"
 PROMETHEUS_UNAVAILABLE: Final = "PrometheusUnavailable"  # no answer, or a 5xx
 QUERY_FAILED: Final = "QueryFailed"  # Prometheus refused the query (4xx) or its result
 NO_DATA: Final = "NoData"  # an empty result (no such series)
-METRIC_FAILURES: Final = (PROMETHEUS_UNAVAILABLE, QUERY_FAILED, NO_DATA)
+# The agent's task stream could not be read (scale to zero: the queue depth at zero).
+QUEUE_UNAVAILABLE: Final = "QueueUnavailable"
+METRIC_FAILURES: Final = (PROMETHEUS_UNAVAILABLE, QUERY_FAILED, NO_DATA, QUEUE_UNAVAILABLE)
+
+# ScalingActive=False: something else scales the Agent (an HPA, another ScaledObject);
+# the operator reports it and leaves spec.replicas alone.
+CONFLICTING_SCALER: Final = "ConflictingScaler"
+
+# engine: keda (ScalingActive, and status.autoscaling.reason).
+KEDA_NOT_INSTALLED: Final = "KEDANotInstalled"  # no scaledobjects.keda.sh in the cluster
+SCALED_OBJECT_REFUSED: Final = "ScaledObjectRefused"  # the API server refused it
+WAITING_FOR_KEDA: Final = "WaitingForKEDA"  # applied; KEDA has not reported on it yet
+KEDA_READY: Final = "KEDAReady"  # KEDA reports the ScaledObject Ready (its own reason
+KEDA_NOT_READY: Final = "KEDANotReady"  # is in the message when it is not CamelCase)
+MANAGED_BY_KEDA: Final = "ManagedByKEDA"
 
 # ScalingActive=True.
 VALID_METRICS: Final = "ValidMetrics"

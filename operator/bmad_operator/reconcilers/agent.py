@@ -14,12 +14,14 @@ import json
 import logging
 import typing
 from collections.abc import Hashable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import pydantic
 
 from bmad_crds.v1alpha1 import agent as agent_api
 from bmad_operator import conditions, diff, errors, kube, store, tenancy, watching
+from bmad_operator.autoscaling import keda
+from bmad_operator.autoscaling import report as scaling_report
 from bmad_operator.builders import agent as builders
 from bmad_operator.builders import integration as integration_builders
 from bmad_operator.builders import meta
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 
 KIND = "Agent"
 OWNED_KINDS = ("ServiceAccount", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget")
+# engine: keda; an owned object only where KEDA's CRD exists.
+SCALED_OBJECT = "ScaledObject"
 # A rollout changes a Deployment's status several times a second: an owned object's
 # change waits this long, so those events become one pass (and one status write).
 OWNED_EVENT_DELAY = 0.3  # seconds
@@ -49,11 +53,27 @@ def applied_hash(obj: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+class ScalingSource(Protocol):
+    """The autoscaler's latest report on an Agent (``autoscaling.autoscaler.Autoscaler``)."""
+
+    def report(self, namespace: str, name: str) -> scaling_report.Report | None: ...
+
+
 class AgentReconciler:
-    def __init__(self, *, api: kube.Kube, cache: store.Store, runtime_image: str) -> None:
+    def __init__(
+        self,
+        *,
+        api: kube.Kube,
+        cache: store.Store,
+        runtime_image: str,
+        scaling: ScalingSource | None = None,
+        prometheus_url: str = "",
+    ) -> None:
         self.api = api
         self.cache = cache
         self.runtime_image = runtime_image
+        self.scaling = scaling
+        self.prometheus_url = prometheus_url
 
     def watches(self) -> list[watching.Watch]:
         """The events that bring an Agent back (kubebuilder's SetupWithManager)."""
@@ -67,8 +87,10 @@ class AgentReconciler:
                     cache=self.cache,
                     delay=OWNED_EVENT_DELAY,
                 )
-                for kind in OWNED_KINDS
+                for kind in (*OWNED_KINDS, SCALED_OBJECT)
             ),
+            # an HPA appeared or went: a conflict with the Agent's autoscaling, or none
+            watching.mapped("HorizontalPodAutoscaler", self._agent_scaled_by),
             # suspended or resumed, its namespaces changed
             watching.mapped("Tenant", self._agents_of_tenant),
             # its tenant label changed: the agents' BMAD_TENANT follows
@@ -85,6 +107,13 @@ class AgentReconciler:
 
     def _agents_in_namespace(self, event: watching.WatchEvent) -> list[watching.Request]:
         return [watching.Request(key) for key in self.cache.keys(KIND) if key[0] == event.name]
+
+    def _agent_scaled_by(self, event: watching.WatchEvent) -> list[watching.Request]:
+        target = (event.body.get("spec") or {}).get("scaleTargetRef") or {}
+        name = target.get("name")
+        if name and self.cache.get(KIND, event.namespace, str(name)) is not None:
+            return [watching.Request((event.namespace, str(name)))]
+        return []
 
     def _agents_binding_integration(self, event: watching.WatchEvent) -> list[watching.Request]:
         return self._agents_binding(event.namespace, event.name)
@@ -207,7 +236,19 @@ class AgentReconciler:
             suspended_by=tenant["metadata"]["name"] if suspended and tenant else None,
             problems=[instructions_problem, policy.reserved_env_problem(ignored_env)],
         )
-        decided = [ready, available, progressing, integrations_cond]
+        # The autoscaler's report joins this pass's one status write (see
+        # autoscaling.report): None keeps what the status shows until its first one.
+        scaling = await self._scaling(body, spec)
+        kept = previous
+        if scaling is not None:
+            kept = [c for c in previous if c.get("type") not in scaling_report.CONDITION_TYPES]
+        decided = [
+            ready,
+            available,
+            progressing,
+            integrations_cond,
+            *(scaling.conditions if scaling else ()),
+        ]
         status: dict[str, Any] = {
             "observedGeneration": generation,
             "replicas": rollout.replicas if rollout else 0,
@@ -215,13 +256,65 @@ class AgentReconciler:
             "desiredReplicas": desired_replicas,
             "selector": builders.selector_string(name),
             "endpoint": builders.endpoint(body),
-            "conditions": conditions.merge(previous, decided, generation=generation),
+            "conditions": conditions.merge(kept, decided, generation=generation),
         }
+        shown = (body.get("status") or {}).get("autoscaling")
+        if scaling is not None and scaling.autoscaling != shown:
+            status["autoscaling"] = scaling_report.status_patch(shown, scaling.autoscaling)
         await self._write_status(body, status)
 
         for event in policy.apply_events(created=created, updated=updated, drifted=drifted):
             await common.post_event(self.api, body, event)
         await self._event_on_flip(body, previous, ready)
+
+    async def _scaling(
+        self, body: Mapping[str, Any], spec: agent_api.AgentSpec
+    ) -> scaling_report.Report | None:
+        """What the status shows of autoscaling; None: leave it as it is."""
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        if scaling_report.keda_mode(spec):
+            return await self._keda(body, spec)
+        await self._drop_scaled_object(namespace, name)
+        if not scaling_report.autoscaled(spec):
+            return scaling_report.NOT_AUTOSCALED
+        return self.scaling.report(namespace, name) if self.scaling else None
+
+    async def _keda(
+        self, body: Mapping[str, Any], spec: agent_api.AgentSpec
+    ) -> scaling_report.Report:
+        """engine: keda: apply the Agent's ScaledObject and show what KEDA says of it."""
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        if not self.prometheus_url:
+            return scaling_report.keda(name)
+        scalers = scaling_report.foreign_scalers(
+            name,
+            [o for (ns, _), o in self.cache.items("HorizontalPodAutoscaler") if ns == namespace],
+            [o for (ns, _), o in self.cache.items(SCALED_OBJECT) if ns == namespace],
+        )
+        if scalers:
+            return scaling_report.keda(name, scalers=scalers, prometheus_url=self.prometheus_url)
+        rendered = keda.scaled_object(body, spec, server_address=self.prometheus_url)
+        try:
+            live = await common.ensure(self.api, self.cache, rendered.scaled_object)
+        except errors.ApiError as exc:
+            if exc.not_found:  # the API server serves no scaledobjects.keda.sh
+                return scaling_report.keda(name, missing=True, prometheus_url=self.prometheus_url)
+            if exc.retryable:
+                raise
+            return scaling_report.keda(
+                name, refused=exc.message, prometheus_url=self.prometheus_url
+            )
+        return scaling_report.keda(
+            name, live=live, caveats=rendered.caveats, prometheus_url=self.prometheus_url
+        )
+
+    async def _drop_scaled_object(self, namespace: str, name: str) -> None:
+        """The ScaledObject of an earlier engine: keda, which KEDA would go on acting on."""
+        live = self.cache.get(SCALED_OBJECT, namespace, name)
+        owners = (live or {}).get("metadata", {}).get("ownerReferences") or []
+        if live is not None and any(o.get("kind") == KIND for o in owners):
+            await self.api.delete(SCALED_OBJECT, namespace, name)
+            self.cache.remove(SCALED_OBJECT, namespace, name)
 
     async def _apply_failed(
         self,

@@ -1,9 +1,11 @@
-"""Small builders of test objects, and the Tenants helper, shared by the operator's
-integration tests."""
+"""Small builders of test objects, the Tenants helper and an async poll with a deadline,
+shared by the operator's integration tests."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import time
 from typing import Any
 
 from bmad_testbed.kubectl import Kubectl, eventually
@@ -84,3 +86,15 @@ class Tenants:
             self.kubectl.run(
                 "delete", "namespace", ns, "--ignore-not-found", "--wait=false", check=False
             )
+
+
+async def until(check: Any, *, within: float, what: str, every: float = 0.5) -> Any:
+    """Poll the async `check` until it returns something truthy; fail at the deadline."""
+    deadline = time.monotonic() + within
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(every)
+    raise AssertionError(f"{what}: not within {within:.0f} s (last: {last!r})")

@@ -44,6 +44,7 @@ OPERATOR_PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset(
             for kind in ("agents", "integrations", "workflows", "tenants")
             for verb in ("get", "patch", "update")
         ),
+        *((common.GROUP, "agents/scale", verb) for verb in ("get", "patch", "update")),
         *(
             (common.GROUP, f"{kind}/finalizers", "update")
             for kind in ("agents", "integrations", "workflows", "tenants")
@@ -70,6 +71,8 @@ OPERATOR_PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset(
         *(("apps", "deployments", verb) for verb in FULL),
         *(("policy", "poddisruptionbudgets", verb) for verb in FULL),
         *(("monitoring.coreos.com", "servicemonitors", verb) for verb in FULL),
+        *(("autoscaling", "horizontalpodautoscalers", verb) for verb in ("get", "list", "watch")),
+        *(("keda.sh", "scaledobjects", verb) for verb in FULL),
         *(
             ("apiextensions.k8s.io", "customresourcedefinitions", verb)
             for verb in ("get", "list", "watch")

@@ -158,7 +158,8 @@ class FakeKube:
         self.calls.append(("patch_status", kind, name))
         self.statuses.append(copy.deepcopy(status))
         obj = self._existing(kind, namespace, name)
-        obj["status"] = {**(obj.get("status") or {}), **copy.deepcopy(status)}
+        # A merge patch, as the API server applies it: nested objects merge, null removes.
+        obj["status"] = merge_patch(obj.get("status") or {}, status)
         obj["metadata"]["resourceVersion"] = self.next_rv()
         return copy.deepcopy(obj)
 

@@ -359,17 +359,23 @@ async def test_metrics_count_requests_by_route_template_and_tokens() -> None:
         await client.get("/v1/conversations/some-id/messages")
         await client.get("/no/such/route")
         text = (await client.get("/metrics")).text
-    assert 'bmad_agent_request_seconds_count{route="/v1/invoke",status="200"} 1.0' in text
+    # Every series carries the agent's namespace and name (the autoscaler selects on
+    # them); the exposition sorts labels by name.
+    who = 'agent="pm-1",namespace="team-a"'
+    assert f'bmad_agent_request_seconds_count{{{who},route="/v1/invoke",status="200"}} 1.0' in text
     assert (
-        'bmad_agent_request_seconds_count{route="/v1/conversations/{conversation_id}/messages",'
-        'status="404"} 1.0'
+        f"bmad_agent_request_seconds_count{{{who},"
+        'route="/v1/conversations/{conversation_id}/messages",status="404"} 1.0'
     ) in text
-    assert 'bmad_agent_request_seconds_count{route="unmatched",status="404"} 1.0' in text
-    assert 'bmad_agent_tokens_total{direction="out",model="echo-1"} 3.0' in text
-    assert 'bmad_agent_tasks_total{outcome="ok"} 1.0' in text
-    assert "bmad_agent_inflight 0.0" in text
-    assert "bmad_agent_queue_depth 0.0" in text
-    assert "bmad_agent_dead_letters 0.0" in text
+    assert f'bmad_agent_request_seconds_count{{{who},route="unmatched",status="404"}} 1.0' in text
+    assert (
+        'bmad_agent_tokens_total{agent="pm-1",direction="out",model="echo-1",namespace="team-a"}'
+        " 3.0"
+    ) in text
+    assert f'bmad_agent_tasks_total{{{who},outcome="ok"}} 1.0' in text
+    assert f"bmad_agent_inflight{{{who}}} 0.0" in text
+    assert f"bmad_agent_queue_depth{{{who}}} 0.0" in text
+    assert f"bmad_agent_dead_letters{{{who}}} 0.0" in text
 
 
 async def test_two_apps_keep_their_own_metrics() -> None:
@@ -377,7 +383,7 @@ async def test_two_apps_keep_their_own_metrics() -> None:
         async for second in serve(make_app()):
             await first.post("/v1/invoke", json={"input": "hi"})
             text = (await second.get("/metrics")).text
-    assert 'bmad_agent_tasks_total{outcome="ok"}' not in text
+    assert 'outcome="ok"' not in text
 
 
 async def test_openapi_documents_models_errors_and_the_bearer_scheme() -> None:
