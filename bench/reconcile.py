@@ -522,6 +522,8 @@ class Bench:
             log_path=self.tmp / f"operator-{n}-{ns}.log",
             resync_seconds=self.args.resync_seconds,
             workers=self.args.workers,
+            # a shared 2-core machine can take minutes to start it; the clock starts later
+            start_timeout=300,
         )
         mark = audit.mark(self.audit_log) if self.audit_log else None
         api = await api_client(self.kubeconfig, pool=self.args.streams + 4)
@@ -587,6 +589,7 @@ class Bench:
                 resync_seconds=self.args.resync_seconds,
                 workers=self.args.workers,
                 extra_env=env,
+                start_timeout=300,
             )
             try:
                 await asyncio.to_thread(op.start)

@@ -146,7 +146,9 @@ def start(
         [sys.executable, __file__, "--serve", kind, "--port", str(port)], env=env, cwd=REPO
     )
     url = f"http://{HOST}:{port}"
-    deadline = time.monotonic() + 30
+    # 120 s, not 30: on 2 shared cores under a load average near 20 the runtime's
+    # imports alone took 15 s, and a first run also compiles the bytecode.
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:

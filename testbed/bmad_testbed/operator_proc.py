@@ -63,6 +63,7 @@ class OperatorProcess:
         workers: int = 16,
         prometheus_url: str | None = None,
         extra_env: dict[str, str] | None = None,
+        start_timeout: float = 60.0,
     ) -> None:
         self.kubeconfig = kubeconfig
         self.prometheus_url = prometheus_url
@@ -70,6 +71,7 @@ class OperatorProcess:
         self.resync_seconds = resync_seconds
         self.workers = workers
         self.extra_env = extra_env or {}
+        self.start_timeout = start_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self.metrics_port = 0
         self.health_port = 0
@@ -102,7 +104,7 @@ class OperatorProcess:
                 env=env,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(
@@ -112,7 +114,8 @@ class OperatorProcess:
             if self.healthy():
                 return
             time.sleep(0.2)
-        raise RuntimeError("the operator did not answer /healthz within 60s")
+        self.stop()  # never leave an operator behind that did not start in time
+        raise RuntimeError(f"the operator did not answer /healthz within {self.start_timeout:g}s")
 
     def healthy(self) -> bool:
         try:
