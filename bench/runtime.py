@@ -9,14 +9,24 @@ Run on demand (not in CI); loopback only, bounded by --seconds and --max-request
 
     .venv/bin/python bench/runtime.py --write docs/benchmarks.md
 
-Each server runs in its own process (`--serve runtime|bare`, one uvicorn worker); the
-load generator is an httpx async client with one connection per concurrent worker.
+Each server runs in its own process (`--serve runtime|store|bare`, one uvicorn worker);
+the load generator is wrk when installed, else an httpx async client with one connection
+per concurrent worker.
+
+Two tables. The first: the runtime with the in-process store. The second (`--tables
+in-process real`, the default when the test bed's `BMAD_POSTGRES_URL` and
+`BMAD_REDIS_URL` are set): the production app (`create_default_app`) with the test bed's
+real PostgreSQL (a fresh database, migrated at start-up) and Redis bound, as an agent
+pod has them. With `--profile` (needs py-spy) each runtime is profiled in a separate
+pass at concurrency 16 after its measured levels, so the profiler does not distort the
+table, and the report breaks the runtime's CPU per request down by where it went.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import datetime as dt
 import json
 import os
@@ -29,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +47,7 @@ from typing import Any
 import httpx
 import psutil
 import pydantic
+import report_file  # bench/, beside this script
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -69,6 +81,31 @@ class Answer(pydantic.BaseModel):
     output: str
 
 
+STORE_DSN = "BENCH_RUNTIME_POSTGRES_DSN"  # not BMAD_*: the server's env is cleaned of those
+STORE_REDIS = "BENCH_RUNTIME_REDIS_URL"
+
+
+def store_app() -> Any:
+    """The production app with the real PostgreSQL and Redis bound (auth off, echo model)."""
+    from bmad_runtime import settings, wiring
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-runtime-"))
+    config = folder / "agent.json"
+    config.write_text(json.dumps({"role": "pm", "model": {"provider": "echo", "name": "echo-1"}}))
+    return wiring.create_default_app(
+        settings.RuntimeSettings(
+            agent_name="bench-1",
+            agent_namespace="bench",
+            tenant=f"bench-{os.getpid()}",
+            agent_config=config,
+            binding_root=folder / "no-bindings",
+            auth_enabled=False,
+            postgres_dsn=os.environ[STORE_DSN],
+            redis_url=os.environ[STORE_REDIS],
+        )
+    )
+
+
 def bare_app() -> Any:
     import fastapi
 
@@ -88,7 +125,7 @@ def bare_app() -> Any:
 def serve(kind: str, port: int) -> None:
     import uvicorn
 
-    app = runtime_app() if kind == "runtime" else bare_app()
+    app = {"runtime": runtime_app, "store": store_app, "bare": bare_app}[kind]()
     uvicorn.run(app, host=HOST, port=port, log_level="warning", access_log=False, lifespan="on")
 
 
@@ -99,9 +136,12 @@ def free_port() -> int:
         return port
 
 
-def start(kind: str) -> tuple[subprocess.Popen[bytes], str]:
+def start(
+    kind: str, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BMAD_", "OTEL_"))}
+    env.update(extra_env or {})
     proc = subprocess.Popen(
         [sys.executable, __file__, "--serve", kind, "--port", str(port)], env=env, cwd=REPO
     )
@@ -250,8 +290,180 @@ def load_wrk(url: str, server: psutil.Process, *, concurrency: int, seconds: flo
     )
 
 
-def measure(kind: str, levels: list[int], seconds: float, max_requests: int) -> list[Result]:
-    proc, url = start(kind)
+# --- where the time goes ---------------------------------------------------------------
+
+# Where a sample's innermost frame is decides what it is charged to (py-spy --full-filenames).
+CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("PostgreSQL client (asyncpg)", ("/asyncpg/",)),
+    ("Redis client (redis-py)", ("/redis/",)),
+    ("HTTP server (uvicorn, h11, httptools)", ("/uvicorn/", "/h11/", "/httptools/")),
+    ("web framework (Starlette, FastAPI)", ("/starlette/", "/fastapi/")),
+    ("validation, serialisation (pydantic)", ("/pydantic/", "/pydantic_core/")),
+    ("metrics (prometheus_client)", ("/prometheus_client/",)),
+    ("tracing (opentelemetry)", ("/opentelemetry/",)),
+    ("the runtime's own code", ("/bmad_runtime/", "/bmad_crds/", "/bmad_integrations/")),
+    ("logging", ("/logging/",)),
+    ("JSON", ("/json/",)),
+    ("event loop, sockets (asyncio)", ("/asyncio/", "/selectors.py", "/socket.py", "/ssl.py")),
+)
+FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]+):(?P<line>\d+)\)$")
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    samples: int
+    by_category: list[tuple[str, int]]  # innermost frame's category → samples
+    inclusive: list[tuple[str, int]]  # a runtime function anywhere on the stack → samples
+    inclusive_packages: list[tuple[str, int]]  # a package anywhere on the stack → samples
+    leaves: dict[str, list[tuple[str, int]]]  # per category: its busiest innermost frames
+
+
+def _category(path: str) -> str:
+    for name, markers in CATEGORIES:
+        if any(m in path for m in markers):
+            return name
+    return "other (standard library, the rest)"
+
+
+def parse_profile(text: str) -> Breakdown:
+    """py-spy's raw (collapsed) stacks: `frame;frame;...;frame count`, outermost first."""
+    by_category: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    packages: collections.Counter[str] = collections.Counter()
+    leaves: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    total = 0
+    for line in text.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [m for m in (FRAME.match(f) for f in stack.split(";")) if m]
+        if not frames:
+            continue
+        total += count
+        leaf = frames[-1]
+        by_category[_category(leaf["file"])] += count
+        where = leaf["file"].rsplit("/site-packages/", 1)[-1].rsplit("/lib/python3", 1)[-1]
+        leaves[_category(leaf["file"])][f"{leaf['func']} ({where.lstrip('/')})"] += count
+        seen_functions = set()
+        seen_packages = set()
+        for frame in frames:
+            path = frame["file"]
+            if "/bmad_runtime/" in path:
+                module = path.split("/bmad_runtime/", 1)[1].removesuffix(".py").replace("/", ".")
+                seen_functions.add(f"{module}.{frame['func']}")
+            for name, markers in CATEGORIES:
+                if any(m in path for m in markers):
+                    seen_packages.add(name)
+        for name in seen_functions:
+            inclusive[name] += count
+        for name in seen_packages:
+            packages[name] += count
+    return Breakdown(
+        samples=total,
+        by_category=by_category.most_common(),
+        inclusive=inclusive.most_common(15),
+        inclusive_packages=packages.most_common(),
+        leaves={k: v.most_common(3) for k, v in leaves.items()},
+    )
+
+
+def py_spy() -> str | None:
+    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return found if Path(found).exists() else None
+
+
+def profile(url: str, pid: int, *, seconds: float, concurrency: int) -> Breakdown:
+    """Sample the server with py-spy (not pausing it) while loading it; parse the stacks."""
+    spy = py_spy()
+    if spy is None:
+        raise SystemExit("--profile needs py-spy: pip install py-spy (the bench extra)")
+    with tempfile.TemporaryDirectory(prefix="bench-profile-") as folder:
+        out = Path(folder) / "stacks.txt"
+        recorder = subprocess.Popen(
+            [
+                spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--rate",
+                "200",
+                "--duration",
+                f"{seconds + 1:.0f}",
+                "--format",
+                "raw",
+                "--full-filenames",
+                "--nonblocking",
+                "--output",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        time.sleep(1.0)  # attached
+        if LOAD_GENERATOR == "wrk":
+            load_wrk(url, psutil.Process(pid), concurrency=concurrency, seconds=seconds)
+        else:
+            asyncio.run(
+                load(
+                    url,
+                    psutil.Process(pid),
+                    concurrency=concurrency,
+                    seconds=seconds,
+                    max_requests=10**9,
+                )
+            )
+        _, err = recorder.communicate(timeout=seconds + 60)
+        if recorder.returncode != 0 or not out.exists():
+            raise RuntimeError(f"py-spy failed: {err.decode(errors='replace')[-500:]}")
+        return parse_profile(out.read_text())
+
+
+def breakdown_lines(title: str, result: Result, found: Breakdown) -> list[str]:
+    """The profile as CPU µs per request: each share of the samples times the measured
+    CPU per request at the same concurrency."""
+
+    def us(count: int) -> str:
+        return f"{result.cpu_us * count / found.samples:.0f}" if found.samples else "—"
+
+    def pct(count: int) -> str:
+        return f"{100 * count / found.samples:.0f}%" if found.samples else "—"
+
+    lines = [
+        f"\n{title}: {found.samples:,} py-spy samples at concurrency {result.concurrency}; "
+        f"the shares times the {result.cpu_us:.0f} µs of server CPU per request measured "
+        "above at that concurrency.\n",
+        "| where the CPU went (innermost frame) | share | µs/request | mostly |",
+        "|---|---:|---:|---|",
+    ]
+    for name, c in found.by_category:
+        mostly = ", ".join(
+            f"`{leaf.split(' (')[0]}` {pct(n)}" for leaf, n in found.leaves.get(name, [])
+        )
+        lines.append(f"| {name} | {pct(c)} | {us(c)} | {mostly} |")
+    lines += [
+        "",
+        "| with this on the stack (inclusive) | share | µs/request |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {name} | {pct(c)} | {us(c)} |" for name, c in found.inclusive_packages]
+    lines += [f"| `bmad_runtime.{name}` | {pct(c)} | {us(c)} |" for name, c in found.inclusive]
+    return lines
+
+
+# --- a run -------------------------------------------------------------------------------
+
+
+def measure(
+    kind: str,
+    levels: list[int],
+    seconds: float,
+    max_requests: int,
+    *,
+    extra_env: dict[str, str] | None = None,
+    profile_seconds: float = 0.0,
+) -> tuple[list[Result], Breakdown | None]:
+    proc, url = start(kind, extra_env)
     try:
         results = []
         for level in levels:
@@ -275,14 +487,66 @@ def measure(kind: str, levels: list[int], seconds: float, max_requests: int) -> 
                 file=sys.stderr,
             )
             results.append(result)
-        return results
+        found = None
+        if profile_seconds:
+            found = profile(url, proc.pid, seconds=profile_seconds, concurrency=PROFILE_LEVEL)
+        return results, found
     finally:
         stop(proc)
 
 
+PROFILE_LEVEL = 16
+
+
+class Database:
+    """A fresh PostgreSQL database on the test bed's server, dropped afterwards."""
+
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = admin_url
+        self.name = f"bench_runtime_{os.getpid()}_{int(time.time())}"
+
+    async def _admin(self, sql: str) -> None:
+        import asyncpg  # type: ignore[import-untyped]
+
+        conn = await asyncpg.connect(self.admin_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    def __enter__(self) -> str:
+        asyncio.run(self._admin(f'CREATE DATABASE "{self.name}"'))  # a generated name
+        parts = urllib.parse.urlsplit(self.admin_url)
+        return urllib.parse.urlunsplit(parts._replace(path="/" + self.name))
+
+    def __exit__(self, *_: object) -> None:
+        asyncio.run(self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
+
+
+def table(rows: list[tuple[Result, Result]], *, ours: str = "runtime") -> list[str]:
+    lines = [
+        f"| concurrency | {ours} req/s | {ours} p50 / p99 (ms) | {ours} CPU (µs/req) | "
+        "bare req/s | bare p50 / p99 (ms) | bare CPU (µs/req) | throughput ratio | "
+        "CPU ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mine, theirs in rows:
+        ratio = mine.rps / theirs.rps if theirs.rps else 0.0
+        cpu_ratio = mine.cpu_us / theirs.cpu_us if theirs.cpu_us else 0.0
+        lines.append(
+            f"| {mine.concurrency} | {mine.rps:.0f} | {mine.p50_ms:.2f} / {mine.p99_ms:.2f} | "
+            f"{mine.cpu_us:.0f} | {theirs.rps:.0f} | {theirs.p50_ms:.2f} / {theirs.p99_ms:.2f} "
+            f"| {theirs.cpu_us:.0f} | {ratio:.2f} | {cpu_ratio:.2f} |"
+        )
+    return lines
+
+
+SECTION = "bench/runtime — the agent runtime against a bare FastAPI endpoint"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--serve", choices=["runtime", "bare"], help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=["runtime", "store", "bare"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--seconds", type=float, default=5.0, help="per concurrency level")
@@ -294,47 +558,88 @@ def main() -> int:
         default="wrk" if shutil.which("wrk") else "httpx",
         help="load generator: wrk (Debian package, default when installed) or httpx",
     )
+    have_store = bool(os.environ.get("BMAD_POSTGRES_URL") and os.environ.get("BMAD_REDIS_URL"))
+    parser.add_argument(
+        "--tables",
+        nargs="+",
+        choices=["in-process", "real"],
+        default=["in-process", "real"] if have_store else ["in-process"],
+        help="in-process store, and/or the test bed's real PostgreSQL and Redis",
+    )
+    parser.add_argument(
+        "--profile",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="profile each runtime with py-spy this long at concurrency 16, after its levels",
+    )
     args = parser.parse_args()
     global LOAD_GENERATOR  # noqa: PLW0603 - chosen once per run
     LOAD_GENERATOR = args.load
     if args.serve:
         serve(args.serve, args.port)
         return 0
+    if "real" in args.tables and not have_store:
+        raise SystemExit(
+            "the real-store table needs the test bed's PostgreSQL and Redis: "
+            'set -a; eval "$(.venv/bin/bmad testbed up --no-cluster --services postgres,redis)"'
+        )
 
-    runtime = measure("runtime", args.concurrency, args.seconds, args.max_requests)
-    bare = measure("bare", args.concurrency, args.seconds, args.max_requests)
+    measured: dict[str, tuple[list[Result], Breakdown | None]] = {}
+    for name in args.tables:
+        if name == "in-process":
+            measured[name] = measure(
+                "runtime",
+                args.concurrency,
+                args.seconds,
+                args.max_requests,
+                profile_seconds=args.profile,
+            )
+        else:
+            with Database(os.environ["BMAD_POSTGRES_URL"]) as dsn:
+                measured[name] = measure(
+                    "store",
+                    args.concurrency,
+                    args.seconds,
+                    args.max_requests,
+                    extra_env={STORE_DSN: dsn, STORE_REDIS: os.environ["BMAD_REDIS_URL"]},
+                    profile_seconds=args.profile,
+                )
+    bare, _ = measure("bare", args.concurrency, args.seconds, args.max_requests)
     cpu = platform.processor() or platform.machine()
+    load_avg = os.getloadavg()[0]
     lines = [
         f"\n### bench/runtime — {dt.date.today().isoformat()}\n",
         f"Machine: {os.cpu_count()} cores, {cpu}, Python {platform.python_version()}; one "
         f"uvicorn worker per server, load generator ({LOAD_GENERATOR}) on the same machine "
         "over loopback, "
-        f"{args.seconds:g}s per level. Runtime: POST /v1/invoke with the echo model, the "
-        "in-process store, auth and limits off. Bare: a FastAPI endpoint that parses the same "
+        f"{args.seconds:g}s per level; 1-minute load average {load_avg:.1f} at the end (2 "
+        "cores: above 2, other work shared the machine). Runtime: POST /v1/invoke with the "
+        "echo model, auth and limits off. Bare: a FastAPI endpoint that parses the same "
         "body and returns the echo. Throughput ratio: runtime / bare requests/s (the load "
         "generator shares the machine, so at high concurrency it may be the bottleneck); "
         "CPU ratio: the server's CPU time per request, runtime / bare.\n",
-        "| concurrency | runtime req/s | runtime p50 / p99 (ms) | runtime CPU (µs/req) | "
-        "bare req/s | bare p50 / p99 (ms) | bare CPU (µs/req) | throughput ratio | "
-        "CPU ratio |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for ours, theirs in zip(runtime, bare, strict=True):
-        ratio = ours.rps / theirs.rps if theirs.rps else 0.0
-        cpu_ratio = ours.cpu_us / theirs.cpu_us if theirs.cpu_us else 0.0
-        lines.append(
-            f"| {ours.concurrency} | {ours.rps:.0f} | {ours.p50_ms:.2f} / {ours.p99_ms:.2f} | "
-            f"{ours.cpu_us:.0f} | {theirs.rps:.0f} | {theirs.p50_ms:.2f} / {theirs.p99_ms:.2f} "
-            f"| {theirs.cpu_us:.0f} | {ratio:.2f} | {cpu_ratio:.2f} |"
-        )
-    errors = sum(r.errors for r in runtime + bare)
+    titles = {
+        "in-process": "In-process store (conversations kept in the runtime's memory)",
+        "real": "Real store: the test bed's PostgreSQL and Redis bound (create_default_app; "
+        "a fresh migrated database; every request opens a conversation, stores two turns, "
+        "a usage record and an audit entry)",
+    }
+    for name, (results, found) in measured.items():
+        lines += [f"{titles[name]}:\n", *table(list(zip(results, bare, strict=True))), ""]
+        at_level = [r for r in results if r.concurrency == PROFILE_LEVEL]
+        if found is not None and at_level:
+            lines += breakdown_lines(f"Profile, {name} store", at_level[0], found)
+            lines.append("")
+    errors = sum(r.errors for results, _ in measured.values() for r in results)
+    errors += sum(r.errors for r in bare)
     if errors:
         lines.append(f"\n{errors} requests failed during the run: the numbers are suspect.")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write:
-        with args.write.open("a") as fh:
-            fh.write(text)
+        report_file.add_to_section(args.write, SECTION, text)
     return 0
 
 

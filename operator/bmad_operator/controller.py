@@ -88,33 +88,72 @@ class Controller:
             for watch in declared:
                 self._routes.setdefault(watch.kind, []).append((queue, watch))
         self._resync: asyncio.Task[None] | None = None
+        self._leading = False
         self._stop_autoscaler = asyncio.Event()
         self._autoscaling: asyncio.Task[None] | None = None
 
+    @property
+    def leading(self) -> bool:
+        """Whether this replica reconciles (its store is kept current either way)."""
+        return self._leading
+
     def start(self) -> None:
+        """Start reconciling: the workers, the resync, and one pass over everything the
+        store already holds (a replica that takes over from a dead leader does not know
+        which objects it had finished)."""
+        if self._leading:
+            return
+        self._leading = True
         self.agent_queue.start()
         self.integration_queue.start()
         self.tenant_queue.start()
         self.workflow_queue.start()
         self._resync = asyncio.create_task(self._resync_loop(), name="resync")
+        self._stop_autoscaler = asyncio.Event()
         self._autoscaling = asyncio.create_task(
             self.autoscaler.run(self._stop_autoscaler), name="autoscaler"
         )
+        for queue, kind in (
+            (self.tenant_queue, "Tenant"),
+            (self.integration_queue, "Integration"),
+            (self.agent_queue, "Agent"),
+            (self.workflow_queue, "Workflow"),
+        ):
+            for key in self.store.keys(kind):
+                queue.add(key)
 
-    async def stop(self) -> None:
+    async def pause(self) -> None:
+        """Stop reconciling at once (leadership lost): no new pass starts, the passes in
+        flight are cancelled, queued work is dropped. The store stays current."""
+        if not self._leading:
+            return
+        self._leading = False
         if self._resync:
             self._resync.cancel()
+        for queue in (
+            self.agent_queue,
+            self.integration_queue,
+            self.tenant_queue,
+            self.workflow_queue,
+        ):
+            queue.cancel()  # all of them now, before waiting for any
+        if self._resync:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._resync
+            self._resync = None
         if self._autoscaling:
             self._stop_autoscaler.set()
             await self._autoscaling
-        await self.prometheus.aclose()
-        await self.streams.aclose()
+            self._autoscaling = None
         await self.agent_queue.stop()
         await self.integration_queue.stop()
         await self.tenant_queue.stop()
         await self.workflow_queue.stop()
+
+    async def stop(self) -> None:
+        await self.pause()
+        await self.prometheus.aclose()
+        await self.streams.aclose()
         await self.workflows.bus.close()
         await self.api.close()
 
@@ -132,6 +171,8 @@ class Controller:
             self.store.remove(event.kind, event.namespace, event.name)
         else:
             self.store.put(_cached_form(event))
+        if not self._leading:
+            return  # a standby: the leader acts; `start` catches up on taking over
         for queue, watch in self._routes.get(event.kind, ()):
             for request in watch.map(event):
                 _enqueue(queue, request)

@@ -7,6 +7,7 @@ in kopf's operator-wide memo, created at startup.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 import typing
@@ -16,7 +17,7 @@ from typing import Any
 
 import kopf
 
-from bmad_operator import admission, controller, errors, kube, settings
+from bmad_operator import admission, controller, errors, kube, leader, settings
 from bmad_operator.builders import meta
 from bmad_operator.builders import webhook as webhook_builders
 from bmad_operator.policies import budget as policy_budget
@@ -60,10 +61,26 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     cfg = memo.get("config") or settings_module_load()
     api = await kube.Kube.connect()
     ctl = controller.Controller(api, cfg)
-    ctl.start()
     memo["controller"] = ctl
     if cfg.webhook_port:
         memo["webhook"] = await _serve_webhook(settings, api, cfg)
+    if not cfg.leader_election:
+        ctl.start()
+        return
+    # Every replica watches (its store is current) and serves the webhook; only the
+    # Lease's holder reconciles: the controller starts when leadership is gained and
+    # stops when it is lost.
+    elector = leader.LeaderElector(
+        leader.KubeLeases(api.api),
+        namespace=cfg.lease_namespace or cfg.system_namespace,
+        name=cfg.lease_name,
+        identity=cfg.leader_identity or None,
+        timings=cfg.lease_timings(),
+        on_started=ctl.start,
+        on_stopped=ctl.pause,
+    )
+    memo["elector"] = elector
+    memo["elector_task"] = asyncio.create_task(elector.run(), name="leader-election")
 
 
 async def _serve_webhook(
@@ -110,6 +127,11 @@ def settings_module_load() -> settings.OperatorSettings:
 
 @kopf.on.cleanup()
 async def cleanup(memo: Any, **_: Any) -> None:
+    elector = memo.get("elector")
+    if elector is not None:
+        # Graceful: stop campaigning and reconciling, then hand the Lease over so a
+        # standby need not wait for it to expire.
+        await elector.release()
     ctl = memo.get("controller")
     if ctl is None:
         return

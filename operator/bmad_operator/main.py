@@ -8,7 +8,7 @@ import logging
 import kopf
 from prometheus_client import start_http_server
 
-from bmad_operator import handlers, settings
+from bmad_operator import handlers, profiling, settings
 
 
 def run() -> None:
@@ -18,6 +18,8 @@ def run() -> None:
     )
     # kopf logs every handler call at INFO; keep its own lines to warnings.
     logging.getLogger("kopf").setLevel(logging.WARNING)
+    if cfg.tracemalloc_dir:
+        profiling.start(cfg.tracemalloc_dir, frames=cfg.tracemalloc_frames)
     # httpx logs every request at INFO: one line per Prometheus query of every Agent.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if cfg.metrics_port:

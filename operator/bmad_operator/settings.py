@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from bmad_integrations import egress
+from bmad_operator import leader
 
 
 class OperatorSettings(BaseSettings):
@@ -53,6 +54,35 @@ class OperatorSettings(BaseSettings):
         default="",
         description="Root URL of the webhook server; default https://<host>:<port>.",
     )
+    leader_election: bool = Field(
+        default=False,
+        description="Run as one of several replicas: only the holder of a coordination.k8s.io "
+        "Lease reconciles; every replica serves the admission webhook. Off: reconcile alone.",
+    )
+    lease_name: str = Field(default="bmad-operator", description="The Lease's name.")
+    lease_namespace: str = Field(
+        default="", description="The Lease's namespace; empty: the system namespace."
+    )
+    lease_duration_seconds: float = Field(
+        default=15.0, gt=0, description="How long a Lease nobody renews stays taken."
+    )
+    renew_deadline_seconds: float = Field(
+        default=10.0, gt=0, description="A leader that cannot renew for this long stops."
+    )
+    retry_period_seconds: float = Field(
+        default=2.0, gt=0, description="How often the leader renews and candidates try."
+    )
+    leader_identity: str = Field(
+        default="", description="This replica's name in the Lease; empty: pod name + uuid."
+    )
+    tracemalloc_dir: str = Field(
+        default="",
+        description="Profiling only: trace allocations and write a tracemalloc snapshot "
+        "here on each SIGUSR1 (bmad_operator.profiling); empty: off.",
+    )
+    tracemalloc_frames: int = Field(
+        default=25, ge=1, le=200, description="Frames kept per traced allocation."
+    )
     prometheus_url: str = Field(
         default="",
         description="Prometheus the autoscaler reads Agents' metrics from (and KEDA "
@@ -89,6 +119,18 @@ class OperatorSettings(BaseSettings):
     def _egress_rules_parse(self) -> OperatorSettings:
         self.egress_policy()  # a bad entry stops the start, saying which one
         return self
+
+    @model_validator(mode="after")
+    def _lease_timings_hold(self) -> OperatorSettings:
+        self.lease_timings()  # lease > renew deadline > 1.2 x retry, or say which
+        return self
+
+    def lease_timings(self) -> leader.Timings:
+        return leader.Timings(
+            lease_duration=self.lease_duration_seconds,
+            renew_deadline=self.renew_deadline_seconds,
+            retry_period=self.retry_period_seconds,
+        )
 
     def egress_policy(self) -> egress.Policy:
         return egress.Policy.parse(

@@ -83,14 +83,34 @@ class WorkQueue:
         for i in range(self._workers):
             self._tasks.append(asyncio.create_task(self._work(), name=f"{self.kind}-worker-{i}"))
 
+    def cancel(self) -> None:
+        """Cancel the workers without waiting for them (`stop` waits and clears)."""
+        for task in self._tasks:
+            task.cancel()
+
     async def stop(self) -> None:
+        """Cancel the workers (a reconcile in flight stops at its next await) and forget
+        every pending key, timer and failure: a queue started again begins empty. That is
+        what losing leadership needs; whoever leads next starts from a full resync."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._tasks.clear()
         for timer in self._timers.values():
             timer.cancel()
+        self._timers.clear()
+        self._queue = asyncio.Queue()
+        self._pending.clear()
+        self._active.clear()
+        self._dirty.clear()
+        self._failures.clear()
+        metrics.QUEUE_DEPTH.labels(kind=self.kind).set(0)
+
+    @property
+    def running(self) -> bool:
+        return bool(self._tasks)
 
     def __len__(self) -> int:
         return len(self._pending)

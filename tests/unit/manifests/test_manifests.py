@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from bmad_crds.v1alpha1 import agent, common
+from bmad_operator import settings
 from bmad_testbed import build
 
 pytestmark = pytest.mark.unit
@@ -168,6 +169,9 @@ def test_default_installs_crds_rbac_and_manager(default_objs: list[Obj]) -> None
         ("ClusterRole", "bmad-agent-viewer"),
         ("ClusterRole", "bmad-agent-editor"),
         ("Deployment", "bmad-operator"),
+        ("PodDisruptionBudget", "bmad-operator"),
+        ("Role", "bmad-operator-leader-election"),
+        ("RoleBinding", "bmad-operator-leader-election"),
         ("Service", "bmad-operator-metrics"),
     } <= kinds
     assert "ServiceMonitor" not in {kind for kind, _ in kinds}, "monitoring is optional"
@@ -263,7 +267,6 @@ def test_operator_runs_as_non_root_on_a_read_only_filesystem(operator_deployment
 
 def test_operator_deployment_wiring(default_objs: list[Obj], operator_deployment: Obj) -> None:
     spec = operator_deployment["spec"]
-    assert spec["replicas"] == 1
     (container,) = spec["template"]["spec"]["containers"]
     assert container["args"] == ["operator", "run"]
     env = {e["name"]: e.get("value") for e in container["env"]}
@@ -290,6 +293,56 @@ def test_operator_deployment_wiring(default_objs: list[Obj], operator_deployment
     pod_labels = spec["template"]["metadata"]["labels"]
     assert selector.items() <= pod_labels.items()
     assert [(p["port"], p["targetPort"]) for p in metrics["spec"]["ports"]] == [(8081, "metrics")]
+
+
+def test_operator_runs_two_replicas_with_leader_election(
+    default_objs: list[Obj], operator_deployment: Obj
+) -> None:
+    """Issue 15: 2 replicas, a Lease, a PodDisruptionBudget, anti-affinity, readiness."""
+    spec = operator_deployment["spec"]
+    pod = spec["template"]["spec"]
+    pod_labels = spec["template"]["metadata"]["labels"]
+    (container,) = pod["containers"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    env = {e["name"]: e for e in container["env"]}
+    assert env["BMAD_OPERATOR_LEADER_ELECTION"]["value"] == "true"
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+
+    budget = one(default_objs, "PodDisruptionBudget", "bmad-operator")
+    assert budget["metadata"]["namespace"] == "bmad-system"
+    assert budget["spec"]["minAvailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_leader_election_role_is_one_lease_in_the_operators_namespace(
+    default_objs: list[Obj],
+) -> None:
+    role = one(default_objs, "Role", "bmad-operator-leader-election")
+    assert role["metadata"]["namespace"] == settings.OperatorSettings().system_namespace
+    lease = settings.OperatorSettings().lease_name
+    assert role["rules"] == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": [lease],
+            "verbs": ["get", "update"],
+        },
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+    ]
+    binding = one(default_objs, "RoleBinding", "bmad-operator-leader-election")
+    assert binding["metadata"]["namespace"] == role["metadata"]["namespace"]
+    assert binding["roleRef"]["name"] == "bmad-operator-leader-election"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "bmad-operator", "namespace": "bmad-system"}
+    ]
 
 
 def test_service_monitor_selects_the_metrics_service(default_objs: list[Obj]) -> None:

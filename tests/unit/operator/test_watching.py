@@ -271,6 +271,7 @@ class Recorded(NamedTuple):
 @pytest.fixture
 def routed(monkeypatch: pytest.MonkeyPatch) -> tuple[controller.Controller, list[Recorded]]:
     ctl = controller.Controller(FakeKube(), settings.OperatorSettings())  # type: ignore[arg-type]
+    ctl._leading = True  # as after start(), without its worker tasks
     for item in world_objects():
         ctl.store.put(item)
     calls: list[Recorded] = []
@@ -304,6 +305,21 @@ def test_the_controller_routes_each_event_to_the_queues_as_declared(
         for s in expected
     ]
     assert sorted(calls, key=lambda r: r.queue) == sorted(want, key=lambda r: r.queue)
+
+
+def test_a_standby_keeps_its_store_current_and_queues_nothing(
+    routed: tuple[controller.Controller, list[Recorded]],
+) -> None:
+    """Leader election: a replica that does not lead reconciles nothing, but its store
+    follows every event (it serves the webhook, and takes over from a warm cache)."""
+    ctl, calls = routed
+    ctl._leading = False
+    for raw, _ in CASES.values():
+        ctl.on_event(raw)
+    ctl.on_event(event("ADDED", obj("Agent", "newcomer", "team-a")))
+
+    assert calls == []
+    assert ctl.store.get("Agent", "team-a", "newcomer") is not None
 
 
 def test_the_store_follows_events_and_keeps_no_data_of_users_secrets(
