@@ -1,9 +1,10 @@
-"""The operator pod force-deleted in the middle of a rollout of 20 agents.
+"""The leading operator pod force-deleted in the middle of a rollout of 20 agents.
 
-The operator runs in the cluster (the demo installed it from manifests/default). While
-20 new Agents are being rolled out, its pod is deleted with `--force --grace-period=0`:
-the Deployment makes a new one, and the 20 Agents converge with exactly one of each
-object an Agent owns.
+The operator runs in the cluster (the demo installed it from manifests/default: two
+replicas with leader election). While 20 new Agents are being rolled out, the pod that
+holds the Lease is deleted with `--force --grace-period=0`: the standby takes the
+Lease, the Deployment makes a new pod, and the 20 Agents converge with exactly one of
+each object an Agent owns.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ def _operator_pods(kubectl: kubectl_mod.Kubectl) -> list[dict[str, Any]]:
     return pods
 
 
+def _leader(kubectl: kubectl_mod.Kubectl) -> str:
+    """The Lease holder's identity: its pod name, "_", a uuid of its process."""
+    lease = kubectl.json("get", "lease", "bmad-operator", "-n", SYSTEM_NS)
+    return str(lease["spec"].get("holderIdentity") or "")
+
+
 def _ready_agents(kubectl: kubectl_mod.Kubectl, ns: str) -> int:
     items = kubectl.json("get", "agents", "-n", ns)["items"]
     return sum(1 for a in items if (c := condition(a, "Ready")) and c["status"] == "True")
@@ -42,8 +49,10 @@ def test_force_deleted_operator_is_replaced_and_twenty_agents_converge(
     real_kubectl: kubectl_mod.Kubectl, real_namespace: str
 ) -> None:
     kubectl, ns = real_kubectl, real_namespace
-    [before] = _operator_pods(kubectl)
-    old_uid = before["metadata"]["uid"]
+    pods = _operator_pods(kubectl)
+    leader = _leader(kubectl)
+    [leading] = [p for p in pods if leader.startswith(p["metadata"]["name"] + "_")]
+    old_uid = leading["metadata"]["uid"]
 
     names = [f"agent-{i:02d}" for i in range(COUNT)]
     kubectl.apply("\n---\n".join(json.dumps(agent(n, ns)) for n in names))
@@ -54,12 +63,18 @@ def test_force_deleted_operator_is_replaced_and_twenty_agents_converge(
         what="the first Deployment of the rollout",
     )
     ready_at_kill = _ready_agents(kubectl, ns)
-    kubectl.run("delete", "pod", "-n", SYSTEM_NS, "-l", OPERATOR, "--force", "--grace-period=0")
+    kubectl.run(
+        "delete", "pod", "-n", SYSTEM_NS, leading["metadata"]["name"], "--force", "--grace-period=0"
+    )
     assert ready_at_kill < COUNT  # it really was mid-rollout
 
+    # Another replica takes the Lease (the standby, or the pod that replaces the leader).
+    eventually(
+        lambda: _leader(kubectl) != leader, timeout=180, interval=2, what="a new Lease holder"
+    )
+
     def replaced() -> bool:
-        pods = _operator_pods(kubectl)
-        fresh = [p for p in pods if p["metadata"]["uid"] != old_uid]
+        fresh = [p for p in _operator_pods(kubectl) if p["metadata"]["uid"] != old_uid]
         return any(
             p["spec"]["nodeName"] == NODE_NAME
             and (c := condition(p, "Ready"))
