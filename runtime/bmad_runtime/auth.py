@@ -33,14 +33,13 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Final
 
 import httpx
 from jose import exceptions as jose_errors
-from jose import jwk, jws
+from jose import jws
 
-from bmad_runtime import bindings, ports
+from bmad_runtime import bindings, jwks, ports
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ TENANT_CLAIM: Final = "https://bmad.dev/tenant"
 """The default claim that names the caller's tenant (an Auth0 namespaced custom claim)."""
 FALLBACK_TENANT_CLAIM: Final = "tenant"
 """Read when the configured tenant claim is absent."""
-ALGORITHMS: Final = frozenset({"RS256"})
+ALGORITHMS: Final = jwks.ALGORITHMS
 """The only signature algorithms a key from the JWKS may be pinned to."""
 DISCOVERY_PATH: Final = ".well-known/openid-configuration"
 
@@ -87,10 +86,7 @@ def _forbidden(code: str, message: str) -> ports.AuthError:
     return ports.AuthError(403, code, message)
 
 
-def _shown(value: object, limit: int = 40) -> str:
-    """A value taken from a token, quoted, ASCII-only and cut short for a message or a log."""
-    text = ascii(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+_shown = jwks.shown
 
 
 def bearer_token(authorization: str | None) -> str:
@@ -138,41 +134,6 @@ def challenge(error: ports.AuthError) -> str:
     return f'Bearer error="{kind}", error_description="{description}"'
 
 
-@dataclass(frozen=True)
-class _SigningKey:
-    kid: str | None
-    algorithm: str
-    key: Any  # a jose.jwk.Key built for `algorithm`
-
-
-class _FetchError(Exception):
-    """The JWK set (or the discovery document) could not be had; the message says why."""
-
-
-def _signing_keys(document: object, where: str) -> dict[str | None, _SigningKey]:
-    """The RSA signature keys of a JWK set, by key id (None for a key without one)."""
-    keys = document.get("keys") if isinstance(document, dict) else None
-    if not isinstance(keys, list):
-        raise _FetchError(f"{where} is not a JWK set (a JSON object with a keys list)")
-    found: dict[str | None, _SigningKey] = {}
-    for entry in keys:
-        if not isinstance(entry, dict) or entry.get("kty") != "RSA":
-            continue  # symmetric or EC keys: never used, whatever a token says
-        if entry.get("use", "sig") != "sig":
-            continue
-        algorithm = entry.get("alg", "RS256")
-        kid = entry.get("kid")
-        if algorithm not in ALGORITHMS or not (kid is None or isinstance(kid, str)):
-            continue
-        try:
-            key = jwk.construct(entry, algorithm)
-        except (jose_errors.JOSEError, ValueError, TypeError) as exc:
-            log.warning("Skipping the unusable key %s of %s: %s", _shown(kid), where, exc)
-            continue
-        found.setdefault(kid, _SigningKey(kid=kid, algorithm=algorithm, key=key))
-    return found
-
-
 class JwtAuthenticator:
     """`ports.Authenticator` for Bearer JWTs of one issuer and audience, for one tenant."""
 
@@ -211,7 +172,7 @@ class JwtAuthenticator:
         self._http = http if http is not None else httpx.AsyncClient(timeout=DEFAULT_TIMEOUT)
         self._clock = clock
         self._monotonic = monotonic
-        self._keys: dict[str | None, _SigningKey] | None = None
+        self._keys: dict[str | None, jwks.SigningKey] | None = None
         self._fetched_at: float | None = None  # monotonic time of the last good fetch
         self._attempted_at: float | None = None  # ... and of the last attempt
         self._lock = asyncio.Lock()
@@ -344,7 +305,7 @@ class JwtAuthenticator:
             )
         return float(value)
 
-    async def _key(self, kid: str | None) -> _SigningKey:
+    async def _key(self, kid: str | None) -> jwks.SigningKey:
         """The key a token names: from the cache, or from the JWK set fetched anew."""
         if self._keys is None or self._stale():
             await self._refresh()
@@ -375,7 +336,7 @@ class JwtAuthenticator:
             )
         return key
 
-    def _lookup(self, kid: str | None) -> _SigningKey | None:
+    def _lookup(self, kid: str | None) -> jwks.SigningKey | None:
         if self._keys is None:
             return None
         if kid is None and len(self._keys) == 1:
@@ -406,7 +367,7 @@ class JwtAuthenticator:
             self._attempted_at = now
             try:
                 keys = await self._fetch()
-            except _FetchError as exc:
+            except jwks.FetchError as exc:
                 kept = "keeping the cached keys" if self._keys is not None else "no keys yet"
                 log.warning(
                     "Fetching the signing keys of %s failed (%s): %s", self.issuer, kept, exc
@@ -418,31 +379,31 @@ class JwtAuthenticator:
             self._fetched_at = self._monotonic()
             log.info("Fetched %d signing key(s) of %s", len(keys), self.issuer)
 
-    async def _fetch(self) -> dict[str | None, _SigningKey]:
+    async def _fetch(self) -> dict[str | None, jwks.SigningKey]:
         if self._jwks_uri is None:
             self._jwks_uri = await self._discover()
         self.fetches += 1
-        return _signing_keys(await self._get_json(self._jwks_uri), self._jwks_uri)
+        return jwks.signing_keys(await self._get_json(self._jwks_uri), self._jwks_uri)
 
     async def _discover(self) -> str:
         url = f"{self.issuer.rstrip('/')}/{DISCOVERY_PATH}"
         document = await self._get_json(url)
         uri = document.get("jwks_uri") if isinstance(document, dict) else None
         if not isinstance(uri, str) or not uri:
-            raise _FetchError(f"the OpenID configuration at {url} names no jwks_uri")
+            raise jwks.FetchError(f"the OpenID configuration at {url} names no jwks_uri")
         return uri
 
     async def _get_json(self, url: str) -> object:
         try:
             response = await self._http.get(url, headers={"Accept": "application/json"})
         except httpx.HTTPError as exc:
-            raise _FetchError(f"GET {url}: {type(exc).__name__}: {exc}") from None
+            raise jwks.FetchError(f"GET {url}: {type(exc).__name__}: {exc}") from None
         if response.status_code != 200:
-            raise _FetchError(f"GET {url} answered HTTP {response.status_code}")
+            raise jwks.FetchError(f"GET {url} answered HTTP {response.status_code}")
         try:
             document: object = response.json()
         except ValueError:
-            raise _FetchError(f"GET {url} did not answer with JSON") from None
+            raise jwks.FetchError(f"GET {url} did not answer with JSON") from None
         return document
 
 

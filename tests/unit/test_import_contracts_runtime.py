@@ -152,3 +152,18 @@ def test_no_runtime_module_imports_a_test_aid() -> None:
             if any("fake" in part or part.startswith("test") for part in parts):
                 offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
     assert offenders == []
+
+
+MAX_MODULE_LINES = 450
+
+
+def test_no_runtime_module_is_longer_than_450_lines() -> None:
+    """Issue 9: a module that outgrows this holds more than one concern: split it by role
+    (as bus/outcomes.py and jwks.py were split from the consumer and auth)."""
+    lengths = {
+        str(path.relative_to(PACKAGE)): len(path.read_text().splitlines())
+        for path in PACKAGE.rglob("*.py")
+    }
+    too_long = {name: n for name, n in lengths.items() if n > MAX_MODULE_LINES}
+    assert not too_long, too_long
+    assert lengths  # the package was found

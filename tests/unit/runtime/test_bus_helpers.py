@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from bmad_integrations import taskwire
-from bmad_runtime.bus import client, consumer
+from bmad_runtime.bus import client, consumer, outcomes
 
 pytestmark = pytest.mark.unit
 
@@ -58,7 +58,7 @@ def test_an_entry_in_another_format_is_quarantined_with_its_fields() -> None:
 def test_long_errors_are_cut() -> None:
     text = consumer.describe_error(RuntimeError("x" * 5000))
     assert text.startswith("RuntimeError: xxx")
-    assert len(text) == consumer.ERROR_MAX_CHARS
+    assert len(text) == outcomes.ERROR_MAX_CHARS
 
 
 # --- replies of redis-py ------------------------------------------------------------
