@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import secrets
 import time
 import urllib.parse
@@ -244,6 +245,13 @@ async def test_a_second_subject_cannot_read_or_delete_the_firsts_conversation(
     assert removed.status_code == 204, "the owner deletes her own"
 
 
+def _sample(exposition: str, name: str) -> float | None:
+    """The value of the one series of `name` (whatever its labels: every series carries
+    the agent's namespace and name), None when it is not exposed."""
+    found = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", exposition, flags=re.M)
+    return float(found.group(1)) if found else None
+
+
 async def test_the_lengths_of_the_task_stream_and_the_dead_letters_are_exported(
     tmp_path: Path, tenant: str, dsn: str, redis_url: str
 ) -> None:
@@ -261,13 +269,13 @@ async def test_the_lengths_of_the_task_stream_and_the_dead_letters_are_exported(
             deadline = time.monotonic() + 30
             while True:
                 text = (await client.get("/metrics")).text
-                if "bmad_agent_dead_letters 1.0" in text:
+                if _sample(text, "bmad_agent_dead_letters") == 1.0:
                     break
                 assert time.monotonic() < deadline, (
                     "timed out waiting for bmad_agent_dead_letters 1.0 on /metrics"
                 )
                 await asyncio.sleep(0.2)
-        assert "bmad_agent_queue_depth 0.0" in text
+        assert _sample(text, "bmad_agent_queue_depth") == 0.0
         assert await redis.xlen(keys.dead) == 1
     finally:
         found = [key async for key in redis.scan_iter(match=f"{keys.prefix}:*", count=500)]
