@@ -44,7 +44,7 @@ from typing import Any, Protocol
 import pydantic
 
 from bmad_crds.v1alpha1 import agent as agent_api
-from bmad_operator import conditions, metrics, watching
+from bmad_operator import conditions, errors, metrics, watching
 from bmad_operator.autoscaling import config as autoscaling_config
 from bmad_operator.autoscaling import decide, forecast, prometheus, queries, reasons
 from bmad_operator.autoscaling import report as scaling_report
@@ -264,6 +264,16 @@ class Autoscaler:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*running, return_exceptions=True)
 
+    async def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        """Post an Event on the Agent; a refused one (its namespace is being deleted, a
+        quota on events) is logged and never fails the evaluation."""
+        try:
+            await self.api.event(dict(body), type_=type_, reason=reason, message=message)
+        except errors.ApiError as exc:
+            logger.warning(
+                "could not post event %s on Agent %s: %s", reason, body["metadata"]["name"], exc
+            )
+
     async def _evaluate_and_reschedule(self, key: Key) -> None:
         started = self.clock()
         try:
@@ -271,6 +281,8 @@ class Autoscaler:
                 await self.evaluate(*key)
         except asyncio.CancelledError:
             raise
+        except errors.ApiError as exc:  # the API server said no: its answer says why
+            logger.warning("autoscaling %s/%s failed: %s", *key, exc)
         except Exception:  # one Agent's failure must not stop the others
             logger.exception("autoscaling %s/%s failed", *key)
         entry = self.tracked.get(key)
@@ -359,9 +371,7 @@ class Autoscaler:
             version = _version((scale.get("metadata") or {}).get("resourceVersion"))
             if version is not None:
                 entry.scaled = (version, decision.desired)
-            await self.api.event(
-                body, type_="Normal", reason=decision.reason, message=decision.message
-            )
+            await self._event(body, "Normal", decision.reason, decision.message)
         entry.state = decision.state
         shown = scaling_report.from_decision(decision, last_scale_time=entry.last_scale_time)
         await self._publish(body, entry, shown, now)
@@ -445,9 +455,7 @@ class Autoscaler:
         active = next((c for c in shown.conditions if c.type == reasons.SCALING_ACTIVE), None)
         said = None if active is None else (active.status, active.reason)
         if active is not None and active.status == conditions.FALSE and entry.active != said:
-            await self.api.event(
-                dict(body), type_="Warning", reason=active.reason, message=active.message
-            )
+            await self._event(body, "Warning", active.reason, active.message)
         entry.active = said
 
 

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from bmad_operator import conditions, watching
+from bmad_operator import conditions, errors, watching
 from bmad_operator.autoscaling import autoscaler, decide, prometheus, queries, reasons
 
 pytestmark = pytest.mark.unit
@@ -34,6 +34,7 @@ class FakeApi:
         self.cache = cache
         self.calls: list[tuple[str, Any]] = []
         self.fail_scale = False
+        self.fail_events = False
         self.rv = 1
 
     async def patch_scale(self, kind: str, namespace: str | None, name: str, replicas: int) -> Obj:
@@ -47,6 +48,8 @@ class FakeApi:
         return {"metadata": {"resourceVersion": str(self.rv)}, "spec": {"replicas": replicas}}
 
     async def event(self, involved: Obj, *, type_: str, reason: str, message: str) -> None:
+        if self.fail_events:
+            raise errors.ApiError(403, "Forbidden", "unable to create new content in namespace")
         self.calls.append(("event", (type_, reason, message)))
 
     def verbs(self, verb: str) -> list[Any]:
@@ -193,6 +196,21 @@ async def test_a_queue_above_target_scales_through_the_scale_subresource_with_on
     ]
     assert conds["ScalingActive"].status == "True"
     assert conds["ScalingLimited"].status == "False"
+
+
+async def test_a_refused_event_neither_fails_the_evaluation_nor_loses_the_scale(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A namespace being deleted refuses new Events: the scale and the report stand, and
+    the log says so in one line, without a traceback (CI found one in the operator log)."""
+    m = make(agent({}), {QUEUE: 48})
+    m.api.fail_events = True
+    decision = await m.scaler.evaluate(NS, NAME)
+    assert decision is not None
+    assert m.api.verbs("scale") == [8]  # 4 -> 8: the default scale-up policy's doubling
+    assert m.notified == [(NS, NAME)]
+    assert "could not post event" in caplog.text
+    assert "Traceback" not in caplog.text
 
 
 async def test_the_agent_is_read_from_the_store_and_a_store_behind_our_scale_is_not_rescaled() -> (
