@@ -41,8 +41,10 @@ def agent(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
         "spec": {
             "role": "analyst",
             "model": {"provider": "echo", "name": "echo-1"},
-            # No auth0 Integration on the test bed: open, as the demo's agents are.
+            # No auth0 Integration on the test bed: open, as the demo's agents are; and
+            # no datastores unless a test binds them (durable is the API's default).
             "auth": {"mode": "none"},
+            "memory": {"store": "inProcess"},
             "replicas": 1,
             "resources": {
                 "requests": {"cpu": "10m", "memory": "96Mi"},

@@ -407,7 +407,9 @@ def test_a_conversation_survives_deleting_the_agents_pod(
     kubectl.apply(bed_redis_integration(env, ns))
     wait_ready(kubectl, "integration", "db", ns, timeout=180)
     wait_ready(kubectl, "integration", "cache", ns, timeout=180)
-    kubectl.apply(agent("pm", ns, role="pm", integrations=["db", "cache"]))
+    kubectl.apply(
+        agent("pm", ns, role="pm", integrations=["db", "cache"], memory={"store": "durable"})
+    )
     wait_ready(kubectl, "agent", "pm", ns, timeout=300)
     first = eventually(
         lambda: the_only_ready_pod(kubectl, "pm", ns), timeout=120, what="one ready pod"
