@@ -136,8 +136,14 @@ def reconciles(op: OperatorProcess) -> float:
 
 
 @pytest.fixture
-def webhook_configuration(kubectl: Kubectl) -> Iterator[None]:
-    """The webhook configuration is cluster-wide: put back what was there before."""
+def webhook_configuration(kubectl: Kubectl, no_other_operator: None) -> Iterator[None]:
+    """The webhook configuration is cluster-wide: put back what was there before.
+
+    Put back before the session's operator starts again (it depends on
+    `no_other_operator`, so it is torn down first): that operator serves its webhook on
+    a new port and applies its own configuration when it starts, and a configuration
+    restored after that would send the API server to the old, closed port (CI saw every
+    later Agent write in tenant namespaces refused)."""
     proc = kubectl.run(
         "get", "validatingwebhookconfiguration", "bmad-operator", "-o", "json", check=False
     )
@@ -181,7 +187,7 @@ def no_other_operator(request: pytest.FixtureRequest) -> Iterator[None]:
         running.start()
 
 
-@pytest.mark.usefixtures("crds", "webhook_configuration", "no_other_operator")
+@pytest.mark.usefixtures("crds", "webhook_configuration")
 def test_standby_takes_over_from_a_sigkilled_leader_mid_rollout(
     kubectl: Kubectl,
     namespace: str,
