@@ -41,6 +41,10 @@ def test_hole_2_reserved_env_names_in_any_case_are_refused_by_the_apiserver(
 
 
 def _deployment_env(k: Kubectl, name: str) -> dict[str, str]:
+    """The agent container's environment; empty while the Deployment does not exist yet
+    (the operator makes it moments after the Agent, later on a busy machine)."""
+    if not k.exists("deployment", name):
+        return {}
     deployment = k.json("get", "deployment", name)
     env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
     return {e["name"]: e.get("value", "") for e in env}
