@@ -4,8 +4,11 @@ shared by the operator's integration tests."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import secrets
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from bmad_testbed.kubectl import Kubectl, eventually
@@ -98,3 +101,40 @@ async def until(check: Any, *, within: float, what: str, every: float = 0.5) -> 
             return last
         await asyncio.sleep(every)
     raise AssertionError(f"{what}: not within {within:.0f} s (last: {last!r})")
+
+
+@contextlib.contextmanager
+def stripe_integration(
+    kubectl: Kubectl, namespace: str, api_base: str, *, prefix: str, api_key: bytes
+) -> Iterator[str]:
+    """A stripe Integration (and its key's Secret) in `namespace`, pointed at `api_base`;
+    its name, removed again afterwards."""
+    if not kubectl.exists("namespace", namespace):
+        kubectl.run("create", "namespace", namespace)
+    k = kubectl.in_namespace(namespace)
+    name = f"{prefix}-{secrets.token_hex(3)}"
+    k.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name},
+            "data": {"apiKey": base64.b64encode(api_key).decode()},
+        }
+    )
+    k.apply(
+        {
+            "apiVersion": "bmad.dev/v1alpha1",
+            "kind": "Integration",
+            "metadata": {"name": name},
+            "spec": {
+                "type": "stripe",
+                "secretRef": {"name": name},
+                "stripe": {"apiBase": api_base},
+            },
+        }
+    )
+    try:
+        yield name
+    finally:
+        k.run("delete", "integration", name, "--ignore-not-found", check=False)
+        k.run("delete", "secret", name, "--ignore-not-found", check=False)

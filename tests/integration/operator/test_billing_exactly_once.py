@@ -14,7 +14,6 @@ answered by replay.
 
 from __future__ import annotations
 
-import base64
 import secrets
 import time
 from collections import defaultdict
@@ -28,7 +27,7 @@ from bmad_testbed import stripe_proxy
 from bmad_testbed.kubectl import Kubectl, eventually
 from bmad_testbed.operator_proc import OperatorProcess
 
-from .helpers import condition
+from .helpers import condition, stripe_integration
 
 pytestmark = pytest.mark.integration
 
@@ -39,37 +38,14 @@ TENANTS = 10
 @pytest.fixture
 def standin(kubectl: Kubectl, testbed_env: dict[str, str]) -> Iterator[stripe_proxy.StripeProxy]:
     """A stripe Integration in the operator's namespace, in front of the stand-in."""
-    with stripe_proxy.StripeProxy(testbed_env["BMAD_STRIPE_API_BASE"], search_lag=3600) as proxy:
-        if not kubectl.exists("namespace", SYSTEM_NS):
-            kubectl.run("create", "namespace", SYSTEM_NS)
-        k = kubectl.in_namespace(SYSTEM_NS)
-        name = f"stripe-once-{secrets.token_hex(3)}"
-        k.apply(
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {"name": name},
-                "data": {"apiKey": base64.b64encode(b"sk_test_exactlyonce").decode()},
-            }
-        )
-        k.apply(
-            {
-                "apiVersion": "bmad.dev/v1alpha1",
-                "kind": "Integration",
-                "metadata": {"name": name},
-                "spec": {
-                    "type": "stripe",
-                    "secretRef": {"name": name},
-                    "stripe": {"apiBase": proxy.url},
-                },
-            }
-        )
+    with (
+        stripe_proxy.StripeProxy(testbed_env["BMAD_STRIPE_API_BASE"], search_lag=3600) as proxy,
+        stripe_integration(
+            kubectl, SYSTEM_NS, proxy.url, prefix="stripe-once", api_key=b"sk_test_exactlyonce"
+        ) as name,
+    ):
         proxy.integration = name  # type: ignore[attr-defined]
-        try:
-            yield proxy
-        finally:
-            k.run("delete", "integration", name, "--ignore-not-found", check=False)
-            k.run("delete", "secret", name, "--ignore-not-found", check=False)
+        yield proxy
 
 
 @pytest.fixture

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import json
-import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,7 +12,7 @@ from bmad_testbed.kubectl import Kubectl, eventually
 from bmad_testbed.operator_proc import OperatorProcess
 from bmad_testbed.stripe_proxy import StripeProxy
 
-from .helpers import Tenants, agent, condition
+from .helpers import Tenants, agent, condition, stripe_integration
 from .helpers import tenant as _tenant
 from .helpers import wait_tenant as _wait_tenant
 
@@ -246,37 +244,14 @@ def test_suspended_tenant_scales_its_agents_to_zero(
 def stripe_billing(kubectl: Kubectl, testbed_env: dict[str, str]) -> Iterator[StripeProxy]:
     """A stripe Integration in the operator's namespace, in front of the stateful
     Stripe stand-in (stripe-mock behind bmad_testbed.stripe_proxy)."""
-    with StripeProxy(testbed_env["BMAD_STRIPE_API_BASE"]) as proxy:
-        if not kubectl.exists("namespace", SYSTEM_NS):
-            kubectl.run("create", "namespace", SYSTEM_NS)
-        k = kubectl.in_namespace(SYSTEM_NS)
-        name = f"stripe-{secrets.token_hex(3)}"
-        k.apply(
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {"name": name},
-                "data": {"apiKey": base64.b64encode(b"sk_test_billing").decode()},
-            }
-        )
-        k.apply(
-            {
-                "apiVersion": "bmad.dev/v1alpha1",
-                "kind": "Integration",
-                "metadata": {"name": name},
-                "spec": {
-                    "type": "stripe",
-                    "secretRef": {"name": name},
-                    "stripe": {"apiBase": proxy.url},
-                },
-            }
-        )
+    with (
+        StripeProxy(testbed_env["BMAD_STRIPE_API_BASE"]) as proxy,
+        stripe_integration(
+            kubectl, SYSTEM_NS, proxy.url, prefix="stripe", api_key=b"sk_test_billing"
+        ) as name,
+    ):
         proxy.integration = name  # type: ignore[attr-defined]
-        try:
-            yield proxy
-        finally:
-            k.run("delete", "integration", name, "--ignore-not-found", check=False)
-            k.run("delete", "secret", name, "--ignore-not-found", check=False)
+        yield proxy
 
 
 @pytest.mark.parametrize("policy", ["Delete", "Retain"])
