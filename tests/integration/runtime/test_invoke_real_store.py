@@ -14,7 +14,6 @@ import os
 import re
 import secrets
 import time
-import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from redis import asyncio as aioredis
 
 from bmad_integrations import taskwire
 from bmad_runtime import auth, settings, wiring
+from bmad_testbed import databases
 
 from . import oidc
 
@@ -42,21 +42,8 @@ def _no_runtime_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 async def dsn(postgres_url: str) -> AsyncIterator[str]:
-    name = f"bmad_app_{secrets.token_hex(5)}"
-    admin = await asyncpg.connect(postgres_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')  # a generated identifier
-    finally:
-        await admin.close()
-    parts = urllib.parse.urlsplit(postgres_url)
-    try:
-        yield urllib.parse.urlunsplit(parts._replace(path="/" + name))
-    finally:
-        admin = await asyncpg.connect(postgres_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+    async with databases.temporary(postgres_url, "bmad_app") as url:
+        yield url
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
-import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,6 +11,7 @@ import pytest
 
 from bmad_runtime import migrations
 from bmad_runtime.memory import store as memory_store
+from bmad_testbed import databases
 
 pytestmark = pytest.mark.integration
 
@@ -26,29 +25,11 @@ TABLES = {
 }
 
 
-def with_database(dsn: str, database: str) -> str:
-    parts = urllib.parse.urlsplit(dsn)
-    return urllib.parse.urlunsplit(parts._replace(path="/" + database))
-
-
 @pytest.fixture
 async def fresh_dsn(postgres_url: str) -> AsyncIterator[str]:
     """A database of its own for one test, dropped afterwards."""
-    name = f"bmad_mig_{secrets.token_hex(5)}"
-    admin = await asyncpg.connect(postgres_url)
-    try:
-        # Identifiers cannot be parameters; the name is generated above.
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield with_database(postgres_url, name)
-    finally:
-        admin = await asyncpg.connect(postgres_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+    async with databases.temporary(postgres_url, "bmad_mig") as url:
+        yield url
 
 
 async def tables(conn: asyncpg.Connection) -> set[str]:

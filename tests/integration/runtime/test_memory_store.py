@@ -26,15 +26,11 @@ from bmad_runtime import bindings, context, ports
 from bmad_runtime.memory import conversations
 from bmad_runtime.memory import store as memory_store
 from bmad_runtime.memory import usage as usage_mod
+from bmad_testbed import databases
 
 pytestmark = pytest.mark.integration
 
 OWNER = "auth0|owner"
-
-
-def with_database(dsn: str, database: str) -> str:
-    parts = urllib.parse.urlsplit(dsn)
-    return urllib.parse.urlunsplit(parts._replace(path="/" + database))
 
 
 def unique(prefix: str) -> str:
@@ -43,20 +39,8 @@ def unique(prefix: str) -> str:
 
 @pytest.fixture
 async def dsn(postgres_url: str) -> AsyncIterator[str]:
-    name = f"bmad_mem_{secrets.token_hex(5)}"
-    admin = await asyncpg.connect(postgres_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')  # a generated identifier
-    finally:
-        await admin.close()
-    try:
-        yield with_database(postgres_url, name)
-    finally:
-        admin = await asyncpg.connect(postgres_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+    async with databases.temporary(postgres_url, "bmad_mem") as url:
+        yield url
 
 
 @pytest.fixture

@@ -14,11 +14,9 @@ import json
 import os
 import secrets
 import time
-import urllib.parse
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
 import httpx
 import pytest
 import uvicorn
@@ -27,7 +25,7 @@ from bmad_runtime import app as app_mod
 from bmad_runtime import config, context, ports, settings
 from bmad_runtime.memory import store as memory_store
 from bmad_runtime.providers import base, router
-from bmad_testbed import procs
+from bmad_testbed import databases, procs
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -69,21 +67,8 @@ class Trickle(base.BaseProvider):
 
 @pytest.fixture
 async def dsn(postgres_url: str) -> AsyncIterator[str]:
-    name = f"bmad_sse_{secrets.token_hex(5)}"
-    admin = await asyncpg.connect(postgres_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')  # a generated identifier
-    finally:
-        await admin.close()
-    parts = urllib.parse.urlsplit(postgres_url)
-    try:
-        yield urllib.parse.urlunsplit(parts._replace(path="/" + name))
-    finally:
-        admin = await asyncpg.connect(postgres_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+    async with databases.temporary(postgres_url, "bmad_sse") as url:
+        yield url
 
 
 @pytest.fixture

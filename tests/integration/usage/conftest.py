@@ -3,38 +3,20 @@
 from __future__ import annotations
 
 import secrets
-import urllib.parse
 from collections.abc import AsyncIterator
 
-import asyncpg  # type: ignore[import-untyped]
 import pytest
 import redis.asyncio as aioredis
 
 from bmad_integrations.usage import record, store
-
-
-def with_database(dsn: str, database: str) -> str:
-    parts = urllib.parse.urlsplit(dsn)
-    return urllib.parse.urlunsplit(parts._replace(path="/" + database))
+from bmad_testbed import databases
 
 
 @pytest.fixture
 async def ledger_dsn(postgres_url: str) -> AsyncIterator[str]:
     """A fresh database for the ledger, dropped afterwards."""
-    name = f"bmad_ledger_{secrets.token_hex(5)}"
-    admin = await asyncpg.connect(postgres_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')  # a generated identifier
-    finally:
-        await admin.close()
-    try:
-        yield with_database(postgres_url, name)
-    finally:
-        admin = await asyncpg.connect(postgres_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+    async with databases.temporary(postgres_url, "bmad_ledger") as url:
+        yield url
 
 
 @pytest.fixture
