@@ -83,7 +83,10 @@ class TenantLimits(common.SpecModel):
         default=None, ge=0, description="Most agent replicas, summed over all Agents."
     )
     tokens_per_month: int | None = pydantic.Field(
-        default=None, ge=0, description="Most LLM tokens per billing month; agents stop beyond."
+        default=None,
+        ge=0,
+        description="Most LLM tokens per billing month. Not enforced yet: accepted and "
+        "stored, nothing stops the agents beyond it (docs/tenants.md).",
     )
 
 
@@ -196,7 +199,10 @@ class Usage(common.StatusModel):
         default=None, ge=0, description="Agent replicas now, summed over all Agents."
     )
     tokens_this_period: int | None = pydantic.Field(
-        default=None, ge=0, description="LLM tokens spent since periodStart."
+        default=None,
+        ge=0,
+        description="LLM tokens spent since periodStart. Not filled yet: the usage ledger "
+        "is not wired into the operator (docs/billing.md).",
     )
     period_start: datetime.datetime | None = pydantic.Field(
         default=None, description="Start of the current billing month."
