@@ -16,6 +16,7 @@ what they were.
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import secrets
@@ -122,7 +123,9 @@ def start_postgres(
             log_dir=run_dir / "logs",
         )
         records.append(rec)
-        procs.wait_until(rec, lambda at=at: _pg_ready(at), timeout=60, what="accepting connections")
+        procs.wait_until(
+            rec, functools.partial(_pg_ready, at), timeout=60, what="accepting connections"
+        )
     ca = services_ca(run_dir).ca.cert
     return {
         "BMAD_POSTGRES_URL": f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres",
