@@ -136,6 +136,7 @@ def create_default_app(settings: settings_mod.RuntimeSettings | None = None) -> 
             state.store = await _connect_store(settings, agent_config, found, stack)
             if isinstance(state.store, memory_store.PostgresRedisStore):
                 state.datastores = dict(state.store.transports)
+                state.metrics.record_datastores(state.datastores)
             if auth_on:
                 state.authenticator = await _authenticator(settings, found, stack)
                 if isinstance(state.authenticator, RefusingAuthenticator):

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import secrets
 import ssl
 import time
@@ -249,7 +250,7 @@ async def test_hole10_runtime_reports_plaintext_when_prefer_meets_a_server_witho
     """sslMode prefer on the plaintext PostgreSQL (and Redis without tls): the runtime
     serves, and says so in /readyz and in a warning that holds no secret. Before the
     fix the fallback was silent (``KeyError: 'datastores'``: /readyz had no such field
-    and nothing was logged)."""
+    and nothing was logged). /metrics says it too (bmad_agent_datastore_transport)."""
     root = tmp_path / "bindings"
     bind_postgres(
         root,
@@ -263,8 +264,18 @@ async def test_hole10_runtime_reports_plaintext_when_prefer_meets_a_server_witho
     with caplog.at_level(logging.WARNING):
         async for client in serve(production_app(tmp_path, tenant, root)):
             ready = await ready_soon(client)
+            metrics = (await client.get("/metrics")).text
     assert ready.status_code == 200, ready.text
     assert ready.json()["datastores"] == {"postgres": "plaintext", "redis": "plaintext"}
+    for datastore in ("postgres", "redis"):
+        shown = re.search(
+            rf'^bmad_agent_datastore_transport{{[^}}]*datastore="{datastore}"[^}}]*'
+            rf'transport="plaintext"[^}}]*}} (\S+)$',
+            metrics,
+            re.MULTILINE,
+        )
+        assert shown is not None, metrics
+        assert float(shown.group(1)) == 1.0
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("postgres is not encrypted" in w for w in warnings), warnings
     assert any("redis is not encrypted" in w for w in warnings), warnings
