@@ -179,7 +179,7 @@ def error_for(
             f"{block.ssl_mode!r} the server must offer TLS"
             + (
                 f" and present a certificate signed by the CA in key {creds.key('ca_cert')!r}"
-                if block.ssl_mode.startswith("verify")
+                if block.ssl_mode.startswith("verify") or creds.get("ca_cert")
                 else ""
             )
             + "; or change spec.postgres.sslMode",

@@ -48,12 +48,11 @@ def redis_tls_options(settings: bindings.RedisSettings | None) -> dict[str, Any]
 
 def _dsn_transport(dsn: str) -> pg.Transport:
     """A DSN given as it is (``BMAD_POSTGRES_DSN``): asyncpg reads its sslmode and
-    sslrootcert; only verify-ca and verify-full verify."""
+    sslrootcert; verify-ca and verify-full verify, and require with a sslrootcert."""
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(dsn).query)
     mode = (query.get("sslmode") or ["prefer"])[0]
-    return pg.Transport(
-        ssl=None, plaintext_fallback=mode in ("allow", "prefer"), verified=mode.startswith("verify")
-    )
+    verified = mode.startswith("verify") or (mode == "require" and "sslrootcert" in query)
+    return pg.Transport(ssl=None, plaintext_fallback=mode in ("allow", "prefer"), verified=verified)
 
 
 async def _postgres_pool(dsn: str, way: pg.Transport, **options: Any) -> Any:

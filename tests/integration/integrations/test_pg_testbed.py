@@ -124,6 +124,7 @@ async def test_hole10_check_verifies_postgres_tls_with_the_secret_ca(
     for mode in ("prefer", "require", "verify-ca", "verify-full"):
         refused = await check(mode, other)
         assert refused.reason == base.Reason.TLS_ERROR, (mode, refused.message)
+        assert "'ca.crt'" in refused.message, (mode, refused.message)
         verified = await check(mode, ca)
         assert verified.ok, (mode, verified.message)
         assert verified.transport == base.Transport.TLS_VERIFIED, mode
