@@ -23,8 +23,8 @@ INVALID_CONFIGURATION = ibase.Reason.INVALID_CONFIGURATION
 NAME_CONFLICT = "NameConflict"
 # The Encrypted condition of postgres and redis: how the check's connection travelled.
 ENCRYPTED = "Encrypted"
-TLS_VERIFIED = "TLSVerified"
-TLS_NOT_VERIFIED = "TLSNotVerified"
+TLS_VERIFIED = "TlsVerified"
+TLS_NOT_VERIFIED = "TlsNotVerified"
 PLAINTEXT_CONNECTION = "PlaintextConnection"
 # Event reasons: the first success, a success after a failure.
 EVENT_CHECKED = "Checked"

@@ -372,7 +372,7 @@ def test_hole10_integration_status_says_whether_the_datastore_connection_is_encr
 ) -> None:
     """Issue 10, hole 10: an Integration's status says how the operator's check reached
     the datastore. The test bed's TLS PostgreSQL with the CA in the Secret and
-    verify-full: Encrypted=True, TLSVerified; the plaintext PostgreSQL under sslMode
+    verify-full: Encrypted=True, TlsVerified; the plaintext PostgreSQL under sslMode
     prefer and Redis without tls: Encrypted=False, PlaintextConnection. Before the fix
     no Encrypted condition was written (the wait for it timed out)."""
     k = kubectl.in_namespace(namespace)
@@ -401,7 +401,7 @@ def test_hole10_integration_status_says_whether_the_datastore_connection_is_encr
 
     assert condition(_ready(k, "db-tls", "True", "Checked"), "Ready")
     tls = encrypted("db-tls")
-    assert (tls["status"], tls["reason"]) == ("True", "TLSVerified"), tls
+    assert (tls["status"], tls["reason"]) == ("True", "TlsVerified"), tls
     for name in ("db-plain", "cache-plain"):
         plain = encrypted(name)
         assert (plain["status"], plain["reason"]) == ("False", "PlaintextConnection"), plain

@@ -79,10 +79,10 @@ def test_encrypted_from_how_the_check_connected() -> None:
 
     verified = policy.encrypted_condition(result(ibase.Transport.TLS_VERIFIED), pg)
     assert verified is not None
-    assert (verified.type, verified.status, verified.reason) == ("Encrypted", TRUE, "TLSVerified")
+    assert (verified.type, verified.status, verified.reason) == ("Encrypted", TRUE, "TlsVerified")
     unverified = policy.encrypted_condition(result(ibase.Transport.TLS_UNVERIFIED), pg)
     assert unverified is not None
-    assert (unverified.status, unverified.reason) == (TRUE, "TLSNotVerified")
+    assert (unverified.status, unverified.reason) == (TRUE, "TlsNotVerified")
     assert "ca.crt" in unverified.message
     plain = policy.encrypted_condition(result(ibase.Transport.PLAINTEXT), pg)
     assert plain is not None
