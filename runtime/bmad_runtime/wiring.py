@@ -229,7 +229,8 @@ def bound_datastores(
     postgres = next(
         (
             pg
-            for pg in (b.postgres() for b in bindings_mod.of_type(found, "postgres"))
+            # The first binding of the type: the one `with_bindings` took the DSN from.
+            for pg in (b.postgres() for b in bindings_mod.of_type(found, "postgres")[:1])
             if pg.dsn == settings.postgres_dsn
         ),
         None,
@@ -237,7 +238,7 @@ def bound_datastores(
     redis_settings = next(
         (
             rd
-            for rd in (b.redis() for b in bindings_mod.of_type(found, "redis"))
+            for rd in (b.redis() for b in bindings_mod.of_type(found, "redis")[:1])
             if rd.url == settings.redis_url
         ),
         None,
