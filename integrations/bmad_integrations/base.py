@@ -42,12 +42,28 @@ class CheckError(Exception):
         self.message = message
 
 
+class Transport(enum.StrEnum):
+    """How a connection to a datastore travels: what the status and /readyz show."""
+
+    TLS_VERIFIED = "tls-verified"  # encrypted, the server's certificate checked
+    TLS_UNVERIFIED = "tls-unverified"  # encrypted, the certificate not checked
+    PLAINTEXT = "plaintext"  # not encrypted
+
+
+def transport_of(*, encrypted: bool, verified: bool) -> Transport:
+    if not encrypted:
+        return Transport.PLAINTEXT
+    return Transport.TLS_VERIFIED if verified else Transport.TLS_UNVERIFIED
+
+
 @dataclass(frozen=True)
 class Checked:
     """A successful check: what the service told us about itself."""
 
     server_version: str | None = None
     detail: str = ""
+    # For the datastores (postgres, redis): how the check's connection travelled.
+    transport: Transport | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,7 @@ class CheckResult:
     message: str
     latency_ms: int
     server_version: str | None = None
+    transport: Transport | None = None
 
 
 # Default key names in the credentials Secret; spec.secretRef.keys overrides them.

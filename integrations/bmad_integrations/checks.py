@@ -199,6 +199,7 @@ async def check_integration(
         message=_clean(_success_message(spec, checked), creds),
         latency_ms=elapsed(),
         server_version=checked.server_version,
+        transport=checked.transport,
     )
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ssl
 import urllib.parse
+from dataclasses import dataclass
+from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 
@@ -48,41 +50,86 @@ class _NamedContext(ssl.SSLContext):
         )
 
 
-def ssl_argument(
-    block: integration.Postgres, creds: base.Credentials
-) -> ssl.SSLContext | bool | str:
-    """What asyncpg's ``ssl`` parameter gets for the block's sslMode.
+@dataclass(frozen=True)
+class Transport:
+    """How to open a connection for one sslMode: asyncpg's ``ssl`` argument (None: the
+    DSN's own ``sslmode`` decides) and what may happen on the way.
 
-    ``require`` encrypts without verifying (libpq's meaning when no root certificate
-    is given); ``verify-ca`` checks the chain against the Secret's CA (or the system
-    store), ``verify-full`` also the host name. ``allow`` and ``prefer`` keep asyncpg's
-    own fallback logic, which only it can do (retry without TLS).
+    ``plaintext_fallback``: the server may be used without TLS when it offers none
+    (``allow``, ``prefer``); ``verified``: a TLS connection checks the certificate.
     """
-    mode = block.ssl_mode
+
+    ssl: ssl.SSLContext | bool | str | None
+    plaintext_fallback: bool
+    verified: bool
+
+
+class BadCaError(ValueError):
+    """The CA bundle given is not PEM certificates."""
+
+
+def transport(mode: str, ca: str | None, *, server_name: str) -> Transport:
+    """The `Transport` of an sslMode with libpq's meaning, and the CA honoured.
+
+    ``disable``: plaintext. ``allow``: asyncpg's own (plaintext first, TLS when the
+    server insists; never verified). ``prefer``: TLS when the server offers it, else
+    plaintext; with a CA the certificate is verified against it (asyncpg alone would
+    not). ``require``: TLS only; verified against the CA when one is given (libpq's
+    verify-ca), encrypted without verification when not. ``verify-ca``: TLS only, the
+    chain checked against the CA (or the system store); ``verify-full``: also the host
+    name (`server_name`, which the socket's address does not change).
+    """
     if mode == "disable":
-        return False
-    if mode in ("allow", "prefer"):
-        return mode
+        return Transport(ssl=False, plaintext_fallback=False, verified=False)
+    if mode == "allow" or (mode == "prefer" and not ca):
+        return Transport(ssl=mode, plaintext_fallback=True, verified=False)
     context = _NamedContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.server_name = host(block)
-    if mode == "require":
+    context.server_name = server_name
+    if mode == "require" and not ca:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-        return context
-    ca = creds.get("ca_cert")
+        return Transport(ssl=context, plaintext_fallback=False, verified=False)
     try:
         if ca:
             context.load_verify_locations(cadata=ca)
         else:
             context.load_default_certs()
     except (ssl.SSLError, ValueError):
+        raise BadCaError("not a PEM CA bundle") from None
+    context.check_hostname = mode == "verify-full"
+    return Transport(ssl=context, plaintext_fallback=mode == "prefer", verified=True)
+
+
+def refused_tls(exc: BaseException) -> bool:
+    """asyncpg's error when the server answers an SSLRequest with "no TLS here"."""
+    return isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc)
+
+
+ENCRYPTED_QUERY = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+
+
+async def is_encrypted(conn: Any) -> bool:
+    """Whether the server says this session is TLS (``pg_stat_ssl``), whatever the
+    client asked for."""
+    return bool(await conn.fetchval(ENCRYPTED_QUERY))
+
+
+def ssl_argument(
+    block: integration.Postgres, creds: base.Credentials
+) -> ssl.SSLContext | bool | str | None:
+    """What asyncpg's ``ssl`` parameter gets for the block's sslMode (`transport`)."""
+    return _transport(block, creds).ssl
+
+
+def _transport(block: integration.Postgres, creds: base.Credentials) -> Transport:
+    try:
+        return transport(block.ssl_mode, creds.get("ca_cert"), server_name=host(block))
+    except BadCaError:
         raise base.CheckError(
             base.Reason.INVALID_CONFIGURATION,
             f"key {creds.key('ca_cert')!r} of the credentials Secret is not a PEM CA bundle: "
             "put the server's CA certificate(s) there in PEM form",
         ) from None
-    context.check_hostname = mode == "verify-full"
-    return context
 
 
 def host(block: integration.Postgres) -> str:
@@ -132,7 +179,7 @@ def error_for(
             f"{block.ssl_mode!r} the server must offer TLS"
             + (
                 f" and present a certificate signed by the CA in key {creds.key('ca_cert')!r}"
-                if block.ssl_mode.startswith("verify")
+                if block.ssl_mode.startswith("verify") or creds.get("ca_cert")
                 else ""
             )
             + "; or change spec.postgres.sslMode",
@@ -184,10 +231,11 @@ async def check(
     """Connect, run ``SELECT 1`` and read the server's version."""
     user = creds.require("username")
     password = creds.require("password")
-    ssl_arg = ssl_argument(block, creds)
+    way = _transport(block, creds)
     destination = await policy.destination(host(block), block.port, field=HOST_FIELD)
-    try:
-        conn = await asyncpg.connect(
+
+    async def connect(ssl_arg: ssl.SSLContext | bool | str | None) -> Any:
+        return await asyncpg.connect(
             host=destination.address,
             port=block.port,
             user=user,
@@ -198,11 +246,21 @@ async def check(
             command_timeout=timeout,
             server_settings={"application_name": APPLICATION_NAME},
         )
+
+    try:
+        try:
+            conn = await connect(way.ssl)
+        except ConnectionError as exc:
+            # prefer with a CA: a server without TLS is used in plaintext, and said so.
+            if not (way.plaintext_fallback and refused_tls(exc)):
+                raise
+            conn = await connect(False)
     except Exception as exc:
         raise error_for(exc, block=block, creds=creds, timeout=timeout) from None
     try:
         one = await conn.fetchval("SELECT 1")
         version = await conn.fetchval("SHOW server_version")
+        encrypted = await is_encrypted(conn)
     except Exception as exc:
         raise error_for(exc, block=block, creds=creds, timeout=timeout) from None
     finally:
@@ -213,7 +271,9 @@ async def check(
             f"the server at {target(block)} did not answer SELECT 1 with 1: is it PostgreSQL?",
         )
     return base.Checked(
-        server_version=base.version(version), detail=f"connected to {target(block)}"
+        server_version=base.version(version),
+        detail=f"connected to {target(block)}",
+        transport=base.transport_of(encrypted=encrypted, verified=way.verified),
     )
 
 

@@ -93,6 +93,8 @@ def client(
             connection_class=_PinnedSSLConnection,
             server_hostname=destination.host,
             ssl_ca_data=ca or None,
+            ssl_cert_reqs="required",
+            ssl_check_hostname=True,
             **options,
         )
     else:
@@ -197,6 +199,8 @@ async def check(
     return base.Checked(
         server_version=base.version(info.get("redis_version")),
         detail=f"connected to {target(block)} db {block.db}",
+        # redis-py checks the chain and the host name of a TLS connection by default.
+        transport=base.transport_of(encrypted=block.tls, verified=block.tls),
     )
 
 

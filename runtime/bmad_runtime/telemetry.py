@@ -72,6 +72,10 @@ class _Labelled(registry.Collector):
             yield labelled
 
 
+# The values of bmad_integrations.base.Transport (the telemetry layer does not import it).
+DATASTORE_TRANSPORTS = ("tls-verified", "tls-unverified", "plaintext")
+
+
 class Metrics:
     """The runtime's Prometheus metrics, in a registry of their own.
 
@@ -104,6 +108,13 @@ class Metrics:
             "and entries that are not tasks; the latest are kept).",
             registry=self.registry,
         )
+        self.datastore_transport = prometheus_client.Gauge(
+            "bmad_agent_datastore_transport",
+            "How the connection to each datastore of the durable store travels: 1 for its "
+            "transport (tls-verified, tls-unverified or plaintext), 0 for the others.",
+            ["datastore", "transport"],
+            registry=self.registry,
+        )
         self.inflight = prometheus_client.Gauge(
             "bmad_agent_inflight",
             "Invocations and tasks this replica is serving right now.",
@@ -128,6 +139,14 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+
+    def record_datastores(self, transports: Mapping[str, str]) -> None:
+        """One series per datastore: 1 for the way its connection travels, 0 for the others."""
+        for datastore, how in transports.items():
+            for each in DATASTORE_TRANSPORTS:
+                self.datastore_transport.labels(datastore=datastore, transport=each).set(
+                    1 if each == how else 0
+                )
 
     def record_tokens(self, model: str, usage: ports.Usage) -> None:
         self.tokens.labels(direction="in", model=model).inc(usage.tokens_in)

@@ -133,7 +133,10 @@ def create_default_app(settings: settings_mod.RuntimeSettings | None = None) -> 
     async def connect(app: fastapi.FastAPI) -> AsyncIterator[None]:
         state: deps.RuntimeState = app.state.runtime
         async with contextlib.AsyncExitStack() as stack:
-            state.store = await _connect_store(settings, agent_config, stack)
+            state.store = await _connect_store(settings, agent_config, found, stack)
+            if isinstance(state.store, memory_store.PostgresRedisStore):
+                state.datastores = dict(state.store.transports)
+                state.metrics.record_datastores(state.datastores)
             if auth_on:
                 state.authenticator = await _authenticator(settings, found, stack)
                 if isinstance(state.authenticator, RefusingAuthenticator):
@@ -143,7 +146,7 @@ def create_default_app(settings: settings_mod.RuntimeSettings | None = None) -> 
                     "spec.auth.mode is none: authentication is off, /v1/* is open to every "
                     "caller that reaches this agent, with every scope"
                 )
-            state.limiter = await _limiter(settings, agent_config, stack)
+            state.limiter = await _limiter(settings, agent_config, found, stack)
             if isinstance(state.store, UnavailableStore):
                 state.store_problem = state.store.reason
                 logger.warning("the task consumer is not started: the store is not available")
@@ -189,6 +192,7 @@ def missing_datastores(settings: settings_mod.RuntimeSettings) -> str:
 async def _connect_store(
     settings: settings_mod.RuntimeSettings,
     agent_config: config_mod.AgentConfig,
+    found: Mapping[str, bindings_mod.Binding],
     stack: contextlib.AsyncExitStack,
 ) -> ports.ConversationStore:
     """The store of the mode the Agent chose; an `UnavailableStore` saying why if none."""
@@ -203,14 +207,43 @@ async def _connect_store(
         problem = missing_datastores(settings)
         logger.error("not ready: %s", problem)
         return UnavailableStore(problem)
+    postgres, redis_settings = bound_datastores(settings, found)
     store = await memory_store.PostgresRedisStore.connect(
         postgres_dsn=dsn,
         redis_url=url,
         recent_turns=max(agent_config.memory.turns, 1),
         ttl_seconds=agent_config.memory.ttl_seconds,
+        postgres=postgres,
+        redis_settings=redis_settings,
     )
     stack.push_async_callback(store.close)
     return store
+
+
+def bound_datastores(
+    settings: settings_mod.RuntimeSettings, found: Mapping[str, bindings_mod.Binding]
+) -> tuple[bindings_mod.PostgresSettings | None, bindings_mod.RedisSettings | None]:
+    """The bindings the datastore URLs in use came from, so that their sslMode, TLS flag
+    and CA are honoured; None for a URL set explicitly (``BMAD_POSTGRES_DSN``,
+    ``BMAD_REDIS_URL``), whose own parameters then decide."""
+    postgres = next(
+        (
+            pg
+            # The first binding of the type: the one `with_bindings` took the DSN from.
+            for pg in (b.postgres() for b in bindings_mod.of_type(found, "postgres")[:1])
+            if pg.dsn == settings.postgres_dsn
+        ),
+        None,
+    )
+    redis_settings = next(
+        (
+            rd
+            for rd in (b.redis() for b in bindings_mod.of_type(found, "redis")[:1])
+            if rd.url == settings.redis_url
+        ),
+        None,
+    )
+    return postgres, redis_settings
 
 
 async def _authenticator(
@@ -244,6 +277,7 @@ async def _authenticator(
 async def _limiter(
     settings: settings_mod.RuntimeSettings,
     agent_config: config_mod.AgentConfig,
+    found: Mapping[str, bindings_mod.Binding],
     stack: contextlib.AsyncExitStack,
 ) -> ports.Limiter | None:
     limits = agent_config.limits
@@ -252,7 +286,10 @@ async def _limiter(
     if not settings.redis_url:
         logger.warning("spec.limits is set but no redis is bound: rate limits are not enforced")
         return None
-    client = redis.asyncio.Redis.from_url(settings.redis_url)
+    _, bound = bound_datastores(settings, found)
+    client = redis.asyncio.Redis.from_url(
+        settings.redis_url, **memory_store.redis_tls_options(bound)
+    )
     stack.push_async_callback(client.aclose)
     return ratelimit.RedisLimiter(
         client,
@@ -277,8 +314,10 @@ async def _start_task_consumer(
     """
     if not settings.redis_url or not settings.task_bus_enabled:
         return
+    _, bound = bound_datastores(settings, found)
     task_bus = bus_client.TaskBus.from_url(
         settings.redis_url,
+        redis_options=memory_store.redis_tls_options(bound),
         tenant=state.tenant,
         agent=state.agent,
         config=bus_client.BusConfig(

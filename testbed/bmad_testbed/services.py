@@ -5,10 +5,18 @@ directory under the run directory.
 Each starter returns the KEY=value pairs that tell tests and users where it is.
 Passwords are random per run; they belong to throwaway servers but are still kept
 out of logs (only the env file, mode 0600, holds them).
+
+PostgreSQL and Redis also serve TLS, with certificates of a CA made for the run
+(`services_ca`, ``$BMAD_SERVICES_CA``) and valid for 127.0.0.1 and localhost only:
+Redis on a second port of the same server, PostgreSQL as a second server started
+from a copy of the first one's data directory (one PostgreSQL cannot serve TLS on one
+port and refuse it on another, and the tests need both). The plaintext ports stay
+what they were.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import secrets
@@ -20,9 +28,24 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bmad_testbed import procs
+from bmad_testbed import pki, procs
 
 ALL_SERVICES = ("postgres", "redis", "prometheus", "minio", "stripe", "smtp")
+
+
+SERVICES_PKI = "services-pki"
+
+
+def services_ca(run_dir: Path) -> pki.Pki:
+    """The CA of the services' TLS certificates (made at the first call of a run)."""
+    return pki.Pki(run_dir / SERVICES_PKI)
+
+
+def _serving_cert(run_dir: Path, name: str) -> pki.CertPair:
+    """A server certificate of the services' CA for loopback: 127.0.0.1 and localhost."""
+    return services_ca(run_dir).issue(
+        name, cn="localhost", server=True, dns=("localhost",), ips=("127.0.0.1",)
+    )
 
 
 def _as_user(user: str) -> list[str]:
@@ -74,32 +97,36 @@ def start_postgres(
     )
     _wait_exit(init, timeout=120)
     pwfile.unlink()
-    rec = procs.spawn(
-        "postgres",
-        [
-            *wrap,
-            str(bindir / "postgres"),
-            "-D",
-            str(data),
-            "-p",
-            str(port),
-            "-c",
-            "listen_addresses=127.0.0.1",
-            "-c",
-            f"unix_socket_directories={data}",
-            "-c",
-            "fsync=off",
-            "-c",
-            "synchronous_commit=off",
-            "-c",
-            "full_page_writes=off",
-            "-c",
-            "max_connections=300",
-        ],
-        log_dir=run_dir / "logs",
+    # The TLS server: a copy of the fresh cluster (same roles and password), with the
+    # certificate and key inside its data directory, owned by the server's user.
+    tls_data = data.parent / "data-tls"
+    _wait_exit(
+        procs.spawn(
+            "postgres-copy", [*wrap, "cp", "-a", str(data), str(tls_data)], log_dir=run_dir / "logs"
+        ),
+        timeout=60,
     )
-    records.append(rec)
-    procs.wait_until(rec, lambda: _pg_ready(port), timeout=60, what="accepting connections")
+    served = _serving_cert(run_dir, "postgres")
+    for source, target in ((served.cert, "server.crt"), (served.key, "server.key")):
+        shutil.copyfile(source, tls_data / target)
+        (tls_data / target).chmod(0o600)
+        if wrap:
+            os.chown(tls_data / target, ent.pw_uid, ent.pw_gid)
+    tls_port = procs.free_port()
+    for name, directory, at, extra in (
+        ("postgres", data, port, ()),
+        ("postgres-tls", tls_data, tls_port, ("-c", "ssl=on")),
+    ):
+        rec = procs.spawn(
+            name,
+            [*wrap, str(bindir / "postgres"), *_pg_options(directory, at), *extra],
+            log_dir=run_dir / "logs",
+        )
+        records.append(rec)
+        procs.wait_until(
+            rec, functools.partial(_pg_ready, at), timeout=60, what="accepting connections"
+        )
+    ca = services_ca(run_dir).ca.cert
     return {
         "BMAD_POSTGRES_URL": f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres",
         "BMAD_POSTGRES_HOST": "127.0.0.1",
@@ -107,7 +134,34 @@ def start_postgres(
         "BMAD_POSTGRES_USER": "postgres",
         "BMAD_POSTGRES_PASSWORD": password,
         "BMAD_POSTGRES_DATA": str(data),
+        "BMAD_POSTGRES_TLS_PORT": str(tls_port),
+        "BMAD_POSTGRES_TLS_URL": (
+            f"postgresql://postgres:{password}@localhost:{tls_port}/postgres"
+            f"?sslmode=verify-full&sslrootcert={ca}"
+        ),
+        "BMAD_SERVICES_CA": str(ca),
     }
+
+
+def _pg_options(data: Path, port: int) -> list[str]:
+    return [
+        "-D",
+        str(data),
+        "-p",
+        str(port),
+        "-c",
+        "listen_addresses=127.0.0.1",
+        "-c",
+        f"unix_socket_directories={data}",
+        "-c",
+        "fsync=off",
+        "-c",
+        "synchronous_commit=off",
+        "-c",
+        "full_page_writes=off",
+        "-c",
+        "max_connections=300",
+    ]
 
 
 def _pg_ready(port: int) -> bool:
@@ -143,11 +197,16 @@ def start_redis(
     data.mkdir(parents=True, exist_ok=True)
     port = procs.free_port()
     password = secrets.token_hex(12)
+    tls_port = procs.free_port()
+    served = _serving_cert(run_dir, "redis")
+    ca = services_ca(run_dir).ca.cert
     conf = data / "redis.conf"
     # The password goes in a config file rather than on the command line (ps shows argv).
     conf.write_text(
         f'bind 127.0.0.1\nport {port}\nsave ""\nappendonly no\ndir {data}\n'
         f"requirepass {password}\nprotected-mode yes\ndaemonize no\n"
+        f"tls-port {tls_port}\ntls-cert-file {served.cert}\ntls-key-file {served.key}\n"
+        f"tls-ca-cert-file {ca}\ntls-auth-clients no\n"
     )
     conf.chmod(0o600)
     rec = procs.spawn("redis", [str(binaries["redis-server"]), str(conf)], log_dir=run_dir / "logs")
@@ -158,6 +217,9 @@ def start_redis(
         "BMAD_REDIS_HOST": "127.0.0.1",
         "BMAD_REDIS_PORT": str(port),
         "BMAD_REDIS_PASSWORD": password,
+        "BMAD_REDIS_TLS_PORT": str(tls_port),
+        "BMAD_REDIS_TLS_URL": f"rediss://:{password}@localhost:{tls_port}/0",
+        "BMAD_SERVICES_CA": str(ca),
     }
 
 
@@ -341,5 +403,5 @@ STARTERS: dict[str, Callable[[Path, dict[str, Path], list[procs.ProcRecord]], di
 
 
 def cleanup_data(run_dir: Path) -> None:
-    for name in ("postgres", "redis", "prometheus", "minio", "smtp", "etcd"):
+    for name in ("postgres", "redis", "prometheus", "minio", "smtp", "etcd", SERVICES_PKI):
         shutil.rmtree(run_dir / name, ignore_errors=True)

@@ -21,6 +21,11 @@ from bmad_operator.conditions import FALSE, TRUE, Cond
 CHECKED = ibase.Reason.CHECKED
 INVALID_CONFIGURATION = ibase.Reason.INVALID_CONFIGURATION
 NAME_CONFLICT = "NameConflict"
+# The Encrypted condition of postgres and redis: how the check's connection travelled.
+ENCRYPTED = "Encrypted"
+TLS_VERIFIED = "TlsVerified"
+TLS_NOT_VERIFIED = "TlsNotVerified"
+PLAINTEXT_CONNECTION = "PlaintextConnection"
 # Event reasons: the first success, a success after a failure.
 EVENT_CHECKED = "Checked"
 EVENT_RECOVERED = "Recovered"
@@ -86,6 +91,46 @@ def ready_condition(result: ibase.CheckResult, spec: integration_api.Integration
         message = result.message or f"The {spec.type} service answered an authenticated request."
         return Cond("Ready", TRUE, CHECKED, message)
     return Cond("Ready", FALSE, str(result.reason), result.message)
+
+
+def encrypted_condition(
+    result: ibase.CheckResult, spec: integration_api.IntegrationSpec
+) -> Cond | None:
+    """Whether the datastore's connection is encrypted, from a successful check of a
+    postgres or redis Integration (None otherwise: the last one seen stays)."""
+    if not result.ok or result.transport is None:
+        return None
+    if result.transport == ibase.Transport.TLS_VERIFIED:
+        return Cond(
+            ENCRYPTED,
+            TRUE,
+            TLS_VERIFIED,
+            "The connection is encrypted and the server's certificate was verified.",
+        )
+    if result.transport == ibase.Transport.TLS_UNVERIFIED:
+        hint = (
+            "put the server's CA in the credentials Secret (key ca.crt) to have it verified"
+            if spec.type == "postgres"
+            else "the certificate was not checked"
+        )
+        return Cond(
+            ENCRYPTED,
+            TRUE,
+            TLS_NOT_VERIFIED,
+            f"The connection is encrypted but the server's certificate was not verified: {hint}.",
+        )
+    fix = (
+        "the server offers no TLS, or spec.postgres.sslMode is disable or allow: enable TLS on "
+        "the server and set sslMode to verify-full (or require) to refuse plaintext"
+        if spec.type == "postgres"
+        else "spec.redis.tls is false: enable TLS on the server and set it to true"
+    )
+    return Cond(
+        ENCRYPTED,
+        FALSE,
+        PLAINTEXT_CONNECTION,
+        f"The connection is not encrypted: {fix}.",
+    )
 
 
 def name_conflict(obj: str, namespace: str) -> Cond:

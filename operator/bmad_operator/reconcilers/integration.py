@@ -152,7 +152,11 @@ class IntegrationReconciler:
             "observedGeneration": generation,
             "lastCheckTime": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "latencyMs": result.latency_ms,
-            "conditions": conditions.merge(previous, [ready], generation=generation),
+            "conditions": conditions.merge(
+                previous,
+                [ready, *filter(None, [policy.encrypted_condition(result, spec)])],
+                generation=generation,
+            ),
         }
         if result.server_version:
             new_status["serverVersion"] = result.server_version

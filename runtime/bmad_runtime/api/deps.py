@@ -8,6 +8,7 @@ production app (`bmad_runtime.wiring`) fills in its real parts at startup.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, cast
@@ -15,6 +16,7 @@ from typing import Annotated, cast
 import fastapi
 from starlette import requests as starlette_requests
 
+from bmad_integrations import base as integrations_base
 from bmad_runtime import ports, schemas, telemetry, turns
 from bmad_runtime import settings as settings_mod
 from bmad_runtime.api import errors
@@ -47,6 +49,9 @@ class RuntimeState(turns.Services):
     bus: bus_consumer.ConsumerHealth | None = None
     # Why no caller can be authenticated (jwt without an auth0 binding), for /readyz.
     auth_problem: str | None = None
+    # How the connection to each datastore travels (tls-verified, tls-unverified,
+    # plaintext), for /readyz; empty until the durable store is connected.
+    datastores: dict[str, integrations_base.Transport] = dataclasses.field(default_factory=dict)
 
     async def authorize(self, authorization: str | None, scope: str) -> ports.Principal:
         if self.authenticator is None:

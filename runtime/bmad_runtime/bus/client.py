@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,10 +143,17 @@ class TaskBus:
 
     @classmethod
     def from_url(
-        cls, url: str, *, tenant: str, agent: str, config: BusConfig | None = None
+        cls,
+        url: str,
+        *,
+        tenant: str,
+        agent: str,
+        config: BusConfig | None = None,
+        redis_options: Mapping[str, Any] | None = None,
     ) -> TaskBus:
+        """A bus over a client of its own; ``redis_options`` go to redis-py (TLS: the CA)."""
         bus = cls(
-            aioredis.Redis.from_url(url, decode_responses=True),
+            aioredis.Redis.from_url(url, decode_responses=True, **(redis_options or {})),
             tenant=tenant,
             agent=agent,
             config=config,

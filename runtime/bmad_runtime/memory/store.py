@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import ssl
+import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 import redis.asyncio as aioredis
 
+from bmad_integrations import base as integrations_base
+from bmad_integrations import postgres as pg
 from bmad_runtime import bindings, migrations, ports
 from bmad_runtime.memory import audit, context_versions, conversations, usage
 
@@ -28,16 +30,42 @@ logger = logging.getLogger(__name__)
 PING_TIMEOUT = 2.0
 
 
-def postgres_ssl_context(settings: bindings.PostgresSettings) -> ssl.SSLContext | None:
-    """A TLS context for a binding with its own CA, libpq's way; None leaves the DSN's
-    ``sslmode`` in charge (asyncpg understands it, but cannot take a CA from it)."""
-    if not settings.ca_cert or settings.ssl_mode in ("disable", "allow", "prefer"):
-        return None
-    tls = ssl.create_default_context(cadata=settings.ca_cert)
-    # libpq: with a root certificate, "require" verifies the chain as verify-ca does;
-    # only verify-full also checks the host name.
-    tls.check_hostname = settings.ssl_mode == "verify-full"
-    return tls
+def postgres_transport(settings: bindings.PostgresSettings) -> pg.Transport:
+    """How to reach a bound PostgreSQL: its sslMode with libpq's meaning and its CA
+    honoured (`bmad_integrations.postgres.transport`, what the operator's check uses)."""
+    return pg.transport(settings.ssl_mode, settings.ca_cert, server_name=settings.host)
+
+
+def redis_tls_options(settings: bindings.RedisSettings | None) -> dict[str, Any]:
+    """redis-py options for a bound Redis with TLS: its CA, the chain and host name checked."""
+    if settings is None or not settings.tls:
+        return {}
+    options: dict[str, Any] = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
+    if settings.ca_cert:
+        options["ssl_ca_data"] = settings.ca_cert
+    return options
+
+
+def _dsn_transport(dsn: str) -> pg.Transport:
+    """A DSN given as it is (``BMAD_POSTGRES_DSN``): asyncpg reads its sslmode and
+    sslrootcert; verify-ca and verify-full verify, and require with a sslrootcert."""
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(dsn).query)
+    mode = (query.get("sslmode") or ["prefer"])[0]
+    verified = mode.startswith("verify") or (mode == "require" and "sslrootcert" in query)
+    return pg.Transport(ssl=None, plaintext_fallback=mode in ("allow", "prefer"), verified=verified)
+
+
+async def _postgres_pool(dsn: str, way: pg.Transport, **options: Any) -> Any:
+    """An asyncpg pool over `way`; with a CA under sslMode prefer, plaintext only when
+    the server offers no TLS (asyncpg would not verify, or not fall back)."""
+    if way.ssl is not None:
+        options["ssl"] = way.ssl
+    try:
+        return await asyncpg.create_pool(dsn, **options)
+    except ConnectionError as exc:
+        if not (way.plaintext_fallback and way.ssl is not None and pg.refused_tls(exc)):
+            raise
+    return await asyncpg.create_pool(dsn, **{**options, "ssl": False})
 
 
 class PostgresRedisStore:
@@ -66,6 +94,8 @@ class PostgresRedisStore:
         self.audits = audit.AuditLog(pool=pool)
         self.context_versions = context_versions.ContextVersions(pool=pool)
         self._owns_clients = owns_clients
+        # How each connection travels, once `connect` has measured it.
+        self.transports: dict[str, integrations_base.Transport] = {}
 
     @classmethod
     async def connect(
@@ -78,39 +108,37 @@ class PostgresRedisStore:
         pool_min_size: int = 1,
         pool_max_size: int = 10,
         migration_lock_timeout: float = 120.0,
-        postgres_ssl: ssl.SSLContext | None = None,
-        redis_ca_cert: str | None = None,
+        postgres: bindings.PostgresSettings | None = None,
+        redis_settings: bindings.RedisSettings | None = None,
     ) -> PostgresRedisStore:
         """Open a pool and a Redis client, bring the schema up to date, return the store.
 
-        ``postgres_ssl`` overrides the DSN's ``sslmode`` (needed for a private CA);
-        ``redis_ca_cert`` is a PEM bundle for a ``rediss://`` URL.
+        With the settings of a binding (``postgres``, ``redis_settings``), its sslMode,
+        TLS flag and CA decide how to connect, over the URL's own ``sslmode``; without,
+        the URLs alone do. `transports` then says how each connection travels, and a
+        connection that is not encrypted is logged as a warning.
         """
-        pool_options: dict[str, Any] = {}
-        if postgres_ssl is not None:
-            pool_options["ssl"] = postgres_ssl
-        pool = await asyncpg.create_pool(
+        way = postgres_transport(postgres) if postgres else _dsn_transport(postgres_dsn)
+        pool = await _postgres_pool(
             postgres_dsn,
+            way,
             min_size=pool_min_size,
             max_size=pool_max_size,
             command_timeout=60,
-            **pool_options,
         )
         client: aioredis.Redis | None = None
         try:
             await migrations.apply(pool, lock_timeout=migration_lock_timeout)
-            redis_options: dict[str, Any] = {}
-            if redis_ca_cert:
-                redis_options["ssl_ca_data"] = redis_ca_cert
+            encrypted = await pg.is_encrypted(pool)
             client = aioredis.Redis.from_url(
                 redis_url,
                 decode_responses=True,
                 socket_timeout=10,
                 socket_connect_timeout=5,
                 health_check_interval=30,
-                **redis_options,
+                **redis_tls_options(redis_settings),
             )
-            return cls(
+            store = cls(
                 pool=pool,
                 redis_client=client,
                 recent_turns=recent_turns,
@@ -122,6 +150,22 @@ class PostgresRedisStore:
                 await client.aclose()
             await pool.close()
             raise
+        tls = urllib.parse.urlsplit(redis_url).scheme == "rediss"
+        store.transports = {
+            "postgres": integrations_base.transport_of(encrypted=encrypted, verified=way.verified),
+            "redis": integrations_base.transport_of(encrypted=tls, verified=tls),
+        }
+        for name, how in store.transports.items():
+            if how == integrations_base.Transport.PLAINTEXT:
+                logger.warning(
+                    "the connection to %s is not encrypted (%s): conversations and "
+                    "credentials travel in plaintext",
+                    name,
+                    "the server offers no TLS, and sslMode allows plaintext"
+                    if name == "postgres" and way.plaintext_fallback
+                    else "TLS is off in its binding or URL",
+                )
+        return store
 
     @classmethod
     async def from_settings(
@@ -138,8 +182,8 @@ class PostgresRedisStore:
             redis_url=redis_settings.url,
             recent_turns=recent_turns,
             ttl_seconds=ttl_seconds,
-            postgres_ssl=postgres_ssl_context(postgres),
-            redis_ca_cert=redis_settings.ca_cert if redis_settings.tls else None,
+            postgres=postgres,
+            redis_settings=redis_settings,
         )
 
     async def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -9,7 +10,7 @@ import pytest
 
 from bmad_crds.v1alpha1 import integration
 from bmad_integrations import base, checks
-from bmad_testbed import procs
+from bmad_testbed import pki, procs
 
 from .policies import TESTBED
 
@@ -31,6 +32,11 @@ def pg_spec(env: dict[str, str], **block: Any) -> integration.IntegrationSpec:
     return integration.IntegrationSpec.model_validate(
         {"type": "postgres", "secretRef": ref, "postgres": settings}
     )
+
+
+def services_ca(env: dict[str, str]) -> str:
+    """The CA of the test bed's TLS servers."""
+    return Path(env["BMAD_SERVICES_CA"]).read_text()
 
 
 def good_secret(env: dict[str, str]) -> dict[str, bytes]:
@@ -55,15 +61,17 @@ async def test_good_credentials_are_checked_with_the_server_version(
 
 
 async def test_prefer_falls_back_to_plaintext_on_a_server_without_tls(
-    testbed_env: dict[str, str],
+    testbed_env: dict[str, str], tmp_path: Path
 ) -> None:
-    result = await checks.check_integration(
-        pg_spec(testbed_env, sslMode="prefer"),
-        good_secret(testbed_env),
-        secret_found=True,
-        policy=TESTBED,
-    )
-    assert result.ok, result.message
+    """With or without a CA, prefer uses a server without TLS in plaintext, and the
+    result says so (the operator turns it into Encrypted=False, PlaintextConnection)."""
+    for ca in (None, services_ca(testbed_env)):
+        secret = good_secret(testbed_env) | ({"ca.crt": ca.encode()} if ca else {})
+        result = await checks.check_integration(
+            pg_spec(testbed_env, sslMode="prefer"), secret, secret_found=True, policy=TESTBED
+        )
+        assert result.ok, result.message
+        assert result.transport == base.Transport.PLAINTEXT
 
 
 async def test_require_on_a_server_without_tls_is_a_tls_error(
@@ -74,8 +82,8 @@ async def test_require_on_a_server_without_tls_is_a_tls_error(
         ssl_on = await conn.fetchval("SHOW ssl")
     finally:
         await conn.close()
-    if ssl_on == "on":
-        pytest.skip("the test bed's PostgreSQL offers TLS")
+    # The test bed's plaintext server (its TLS one is BMAD_POSTGRES_TLS_PORT).
+    assert ssl_on == "off"
     for mode in ("require", "verify-ca", "verify-full"):
         result = await checks.check_integration(
             pg_spec(testbed_env, sslMode=mode),
@@ -85,6 +93,44 @@ async def test_require_on_a_server_without_tls_is_a_tls_error(
         )
         assert result.reason == base.Reason.TLS_ERROR, (mode, result.message)
         assert "sslMode" in result.message
+
+
+async def test_hole10_check_verifies_postgres_tls_with_the_secret_ca(
+    testbed_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Issue 10, hole 10, in the operator's check, against the test bed's PostgreSQL
+    that serves TLS: with the CA of the credentials Secret every mode that uses TLS
+    verifies the certificate (require too, as libpq does with a root certificate), a
+    CA that did not sign it is refused (prefer too: it does not fall back), and
+    require without a CA is reported as not verified. Before the fix prefer and
+    require ignored the CA, and a certificate of another CA was accepted:
+
+        AssertionError: ('prefer', 'PostgreSQL 15.18 answered the check: connected to
+        127.0.0.1:44547/postgres')
+    """
+    ca = services_ca(testbed_env)
+    other = pki.Pki(tmp_path / "other-ca").ca.cert.read_text()
+    port = int(testbed_env["BMAD_POSTGRES_TLS_PORT"])
+
+    async def check(mode: str, ca_pem: str | None) -> base.CheckResult:
+        secret = good_secret(testbed_env) | ({"ca.crt": ca_pem.encode()} if ca_pem else {})
+        return await checks.check_integration(
+            pg_spec(testbed_env, port=port, sslMode=mode),
+            secret,
+            secret_found=True,
+            policy=TESTBED,
+        )
+
+    for mode in ("prefer", "require", "verify-ca", "verify-full"):
+        refused = await check(mode, other)
+        assert refused.reason == base.Reason.TLS_ERROR, (mode, refused.message)
+        assert "'ca.crt'" in refused.message, (mode, refused.message)
+        verified = await check(mode, ca)
+        assert verified.ok, (mode, verified.message)
+        assert verified.transport == base.Transport.TLS_VERIFIED, mode
+    unverified = await check("require", None)
+    assert unverified.ok, unverified.message
+    assert unverified.transport == base.Transport.TLS_UNVERIFIED
 
 
 async def test_key_names_can_be_overridden(testbed_env: dict[str, str]) -> None:

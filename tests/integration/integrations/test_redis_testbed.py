@@ -1,16 +1,15 @@
-"""The redis check against the test bed's real Redis, and a real Redis speaking TLS.
+"""The redis check against the test bed's real Redis, on its plaintext and TLS ports.
 
-The TLS server is one more redis-server (the test bed's own binary) started by this
-module with a certificate from a throwaway CA and two ACL users: one allowed the
-check's commands, one allowed PING only.
+The TLS port serves a certificate of the test bed's services CA (``$BMAD_SERVICES_CA``);
+the module adds two ACL users of its own: one allowed the check's commands, one
+allowed PING only.
 """
 
 from __future__ import annotations
 
 import secrets
-import shutil
-import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
@@ -163,70 +162,52 @@ class TlsRedis(NamedTuple):
     ca_pem: str
     other_ca_pem: str
     password: str
+    agent: str  # an ACL user allowed every command
+    pinger: str  # an ACL user allowed PING only
 
 
 @pytest.fixture(scope="module")
 def tls_redis(
     testbed_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[TlsRedis]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("no redis-server on PATH")
-    work = tmp_path_factory.mktemp("tls-redis")
-    authority = pki.Pki(work / "pki")
-    served = authority.issue("redis", cn="127.0.0.1", server=True, ips=("127.0.0.1",))
-    other = pki.Pki(work / "other-pki")
-    port = procs.free_port()
+    """The test bed's Redis on its TLS port (a certificate of the run's services CA),
+    with two ACL users of this module's own, removed afterwards."""
     password = secrets.token_hex(12)
-    conf = work / "redis.conf"
-    conf.write_text(
-        "bind 127.0.0.1\nport 0\n"
-        f"tls-port {port}\ntls-cert-file {served.cert}\ntls-key-file {served.key}\n"
-        f"tls-ca-cert-file {authority.ca.cert}\ntls-auth-clients no\n"
-        f'save ""\nappendonly no\ndir {work}\ndaemonize no\n'
-        "user default off\n"
-        f"user agent on >{password} ~* &* +@all\n"
-        f"user pinger on >{password} ~* &* -@all +ping +hello +auth\n"
+    suffix = secrets.token_hex(3)
+    agent, pinger = f"agent-{suffix}", f"pinger-{suffix}"
+    admin = sync_redis.Redis(
+        host="127.0.0.1",
+        port=int(testbed_env["BMAD_REDIS_PORT"]),
+        password=testbed_env["BMAD_REDIS_PASSWORD"],
+        socket_timeout=5,
     )
-    conf.chmod(0o600)
-    rec = procs.spawn("tls-redis", [binary, str(conf)], log_dir=work / "logs")
+    admin.acl_setuser(
+        agent, enabled=True, passwords=[f"+{password}"], keys=["*"], channels=["*"],
+        commands=["+@all"],
+    )  # fmt: skip
+    admin.acl_setuser(
+        pinger, enabled=True, passwords=[f"+{password}"], keys=["*"], channels=["*"],
+        commands=["-@all", "+ping", "+hello", "+auth"],
+    )  # fmt: skip
+    other = pki.Pki(tmp_path_factory.mktemp("other-pki"))
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                probe = sync_redis.Redis(
-                    host="127.0.0.1",
-                    port=port,
-                    username="agent",
-                    password=password,
-                    ssl=True,
-                    ssl_ca_certs=str(authority.ca.cert),
-                    socket_timeout=2,
-                )
-                probe.ping()
-                probe.close()
-                break
-            except (sync_redis.RedisError, OSError):
-                if not procs.is_alive(rec) or time.monotonic() > deadline:
-                    pytest.skip(
-                        "redis-server with TLS did not start (built without TLS?): "
-                        + procs.log_tail(rec["log"], 5)
-                    )
-                time.sleep(0.2)
         yield TlsRedis(
-            port=port,
-            ca_pem=authority.ca.cert.read_text(),
+            port=int(testbed_env["BMAD_REDIS_TLS_PORT"]),
+            ca_pem=Path(testbed_env["BMAD_SERVICES_CA"]).read_text(),
             other_ca_pem=other.ca.cert.read_text(),
             password=password,
+            agent=agent,
+            pinger=pinger,
         )
     finally:
-        procs.stop(rec, grace=5)
+        admin.acl_deluser(agent, pinger)
+        admin.close()
 
 
 async def test_tls_with_the_right_ca_and_an_acl_user_is_checked(tls_redis: TlsRedis) -> None:
     secret = {"password": tls_redis.password.encode(), "ca.crt": tls_redis.ca_pem.encode()}
     result = await checks.check_integration(
-        redis_spec(("127.0.0.1", tls_redis.port), tls=True, username="agent"),
+        redis_spec(("127.0.0.1", tls_redis.port), tls=True, username=tls_redis.agent),
         secret,
         secret_found=True,
         policy=TESTBED,
@@ -235,10 +216,34 @@ async def test_tls_with_the_right_ca_and_an_acl_user_is_checked(tls_redis: TlsRe
     assert result.server_version is not None
 
 
+async def test_hole10_check_says_how_the_redis_connection_travels(
+    testbed_env: dict[str, str], tls_redis: TlsRedis
+) -> None:
+    """Issue 10, hole 10: the check reports whether the connection is encrypted (the
+    operator writes it into the Integration's Encrypted condition). Before the fix:
+    ``AttributeError: 'CheckResult' object has no attribute 'transport'``."""
+    encrypted = await checks.check_integration(
+        redis_spec(("127.0.0.1", tls_redis.port), tls=True, username=tls_redis.agent),
+        {"password": tls_redis.password.encode(), "ca.crt": tls_redis.ca_pem.encode()},
+        secret_found=True,
+        policy=TESTBED,
+    )
+    plaintext = await checks.check_integration(
+        redis_spec(plain(testbed_env)),
+        {"password": testbed_env["BMAD_REDIS_PASSWORD"].encode()},
+        secret_found=True,
+        policy=TESTBED,
+    )
+    assert encrypted.ok, encrypted.message
+    assert encrypted.transport == base.Transport.TLS_VERIFIED
+    assert plaintext.ok, plaintext.message
+    assert plaintext.transport == base.Transport.PLAINTEXT
+
+
 async def test_tls_with_a_foreign_ca_is_a_tls_error(tls_redis: TlsRedis) -> None:
     secret = {"password": tls_redis.password.encode(), "ca.crt": tls_redis.other_ca_pem.encode()}
     result = await checks.check_integration(
-        redis_spec(("127.0.0.1", tls_redis.port), tls=True, username="agent"),
+        redis_spec(("127.0.0.1", tls_redis.port), tls=True, username=tls_redis.agent),
         secret,
         secret_found=True,
         policy=TESTBED,
@@ -251,7 +256,7 @@ async def test_tls_without_a_ca_does_not_trust_a_private_certificate(
     tls_redis: TlsRedis,
 ) -> None:
     result = await checks.check_integration(
-        redis_spec(("127.0.0.1", tls_redis.port), tls=True, username="agent"),
+        redis_spec(("127.0.0.1", tls_redis.port), tls=True, username=tls_redis.agent),
         {"password": tls_redis.password.encode()},
         secret_found=True,
         policy=TESTBED,
@@ -262,7 +267,7 @@ async def test_tls_without_a_ca_does_not_trust_a_private_certificate(
 async def test_an_acl_user_without_info_is_told_what_to_allow(tls_redis: TlsRedis) -> None:
     secret = {"password": tls_redis.password.encode(), "ca.crt": tls_redis.ca_pem.encode()}
     result = await checks.check_integration(
-        redis_spec(("127.0.0.1", tls_redis.port), tls=True, username="pinger"),
+        redis_spec(("127.0.0.1", tls_redis.port), tls=True, username=tls_redis.pinger),
         secret,
         secret_found=True,
         policy=TESTBED,

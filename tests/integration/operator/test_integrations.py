@@ -12,6 +12,7 @@ import json
 import secrets as pysecrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -361,3 +362,50 @@ def test_an_agent_cannot_bind_an_integration_of_another_namespace(
         assert "spec.integrations" in proc.stderr
     finally:
         kubectl.run("delete", "namespace", other, "--wait=false", check=False)
+
+
+def test_hole10_integration_status_says_whether_the_datastore_connection_is_encrypted(
+    kubectl: Kubectl,
+    namespace: str,
+    operator: OperatorProcess,
+    testbed_env: dict[str, str],
+) -> None:
+    """Issue 10, hole 10: an Integration's status says how the operator's check reached
+    the datastore. The test bed's TLS PostgreSQL with the CA in the Secret and
+    verify-full: Encrypted=True, TlsVerified; the plaintext PostgreSQL under sslMode
+    prefer and Redis without tls: Encrypted=False, PlaintextConnection. Before the fix
+    no Encrypted condition was written (the wait for it timed out)."""
+    k = kubectl.in_namespace(namespace)
+    env = testbed_env
+    ca = Path(env["BMAD_SERVICES_CA"]).read_text()
+    pg_case, redis_case = CASES["postgres"], CASES["redis"]
+    k.apply(_secret("pg-tls", {**pg_case.good(env), "ca.crt": ca}))
+    k.apply(_secret("pg", pg_case.good(env)))
+    k.apply(_secret("cache", redis_case.good(env)))
+    tls_block = {
+        **pg_case.block(env),
+        "port": int(env["BMAD_POSTGRES_TLS_PORT"]),
+        "sslMode": "verify-full",
+    }
+    k.apply(_integration("db-tls", pg_case, tls_block, "pg-tls"))
+    k.apply(_integration("db-plain", pg_case, {**pg_case.block(env), "sslMode": "prefer"}, "pg"))
+    k.apply(_integration("cache-plain", redis_case, redis_case.block(env), "cache"))
+
+    def encrypted(name: str) -> dict[str, Any]:
+        found: dict[str, Any] = eventually(
+            lambda: condition(k.json("get", "integration", name), "Encrypted"),
+            timeout=60,
+            what=f"integration {name} has an Encrypted condition",
+        )
+        return found
+
+    assert condition(_ready(k, "db-tls", "True", "Checked"), "Ready")
+    tls = encrypted("db-tls")
+    assert (tls["status"], tls["reason"]) == ("True", "TlsVerified"), tls
+    for name in ("db-plain", "cache-plain"):
+        plain = encrypted(name)
+        assert (plain["status"], plain["reason"]) == ("False", "PlaintextConnection"), plain
+        assert condition(k.json("get", "integration", name), "Ready")["status"] == "True"
+    assert env["BMAD_POSTGRES_PASSWORD"] not in json.dumps(
+        [k.json("get", "integration", n)["status"] for n in ("db-tls", "db-plain")]
+    )

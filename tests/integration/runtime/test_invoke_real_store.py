@@ -118,6 +118,8 @@ async def test_two_replicas_share_a_conversation_and_account_for_it(
         "models": [{"provider": "echo", "model": "echo-1", "reachable": True}],
         "memoryStore": "durable",
         "authMode": "none",
+        # The test bed's plaintext servers, as the URLs say (no binding, no TLS).
+        "datastores": {"postgres": "plaintext", "redis": "plaintext"},
         "message": None,
     }
     assert continued.status_code == 200, continued.text

@@ -47,7 +47,10 @@ def test_up_then_down_leaves_no_process(tmp_path: Path, clean_env: dict[str, str
     assert printed["KUBECONFIG"].strip("'") == str(run_dir / "kubeconfig")
     for key in (
         "BMAD_POSTGRES_URL",
+        "BMAD_POSTGRES_TLS_URL",
         "BMAD_REDIS_URL",
+        "BMAD_REDIS_TLS_URL",
+        "BMAD_SERVICES_CA",
         "BMAD_PROMETHEUS_URL",
         "BMAD_PUSHGATEWAY_URL",
         "BMAD_S3_ENDPOINT",
@@ -66,6 +69,7 @@ def test_up_then_down_leaves_no_process(tmp_path: Path, clean_env: dict[str, str
         "kube-scheduler",
         "kwok",
         "postgres",
+        "postgres-tls",
         "redis",
         "prometheus",
         "pushgateway",

@@ -57,6 +57,34 @@ async def test_redis_command_round_trip(redis_url: str) -> None:
         await client.aclose()
 
 
+async def test_postgres_and_redis_serve_tls_with_the_services_ca(
+    testbed_env: dict[str, str],
+) -> None:
+    """The TLS servers: PostgreSQL's URL verifies the certificate (verify-full with the
+    CA) and the session is encrypted; Redis's TLS port answers with the CA and the host
+    name checked; the plaintext PostgreSQL offers no TLS."""
+    conn = await asyncpg.connect(testbed_env["BMAD_POSTGRES_TLS_URL"])
+    try:
+        encrypted = await conn.fetchval("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+    finally:
+        await conn.close()
+    assert encrypted is True
+    plain = await asyncpg.connect(testbed_env["BMAD_POSTGRES_URL"])
+    try:
+        assert await plain.fetchval("SHOW ssl") == "off"
+    finally:
+        await plain.close()
+    client = aioredis.from_url(
+        testbed_env["BMAD_REDIS_TLS_URL"],
+        ssl_ca_certs=testbed_env["BMAD_SERVICES_CA"],
+        ssl_check_hostname=True,
+    )
+    try:
+        assert await client.ping()
+    finally:
+        await client.aclose()
+
+
 def test_promql_returns_a_sample_pushed_to_the_pushgateway(prometheus: dict[str, str]) -> None:
     job = f"bmad_test_{secrets.token_hex(4)}"
     registry = CollectorRegistry()

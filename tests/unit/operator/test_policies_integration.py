@@ -63,6 +63,39 @@ def test_ready_from_a_check_result() -> None:
     assert bad == Cond("Ready", FALSE, "TLSError", "certificate expired")
 
 
+def test_encrypted_from_how_the_check_connected() -> None:
+    """Issue 10, hole 10: a datastore reached in plaintext is said in status."""
+    pg = integration_api.IntegrationSpec.model_validate(
+        {
+            "type": "postgres",
+            "secretRef": {"name": "pg"},
+            "postgres": {"host": "db", "database": "app"},
+        }
+    )
+
+    def result(transport: ibase.Transport | None, *, ok: bool = True) -> ibase.CheckResult:
+        reason = ibase.Reason.CHECKED if ok else ibase.Reason.TLS_ERROR
+        return ibase.CheckResult(ok, reason, "", 3, transport=transport)
+
+    verified = policy.encrypted_condition(result(ibase.Transport.TLS_VERIFIED), pg)
+    assert verified is not None
+    assert (verified.type, verified.status, verified.reason) == ("Encrypted", TRUE, "TlsVerified")
+    unverified = policy.encrypted_condition(result(ibase.Transport.TLS_UNVERIFIED), pg)
+    assert unverified is not None
+    assert (unverified.status, unverified.reason) == (TRUE, "TlsNotVerified")
+    assert "ca.crt" in unverified.message
+    plain = policy.encrypted_condition(result(ibase.Transport.PLAINTEXT), pg)
+    assert plain is not None
+    assert (plain.status, plain.reason) == (FALSE, "PlaintextConnection")
+    assert "sslMode" in plain.message
+    redis_plain = policy.encrypted_condition(result(ibase.Transport.PLAINTEXT), SPEC)
+    assert redis_plain is not None
+    assert "spec.redis.tls" in redis_plain.message
+    # Not a datastore, or a failed check: no claim either way.
+    assert policy.encrypted_condition(result(None), SPEC) is None
+    assert policy.encrypted_condition(result(ibase.Transport.PLAINTEXT, ok=False), pg) is None
+
+
 @pytest.mark.parametrize(
     ("before", "now", "event"),
     [

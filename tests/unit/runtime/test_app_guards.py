@@ -316,6 +316,7 @@ async def test_readiness_follows_the_store_and_reports_the_models() -> None:
         "models": [{"provider": "scripted", "model": "scripted-1", "reachable": True}],
         "memoryStore": "durable",
         "authMode": "none",
+        "datastores": {},
         "message": None,
     }
     assert no_store.status_code == 503

@@ -178,15 +178,48 @@ def pg_settings(ssl_mode: str, ca_cert: str | None) -> bindings.PostgresSettings
     )
 
 
-def test_a_binding_ca_becomes_a_tls_context_for_verifying_modes() -> None:
+def test_a_binding_sslmode_and_ca_decide_the_transport() -> None:
+    """Issue 10, hole 10: the CA is honoured in every mode that uses TLS, require
+    verifies with a CA (libpq's verify-ca), and only allow/prefer may go plaintext."""
     ca = self_signed_ca()
-    assert store.postgres_ssl_context(pg_settings("verify-full", None)) is None
-    assert store.postgres_ssl_context(pg_settings("prefer", ca)) is None
-    full = store.postgres_ssl_context(pg_settings("verify-full", ca))
-    assert full is not None
-    assert full.check_hostname
-    assert full.verify_mode == ssl.CERT_REQUIRED
-    chain_only = store.postgres_ssl_context(pg_settings("verify-ca", ca))
-    assert chain_only is not None
-    assert not chain_only.check_hostname
-    assert chain_only.verify_mode == ssl.CERT_REQUIRED
+    assert store.postgres_transport(pg_settings("disable", ca)).ssl is False
+    for mode in ("allow", "prefer"):
+        advisory = store.postgres_transport(pg_settings(mode, None))
+        assert (advisory.ssl, advisory.plaintext_fallback, advisory.verified) == (mode, True, False)
+    prefer = store.postgres_transport(pg_settings("prefer", ca))
+    assert isinstance(prefer.ssl, ssl.SSLContext)
+    assert prefer.ssl.verify_mode == ssl.CERT_REQUIRED
+    assert (prefer.plaintext_fallback, prefer.verified) == (True, True)
+    bare = store.postgres_transport(pg_settings("require", None))
+    assert isinstance(bare.ssl, ssl.SSLContext)
+    assert bare.ssl.verify_mode == ssl.CERT_NONE
+    assert (bare.plaintext_fallback, bare.verified) == (False, False)
+    for mode in ("require", "verify-ca"):
+        chain_only = store.postgres_transport(pg_settings(mode, ca))
+        assert isinstance(chain_only.ssl, ssl.SSLContext)
+        assert chain_only.ssl.verify_mode == ssl.CERT_REQUIRED
+        assert not chain_only.ssl.check_hostname
+        assert (chain_only.plaintext_fallback, chain_only.verified) == (False, True)
+    for given in (ca, None):  # without a CA: the system's trust store
+        full = store.postgres_transport(pg_settings("verify-full", given))
+        assert isinstance(full.ssl, ssl.SSLContext)
+        assert full.ssl.check_hostname
+        assert full.ssl.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_redis_tls_options_carry_the_binding_ca_and_check_the_host_name() -> None:
+    ca = self_signed_ca()
+
+    def redis(tls: bool, ca_cert: str | None) -> bindings.RedisSettings:
+        return bindings.RedisSettings(
+            url="rediss://h:1/0", host="h", port=1, tls=tls, ca_cert=ca_cert
+        )
+
+    assert store.redis_tls_options(None) == {}
+    assert store.redis_tls_options(redis(False, ca)) == {}
+    assert store.redis_tls_options(redis(True, ca)) == {
+        "ssl_cert_reqs": "required",
+        "ssl_check_hostname": True,
+        "ssl_ca_data": ca,
+    }
+    assert "ssl_ca_data" not in store.redis_tls_options(redis(True, None))

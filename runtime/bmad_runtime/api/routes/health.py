@@ -25,6 +25,7 @@ import pydantic
 import pydantic.alias_generators
 
 from bmad_crds.v1alpha1 import agent as agent_api
+from bmad_integrations import base as integrations_base
 from bmad_runtime.api import deps
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,14 @@ class Readiness(pydantic.BaseModel):
     auth_mode: agent_api.AuthMode = pydantic.Field(
         description="spec.auth.mode: jwt (Bearer JWTs of the auth0 Integration) or none "
         "(no authentication: every caller may do everything)."
+    )
+    datastores: dict[str, integrations_base.Transport] = pydantic.Field(
+        default_factory=dict,
+        description="How the connection to each datastore of the durable store "
+        "(postgres, redis) travels: tls-verified (encrypted, the certificate checked), "
+        "tls-unverified (encrypted, the certificate not checked: sslMode require "
+        "without a CA, or allow/prefer without a CA) or plaintext (not encrypted). "
+        "Empty when no durable store is connected.",
     )
     message: str | None = pydantic.Field(
         default=None,
@@ -141,6 +150,7 @@ async def readyz(state: deps.State, response: fastapi.Response) -> Readiness:
         ],
         memory_store=state.settings.memory_store,
         auth_mode="none" if state.authenticator is None else "jwt",
+        datastores=state.datastores,
         message="; ".join(problems + notes) or None,
     )
 
