@@ -109,6 +109,7 @@ def setup(kubectl: Kubectl, namespace: str, env: dict[str, str]) -> None:
                     "role": "dev",
                     "model": {"provider": "echo", "name": "echo-1"},
                     "memory": {"store": "inProcess"},
+                    "auth": {"mode": "none"},  # no auth0 Integration on the test bed
                     "integrations": ["bus", "artifacts"],
                 },
             }

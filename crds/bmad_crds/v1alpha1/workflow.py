@@ -326,88 +326,18 @@ class Notify(common.SpecModel):
         return phases
 
 
-def _created(steps: list[Step]) -> set[str]:
-    return {step.creates for step in steps if step.creates is not None}
-
-
-def _creates_once(steps: list[Step]) -> bool:
-    created = [step.creates for step in steps if step.creates is not None]
-    return len(created) == len(set(created))
-
-
 class WorkflowSpec(common.SpecModel):
     """Desired state of a Workflow."""
 
+    # The rules that relate steps to each other (one creator per artifact; every
+    # requires, updates, repeat.over and dependsOn names something a step provides; no
+    # cycle) are not CEL rules: the API server evaluates a CRD's rules on every write of
+    # the object, status writes included, and these compare every step with every
+    # other, which made each status write of a 50-step Workflow take seconds
+    # (docs/benchmarks.md, bench/workflow). The operator checks them on every pass
+    # (`bmad_operator.workflows.dag.build`) and reports a broken graph as Valid=False
+    # naming the step and the field; nothing is dispatched until it is fixed.
     __cel_rules__ = (
-        common.Rule(
-            rule=(
-                "self.steps.all(s, !has(s.creates) || "
-                "self.steps.exists_one(t, has(t.creates) && t.creates == s.creates))"
-            ),
-            message=(
-                "spec.steps[].creates names an artifact another step creates too: give each "
-                "artifact one creating step, and let later steps use updates"
-            ),
-            check=lambda spec: _creates_once(spec.steps),
-            field_path=".steps",
-        ),
-        common.Rule(
-            rule=(
-                "self.steps.all(s, !has(s.requires) || s.requires.all(r, "
-                "self.steps.exists(t, has(t.creates) && t.creates == r)))"
-            ),
-            message=(
-                "spec.steps[].requires names an artifact that no step creates: add a step "
-                "that creates it, or remove it from requires"
-            ),
-            check=lambda spec: all(
-                set(step.requires or ()) <= _created(spec.steps) for step in spec.steps
-            ),
-            field_path=".steps",
-        ),
-        common.Rule(
-            rule=(
-                "self.steps.all(s, !has(s.updates) || "
-                "self.steps.exists(t, has(t.creates) && t.creates == s.updates))"
-            ),
-            message=(
-                "spec.steps[].updates names an artifact that no step creates: add a step "
-                "that creates it, or use creates instead"
-            ),
-            check=lambda spec: all(
-                step.updates is None or step.updates in _created(spec.steps) for step in spec.steps
-            ),
-            field_path=".steps",
-        ),
-        common.Rule(
-            rule=(
-                "self.steps.all(s, !has(s.repeat) || "
-                "self.steps.exists(t, has(t.creates) && t.creates == s.repeat.over))"
-            ),
-            message=(
-                "spec.steps[].repeat.over names an artifact that no step creates: repeat over "
-                "an artifact an earlier step creates (it lists the items)"
-            ),
-            check=lambda spec: all(
-                step.repeat is None or step.repeat.over in _created(spec.steps)
-                for step in spec.steps
-            ),
-            field_path=".steps",
-        ),
-        common.Rule(
-            rule=(
-                "self.steps.all(s, !has(s.dependsOn) || "
-                "s.dependsOn.all(d, self.steps.exists(t, t.id == d)))"
-            ),
-            message=(
-                "spec.steps[].dependsOn names a step that is not in spec.steps: use the id "
-                "of another step"
-            ),
-            check=lambda spec: all(
-                set(step.depends_on or ()) <= {s.id for s in spec.steps} for step in spec.steps
-            ),
-            field_path=".steps",
-        ),
         common.Rule(
             rule="!has(self.approvals) || self.approvals.all(a, self.steps.exists(s, s.id == a))",
             message=(
@@ -423,7 +353,11 @@ class WorkflowSpec(common.SpecModel):
         max_length=MAX_STEPS,
         description=(
             "Steps of the workflow, in BMAD order; a step starts once its requirements exist "
-            "and the steps it depends on have finished."
+            "and the steps it depends on have finished. The operator checks that they form "
+            "a graph (one creating step per artifact; every requires, updates, repeat.over "
+            "and dependsOn names an artifact a step creates or a step; no cycle) and "
+            "reports a problem as the condition Valid=False, naming the step and the field; "
+            "nothing runs until it is fixed."
         ),
         json_schema_extra={
             "x-kubernetes-list-type": "map",

@@ -102,6 +102,8 @@ class WorkflowReconciler:
             watching.mapped("Integration", self._in_namespace),
             # a binding Secret was published: the Redis URL of a task bus
             watching.mapped("Secret", self._binding_secret),
+            # its tenant label changed: the bus keys of its Agents follow (`bus_identity`)
+            watching.mapped("Namespace", self._in_namespace_named),
         ]
 
     def _running(self, namespace: str) -> list[tuple[Key, Mapping[str, Any]]]:
@@ -124,6 +126,9 @@ class WorkflowReconciler:
 
     def _in_namespace(self, event: watching.WatchEvent) -> list[watching.Request]:
         return [watching.Request(key) for key, _ in self._running(event.namespace)]
+
+    def _in_namespace_named(self, event: watching.WatchEvent) -> list[watching.Request]:
+        return [watching.Request(key) for key, _ in self._running(event.name)]
 
     def _binding_secret(self, event: watching.WatchEvent) -> list[watching.Request]:
         if not event.labels.get(meta.INTEGRATION_LABEL):

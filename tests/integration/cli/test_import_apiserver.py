@@ -9,6 +9,8 @@ import pytest
 import yaml
 
 from bmad_cli import importer
+from bmad_crds.v1alpha1 import workflow as workflow_api
+from bmad_operator.workflows import dag
 from bmad_testbed.kubectl import Kubectl
 
 pytestmark = pytest.mark.integration
@@ -57,15 +59,25 @@ def test_the_workflow_samples_build_with_kustomize_and_pass_the_api_server(
         assert proc.returncode == 0, f"{doc['metadata']['name']}: {proc.stderr}"
 
 
-def test_a_manifest_the_importer_would_refuse_is_refused_by_the_api_server_too(
+def test_a_requirement_no_step_creates_passes_the_schema_and_the_operator_names_the_step(
     kubectl: Kubectl, crds: list[str], namespace: str
 ) -> None:
-    """The importer's check of requirements matches the CRD's CEL rule."""
+    """How steps relate is checked by the operator, not by the CRD's schema (its CEL
+    rules made every status write slow): the API server stores a Workflow whose step
+    requires what no step creates, and the operator's graph check, which marks such a
+    Workflow Valid=False, names the step and the field, as the importer does."""
     result = importer.import_folder(FIXTURES, importer.Options())
     workflow = json.loads(json.dumps(result.workflows["greenfield-service"]))
-    workflow["spec"]["steps"][1]["requires"] = ["no-such-brief.md"]
+    second = workflow["spec"]["steps"][1]
+    second["requires"] = ["no-such-brief.md"]
     proc = kubectl.in_namespace(namespace).run(
         "apply", "--dry-run=server", "-f", "-", stdin=json.dumps(workflow), check=False
     )
-    assert proc.returncode != 0
-    assert "spec.steps[].requires names an artifact that no step creates" in proc.stderr
+    assert proc.returncode == 0, proc.stderr
+
+    with pytest.raises(dag.InvalidDagError) as refused:
+        dag.build(workflow_api.Workflow.model_validate(workflow).spec.steps)
+    [error] = refused.value.errors
+    assert (error.step, error.field) == (second["id"], "spec.steps[1].requires")
+    assert error.reason == dag.REQUIREMENT_NOT_CREATED
+    assert "'no-such-brief.md', which no step creates" in error.message

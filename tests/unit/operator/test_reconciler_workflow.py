@@ -510,6 +510,50 @@ async def test_integrations_of_the_wrong_type_or_missing_are_named_by_field() ->
     assert h.bus.submitted == []
 
 
+@pytest.mark.parametrize(
+    ("steps", "reason", "message"),
+    [
+        (
+            [{"id": "prd", "agent": "pm", "creates": "prd.md", "requires": ["brief.md"]}],
+            "RequirementNotCreated",
+            "spec.steps[0].requires: step 'prd' requires 'brief.md', which no step creates",
+        ),
+        (
+            [
+                {"id": "brief", "agent": "analyst", "creates": "brief.md"},
+                {"id": "dev", "agent": "pm", "creates": "code", "repeat": {"over": "stories"}},
+            ],
+            "RepeatOverNothing",
+            "spec.steps[1].repeat.over: step 'dev' repeats over 'stories', which no step creates",
+        ),
+        (
+            [
+                {"id": "brief", "agent": "analyst", "creates": "brief.md"},
+                {"id": "again", "agent": "pm", "creates": "brief.md"},
+            ],
+            "DuplicateCreator",
+            "spec.steps[1].creates: step 'again' creates 'brief.md', which step 'brief' creates",
+        ),
+    ],
+)
+async def test_a_graph_the_steps_do_not_form_is_named_by_step_and_field(
+    steps: list[Obj], reason: str, message: str
+) -> None:
+    """The API server no longer checks how steps relate (docs/workflows.md): the
+    operator does, and names the step as well as the field."""
+    h = Harness({**CHAIN, "steps": steps})
+
+    await h.tick()
+
+    valid = h.condition("Valid")
+    assert (valid["status"], valid["reason"]) == ("False", reason)
+    assert valid["message"].startswith(message)
+    assert h.condition("Ready")["reason"] == reason
+    assert "InvalidWorkflow" in h.reasons()
+    assert h.bus.submitted == []
+    assert {s["phase"] for s in h.status()["steps"]} == {"Pending"}
+
+
 async def test_a_stored_spec_the_model_refuses_is_an_invalid_spec_condition() -> None:
     h = Harness({"steps": [{"id": "Not_A_Label", "agent": "analyst"}]})
 

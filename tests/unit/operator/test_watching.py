@@ -145,9 +145,18 @@ CASES: dict[str, tuple[Obj, list[Sent]]] = {
             Sent("Tenant", ("", "acme")),
         ],
     ),
-    "namespace labelled for a tenant: its agents (their tenant) and the tenant": (
+    "namespace labelled for a tenant: its agents and running workflows (their tenant's "
+    "bus keys), and the tenant": (
         event("MODIFIED", obj("Namespace", "team-a", labels={"bmad.dev/tenant": "acme"})),
-        [Sent("Agent", ("team-a", "mary")), Sent("Tenant", ("", "acme"))],
+        [
+            Sent("Agent", ("team-a", "mary")),
+            Sent("Tenant", ("", "acme")),
+            Sent("Workflow", ("team-a", "todo")),
+        ],
+    ),
+    "namespace relabelled with a finished workflow only: no workflow pass": (
+        event("MODIFIED", obj("Namespace", "team-b", labels={"bmad.dev/tenant": "other"})),
+        [Sent("Agent", ("team-b", "john")), Sent("Tenant", ("", "other"))],
     ),
     "namespace of nobody: its agents (their tenant is the namespace)": (
         event("MODIFIED", obj("Namespace", "team-c")),
