@@ -5,10 +5,12 @@
 #   docker build -t bmad-operator:0.1.0 .
 #
 # BASE_IMAGE is any Debian-like image with Python 3.11 as `python`, a venv module and
-# useradd. Without a registry, `bmad testbed image` builds one from Debian packages
-# (mmdebstrap) and builds this file with buildah against it, offline: it passes
-# PIP_NO_INDEX=1 and PIP_FIND_LINKS=<a wheelhouse mounted into the build>.
-ARG BASE_IMAGE=python:3.11-slim
+# useradd. The default is pinned by digest (a multi-arch index of python:3.11-slim), so
+# a rebuild gets the same base until someone changes this line on purpose. Without a
+# registry, `bmad testbed image` builds a base from Debian packages (mmdebstrap) and
+# builds this file with buildah against it, offline: it passes PIP_NO_INDEX=1 and
+# PIP_FIND_LINKS=<a wheelhouse mounted into the build>.
+ARG BASE_IMAGE=python:3.11-slim@sha256:9c900dea9e8fb7e16277c179b555cc72d29a352dbc33cff48ad5a0412fd5bfc7
 
 # --- builder: install the project and its dependencies into a venv ------------------
 FROM ${BASE_IMAGE} AS builder
@@ -25,6 +27,12 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /src
+# The dependencies first, exactly as locked: every version pinned and every file checked
+# against its sha256 (requirements/image.lock, made by pip-compile --generate-hashes;
+# see docs/development.md). A file that does not match fails the build.
+COPY requirements/image.lock requirements/image.lock
+RUN pip install --require-hashes --no-deps -r requirements/image.lock
+
 # Everything pyproject.toml builds into the wheel (the component folders, the
 # generated CRDs and the test bed scripts), nothing else.
 COPY pyproject.toml README.md ./
@@ -34,11 +42,12 @@ COPY operator/ operator/
 COPY runtime/ runtime/
 COPY testbed/ testbed/
 COPY cli/ cli/
-# DL3013 (pin versions): the only unpinned name is this tree's own wheel, built just
-# above; its dependencies are resolved by pip wheel from pyproject.toml.
+# Only this tree's own wheel now (--no-deps): its dependencies are installed above.
+# DL3013 (pin versions): the only unpinned name is that wheel, built just above.
 # hadolint ignore=DL3013
-RUN pip wheel --wheel-dir /wheels . \
-    && pip install --no-index --find-links /wheels bmad-operator \
+RUN pip wheel --no-deps --wheel-dir /wheels . \
+    && pip install --no-deps --no-index --find-links /wheels bmad-operator \
+    && pip check \
     && rm -rf /wheels
 
 # --- final: the venv on a clean base, run as an unprivileged user --------------------

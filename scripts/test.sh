@@ -27,5 +27,11 @@ export PATH="$BMAD_TESTBED_DIR/bin:$PATH"
 
 rc=0
 .venv/bin/pytest -m "unit or integration or e2e" "$@" || rc=$?
+if [ $# -eq 0 ]; then
+  # After the whole suite, on the same test bed: the operator's RBAC against every call
+  # it made (the audit log), so a rule nothing used or a call no rule allows fails.
+  echo "[test] the operator's RBAC against the audit log of this run" >&2
+  .venv/bin/pytest -m rbac_audit tests/rbac || rc=$?
+fi
 echo "[test] finished in $(( $(date +%s) - started ))s" >&2
 exit $rc

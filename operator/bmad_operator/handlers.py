@@ -24,6 +24,7 @@ from bmad_operator.policies import budget as policy_budget
 from bmad_operator.workflows import approvals
 
 MANAGED = meta.managed_labels()
+MANAGED_SELECTOR = ",".join(f"{k}={v}" for k, v in sorted(MANAGED.items()))
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,12 @@ def configure(kopf_settings: kopf.OperatorSettings) -> None:
     kopf_settings.watching.connect_timeout = 30
     kopf_settings.networking.request_timeout = 60
     kopf_settings.batching.batch_window = 0.05
+    # Owned kinds are selected by the API server, not filtered here: otherwise every
+    # Deployment, Service, ConfigMap and Secret of the cluster would be listed and
+    # streamed to the operator only to be dropped (memory, CPU, and for Secrets, data).
+    for group, version, plural, ours in WATCHED:
+        if ours:
+            kopf_settings.watching.label_selectors[group, version, plural] = MANAGED_SELECTOR
 
 
 @kopf.on.startup()
@@ -174,15 +181,16 @@ async def feed(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         ctl.on_event(event)
 
 
-# What the operator watches: (group, version, plural, only objects it manages). Users'
-# Secrets are watched too: a changed credentials Secret re-checks its Integrations at once.
+# What the operator watches: (group, version, plural, only objects it manages). Of the
+# Secrets, only its own (the binding Secrets it publishes, its webhook certificate):
+# an Integration reads its user's credentials Secret by name on each pass instead.
 WATCHED: tuple[tuple[str, str, str, bool], ...] = (
     ("bmad.dev", "v1alpha1", "agents", False),
     ("bmad.dev", "v1alpha1", "tenants", False),
     ("bmad.dev", "v1alpha1", "integrations", False),
     ("bmad.dev", "v1alpha1", "workflows", False),
     ("", "v1", "namespaces", False),
-    ("", "v1", "secrets", False),
+    ("", "v1", "secrets", True),
     ("apps", "v1", "deployments", True),
     ("", "v1", "services", True),
     ("", "v1", "configmaps", True),
@@ -201,14 +209,6 @@ for _group, _version, _plural, _ours in WATCHED:
     kopf.on.event(
         _group, _version, _plural, id=f"feed-{_plural}", labels=MANAGED if _ours else None
     )(feed)
-
-
-@kopf.index("", "v1", "secrets")
-async def secret_versions(
-    name: str, namespace: str | None, meta: kopf.Meta, **_: Any
-) -> dict[tuple[str | None, str], str | None]:
-    """Every Secret's resourceVersion (never its data), kept current by the watch."""
-    return {(namespace, name): meta.get("resourceVersion")}
 
 
 @kopf.on.validate(

@@ -265,20 +265,26 @@ def context_files(repo: Path) -> list[Path]:
     return sorted(p for p in found if p.exists())
 
 
-def _requirements(repo: Path) -> list[str]:
+LOCK_FILE = Path("requirements") / "image.lock"
+
+
+def _build_requirements(repo: Path) -> list[str]:
     data = tomllib.loads((repo / "pyproject.toml").read_text())
-    return [*data["project"]["dependencies"], *data["build-system"]["requires"]]
+    return list(data["build-system"]["requires"])
 
 
 def ensure_wheelhouse(repo: Path) -> Path:
-    """Wheels of every dependency (not the project), resolved by Debian's Python 3.11."""
-    reqs = _requirements(repo)
+    """What the image's pip installs offline: the locked dependencies, the very files
+    the lock's hashes name (downloaded, never rebuilt, so the hashes match), and the
+    wheels that build the project's own wheel (hatchling), for Debian's Python 3.11."""
+    lock = (repo / LOCK_FILE).read_text()
+    build_reqs = _build_requirements(repo)
     if not DEBIAN_PYTHON.exists():
         raise ImageError(
             f"{DEBIAN_PYTHON} is missing: install the Debian packages python3 python3-venv"
         )
     version = _run([str(DEBIAN_PYTHON), "--version"], what="python3 --version").strip()
-    key = _key(version, *reqs)
+    key = _key(version, lock, *build_reqs)
     out = build.cache_dir() / "wheels" / key
     if (out / ".complete").exists():
         return out
@@ -287,11 +293,27 @@ def ensure_wheelhouse(repo: Path) -> Path:
     if not (venv / "bin" / "pip").exists():
         _run([str(DEBIAN_PYTHON), "-m", "venv", str(venv)], what="making a venv of Debian's Python")
     shutil.rmtree(out, ignore_errors=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip"]
     _run(
-        [str(venv / "bin" / "python"), "-m", "pip", "wheel", "-q", "--wheel-dir", str(out), *reqs],
-        what="pip wheel",
+        [
+            *pip,
+            "download",
+            "-q",
+            "--no-deps",
+            "--require-hashes",
+            "--only-binary=:all:",
+            "--dest",
+            str(out),
+            "-r",
+            str(repo / LOCK_FILE),
+        ],
+        what="pip download (the locked dependencies)",
     )
-    (out / ".complete").write_text("\n".join(reqs) + "\n")
+    _run(
+        [*pip, "wheel", "-q", "--wheel-dir", str(out), *build_reqs],
+        what="pip wheel (the build backend)",
+    )
+    (out / ".complete").write_text("\n".join([str(LOCK_FILE), *build_reqs]) + "\n")
     return out
 
 

@@ -57,6 +57,9 @@ MAX_INTEGRATIONS = 32
 MAX_FALLBACKS = 8
 MAX_METRICS = 8
 MAX_SCALING_POLICIES = 8
+# The most pods one Agent may ask for (spec.replicas, the autoscaler's bounds): a typo
+# such as 100000 is refused by the API server instead of flooding the scheduler.
+MAX_REPLICAS = 500
 
 # Autoscaling defaults that depend on other fields, so the schema cannot hold them.
 DEFAULT_SCALE_UP_WINDOW_SECONDS = 0
@@ -447,13 +450,17 @@ class Autoscaling(common.SpecModel):
     min_replicas: int = pydantic.Field(
         default=1,
         ge=0,
+        le=MAX_REPLICAS,
         description=(
             "Fewest replicas. 0 lets the agent scale to zero after idleSeconds without "
             "work, and back to at least one when a task waits on its stream."
         ),
     )
     max_replicas: int | None = pydantic.Field(
-        default=None, ge=1, description="Most replicas. Required when enabled."
+        default=None,
+        ge=1,
+        le=MAX_REPLICAS,
+        description=f"Most replicas (at most {MAX_REPLICAS}). Required when enabled.",
     )
     metrics: list[AutoscalingMetric] | None = pydantic.Field(
         default=None,
@@ -780,8 +787,10 @@ class AgentSpec(common.SpecModel):
     replicas: int = pydantic.Field(
         default=1,
         ge=0,
+        le=MAX_REPLICAS,
         description=(
-            "Number of agent pods. Written by the autoscaler when spec.autoscaling.enabled; "
+            f"Number of agent pods, at most {MAX_REPLICAS} (also through kubectl scale). "
+            "Written by the autoscaler when spec.autoscaling.enabled; "
             "also settable with kubectl scale."
         ),
     )

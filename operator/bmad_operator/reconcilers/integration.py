@@ -1,10 +1,15 @@
 """The Integration reconciler: check the service with its real client, publish a binding.
 
 A check runs when the Integration is new or its spec changed, when its credentials
-Secret changed (seen through the Secret watch, not by polling), and on a timer:
-`checkIntervalSeconds` with jitter while healthy, a shorter, growing backoff while
-failing. Our own status writes come back as watch events; they do not trigger
-checks, because nothing the check depends on has changed.
+Secret changed, and on a timer: `checkIntervalSeconds` with jitter while healthy, a
+shorter, growing backoff while failing. Our own status writes come back as watch
+events; they do not trigger checks, because nothing the check depends on has changed.
+
+Users' Secrets are not watched (the operator watches only the Secrets it manages,
+selected by label on the API server): each pass reads the credentials Secret by name,
+and a new resourceVersion means a check. Passes come at least with the resync
+(`BMAD_OPERATOR_RESYNC_SECONDS`, 60 s by default), so a rotated key is noticed within
+that period.
 
 On success the binding Secret `<name>-binding` (servicebinding.io layout, owned by
 the Integration) is applied; on failure the last good binding stays, so agents keep
@@ -65,16 +70,6 @@ class IntegrationReconciler:
         return [
             # deleted: its check memory goes in one last pass
             watching.primary(KIND, on_delete=watching.FORGET_AND_QUEUE),
-            # its credentials Secret changed: check again at once, no polling
-            watching.mapped("Secret", self._referencing),
-        ]
-
-    def _referencing(self, event: watching.WatchEvent) -> list[watching.Request]:
-        return [
-            watching.Request(key)
-            for key, body in self.cache.items(KIND)
-            if key[0] == event.namespace
-            and ((body.get("spec") or {}).get("secretRef") or {}).get("name") == event.name
         ]
 
     async def _reconcile(self, namespace: str, name: str) -> None:
@@ -96,10 +91,9 @@ class IntegrationReconciler:
             return
 
         secret_name = spec.secret_ref.name if spec.secret_ref else None
-        secret_meta = self.cache.get("Secret", namespace, secret_name) if secret_name else None
-        secret_version = (
-            str(secret_meta["metadata"].get("resourceVersion")) if secret_meta else None
-        )
+        # Read by name on every pass (one GET): users' Secrets are not watched.
+        secret = await self.api.get("Secret", namespace, secret_name) if secret_name else None
+        secret_version = str(secret["metadata"].get("resourceVersion")) if secret else None
         memory = self._memory.get(key)
         now = time.monotonic()
         if memory is not None and not policy.check_due(
@@ -108,16 +102,10 @@ class IntegrationReconciler:
             self._schedule(key, memory.due - now)
             return  # nothing changed and not due: this was our own status write
 
+        secret_found = secret_name is None or secret is not None
         secret_data: dict[str, bytes] | None = None
-        secret_found = secret_name is None
-        if secret_name:
-            secret = await self.api.get("Secret", namespace, secret_name)
-            if secret is not None:
-                secret_found = True
-                secret_version = str(secret["metadata"].get("resourceVersion"))
-                secret_data = {
-                    k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()
-                }
+        if secret is not None:
+            secret_data = {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
         result = await checks.check_integration(
             spec,
             secret_data,

@@ -14,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from bmad_testbed import procs
+from bmad_testbed import audit, procs
 from bmad_testbed.kubectl import Kubectl, eventually
 from bmad_testbed.operator_proc import OperatorProcess
 
@@ -289,7 +290,8 @@ def test_agent_mounts_three_bindings_and_rolls_when_credentials_rotate(
         case = CASES[case_name]
         k.apply(_secret(f"{name}-creds", case.good(env)))
         k.apply(_integration(name, case, case.block(env), f"{name}-creds"))
-    # An hour between timed checks: only the Secret watch can re-check it in this test.
+    # An hour between timed checks: only a new version of its Secret, read on a pass,
+    # can have it checked again in this test.
     for doc in _stripe("billing", env, "sk_test_first", interval=3600):
         k.apply(doc)
     k.apply(agent("pm", role="pm", integrations=["db", "cache", "billing"]))
@@ -311,9 +313,10 @@ def test_agent_mounts_three_bindings_and_rolls_when_credentials_rotate(
     before_pods = {p["metadata"]["name"] for p in k.json("get", "pods")["items"]}
     binding_before = k.json("get", "secret", "billing-binding")["metadata"]["resourceVersion"]
 
-    # Rotate the billing key: the Secret watch has the Integration re-checked at once
-    # (its timer is an hour away; the binding Secret is only rewritten after a
-    # successful check) and the agent rolls.
+    # Rotate the billing key: the Integration's next pass (the resync, 5 s here) reads
+    # the Secret by name, sees a new version and checks again at once (its timer is an
+    # hour away; the binding Secret is only rewritten after a successful check), and
+    # the agent rolls.
     k.apply(_secret("billing-creds", {"apiKey": "sk_test_second"}))
 
     def rolled() -> bool:
@@ -409,3 +412,46 @@ def test_hole10_integration_status_says_whether_the_datastore_connection_is_encr
     assert env["BMAD_POSTGRES_PASSWORD"] not in json.dumps(
         [k.json("get", "integration", n)["status"] for n in ("db-tls", "db-plain")]
     )
+
+
+def test_hole12_the_operator_lists_and_watches_only_the_secrets_it_manages(
+    kubectl: Kubectl, namespace: str, operator: OperatorProcess, testbed_env: dict[str, str]
+) -> None:
+    """Issue 10, hole 12: the operator listed and watched every Secret of the cluster
+    (memory, and every tenant's credentials streamed to it). Now the API server selects
+    only the Secrets it manages (binding Secrets, its webhook certificate); a user's
+    credentials Secret is read by name when an Integration's pass needs it.
+
+    Before the change this failed: the operator's Secret watch had no labelSelector
+    (`/api/v1/secrets?watch=true&allowWatchBookmarks=true&...`)."""
+    # An Integration whose credentials the operator must read: it is checked, so the
+    # operator made its Secret calls (and has been watching since it started).
+    for doc in _stripe("billing", testbed_env, "sk_test_watch"):
+        kubectl.in_namespace(namespace).apply(doc)
+    kubectl.in_namespace(namespace).run(
+        "wait", "--for=condition=Ready", "integration/billing", "--timeout=90s", timeout=100
+    )
+    log = testbed_env["BMAD_AUDIT_LOG"]
+    collections = [
+        ev
+        for ev in audit.entries(log)
+        if ev.get("user", {}).get("username") == testbed_env["BMAD_OPERATOR_USER"]
+        and ev.get("objectRef", {}).get("resource") == "secrets"
+        and ev.get("verb") in ("list", "watch")
+    ]
+    assert collections, "the operator neither listed nor watched Secrets: nothing to check"
+    for ev in collections:
+        query = parse_qs(urlsplit(ev["requestURI"]).query)
+        assert query.get("labelSelector") == ["app.kubernetes.io/managed-by=bmad-operator"], ev[
+            "requestURI"
+        ]
+    reads = [
+        ev
+        for ev in audit.entries(log)
+        if ev.get("user", {}).get("username") == testbed_env["BMAD_OPERATOR_USER"]
+        and ev.get("verb") == "get"
+        and ev.get("objectRef", {}).get("resource") == "secrets"
+        and ev.get("objectRef", {}).get("namespace") == namespace
+        and ev.get("objectRef", {}).get("name") == "billing-creds"
+    ]
+    assert reads, "the Integration's credentials Secret was not read by name"

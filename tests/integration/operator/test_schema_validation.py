@@ -60,3 +60,25 @@ def test_valid_object_is_accepted(
     k = kubectl if doc["kind"] == "Tenant" else kubectl.in_namespace(namespace)
     proc = k.run("apply", "--dry-run=server", "-f", "-", stdin=json.dumps(doc), check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_hole12_replicas_above_the_maximum_are_refused_through_the_scale_subresource(
+    kubectl: Kubectl, crds: list[str], namespace: str
+) -> None:
+    """Issue 10, hole 12: `kubectl scale agent --replicas=100000` was accepted (spec.replicas
+    had no maximum). The API server validates the object the scale write produces
+    against the schema, so the maximum holds there too, and the count stays."""
+    k = kubectl.in_namespace(namespace)
+    doc = {
+        "apiVersion": "bmad.dev/v1alpha1",
+        "kind": "Agent",
+        "metadata": {"name": "scaled"},
+        "spec": {"role": "dev", "model": {"provider": "echo", "name": "echo-1"}, "replicas": 0},
+    }
+    k.run("apply", "-f", "-", stdin=json.dumps(doc))
+    proc = k.run("scale", "agent", "scaled", "--replicas=100000", check=False)
+    assert proc.returncode != 0, "100000 replicas were accepted"
+    assert "spec.replicas" in proc.stderr, proc.stderr
+    assert k.json("get", "agent", "scaled")["spec"]["replicas"] == 0
+    # The maximum itself is accepted (dry run: no operator should start 500 pods here).
+    k.run("scale", "agent", "scaled", "--replicas=500", "--dry-run=server")

@@ -113,6 +113,16 @@ def test_tenant_creates_fenced_namespaces_and_follows_quota_and_policy(
         what="the tenant's fences restored",
     )
 
+    # Removing spec.quota removes the ResourceQuota the operator made for it.
+    kubectl.run(
+        "patch", "tenant", name, "--type=json", "-p", '[{"op":"remove","path":"/spec/quota"}]'
+    )
+    eventually(
+        lambda: not kubectl.in_namespace(ns_a).exists("resourcequota", "bmad-tenant-quota"),
+        timeout=30,
+        what="the ResourceQuota to go with spec.quota",
+    )
+
     # Retain: a namespace removed from the spec stays, released from the tenant.
     kubectl.run(
         "patch", "tenant", name, "--type=merge", "-p", json.dumps({"spec": {"namespaces": [ns_a]}})
@@ -209,6 +219,24 @@ def test_agent_budget_is_enforced_at_apply_time(
     assert k.json("get", "agent", "one")["spec"]["replicas"] == 1
     within = k.run("scale", "agent", "one", "--replicas=3", check=False)
     assert within.returncode == 0, within.stderr
+    # The agent budget's count/agents.bmad.dev quota goes with spec.limits.agents, and
+    # then a third Agent is admitted.
+    assert k.exists("resourcequota", "bmad-tenant-agents")
+    kubectl.run(
+        "patch", "tenant", name, "--type=json", "-p", '[{"op":"remove","path":"/spec/limits"}]'
+    )
+    eventually(
+        lambda: not k.exists("resourcequota", "bmad-tenant-agents"),
+        timeout=30,
+        what="the agent quota to go with spec.limits",
+    )
+    eventually(
+        lambda: (
+            k.run("apply", "-f", "-", stdin=json.dumps(agent("three")), check=False).returncode == 0
+        ),
+        timeout=30,
+        what="a third Agent to be admitted without limits",
+    )
 
 
 def test_suspended_tenant_scales_its_agents_to_zero(

@@ -107,7 +107,7 @@ class Harness:
         self.api.seed(obj, self.cache)
 
     def set_secret(self, data: Mapping[str, str]) -> None:
-        """Create or change the credentials Secret (the watch delivers it)."""
+        """Create or change the credentials Secret (the next pass reads it)."""
         self.seed(
             {
                 "apiVersion": "v1",
@@ -181,7 +181,8 @@ async def test_our_own_status_write_coming_back_checks_nothing(check: ScriptedCh
     first_delay = h.delay()
     await h.run()  # the watch event of our own status write
     assert len(check.calls) == 1
-    assert h.api.calls == []
+    # Only the credentials Secret is read (users' Secrets are polled, never watched).
+    assert h.api.calls == [("get", "Secret", "cache-creds")]
     # Still due when it was: rescheduled for the time left, not a fresh interval.
     assert 0 < h.delay() <= first_delay
 
