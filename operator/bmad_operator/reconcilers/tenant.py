@@ -32,6 +32,7 @@ from bmad_operator.builders import meta
 from bmad_operator.builders import tenant as builders
 from bmad_operator.conditions import Cond
 from bmad_operator.policies import tenant as policy
+from bmad_operator.policies import usage as usage_policy
 from bmad_operator.reconcilers import common
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,19 @@ class BillingSetupError(Exception):
 
 
 class TenantReconciler:
-    def __init__(self, *, api: kube.Kube, cache: store.Store, operator_namespace: str) -> None:
+    def __init__(
+        self,
+        *,
+        api: kube.Kube,
+        cache: store.Store,
+        operator_namespace: str,
+        usage: common.UsageSource | None = None,
+    ) -> None:
         self.api = api
         self.cache = cache
         self.operator_namespace = operator_namespace
+        # The usage ledger, when the operator meters usage (docs/billing.md).
+        self.usage = usage
 
     def watches(self) -> list[watching.Watch]:
         """The events that bring a Tenant back (kubebuilder's SetupWithManager)."""
@@ -144,19 +154,29 @@ class TenantReconciler:
             quota=quota_cond,
         )
         suspended = policy.suspended_condition(spec.suspended)
+        decided = [ready, quota_cond, billing_cond, suspended]
+        budget_cond = (
+            usage_policy.budget_condition(self.usage.budget_of(name))
+            if self.usage is not None
+            else None
+        )
+        if budget_cond is not None:
+            decided.append(budget_cond)
         new_status: dict[str, Any] = {
             "observedGeneration": generation,
             "namespaces": held,
             "usage": usage,
-            "conditions": conditions.merge(
-                previous, [ready, quota_cond, billing_cond, suspended], generation=generation
-            ),
+            "conditions": conditions.merge(previous, decided, generation=generation),
         }
         if billing_status:
             new_status["billing"] = billing_status
         await self._write_status(body, new_status)
         for event in policy.pass_events(previous, [ready, billing_cond], released):
             await common.post_event(self.api, body, event)
+        if budget_cond is not None:
+            budget_event = usage_policy.budget_event(previous, budget_cond)
+            if budget_event is not None:
+                await common.post_event(self.api, body, budget_event)
 
     def _quotas_not_counted(self, namespaces: list[str]) -> list[str]:
         """Our ResourceQuotas the quota controller has not counted yet (their status
@@ -238,7 +258,22 @@ class TenantReconciler:
 
     def _usage(self, tenant: str) -> dict[str, Any]:
         used = tenancy.agent_usage(self.cache, tenant)
-        return {"agents": used.agents, "replicas": used.replicas, "tokensThisPeriod": 0}
+        shown: dict[str, Any] = {
+            "agents": used.agents,
+            "replicas": used.replicas,
+            "tokensThisPeriod": 0,
+        }
+        ledger = self.usage.usage_of_tenant(tenant) if self.usage is not None else None
+        if ledger is not None:
+            shown.update(usage_policy.status_usage(ledger))
+            shown["tokensThisPeriod"] = ledger.this_period.tokens
+        elif self.usage is not None:
+            # Not read yet (a takeover): keep what the status shows of the ledger.
+            current = ((self.cache.get(KIND, None, tenant) or {}).get("status") or {}).get("usage")
+            for field in ("tokensThisPeriod", "periodStart", "thisPeriod", "lastPeriod"):
+                if current and field in current:
+                    shown[field] = current[field]
+        return shown
 
     # -- billing --------------------------------------------------------------------
     async def _stripe_account(self, spec: tenant_api.TenantSpec) -> billing.StripeAccount:
