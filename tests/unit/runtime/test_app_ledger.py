@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from bmad_runtime import app as app_mod
-from bmad_runtime import ports, settings, turns
+from bmad_runtime import config, ports, settings, telemetry, turns
 from bmad_runtime.memory import inprocess
 from bmad_runtime.providers import echo, router
 
@@ -115,3 +115,33 @@ def test_task_record_ids_are_the_same_on_every_delivery() -> None:
     assert first == turns.record_id(request_id="t-1", task_id="t-1") == "task:t-1:0"
     http_ids = {turns.record_id(request_id="r", task_id=None) for _ in range(50)}
     assert len(http_ids) == 50
+
+
+def _services(ledger: FakeLedger) -> turns.Services:
+    return turns.Services(
+        tenant="acme",
+        agent="dev",
+        config=config.echo_config(agent="dev"),
+        store=inprocess.InProcessStore(),
+        router=router.ModelRouter([echo.EchoProvider()]),
+        limiter=None,
+        metrics=telemetry.Metrics(),
+        ledger=ledger,
+    )
+
+
+async def test_a_task_is_recorded_under_its_task_id_and_refused_past_the_budget(
+    ledger: FakeLedger,
+) -> None:
+    services = _services(ledger)
+    answer = await turns.run_task(services, {"input": "hello"}, task_id="t-42")
+    await turns.run_task(services, {"input": "hello"}, task_id="t-42")  # a redelivery
+    assert [e.record_id for e in ledger.entries] == ["task:t-42:0", "task:t-42:0"]
+    assert ledger.entries[0].source == "task"
+    assert ledger.entries[0].tokens_out == answer["usage"]["tokensOut"]
+    ledger.budget = ports.Budget(
+        limit=1, used=2, resets_at=dt.datetime.now(dt.UTC), message="used up"
+    )
+    with pytest.raises(turns.BudgetExhaustedError):
+        await turns.run_task(services, {"input": "hello"}, task_id="t-43")
+    assert len(ledger.entries) == 2
