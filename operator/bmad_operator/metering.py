@@ -131,6 +131,9 @@ class Metering:
                 consumer=f"{socket.gethostname()}-{os.getpid()}",
                 tenant_of=self.tenant_of,
                 price_table=self.prices,
+                # A new agent's stream is found within one poll (SCAN of the ledger's
+                # own Redis, which holds little else).
+                discover_every=self.cfg.usage_poll_seconds,
             )
         return self._ingester
 

@@ -10,6 +10,7 @@ statuses show exactly the tokens answered; raising the limit lets them answer ag
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 from collections.abc import AsyncIterator, Iterator
@@ -21,6 +22,7 @@ import httpx
 import pytest
 
 from bmad_crds import runtime_contract as contract
+from bmad_integrations import taskbus
 from bmad_integrations.usage import periods
 from bmad_operator import kube
 from bmad_testbed import databases
@@ -94,10 +96,12 @@ async def invoke(http: httpx.AsyncClient, port: int) -> httpx.Response:
 
 @pytest.mark.usefixtures("metering_operator")
 async def test_a_tenant_is_refused_past_its_token_budget_and_resumes_when_it_is_raised(
+    *,
     kubectl: Kubectl,
     tenants: Tenants,
     api: kube.Kube,
     ledger_dsn: str,
+    testbed_env: dict[str, str],
     tmp_path: Path,
 ) -> None:
     name = tenants.name("budget")
@@ -105,9 +109,32 @@ async def test_a_tenant_is_refused_past_its_token_budget_and_resumes_when_it_is_
     tenants.apply(tenant(name, [namespace], limits={"tokensPerMonth": LIMIT}))
     wait_tenant(kubectl, name)
     k = kubectl.in_namespace(namespace)
+    # dev also takes tasks from its bus: the test bed's Redis, bound as an Integration.
+    k.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "redis-creds"},
+            "data": {
+                "password": base64.b64encode(testbed_env["BMAD_REDIS_PASSWORD"].encode()).decode()
+            },
+        }
+    )
+    k.apply(
+        {
+            "apiVersion": "bmad.dev/v1alpha1",
+            "kind": "Integration",
+            "metadata": {"name": "redis"},
+            "spec": {
+                "type": "redis",
+                "secretRef": {"name": "redis-creds"},
+                "redis": {"host": "127.0.0.1", "port": int(testbed_env["BMAD_REDIS_PORT"])},
+            },
+        }
+    )
     agents = ("dev", "qa")
-    for agent_name in agents:
-        k.apply(agent(agent_name))
+    k.apply(agent("dev", integrations=["redis"]))
+    k.apply(agent("qa"))
 
     # The operator renders the ledger into each pod: the URL without credentials, the
     # password from a Secret it made.
@@ -189,6 +216,21 @@ async def test_a_tenant_is_refused_past_its_token_budget_and_resumes_when_it_is_
 
         await until(both_refuse, within=30, what="both agents refuse", every=0.5)
         spent = sum(sum(v) for v in answered.values())
+
+        # A task is refused too: failed at its first attempt, with the code.
+        producer = taskbus.TaskProducer.from_url(
+            testbed_env["BMAD_REDIS_URL"],
+            tenant=name,
+            agent=contract.agent_key(name="dev", namespace=namespace, tenant=name),
+        )
+        try:
+            await producer.submit("over-budget-1", {"input": PROMPT})
+            result = await producer.wait_result("over-budget-1", timeout_s=60)
+        finally:
+            await producer.aclose()
+        assert result.status == "failed", result
+        assert (result.error or "").startswith("budget_exhausted:"), result.error
+        assert result.attempt == 1
 
         # The ledger holds exactly what was answered, one row per answer.
         conn = await asyncpg.connect(ledger_dsn)

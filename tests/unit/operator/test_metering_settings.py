@@ -3,10 +3,13 @@ operator's credentials."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pydantic
 import pytest
 
-from bmad_operator import settings
+from bmad_integrations.usage import prices
+from bmad_operator import metering, settings
 
 pytestmark = pytest.mark.unit
 
@@ -41,3 +44,25 @@ def test_agents_get_the_ledger_url_without_credentials(
     )
     assert cfg.metering
     assert cfg.agent_ledger_url() == expected
+
+
+def price_table(currency: str, price: str) -> str:
+    return (
+        f"currency: {currency}\nprices:\n"
+        f'  - {{provider: echo, model: "*", inputPer1M: "{price}", outputPer1M: "{price}"}}\n'
+    )
+
+
+def test_the_price_file_is_read_again_when_it_changes_and_a_bad_one_keeps_the_last(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "prices.yaml"
+    path.write_text(price_table("USD", "1"))
+    table = metering.PriceFile(str(path))
+    first = table()
+    assert first is not prices.EMPTY
+    path.write_text("prices: [{provider: echo}]\n")  # refused: the last table stays
+    assert table() is first
+    path.write_text(price_table("EUR", "12.5"))  # another size: seen even within one tick
+    assert table() is not first
+    assert metering.PriceFile("")() is prices.EMPTY
