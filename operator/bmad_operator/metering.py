@@ -34,7 +34,7 @@ from typing import Any
 
 from redis import asyncio as aioredis
 
-from bmad_integrations.usage import acl, budget, ingester, periods, prices, store
+from bmad_integrations.usage import acl, budget, ingester, periods, prices, reporter, store
 from bmad_operator import settings, tenancy
 from bmad_operator import store as cache_mod
 
@@ -107,6 +107,8 @@ class Metering:
         self._budgets: dict[str, budget.State] = {}
         self._written: dict[str, str] = {}  # tenant -> the budget key's value we set
         self._writers: dict[tuple[str, str], str] = {}  # agent -> digest of its rules
+        self._targets: dict[str, reporter.Target | None] = {}  # from the Tenant reconciler
+        self._reporter: reporter.Reporter | None = None
         self.loaded = False  # the totals were read at least once
 
     # -- connections -----------------------------------------------------------------
@@ -138,6 +140,7 @@ class Metering:
         return self._ingester
 
     async def aclose(self) -> None:
+        self._reporter = None
         if self._ledger is not None:
             await self._ledger.close()
             self._ledger = None
@@ -164,6 +167,23 @@ class Metering:
 
     def budget_of(self, tenant: str) -> budget.State | None:
         return self._budgets.get(tenant)
+
+    def bill_to(self, tenant: str, target: reporter.Target | None) -> None:
+        self._targets[tenant] = target
+
+    def report_targets(self, ledger_tenants: set[str]) -> dict[str, reporter.Target]:
+        """Tenants to report now: billed ones with their customer, Tenants without billing
+        and namespaces without a Tenant as not billed; a Tenant whose billing is not in
+        place yet (or whose reconciler has not told us) waits."""
+        targets: dict[str, reporter.Target] = {}
+        for tenant in ledger_tenants:
+            if tenant in self._targets:
+                target = self._targets[tenant]
+                if target is not None:
+                    targets[tenant] = target
+            elif self.cache.get("Tenant", None, tenant) is None:
+                targets[tenant] = reporter.Target(customer_id=None)
+        return targets
 
     def _empty(self) -> store.PeriodUsage:
         now = self.clock()
@@ -194,7 +214,7 @@ class Metering:
         """Ingest and refresh until ``stop`` is set; errors are logged and retried."""
         self._writers.clear()
         self._written.clear()
-        refreshed = -float("inf")
+        refreshed = reported = -float("inf")
         try:
             while not stop.is_set():
                 read = 0
@@ -204,6 +224,9 @@ class Metering:
                     if time.monotonic() - refreshed >= self.cfg.usage_poll_seconds:
                         await self.refresh()
                         refreshed = time.monotonic()
+                    if time.monotonic() - reported >= self.cfg.usage_report_seconds:
+                        await self.report()
+                        reported = time.monotonic()
                 except Exception as exc:  # Redis, PostgreSQL: the entries wait in Redis
                     log.warning("usage metering paused: %s: %s", type(exc).__name__, exc)
                     await self._pause(stop, RETRY_SECONDS)
@@ -261,6 +284,25 @@ class Metering:
         for name in changed_tenants:
             if self.cache.get("Tenant", None, name) is not None:
                 self.notify_tenant(("", name))
+
+    async def report(self) -> reporter.ReportStats:
+        """One Stripe pass over the ledger's unreported rows (`reporter.Reporter`)."""
+        ledger = self._ledger
+        assert ledger is not None
+        if self._reporter is None:
+            self._reporter = reporter.Reporter(ledger, reporter.StripeSender())
+        waiting = set(await ledger.unreported()) | {b.tenant for b in await ledger.pending()}
+        if not waiting:
+            return reporter.ReportStats()
+        targets = self.report_targets(waiting)
+        stats = await self._reporter.report_once(targets)
+        if stats.batches_failed or stats.batches_stale:
+            log.error(
+                "Stripe metering: %d batches failed, %d stale (docs/billing.md says what to do)",
+                stats.batches_failed,
+                stats.batches_stale,
+            )
+        return stats
 
     async def _publish(self, tenant: str, state: budget.State | None) -> None:
         """Set (or delete) the tenant's budget key when it differs from what we set."""

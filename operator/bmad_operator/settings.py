@@ -122,6 +122,13 @@ class OperatorSettings(BaseSettings):
         description="How often the ledger's totals are read into status.usage and the "
         "tenants' token budgets decided.",
     )
+    usage_report_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="How often the ledger's unreported usage is sent to Stripe as meter "
+        "events (billed Tenants) or set aside as unbilled (the others).",
+    )
     # Where Integration checks may connect (bmad_integrations.egress): comma-separated.
     egress_allow: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

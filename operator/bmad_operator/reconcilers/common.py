@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import pydantic
 
 from bmad_integrations.usage import budget as usage_budget
+from bmad_integrations.usage import reporter as usage_reporter
 from bmad_integrations.usage import store as usage_store
 from bmad_operator import conditions, diff, errors, events, kube, metrics, store
 from bmad_operator.builders import meta
@@ -143,3 +144,8 @@ class UsageSource(Protocol):
     async def ensure_writer(
         self, *, namespace: str, agent: str, tenant: str, password: str
     ) -> None: ...
+
+    def bill_to(self, tenant: str, target: usage_reporter.Target | None) -> None:
+        """Where the tenant's usage is reported: its Stripe customer and account, a
+        Target without a customer (not billed), or None (billing not set up yet: wait)."""
+        ...

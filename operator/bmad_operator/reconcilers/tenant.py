@@ -27,6 +27,7 @@ from bmad_crds.v1alpha1 import integration as integration_api
 from bmad_crds.v1alpha1 import tenant as tenant_api
 from bmad_integrations import base as ibase
 from bmad_integrations import billing
+from bmad_integrations.usage import reporter as usage_reporter
 from bmad_operator import conditions, errors, kube, store, tenancy, watching
 from bmad_operator.builders import meta
 from bmad_operator.builders import tenant as builders
@@ -143,7 +144,11 @@ class TenantReconciler:
             namespaces=len(held),
             pending=self._quotas_not_counted(held),
         )
-        billing_status, billing_cond = await self._billing(body, spec, status.get("billing"))
+        billing_status, billing_cond, account = await self._billing(
+            body, spec, status.get("billing")
+        )
+        if self.usage is not None:
+            self.usage.bill_to(name, _report_target(spec, billing_status, account))
         usage = self._usage(name)
         ready = policy.ready_condition(
             refused=refused,
@@ -308,9 +313,10 @@ class TenantReconciler:
 
     async def _billing(
         self, body: Mapping[str, Any], spec: tenant_api.TenantSpec, current: Any
-    ) -> tuple[dict[str, Any] | None, Cond]:
+    ) -> tuple[dict[str, Any] | None, Cond, billing.StripeAccount | None]:
+        """The billing status, BillingReady, and the Stripe account once it is in place."""
         if spec.billing is None:
-            return current, policy.no_billing()
+            return current, policy.no_billing(), None
         tenant_meta = body["metadata"]
         state = dict(current or {})
         try:
@@ -334,10 +340,10 @@ class TenantReconciler:
                     tenant_uid=tenant_meta["uid"],
                 )
         except BillingSetupError as problem:
-            return state or None, problem.condition
+            return state or None, problem.condition, None
         except billing.BillingError as exc:
-            return state or None, policy.billing_failed(str(exc.reason), exc.message)
-        return state, policy.subscribed(state["customerId"], spec.billing.price_id)
+            return state or None, policy.billing_failed(str(exc.reason), exc.message), None
+        return state, policy.subscribed(state["customerId"], spec.billing.price_id), account
 
     # -- deletion -------------------------------------------------------------------
     async def _finalize(self, body: Mapping[str, Any], spec: tenant_api.TenantSpec) -> None:
@@ -448,3 +454,17 @@ def _tenant_or_adopter(event: watching.WatchEvent) -> list[watching.Request]:
 def _tenant_label(event: watching.WatchEvent) -> list[watching.Request]:
     tenant = event.labels.get(meta.TENANT_LABEL)
     return [watching.Request(("", tenant))] if tenant else []
+
+
+def _report_target(
+    spec: tenant_api.TenantSpec,
+    billing_status: Mapping[str, Any] | None,
+    account: billing.StripeAccount | None,
+) -> usage_reporter.Target | None:
+    """Where the ledger reports the tenant's usage; None: not yet (billing not in place)."""
+    if spec.billing is None:
+        return usage_reporter.Target(customer_id=None)
+    customer = (billing_status or {}).get("customerId")
+    if account is None or not customer:
+        return None
+    return usage_reporter.Target(customer_id=str(customer), account=account)

@@ -10,10 +10,8 @@ statuses show exactly the tokens answered; raising the limit lets them answer ag
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import json
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,69 +23,18 @@ from bmad_crds import runtime_contract as contract
 from bmad_integrations import taskbus
 from bmad_integrations.usage import periods
 from bmad_operator import kube
-from bmad_testbed import databases
 from bmad_testbed.kubectl import Kubectl
-from bmad_testbed.operator_proc import OperatorProcess
 from bmad_testbed.runtimes import ReplicaMirror
 
-from .helpers import Tenants, agent, condition, tenant, until, wait_tenant
+from .helpers import Tenants, agent, bind_redis, condition, env_of, tenant, until, wait_tenant
 
 pytestmark = [pytest.mark.integration]
 
 Obj = dict[str, Any]
+
 LIMIT = 1000
 # About 100 tokens in and 100 out per call with the echo provider.
 PROMPT = "Count the boxes on the architecture diagram and name each one. " * 6
-
-
-@pytest.fixture
-async def ledger_dsn(postgres_url: str) -> AsyncIterator[str]:
-    async with databases.temporary(postgres_url, "bmad_ledger") as url:
-        yield url
-
-
-@pytest.fixture
-def metering_operator(
-    crds: list[str],
-    operator_kubeconfig: str,
-    testbed_env: dict[str, str],
-    ledger_dsn: str,
-    tmp_path: Path,
-) -> Iterator[OperatorProcess]:
-    """The operator with the usage ledger configured (the test bed's Redis and a fresh
-    PostgreSQL database), the ledger's totals read every second."""
-    proc = OperatorProcess(
-        kubeconfig=operator_kubeconfig,
-        log_path=tmp_path / "operator.log",
-        extra_env={
-            "BMAD_OPERATOR_USAGE_REDIS_URL": testbed_env["BMAD_REDIS_URL"],
-            "BMAD_OPERATOR_LEDGER_DSN": ledger_dsn,
-            "BMAD_OPERATOR_USAGE_POLL_SECONDS": "1",
-        },
-    )
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
-@pytest.fixture
-async def api(testbed_env: dict[str, str]) -> AsyncIterator[kube.Kube]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("KUBECONFIG", testbed_env["KUBECONFIG"])
-        client = await kube.Kube.connect()
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-def env_of(deployment: Obj | None) -> dict[str, Obj]:
-    if deployment is None:
-        return {}
-    [container] = deployment["spec"]["template"]["spec"]["containers"]
-    return {e["name"]: e for e in container.get("env") or []}
 
 
 async def invoke(http: httpx.AsyncClient, port: int) -> httpx.Response:
@@ -110,28 +57,7 @@ async def test_a_tenant_is_refused_past_its_token_budget_and_resumes_when_it_is_
     wait_tenant(kubectl, name)
     k = kubectl.in_namespace(namespace)
     # dev also takes tasks from its bus: the test bed's Redis, bound as an Integration.
-    k.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "redis-creds"},
-            "data": {
-                "password": base64.b64encode(testbed_env["BMAD_REDIS_PASSWORD"].encode()).decode()
-            },
-        }
-    )
-    k.apply(
-        {
-            "apiVersion": "bmad.dev/v1alpha1",
-            "kind": "Integration",
-            "metadata": {"name": "redis"},
-            "spec": {
-                "type": "redis",
-                "secretRef": {"name": "redis-creds"},
-                "redis": {"host": "127.0.0.1", "port": int(testbed_env["BMAD_REDIS_PORT"])},
-            },
-        }
-    )
+    bind_redis(k, testbed_env)
     agents = ("dev", "qa")
     k.apply(agent("dev", integrations=["redis"]))
     k.apply(agent("qa"))

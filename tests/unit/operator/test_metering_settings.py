@@ -8,10 +8,13 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from bmad_integrations.usage import prices
-from bmad_operator import metering, settings
+from bmad_integrations import billing
+from bmad_integrations.usage import prices, reporter
+from bmad_operator import metering, settings, store
 
 pytestmark = pytest.mark.unit
+
+API = "bmad.dev/v1alpha1"
 
 
 def test_metering_is_off_by_default() -> None:
@@ -66,3 +69,26 @@ def test_the_price_file_is_read_again_when_it_changes_and_a_bad_one_keeps_the_la
     path.write_text(price_table("EUR", "12.5"))  # another size: seen even within one tick
     assert table() is not first
     assert metering.PriceFile("")() is prices.EMPTY
+
+
+def test_what_is_reported_to_stripe_and_what_waits() -> None:
+    cache = store.Store()
+    for tenant in ("billed", "unbilled", "pending"):
+        cache.put(
+            {"apiVersion": "bmad.dev/v1alpha1", "kind": "Tenant", "metadata": {"name": tenant}}
+        )
+    cfg = settings.OperatorSettings(
+        usage_redis_url="redis://127.0.0.1:1/0", ledger_dsn="postgresql://x@127.0.0.1/l"
+    )
+    meter = metering.Metering(cfg, cache, notify_agent=print, notify_tenant=print)
+    account = billing.StripeAccount(api_key="sk_test_x")
+    meter.bill_to("billed", reporter.Target(customer_id="cus_1", account=account))
+    meter.bill_to("unbilled", reporter.Target(customer_id=None))
+    meter.bill_to("pending", None)  # billing not in place yet
+    targets = meter.report_targets({"billed", "unbilled", "pending", "unknown-tenant", "team-x"})
+    assert targets["billed"].customer_id == "cus_1"
+    assert targets["unbilled"].customer_id is None
+    assert "pending" not in targets  # never marked unbilled while its customer is coming
+    # A namespace without a Tenant is metered, not billed.
+    assert targets["team-x"].customer_id is None
+    assert targets["unknown-tenant"].customer_id is None
