@@ -168,7 +168,9 @@ class AgentReconciler:
         )
         bindings = [s.name for s in integration_states if s.found]
         instructions, instructions_problem = await self._instructions(namespace, spec)
-        ledger_url = await self._ledger_writer(body, spec, tenant_name or namespace)
+        ledger_url, ledger_conflict = await self._ledger_writer(
+            body, spec, tenant_name or namespace
+        )
         desired = builders.build_all(
             body,
             spec,
@@ -194,6 +196,8 @@ class AgentReconciler:
             for obj, live in zip(desired, lives, strict=True)
             if live is not None and not common.controlled_by(live, uid)
         ]
+        if ledger_conflict:
+            foreign.append(ledger_conflict)
         if foreign:
             # Never adopt what someone else made. Such objects carry none of our labels,
             # so no watch event says when they go: the resync brings the Agent back.
@@ -294,25 +298,23 @@ class AgentReconciler:
 
     async def _ledger_writer(
         self, body: Mapping[str, Any], spec: agent_api.AgentSpec, tenant: str
-    ) -> str | None:
+    ) -> tuple[str | None, str | None]:
         """The agent's writer on the ledger's Redis, its password in a Secret the agent's
-        pods mount; the URL its runtime gets (None: usage is not metered).
+        pods mount; the URL its runtime gets (None: usage is not metered), and the
+        Secret's name when someone else's Secret has it (a name conflict).
 
         The password is made once and kept in the Secret (owned by the Agent); the ACL
         user is set from it. A platform Redis that is down does not stop the pass: the
         runtime then refuses to answer without a record, and a later pass sets the user.
         """
         if self.usage is None:
-            return None
+            return None, None
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         secret_name = contract.usage_secret_name(name)
         live = await common.observe(self.api, self.cache, "Secret", namespace, secret_name)
         password = _password_of(live) if live is not None else None
         if live is not None and not common.controlled_by(live, body["metadata"].get("uid", "")):
-            log.warning(
-                "Secret %s/%s is not this Agent's: its usage is not metered", namespace, secret_name
-            )
-            return None
+            return None, f"Secret/{secret_name}"
         if password is None:
             applied = await self.api.apply(
                 builders.usage_secret(body, spec, usage_acl.new_password())
@@ -320,14 +322,14 @@ class AgentReconciler:
             self.cache.put(applied)
             password = _password_of(applied)
         if password is None:
-            return None
+            return None, None
         try:
             await self.usage.ensure_writer(
                 namespace=namespace, agent=name, tenant=tenant, password=password
             )
         except Exception as exc:  # the platform Redis: the next pass tries again
             log.warning("the usage writer of Agent %s/%s is not set: %s", namespace, name, exc)
-        return self.usage.agent_url
+        return self.usage.agent_url, None
 
     async def _scaling(
         self, body: Mapping[str, Any], spec: agent_api.AgentSpec
