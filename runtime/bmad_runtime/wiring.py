@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import socket
+import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -286,7 +287,8 @@ def _ledger(
         cache_seconds=settings.usage_budget_cache_seconds,
     )
     stack.push_async_callback(platform.aclose)
-    logger.info("usage records go to the platform ledger (%s)", settings.usage_ledger_url)
+    where = urllib.parse.urlsplit(settings.usage_ledger_url)
+    logger.info("usage records go to the platform ledger at %s", where.hostname or "?")
     return platform
 
 
