@@ -212,8 +212,11 @@ class Metering:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Ingest and refresh until ``stop`` is set; errors are logged and retried."""
+        # A new term of leadership: what we set and saw may have changed meanwhile.
         self._writers.clear()
         self._written.clear()
+        self._agents, self._tenants, self._budgets = {}, {}, {}
+        self.loaded = False
         refreshed = reported = -float("inf")
         try:
             while not stop.is_set():

@@ -256,11 +256,12 @@ class AgentReconciler:
         kept = previous
         if scaling is not None:
             kept = [c for c in previous if c.get("type") not in scaling_report.CONDITION_TYPES]
+        # Until the ledger is read (a takeover), BudgetExhausted stays as it is shown.
         budget_cond = (
             usage_policy.budget_condition(
                 self.usage.budget_of(tenant_name or namespace), tenant=tenant_name or namespace
             )
-            if self.usage is not None
+            if self.usage is not None and self.usage.loaded
             else None
         )
         decided = [

@@ -134,6 +134,7 @@ class UsageSource(Protocol):
     """The usage ledger as the reconcilers see it (`bmad_operator.metering.Metering`)."""
 
     agent_url: str
+    loaded: bool  # the ledger was read since this replica took the lease
 
     def usage_of_agent(self, namespace: str, name: str) -> usage_store.PeriodUsage | None: ...
 

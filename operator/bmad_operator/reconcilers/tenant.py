@@ -160,9 +160,10 @@ class TenantReconciler:
         )
         suspended = policy.suspended_condition(spec.suspended)
         decided = [ready, quota_cond, billing_cond, suspended]
+        # Until the ledger is read (a takeover), BudgetExhausted stays as it is shown.
         budget_cond = (
             usage_policy.budget_condition(self.usage.budget_of(name))
-            if self.usage is not None
+            if self.usage is not None and self.usage.loaded
             else None
         )
         if budget_cond is not None:

@@ -726,6 +726,7 @@ class FakeUsage:
     agent_url = "redis://ledger.bmad-system:6379/0"
 
     def __init__(self) -> None:
+        self.loaded = True
         self.writers: list[dict[str, str]] = []
         self.usage: usage_store.PeriodUsage | None = None
         self.budget: usage_budget.State | None = None
@@ -817,3 +818,15 @@ async def test_usage_and_the_budget_reach_the_agents_status_with_an_event_on_the
     await h.run()
     assert h.condition("BudgetExhausted")["status"] == "False"
     assert "BudgetRestored" in h.event_reasons()
+
+
+async def test_before_the_ledger_is_read_the_budget_condition_is_left_as_shown() -> None:
+    h, usage = metered()
+    usage.budget = usage_budget.decide(limit=1000, used=1100, now=dt.datetime.now(dt.UTC))
+    await h.run()
+    assert h.condition("BudgetExhausted")["status"] == "True"
+    # A replica takes over: it has not read the ledger yet, and knows no budget.
+    usage.loaded, usage.budget = False, None
+    await h.run()
+    assert h.condition("BudgetExhausted")["status"] == "True"
+    assert "BudgetRestored" not in h.event_reasons()

@@ -695,6 +695,7 @@ class FakeUsage:
     agent_url = "redis://ledger:6379/0"
 
     def __init__(self) -> None:
+        self.loaded = True
         self.usage: usage_store.PeriodUsage | None = None
         self.budget: usage_budget.State | None = None
         self.targets: dict[str, usage_reporter.Target | None] = {}
