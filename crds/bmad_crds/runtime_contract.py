@@ -70,6 +70,16 @@ AUTH_MODE = "BMAD_AUTH_MODE"
 AUTH_ENABLED = "BMAD_AUTH_ENABLED"
 """No longer read (spec.auth.mode replaced it); reserved so that no Agent spec can set it."""
 
+USAGE_LEDGER_URL = "BMAD_USAGE_LEDGER_URL"
+"""The platform Redis of the usage ledger (docs/billing.md), without credentials. Set
+only when the operator meters usage; the runtime then writes one record per model call
+there, as the ACL user `bmad_integrations.usage.record.acl_user` of the agent."""
+USAGE_LEDGER_PASSWORD = "BMAD_USAGE_LEDGER_PASSWORD"  # noqa: S105 - a variable's name
+"""That user's password, from the key `USAGE_SECRET_KEY` of the Secret
+`usage_secret_name` (the operator's, owned by the Agent): never a literal value."""
+USAGE_SECRET_KEY = "password"  # noqa: S105 - a Secret's key name
+USAGE_SECRET_SUFFIX = "-usage-ledger"  # noqa: S105 - a name suffix
+
 IDENTITY_ENV: tuple[str, ...] = (AGENT_NAME, AGENT_NAMESPACE, AGENT_ROLE, TENANT)
 PATH_ENV: tuple[str, ...] = (AGENT_CONFIG, SERVICE_BINDING_ROOT)
 """The variables whose values are paths inside the container."""
@@ -78,6 +88,11 @@ PATH_ENV: tuple[str, ...] = (AGENT_CONFIG, SERVICE_BINDING_ROOT)
 def is_reserved_env(name: str) -> bool:
     """Whether ``name`` is the operator's to set, in any case (the Agent API's rule)."""
     return agent_api.is_reserved_env(name)
+
+
+def usage_secret_name(agent: str) -> str:
+    """The Secret holding the agent's ledger writer password, in the agent's namespace."""
+    return agent + USAGE_SECRET_SUFFIX
 
 
 def agent_key(*, name: str, namespace: str, tenant: str | None) -> str:
@@ -106,8 +121,9 @@ class PodEnvironment(pydantic.BaseModel):
     http_port: int = HTTP_PORT
     memory_store: agent_api.MemoryStore = agent_api.DEFAULT_MEMORY_STORE
     auth_mode: agent_api.AuthMode = agent_api.DEFAULT_AUTH_MODE
+    usage_ledger_url: str | None = None
 
-    def env(self) -> list[dict[str, str]]:
+    def env(self) -> list[dict[str, Any]]:
         """The container's ``env`` entries, in a stable order."""
         values: dict[str, str] = {
             AGENT_NAME: self.agent_name,
@@ -120,7 +136,23 @@ class PodEnvironment(pydantic.BaseModel):
             MEMORY_STORE: self.memory_store,
             AUTH_MODE: self.auth_mode,
         }
-        return [{"name": name, "value": value} for name, value in values.items()]
+        env: list[dict[str, Any]] = [
+            {"name": name, "value": value} for name, value in values.items()
+        ]
+        if self.usage_ledger_url:
+            env.append({"name": USAGE_LEDGER_URL, "value": self.usage_ledger_url})
+            env.append(
+                {
+                    "name": USAGE_LEDGER_PASSWORD,
+                    "valueFrom": {
+                        "secretKeyRef": {
+                            "name": usage_secret_name(self.agent_name),
+                            "key": USAGE_SECRET_KEY,
+                        }
+                    },
+                }
+            )
+        return env
 
 
 # --- agent.json ---------------------------------------------------------------------

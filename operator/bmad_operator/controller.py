@@ -13,10 +13,10 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
-from bmad_operator import admission, kube, settings, store, watching, workqueue
+from bmad_operator import admission, kube, metering, settings, store, watching, workqueue
 from bmad_operator.autoscaling import autoscaler, budget, prometheus, streams
 from bmad_operator.builders import meta
 from bmad_operator.reconcilers import agent as agent_reconciler
@@ -50,12 +50,22 @@ class Controller:
             notify=self._queue_agent,
             cap_for=lambda body: budget.tenant_cap(self.store, body),
         )
+        # The usage ledger (leader only, like the autoscaler): it hands what changed to
+        # the Agent and Tenant reconcilers, the writers of their status.
+        self.metering: metering.Metering | None = (
+            metering.Metering(
+                cfg, self.store, notify_agent=self._queue_agent, notify_tenant=self._queue_tenant
+            )
+            if cfg.metering
+            else None
+        )
         self.agents = agent_reconciler.AgentReconciler(
             api=api,
             cache=self.store,
             runtime_image=cfg.runtime_image,
             scaling=self.autoscaler,
             prometheus_url=cfg.prometheus_url,
+            usage=self.metering,
         )
         self.agent_queue = workqueue.WorkQueue("Agent", self.agents.reconcile, workers=cfg.workers)
         self.integrations = integration_reconciler.IntegrationReconciler(api=api, cache=self.store)
@@ -64,7 +74,10 @@ class Controller:
         )
         self.integrations.queue = self.integration_queue
         self.tenants = tenant_reconciler.TenantReconciler(
-            api=api, cache=self.store, operator_namespace=cfg.system_namespace
+            api=api,
+            cache=self.store,
+            operator_namespace=cfg.system_namespace,
+            usage=self.metering,
         )
         self.tenant_queue = workqueue.WorkQueue("Tenant", self.tenants.reconcile, workers=4)
         self.workflows = workflow_reconciler.WorkflowReconciler(
@@ -91,6 +104,7 @@ class Controller:
         self._leading = False
         self._stop_autoscaler = asyncio.Event()
         self._autoscaling: asyncio.Task[None] | None = None
+        self._metering: asyncio.Task[None] | None = None
 
     @property
     def leading(self) -> bool:
@@ -113,6 +127,10 @@ class Controller:
         self._autoscaling = asyncio.create_task(
             self.autoscaler.run(self._stop_autoscaler), name="autoscaler"
         )
+        if self.metering is not None:
+            self._metering = asyncio.create_task(
+                self.metering.run(self._stop_autoscaler), name="metering"
+            )
         for queue, kind in (
             (self.tenant_queue, "Tenant"),
             (self.integration_queue, "Integration"),
@@ -145,6 +163,10 @@ class Controller:
             self._stop_autoscaler.set()
             await self._autoscaling
             self._autoscaling = None
+        if self._metering:
+            self._stop_autoscaler.set()
+            await self._metering
+            self._metering = None
         await self.agent_queue.stop()
         await self.integration_queue.stop()
         await self.tenant_queue.stop()
@@ -157,9 +179,13 @@ class Controller:
         await self.workflows.bus.close()
         await self.api.close()
 
-    def _queue_agent(self, key: tuple[str, str]) -> None:
-        """The autoscaler has a new report on an Agent: its reconciler writes it."""
+    def _queue_agent(self, key: Hashable) -> None:
+        """The autoscaler (or the ledger) has news of an Agent: its reconciler writes it."""
         self.agent_queue.add(key)
+
+    def _queue_tenant(self, key: Hashable) -> None:
+        """The ledger has news of a Tenant (usage, budget): its reconciler writes it."""
+        self.tenant_queue.add(key)
 
     # -- events -------------------------------------------------------------------
     def on_event(self, raw: Mapping[str, Any]) -> None:

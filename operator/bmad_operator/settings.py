@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
@@ -92,6 +93,42 @@ class OperatorSettings(BaseSettings):
     prometheus_timeout_seconds: float = Field(
         default=5.0, gt=0, le=60, description="How long one Prometheus query may take."
     )
+    usage_redis_url: str = Field(
+        default="",
+        description="The platform Redis of the usage ledger, as the operator reaches it "
+        "(an admin user: it makes each agent's writer and reads every usage stream), for "
+        "example redis://:password@ledger-redis.bmad-system:6379/0; empty: usage is not "
+        "metered (docs/billing.md).",
+    )
+    usage_agent_redis_url: str = Field(
+        default="",
+        description="The same Redis as the agents reach it, without credentials (each "
+        "agent gets its own writer's password in a Secret); empty: usage_redis_url "
+        "without its user and password.",
+    )
+    ledger_dsn: str = Field(
+        default="",
+        description="The platform PostgreSQL of the usage ledger; needed with usage_redis_url.",
+    )
+    prices_file: str = Field(
+        default="",
+        description="The price table (prices.yaml of the ConfigMap bmad-prices, mounted); "
+        "read again when it changes. Empty: usage is metered in tokens, its cost unknown.",
+    )
+    usage_poll_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description="How often the ledger's totals are read into status.usage and the "
+        "tenants' token budgets decided.",
+    )
+    usage_report_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="How often the ledger's unreported usage is sent to Stripe as meter "
+        "events (billed Tenants) or set aside as unbilled (the others).",
+    )
     # Where Integration checks may connect (bmad_integrations.egress): comma-separated.
     egress_allow: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -131,6 +168,29 @@ class OperatorSettings(BaseSettings):
             renew_deadline=self.renew_deadline_seconds,
             retry_period=self.retry_period_seconds,
         )
+
+    @model_validator(mode="after")
+    def _ledger_needs_both(self) -> OperatorSettings:
+        if bool(self.usage_redis_url) != bool(self.ledger_dsn):
+            raise ValueError(
+                "BMAD_OPERATOR_USAGE_REDIS_URL and BMAD_OPERATOR_LEDGER_DSN go together: set "
+                "both to meter usage, or neither"
+            )
+        return self
+
+    @property
+    def metering(self) -> bool:
+        return bool(self.usage_redis_url)
+
+    def agent_ledger_url(self) -> str:
+        """The ledger's Redis URL the agents get: never with the operator's credentials."""
+        url = self.usage_agent_redis_url or self.usage_redis_url
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = host + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
     def egress_policy(self) -> egress.Policy:
         return egress.Policy.parse(

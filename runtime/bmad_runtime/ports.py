@@ -143,6 +143,46 @@ class ConversationNotFoundError(Exception):
     """The conversation belongs to another subject: to this caller, it does not exist."""
 
 
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One model call as the platform's usage ledger records it (`UsageLedger`)."""
+
+    record_id: str
+    source: Literal["task", "http"]
+    provider: str
+    model: str
+    tokens_in: int
+    tokens_out: int
+    conversation_id: str | None
+    occurred_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The tenant's token budget is used up until `resets_at` (``spec.limits``)."""
+
+    limit: int
+    used: int
+    resets_at: dt.datetime
+    message: str
+
+
+class UsageLedger(Protocol):
+    """The platform's usage ledger (`ledger.PlatformLedger`), when the operator meters."""
+
+    async def write(self, entry: LedgerEntry) -> None:
+        """Append the record; `LedgerUnavailableError` when it cannot be written."""
+        ...
+
+    async def exhausted(self) -> Budget | None:
+        """The tenant's budget when it is used up now; None while work may go on."""
+        ...
+
+
+class LedgerUnavailableError(Exception):
+    """The usage record could not be written: the turn is not answered."""
+
+
 class StoreUnavailableError(Exception):
     """The conversation store cannot be used: not connected yet, or not bound at all."""
 

@@ -150,6 +150,23 @@ class RuntimeSettings(pydantic_settings.BaseSettings):
         default=10.0, ge=0, description="How long a model reachability probe is trusted."
     )
 
+    usage_ledger_url: str | None = pydantic.Field(
+        default=None,
+        description="The platform Redis of the usage ledger (no credentials), set by the "
+        "operator when it meters usage: every model call is then recorded there before "
+        "its answer leaves, and the tenant's token budget is enforced.",
+    )
+    usage_ledger_password: pydantic.SecretStr | None = pydantic.Field(
+        default=None, description="The password of this agent's ledger writer (a Secret)."
+    )
+    usage_budget_cache_seconds: float = pydantic.Field(
+        default=2.0,
+        ge=0,
+        le=60,
+        description="How long the tenant's budget state read from the ledger's Redis is "
+        "trusted before it is read again.",
+    )
+
     @property
     def effective_tenant(self) -> str:
         return self.tenant or self.agent_namespace

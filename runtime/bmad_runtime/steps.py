@@ -281,7 +281,9 @@ async def run(
     body = schemas.InvokeRequest(input=prompt(step))
     caller = ports.Principal(subject=turns.TASK_SUBJECT, tenant=services.tenant)
     try:
-        answer = await turns.run(services, body, caller, request_id=task.task_id, artifacts=layers)
+        answer = await turns.run(
+            services, body, caller, request_id=task.task_id, artifacts=layers, task_id=task.task_id
+        )
     except providers_router.AllProvidersFailedError as exc:
         raise consumer.TaskFailedError(exc.message) from None
     except context.ContextOverflowError as exc:

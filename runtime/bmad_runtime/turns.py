@@ -27,6 +27,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from bmad_integrations.usage import record as usage_record
 from bmad_runtime import config as config_mod
 from bmad_runtime import context, ports, schemas, telemetry
 from bmad_runtime.providers import base as providers_base
@@ -49,6 +50,16 @@ class RateLimitedError(Exception):
         self.message = message
 
 
+class BudgetExhaustedError(Exception):
+    """The tenant's token budget is used up until the period resets (or the limit rises)."""
+
+    CODE = "budget_exhausted"
+
+    def __init__(self, budget: ports.Budget) -> None:
+        super().__init__(budget.message)
+        self.budget = budget
+
+
 @dataclass(kw_only=True)
 class Services:
     """What a turn uses: the agent's config, its store, the model chain, limits, metrics."""
@@ -64,6 +75,8 @@ class Services:
     slots: asyncio.Semaphore | None = None
     # Records of streams the caller left early, written outside the request's task.
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    # The platform's usage ledger, when the operator meters usage (BMAD_USAGE_LEDGER_URL).
+    ledger: ports.UsageLedger | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,9 @@ class Turn:
     received_at: dt.datetime
     estimated_in: int
     request_id: str | None
+    # The ledger's id of this turn's model call (`record_id`) and where the turn came from.
+    record_id: str = ""
+    source: usage_record.Source = "http"
 
     def latency_ms(self) -> int:
         return max(0, int((time.perf_counter() - self.started) * 1000))
@@ -116,6 +132,29 @@ def _messages(
     )
 
 
+def record_id(*, request_id: str | None, task_id: str | None) -> str:
+    """The usage ledger's id of a turn's model call, unique per call.
+
+    A bus task's is derived from its task id, so a task redelivered after its replica
+    died gets the same id and the ledger keeps one record. An HTTP request's joins its
+    request id to a random part: a caller who sends the same ``X-Request-Id`` twice gets
+    two answers and is billed for two (a caller must not be able to make usage vanish).
+    """
+    if task_id is not None:
+        return usage_record.task_record_id(task_id)
+    return usage_record.request_record_id(f"{request_id or 'none'}.{uuid.uuid4().hex}")
+
+
+async def check_budget(services: Services) -> None:
+    """Refuse new work while the tenant's token budget is used up."""
+    if services.ledger is None:
+        return
+    exhausted = await services.ledger.exhausted()
+    if exhausted is not None:
+        services.metrics.tasks.labels(outcome="rejected").inc()
+        raise BudgetExhaustedError(exhausted)
+
+
 async def prepare(
     services: Services,
     body: schemas.InvokeRequest,
@@ -123,10 +162,12 @@ async def prepare(
     *,
     request_id: str | None,
     artifacts: Sequence[context.ArtifactLayer] = (),
+    task_id: str | None = None,
 ) -> Turn:
-    """Admit the turn (rate limits) and assemble its context from the recent turns
-    (and, for a workflow step, the artifacts it was given)."""
+    """Admit the turn (the tenant's budget, rate limits) and assemble its context from
+    the recent turns (and, for a workflow step, the artifacts it was given)."""
     started = time.perf_counter()
+    await check_budget(services)
     estimated_in = context.estimate_tokens(body.input) + sum(
         context.estimate_tokens(a.content) for a in artifacts
     )
@@ -167,6 +208,8 @@ async def prepare(
         received_at=dt.datetime.now(dt.UTC),
         estimated_in=estimated_in,
         request_id=request_id,
+        record_id=record_id(request_id=request_id, task_id=task_id),
+        source="task" if task_id is not None else "http",
     )
 
 
@@ -283,6 +326,21 @@ async def finish(
     """Store the turn and account for it; the answer as the API returns it."""
     services, caller = turn.services, turn.caller
     latency = turn.latency_ms()
+    usage = completion.usage
+    if services.ledger is not None:
+        # First: an answer the ledger has no record of never leaves (LedgerUnavailableError).
+        await services.ledger.write(
+            ports.LedgerEntry(
+                record_id=turn.record_id or record_id(request_id=turn.request_id, task_id=None),
+                source=turn.source,
+                provider=completion.provider,
+                model=completion.model,
+                tokens_in=usage.tokens_in,
+                tokens_out=usage.tokens_out,
+                conversation_id=turn.conversation_id,
+                occurred_at=dt.datetime.now(dt.UTC),
+            )
+        )
     if services.config.memory.turns > 0:
         await services.store.append(
             ports.Turn(turn.conversation_id, "user", turn.user_text, turn.received_at),
@@ -302,7 +360,6 @@ async def finish(
             agent=services.agent,
             subject=caller.subject,
         )
-    usage = completion.usage
     await services.store.record_usage(
         ports.UsageRecord(
             tenant=caller.tenant,
@@ -356,13 +413,18 @@ async def run(
     *,
     request_id: str | None,
     artifacts: Sequence[context.ArtifactLayer] = (),
+    task_id: str | None = None,
 ) -> schemas.InvokeResponse:
     """One whole turn: prepare, ask the model in a slot, finish."""
-    turn = await prepare(services, body, caller, request_id=request_id, artifacts=artifacts)
+    turn = await prepare(
+        services, body, caller, request_id=request_id, artifacts=artifacts, task_id=task_id
+    )
     return await finish(turn, await complete(turn))
 
 
-async def run_task(services: Services, payload: dict[str, Any]) -> dict[str, Any]:
+async def run_task(
+    services: Services, payload: dict[str, Any], *, task_id: str | None = None
+) -> dict[str, Any]:
     """A task from the bus, answered like `POST /v1/invoke` (same limits, memory, usage).
 
     Tasks come from inside the tenant (the bus keys are the tenant's), so they run as
@@ -371,6 +433,6 @@ async def run_task(services: Services, payload: dict[str, Any]) -> dict[str, Any
     """
     body = schemas.InvokeRequest.model_validate({**payload, "stream": False})
     caller = ports.Principal(subject=TASK_SUBJECT, tenant=services.tenant)
-    answer = await run(services, body, caller, request_id=None)
+    answer = await run(services, body, caller, request_id=task_id, task_id=task_id)
     services.metrics.tasks.labels(outcome="succeeded").inc()
     return answer.model_dump(mode="json", by_alias=True)

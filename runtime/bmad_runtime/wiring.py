@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import socket
+import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -30,7 +31,7 @@ from opentelemetry import trace
 
 from bmad_integrations import taskwire
 from bmad_runtime import app as app_mod
-from bmad_runtime import auth, ports, ratelimit, steps, turns
+from bmad_runtime import auth, ledger, ports, ratelimit, steps, turns
 from bmad_runtime import bindings as bindings_mod
 from bmad_runtime import config as config_mod
 from bmad_runtime import settings as settings_mod
@@ -147,6 +148,7 @@ def create_default_app(settings: settings_mod.RuntimeSettings | None = None) -> 
                     "caller that reaches this agent, with every scope"
                 )
             state.limiter = await _limiter(settings, agent_config, found, stack)
+            state.ledger = _ledger(settings, stack)
             if isinstance(state.store, UnavailableStore):
                 state.store_problem = state.store.reason
                 logger.warning("the task consumer is not started: the store is not available")
@@ -298,6 +300,35 @@ async def _limiter(
     )
 
 
+def _ledger(
+    settings: settings_mod.RuntimeSettings, stack: contextlib.AsyncExitStack
+) -> ports.UsageLedger | None:
+    """The platform's usage ledger when the operator configured one (BMAD_USAGE_LEDGER_*)."""
+    if not settings.usage_ledger_url:
+        return None
+    if settings.usage_ledger_password is None:
+        logger.error(
+            "BMAD_USAGE_LEDGER_URL is set without BMAD_USAGE_LEDGER_PASSWORD: every answer "
+            "is refused until the agent's usage ledger Secret is mounted"
+        )
+    platform = ledger.PlatformLedger.from_url(
+        settings.usage_ledger_url,
+        password=(
+            settings.usage_ledger_password.get_secret_value()
+            if settings.usage_ledger_password
+            else ""
+        ),
+        namespace=settings.agent_namespace,
+        agent=settings.agent_name,
+        tenant=settings.effective_tenant,
+        cache_seconds=settings.usage_budget_cache_seconds,
+    )
+    stack.push_async_callback(platform.aclose)
+    where = urllib.parse.urlsplit(settings.usage_ledger_url)
+    logger.info("usage records go to the platform ledger at %s", where.hostname or "?")
+    return platform
+
+
 async def _start_task_consumer(
     settings: settings_mod.RuntimeSettings,
     state: deps.RuntimeState,
@@ -339,9 +370,13 @@ async def _start_task_consumer(
             kind=trace.SpanKind.CONSUMER,
             attributes={"bmad.task_id": task.task_id, "bmad.task_attempt": task.attempt},
         ):
-            if taskwire.is_agent_task(task.payload):
-                return await steps.run(state, stores, task)
-            return await turns.run_task(state, dict(task.payload))
+            try:
+                if taskwire.is_agent_task(task.payload):
+                    return await steps.run(state, stores, task)
+                return await turns.run_task(state, dict(task.payload), task_id=task.task_id)
+            except turns.BudgetExhaustedError as exc:
+                # Refused, not failed by chance: no redelivery would fare better.
+                raise bus_consumer.TaskFailedError(f"{exc.CODE}: {exc}") from None
 
     async def depth() -> None:
         while not stop.is_set():

@@ -181,6 +181,13 @@ class ReplicaMirror:
         template = deployment["spec"]["template"]["spec"]
         [container] = [c for c in template["containers"] if c["name"] == "agent"]
         env = {v["name"]: v["value"] for v in container.get("env") or [] if "value" in v}
+        for var in container.get("env") or []:
+            # As the kubelet does: a variable from a Secret's key (the usage ledger's password).
+            ref = (var.get("valueFrom") or {}).get("secretKeyRef")
+            if ref:
+                found = await self.api.get("Secret", self.namespace, ref["name"])
+                assert found is not None, f"Secret {ref['name']} does not exist"
+                env[var["name"]] = base64.b64decode(found["data"][ref["key"]]).decode()
         config = await self.api.get("ConfigMap", self.namespace, f"{self.name}-config")
         assert config is not None, "the Agent's ConfigMap does not exist"
         agent_json = self.workdir / "agent.json"

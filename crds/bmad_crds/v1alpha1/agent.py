@@ -906,6 +906,21 @@ class AutoscalingStatus(common.StatusModel):
     )
 
 
+class AgentUsage(common.StatusModel):
+    """The agent's usage from the platform's usage ledger, filled only when the operator
+    meters usage (docs/billing.md)."""
+
+    period_start: datetime.datetime | None = pydantic.Field(
+        default=None, description="Start of the current billing month (UTC)."
+    )
+    this_period: common.PeriodTotals | None = pydantic.Field(
+        default=None, description="This billing month's usage."
+    )
+    last_period: common.PeriodTotals | None = pydantic.Field(
+        default=None, description="Last billing month's usage."
+    )
+
+
 class AgentStatus(common.StatusModel):
     """Observed state of an Agent."""
 
@@ -930,6 +945,9 @@ class AgentStatus(common.StatusModel):
     )
     autoscaling: AutoscalingStatus | None = pydantic.Field(
         default=None, description="State of the autoscaler."
+    )
+    usage: AgentUsage | None = pydantic.Field(
+        default=None, description="Model calls, tokens and cost from the usage ledger."
     )
     conditions: list[common.Condition] = common.conditions_field()
 

@@ -183,6 +183,27 @@ class StatusModel(ApiModel):
     model_config = pydantic.ConfigDict(extra="ignore")
 
 
+class PeriodTotals(StatusModel):
+    """Usage of one billing period, from the platform's usage ledger (docs/billing.md)."""
+
+    calls: int | None = pydantic.Field(default=None, ge=0, description="Model calls recorded.")
+    tokens_in: int | None = pydantic.Field(default=None, ge=0, description="Input (prompt) tokens.")
+    tokens_out: int | None = pydantic.Field(
+        default=None, ge=0, description="Output (completion) tokens."
+    )
+    cost: dict[str, str] | None = pydantic.Field(
+        default=None,
+        description="Cost per currency (ISO 4217 code: decimal amount as a string), priced "
+        "with the platform's price table when each call was recorded.",
+    )
+    unpriced_calls: int | None = pydantic.Field(
+        default=None,
+        ge=0,
+        description="Calls of models the price table has no price for: in the tokens, not "
+        "in the cost.",
+    )
+
+
 def to_json(model: pydantic.BaseModel) -> dict[str, Any]:
     """A model as Kubernetes spells it: camelCase names, no unset optional fields."""
     return model.model_dump(mode="json", by_alias=True, exclude_none=True)

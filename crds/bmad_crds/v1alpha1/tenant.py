@@ -85,8 +85,12 @@ class TenantLimits(common.SpecModel):
     tokens_per_month: int | None = pydantic.Field(
         default=None,
         ge=0,
-        description="Most LLM tokens per billing month. Not enforced yet: accepted and "
-        "stored, nothing stops the agents beyond it (docs/tenants.md).",
+        description="Most LLM tokens (input + output) per billing month (UTC calendar "
+        "month), over all the tenant's agents, counted by the platform's usage ledger. "
+        "Once reached, the agents refuse new invocations (HTTP 429, code "
+        "budget_exhausted) and tasks until the month ends or the limit is raised, and "
+        "the Tenant and its Agents have BudgetExhausted=True. Enforced only when the "
+        "operator meters usage (docs/billing.md).",
     )
 
 
@@ -201,11 +205,17 @@ class Usage(common.StatusModel):
     tokens_this_period: int | None = pydantic.Field(
         default=None,
         ge=0,
-        description="LLM tokens spent since periodStart. Not filled yet: the usage ledger "
-        "is not wired into the operator (docs/billing.md).",
+        description="LLM tokens (input + output) spent since periodStart, from the usage "
+        "ledger; filled only when the operator meters usage (docs/billing.md).",
     )
     period_start: datetime.datetime | None = pydantic.Field(
         default=None, description="Start of the current billing month."
+    )
+    this_period: common.PeriodTotals | None = pydantic.Field(
+        default=None, description="This billing month's usage, from the usage ledger."
+    )
+    last_period: common.PeriodTotals | None = pydantic.Field(
+        default=None, description="Last billing month's usage, from the usage ledger."
     )
 
 

@@ -21,35 +21,53 @@ import secrets
 from redis import asyncio as aioredis
 from redis import exceptions as redis_errors
 
-from bmad_integrations.usage import record
+from bmad_integrations.usage import budget, record
 
 PASSWORD_BYTES = 32
 WRITER_COMMANDS = ("+xadd", "+ping")
+# With a tenant: GET on that tenant's budget key (read-only, `budget`), nothing else.
+BUDGET_COMMANDS = ("+get",)
 
 
 def new_password() -> str:
     return secrets.token_urlsafe(PASSWORD_BYTES)
 
 
-def writer_rules(namespace: str, agent: str, password: str) -> list[str]:
-    """The ACL SETUSER rules of an agent's writer, from nothing (``reset``)."""
+def writer_rules(
+    namespace: str, agent: str, password: str, *, tenant: str | None = None
+) -> list[str]:
+    """The ACL SETUSER rules of an agent's writer, from nothing (``reset``).
+
+    With ``tenant``, the writer may also read (``%R~``, GET only) that tenant's budget
+    key, which is how its runtime learns that the budget is used up.
+    """
     if len(password) < 16:
         raise ValueError("a usage writer's password must have at least 16 characters")
+    budget_rules = ["%R~" + budget.key(tenant), *BUDGET_COMMANDS] if tenant else []
     return [
         "reset",
         "on",
         "#" + hashlib.sha256(password.encode()).hexdigest(),
         "%W~" + record.stream_key(namespace, agent),
+        *budget_rules[:1],
         "resetchannels",
         "-@all",
         *WRITER_COMMANDS,
+        *budget_rules[1:],
     ]
 
 
-async def ensure_writer(admin: aioredis.Redis, *, namespace: str, agent: str, password: str) -> str:
+async def ensure_writer(
+    admin: aioredis.Redis,
+    *,
+    namespace: str,
+    agent: str,
+    password: str,
+    tenant: str | None = None,
+) -> str:
     """Create or reset the agent's writer; returns its user name. Idempotent."""
     user = record.acl_user(namespace, agent)
-    rules = writer_rules(namespace, agent, password)
+    rules = writer_rules(namespace, agent, password, tenant=tenant)
     await admin.execute_command("ACL", "SETUSER", user, *rules)  # type: ignore[no-untyped-call]
     return user
 

@@ -203,7 +203,13 @@ def split_reserved_env(raw_spec: Mapping[str, Any]) -> tuple[dict[str, Any], lis
     return {**raw_spec, "runtime": {**runtime, "env": kept}}, reserved
 
 
-def _env(body: Mapping[str, Any], spec: agent_api.AgentSpec, *, tenant: str | None) -> list[Obj]:
+def _env(
+    body: Mapping[str, Any],
+    spec: agent_api.AgentSpec,
+    *,
+    tenant: str | None,
+    usage_ledger_url: str | None = None,
+) -> list[Obj]:
     agent = body["metadata"]
     env: list[Obj] = list(
         contract.PodEnvironment(
@@ -213,6 +219,7 @@ def _env(body: Mapping[str, Any], spec: agent_api.AgentSpec, *, tenant: str | No
             tenant=tenant_of(body, tenant),
             memory_store=memory_store(spec),
             auth_mode=auth_mode(spec),
+            usage_ledger_url=usage_ledger_url,
         ).env()
     )
     for var in spec.runtime.env if spec.runtime and spec.runtime.env else []:
@@ -221,6 +228,18 @@ def _env(body: Mapping[str, Any], spec: agent_api.AgentSpec, *, tenant: str | No
         item = var.model_dump(mode="json", by_alias=True, exclude_none=True)
         env.append(item)
     return env
+
+
+def usage_secret(body: Mapping[str, Any], spec: agent_api.AgentSpec, password: str) -> Obj:
+    """The Secret of the agent's ledger writer password (owned by the Agent)."""
+    name = body["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(body, contract.usage_secret_name(name), spec.role),
+        "type": "Opaque",
+        "stringData": {contract.USAGE_SECRET_KEY: password},
+    }
 
 
 def _resources(spec: agent_api.AgentSpec) -> Obj:
@@ -239,15 +258,17 @@ def deployment(
     config_digest: str,
     bindings: Sequence[str] = (),
     tenant: str | None = None,
+    usage_ledger_url: str | None = None,
 ) -> Obj:
-    """`tenant`: the Tenant owning the Agent's namespace (None: the namespace)."""
+    """`tenant`: the Tenant owning the Agent's namespace (None: the namespace).
+    `usage_ledger_url`: the platform ledger's Redis when the operator meters usage."""
     name = body["metadata"]["name"]
     container: Obj = {
         "name": "agent",
         "image": (spec.runtime.image if spec.runtime and spec.runtime.image else image),
         "args": ["runtime"],
         "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
-        "env": _env(body, spec, tenant=tenant),
+        "env": _env(body, spec, tenant=tenant, usage_ledger_url=usage_ledger_url),
         "resources": _resources(spec),
         "readinessProbe": {
             "httpGet": {"path": "/readyz", "port": "http", "scheme": "HTTP"},
@@ -385,6 +406,7 @@ def build_all(
     suspended: bool = False,
     tenant: str | None = None,
     instructions_version: str | None = None,
+    usage_ledger_url: str | None = None,
 ) -> list[Obj]:
     """Every owned object, in the order they should be applied.
 
@@ -408,6 +430,7 @@ def build_all(
             config_digest=digest,
             bindings=bindings,
             tenant=tenant,
+            usage_ledger_url=usage_ledger_url,
         )
     )
     objs.append(service(body, spec))

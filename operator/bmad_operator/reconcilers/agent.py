@@ -9,6 +9,8 @@ after a crash, a missed event or a manual edit converges to the same result.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import logging
@@ -18,7 +20,9 @@ from typing import Any, Protocol
 
 import pydantic
 
+from bmad_crds import runtime_contract as contract
 from bmad_crds.v1alpha1 import agent as agent_api
+from bmad_integrations.usage import acl as usage_acl
 from bmad_operator import conditions, diff, errors, kube, store, tenancy, watching
 from bmad_operator.autoscaling import keda
 from bmad_operator.autoscaling import report as scaling_report
@@ -26,6 +30,7 @@ from bmad_operator.builders import agent as builders
 from bmad_operator.builders import integration as integration_builders
 from bmad_operator.builders import meta
 from bmad_operator.policies import agent as policy
+from bmad_operator.policies import usage as usage_policy
 from bmad_operator.reconcilers import common
 
 log = logging.getLogger(__name__)
@@ -68,12 +73,15 @@ class AgentReconciler:
         runtime_image: str,
         scaling: ScalingSource | None = None,
         prometheus_url: str = "",
+        usage: common.UsageSource | None = None,
     ) -> None:
         self.api = api
         self.cache = cache
         self.runtime_image = runtime_image
         self.scaling = scaling
         self.prometheus_url = prometheus_url
+        # The usage ledger, when the operator meters usage (docs/billing.md).
+        self.usage = usage
 
     def watches(self) -> list[watching.Watch]:
         """The events that bring an Agent back (kubebuilder's SetupWithManager)."""
@@ -160,6 +168,9 @@ class AgentReconciler:
         )
         bindings = [s.name for s in integration_states if s.found]
         instructions, instructions_problem = await self._instructions(namespace, spec)
+        ledger_url, ledger_conflict = await self._ledger_writer(
+            body, spec, tenant_name or namespace
+        )
         desired = builders.build_all(
             body,
             spec,
@@ -171,6 +182,7 @@ class AgentReconciler:
             instructions_version=(
                 str(instructions["metadata"].get("resourceVersion", "")) if instructions else None
             ),
+            usage_ledger_url=ledger_url,
         )
         lives = [
             await common.observe(
@@ -184,6 +196,8 @@ class AgentReconciler:
             for obj, live in zip(desired, lives, strict=True)
             if live is not None and not common.controlled_by(live, uid)
         ]
+        if ledger_conflict:
+            foreign.append(ledger_conflict)
         if foreign:
             # Never adopt what someone else made. Such objects carry none of our labels,
             # so no watch event says when they go: the resync brings the Agent back.
@@ -242,12 +256,21 @@ class AgentReconciler:
         kept = previous
         if scaling is not None:
             kept = [c for c in previous if c.get("type") not in scaling_report.CONDITION_TYPES]
+        # Until the ledger is read (a takeover), BudgetExhausted stays as it is shown.
+        budget_cond = (
+            usage_policy.budget_condition(
+                self.usage.budget_of(tenant_name or namespace), tenant=tenant_name or namespace
+            )
+            if self.usage is not None and self.usage.loaded
+            else None
+        )
         decided = [
             ready,
             available,
             progressing,
             integrations_cond,
             *(scaling.conditions if scaling else ()),
+            *((budget_cond,) if budget_cond else ()),
         ]
         status: dict[str, Any] = {
             "observedGeneration": generation,
@@ -261,11 +284,53 @@ class AgentReconciler:
         shown = (body.get("status") or {}).get("autoscaling")
         if scaling is not None and scaling.autoscaling != shown:
             status["autoscaling"] = scaling_report.status_patch(shown, scaling.autoscaling)
+        used = self.usage.usage_of_agent(namespace, name) if self.usage is not None else None
+        if used is not None:
+            status["usage"] = usage_policy.status_usage(used)
         await self._write_status(body, status)
+        if budget_cond is not None:
+            budget_event = usage_policy.budget_event(previous, budget_cond)
+            if budget_event is not None:
+                await common.post_event(self.api, body, budget_event)
 
         for event in policy.apply_events(created=created, updated=updated, drifted=drifted):
             await common.post_event(self.api, body, event)
         await self._event_on_flip(body, previous, ready)
+
+    async def _ledger_writer(
+        self, body: Mapping[str, Any], spec: agent_api.AgentSpec, tenant: str
+    ) -> tuple[str | None, str | None]:
+        """The agent's writer on the ledger's Redis, its password in a Secret the agent's
+        pods mount; the URL its runtime gets (None: usage is not metered), and the
+        Secret's name when someone else's Secret has it (a name conflict).
+
+        The password is made once and kept in the Secret (owned by the Agent); the ACL
+        user is set from it. A platform Redis that is down does not stop the pass: the
+        runtime then refuses to answer without a record, and a later pass sets the user.
+        """
+        if self.usage is None:
+            return None, None
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        secret_name = contract.usage_secret_name(name)
+        live = await common.observe(self.api, self.cache, "Secret", namespace, secret_name)
+        password = _password_of(live) if live is not None else None
+        if live is not None and not common.controlled_by(live, body["metadata"].get("uid", "")):
+            return None, f"Secret/{secret_name}"
+        if password is None:
+            applied = await self.api.apply(
+                builders.usage_secret(body, spec, usage_acl.new_password())
+            )
+            self.cache.put(applied)
+            password = _password_of(applied)
+        if password is None:
+            return None, None
+        try:
+            await self.usage.ensure_writer(
+                namespace=namespace, agent=name, tenant=tenant, password=password
+            )
+        except Exception as exc:  # the platform Redis: the next pass tries again
+            log.warning("the usage writer of Agent %s/%s is not set: %s", namespace, name, exc)
+        return self.usage.agent_url, None
 
     async def _scaling(
         self, body: Mapping[str, Any], spec: agent_api.AgentSpec
@@ -386,3 +451,14 @@ class AgentReconciler:
         event = policy.ready_event(conditions.find(previous, "Ready"), ready)
         if event is not None:
             await common.post_event(self.api, body, event)
+
+
+def _password_of(secret: Mapping[str, Any]) -> str | None:
+    encoded = (secret.get("data") or {}).get(contract.USAGE_SECRET_KEY)
+    if not encoded:
+        return None
+    try:
+        password = base64.b64decode(encoded, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return password if len(password) >= 16 else None

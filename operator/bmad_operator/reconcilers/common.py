@@ -1,14 +1,18 @@
 """What every reconciler shares: timing and counting a pass, writing status only when
-it changed, and posting an event without letting a refused event fail the pass."""
+it changed, posting an event without letting a refused event fail the pass, and what
+they read of the usage ledger (`UsageSource`)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import pydantic
 
+from bmad_integrations.usage import budget as usage_budget
+from bmad_integrations.usage import reporter as usage_reporter
+from bmad_integrations.usage import store as usage_store
 from bmad_operator import conditions, diff, errors, events, kube, metrics, store
 from bmad_operator.builders import meta
 
@@ -124,3 +128,25 @@ async def ensure(api: kube.Kube, cache: store.Store, obj: dict[str, Any]) -> dic
     applied = await api.apply(obj)
     cache.put(applied)
     return applied
+
+
+class UsageSource(Protocol):
+    """The usage ledger as the reconcilers see it (`bmad_operator.metering.Metering`)."""
+
+    agent_url: str
+    loaded: bool  # the ledger was read since this replica took the lease
+
+    def usage_of_agent(self, namespace: str, name: str) -> usage_store.PeriodUsage | None: ...
+
+    def usage_of_tenant(self, tenant: str) -> usage_store.PeriodUsage | None: ...
+
+    def budget_of(self, tenant: str) -> usage_budget.State | None: ...
+
+    async def ensure_writer(
+        self, *, namespace: str, agent: str, tenant: str, password: str
+    ) -> None: ...
+
+    def bill_to(self, tenant: str, target: usage_reporter.Target | None) -> None:
+        """Where the tenant's usage is reported: its Stripe customer and account, a
+        Target without a customer (not billed), or None (billing not set up yet: wait)."""
+        ...

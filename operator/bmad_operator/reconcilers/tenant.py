@@ -27,11 +27,13 @@ from bmad_crds.v1alpha1 import integration as integration_api
 from bmad_crds.v1alpha1 import tenant as tenant_api
 from bmad_integrations import base as ibase
 from bmad_integrations import billing
+from bmad_integrations.usage import reporter as usage_reporter
 from bmad_operator import conditions, errors, kube, store, tenancy, watching
 from bmad_operator.builders import meta
 from bmad_operator.builders import tenant as builders
 from bmad_operator.conditions import Cond
 from bmad_operator.policies import tenant as policy
+from bmad_operator.policies import usage as usage_policy
 from bmad_operator.reconcilers import common
 
 log = logging.getLogger(__name__)
@@ -53,10 +55,19 @@ class BillingSetupError(Exception):
 
 
 class TenantReconciler:
-    def __init__(self, *, api: kube.Kube, cache: store.Store, operator_namespace: str) -> None:
+    def __init__(
+        self,
+        *,
+        api: kube.Kube,
+        cache: store.Store,
+        operator_namespace: str,
+        usage: common.UsageSource | None = None,
+    ) -> None:
         self.api = api
         self.cache = cache
         self.operator_namespace = operator_namespace
+        # The usage ledger, when the operator meters usage (docs/billing.md).
+        self.usage = usage
 
     def watches(self) -> list[watching.Watch]:
         """The events that bring a Tenant back (kubebuilder's SetupWithManager)."""
@@ -133,7 +144,11 @@ class TenantReconciler:
             namespaces=len(held),
             pending=self._quotas_not_counted(held),
         )
-        billing_status, billing_cond = await self._billing(body, spec, status.get("billing"))
+        billing_status, billing_cond, account = await self._billing(
+            body, spec, status.get("billing")
+        )
+        if self.usage is not None:
+            self.usage.bill_to(name, _report_target(spec, billing_status, account))
         usage = self._usage(name)
         ready = policy.ready_condition(
             refused=refused,
@@ -144,19 +159,30 @@ class TenantReconciler:
             quota=quota_cond,
         )
         suspended = policy.suspended_condition(spec.suspended)
+        decided = [ready, quota_cond, billing_cond, suspended]
+        # Until the ledger is read (a takeover), BudgetExhausted stays as it is shown.
+        budget_cond = (
+            usage_policy.budget_condition(self.usage.budget_of(name))
+            if self.usage is not None and self.usage.loaded
+            else None
+        )
+        if budget_cond is not None:
+            decided.append(budget_cond)
         new_status: dict[str, Any] = {
             "observedGeneration": generation,
             "namespaces": held,
             "usage": usage,
-            "conditions": conditions.merge(
-                previous, [ready, quota_cond, billing_cond, suspended], generation=generation
-            ),
+            "conditions": conditions.merge(previous, decided, generation=generation),
         }
         if billing_status:
             new_status["billing"] = billing_status
         await self._write_status(body, new_status)
         for event in policy.pass_events(previous, [ready, billing_cond], released):
             await common.post_event(self.api, body, event)
+        if budget_cond is not None:
+            budget_event = usage_policy.budget_event(previous, budget_cond)
+            if budget_event is not None:
+                await common.post_event(self.api, body, budget_event)
 
     def _quotas_not_counted(self, namespaces: list[str]) -> list[str]:
         """Our ResourceQuotas the quota controller has not counted yet (their status
@@ -238,7 +264,22 @@ class TenantReconciler:
 
     def _usage(self, tenant: str) -> dict[str, Any]:
         used = tenancy.agent_usage(self.cache, tenant)
-        return {"agents": used.agents, "replicas": used.replicas, "tokensThisPeriod": 0}
+        shown: dict[str, Any] = {
+            "agents": used.agents,
+            "replicas": used.replicas,
+            "tokensThisPeriod": 0,
+        }
+        ledger = self.usage.usage_of_tenant(tenant) if self.usage is not None else None
+        if ledger is not None:
+            shown.update(usage_policy.status_usage(ledger))
+            shown["tokensThisPeriod"] = ledger.this_period.tokens
+        elif self.usage is not None:
+            # Not read yet (a takeover): keep what the status shows of the ledger.
+            current = ((self.cache.get(KIND, None, tenant) or {}).get("status") or {}).get("usage")
+            for field in ("tokensThisPeriod", "periodStart", "thisPeriod", "lastPeriod"):
+                if current and field in current:
+                    shown[field] = current[field]
+        return shown
 
     # -- billing --------------------------------------------------------------------
     async def _stripe_account(self, spec: tenant_api.TenantSpec) -> billing.StripeAccount:
@@ -273,9 +314,10 @@ class TenantReconciler:
 
     async def _billing(
         self, body: Mapping[str, Any], spec: tenant_api.TenantSpec, current: Any
-    ) -> tuple[dict[str, Any] | None, Cond]:
+    ) -> tuple[dict[str, Any] | None, Cond, billing.StripeAccount | None]:
+        """The billing status, BillingReady, and the Stripe account once it is in place."""
         if spec.billing is None:
-            return current, policy.no_billing()
+            return current, policy.no_billing(), None
         tenant_meta = body["metadata"]
         state = dict(current or {})
         try:
@@ -299,10 +341,10 @@ class TenantReconciler:
                     tenant_uid=tenant_meta["uid"],
                 )
         except BillingSetupError as problem:
-            return state or None, problem.condition
+            return state or None, problem.condition, None
         except billing.BillingError as exc:
-            return state or None, policy.billing_failed(str(exc.reason), exc.message)
-        return state, policy.subscribed(state["customerId"], spec.billing.price_id)
+            return state or None, policy.billing_failed(str(exc.reason), exc.message), None
+        return state, policy.subscribed(state["customerId"], spec.billing.price_id), account
 
     # -- deletion -------------------------------------------------------------------
     async def _finalize(self, body: Mapping[str, Any], spec: tenant_api.TenantSpec) -> None:
@@ -413,3 +455,17 @@ def _tenant_or_adopter(event: watching.WatchEvent) -> list[watching.Request]:
 def _tenant_label(event: watching.WatchEvent) -> list[watching.Request]:
     tenant = event.labels.get(meta.TENANT_LABEL)
     return [watching.Request(("", tenant))] if tenant else []
+
+
+def _report_target(
+    spec: tenant_api.TenantSpec,
+    billing_status: Mapping[str, Any] | None,
+    account: billing.StripeAccount | None,
+) -> usage_reporter.Target | None:
+    """Where the ledger reports the tenant's usage; None: not yet (billing not in place)."""
+    if spec.billing is None:
+        return usage_reporter.Target(customer_id=None)
+    customer = (billing_status or {}).get("customerId")
+    if account is None or not customer:
+        return None
+    return usage_reporter.Target(customer_id=str(customer), account=account)

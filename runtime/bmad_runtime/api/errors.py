@@ -8,6 +8,7 @@ the request is in every error body, so a caller can quote it.
 
 from __future__ import annotations
 
+import datetime as dt
 import http
 from typing import Any
 
@@ -46,6 +47,10 @@ class ErrorDetail(pydantic.BaseModel):
     details: list[FieldError] | None = pydantic.Field(
         default=None, description="Per-field problems of a 422."
     )
+    resets_at: str | None = pydantic.Field(
+        default=None,
+        description="With budget_exhausted: when the tenant's token budget resets (RFC 3339).",
+    )
 
     model_config = pydantic.ConfigDict(
         alias_generator=pydantic.alias_generators.to_camel, populate_by_name=True
@@ -60,13 +65,20 @@ class ApiError(Exception):
     """An error a route raises on purpose: status, code and a message for the caller."""
 
     def __init__(
-        self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        resets_at: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
+        self.resets_at = resets_at
 
 
 def retry_after(wait: float) -> int:
@@ -104,11 +116,13 @@ _DESCRIPTIONS = {
     404: "No such conversation (of this caller, for this tenant and agent).",
     413: "The request body is larger than the runtime accepts.",
     422: "The request is invalid; `details` names each field.",
-    429: "Rate limited: retry after `Retry-After` seconds.",
+    429: "Rate limited: retry after `Retry-After` seconds; or the tenant's token budget is "
+    "used up (code budget_exhausted, until `resetsAt`).",
     500: "Internal error; the body names the request id, nothing else.",
     502: "No model of the chain (primary and fallbacks) could answer.",
     503: "Every model of the chain is rate limited by its provider, or the agent's "
-    "conversation store is not available (see /readyz).",
+    "conversation store is not available (see /readyz), or the usage ledger cannot record "
+    "the call (code usage_ledger_unavailable).",
 }
 
 
@@ -135,8 +149,11 @@ def error_payload(
     *,
     request_id: str | None,
     details: list[FieldError] | None = None,
+    resets_at: str | None = None,
 ) -> dict[str, Any]:
-    detail = ErrorDetail(code=code, message=message, request_id=request_id, details=details)
+    detail = ErrorDetail(
+        code=code, message=message, request_id=request_id, details=details, resets_at=resets_at
+    )
     return ErrorBody(error=detail).model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
@@ -148,9 +165,10 @@ def error_response(
     request_id: str | None,
     headers: dict[str, str] | None = None,
     details: list[FieldError] | None = None,
+    resets_at: str | None = None,
 ) -> fastapi.responses.JSONResponse:
     return fastapi.responses.JSONResponse(
-        error_payload(code, message, request_id=request_id, details=details),
+        error_payload(code, message, request_id=request_id, details=details, resets_at=resets_at),
         status_code=status,
         headers=headers,
     )
@@ -229,12 +247,39 @@ async def _on_api_error(request: starlette_requests.Request, exc: Exception) -> 
         exc.message,
         request_id=request_id_of(request.scope),
         headers=exc.headers or None,
+        resets_at=exc.resets_at,
     )
 
 
 async def _on_rate_limited(request: starlette_requests.Request, exc: Exception) -> fastapi.Response:
     assert isinstance(exc, turns.RateLimitedError)
     return await _on_api_error(request, rate_limited(exc.wait, message=exc.message))
+
+
+def budget_exhausted(exc: turns.BudgetExhaustedError, *, now: dt.datetime) -> ApiError:
+    """429 until the tenant's budget resets: the code, the reset time, Retry-After."""
+    resets_at = exc.budget.resets_at
+    return ApiError(
+        429,
+        turns.BudgetExhaustedError.CODE,
+        exc.budget.message,
+        headers={"Retry-After": str(retry_after((resets_at - now).total_seconds()))},
+        resets_at=resets_at.isoformat(),
+    )
+
+
+async def _on_budget_exhausted(
+    request: starlette_requests.Request, exc: Exception
+) -> fastapi.Response:
+    assert isinstance(exc, turns.BudgetExhaustedError)
+    return await _on_api_error(request, budget_exhausted(exc, now=dt.datetime.now(dt.UTC)))
+
+
+async def _on_ledger_unavailable(
+    request: starlette_requests.Request, exc: Exception
+) -> fastapi.Response:
+    assert isinstance(exc, ports.LedgerUnavailableError)
+    return await _on_api_error(request, ApiError(503, "usage_ledger_unavailable", str(exc)))
 
 
 async def _on_context_overflow(
@@ -272,6 +317,8 @@ def install(app: fastapi.FastAPI) -> None:
     app.add_exception_handler(ports.AuthError, _on_auth_error)
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(turns.RateLimitedError, _on_rate_limited)
+    app.add_exception_handler(turns.BudgetExhaustedError, _on_budget_exhausted)
+    app.add_exception_handler(ports.LedgerUnavailableError, _on_ledger_unavailable)
     app.add_exception_handler(context.ContextOverflowError, _on_context_overflow)
     app.add_exception_handler(ports.StoreUnavailableError, _on_store_unavailable)
     app.add_exception_handler(ports.ConversationNotFoundError, _on_conversation_not_found)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
+from bmad_operator import kube
+from bmad_testbed import databases
 from bmad_testbed.kubectl import Kubectl
+from bmad_testbed.operator_proc import OperatorProcess
 
 from .helpers import Tenants
 
@@ -19,3 +23,47 @@ def tenants(kubectl: Kubectl, crds: list[str]) -> Iterator[Tenants]:
         yield t
     finally:
         t.cleanup()
+
+
+@pytest.fixture
+async def ledger_dsn(postgres_url: str) -> AsyncIterator[str]:
+    async with databases.temporary(postgres_url, "bmad_ledger") as url:
+        yield url
+
+
+@pytest.fixture
+def metering_operator(
+    crds: list[str],
+    operator_kubeconfig: str,
+    testbed_env: dict[str, str],
+    ledger_dsn: str,
+    tmp_path: Path,
+) -> Iterator[OperatorProcess]:
+    """The operator with the usage ledger configured (the test bed's Redis and a fresh
+    PostgreSQL database), the ledger's totals read and reported every second."""
+    proc = OperatorProcess(
+        kubeconfig=operator_kubeconfig,
+        log_path=tmp_path / "operator.log",
+        extra_env={
+            "BMAD_OPERATOR_USAGE_REDIS_URL": testbed_env["BMAD_REDIS_URL"],
+            "BMAD_OPERATOR_LEDGER_DSN": ledger_dsn,
+            "BMAD_OPERATOR_USAGE_POLL_SECONDS": "1",
+            "BMAD_OPERATOR_USAGE_REPORT_SECONDS": "1",
+        },
+    )
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+async def api(testbed_env: dict[str, str]) -> AsyncIterator[kube.Kube]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KUBECONFIG", testbed_env["KUBECONFIG"])
+        client = await kube.Kube.connect()
+    try:
+        yield client
+    finally:
+        await client.close()

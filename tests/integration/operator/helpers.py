@@ -138,3 +138,35 @@ def stripe_integration(
     finally:
         k.run("delete", "integration", name, "--ignore-not-found", check=False)
         k.run("delete", "secret", name, "--ignore-not-found", check=False)
+
+
+def env_of(deployment: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    if deployment is None:
+        return {}
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e for e in container.get("env") or []}
+
+
+def bind_redis(k: Kubectl, testbed_env: dict[str, str]) -> None:
+    """The test bed's Redis as an Integration named redis in k's namespace."""
+    password = testbed_env["BMAD_REDIS_PASSWORD"].encode()
+    k.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "redis-creds"},
+            "data": {"password": base64.b64encode(password).decode()},
+        }
+    )
+    k.apply(
+        {
+            "apiVersion": "bmad.dev/v1alpha1",
+            "kind": "Integration",
+            "metadata": {"name": "redis"},
+            "spec": {
+                "type": "redis",
+                "secretRef": {"name": "redis-creds"},
+                "redis": {"host": "127.0.0.1", "port": int(testbed_env["BMAD_REDIS_PORT"])},
+            },
+        }
+    )

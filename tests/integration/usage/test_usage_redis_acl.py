@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
-from bmad_integrations.usage import acl, record, writer
+from bmad_integrations.usage import acl, budget, record, writer
 
 pytestmark = pytest.mark.integration
 
@@ -200,3 +200,44 @@ async def test_an_unreachable_ledger_is_retried_then_reported() -> None:
             await w.write(usage("acme", "a"))
     finally:
         await w.aclose()
+
+
+async def test_a_writer_reads_its_own_tenants_budget_and_nothing_more(
+    admin_redis: aioredis.Redis, redis_url: str, namespaces: list[str]
+) -> None:
+    """With its tenant, a writer may GET that tenant's budget key, the one key the
+    operator sets for it; it may not change it, nor read another tenant's."""
+    namespace = namespaces.new("acme")  # type: ignore[attr-defined]
+    tenant, other = f"{namespace}-t", f"{namespace}-other"
+    password = acl.new_password()
+    user = await acl.ensure_writer(
+        admin_redis, namespace=namespace, agent="dev", password=password, tenant=tenant
+    )
+    state = budget.decide(limit=10, used=12, now=dt.datetime.now(dt.UTC))
+    assert state is not None
+    for name in (tenant, other):
+        await admin_redis.set(budget.key(name), budget.encode(state))
+    client = aioredis.Redis.from_url(
+        plain_url(redis_url), username=user, password=password, decode_responses=True
+    )
+    try:
+        assert budget.decode(await client.get(budget.key(tenant))) == state
+        refused = [
+            ("GET", budget.key(other)),
+            ("SET", budget.key(tenant), "{}"),
+            ("DEL", budget.key(tenant)),
+            ("EXPIRE", budget.key(tenant), "1"),
+            ("GETDEL", budget.key(tenant)),
+            ("GET", record.stream_key(namespace, "dev")),
+        ]
+        for command in refused:
+            with pytest.raises(redis_errors.NoPermissionError):
+                await client.execute_command(*command)
+        await writer.LedgerWriter(client, namespace=namespace, agent="dev").write(
+            usage(namespace, "dev")
+        )
+        assert await admin_redis.get(budget.key(tenant)) == budget.encode(state)
+    finally:
+        await client.aclose()
+        for name in (tenant, other):
+            await admin_redis.delete(budget.key(name))

@@ -11,6 +11,7 @@ by the reconciler tests of every kind.
 
 from __future__ import annotations
 
+import base64
 import copy
 from typing import Any
 
@@ -105,6 +106,11 @@ class FakeKube:
                 **(existing["metadata"].get("labels") or {}),
                 **(live_meta.get("labels") or {}),
             }
+        if kind == "Secret" and "stringData" in live:
+            # As the API server does: stringData is written into data, base64-encoded.
+            data = live.setdefault("data", {})
+            for k, v in live.pop("stringData").items():
+                data[k] = base64.b64encode(v.encode()).decode()
         if kind == "Deployment":
             live["spec"]["progressDeadlineSeconds"] = 600
             pod = live["spec"]["template"]["spec"]

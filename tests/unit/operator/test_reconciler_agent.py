@@ -7,14 +7,20 @@ by hand and checks what the reconciler sent: which objects, which status, which 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
+import datetime as dt
 import json
 from typing import Any
 
 import pytest
 
+from bmad_crds import runtime_contract as contract
 from bmad_crds.v1alpha1 import agent as agent_api
+from bmad_integrations.usage import budget as usage_budget
+from bmad_integrations.usage import periods as usage_periods
+from bmad_integrations.usage import store as usage_store
 from bmad_operator import errors, store
 from bmad_operator.builders import agent as builders
 from bmad_operator.reconcilers import agent as agent_reconciler
@@ -709,3 +715,118 @@ async def test_an_object_of_a_previous_agent_of_the_same_name_is_a_conflict_too(
     await h.run()
     assert h.api.objects[("Service", NS, NAME)] == old
     assert h.condition("Ready")["reason"] == "NameConflict"
+
+
+# --- the usage ledger (issue 14) -------------------------------------------------------
+
+
+class FakeUsage:
+    """The metering loop as the reconciler sees it (`common.UsageSource`)."""
+
+    agent_url = "redis://ledger.bmad-system:6379/0"
+
+    def __init__(self) -> None:
+        self.loaded = True
+        self.writers: list[dict[str, str]] = []
+        self.usage: usage_store.PeriodUsage | None = None
+        self.budget: usage_budget.State | None = None
+
+    def usage_of_agent(self, namespace: str, name: str) -> usage_store.PeriodUsage | None:
+        return self.usage
+
+    def usage_of_tenant(self, tenant: str) -> usage_store.PeriodUsage | None:
+        return self.usage
+
+    def budget_of(self, tenant: str) -> usage_budget.State | None:
+        return self.budget
+
+    async def ensure_writer(
+        self, *, namespace: str, agent: str, tenant: str, password: str
+    ) -> None:
+        self.writers.append(
+            {"namespace": namespace, "agent": agent, "tenant": tenant, "password": password}
+        )
+
+    def bill_to(self, tenant: str, target: Any) -> None:
+        pass
+
+
+def metered() -> tuple[Harness, FakeUsage]:
+    h = Harness()
+    usage = FakeUsage()
+    h.reconciler.usage = usage
+    return h, usage
+
+
+async def test_a_metered_agent_gets_its_writer_a_secret_and_the_two_variables() -> None:
+    h, usage = metered()
+    await h.run()
+    secret = h.live("Secret", contract.usage_secret_name(NAME))
+    password = base64.b64decode(secret["data"][contract.USAGE_SECRET_KEY]).decode()
+    assert len(password) >= 32
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-agent-mary"
+    assert usage.writers == [{"namespace": NS, "agent": NAME, "tenant": NS, "password": password}]
+    [container] = pod_template(h)["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env[contract.USAGE_LEDGER_URL]["value"] == usage.agent_url
+    assert (
+        env[contract.USAGE_LEDGER_PASSWORD]["valueFrom"]["secretKeyRef"]["name"]
+        == (secret["metadata"]["name"])
+    )
+    assert password not in json.dumps(pod_template(h))
+    # The next pass keeps the password: no new Secret, the same writer.
+    await h.run()
+    assert "Secret" not in h.applied_kinds()
+    assert usage.writers[-1]["password"] == password
+
+
+async def test_someone_elses_secret_under_the_ledger_name_is_a_name_conflict() -> None:
+    h, usage = metered()
+    h.seed(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": contract.usage_secret_name(NAME), "namespace": NS},
+            "data": {contract.USAGE_SECRET_KEY: base64.b64encode(b"x" * 32).decode()},
+        }
+    )
+    await h.run()
+    ready = h.condition("Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "NameConflict")
+    assert f"Secret/{contract.usage_secret_name(NAME)}" in ready["message"]
+    assert usage.writers == []
+
+
+async def test_usage_and_the_budget_reach_the_agents_status_with_an_event_on_the_flip() -> None:
+    h, usage = metered()
+    now = dt.datetime.now(dt.UTC)
+    usage.usage = usage_store.PeriodUsage(
+        period_start=usage_periods.containing(now).start,
+        this_period=usage_store.Totals(records=2, tokens_in=700, tokens_out=400),
+        last_period=usage_store.Totals(),
+    )
+    usage.budget = usage_budget.decide(limit=1000, used=1100, now=now)
+    await h.run()
+    assert h.status()["usage"]["thisPeriod"] == {"calls": 2, "tokensIn": 700, "tokensOut": 400}
+    cond = h.condition("BudgetExhausted")
+    assert (cond["status"], cond["reason"]) == ("True", "TokensPerMonthReached")
+    assert "BudgetExhausted" in h.event_reasons()
+    await h.run()  # unchanged: no second event, no status write
+    assert "BudgetExhausted" not in h.event_reasons()
+    assert not h.api.verbs("patch_status")
+    usage.budget = usage_budget.decide(limit=5000, used=1100, now=now)
+    await h.run()
+    assert h.condition("BudgetExhausted")["status"] == "False"
+    assert "BudgetRestored" in h.event_reasons()
+
+
+async def test_before_the_ledger_is_read_the_budget_condition_is_left_as_shown() -> None:
+    h, usage = metered()
+    usage.budget = usage_budget.decide(limit=1000, used=1100, now=dt.datetime.now(dt.UTC))
+    await h.run()
+    assert h.condition("BudgetExhausted")["status"] == "True"
+    # A replica takes over: it has not read the ledger yet, and knows no budget.
+    usage.loaded, usage.budget = False, None
+    await h.run()
+    assert h.condition("BudgetExhausted")["status"] == "True"
+    assert "BudgetRestored" not in h.event_reasons()

@@ -17,6 +17,10 @@ from typing import Any
 import pytest
 
 from bmad_integrations import billing
+from bmad_integrations.usage import budget as usage_budget
+from bmad_integrations.usage import periods as usage_periods
+from bmad_integrations.usage import reporter as usage_reporter
+from bmad_integrations.usage import store as usage_store
 from bmad_operator import errors, store
 from bmad_operator.reconcilers import tenant as tenant_reconciler
 
@@ -680,3 +684,75 @@ async def test_ready_waits_until_kubernetes_has_counted_the_quotas() -> None:
     h.watch()
     await h.run()
     assert h.reason("Ready") == ("True", "TenantReady")
+
+
+# --- the usage ledger (issue 14) -------------------------------------------------------
+
+
+class FakeUsage:
+    """The metering loop as the reconciler sees it (`common.UsageSource`)."""
+
+    agent_url = "redis://ledger:6379/0"
+
+    def __init__(self) -> None:
+        self.loaded = True
+        self.usage: usage_store.PeriodUsage | None = None
+        self.budget: usage_budget.State | None = None
+        self.targets: dict[str, usage_reporter.Target | None] = {}
+
+    def usage_of_agent(self, namespace: str, name: str) -> usage_store.PeriodUsage | None:
+        return self.usage
+
+    def usage_of_tenant(self, tenant: str) -> usage_store.PeriodUsage | None:
+        return self.usage
+
+    def budget_of(self, tenant: str) -> usage_budget.State | None:
+        return self.budget
+
+    async def ensure_writer(self, **kw: str) -> None:
+        raise AssertionError("the Tenant reconciler sets no writer")
+
+    def bill_to(self, tenant: str, target: usage_reporter.Target | None) -> None:
+        self.targets[tenant] = target
+
+
+async def test_usage_and_budget_of_a_tenant_and_where_its_usage_is_reported() -> None:
+    h = Harness({"namespaces": ["acme-prod"], "limits": {"tokensPerMonth": 1000}})
+    usage = FakeUsage()
+    h.reconciler.usage = usage
+    now = dt.datetime.now(dt.UTC)
+    usage.usage = usage_store.PeriodUsage(
+        period_start=usage_periods.containing(now).start,
+        this_period=usage_store.Totals(records=3, tokens_in=800, tokens_out=300),
+        last_period=usage_store.Totals(records=1, tokens_in=5, tokens_out=5),
+    )
+    usage.budget = usage_budget.decide(limit=1000, used=1100, now=now)
+    await h.run()
+    shown = h.tenant()["status"]["usage"]
+    assert shown["tokensThisPeriod"] == 1100
+    assert shown["thisPeriod"] == {"calls": 3, "tokensIn": 800, "tokensOut": 300}
+    assert shown["lastPeriod"] == {"calls": 1, "tokensIn": 5, "tokensOut": 5}
+    assert h.reason("BudgetExhausted") == ("True", "TokensPerMonthReached")
+    assert "BudgetExhausted" in h.event_reasons()
+    # Without spec.billing its usage is metered, not billed.
+    target = usage.targets[NAME]
+    assert target is not None
+    assert target.customer_id is None
+
+
+async def test_a_billed_tenant_is_reported_to_its_customer_once_billing_is_in_place(
+    stripe: FakeStripe,
+) -> None:
+    h = Harness({"namespaces": ["acme-prod"], "billing": BILLING})
+    usage = FakeUsage()
+    h.reconciler.usage = usage
+    await h.run()  # no stripe Integration yet: the usage waits
+    assert NAME in usage.targets
+    assert usage.targets[NAME] is None
+    stripe_integration(h)
+    await h.run()
+    target = usage.targets[NAME]
+    assert target is not None
+    assert target.customer_id == "cus_acme"
+    assert target.account is not None
+    assert target.account.api_key == "sk_test_acme"

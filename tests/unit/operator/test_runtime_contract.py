@@ -389,3 +389,47 @@ def test_hole_2_every_reserved_name_is_refused_by_the_api_in_any_case(name: str)
         agent_api.AgentSpec.model_validate(
             {**SPEC, "runtime": {"env": [{"name": name, "value": "x"}]}}
         )
+
+
+@pytest.mark.usefixtures("_no_runtime_environment")
+def test_the_usage_ledger_reaches_the_runtime_only_through_reserved_names_and_a_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = contract.PodEnvironment(
+        agent_name="dev",
+        agent_namespace="team-a",
+        agent_role="dev",
+        tenant="acme",
+        usage_ledger_url="redis://ledger.bmad-system:6379/0",
+    ).env()
+    by_name = {e["name"]: e for e in env}
+    assert by_name[contract.USAGE_LEDGER_URL]["value"] == "redis://ledger.bmad-system:6379/0"
+    password = by_name[contract.USAGE_LEDGER_PASSWORD]
+    assert "value" not in password  # never a literal: the Secret the operator owns
+    ref = password["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": contract.usage_secret_name("dev"), "key": contract.USAGE_SECRET_KEY}
+    body = {"metadata": {"name": "dev", "namespace": "team-a", "uid": "u-1"}}
+    secret = agent_builders.usage_secret(
+        body, agent_api.AgentSpec.model_validate(FROM_CONFIG_MAP), "p" * 32
+    )
+    assert secret["metadata"]["name"] == ref["name"]
+    assert secret["stringData"] == {ref["key"]: "p" * 32}
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    read = {settings.env_name(field) for field in settings.RuntimeSettings.model_fields}
+    for name in (contract.USAGE_LEDGER_URL, contract.USAGE_LEDGER_PASSWORD):
+        assert name in read
+        assert contract.is_reserved_env(name)
+        assert contract.is_reserved_env(name.lower())
+    monkeypatch.setenv(contract.USAGE_LEDGER_URL, "redis://ledger.bmad-system:6379/0")
+    monkeypatch.setenv(contract.USAGE_LEDGER_PASSWORD, "s3cret-" * 4)
+    loaded = settings.RuntimeSettings()
+    assert loaded.usage_ledger_url == "redis://ledger.bmad-system:6379/0"
+    assert loaded.usage_ledger_password is not None
+    assert "s3cret" not in repr(loaded)
+    # Without a ledger the pod gets neither variable.
+    plain = contract.PodEnvironment(
+        agent_name="dev", agent_namespace="team-a", agent_role="dev", tenant="acme"
+    ).env()
+    assert not {contract.USAGE_LEDGER_URL, contract.USAGE_LEDGER_PASSWORD} & {
+        e["name"] for e in plain
+    }

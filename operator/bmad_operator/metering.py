@@ -1,0 +1,321 @@
+"""The operator's side of the usage ledger, wired in (leader only, like the autoscaler).
+
+While this replica leads, `Metering.run`:
+
+- moves usage records from the platform Redis into the platform PostgreSQL
+  (`bmad_integrations.usage.ingester.Ingester`: entries a dead replica left pending
+  are claimed after a while, a replayed record is one row);
+- every `usage_poll_seconds` reads the ledger's totals per Agent and per Tenant (the
+  rollup: a few rows per agent), and for every Tenant with
+  ``spec.limits.tokensPerMonth`` decides its budget state
+  (`bmad_integrations.usage.budget.decide`) and writes it into the platform Redis key
+  the tenant's agents read (written only when it changed, and again after a takeover);
+- queues the Agents and Tenants whose usage or budget changed, so that their
+  reconcilers, the one writer of each status, show it (`usage_of`, `budget_of`).
+
+The Agent reconciler also asks it for the agent's ledger writer (`ensure_writer`):
+a Redis ACL user that may append to the agent's stream and read its tenant's budget
+key, nothing else (`bmad_integrations.usage.acl`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Hashable, Mapping
+from pathlib import Path
+from typing import Any
+
+from redis import asyncio as aioredis
+
+from bmad_integrations.usage import acl, budget, ingester, periods, prices, reporter, store
+from bmad_operator import settings, tenancy
+from bmad_operator import store as cache_mod
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], dt.datetime]
+Notify = Callable[[Hashable], None]
+RETRY_SECONDS = 2.0
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def tokens_per_month(tenant: Mapping[str, Any]) -> int | None:
+    value = ((tenant.get("spec") or {}).get("limits") or {}).get("tokensPerMonth")
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class PriceFile:
+    """The price table from a mounted file, read again when the file changes."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path) if path else None
+        self._seen: tuple[float, int] | None = None
+        self._table = prices.EMPTY
+
+    def __call__(self) -> prices.PriceTable:
+        if self.path is None:
+            return self._table
+        try:
+            stat = self.path.stat()
+        except OSError as exc:
+            log.warning("the price table %s cannot be read (%s): keeping the last", self.path, exc)
+            return self._table
+        seen = (stat.st_mtime, stat.st_size)
+        if seen != self._seen:
+            try:
+                self._table = prices.parse_yaml(self.path.read_text())
+            except (prices.PriceTableError, OSError) as exc:
+                log.error("the price table %s is refused (%s): keeping the last", self.path, exc)
+            self._seen = seen
+        return self._table
+
+
+class Metering:
+    """Ingestion, status usage and token budgets from the platform's usage ledger."""
+
+    def __init__(
+        self,
+        cfg: settings.OperatorSettings,
+        cache: cache_mod.Store,
+        *,
+        notify_agent: Notify,
+        notify_tenant: Notify,
+        clock: Clock = _now,
+    ) -> None:
+        self.cfg = cfg
+        self.cache = cache
+        self.notify_agent = notify_agent
+        self.notify_tenant = notify_tenant
+        self.clock = clock
+        self.agent_url = cfg.agent_ledger_url()
+        self.prices = PriceFile(cfg.prices_file)
+        self._redis: aioredis.Redis | None = None
+        self._ledger: store.LedgerStore | None = None
+        self._ingester: ingester.Ingester | None = None
+        self._agents: dict[tuple[str, str], store.PeriodUsage] = {}
+        self._tenants: dict[str, store.PeriodUsage] = {}
+        self._budgets: dict[str, budget.State] = {}
+        self._written: dict[str, str] = {}  # tenant -> the budget key's value we set
+        self._writers: dict[tuple[str, str], str] = {}  # agent -> digest of its rules
+        self._targets: dict[str, reporter.Target | None] = {}  # from the Tenant reconciler
+        self._reporter: reporter.Reporter | None = None
+        self.loaded = False  # the totals were read at least once
+
+    # -- connections -----------------------------------------------------------------
+
+    def admin(self) -> aioredis.Redis:
+        if self._redis is None:
+            self._redis = aioredis.Redis.from_url(
+                self.cfg.usage_redis_url,
+                decode_responses=True,
+                socket_timeout=5,
+                socket_connect_timeout=5,
+            )
+        return self._redis
+
+    async def _connect(self) -> ingester.Ingester:
+        if self._ingester is None:
+            if self._ledger is None:
+                self._ledger = await store.LedgerStore.connect(self.cfg.ledger_dsn)
+            self._ingester = ingester.Ingester(
+                self.admin(),
+                self._ledger,
+                consumer=f"{socket.gethostname()}-{os.getpid()}",
+                tenant_of=self.tenant_of,
+                price_table=self.prices,
+                # A new agent's stream is found within one poll (SCAN of the ledger's
+                # own Redis, which holds little else).
+                discover_every=self.cfg.usage_poll_seconds,
+            )
+        return self._ingester
+
+    async def aclose(self) -> None:
+        self._reporter = None
+        if self._ledger is not None:
+            await self._ledger.close()
+            self._ledger = None
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+        self._ingester = None
+
+    def tenant_of(self, namespace: str) -> str:
+        return tenancy.tenant_name_of_namespace(self.cache, namespace) or namespace
+
+    # -- what the reconcilers read -----------------------------------------------------
+
+    def usage_of_agent(self, namespace: str, name: str) -> store.PeriodUsage | None:
+        """The agent's totals; None until the ledger was read (leave the status alone)."""
+        if not self.loaded:
+            return None
+        return self._agents.get((namespace, name)) or self._empty()
+
+    def usage_of_tenant(self, tenant: str) -> store.PeriodUsage | None:
+        if not self.loaded:
+            return None
+        return self._tenants.get(tenant) or self._empty()
+
+    def budget_of(self, tenant: str) -> budget.State | None:
+        return self._budgets.get(tenant)
+
+    def bill_to(self, tenant: str, target: reporter.Target | None) -> None:
+        self._targets[tenant] = target
+
+    def report_targets(self, ledger_tenants: set[str]) -> dict[str, reporter.Target]:
+        """Tenants to report now: billed ones with their customer, Tenants without billing
+        and namespaces without a Tenant as not billed; a Tenant whose billing is not in
+        place yet (or whose reconciler has not told us) waits."""
+        targets: dict[str, reporter.Target] = {}
+        for tenant in ledger_tenants:
+            if tenant in self._targets:
+                target = self._targets[tenant]
+                if target is not None:
+                    targets[tenant] = target
+            elif self.cache.get("Tenant", None, tenant) is None:
+                targets[tenant] = reporter.Target(customer_id=None)
+        return targets
+
+    def _empty(self) -> store.PeriodUsage:
+        now = self.clock()
+        return store.PeriodUsage(
+            period_start=periods.containing(now).start,
+            this_period=store.Totals(),
+            last_period=store.Totals(),
+        )
+
+    async def ensure_writer(
+        self, *, namespace: str, agent: str, tenant: str, password: str
+    ) -> None:
+        """The agent's ACL user on the platform Redis, set again only when its rules change
+        (and after every takeover: a restarted Redis without an ACL file forgets users)."""
+        digest = hashlib.sha256(
+            "\0".join(acl.writer_rules(namespace, agent, password, tenant=tenant)).encode()
+        ).hexdigest()
+        if self._writers.get((namespace, agent)) == digest:
+            return
+        await acl.ensure_writer(
+            self.admin(), namespace=namespace, agent=agent, password=password, tenant=tenant
+        )
+        self._writers[(namespace, agent)] = digest
+
+    # -- the loop ----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Ingest and refresh until ``stop`` is set; errors are logged and retried."""
+        # A new term of leadership: what we set and saw may have changed meanwhile.
+        self._writers.clear()
+        self._written.clear()
+        self._agents, self._tenants, self._budgets = {}, {}, {}
+        self.loaded = False
+        refreshed = reported = -float("inf")
+        try:
+            while not stop.is_set():
+                read = 0
+                try:
+                    ingest = await self._connect()
+                    read = (await ingest.run_once()).read
+                    if time.monotonic() - refreshed >= self.cfg.usage_poll_seconds:
+                        await self.refresh()
+                        refreshed = time.monotonic()
+                    if time.monotonic() - reported >= self.cfg.usage_report_seconds:
+                        await self.report()
+                        reported = time.monotonic()
+                except Exception as exc:  # Redis, PostgreSQL: the entries wait in Redis
+                    log.warning("usage metering paused: %s: %s", type(exc).__name__, exc)
+                    await self._pause(stop, RETRY_SECONDS)
+                    continue
+                if not read:
+                    await self._pause(stop, 0.5)
+        finally:
+            await self.aclose()
+
+    @staticmethod
+    async def _pause(stop: asyncio.Event, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+
+    async def refresh(self) -> None:
+        """Read the ledger's totals; decide and publish budgets; queue what changed."""
+        ledger = self._ledger
+        assert ledger is not None
+        now = self.clock()
+        tenants = await ledger.tenant_usage(now)
+        agents = await ledger.agent_usage(now)
+        first = not self.loaded
+        changed_agents = {
+            k for k in agents.keys() | self._agents.keys() if agents.get(k) != self._agents.get(k)
+        }
+        changed_tenants = {
+            k
+            for k in tenants.keys() | self._tenants.keys()
+            if tenants.get(k) != self._tenants.get(k)
+        }
+        self._agents, self._tenants, self.loaded = agents, tenants, True
+
+        budgets: dict[str, budget.State] = {}
+        for (_, name), body in self.cache.items("Tenant"):
+            used = tenants[name].this_period.tokens if name in tenants else 0
+            state = budget.decide(limit=tokens_per_month(body), used=used, now=now)
+            if state is not None:
+                budgets[name] = state
+        for name in budgets.keys() | self._budgets.keys() | self._written.keys():
+            await self._publish(name, budgets.get(name))
+            before = self._budgets.get(name)
+            after = budgets.get(name)
+            if (before.exhausted if before else None) != (after.exhausted if after else None):
+                changed_tenants.add(name)
+                namespaces = set(tenancy.tenant_namespaces(self.cache, name))
+                changed_agents.update(k for k in self.cache.keys("Agent") if k[0] in namespaces)
+        self._budgets = budgets
+
+        if first:  # after a takeover: every status may be stale
+            changed_agents.update(self.cache.keys("Agent"))
+            changed_tenants.update(name for _, name in self.cache.keys("Tenant"))
+        for key in changed_agents:
+            if self.cache.get("Agent", key[0], key[1]) is not None:
+                self.notify_agent(key)
+        for name in changed_tenants:
+            if self.cache.get("Tenant", None, name) is not None:
+                self.notify_tenant(("", name))
+
+    async def report(self) -> reporter.ReportStats:
+        """One Stripe pass over the ledger's unreported rows (`reporter.Reporter`)."""
+        ledger = self._ledger
+        assert ledger is not None
+        if self._reporter is None:
+            self._reporter = reporter.Reporter(ledger, reporter.StripeSender())
+        waiting = set(await ledger.unreported()) | {b.tenant for b in await ledger.pending()}
+        if not waiting:
+            return reporter.ReportStats()
+        targets = self.report_targets(waiting)
+        stats = await self._reporter.report_once(targets)
+        if stats.batches_failed or stats.batches_stale:
+            log.error(
+                "Stripe metering: %d batches failed, %d stale (docs/billing.md says what to do)",
+                stats.batches_failed,
+                stats.batches_stale,
+            )
+        return stats
+
+    async def _publish(self, tenant: str, state: budget.State | None) -> None:
+        """Set (or delete) the tenant's budget key when it differs from what we set."""
+        value = budget.encode(state) if state is not None else ""
+        if self._written.get(tenant) == value:
+            return
+        key = budget.key(tenant)
+        if state is None:
+            await self.admin().delete(key)
+            self._written.pop(tenant, None)
+            return
+        await self.admin().set(key, value)
+        self._written[tenant] = value

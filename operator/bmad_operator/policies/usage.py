@@ -1,0 +1,92 @@
+"""What the usage ledger means for an Agent's and a Tenant's status (pure).
+
+`status_usage` turns the ledger's totals into ``status.usage``; `budget_condition`
+decides ``BudgetExhausted`` from the tenant's budget state
+(`bmad_integrations.usage.budget.decide`); `budget_event` says what to post when it
+flips. The operator's metering loop (`bmad_operator.metering`) decides the state and
+tells the agents; the reconcilers only show it.
+"""
+
+from __future__ import annotations
+
+import decimal
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from bmad_integrations.usage import budget, store
+from bmad_operator import events
+from bmad_operator.conditions import FALSE, TRUE, Cond, find
+
+BUDGET_EXHAUSTED = "BudgetExhausted"
+# Reasons of BudgetExhausted
+TOKENS_PER_MONTH_REACHED = "TokensPerMonthReached"
+WITHIN_BUDGET = "WithinBudget"
+NO_TOKEN_BUDGET = "NoTokenBudget"  # noqa: S105 - a condition reason
+# Events
+EVENT_BUDGET_EXHAUSTED = "BudgetExhausted"
+EVENT_BUDGET_RESTORED = "BudgetRestored"
+
+
+def _amount(value: decimal.Decimal) -> str:
+    return format(value.normalize(), "f")
+
+
+def totals(period: store.Totals) -> dict[str, Any]:
+    shown: dict[str, Any] = {
+        "calls": period.records,
+        "tokensIn": period.tokens_in,
+        "tokensOut": period.tokens_out,
+    }
+    if period.cost:
+        shown["cost"] = {currency: _amount(v) for currency, v in sorted(period.cost.items())}
+    if period.unpriced:
+        shown["unpricedCalls"] = period.unpriced
+    return shown
+
+
+def status_usage(usage: store.PeriodUsage) -> dict[str, Any]:
+    """``status.usage`` of an Agent (a Tenant's adds its counts of agents and replicas)."""
+    return {
+        "periodStart": usage.period_start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "thisPeriod": totals(usage.this_period),
+        "lastPeriod": totals(usage.last_period),
+    }
+
+
+def budget_condition(state: budget.State | None, *, tenant: str | None = None) -> Cond:
+    """BudgetExhausted of a Tenant (``tenant`` None) or of one of its Agents."""
+    whose = "the tenant's" if tenant is None else f"tenant {tenant}'s"
+    if state is None:
+        return Cond(
+            BUDGET_EXHAUSTED,
+            FALSE,
+            NO_TOKEN_BUDGET,
+            f"{whose[0].upper()}{whose[1:]} spec.limits.tokensPerMonth is not set.",
+        )
+    if state.exhausted:
+        return Cond(
+            BUDGET_EXHAUSTED,
+            TRUE,
+            TOKENS_PER_MONTH_REACHED,
+            f"{state.used} of {whose} {state.limit} tokens this month are used: new "
+            f"invocations and tasks are refused (HTTP 429, code budget_exhausted) until "
+            f"{state.resets_at.strftime('%Y-%m-%dT%H:%M:%SZ')} or until "
+            "spec.limits.tokensPerMonth is raised.",
+        )
+    return Cond(
+        BUDGET_EXHAUSTED,
+        FALSE,
+        WITHIN_BUDGET,
+        f"{state.used} of {whose} {state.limit} tokens this month are used.",
+    )
+
+
+def budget_event(previous: Sequence[Mapping[str, Any]], cond: Cond) -> events.Event | None:
+    """Warning when the budget became exhausted; Normal when work may resume."""
+    before = find(previous, BUDGET_EXHAUSTED)
+    was = before is not None and before.get("status") == TRUE
+    if cond.status == TRUE and not was:
+        return events.Event(events.WARNING, EVENT_BUDGET_EXHAUSTED, cond.message)
+    if cond.status != TRUE and was:
+        return events.Event(events.NORMAL, EVENT_BUDGET_RESTORED, cond.message)
+    return None

@@ -1,0 +1,121 @@
+"""The runtime's side of the platform usage ledger (docs/billing.md).
+
+When the operator meters usage it gives the agent ``BMAD_USAGE_LEDGER_URL`` and the
+password of the agent's own ACL user (``BMAD_USAGE_LEDGER_PASSWORD``). Each model call
+is then appended to the agent's usage stream (`bmad_integrations.usage.writer`) before
+its answer leaves the runtime, and before each turn the runtime reads its tenant's
+budget key (`bmad_integrations.usage.budget`), which the operator sets when the tenant
+used up ``spec.limits.tokensPerMonth``. The key is read at most once per
+`cache_seconds` per replica: the budget is enforced within that much of the operator's
+decision, and a busy agent costs the platform Redis one GET per few seconds, not one
+per call. A read that fails keeps the last state seen (the write that every answer
+needs fails anyway while the platform Redis is down).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+
+from redis import exceptions as redis_errors
+
+from bmad_integrations.usage import budget, record, writer
+from bmad_runtime import ports
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_SECONDS = 2.0
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class PlatformLedger:
+    """`ports.UsageLedger` over the platform Redis, as the agent's ACL user."""
+
+    def __init__(
+        self,
+        ledger_writer: writer.LedgerWriter,
+        *,
+        tenant: str,
+        cache_seconds: float = DEFAULT_CACHE_SECONDS,
+        clock: Callable[[], dt.datetime] = _now,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.writer = ledger_writer
+        self.tenant = tenant
+        self.cache_seconds = cache_seconds
+        self.clock = clock
+        self.monotonic = monotonic
+        self._state: budget.State | None = None
+        self._read_at = -float("inf")
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        password: str,
+        namespace: str,
+        agent: str,
+        tenant: str,
+        cache_seconds: float = DEFAULT_CACHE_SECONDS,
+    ) -> PlatformLedger:
+        return cls(
+            writer.LedgerWriter.from_url(
+                url,
+                username=record.acl_user(namespace, agent),
+                password=password,
+                namespace=namespace,
+                agent=agent,
+            ),
+            tenant=tenant,
+            cache_seconds=cache_seconds,
+        )
+
+    async def aclose(self) -> None:
+        await self.writer.aclose()
+
+    async def write(self, entry: ports.LedgerEntry) -> None:
+        try:
+            rec = record.UsageRecord(
+                record_id=entry.record_id,
+                tenant=self.tenant,
+                namespace=self.writer.namespace,
+                agent=self.writer.agent,
+                provider=entry.provider,
+                model=entry.model,
+                tokens_in=entry.tokens_in,
+                tokens_out=entry.tokens_out,
+                occurred_at=entry.occurred_at,
+                source=entry.source,
+                conversation=entry.conversation_id,
+            )
+            await self.writer.write(rec)
+        except (writer.LedgerUnavailable, record.RecordError) as exc:
+            raise ports.LedgerUnavailableError(
+                f"the usage record of this call could not be written: {exc}"
+            ) from None
+
+    async def _state_now(self) -> budget.State | None:
+        if self.monotonic() - self._read_at < self.cache_seconds:
+            return self._state
+        try:
+            raw = await self.writer.client.get(budget.key(self.tenant))
+        except (redis_errors.RedisError, OSError) as exc:
+            logger.warning("the tenant's budget could not be read (%s): keeping the last", exc)
+            return self._state
+        self._state = budget.decode(raw)
+        self._read_at = self.monotonic()
+        return self._state
+
+    async def exhausted(self) -> ports.Budget | None:
+        state = await self._state_now()
+        if state is None or not state.refuses(self.clock()):
+            return None
+        return ports.Budget(
+            limit=state.limit, used=state.used, resets_at=state.resets_at, message=state.message()
+        )

@@ -1,0 +1,94 @@
+"""The operator's usage-ledger settings: both stores or neither; agents never get the
+operator's credentials."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from bmad_integrations import billing
+from bmad_integrations.usage import prices, reporter
+from bmad_operator import metering, settings, store
+
+pytestmark = pytest.mark.unit
+
+API = "bmad.dev/v1alpha1"
+
+
+def test_metering_is_off_by_default() -> None:
+    assert not settings.OperatorSettings().metering
+
+
+def test_the_ledger_needs_both_redis_and_postgresql() -> None:
+    with pytest.raises(pydantic.ValidationError, match="go together"):
+        settings.OperatorSettings(usage_redis_url="redis://127.0.0.1:6379/0")
+    with pytest.raises(pydantic.ValidationError, match="go together"):
+        settings.OperatorSettings(ledger_dsn="postgresql://x@127.0.0.1/ledger")
+
+
+@pytest.mark.parametrize(
+    ("operator_url", "agent_url", "expected"),
+    [
+        ("redis://admin:pw@10.0.0.5:6380/2", "", "redis://10.0.0.5:6380/2"),
+        ("redis://:pw@ledger:6379/0", "", "redis://ledger:6379/0"),
+        ("rediss://:pw@ledger/0", "", "rediss://ledger/0"),
+        ("redis://:pw@127.0.0.1:1/0", "redis://u:p@ledger.svc:6379/0", "redis://ledger.svc:6379/0"),
+    ],
+)
+def test_agents_get_the_ledger_url_without_credentials(
+    operator_url: str, agent_url: str, expected: str
+) -> None:
+    cfg = settings.OperatorSettings(
+        usage_redis_url=operator_url,
+        usage_agent_redis_url=agent_url,
+        ledger_dsn="postgresql://x@127.0.0.1/ledger",
+    )
+    assert cfg.metering
+    assert cfg.agent_ledger_url() == expected
+
+
+def price_table(currency: str, price: str) -> str:
+    return (
+        f"currency: {currency}\nprices:\n"
+        f'  - {{provider: echo, model: "*", inputPer1M: "{price}", outputPer1M: "{price}"}}\n'
+    )
+
+
+def test_the_price_file_is_read_again_when_it_changes_and_a_bad_one_keeps_the_last(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "prices.yaml"
+    path.write_text(price_table("USD", "1"))
+    table = metering.PriceFile(str(path))
+    first = table()
+    assert first is not prices.EMPTY
+    path.write_text("prices: [{provider: echo}]\n")  # refused: the last table stays
+    assert table() is first
+    path.write_text(price_table("EUR", "12.5"))  # another size: seen even within one tick
+    assert table() is not first
+    assert metering.PriceFile("")() is prices.EMPTY
+
+
+def test_what_is_reported_to_stripe_and_what_waits() -> None:
+    cache = store.Store()
+    for tenant in ("billed", "unbilled", "pending"):
+        cache.put(
+            {"apiVersion": "bmad.dev/v1alpha1", "kind": "Tenant", "metadata": {"name": tenant}}
+        )
+    cfg = settings.OperatorSettings(
+        usage_redis_url="redis://127.0.0.1:1/0", ledger_dsn="postgresql://x@127.0.0.1/l"
+    )
+    meter = metering.Metering(cfg, cache, notify_agent=print, notify_tenant=print)
+    account = billing.StripeAccount(api_key="sk_test_x")
+    meter.bill_to("billed", reporter.Target(customer_id="cus_1", account=account))
+    meter.bill_to("unbilled", reporter.Target(customer_id=None))
+    meter.bill_to("pending", None)  # billing not in place yet
+    targets = meter.report_targets({"billed", "unbilled", "pending", "unknown-tenant", "team-x"})
+    assert targets["billed"].customer_id == "cus_1"
+    assert targets["unbilled"].customer_id is None
+    assert "pending" not in targets  # never marked unbilled while its customer is coming
+    # A namespace without a Tenant is metered, not billed.
+    assert targets["team-x"].customer_id is None
+    assert targets["unknown-tenant"].customer_id is None
