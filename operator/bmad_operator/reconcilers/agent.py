@@ -147,6 +147,12 @@ class AgentReconciler:
         if body is None or body["metadata"].get("deletionTimestamp"):
             # Gone or going: owner references let the garbage collector remove the rest.
             return
+        ns_obj = self.cache.get("Namespace", None, namespace)
+        if ns_obj is not None and ns_obj["metadata"].get("deletionTimestamp"):
+            # The namespace goes, and the Agent with it: the deletion removes its objects
+            # first (each an event that brings it back), and the API server refuses new
+            # objects in a terminating namespace, so re-creating them would only churn.
+            return
         generation = body["metadata"].get("generation")
         previous = (body.get("status") or {}).get("conditions") or []
         raw_spec, ignored_env = builders.split_reserved_env(body.get("spec") or {})

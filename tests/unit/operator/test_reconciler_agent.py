@@ -496,6 +496,18 @@ async def test_unknown_or_deleting_agent_makes_no_calls() -> None:
     assert h.api.calls == []
 
 
+async def test_an_agent_in_a_terminating_namespace_makes_no_calls() -> None:
+    """The namespace's deletion removes the Agent's objects before the Agent itself
+    (each deletion an event that queues it again): re-creating them only earned a 403
+    from the API server per pass, 9 per Agent in one CI run's audit log."""
+    h = Harness()
+    gone = namespace(None)
+    gone["metadata"]["deletionTimestamp"] = "2026-11-30T11:24:31Z"
+    h.seed(gone)
+    await h.run()
+    assert h.api.calls == []
+
+
 async def test_refused_apply_raises_for_a_retry() -> None:
     h = Harness()
     h.api.refuse["Deployment"] = errors.ApiError(403, "Forbidden", 'exceeded quota: "compute"')
