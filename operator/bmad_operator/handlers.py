@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import tempfile
 import typing
 from collections.abc import Iterable
@@ -24,6 +25,8 @@ from bmad_operator.policies import budget as policy_budget
 from bmad_operator.workflows import approvals
 
 MANAGED = meta.managed_labels()
+# Where this process wrote its webhook certificate and key (removed at cleanup).
+WEBHOOK_CERT_DIRS: list[Path] = []
 MANAGED_SELECTOR = ",".join(f"{k}={v}" for k, v in sorted(MANAGED.items()))
 
 log = logging.getLogger(__name__)
@@ -105,7 +108,10 @@ async def _serve_webhook(
     cert = await admission.ensure_certificate(
         api, namespace=cfg.system_namespace, host=cfg.webhook_host
     )
-    certfile, keyfile = admission.write_files(cert, Path(tempfile.mkdtemp(prefix="bmad-webhook-")))
+    # kopf's server reads the pair from files: a private directory, removed at cleanup.
+    cert_dir = Path(tempfile.mkdtemp(prefix="bmad-webhook-"))
+    WEBHOOK_CERT_DIRS.append(cert_dir)
+    certfile, keyfile = admission.write_files(cert, cert_dir)
     kopf_settings.admission.server = kopf.WebhookServer(
         addr=cfg.webhook_address,
         port=cfg.webhook_port,
@@ -134,6 +140,8 @@ def settings_module_load() -> settings.OperatorSettings:
 
 @kopf.on.cleanup()
 async def cleanup(memo: Any, **_: Any) -> None:
+    while WEBHOOK_CERT_DIRS:
+        shutil.rmtree(WEBHOOK_CERT_DIRS.pop(), ignore_errors=True)
     elector = memo.get("elector")
     if elector is not None:
         # Graceful: stop campaigning and reconciling, then hand the Lease over so a

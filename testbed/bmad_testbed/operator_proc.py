@@ -95,6 +95,10 @@ class OperatorProcess:
         )
         env.update(self.extra_env)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # Its temporary files (the webhook's key pair) beside its log, so that a process
+        # the test SIGKILLs leaves nothing in the machine's /tmp.
+        self.tmp_dir.mkdir(exist_ok=True)
+        env["TMPDIR"] = str(self.tmp_dir)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 list(COMMAND),
@@ -151,6 +155,11 @@ class OperatorProcess:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+    @property
+    def tmp_dir(self) -> Path:
+        """The process's TMPDIR."""
+        return self.log_path.parent / f"{self.log_path.stem}-tmp"
 
     @property
     def pid(self) -> int | None:

@@ -287,7 +287,11 @@ def test_budget_webhook_certificate_is_stable_across_restarts(
         AssertionError: assert ['LS0tLS1CRUdJTi...'] == ['LS0tLS1CRUdJTi...']
     """
     before = _ca_bundles(kubectl)
+    assert list(operator.tmp_dir.glob("bmad-webhook-*")), "the key pair was not written there"
     operator.stop()
+    # A clean stop leaves no copy of the webhook's private key on disk (before: one
+    # bmad-webhook-* directory per start, left in /tmp).
+    assert not list(operator.tmp_dir.glob("bmad-webhook-*"))
     operator.start()
     assert _ca_bundles(kubectl) == before
     secret = kubectl.in_namespace(SYSTEM_NS).json("get", "secret", "bmad-operator-webhook-tls")
