@@ -10,27 +10,26 @@ bus) is built from them.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import re
 import secrets
 import ssl
-import time
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import fastapi
-import httpx
 import pytest
 
 from bmad_crds.v1alpha1 import integration
 from bmad_integrations import checks
 from bmad_runtime import bindings, settings, wiring
 from bmad_testbed import databases, pki
+
+from .served import ready_soon, serve
 
 pytestmark = pytest.mark.integration
 
@@ -134,23 +133,6 @@ def production_app(tmp_path: Path, tenant: str, root: Path) -> fastapi.FastAPI:
             auth_mode="none",
         ).with_bindings(found)
     )
-
-
-async def serve(app: fastapi.FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://agent") as client:
-            yield client
-
-
-async def ready_soon(client: httpx.AsyncClient, timeout_s: float = 30.0) -> httpx.Response:
-    """/readyz once it says ready (the task consumer reaches Redis just after startup)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        answer = await client.get("/readyz")
-        if answer.status_code == 200 or time.monotonic() > deadline:
-            return answer
-        await asyncio.sleep(0.05)
 
 
 async def test_hole10_runtime_verifies_postgres_and_redis_tls_with_the_binding_ca(

@@ -20,7 +20,6 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import fastapi
-import httpx
 import pytest
 from redis import asyncio as aioredis
 
@@ -29,6 +28,7 @@ from bmad_runtime import auth, settings, wiring
 from bmad_testbed import databases
 
 from . import oidc
+from .served import ready_soon, serve
 
 pytestmark = pytest.mark.integration
 
@@ -75,23 +75,6 @@ def production_app(
             redis_url=redis_url,
         )
     )
-
-
-async def serve(app: fastapi.FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://agent") as client:
-            yield client
-
-
-async def ready_soon(client: httpx.AsyncClient, timeout_s: float = 30.0) -> httpx.Response:
-    """/readyz once it says ready: the task consumer reaches Redis just after startup."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        answer = await client.get("/readyz")
-        if answer.status_code == 200 or time.monotonic() > deadline:
-            return answer
-        await asyncio.sleep(0.05)
 
 
 async def test_two_replicas_share_a_conversation_and_account_for_it(
