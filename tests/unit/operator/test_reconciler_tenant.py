@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from bmad_integrations import billing
+from bmad_integrations import billing, stripe_webhooks
 from bmad_integrations.usage import budget as usage_budget
 from bmad_integrations.usage import periods as usage_periods
 from bmad_integrations.usage import reporter as usage_reporter
@@ -708,6 +708,9 @@ class FakeUsage:
 
     def budget_of(self, tenant: str) -> usage_budget.State | None:
         return self.budget
+
+    def payment_of(self, customer_id: str) -> stripe_webhooks.PaymentState | None:
+        return None
 
     async def ensure_writer(self, **kw: str) -> None:
         raise AssertionError("the Tenant reconciler sets no writer")
