@@ -27,7 +27,7 @@ from aiohttp import web
 from bmad_integrations import base as ibase
 from bmad_integrations import stripe_webhooks
 from bmad_integrations.usage import store as usage_store
-from bmad_operator import errors, kube, settings, store
+from bmad_operator import errors, kube, metrics, settings, store
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,10 @@ class Endpoint:
                 answer.body.get("id"),
                 " (a duplicate)" if answer.body.get("duplicate") else "",
             )
+        metrics.STRIPE_WEBHOOK_EVENTS.labels(
+            type=_event_type(payload) if answer.status in (200, 503) else "",
+            result=_result(answer),
+        ).inc()
         return web.json_response(answer.body, status=answer.status)
 
     async def start(self) -> None:
@@ -131,6 +135,21 @@ class Endpoint:
         if self._ledger is not None:
             await self._ledger.close()
             self._ledger = None
+
+
+def _result(answer: stripe_webhooks.Response) -> str:
+    if answer.status == 200:
+        return "duplicate" if answer.body.get("duplicate") else "accepted"
+    return "unavailable" if answer.status == 503 else "refused"
+
+
+def _event_type(payload: bytes) -> str:
+    """The type of a verified event as a label: one of the handled four, else other."""
+    try:
+        kind = stripe_webhooks.parse(payload).type
+    except stripe_webhooks.WebhookError:
+        return "other"
+    return kind if kind in stripe_webhooks.HANDLED else "other"
 
 
 class _Unavailable:

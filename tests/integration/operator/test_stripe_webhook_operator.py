@@ -283,3 +283,17 @@ async def test_operator_stripe_webhook_suspends_on_payment_failure_and_resumes_w
         what="a PaymentResumed Event",
     )
     assert await inbox_rows(ledger_dsn) == 2
+    # The deliveries, counted by the operator's /metrics.
+    async with httpx.AsyncClient(timeout=10) as http:
+        scrape = (await http.get(f"http://127.0.0.1:{stripe_operator.metrics_port}/metrics")).text
+    counted = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in scrape.splitlines()
+        if line.startswith("bmad_stripe_webhook_events_total{")
+    }
+    assert counted == {
+        'bmad_stripe_webhook_events_total{result="refused",type=""}': 3.0,
+        'bmad_stripe_webhook_events_total{result="accepted",type="invoice.payment_failed"}': 1.0,
+        'bmad_stripe_webhook_events_total{result="duplicate",type="invoice.paid"}': 1.0,
+        'bmad_stripe_webhook_events_total{result="accepted",type="invoice.paid"}': 1.0,
+    }
