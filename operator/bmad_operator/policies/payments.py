@@ -135,6 +135,15 @@ def suspension(decision: PaymentDecision) -> Cond | None:
     return Cond(SUSPENDED, TRUE, decision.suspend_reason, decision.suspend_message or "")
 
 
+def shown_suspension(previous: Sequence[Mapping[str, Any]]) -> Cond | None:
+    """The payment suspension the status shows (kept while a replica that took over has
+    not read the payment states yet: the agents must not start for a moment)."""
+    cond = find(previous, SUSPENDED)
+    if cond is None or cond.get("status") != TRUE or cond.get("reason") not in SUSPENSION_REASONS:
+        return None
+    return Cond(SUSPENDED, TRUE, str(cond["reason"]), str(cond.get("message") or ""))
+
+
 def suspends(tenant: Mapping[str, Any] | None) -> bool:
     """Whether the Tenant's status says payments suspended it (the Agent reconciler
     scales its agents to zero, as for ``spec.suspended``)."""

@@ -155,13 +155,14 @@ class TenantReconciler:
             self.usage.bill_to(name, _report_target(spec, billing_status, account))
         usage = self._usage(name)
         payment = self._payment(spec, billing_status)
-        if (
-            payment is not None
-            and payment.billing_ready is not None
-            and billing_cond.status == (conditions.TRUE)
-        ):
-            billing_cond = payment.billing_ready
-        payment_suspension = payment_policy.suspension(payment) if payment is not None else None
+        payment_suspension: Cond | None = None
+        if payment is not None:
+            payment_suspension = payment_policy.suspension(payment)
+            if payment.billing_ready is not None and billing_cond.status == conditions.TRUE:
+                billing_cond = payment.billing_ready
+        elif self.usage is not None and not self.usage.loaded:
+            # A takeover: keep a payment suspension until the states are read.
+            payment_suspension = payment_policy.shown_suspension(previous)
         ready = policy.ready_condition(
             refused=refused,
             suspended=spec.suspended,
