@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import random
 from collections.abc import Hashable, Mapping
@@ -78,6 +79,7 @@ class Controller:
             cache=self.store,
             operator_namespace=cfg.system_namespace,
             usage=self.metering,
+            payment_grace=dt.timedelta(seconds=cfg.payment_grace_seconds),
         )
         self.tenant_queue = workqueue.WorkQueue("Tenant", self.tenants.reconcile, workers=4)
         self.workflows = workflow_reconciler.WorkflowReconciler(

@@ -18,7 +18,7 @@ from typing import Any
 
 import kopf
 
-from bmad_operator import admission, controller, errors, kube, leader, settings
+from bmad_operator import admission, controller, errors, kube, leader, settings, stripe_endpoint
 from bmad_operator.builders import meta
 from bmad_operator.builders import webhook as webhook_builders
 from bmad_operator.policies import budget as policy_budget
@@ -74,6 +74,11 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     memo["controller"] = ctl
     if cfg.webhook_port:
         memo["webhook"] = await _serve_webhook(settings, api, cfg)
+    if cfg.stripe_webhook_port:
+        # Every replica: the inbox is the ledger's PostgreSQL (stripe_endpoint).
+        stripe = stripe_endpoint.Endpoint(api, ctl.store, cfg)
+        await stripe.start()
+        memo["stripe_webhook"] = stripe
     if not cfg.leader_election:
         ctl.start()
         return
@@ -147,6 +152,9 @@ async def cleanup(memo: Any, **_: Any) -> None:
         # Graceful: stop campaigning and reconciling, then hand the Lease over so a
         # standby need not wait for it to expire.
         await elector.release()
+    stripe = memo.get("stripe_webhook")
+    if stripe is not None:
+        await stripe.stop()
     ctl = memo.get("controller")
     if ctl is None:
         return

@@ -11,7 +11,10 @@ While this replica leads, `Metering.run`:
   (`bmad_integrations.usage.budget.decide`) and writes it into the platform Redis key
   the tenant's agents read (written only when it changed, and again after a takeover);
 - queues the Agents and Tenants whose usage or budget changed, so that their
-  reconcilers, the one writer of each status, show it (`usage_of`, `budget_of`).
+  reconcilers, the one writer of each status, show it (`usage_of`, `budget_of`);
+- reads, on the same poll, the payment states the Stripe webhook inbox keeps for the
+  billed Tenants' customers (`bmad_operator.stripe_endpoint` records them, on any
+  replica) and queues the Tenants whose state changed (`payment_of`).
 
 The Agent reconciler also asks it for the agent's ledger writer (`ensure_writer`):
 a Redis ACL user that may append to the agent's stream and read its tenant's budget
@@ -34,6 +37,7 @@ from typing import Any
 
 from redis import asyncio as aioredis
 
+from bmad_integrations import stripe_webhooks
 from bmad_integrations.usage import acl, budget, ingester, periods, prices, reporter, store
 from bmad_operator import settings, tenancy
 from bmad_operator import store as cache_mod
@@ -109,6 +113,7 @@ class Metering:
         self._writers: dict[tuple[str, str], str] = {}  # agent -> digest of its rules
         self._targets: dict[str, reporter.Target | None] = {}  # from the Tenant reconciler
         self._reporter: reporter.Reporter | None = None
+        self._payments: dict[str, stripe_webhooks.PaymentState] = {}  # by customer id
         self.loaded = False  # the totals were read at least once
 
     # -- connections -----------------------------------------------------------------
@@ -168,6 +173,10 @@ class Metering:
     def budget_of(self, tenant: str) -> budget.State | None:
         return self._budgets.get(tenant)
 
+    def payment_of(self, customer_id: str) -> stripe_webhooks.PaymentState | None:
+        """What Stripe's webhooks said about the customer; None: nothing (all paid)."""
+        return self._payments.get(customer_id)
+
     def bill_to(self, tenant: str, target: reporter.Target | None) -> None:
         self._targets[tenant] = target
 
@@ -216,6 +225,7 @@ class Metering:
         self._writers.clear()
         self._written.clear()
         self._agents, self._tenants, self._budgets = {}, {}, {}
+        self._payments = {}
         self.loaded = False
         refreshed = reported = -float("inf")
         try:
@@ -277,6 +287,7 @@ class Metering:
                 namespaces = set(tenancy.tenant_namespaces(self.cache, name))
                 changed_agents.update(k for k in self.cache.keys("Agent") if k[0] in namespaces)
         self._budgets = budgets
+        changed_tenants.update(await self._refresh_payments(ledger))
 
         if first:  # after a takeover: every status may be stale
             changed_agents.update(self.cache.keys("Agent"))
@@ -287,6 +298,22 @@ class Metering:
         for name in changed_tenants:
             if self.cache.get("Tenant", None, name) is not None:
                 self.notify_tenant(("", name))
+
+    async def _refresh_payments(self, ledger: store.LedgerStore) -> set[str]:
+        """Read the billed Tenants' payment states; the Tenants whose state changed."""
+        customers: dict[str, str] = {}
+        for (_, name), body in self.cache.items("Tenant"):
+            customer = ((body.get("status") or {}).get("billing") or {}).get("customerId")
+            if isinstance(customer, str) and customer:
+                customers[customer] = name
+        states = (
+            await stripe_webhooks.PaymentInbox(ledger.pool).states(sorted(customers))
+            if customers
+            else {}
+        )
+        changed = {name for c, name in customers.items() if states.get(c) != self._payments.get(c)}
+        self._payments = states
+        return changed
 
     async def report(self) -> reporter.ReportStats:
         """One Stripe pass over the ledger's unreported rows (`reporter.Reporter`)."""

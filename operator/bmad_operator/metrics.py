@@ -32,3 +32,10 @@ AUTOSCALER_SCALES = Counter(
     "Replica counts the autoscaler wrote, by direction (up, down).",
     ["direction"],
 )
+STRIPE_WEBHOOK_EVENTS = Counter(
+    "bmad_stripe_webhook_events_total",
+    "Stripe webhook deliveries by event type (the four handled ones, else other; empty "
+    "when refused before the body was trusted) and result (accepted, duplicate, refused, "
+    "unavailable).",
+    ["type", "result"],
+)

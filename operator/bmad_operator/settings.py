@@ -129,6 +129,20 @@ class OperatorSettings(BaseSettings):
         description="How often the ledger's unreported usage is sent to Stripe as meter "
         "events (billed Tenants) or set aside as unbilled (the others).",
     )
+    stripe_webhook_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port of the Stripe webhook endpoint (POST /stripe/webhook, plain HTTP "
+        "on bind_address, behind the Service bmad-operator-stripe); 0 disables it. Needs the "
+        "usage ledger: the webhook inbox is in its PostgreSQL.",
+    )
+    payment_grace_seconds: float = Field(
+        default=259200.0,
+        ge=0,
+        description="How long a tenant with a failed invoice payment (or a cancelled "
+        "subscription) keeps running before its agents are suspended.",
+    )
     # Where Integration checks may connect (bmad_integrations.egress): comma-separated.
     egress_allow: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -175,6 +189,15 @@ class OperatorSettings(BaseSettings):
             raise ValueError(
                 "BMAD_OPERATOR_USAGE_REDIS_URL and BMAD_OPERATOR_LEDGER_DSN go together: set "
                 "both to meter usage, or neither"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _stripe_webhook_needs_ledger(self) -> OperatorSettings:
+        if self.stripe_webhook_port and not self.ledger_dsn:
+            raise ValueError(
+                "BMAD_OPERATOR_STRIPE_WEBHOOK_PORT needs the usage ledger (its webhook inbox "
+                "is in BMAD_OPERATOR_LEDGER_DSN): set the ledger, or the port to 0"
             )
         return self
 

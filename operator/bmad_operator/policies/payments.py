@@ -13,16 +13,21 @@ again (the moment a grace period ends), so the reconciler needs no polling.
   ``incomplete_expired``): ``BillingReady=False`` and, after the grace period from
   that event, suspension. A subscription that becomes active again resumes.
 Reasons are constants, documented in docs/billing.md ("Webhooks"). The Tenant
-reconciler does not apply this decision yet (issue 14, stage 2).
+reconciler applies the decision: ``PaymentFailed``, and ``Suspended=True`` with the
+suspension's reason in its status, which the Agent reconciler honours like
+``spec.suspended`` (`suspends`); the user's spec is never written.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from bmad_integrations import stripe_webhooks
-from bmad_operator.conditions import FALSE, TRUE, Cond
+from bmad_operator import events
+from bmad_operator.conditions import FALSE, TRUE, Cond, find
 
 PAYMENT_FAILED = "PaymentFailed"
 # Reasons.
@@ -31,6 +36,11 @@ INVOICE_PAYMENT_FAILED = "InvoicePaymentFailed"
 PAYMENT_OVERDUE = "PaymentOverdue"
 SUBSCRIPTION_CANCELED = "SubscriptionCanceled"
 SUBSCRIPTION_UNPAID = "SubscriptionUnpaid"
+
+SUSPENDED = "Suspended"
+# The reasons of a Suspended condition that payments set (docs/billing.md).
+SUSPENSION_REASONS = frozenset({PAYMENT_OVERDUE, SUBSCRIPTION_CANCELED, SUBSCRIPTION_UNPAID})
+PAYMENT_RESUMED = "PaymentResumed"
 
 _GIVEN_UP = {
     "canceled": SUBSCRIPTION_CANCELED,
@@ -116,3 +126,59 @@ def decide(
         suspend_message=suspend_message,
         requeue_after=requeue_after,
     )
+
+
+def suspension(decision: PaymentDecision) -> Cond | None:
+    """The Tenant's ``Suspended`` condition for a payment suspension; None: none."""
+    if not decision.suspend or decision.suspend_reason is None:
+        return None
+    return Cond(SUSPENDED, TRUE, decision.suspend_reason, decision.suspend_message or "")
+
+
+def shown_suspension(previous: Sequence[Mapping[str, Any]]) -> Cond | None:
+    """The payment suspension the status shows (kept while a replica that took over has
+    not read the payment states yet: the agents must not start for a moment)."""
+    cond = find(previous, SUSPENDED)
+    if cond is None or cond.get("status") != TRUE or cond.get("reason") not in SUSPENSION_REASONS:
+        return None
+    return Cond(SUSPENDED, TRUE, str(cond["reason"]), str(cond.get("message") or ""))
+
+
+def suspends(tenant: Mapping[str, Any] | None) -> bool:
+    """Whether the Tenant's status says payments suspended it (the Agent reconciler
+    scales its agents to zero, as for ``spec.suspended``)."""
+    if tenant is None:
+        return False
+    cond = find((tenant.get("status") or {}).get("conditions") or [], SUSPENDED)
+    return bool(
+        cond is not None and cond.get("status") == TRUE and cond.get("reason") in SUSPENSION_REASONS
+    )
+
+
+def flip_events(
+    previous: Sequence[Mapping[str, Any]], decided: Sequence[Cond]
+) -> list[events.Event]:
+    """One Event per payment flip: ``PaymentFailed`` set or cleared, a payment
+    suspension begun or lifted. A first ``PaymentFailed=False`` says nothing."""
+    told: list[events.Event] = []
+    for cond in decided:
+        before = find(previous, cond.type)
+        was = before is not None and before.get("status") == TRUE
+        if cond.type == SUSPENDED:
+            was = was and before is not None and before.get("reason") in SUSPENSION_REASONS
+            now = cond.status == TRUE and cond.reason in SUSPENSION_REASONS
+        else:
+            now = cond.status == TRUE
+        if was == now:
+            continue
+        if now:
+            told.append(events.Event(events.WARNING, cond.reason, cond.message))
+        else:
+            message = (
+                "An invoice was paid: the tenant's agents run again."
+                if cond.type == SUSPENDED
+                else cond.message
+            )
+            reason = PAYMENT_RESUMED if cond.type == SUSPENDED else cond.reason
+            told.append(events.Event(events.NORMAL, reason, message))
+    return told

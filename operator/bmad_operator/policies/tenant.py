@@ -228,9 +228,12 @@ def billing_secret_not_found(namespace: str, name: str, secret: str) -> Cond:
     )
 
 
-def suspended_condition(suspended: bool) -> Cond:
+def suspended_condition(suspended: bool, payment: Cond | None = None) -> Cond:
+    """`payment`: the suspension payments decided (`policies.payments.suspension`)."""
     if suspended:
         return Cond("Suspended", TRUE, SUSPENDED_BY_SPEC, "Agents are scaled to zero.")
+    if payment is not None:
+        return payment
     return Cond("Suspended", FALSE, ACTIVE, "Agents run as specified.")
 
 
@@ -246,6 +249,7 @@ def ready_condition(
     namespaces: int,
     agents: int,
     quota: Cond | None = None,
+    payment_suspension: Cond | None = None,
 ) -> Cond:
     """Ready, in this order of precedence: a refused namespace, suspension, quotas not
     counted yet, billing, else ready. Every refused namespace is in the message, each
@@ -260,6 +264,8 @@ def ready_condition(
             SUSPENDED,
             "spec.suspended is true: the tenant's agents are scaled to zero.",
         )
+    if payment_suspension is not None:
+        return Cond("Ready", FALSE, payment_suspension.reason, payment_suspension.message)
     if quota is not None and quota.status != TRUE:
         return Cond("Ready", FALSE, quota.reason, quota.message)
     if billing.status != TRUE:

@@ -30,6 +30,7 @@ from bmad_operator.builders import agent as builders
 from bmad_operator.builders import integration as integration_builders
 from bmad_operator.builders import meta
 from bmad_operator.policies import agent as policy
+from bmad_operator.policies import payments as payment_policy
 from bmad_operator.policies import usage as usage_policy
 from bmad_operator.reconcilers import common
 
@@ -167,7 +168,10 @@ class AgentReconciler:
 
         tenant_name = tenancy.tenant_name_of_namespace(self.cache, namespace)
         tenant = self.cache.get("Tenant", None, tenant_name) if tenant_name else None
-        suspended = bool(tenant and (tenant.get("spec") or {}).get("suspended"))
+        # spec.suspended, or the suspension payments put in the Tenant's status.
+        suspended = bool(
+            tenant and (tenant.get("spec") or {}).get("suspended")
+        ) or payment_policy.suspends(tenant)
         integration_states = self._integration_states(namespace, spec)
         integrations_cond = policy.integrations_condition(
             integration_states, namespace, auth_mode=builders.auth_mode(spec)

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 import pydantic
 
+from bmad_integrations import stripe_webhooks
 from bmad_integrations.usage import budget as usage_budget
 from bmad_integrations.usage import reporter as usage_reporter
 from bmad_integrations.usage import store as usage_store
@@ -24,6 +25,9 @@ async def measured(kind: str, what: str, work: Awaitable[None]) -> None:
     with metrics.RECONCILE_SECONDS.labels(kind=kind).time():
         try:
             await work
+        except errors.Requeue:  # a pass that asks to come back at a time: not an error
+            metrics.RECONCILES.labels(kind=kind, result="ok").inc()
+            raise
         except errors.ApiError as exc:
             metrics.RECONCILES.labels(kind=kind, result="error").inc()
             metrics.RECONCILE_ERRORS.labels(kind=kind, reason=exc.reason or "ApiError").inc()
@@ -141,6 +145,10 @@ class UsageSource(Protocol):
     def usage_of_tenant(self, tenant: str) -> usage_store.PeriodUsage | None: ...
 
     def budget_of(self, tenant: str) -> usage_budget.State | None: ...
+
+    def payment_of(self, customer_id: str) -> stripe_webhooks.PaymentState | None:
+        """What Stripe's webhooks said about the customer (None: nothing unpaid)."""
+        ...
 
     async def ensure_writer(
         self, *, namespace: str, agent: str, tenant: str, password: str

@@ -32,6 +32,7 @@ from bmad_operator import conditions, errors, kube, store, tenancy, watching
 from bmad_operator.builders import meta
 from bmad_operator.builders import tenant as builders
 from bmad_operator.conditions import Cond
+from bmad_operator.policies import payments as payment_policy
 from bmad_operator.policies import tenant as policy
 from bmad_operator.policies import usage as usage_policy
 from bmad_operator.reconcilers import common
@@ -62,12 +63,15 @@ class TenantReconciler:
         cache: store.Store,
         operator_namespace: str,
         usage: common.UsageSource | None = None,
+        payment_grace: dt.timedelta = dt.timedelta(days=3),
     ) -> None:
         self.api = api
         self.cache = cache
         self.operator_namespace = operator_namespace
         # The usage ledger, when the operator meters usage (docs/billing.md).
         self.usage = usage
+        # How long a failed payment runs on before the agents are suspended.
+        self.payment_grace = payment_grace
 
     def watches(self) -> list[watching.Watch]:
         """The events that bring a Tenant back (kubebuilder's SetupWithManager)."""
@@ -150,6 +154,15 @@ class TenantReconciler:
         if self.usage is not None:
             self.usage.bill_to(name, _report_target(spec, billing_status, account))
         usage = self._usage(name)
+        payment = self._payment(spec, billing_status)
+        payment_suspension: Cond | None = None
+        if payment is not None:
+            payment_suspension = payment_policy.suspension(payment)
+            if payment.billing_ready is not None and billing_cond.status == conditions.TRUE:
+                billing_cond = payment.billing_ready
+        elif self.usage is not None and not self.usage.loaded:
+            # A takeover: keep a payment suspension until the states are read.
+            payment_suspension = payment_policy.shown_suspension(previous)
         ready = policy.ready_condition(
             refused=refused,
             suspended=spec.suspended,
@@ -157,9 +170,12 @@ class TenantReconciler:
             namespaces=len(held),
             agents=usage["agents"],
             quota=quota_cond,
+            payment_suspension=payment_suspension,
         )
-        suspended = policy.suspended_condition(spec.suspended)
+        suspended = policy.suspended_condition(spec.suspended, payment_suspension)
         decided = [ready, quota_cond, billing_cond, suspended]
+        if payment is not None:
+            decided.append(payment.payment_failed)
         # Until the ledger is read (a takeover), BudgetExhausted stays as it is shown.
         budget_cond = (
             usage_policy.budget_condition(self.usage.budget_of(name))
@@ -183,6 +199,26 @@ class TenantReconciler:
             budget_event = usage_policy.budget_event(previous, budget_cond)
             if budget_event is not None:
                 await common.post_event(self.api, body, budget_event)
+        if payment is not None:
+            for event in payment_policy.flip_events(previous, [payment.payment_failed, suspended]):
+                await common.post_event(self.api, body, event)
+            if payment.requeue_after is not None:
+                # Back when the grace period ends: the suspension needs no poll.
+                raise errors.Requeue(payment.requeue_after + 0.5, "payment grace period")
+
+    def _payment(
+        self, spec: tenant_api.TenantSpec, billing_status: Mapping[str, Any] | None
+    ) -> payment_policy.PaymentDecision | None:
+        """What Stripe's webhooks mean for a billed Tenant; None until the ledger is read
+        (a takeover: the conditions stay as they are shown) or without a customer."""
+        customer = (billing_status or {}).get("customerId")
+        if spec.billing is None or not customer or self.usage is None or not self.usage.loaded:
+            return None
+        return payment_policy.decide(
+            self.usage.payment_of(str(customer)),
+            now=dt.datetime.now(dt.UTC),
+            grace=self.payment_grace,
+        )
 
     def _quotas_not_counted(self, namespaces: list[str]) -> list[str]:
         """Our ResourceQuotas the quota controller has not counted yet (their status

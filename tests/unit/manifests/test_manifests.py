@@ -257,12 +257,18 @@ def test_operator_deployment_wiring(default_objs: list[Obj], operator_deployment
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["BMAD_OPERATOR_RUNTIME_IMAGE"] == container["image"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"health": 8080, "metrics": 8081, "webhook": 9443}
+    assert ports == {"health": 8080, "metrics": 8081, "webhook": 9443, "stripe-webhook": 8082}
     assert env["BMAD_OPERATOR_WEBHOOK_PORT"] == "9443"
     webhook = one(default_objs, "Service", "bmad-operator-webhook")
     assert env["BMAD_OPERATOR_WEBHOOK_SERVICE"] == "bmad-system/bmad-operator-webhook"
     assert env["BMAD_OPERATOR_WEBHOOK_HOST"] == "bmad-operator-webhook.bmad-system.svc"
     assert [(p["port"], p["targetPort"]) for p in webhook["spec"]["ports"]] == [(443, "webhook")]
+    # The Stripe webhook's Service (the port is off until the ledger is configured).
+    stripe = one(default_objs, "Service", "bmad-operator-stripe")
+    assert [(p["port"], p["targetPort"]) for p in stripe["spec"]["ports"]] == [
+        (80, "stripe-webhook")
+    ]
+    assert stripe["spec"]["selector"] == webhook["spec"]["selector"]
     assert container["livenessProbe"]["httpGet"] == {
         "path": "/healthz",
         "port": "health",

@@ -92,3 +92,17 @@ def test_what_is_reported_to_stripe_and_what_waits() -> None:
     # A namespace without a Tenant is metered, not billed.
     assert targets["team-x"].customer_id is None
     assert targets["unknown-tenant"].customer_id is None
+
+
+def test_the_stripe_webhook_port_needs_the_ledger() -> None:
+    assert settings.OperatorSettings().stripe_webhook_port == 0
+    with pytest.raises(pydantic.ValidationError, match="STRIPE_WEBHOOK_PORT needs the usage"):
+        settings.OperatorSettings(stripe_webhook_port=8082)
+    cfg = settings.OperatorSettings(
+        stripe_webhook_port=8082,
+        usage_redis_url="redis://127.0.0.1:6379/0",
+        ledger_dsn="postgresql://x@127.0.0.1/ledger",
+        payment_grace_seconds=60,
+    )
+    assert cfg.stripe_webhook_port == 8082
+    assert cfg.payment_grace_seconds == 60

@@ -93,3 +93,45 @@ def test_the_earliest_deadline_is_when_to_look_again() -> None:
     )
     decision = payments.decide(state, now=T0, grace=GRACE)
     assert decision.requeue_after == GRACE.total_seconds()
+
+
+def _tenant(*conds: dict[str, str]) -> dict[str, object]:
+    return {"status": {"conditions": list(conds)}}
+
+
+def test_only_a_payment_suspension_in_status_suspends_the_agents() -> None:
+    overdue = {"type": "Suspended", "status": "True", "reason": payments.PAYMENT_OVERDUE}
+    by_spec = {"type": "Suspended", "status": "True", "reason": "SuspendedBySpec"}
+    lifted = {"type": "Suspended", "status": "False", "reason": "Active"}
+    assert payments.suspends(_tenant(overdue))
+    assert not payments.suspends(_tenant(by_spec))  # spec.suspended says that itself
+    assert not payments.suspends(_tenant(lifted))
+    assert not payments.suspends(None)
+
+
+def test_one_event_per_payment_flip_none_for_a_first_current_state() -> None:
+    state = PaymentState("cus_A", failed_since=T0, last_failure_at=T0)
+    warned = payments.decide(state, now=T0, grace=GRACE)
+    overdue = payments.decide(state, now=T0 + GRACE, grace=GRACE)
+    current = payments.decide(None, now=T0, grace=GRACE)
+    suspension = payments.suspension(overdue)
+    assert suspension is not None
+    assert payments.suspension(warned) is None
+    active = payments.Cond("Suspended", "False", "Active", "Agents run as specified.")
+
+    def shown(*conds: payments.Cond) -> list[dict[str, str]]:
+        return [{"type": c.type, "status": c.status, "reason": c.reason} for c in conds]
+
+    assert payments.flip_events([], [current.payment_failed, active]) == []
+    told = payments.flip_events(shown(current.payment_failed, active), [warned.payment_failed])
+    assert [(e.type, e.reason) for e in told] == [("Warning", payments.INVOICE_PAYMENT_FAILED)]
+    assert payments.flip_events(shown(warned.payment_failed), [overdue.payment_failed]) == []
+    told = payments.flip_events(shown(active), [suspension])
+    assert [(e.type, e.reason) for e in told] == [("Warning", payments.PAYMENT_OVERDUE)]
+    told = payments.flip_events(
+        shown(overdue.payment_failed, suspension), [current.payment_failed, active]
+    )
+    assert [(e.type, e.reason) for e in told] == [
+        ("Normal", payments.PAYMENTS_CURRENT),
+        ("Normal", payments.PAYMENT_RESUMED),
+    ]

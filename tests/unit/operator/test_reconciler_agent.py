@@ -18,6 +18,7 @@ import pytest
 
 from bmad_crds import runtime_contract as contract
 from bmad_crds.v1alpha1 import agent as agent_api
+from bmad_integrations import stripe_webhooks
 from bmad_integrations.usage import budget as usage_budget
 from bmad_integrations.usage import periods as usage_periods
 from bmad_integrations.usage import store as usage_store
@@ -751,6 +752,9 @@ class FakeUsage:
 
     def budget_of(self, tenant: str) -> usage_budget.State | None:
         return self.budget
+
+    def payment_of(self, customer_id: str) -> stripe_webhooks.PaymentState | None:
+        return None
 
     async def ensure_writer(
         self, *, namespace: str, agent: str, tenant: str, password: str

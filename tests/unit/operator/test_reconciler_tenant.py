@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from bmad_integrations import billing
+from bmad_integrations import billing, stripe_webhooks
 from bmad_integrations.usage import budget as usage_budget
 from bmad_integrations.usage import periods as usage_periods
 from bmad_integrations.usage import reporter as usage_reporter
@@ -698,6 +698,7 @@ class FakeUsage:
         self.loaded = True
         self.usage: usage_store.PeriodUsage | None = None
         self.budget: usage_budget.State | None = None
+        self.payment: stripe_webhooks.PaymentState | None = None
         self.targets: dict[str, usage_reporter.Target | None] = {}
 
     def usage_of_agent(self, namespace: str, name: str) -> usage_store.PeriodUsage | None:
@@ -708,6 +709,9 @@ class FakeUsage:
 
     def budget_of(self, tenant: str) -> usage_budget.State | None:
         return self.budget
+
+    def payment_of(self, customer_id: str) -> stripe_webhooks.PaymentState | None:
+        return self.payment
 
     async def ensure_writer(self, **kw: str) -> None:
         raise AssertionError("the Tenant reconciler sets no writer")
@@ -756,3 +760,34 @@ async def test_a_billed_tenant_is_reported_to_its_customer_once_billing_is_in_pl
     assert target.customer_id == "cus_acme"
     assert target.account is not None
     assert target.account.api_key == "sk_test_acme"
+
+
+async def test_a_payment_suspension_lives_in_status_survives_a_takeover_and_lifts_when_paid(
+    stripe: FakeStripe,
+) -> None:
+    h = Harness({"namespaces": ["acme-prod"], "billing": BILLING})
+    usage = FakeUsage()
+    h.reconciler.usage = usage
+    stripe_integration(h)
+    await h.run()
+    assert h.reason("PaymentFailed") == ("False", "PaymentsCurrent")
+    assert h.reason("Suspended") == ("False", "Active")
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+    usage.payment = stripe_webhooks.PaymentState(
+        "cus_acme", failed_since=long_ago, last_failure_at=long_ago
+    )
+    await h.run()
+    assert h.reason("PaymentFailed") == ("True", "PaymentOverdue")
+    assert h.reason("Suspended") == ("True", "PaymentOverdue")
+    assert h.reason("Ready") == ("False", "PaymentOverdue")
+    assert h.tenant()["spec"].get("suspended") is None  # the spec is never written
+    assert "PaymentOverdue" in h.event_reasons()
+    # A replica that took over and has not read the payment states keeps it.
+    usage.loaded, usage.payment = False, None
+    await h.run()
+    assert h.reason("Suspended") == ("True", "PaymentOverdue")
+    usage.loaded = True
+    await h.run()
+    assert h.reason("PaymentFailed") == ("False", "PaymentsCurrent")
+    assert h.reason("Suspended") == ("False", "Active")
+    assert "PaymentResumed" in h.event_reasons()
