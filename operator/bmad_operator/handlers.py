@@ -12,11 +12,13 @@ import logging
 import shutil
 import tempfile
 import typing
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import kopf
+from kopf._cogs.clients import errors as kopf_errors
+from kopf._cogs.clients import watching as kopf_watching
 
 from bmad_operator import admission, controller, errors, kube, leader, settings, stripe_endpoint
 from bmad_operator.builders import meta
@@ -41,6 +43,40 @@ class NoDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
         self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None
     ) -> kopf.BodyEssence:
         return typing.cast(kopf.BodyEssence, {})
+
+
+# How long a watch whose resource is gone waits before kopf asks again.
+GONE_RESOURCE_PAUSE = 5.0
+
+
+def tolerate_vanished_resources(
+    watch: Callable[..., AsyncIterator[Any]],
+) -> Callable[..., AsyncIterator[Any]]:
+    """kopf's watch stream, except that a 404 ends the stream instead of the operator.
+
+    A watched kind whose CRD is deleted (KEDA uninstalled, for one) answers a watch
+    request with 404. kopf stops that kind's watcher once its CRD watch sees the
+    deletion, but a watch that reconnects first gets the 404, and kopf lets it end the
+    whole operator ("Multidimensional multitasker has failed: 404 page not found", seen
+    in a CI run). Here the stream just ends: kopf's loop asks again after a pause, and
+    the watcher is stopped when kopf notices the CRD is gone (or the kind is back).
+    """
+
+    async def stream(**kwargs: Any) -> AsyncIterator[Any]:
+        try:
+            async for event in watch(**kwargs):
+                yield event
+        except kopf_errors.APINotFoundError:
+            log.info("%s is not served (its CRD was removed?): watching it again later",
+                     kwargs.get("resource"))  # fmt: skip
+            await asyncio.sleep(GONE_RESOURCE_PAUSE)
+
+    return stream
+
+
+if not getattr(kopf_watching.continuous_watch, "tolerates_vanished_resources", False):
+    kopf_watching.continuous_watch = tolerate_vanished_resources(kopf_watching.continuous_watch)
+    kopf_watching.continuous_watch.tolerates_vanished_resources = True  # type: ignore[attr-defined]
 
 
 def configure(kopf_settings: kopf.OperatorSettings) -> None:
