@@ -10,6 +10,9 @@ ClusterRole of manifests/rbac. This test reads that audit log and fails on:
 
 It runs on its own marker because "nothing used this rule" only means something after
 the whole suite ran: on a subset, every rule the subset does not reach would fail.
+`MAY_GO_UNUSED` names the few verbs granted for paths a run may not take (a read when
+the watch's store misses an object, which CI run 7 hit and RBAC refused), each with why
+it grants nothing more than the role already does.
 
 Before the change it failed with, among others (the ClusterRole then granted every
 verb on Secrets, namespaces, RoleBindings, Deployments and webhook configurations):
@@ -52,6 +55,16 @@ IMPLIED = rbac.Implied(
 )
 
 
+# Granted for code paths a whole run may not take, each with why it grants nothing the
+# role does not already allow. Everything else unused fails.
+MAY_GO_UNUSED = {
+    # A GET when the watch's store misses the object (reconcilers.tenant for a billing
+    # Integration, admission for an Agent): `list` on the same kinds is granted.
+    ("get", "bmad.dev", "agents"): "store-miss read; list is granted",
+    ("get", "bmad.dev", "integrations"): "store-miss read; list is granted",
+}
+
+
 def _all_events(log: Path) -> list[dict[str, Any]]:
     """The whole log of this test bed, the rotated files first.
 
@@ -90,4 +103,5 @@ def test_hole4_operator_role_grants_exactly_the_calls_in_the_audit_log(
         f"only {report.requests} audited requests of the operator: run the whole suite first "
         "(scripts/test.sh runs this test after it)"
     )
+    report.unused = [g for g in report.unused if (g.verb, g.group, g.resource) not in MAY_GO_UNUSED]
     assert report.ok, report.failure_message(roles_file="manifests/rbac")
