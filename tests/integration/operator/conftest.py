@@ -32,7 +32,8 @@ async def ledger_dsn(postgres_url: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def metering_operator(
+def metering_operator(  # noqa: PLR0917 - fixtures are positional
+    no_other_operator: None,
     crds: list[str],
     operator_kubeconfig: str,
     testbed_env: dict[str, str],
@@ -67,3 +68,27 @@ async def api(testbed_env: dict[str, str]) -> AsyncIterator[kube.Kube]:
         yield client
     finally:
         await client.close()
+
+
+def _session_operator(request: pytest.FixtureRequest) -> OperatorProcess | None:
+    """The session's operator if an earlier test started it (without starting it)."""
+    defs = request._fixturemanager.getfixturedefs("operator", request.node) or ()
+    for fixturedef in defs:
+        cached = getattr(fixturedef, "cached_result", None)
+        if cached and isinstance(cached[0], OperatorProcess):
+            return cached[0]
+    return None
+
+
+@pytest.fixture
+def no_other_operator(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The session's operator watches every namespace: it must not reconcile what a
+    test's own operator process does (the HA replicas; an operator with the ledger,
+    whose Tenant status the session's one, without payments, would write back). Stopped
+    for the test, started again after."""
+    running = _session_operator(request)
+    if running is not None:
+        running.stop()
+    yield
+    if running is not None:
+        running.start()

@@ -165,28 +165,6 @@ def webhook_configuration(kubectl: Kubectl, no_other_operator: None) -> Iterator
         )
 
 
-def _session_operator(request: pytest.FixtureRequest) -> OperatorProcess | None:
-    """The session's operator if an earlier test started it (without starting it)."""
-    defs = request._fixturemanager.getfixturedefs("operator", request.node) or ()
-    for fixturedef in defs:
-        cached = getattr(fixturedef, "cached_result", None)
-        if cached and isinstance(cached[0], OperatorProcess):
-            return cached[0]
-    return None
-
-
-@pytest.fixture
-def no_other_operator(request: pytest.FixtureRequest) -> Iterator[None]:
-    """The session's operator watches every namespace: it must not reconcile these
-    Agents behind the replicas' backs. Stopped for the test, started again after."""
-    running = _session_operator(request)
-    if running is not None:
-        running.stop()
-    yield
-    if running is not None:
-        running.start()
-
-
 @pytest.mark.usefixtures("crds", "webhook_configuration")
 def test_standby_takes_over_from_a_sigkilled_leader_mid_rollout(
     kubectl: Kubectl,

@@ -40,7 +40,8 @@ WEBHOOK_SECRET = "whsec_operator_endpoint_9c8b7a6d5e4f"
 
 
 @pytest.fixture
-def stripe_operator(
+def stripe_operator(  # noqa: PLR0917 - fixtures are positional
+    no_other_operator: None,
     crds: list[str],
     operator_kubeconfig: str,
     testbed_env: dict[str, str],
