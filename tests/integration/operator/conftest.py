@@ -12,7 +12,7 @@ from bmad_testbed import databases
 from bmad_testbed.kubectl import Kubectl
 from bmad_testbed.operator_proc import OperatorProcess
 
-from .helpers import Tenants
+from .helpers import Tenants, ledger_env
 
 
 @pytest.fixture
@@ -45,12 +45,7 @@ def metering_operator(  # noqa: PLR0917 - fixtures are positional
     proc = OperatorProcess(
         kubeconfig=operator_kubeconfig,
         log_path=tmp_path / "operator.log",
-        extra_env={
-            "BMAD_OPERATOR_USAGE_REDIS_URL": testbed_env["BMAD_REDIS_URL"],
-            "BMAD_OPERATOR_LEDGER_DSN": ledger_dsn,
-            "BMAD_OPERATOR_USAGE_POLL_SECONDS": "1",
-            "BMAD_OPERATOR_USAGE_REPORT_SECONDS": "1",
-        },
+        extra_env=ledger_env(testbed_env, ledger_dsn),
     )
     proc.start()
     try:

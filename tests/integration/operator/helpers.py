@@ -105,10 +105,16 @@ async def until(check: Any, *, within: float, what: str, every: float = 0.5) -> 
 
 @contextlib.contextmanager
 def stripe_integration(
-    kubectl: Kubectl, namespace: str, api_base: str, *, prefix: str, api_key: bytes
+    kubectl: Kubectl,
+    namespace: str,
+    api_base: str,
+    *,
+    prefix: str,
+    api_key: bytes,
+    more: dict[str, bytes] | None = None,
 ) -> Iterator[str]:
-    """A stripe Integration (and its key's Secret) in `namespace`, pointed at `api_base`;
-    its name, removed again afterwards."""
+    """A stripe Integration (and its key's Secret, with the keys of `more` too) in
+    `namespace`, pointed at `api_base`; its name, removed again afterwards."""
     if not kubectl.exists("namespace", namespace):
         kubectl.run("create", "namespace", namespace)
     k = kubectl.in_namespace(namespace)
@@ -118,7 +124,10 @@ def stripe_integration(
             "apiVersion": "v1",
             "kind": "Secret",
             "metadata": {"name": name},
-            "data": {"apiKey": base64.b64encode(api_key).decode()},
+            "data": {
+                key: base64.b64encode(value).decode()
+                for key, value in {"apiKey": api_key, **(more or {})}.items()
+            },
         }
     )
     k.apply(
@@ -170,3 +179,14 @@ def bind_redis(k: Kubectl, testbed_env: dict[str, str]) -> None:
             },
         }
     )
+
+
+def ledger_env(testbed_env: dict[str, str], ledger_dsn: str) -> dict[str, str]:
+    """An operator's settings for the usage ledger: the test bed's Redis and the given
+    PostgreSQL database, the totals read and reported every second."""
+    return {
+        "BMAD_OPERATOR_USAGE_REDIS_URL": testbed_env["BMAD_REDIS_URL"],
+        "BMAD_OPERATOR_LEDGER_DSN": ledger_dsn,
+        "BMAD_OPERATOR_USAGE_POLL_SECONDS": "1",
+        "BMAD_OPERATOR_USAGE_REPORT_SECONDS": "1",
+    }

@@ -11,9 +11,7 @@ later ``invoice.paid`` resumes the tenant.
 
 from __future__ import annotations
 
-import base64
 import json
-import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +27,7 @@ from bmad_testbed.kubectl import Kubectl, eventually
 from bmad_testbed.operator_proc import OperatorProcess
 from bmad_testbed.stripe_proxy import StripeProxy
 
-from .helpers import Tenants, agent, condition
+from .helpers import Tenants, agent, condition, ledger_env, stripe_integration
 from .helpers import tenant as _tenant
 
 pytestmark = pytest.mark.integration
@@ -54,10 +52,7 @@ def stripe_operator(  # noqa: PLR0917 - fixtures are positional
         kubeconfig=operator_kubeconfig,
         log_path=tmp_path / "operator.log",
         extra_env={
-            "BMAD_OPERATOR_USAGE_REDIS_URL": testbed_env["BMAD_REDIS_URL"],
-            "BMAD_OPERATOR_LEDGER_DSN": ledger_dsn,
-            "BMAD_OPERATOR_USAGE_POLL_SECONDS": "1",
-            "BMAD_OPERATOR_USAGE_REPORT_SECONDS": "1",
+            **ledger_env(testbed_env, ledger_dsn),
             "BMAD_OPERATOR_STRIPE_WEBHOOK_PORT": str(port),
             "BMAD_OPERATOR_PAYMENT_GRACE_SECONDS": str(GRACE_SECONDS),
         },
@@ -76,37 +71,18 @@ def stripe_operator(  # noqa: PLR0917 - fixtures are positional
 def billing_integration(kubectl: Kubectl, testbed_env: dict[str, str]) -> Iterator[str]:
     """A stripe Integration in the operator's namespace whose Secret holds the API key
     and the webhook signing secret, in front of the Stripe stand-in."""
-    if not kubectl.exists("namespace", SYSTEM_NS):
-        kubectl.run("create", "namespace", SYSTEM_NS)
-    k = kubectl.in_namespace(SYSTEM_NS)
-    name = f"stripe-hook-{secrets.token_hex(3)}"
-    data = {"apiKey": b"sk_test_webhooks", "webhookSecret": WEBHOOK_SECRET.encode()}
-    with StripeProxy(testbed_env["BMAD_STRIPE_API_BASE"]) as proxy:
-        k.apply(
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {"name": name},
-                "data": {key: base64.b64encode(value).decode() for key, value in data.items()},
-            }
-        )
-        k.apply(
-            {
-                "apiVersion": "bmad.dev/v1alpha1",
-                "kind": "Integration",
-                "metadata": {"name": name},
-                "spec": {
-                    "type": "stripe",
-                    "secretRef": {"name": name},
-                    "stripe": {"apiBase": proxy.url},
-                },
-            }
-        )
-        try:
-            yield name
-        finally:
-            k.run("delete", "integration", name, "--ignore-not-found", check=False)
-            k.run("delete", "secret", name, "--ignore-not-found", check=False)
+    with (
+        StripeProxy(testbed_env["BMAD_STRIPE_API_BASE"]) as proxy,
+        stripe_integration(
+            kubectl,
+            SYSTEM_NS,
+            proxy.url,
+            prefix="stripe-hook",
+            api_key=b"sk_test_webhooks",
+            more={"webhookSecret": WEBHOOK_SECRET.encode()},
+        ) as name,
+    ):
+        yield name
 
 
 def stripe_event(event_id: str, kind: str, customer: str, created: int) -> bytes:
