@@ -80,10 +80,16 @@ def create_app(
         agent=settings.agent_name, namespace=settings.agent_namespace, role=settings.agent_role
     )
     metrics = metrics or telemetry.Metrics(
-        labels=telemetry.agent_labels(namespace=settings.agent_namespace, agent=settings.agent_name)
+        labels=telemetry.agent_labels(
+            namespace=settings.agent_namespace,
+            agent=settings.agent_name,
+            tenant=settings.effective_tenant,
+        )
     )
     if isinstance(providers.tracer, trace.NoOpTracer):
         providers.tracer = tracing.tracer
+    if providers.observer is None:
+        providers.observer = metrics.record_operation
     state = deps.RuntimeState(
         tenant=settings.effective_tenant,
         agent=settings.agent_key,

@@ -6,7 +6,17 @@ The operator's autoscaler reads ``bmad_agent_queue_depth``, ``bmad_agent_infligh
 ``bmad_agent_tokens_total``, selecting the series of one Agent by their ``namespace``
 and ``agent`` labels: every series an app serves carries both (`Metrics(labels=...)`),
 so any scrape finds them, whether or not its relabelling adds them (a scrape that
-sets a ``namespace`` target label of its own, the pod's, keeps the same value).
+sets a ``namespace`` target label of its own, the pod's, keeps the same value). They
+also carry ``tenant``, which the dashboards select on (docs/billing.md).
+
+Model calls are measured after the OpenTelemetry semantic conventions for generative
+AI, with attribute names written the Prometheus way (``.`` as ``_``):
+``gen_ai_client_token_usage`` (tokens per call, by ``gen_ai_token_type``) and
+``gen_ai_client_operation_duration_seconds`` (one observation per provider tried, with
+``error_type`` set when it failed). Their labels are bounded: operation, provider and
+model names (a handful per agent), never a conversation or request id. The runtime
+states no price (the operator's ingester applies the platform's price table), so cost
+is an operator metric (`bmad_operator.metrics`).
 
 Traces: an OpenTelemetry SDK `TracerProvider` per app, exporting over OTLP only when
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set and an OTLP exporter package is installed (the
@@ -40,6 +50,13 @@ SERVICE_NAME = "bmad-agent-runtime"
 # The labels that say whose series these are (the operator's autoscaler selects on them).
 NAMESPACE_LABEL = "namespace"
 AGENT_LABEL = "agent"
+TENANT_LABEL = "tenant"
+# The OpenTelemetry GenAI conventions' advised buckets: tokens by powers of 4,
+# durations doubling from 10 ms.
+TOKEN_BUCKETS = tuple(float(4**n) for n in range(14))
+OPERATION_BUCKETS = tuple(0.01 * 2**n for n in range(14))
+# gen_ai.operation.name of a chat completion (the only operation the runtime makes).
+CHAT = "chat"
 
 # OTEL_EXPORTER_OTLP_PROTOCOL value -> the module of its span exporter.
 _EXPORTERS = {
@@ -48,9 +65,12 @@ _EXPORTERS = {
 }
 
 
-def agent_labels(*, namespace: str, agent: str) -> dict[str, str]:
-    """The labels every series of one agent's replica carries."""
-    return {NAMESPACE_LABEL: namespace, AGENT_LABEL: agent}
+def agent_labels(*, namespace: str, agent: str, tenant: str | None = None) -> dict[str, str]:
+    """The labels every series of one agent's replica carries (``tenant`` when given)."""
+    labels = {NAMESPACE_LABEL: namespace, AGENT_LABEL: agent}
+    if tenant:
+        labels[TENANT_LABEL] = tenant
+    return labels
 
 
 class _Labelled(registry.Collector):
@@ -140,6 +160,35 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.token_usage = prometheus_client.Histogram(
+            "gen_ai_client_token_usage",
+            "Tokens per model call (OpenTelemetry gen_ai.client.token.usage), by token "
+            "type (input: prompt, output: completion).",
+            [
+                "gen_ai_operation_name",
+                "gen_ai_provider_name",
+                "gen_ai_request_model",
+                "gen_ai_response_model",
+                "gen_ai_token_type",
+            ],
+            buckets=TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.operation_duration = prometheus_client.Histogram(
+            "gen_ai_client_operation_duration_seconds",
+            "Duration of one model call to one provider (OpenTelemetry "
+            "gen_ai.client.operation.duration); error_type is empty when it answered.",
+            ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "error_type"],
+            buckets=OPERATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.ledger_writes = prometheus_client.Counter(
+            "bmad_usage_ledger_writes",
+            "Usage records appended to the platform ledger's stream, by result (ok, failed).",
+            ["result"],
+            registry=self.registry,
+        )
+
     def record_datastores(self, transports: Mapping[str, str]) -> None:
         """One series per datastore: 1 for the way its connection travels, 0 for the others."""
         for datastore, how in transports.items():
@@ -151,6 +200,33 @@ class Metrics:
     def record_tokens(self, model: str, usage: ports.Usage) -> None:
         self.tokens.labels(direction="in", model=model).inc(usage.tokens_in)
         self.tokens.labels(direction="out", model=model).inc(usage.tokens_out)
+
+    def record_usage(self, completion: ports.Completion, *, request_model: str) -> None:
+        """The tokens of one answered model call (both the GenAI histogram and the
+        per-direction counter the autoscaler reads)."""
+        self.record_tokens(completion.model, completion.usage)
+        for token_type, count in (
+            ("input", completion.usage.tokens_in),
+            ("output", completion.usage.tokens_out),
+        ):
+            self.token_usage.labels(
+                gen_ai_operation_name=CHAT,
+                gen_ai_provider_name=completion.provider,
+                gen_ai_request_model=request_model,
+                gen_ai_response_model=completion.model,
+                gen_ai_token_type=token_type,
+            ).observe(count)
+
+    def record_operation(
+        self, *, provider: str, model: str, seconds: float, error_type: str = ""
+    ) -> None:
+        """One call to one provider of the chain; ``error_type`` names a failure."""
+        self.operation_duration.labels(
+            gen_ai_operation_name=CHAT,
+            gen_ai_provider_name=provider,
+            gen_ai_request_model=model,
+            error_type=error_type,
+        ).observe(seconds)
 
     def render(self) -> bytes:
         return prometheus_client.generate_latest(self._served)

@@ -329,18 +329,23 @@ async def finish(
     usage = completion.usage
     if services.ledger is not None:
         # First: an answer the ledger has no record of never leaves (LedgerUnavailableError).
-        await services.ledger.write(
-            ports.LedgerEntry(
-                record_id=turn.record_id or record_id(request_id=turn.request_id, task_id=None),
-                source=turn.source,
-                provider=completion.provider,
-                model=completion.model,
-                tokens_in=usage.tokens_in,
-                tokens_out=usage.tokens_out,
-                conversation_id=turn.conversation_id,
-                occurred_at=dt.datetime.now(dt.UTC),
+        try:
+            await services.ledger.write(
+                ports.LedgerEntry(
+                    record_id=turn.record_id or record_id(request_id=turn.request_id, task_id=None),
+                    source=turn.source,
+                    provider=completion.provider,
+                    model=completion.model,
+                    tokens_in=usage.tokens_in,
+                    tokens_out=usage.tokens_out,
+                    conversation_id=turn.conversation_id,
+                    occurred_at=dt.datetime.now(dt.UTC),
+                )
             )
-        )
+        except ports.LedgerUnavailableError:
+            services.metrics.ledger_writes.labels(result="failed").inc()
+            raise
+        services.metrics.ledger_writes.labels(result="ok").inc()
     if services.config.memory.turns > 0:
         await services.store.append(
             ports.Turn(turn.conversation_id, "user", turn.user_text, turn.received_at),
@@ -393,7 +398,7 @@ async def finish(
     extra = usage.tokens_in + usage.tokens_out - turn.estimated_in
     if charge is not None and extra > 0:
         await charge(tenant=caller.tenant, agent=services.agent, tokens=extra)
-    services.metrics.record_tokens(completion.model, usage)
+    services.metrics.record_usage(completion, request_model=request_model(services, completion))
     services.metrics.tasks.labels(outcome=outcome).inc()
     return schemas.InvokeResponse(
         output=completion.text,
@@ -404,6 +409,17 @@ async def finish(
         latency_ms=latency,
         finish_reason=completion.finish_reason,
     )
+
+
+def request_model(services: Services, completion: ports.Completion) -> str:
+    """The model the runtime asked for (the chain's entry of the provider that answered);
+    the completion names the model that answered, which a provider may spell longer
+    (``gpt-4o`` answered by ``gpt-4o-2024-08-06``)."""
+    same = [p for p in services.router.chain if p.name == completion.provider]
+    for provider in same:
+        if completion.model.startswith(provider.model):
+            return provider.model
+    return same[0].model if same else completion.model
 
 
 async def run(

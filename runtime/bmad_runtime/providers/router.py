@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from opentelemetry import trace
@@ -52,6 +52,20 @@ class AllProvidersFailedError(Exception):
     def retry_after(self) -> float | None:
         waits = [e.retry_after for e in self.errors if e.retry_after is not None]
         return min(waits) if waits else None
+
+
+class CallObserver(Protocol):
+    """Told of every call to one provider of the chain, answered or failed
+    (`telemetry.Metrics.record_operation`)."""
+
+    def __call__(
+        self, *, provider: str, model: str, seconds: float, error_type: str = ""
+    ) -> None: ...
+
+
+def error_type(exc: base.ProviderError) -> str:
+    """A failure's low-cardinality name: the HTTP status, else the exception's class."""
+    return str(exc.status) if exc.status is not None else type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -89,6 +103,8 @@ class ModelRouter:
             raise ValueError("a model router needs at least one provider")
         self.chain = list(chain)
         self.tracer: trace.Tracer = tracer or trace.NoOpTracer()
+        # Set by the app to its metrics (`create_app`): every provider call is observed.
+        self.observer: CallObserver | None = None
         self._client = client
         self._ready_ttl = ready_ttl
         self._clock = clock
@@ -97,6 +113,17 @@ class ModelRouter:
     @property
     def primary(self) -> base.BaseProvider:
         return self.chain[0]
+
+    def _observe(
+        self, provider: base.BaseProvider, began: float, exc: base.ProviderError | None = None
+    ) -> None:
+        if self.observer is not None:
+            self.observer(
+                provider=provider.name,
+                model=provider.model,
+                seconds=time.perf_counter() - began,
+                error_type="" if exc is None else error_type(exc),
+            )
 
     def _attributes(self, provider: base.BaseProvider, position: int) -> dict[str, Any]:
         return {
@@ -115,13 +142,16 @@ class ModelRouter:
                 kind=trace.SpanKind.CLIENT,
                 attributes=self._attributes(provider, position),
             ) as span:
+                began = time.perf_counter()
                 try:
                     completion = await provider.complete(messages, params=params)
                 except base.ProviderError as exc:
+                    self._observe(provider, began, exc)
                     span.set_status(trace.Status(trace.StatusCode.ERROR, exc.message))
                     errors.append(exc)
                     self._log_failover(exc, position)
                     continue
+                self._observe(provider, began)
                 _record_usage(span, completion)
                 return completion
         raise AllProvidersFailedError(errors)
@@ -139,6 +169,7 @@ class ModelRouter:
                 attributes=self._attributes(provider, position),
             )
             started = False
+            began = time.perf_counter()
             try:
                 async with contextlib.aclosing(
                     provider.stream_events(messages, params=params)
@@ -146,12 +177,16 @@ class ModelRouter:
                     async for event in events:
                         started = True
                         if isinstance(event, ports.Completion):
+                            # The model's part ends with its summary (the caller may
+                            # take its time with the pieces, which is not the model's).
+                            self._observe(provider, began)
                             _record_usage(span, event)
                             yield event
                         else:
                             yield base.Delta(event.text, provider.name, provider.model)
                 return
             except base.ProviderError as exc:
+                self._observe(provider, began, exc)
                 span.set_status(trace.Status(trace.StatusCode.ERROR, exc.message))
                 if started:
                     raise

@@ -361,22 +361,27 @@ async def test_metrics_count_requests_by_route_template_and_tokens() -> None:
         await client.get("/no/such/route")
         text = (await client.get("/metrics")).text
     # Every series carries the agent's namespace and name (the autoscaler selects on
-    # them); the exposition sorts labels by name.
+    # them) and its tenant (the dashboards do); the exposition sorts labels by name.
     who = 'agent="pm-1",namespace="team-a"'
-    assert f'bmad_agent_request_seconds_count{{{who},route="/v1/invoke",status="200"}} 1.0' in text
+    tenant = 'tenant="team-a"'  # no tenant set: the namespace's
+    assert (
+        f'bmad_agent_request_seconds_count{{{who},route="/v1/invoke",status="200",{tenant}}} 1.0'
+    ) in text
     assert (
         f"bmad_agent_request_seconds_count{{{who},"
-        'route="/v1/conversations/{conversation_id}/messages",status="404"} 1.0'
+        f'route="/v1/conversations/{{conversation_id}}/messages",status="404",{tenant}}} 1.0'
     ) in text
-    assert f'bmad_agent_request_seconds_count{{{who},route="unmatched",status="404"}} 1.0' in text
     assert (
-        'bmad_agent_tokens_total{agent="pm-1",direction="out",model="echo-1",namespace="team-a"}'
-        " 3.0"
+        f'bmad_agent_request_seconds_count{{{who},route="unmatched",status="404",{tenant}}} 1.0'
     ) in text
-    assert f'bmad_agent_tasks_total{{{who},outcome="ok"}} 1.0' in text
-    assert f"bmad_agent_inflight{{{who}}} 0.0" in text
-    assert f"bmad_agent_queue_depth{{{who}}} 0.0" in text
-    assert f"bmad_agent_dead_letters{{{who}}} 0.0" in text
+    assert (
+        'bmad_agent_tokens_total{agent="pm-1",direction="out",model="echo-1",namespace="team-a",'
+        f"{tenant}}} 3.0"
+    ) in text
+    assert f'bmad_agent_tasks_total{{{who},outcome="ok",{tenant}}} 1.0' in text
+    assert f"bmad_agent_inflight{{{who},{tenant}}} 0.0" in text
+    assert f"bmad_agent_queue_depth{{{who},{tenant}}} 0.0" in text
+    assert f"bmad_agent_dead_letters{{{who},{tenant}}} 0.0" in text
 
 
 async def test_two_apps_keep_their_own_metrics() -> None:
