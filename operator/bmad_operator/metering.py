@@ -38,8 +38,17 @@ from typing import Any
 from redis import asyncio as aioredis
 
 from bmad_integrations import stripe_webhooks
-from bmad_integrations.usage import acl, budget, ingester, periods, prices, reporter, store
-from bmad_operator import settings, tenancy
+from bmad_integrations.usage import (
+    acl,
+    budget,
+    ingester,
+    periods,
+    prices,
+    record,
+    reporter,
+    store,
+)
+from bmad_operator import metrics, settings, tenancy, usage_metrics
 from bmad_operator import store as cache_mod
 
 log = logging.getLogger(__name__)
@@ -56,6 +65,27 @@ def _now() -> dt.datetime:
 def tokens_per_month(tenant: Mapping[str, Any]) -> int | None:
     value = ((tenant.get("spec") or {}).get("limits") or {}).get("tokensPerMonth")
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def count_ingested(stats: ingester.IngestStats, seconds: float) -> None:
+    """One ingestion pass that read entries, in the operator's metrics."""
+    metrics.LEDGER_RECORDS.labels(result="inserted").inc(stats.inserted)
+    metrics.LEDGER_RECORDS.labels(result="duplicate").inc(stats.duplicates)
+    metrics.LEDGER_RECORDS.labels(result="rejected").inc(stats.rejected)
+    metrics.LEDGER_INGEST_SECONDS.observe(seconds)
+
+
+def count_reported(stats: reporter.ReportStats) -> None:
+    """One Stripe reporting pass, in the operator's metrics."""
+    metrics.STRIPE_METER_EVENTS.labels(result="sent").inc(stats.events_sent)
+    for result, batches in (
+        ("reported", stats.batches_reported),
+        ("unbilled", stats.batches_unbilled),
+        ("failed", stats.batches_failed),
+        ("stale", stats.batches_stale),
+        ("deferred", stats.batches_deferred),
+    ):
+        metrics.STRIPE_METER_BATCHES.labels(result=result).inc(batches)
 
 
 class PriceFile:
@@ -114,6 +144,8 @@ class Metering:
         self._targets: dict[str, reporter.Target | None] = {}  # from the Tenant reconciler
         self._reporter: reporter.Reporter | None = None
         self._payments: dict[str, stripe_webhooks.PaymentState] = {}  # by customer id
+        self._backlog: dict[tuple[str, str], int] = {}
+        self._unreported: dict[str, int] = {}
         self.loaded = False  # the totals were read at least once
 
     # -- connections -----------------------------------------------------------------
@@ -226,6 +258,7 @@ class Metering:
         self._written.clear()
         self._agents, self._tenants, self._budgets = {}, {}, {}
         self._payments = {}
+        self._backlog, self._unreported = {}, {}
         self.loaded = False
         refreshed = reported = -float("inf")
         try:
@@ -233,7 +266,11 @@ class Metering:
                 read = 0
                 try:
                     ingest = await self._connect()
-                    read = (await ingest.run_once()).read
+                    began = time.perf_counter()
+                    stats = await ingest.run_once()
+                    read = stats.read
+                    if read:
+                        count_ingested(stats, time.perf_counter() - began)
                     if time.monotonic() - refreshed >= self.cfg.usage_poll_seconds:
                         await self.refresh()
                         refreshed = time.monotonic()
@@ -247,6 +284,7 @@ class Metering:
                 if not read:
                     await self._pause(stop, 0.5)
         finally:
+            metrics.USAGE.set(())  # another replica leads (and exports) now
             await self.aclose()
 
     @staticmethod
@@ -288,6 +326,7 @@ class Metering:
                 changed_agents.update(k for k in self.cache.keys("Agent") if k[0] in namespaces)
         self._budgets = budgets
         changed_tenants.update(await self._refresh_payments(ledger))
+        await self._export(tenants, await ledger.model_usage(now))
 
         if first:  # after a takeover: every status may be stale
             changed_agents.update(self.cache.keys("Agent"))
@@ -298,6 +337,33 @@ class Metering:
         for name in changed_tenants:
             if self.cache.get("Tenant", None, name) is not None:
                 self.notify_tenant(("", name))
+
+    async def _export(
+        self,
+        tenants: Mapping[str, store.PeriodUsage],
+        models: Mapping[store.ModelKey, store.PeriodUsage],
+    ) -> None:
+        """Publish the totals just read (and the streams' backlog) as gauges."""
+        if self._ingester is not None:
+            backlog: dict[tuple[str, str], int] = {}
+            for key, entries in (await self._ingester.backlog()).items():
+                with contextlib.suppress(record.RecordError):  # not a usage stream
+                    backlog[record.parse_stream_key(key)] = entries
+            self._backlog = backlog
+        budgets = {}
+        for (_, name), body in self.cache.items("Tenant"):
+            limit = tokens_per_month(body)
+            if limit is not None:
+                budgets[name] = limit
+        metrics.USAGE.set(
+            usage_metrics.families(
+                tenants=tenants,
+                models=models,
+                budgets=budgets,
+                backlog=self._backlog,
+                unreported=self._unreported,
+            )
+        )
 
     async def _refresh_payments(self, ledger: store.LedgerStore) -> set[str]:
         """Read the billed Tenants' payment states; the Tenants whose state changed."""
@@ -321,11 +387,13 @@ class Metering:
         assert ledger is not None
         if self._reporter is None:
             self._reporter = reporter.Reporter(ledger, reporter.StripeSender())
-        waiting = set(await ledger.unreported()) | {b.tenant for b in await ledger.pending()}
+        self._unreported = await ledger.unreported()
+        waiting = set(self._unreported) | {b.tenant for b in await ledger.pending()}
         if not waiting:
             return reporter.ReportStats()
         targets = self.report_targets(waiting)
         stats = await self._reporter.report_once(targets)
+        count_reported(stats)
         if stats.batches_failed or stats.batches_stale:
             log.error(
                 "Stripe metering: %d batches failed, %d stale (docs/billing.md says what to do)",

@@ -1,8 +1,11 @@
-"""The operator's own Prometheus metrics: reconciles, durations, errors, queue, writes."""
+"""The operator's own Prometheus metrics: reconciles, durations, errors, queue, writes,
+and usage from the platform ledger (docs/billing.md)."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import Counter, Gauge, Histogram, metrics_core, registry
 
 RECONCILES = Counter(
     "bmad_operator_reconciles_total", "Reconcile passes by kind and result.", ["kind", "result"]
@@ -39,3 +42,48 @@ STRIPE_WEBHOOK_EVENTS = Counter(
     "unavailable).",
     ["type", "result"],
 )
+
+# -- usage, from the platform ledger (the leader's metering loop; docs/billing.md) -------
+
+LEDGER_RECORDS = Counter(
+    "bmad_ledger_records_total",
+    "Usage stream entries ingested, by result (inserted: new ledger rows; duplicate: "
+    "already in the ledger; rejected: refused and kept aside).",
+    ["result"],
+)
+LEDGER_INGEST_SECONDS = Histogram(
+    "bmad_ledger_ingest_seconds",
+    "Duration of one ingestion pass that read entries (read, price, insert, acknowledge).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+STRIPE_METER_EVENTS = Counter(
+    "bmad_stripe_meter_events_total",
+    "Meter events Stripe accepted, by result (sent).",
+    ["result"],
+)
+STRIPE_METER_BATCHES = Counter(
+    "bmad_stripe_meter_batches_total",
+    "Ledger batches the reporter finished a pass on, by result (reported, unbilled, "
+    "failed, stale, deferred).",
+    ["result"],
+)
+
+
+class Snapshot(registry.Collector):
+    """Metric families computed elsewhere and replaced whole (`set`): series that are
+    gone from the source vanish from the scrape, instead of lingering at a last value."""
+
+    def __init__(self) -> None:
+        self._families: tuple[metrics_core.Metric, ...] = ()
+
+    def set(self, families: Iterable[metrics_core.Metric]) -> None:
+        self._families = tuple(families)
+
+    def collect(self) -> Iterator[metrics_core.Metric]:
+        yield from self._families
+
+
+# Usage per tenant and agent from the ledger (`bmad_operator.usage_metrics`), exported
+# by the replica that leads the metering loop; empty on the others.
+USAGE = Snapshot()
+registry.REGISTRY.register(USAGE)

@@ -11,6 +11,9 @@ Tables:
 * ``usage_rollup`` — per tenant, agent, calendar month (UTC) and currency: the sums of
   the ledger rows, kept in the same statement that inserts them, so status
   aggregation reads a few rows per agent instead of the month's records.
+* ``usage_model_rollup`` (migration 2) — the same sums per tenant, agent, provider,
+  model, month and currency, for the metrics of cost by model; kept by the same
+  statement, and filled from the ledger when the migration runs.
 * ``usage_rejected`` — stream entries that did not decode or claimed another agent's
   identity: kept for audit, never billed.
 * ``meter_batches`` — what was (or is being) reported to Stripe, with its state.
@@ -124,7 +127,36 @@ CREATE TABLE stripe_payment_state (
 );
 """
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "usage ledger", _LEDGER),)
+_MODEL_ROLLUP = """
+CREATE TABLE usage_model_rollup (
+    tenant        text        NOT NULL,
+    namespace     text        NOT NULL,
+    agent         text        NOT NULL,
+    provider      text        NOT NULL,
+    model         text        NOT NULL,
+    period_start  timestamptz NOT NULL,
+    currency      text        NOT NULL,   -- '' for records without a price
+    records       bigint      NOT NULL,
+    tokens_in     bigint      NOT NULL,
+    tokens_out    bigint      NOT NULL,
+    cost          numeric(30, 12) NOT NULL,
+    PRIMARY KEY (tenant, namespace, agent, provider, model, period_start, currency)
+);
+CREATE INDEX usage_model_rollup_period ON usage_model_rollup (period_start);
+
+INSERT INTO usage_model_rollup (tenant, namespace, agent, provider, model, period_start,
+    currency, records, tokens_in, tokens_out, cost)
+SELECT tenant, namespace, agent, provider, model, date_trunc('month', occurred_at, 'UTC'),
+       COALESCE(currency, ''), count(*), sum(tokens_in), sum(tokens_out),
+       COALESCE(sum(cost), 0)
+FROM usage_ledger
+GROUP BY 1, 2, 3, 4, 5, 6, 7;
+"""
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "usage ledger", _LEDGER),
+    Migration(2, "usage rollup by model", _MODEL_ROLLUP),
+)
 
 _CREATE_TABLE = f"""
 CREATE TABLE IF NOT EXISTS {TABLE} (

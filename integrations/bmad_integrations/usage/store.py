@@ -23,7 +23,7 @@ import secrets
 import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 
@@ -86,6 +86,16 @@ class PeriodUsage:
     last_period: Totals
 
 
+class ModelKey(NamedTuple):
+    """Whose usage of which model (`LedgerStore.model_usage`)."""
+
+    tenant: str
+    namespace: str
+    agent: str
+    provider: str
+    model: str
+
+
 @dataclass(frozen=True)
 class Batch:
     batch_id: str
@@ -117,7 +127,8 @@ WITH incoming AS (
         source, occurred_at)
     SELECT * FROM incoming
     ON CONFLICT (namespace, agent, record_id) DO NOTHING
-    RETURNING tenant, namespace, agent, occurred_at, tokens_in, tokens_out, cost, currency
+    RETURNING tenant, namespace, agent, provider, model, occurred_at, tokens_in, tokens_out,
+        cost, currency
 ), sums AS (
     SELECT tenant, namespace, agent,
            date_trunc('month', occurred_at, 'UTC') AS period_start,
@@ -131,6 +142,25 @@ WITH incoming AS (
         records, tokens_in, tokens_out, cost)
     SELECT * FROM sums
     ON CONFLICT (tenant, namespace, agent, period_start, currency) DO UPDATE
+    SET records = r.records + EXCLUDED.records,
+        tokens_in = r.tokens_in + EXCLUDED.tokens_in,
+        tokens_out = r.tokens_out + EXCLUDED.tokens_out,
+        cost = r.cost + EXCLUDED.cost
+    RETURNING 1
+), model_sums AS (
+    SELECT tenant, namespace, agent, provider, model,
+           date_trunc('month', occurred_at, 'UTC') AS period_start,
+           COALESCE(currency, '') AS currency,
+           count(*) AS records, sum(tokens_in) AS tokens_in, sum(tokens_out) AS tokens_out,
+           COALESCE(sum(cost), 0) AS cost
+    FROM inserted
+    GROUP BY 1, 2, 3, 4, 5, 6, 7
+), model_rolled AS (
+    INSERT INTO usage_model_rollup AS r (tenant, namespace, agent, provider, model,
+        period_start, currency, records, tokens_in, tokens_out, cost)
+    SELECT * FROM model_sums
+    ON CONFLICT (tenant, namespace, agent, provider, model, period_start, currency)
+    DO UPDATE
     SET records = r.records + EXCLUDED.records,
         tokens_in = r.tokens_in + EXCLUDED.tokens_in,
         tokens_out = r.tokens_out + EXCLUDED.tokens_out,
@@ -162,6 +192,13 @@ SELECT namespace, agent, period_start, currency, sum(records)::bigint AS records
 FROM usage_rollup
 WHERE period_start = ANY($1::timestamptz[]) AND ($2::text IS NULL OR namespace = $2)
 GROUP BY namespace, agent, period_start, currency
+"""
+
+_MODEL_TOTALS = """
+SELECT tenant, namespace, agent, provider, model, period_start, currency, records,
+       tokens_in, tokens_out, cost
+FROM usage_model_rollup
+WHERE period_start = ANY($1::timestamptz[])
 """
 
 _UNREPORTED = """
@@ -378,6 +415,20 @@ class LedgerStore:
         for row in rows:
             by_agent.setdefault((row["namespace"], row["agent"]), []).append(row)
         return {key: _period_usage(items, now) for key, items in by_agent.items()}
+
+    async def model_usage(self, now: dt.datetime) -> dict[ModelKey, PeriodUsage]:
+        """This and last month's totals per (tenant, namespace, agent, provider, model)
+        with usage: what the metrics of cost by model show."""
+        this = periods.containing(now)
+        last = periods.previous(this)
+        rows = await self.pool.fetch(_MODEL_TOTALS, [this.start, last.start])
+        by_model: dict[ModelKey, list[Any]] = {}
+        for row in rows:
+            key = ModelKey(
+                row["tenant"], row["namespace"], row["agent"], row["provider"], row["model"]
+            )
+            by_model.setdefault(key, []).append(row)
+        return {key: _period_usage(items, now) for key, items in by_model.items()}
 
     async def unreported(self) -> dict[str, int]:
         """Rows not yet in any batch, per tenant."""

@@ -100,11 +100,37 @@ async def rollup_sums(
     }
 
 
+async def model_sums(
+    ledger: store.LedgerStore, table: str
+) -> dict[tuple[Any, ...], tuple[int, int, int, Decimal]]:
+    """Sums per tenant, agent, provider, model, month and currency: of the ledger's rows
+    (``usage_ledger``), or as the model rollup keeps them (``usage_model_rollup``)."""
+    if table == "usage_ledger":
+        query = """SELECT tenant, namespace, agent, provider, model,
+                          date_trunc('month', occurred_at, 'UTC') AS period_start,
+                          COALESCE(currency, '') AS currency, count(*) AS records,
+                          sum(tokens_in) AS tokens_in, sum(tokens_out) AS tokens_out,
+                          COALESCE(sum(cost), 0) AS cost
+                   FROM usage_ledger GROUP BY 1, 2, 3, 4, 5, 6, 7"""
+    else:
+        query = "SELECT * FROM usage_model_rollup"
+    rows = await ledger.pool.fetch(query)
+    return {
+        tuple(r[k] for k in ("tenant", "namespace", "agent", "provider", "model"))
+        + (
+            r["period_start"],
+            r["currency"],
+        ): (int(r["records"]), int(r["tokens_in"]), int(r["tokens_out"]), r["cost"])
+        for r in rows
+    }
+
+
 async def test_migrations_apply_once_and_refuse_an_edited_one(ledger_dsn: str) -> None:
     pool = await asyncpg.create_pool(ledger_dsn, min_size=1, max_size=4)
     try:
         results = await asyncio.gather(*(migrations.apply(pool) for _ in range(3)))
-        assert sorted(map(tuple, results)) == [(), (), (1,)]  # one applied, two found it done
+        # One applied them all, two found them done.
+        assert sorted(map(tuple, results)) == [(), (), (1, 2)]
         edited = (dataclasses.replace(migrations.MIGRATIONS[0], sql="SELECT 1"),)
         with pytest.raises(migrations.MigrationError, match="add a new migration"):
             await migrations.apply(pool, edited)
@@ -119,6 +145,9 @@ async def test_a_record_is_inserted_once_and_counted_once(ledger: store.LedgerSt
     assert await ledger.insert([*rows[:10], row(50), row(50)]) == 1
     assert await ledger.pool.fetchval("SELECT count(*) FROM usage_ledger") == 51
     assert await rollup_sums(ledger) == await ledger_sums(ledger)
+    assert await model_sums(ledger, "usage_model_rollup") == await model_sums(
+        ledger, "usage_ledger"
+    )
 
 
 async def test_the_same_id_in_two_agents_is_two_records(ledger: store.LedgerStore) -> None:
@@ -139,6 +168,9 @@ async def test_concurrent_overlapping_inserts_keep_each_record_once(
     assert sum(inserted) == len(distinct) == 300
     assert await ledger.pool.fetchval("SELECT count(*) FROM usage_ledger") == 300
     assert await rollup_sums(ledger) == await ledger_sums(ledger)
+    assert await model_sums(ledger, "usage_model_rollup") == await model_sums(
+        ledger, "usage_ledger"
+    )
 
 
 async def test_usage_per_tenant_and_agent_this_and_last_month(ledger: store.LedgerStore) -> None:
@@ -181,6 +213,24 @@ async def test_usage_per_tenant_and_agent_this_and_last_month(ledger: store.Ledg
     assert set(agents) == {("acme-dev", "analyst"), ("acme-dev", "dev")}
     assert agents[("acme-dev", "dev")].this_period.tokens == 2000
     assert agents[("acme-dev", "analyst")].last_period.tokens == 1_000_000
+
+    by_model = await ledger.model_usage(NOW)
+    acme_models = {k: v for k, v in by_model.items() if k.tenant == "acme"}
+    assert set(acme_models) == {
+        store.ModelKey("acme", "acme-dev", "analyst", "openai", "gpt-4o"),
+        store.ModelKey("acme", "acme-dev", "dev", "anthropic", "claude-sonnet-4"),
+        store.ModelKey("acme", "acme-dev", "analyst", "openai", "unpriced-model"),
+    }
+    gpt = acme_models[store.ModelKey("acme", "acme-dev", "analyst", "openai", "gpt-4o")]
+    assert (gpt.this_period.records, gpt.this_period.tokens) == (1, 110)
+    assert gpt.this_period.cost == {"USD": Decimal("0.00035")}
+    assert gpt.last_period.tokens == 1_000_000
+    claude = acme_models[store.ModelKey("acme", "acme-dev", "dev", "anthropic", "claude-sonnet-4")]
+    assert claude.this_period.cost == {"EUR": Decimal("0.018")}
+    unpriced = acme_models[
+        store.ModelKey("acme", "acme-dev", "analyst", "openai", "unpriced-model")
+    ]
+    assert (unpriced.this_period.unpriced, unpriced.this_period.cost) == (1, {})
     # A month later, March is "last" and nothing is "this".
     april = await ledger.tenant_usage(dt.datetime(2026, 4, 2, tzinfo=dt.UTC))
     assert april["acme"].this_period == store.Totals()
