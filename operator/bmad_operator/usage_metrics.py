@@ -70,8 +70,7 @@ def families(
     )
     model_cost = metrics_core.GaugeMetricFamily(
         "bmad_usage_cost",
-        "Cost of an agent's calls to one model in the billing period, in units of the "
-        "currency.",
+        "Cost of an agent's calls to one model in the billing period, in units of the currency.",
         labels=[*who, "period", "currency"],
     )
     model_unpriced = metrics_core.GaugeMetricFamily(

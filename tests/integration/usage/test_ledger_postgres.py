@@ -100,6 +100,9 @@ async def rollup_sums(
     }
 
 
+KEY = ("tenant", "namespace", "agent", "provider", "model")
+
+
 async def model_sums(
     ledger: store.LedgerStore, table: str
 ) -> dict[tuple[Any, ...], tuple[int, int, int, Decimal]]:
@@ -116,11 +119,12 @@ async def model_sums(
         query = "SELECT * FROM usage_model_rollup"
     rows = await ledger.pool.fetch(query)
     return {
-        tuple(r[k] for k in ("tenant", "namespace", "agent", "provider", "model"))
-        + (
-            r["period_start"],
-            r["currency"],
-        ): (int(r["records"]), int(r["tokens_in"]), int(r["tokens_out"]), r["cost"])
+        (*(r[k] for k in KEY), r["period_start"], r["currency"]): (
+            int(r["records"]),
+            int(r["tokens_in"]),
+            int(r["tokens_out"]),
+            r["cost"],
+        )
         for r in rows
     }
 
