@@ -20,6 +20,14 @@ real PostgreSQL (a fresh database, migrated at start-up) and Redis bound, as an 
 pod has them. With `--profile` (needs py-spy) each runtime is profiled in a separate
 pass at concurrency 16 after its measured levels, so the profiler does not distort the
 table, and the report breaks the runtime's CPU per request down by where it went.
+
+`--ledger on` gives each runtime the platform usage ledger (docs/billing.md) as the
+operator would: the test bed's Redis (`BMAD_REDIS_URL`) as the ledger, an ACL user of
+the agent's own made for the run, every answer appended to the agent's usage stream
+before it leaves and the tenant's budget key read every 2 s. `--ledger both` measures
+every table with the ledger off and then on, and adds a table of on / off: what the
+ledger costs per request. Nothing ingests the stream during the run (that is the
+operator's work, not the runtime's); it is deleted, with the ACL user, afterwards.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import datetime as dt
 import json
 import os
@@ -57,20 +66,75 @@ BODY = {"input": "Summarise the product brief in three bullet points"}
 # --- the servers ----------------------------------------------------------------------
 
 
+# The ledger of a server with `--ledger on` (not BMAD_*: the server's env is cleaned of those).
+LEDGER_URL = "BENCH_RUNTIME_LEDGER_URL"
+LEDGER_PASSWORD = "BENCH_RUNTIME_LEDGER_PASSWORD"  # noqa: S105 - a variable's name
+AGENT, NAMESPACE, TENANT = "bench-1", "bench", "bench"
+
+
 def runtime_app() -> Any:
-    from bmad_runtime import app, settings
+    from bmad_runtime import app, ledger, settings
     from bmad_runtime.memory import inprocess
     from bmad_runtime.providers import echo, router
 
-    return app.create_app(
+    made = app.create_app(
         settings.RuntimeSettings(
-            agent_name="bench-1", agent_namespace="bench", tenant="bench", memory_store="inProcess"
+            agent_name=AGENT, agent_namespace=NAMESPACE, tenant=TENANT, memory_store="inProcess"
         ),
         store=inprocess.InProcessStore(),
         providers=router.ModelRouter([echo.EchoProvider()]),
         authenticator=None,
         limiter=None,
     )
+    if os.environ.get(LEDGER_URL):
+        made.state.runtime.ledger = ledger.PlatformLedger.from_url(
+            os.environ[LEDGER_URL],
+            password=os.environ[LEDGER_PASSWORD],
+            namespace=NAMESPACE,
+            agent=AGENT,
+            tenant=TENANT,
+        )
+    return made
+
+
+class BenchLedger:
+    """The agent's usage ledger for a run: its ACL user on the platform Redis (as the
+    operator makes it), removed with its stream afterwards; `env` is what a server needs."""
+
+    def __init__(self, admin_url: str) -> None:
+        import secrets
+
+        self.admin_url = admin_url
+        self.password = secrets.token_hex(16)
+
+    async def _run(self, *, setup: bool) -> None:
+        from redis import asyncio as aioredis
+
+        from bmad_integrations.usage import acl, record
+
+        admin = aioredis.Redis.from_url(self.admin_url)
+        try:
+            if setup:
+                await acl.ensure_writer(
+                    admin, namespace=NAMESPACE, agent=AGENT, password=self.password, tenant=TENANT
+                )
+            else:
+                await admin.delete(record.stream_key(NAMESPACE, AGENT))
+                await acl.remove_writer(admin, namespace=NAMESPACE, agent=AGENT)
+        finally:
+            await admin.aclose()
+
+    def __enter__(self) -> dict[str, str]:
+        asyncio.run(self._run(setup=True))
+        parts = urllib.parse.urlsplit(self.admin_url)
+        host = parts.netloc.rpartition("@")[2]  # the agent's URL carries no credentials
+        return {
+            LEDGER_URL: urllib.parse.urlunsplit(parts._replace(netloc=host)),
+            LEDGER_PASSWORD: self.password,
+        }
+
+    def __exit__(self, *_: object) -> None:
+        asyncio.run(self._run(setup=False))
 
 
 class Ask(pydantic.BaseModel):
@@ -94,14 +158,17 @@ def store_app() -> Any:
     config.write_text(json.dumps({"role": "pm", "model": {"provider": "echo", "name": "echo-1"}}))
     return wiring.create_default_app(
         settings.RuntimeSettings(
-            agent_name="bench-1",
-            agent_namespace="bench",
-            tenant=f"bench-{os.getpid()}",
+            agent_name=AGENT,
+            agent_namespace=NAMESPACE,
+            # The ledger's tenant is the bench's; the store's rows a tenant of their own.
+            tenant=TENANT if os.environ.get(LEDGER_URL) else f"bench-{os.getpid()}",
             agent_config=config,
             binding_root=folder / "no-bindings",
             auth_enabled=False,
             postgres_dsn=os.environ[STORE_DSN],
             redis_url=os.environ[STORE_REDIS],
+            usage_ledger_url=os.environ.get(LEDGER_URL) or None,
+            usage_ledger_password=os.environ.get(LEDGER_PASSWORD) or None,
         )
     )
 
@@ -541,6 +608,23 @@ def table(rows: list[tuple[Result, Result]], *, ours: str = "runtime") -> list[s
     return lines
 
 
+def ledger_table(on: list[Result], off: list[Result]) -> list[str]:
+    lines = [
+        "| concurrency | off req/s | on req/s | off p50 / p99 (ms) | on p50 / p99 (ms) | "
+        "off CPU (µs/req) | on CPU (µs/req) | throughput on / off | CPU on / off |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for yes, no in zip(on, off, strict=True):
+        ratio = yes.rps / no.rps if no.rps else 0.0
+        cpu_ratio = yes.cpu_us / no.cpu_us if no.cpu_us else 0.0
+        lines.append(
+            f"| {yes.concurrency} | {no.rps:.0f} | {yes.rps:.0f} | "
+            f"{no.p50_ms:.2f} / {no.p99_ms:.2f} | {yes.p50_ms:.2f} / {yes.p99_ms:.2f} | "
+            f"{no.cpu_us:.0f} | {yes.cpu_us:.0f} | {ratio:.2f} | {cpu_ratio:.2f} |"
+        )
+    return lines
+
+
 SECTION = "bench/runtime — the agent runtime against a bare FastAPI endpoint"
 
 
@@ -573,6 +657,13 @@ def main() -> int:
         metavar="SECONDS",
         help="profile each runtime with py-spy this long at concurrency 16, after its levels",
     )
+    parser.add_argument(
+        "--ledger",
+        choices=["off", "on", "both"],
+        default="off",
+        help="the platform usage ledger (the test bed's Redis): off, on, or both (each table "
+        "measured off then on, and a table of on / off)",
+    )
     args = parser.parse_args()
     global LOAD_GENERATOR  # noqa: PLW0603 - chosen once per run
     LOAD_GENERATOR = args.load
@@ -585,26 +676,46 @@ def main() -> int:
             'set -a; eval "$(.venv/bin/bmad testbed up --no-cluster --services postgres,redis)"'
         )
 
+    if args.ledger != "off" and not os.environ.get("BMAD_REDIS_URL"):
+        raise SystemExit(
+            "--ledger needs the test bed's Redis as the platform ledger: "
+            'set -a; eval "$(.venv/bin/bmad testbed up --no-cluster --services postgres,redis)"'
+        )
+    ledger_states = {"off": [False], "on": [True], "both": [False, True]}[args.ledger]
+
     measured: dict[str, tuple[list[Result], Breakdown | None]] = {}
     for name in args.tables:
-        if name == "in-process":
-            measured[name] = measure(
-                "runtime",
-                args.concurrency,
-                args.seconds,
-                args.max_requests,
-                profile_seconds=args.profile,
-            )
-        else:
-            with Database(os.environ["BMAD_POSTGRES_URL"]) as dsn:
-                measured[name] = measure(
-                    "store",
-                    args.concurrency,
-                    args.seconds,
-                    args.max_requests,
-                    extra_env={STORE_DSN: dsn, STORE_REDIS: os.environ["BMAD_REDIS_URL"]},
-                    profile_seconds=args.profile,
+        for with_ledger in ledger_states:
+            key = f"{name}, ledger on" if with_ledger else name
+            with contextlib.ExitStack() as stack:
+                env = (
+                    stack.enter_context(BenchLedger(os.environ["BMAD_REDIS_URL"]))
+                    if (with_ledger)
+                    else {}
                 )
+                if name == "in-process":
+                    measured[key] = measure(
+                        "runtime",
+                        args.concurrency,
+                        args.seconds,
+                        args.max_requests,
+                        extra_env=env,
+                        profile_seconds=args.profile,
+                    )
+                else:
+                    dsn = stack.enter_context(Database(os.environ["BMAD_POSTGRES_URL"]))
+                    measured[key] = measure(
+                        "store",
+                        args.concurrency,
+                        args.seconds,
+                        args.max_requests,
+                        extra_env={
+                            STORE_DSN: dsn,
+                            STORE_REDIS: os.environ["BMAD_REDIS_URL"],
+                            **env,
+                        },
+                        profile_seconds=args.profile,
+                    )
     bare, _ = measure("bare", args.concurrency, args.seconds, args.max_requests)
     cpu = platform.processor() or platform.machine()
     load_avg = os.getloadavg()[0]
@@ -626,12 +737,28 @@ def main() -> int:
         "a fresh migrated database; every request opens a conversation, stores two turns, "
         "a usage record and an audit entry)",
     }
-    for name, (results, found) in measured.items():
-        lines += [f"{titles[name]}:\n", *table(list(zip(results, bare, strict=True))), ""]
+    for key, (results, found) in measured.items():
+        name, _, with_ledger = key.partition(", ")
+        title = titles[name] + (
+            "; with the usage ledger (every answer appended to the test bed's Redis as "
+            "the agent's ACL user before it leaves, the budget key read every 2 s)"
+            if with_ledger
+            else ""
+        )
+        lines += [f"{title}:\n", *table(list(zip(results, bare, strict=True))), ""]
         at_level = [r for r in results if r.concurrency == PROFILE_LEVEL]
         if found is not None and at_level:
             lines += breakdown_lines(f"Profile, {name} store", at_level[0], found)
             lines.append("")
+    for name in args.tables:
+        if name in measured and f"{name}, ledger on" in measured:
+            off, on = measured[name][0], measured[f"{name}, ledger on"][0]
+            lines += [
+                f"Usage ledger on / off, {name} store (ratio above 1: the ledger costs more "
+                "per request):\n",
+                *ledger_table(on, off),
+                "",
+            ]
     errors = sum(r.errors for results, _ in measured.values() for r in results)
     errors += sum(r.errors for r in bare)
     if errors:
