@@ -346,7 +346,8 @@ class Metering:
         """Publish the totals just read (and the streams' backlog) as gauges."""
         if self._ingester is not None:
             backlog: dict[tuple[str, str], int] = {}
-            for key, entries in (await self._ingester.backlog()).items():
+            # The streams the ingester knows: no second SCAN of the Redis per poll.
+            for key, entries in (await self._ingester.backlog(refresh=False)).items():
                 with contextlib.suppress(record.RecordError):  # not a usage stream
                     backlog[record.parse_stream_key(key)] = entries
             self._backlog = backlog

@@ -195,9 +195,12 @@ class Ingester:
                 await self._ensure_group(key)
         return self._keys
 
-    async def backlog(self) -> dict[str, int]:
-        """Entries not yet in the ledger, per stream (XLEN: ingested ones are deleted)."""
-        keys = await self._streams(refresh=True)
+    async def backlog(self, *, refresh: bool = True) -> dict[str, int]:
+        """Entries not yet in the ledger, per stream (XLEN: ingested ones are deleted).
+
+        ``refresh=False`` reads the streams the ingester knows (found again every
+        ``discover_every``) instead of scanning the Redis for new ones first."""
+        keys = await self._streams(refresh=refresh)
         async with self.redis.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.xlen(key)

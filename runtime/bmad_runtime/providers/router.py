@@ -177,8 +177,7 @@ class ModelRouter:
                     async for event in events:
                         started = True
                         if isinstance(event, ports.Completion):
-                            # The model's part ends with its summary (the caller may
-                            # take its time with the pieces, which is not the model's).
+                            # A stream's call is timed until its summary, the last event.
                             self._observe(provider, began)
                             _record_usage(span, event)
                             yield event
