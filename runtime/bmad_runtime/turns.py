@@ -398,7 +398,9 @@ async def finish(
     extra = usage.tokens_in + usage.tokens_out - turn.estimated_in
     if charge is not None and extra > 0:
         await charge(tenant=caller.tenant, agent=services.agent, tokens=extra)
-    services.metrics.record_usage(completion, request_model=request_model(services, completion))
+    services.metrics.record_usage(
+        completion, request_model=services.router.requested_model(completion)
+    )
     services.metrics.tasks.labels(outcome=outcome).inc()
     return schemas.InvokeResponse(
         output=completion.text,
@@ -409,17 +411,6 @@ async def finish(
         latency_ms=latency,
         finish_reason=completion.finish_reason,
     )
-
-
-def request_model(services: Services, completion: ports.Completion) -> str:
-    """The model the runtime asked for (the chain's entry of the provider that answered);
-    the completion names the model that answered, which a provider may spell longer
-    (``gpt-4o`` answered by ``gpt-4o-2024-08-06``)."""
-    same = [p for p in services.router.chain if p.name == completion.provider]
-    for provider in same:
-        if completion.model.startswith(provider.model):
-            return provider.model
-    return same[0].model if same else completion.model
 
 
 async def run(

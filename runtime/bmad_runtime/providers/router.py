@@ -114,6 +114,16 @@ class ModelRouter:
     def primary(self) -> base.BaseProvider:
         return self.chain[0]
 
+    def requested_model(self, completion: ports.Completion) -> str:
+        """The model the chain asked for that gave ``completion``: the entry of the provider
+        that answered (a provider may name the model longer, ``gpt-4o`` answered by
+        ``gpt-4o-2024-08-06``)."""
+        same = [p.model for p in self.chain if p.name == completion.provider]
+        prefixes = [model for model in same if completion.model.startswith(model)]
+        if prefixes:
+            return max(prefixes, key=len)  # gpt-4o-mini-…, not gpt-4o, when both are asked
+        return same[0] if same else completion.model
+
     def _observe(
         self, provider: base.BaseProvider, began: float, exc: base.ProviderError | None = None
     ) -> None:

@@ -214,3 +214,21 @@ def test_without_a_tenant_the_labels_are_namespace_and_agent() -> None:
         "agent": "a",
         "tenant": "t",
     }
+
+
+def test_the_requested_model_is_the_chain_entry_that_answered() -> None:
+    chain = router.ModelRouter(
+        [
+            echo.EchoProvider("gpt-4o", name="openai"),
+            echo.EchoProvider("gpt-4o-mini", name="openai"),
+            echo.EchoProvider("claude-sonnet-4", name="anthropic"),
+        ]
+    )
+
+    def answered(provider: str, model: str) -> ports.Completion:
+        return ports.Completion("", ports.Usage(1, 1), model=model, provider=provider)
+
+    assert chain.requested_model(answered("openai", "gpt-4o-2024-08-06")) == "gpt-4o"
+    assert chain.requested_model(answered("openai", "gpt-4o-mini-2024-07-18")) == "gpt-4o-mini"
+    assert chain.requested_model(answered("anthropic", "claude-x")) == "claude-sonnet-4"
+    assert chain.requested_model(answered("other", "m-1")) == "m-1"
