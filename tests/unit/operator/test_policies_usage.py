@@ -61,3 +61,37 @@ def test_budget_condition_and_its_events() -> None:
     restored = usage.budget_event(shown, within)
     assert restored is not None
     assert (restored.type, restored.reason) == (events.NORMAL, "BudgetRestored")
+
+
+def test_budget_warning_level_rounds_up_and_is_given_once_per_period() -> None:
+    assert usage.warning_level(1000, 80) == 800
+    assert usage.warning_level(999, 80) == 800  # 799.2: never before the percentage
+    assert usage.warning_level(1000, 100) == 1000
+    now = dt.datetime(2026, 11, 30, 12, tzinfo=dt.UTC)
+    state = budget.decide(limit=999, used=799, now=now)
+    below = usage.budget_warning(state, percent=80, warned_for=None)
+    assert (below.condition.status, below.condition.reason, below.give) == (
+        "False",
+        "BelowWarningLevel",
+        False,
+    )
+    state = budget.decide(limit=999, used=800, now=now)
+    given = usage.budget_warning(state, percent=80, warned_for="2026-10-01T00:00:00Z")
+    assert (given.condition.status, given.condition.reason, given.give) == (
+        "True",
+        "TokensPerMonthNearlyUsed",
+        True,
+    )
+    assert given.warned_for == "2026-11-01T00:00:00Z"
+    again = usage.budget_warning(state, percent=80, warned_for="2026-11-01T00:00:00Z")
+    assert again.give is False
+    assert again.condition == given.condition
+    none = usage.budget_warning(None, percent=80, warned_for="2026-11-01T00:00:00Z")
+    assert (none.condition.reason, none.give, none.warned_for) == (
+        "NoTokenBudget",
+        False,
+        "2026-11-01T00:00:00Z",
+    )
+    subject, body = usage.warning_mail("acme", given)
+    assert "acme" in subject
+    assert given.condition.message in body
