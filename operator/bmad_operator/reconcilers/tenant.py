@@ -266,10 +266,16 @@ class TenantReconciler:
         digest = hashlib.sha256(
             f"{tenant_meta.get('uid')}:budget-warning:{warning.warned_for}".encode()
         )
+        binding = integration_builders.binding_secret_name(notify.integration)
         try:
-            secret = await self.api.get(
-                "Secret", ns, integration_builders.binding_secret_name(notify.integration)
-            )
+            try:
+                secret = await self.api.get("Secret", ns, binding)
+            except errors.ApiError as exc:
+                if exc.retryable:
+                    raise  # the pass is retried; nothing was said yet
+                raise email_mod.SendError(
+                    f"the binding Secret {ns}/{binding} could not be read: {exc.message}"
+                ) from None
             data = {
                 k: base64.b64decode(v).decode()
                 for k, v in ((secret or {}).get("data") or {}).items()

@@ -988,3 +988,28 @@ async def test_a_tenant_never_billed_gets_no_payment_failed() -> None:
     h.reconciler.usage = FakeUsage()
     await h.run()
     assert [c for c in h.tenant()["status"]["conditions"] if c["type"] == "PaymentFailed"] == []
+
+
+async def test_a_binding_secret_that_cannot_be_read_is_an_event_not_a_failed_pass(
+    mails: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = Harness({"namespaces": ["acme-prod"], "limits": {"tokensPerMonth": 1000}, "notify": NOTIFY})
+    read = h.api.get
+
+    async def get(kind: str, namespace: str | None, name: str) -> Obj | None:
+        if kind == "Secret":
+            raise errors.ApiError(403, "Forbidden", "secrets is forbidden")
+        return await read(kind, namespace, name)
+
+    monkeypatch.setattr(h.api, "get", get)
+    usage = FakeUsage()
+    h.reconciler.usage = usage
+    usage.budget = budget_state(0)
+    await h.run()
+    usage.budget = budget_state(900)
+    await h.run()
+    assert h.event_reasons() == ["BudgetWarning", "NotificationFailed"]
+    failed = next(e for e in h.api.events if e["reason"] == "NotificationFailed")
+    assert "could not be read: secrets is forbidden" in failed["message"]
+    assert mails == []
+    assert h.reason("BudgetWarning")[0] == "True"
