@@ -79,6 +79,21 @@ class Quota(common.SpecModel):
     )
 
 
+class CostBudget(common.SpecModel):
+    """A budget in money: an amount of one currency."""
+
+    amount: str = pydantic.Field(
+        max_length=25,
+        pattern=r"^[0-9]{1,12}(\.[0-9]{1,12})?$",
+        description='The amount, a decimal number as a string, for example "250.00".',
+    )
+    currency: str = pydantic.Field(
+        max_length=3,
+        pattern=r"^[A-Z]{3}$",
+        description='ISO 4217 code of the currency, for example "USD".',
+    )
+
+
 class TenantLimits(common.SpecModel):
     """Budgets of the tenant, over all its namespaces."""
 
@@ -95,6 +110,15 @@ class TenantLimits(common.SpecModel):
         "budget_exhausted) and tasks until the month ends or the limit is raised, and "
         "the Tenant and its Agents have BudgetExhausted=True. Enforced only when the "
         "operator meters usage (docs/billing.md).",
+    )
+    cost_per_month: CostBudget | None = pydantic.Field(
+        default=None,
+        description="Most cost per billing month (UTC calendar month), over all the "
+        "tenant's agents, as the usage ledger prices their calls (the platform's price "
+        "table) in this currency; calls priced in another currency or not priced do not "
+        "count. Once reached, the agents refuse new work as for tokensPerMonth, and "
+        "BudgetExhausted=True (CostPerMonthReached). Enforced only when the operator "
+        "meters usage (docs/billing.md).",
     )
     warn_at_percent: int | None = pydantic.Field(
         default=None,
@@ -188,7 +212,7 @@ class TenantSpec(common.SpecModel):
         default=None, description="ResourceQuota of each of the tenant's namespaces."
     )
     limits: TenantLimits | None = pydantic.Field(
-        default=None, description="Budgets of the tenant (agents, replicas, tokens)."
+        default=None, description="Budgets of the tenant (agents, replicas, tokens, cost)."
     )
     billing: Billing | None = pydantic.Field(
         default=None, description="Stripe billing; the tenant is not billed when omitted."

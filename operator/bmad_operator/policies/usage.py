@@ -24,6 +24,7 @@ from bmad_operator.conditions import FALSE, TRUE, Cond, find
 BUDGET_EXHAUSTED = "BudgetExhausted"
 # Reasons of BudgetExhausted
 TOKENS_PER_MONTH_REACHED = "TokensPerMonthReached"
+COST_PER_MONTH_REACHED = "CostPerMonthReached"
 WITHIN_BUDGET = "WithinBudget"
 NO_TOKEN_BUDGET = "NoTokenBudget"  # noqa: S105 - a condition reason
 # Events
@@ -65,6 +66,19 @@ def status_usage(usage: store.PeriodUsage) -> dict[str, Any]:
     }
 
 
+def _used(state: budget.State, whose: str) -> str:
+    """What the budget state says is used, of each budget the tenant has."""
+    parts = []
+    if state.limit is not None:
+        parts.append(f"{state.used} of {whose} {state.limit} tokens")
+    if state.cost_limit is not None:
+        parts.append(
+            f"{budget.amount(state.cost_used)} of {whose} {budget.amount(state.cost_limit)} "
+            f"{state.currency}"
+        )
+    return " and ".join(parts)
+
+
 def budget_condition(state: budget.State | None, *, tenant: str | None = None) -> Cond:
     """BudgetExhausted of a Tenant (``tenant`` None) or of one of its Agents."""
     whose = "the tenant's" if tenant is None else f"tenant {tenant}'s"
@@ -73,23 +87,26 @@ def budget_condition(state: budget.State | None, *, tenant: str | None = None) -
             BUDGET_EXHAUSTED,
             FALSE,
             NO_TOKEN_BUDGET,
-            f"{whose[0].upper()}{whose[1:]} spec.limits.tokensPerMonth is not set.",
+            f"{whose[0].upper()}{whose[1:]} spec.limits.tokensPerMonth and costPerMonth are "
+            "not set.",
         )
     if state.exhausted:
+        tokens = state.tokens_exhausted
+        field = "tokensPerMonth" if tokens else "costPerMonth"
         return Cond(
             BUDGET_EXHAUSTED,
             TRUE,
-            TOKENS_PER_MONTH_REACHED,
-            f"{state.used} of {whose} {state.limit} tokens this month are used: new "
+            TOKENS_PER_MONTH_REACHED if tokens else COST_PER_MONTH_REACHED,
+            f"{_used(state, whose)} this month are used: new "
             f"invocations and tasks are refused (HTTP 429, code budget_exhausted) until "
             f"{state.resets_at.strftime('%Y-%m-%dT%H:%M:%SZ')} or until "
-            "spec.limits.tokensPerMonth is raised.",
+            f"spec.limits.{field} is raised.",
         )
     return Cond(
         BUDGET_EXHAUSTED,
         FALSE,
         WITHIN_BUDGET,
-        f"{state.used} of {whose} {state.limit} tokens this month are used.",
+        f"{_used(state, whose)} this month are used.",
     )
 
 
@@ -130,7 +147,7 @@ def budget_warning(
     """``BudgetWarning`` of a Tenant whose budget state is ``state`` and that was last
     warned for the month starting ``warned_for``: given once per month, when the
     tokens used reach ``percent`` of ``tokensPerMonth``."""
-    if state is None:
+    if state is None or state.limit is None:
         cond = Cond(
             BUDGET_WARNING,
             FALSE,

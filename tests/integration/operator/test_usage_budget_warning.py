@@ -8,12 +8,15 @@ names an smtp Integration: below 500 tokens nothing is said (``BudgetWarning=Fal
 once the ledger passes 500 the Tenant has ``BudgetWarning=True``, one ``BudgetWarning``
 Event and one e-mail in the SMTP server's Maildir; more usage in the same month gives
 neither a second Event nor a second e-mail. The usage (model gpt-4o) is costed with the
-shipped price table: ``status.usage.thisPeriod.cost`` in USD.
+shipped price table: ``status.usage.thisPeriod.cost`` in USD. A Tenant with a cost budget
+(``costPerMonth``) is exhausted by that priced usage, and restored when it is raised.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import decimal
+import json
 import mailbox
 import secrets
 from collections.abc import Iterator
@@ -24,11 +27,11 @@ import pytest
 import yaml
 from redis import asyncio as aioredis
 
-from bmad_integrations.usage import periods, record
+from bmad_integrations.usage import budget, periods, record
 from bmad_testbed.kubectl import Kubectl, eventually
 from bmad_testbed.operator_proc import OperatorProcess
 
-from .helpers import Tenants, condition, ledger_env, tenant, wait_tenant
+from .helpers import Tenants, condition, ledger_env, tenant, until, wait_tenant
 
 pytestmark = [pytest.mark.integration]
 
@@ -196,3 +199,98 @@ async def test_a_tenant_is_warned_once_by_event_and_email_at_its_warning_level(
     finally:
         await redis.aclose()
     assert calls == 3
+
+
+@pytest.mark.usefixtures("priced_operator")
+async def test_a_cost_budget_is_exhausted_by_priced_usage_and_restored_when_raised(
+    kubectl: Kubectl, tenants: Tenants, testbed_env: dict[str, str]
+) -> None:
+    """``costPerMonth: 0.002 USD`` and no token budget: gpt-4o usage priced by the shipped
+    table (0.0015 USD) is within it; 0.00225 USD reaches it: ``BudgetExhausted=True``
+    (``CostPerMonthReached``) and an Event, and the budget key the agents read says
+    exhausted, with the cost; raising the amount restores it."""
+    name = tenants.name("cost")
+    namespace = f"{name}-work"
+    tenants.apply(
+        tenant(name, [namespace], limits={"costPerMonth": {"amount": "0.002", "currency": "USD"}})
+    )
+    wait_tenant(kubectl, name)
+    redis = aioredis.Redis.from_url(testbed_env["BMAD_REDIS_URL"], decode_responses=True)
+
+    async def use(tokens_in: int, tokens_out: int) -> None:
+        entry = record.UsageRecord(
+            record_id=f"http:{secrets.token_hex(8)}:0",
+            tenant=name,
+            namespace=namespace,
+            agent="dev",
+            provider="openai",
+            model="gpt-4o",
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+            occurred_at=dt.datetime.now(dt.UTC),
+            source="http",
+        )
+        await redis.xadd(record.stream_key(namespace, "dev"), record.encode(entry))  # type: ignore[arg-type]
+
+    def budget_shows(status: str, reason: str) -> dict[str, Any] | None:
+        obj = kubectl.json("get", "tenant", name)
+        cond = condition(obj, "BudgetExhausted")
+        return obj if cond and (cond["status"], cond["reason"]) == (status, reason) else None
+
+    try:
+        await use(200, 100)  # 0.0005 + 0.001 USD
+        obj = eventually(
+            lambda: budget_shows("False", "WithinBudget"), timeout=60, what="within the budget"
+        )
+        eventually(
+            lambda: (
+                (kubectl.json("get", "tenant", name).get("status") or {})
+                .get("usage", {})
+                .get("thisPeriod", {})
+                .get("cost")
+                == {"USD": "0.0015"}
+            ),
+            timeout=60,
+            what="0.0015 USD in the status",
+        )
+        await use(100, 50)  # + 0.00025 + 0.0005 = 0.00225 USD
+        obj = eventually(
+            lambda: budget_shows("True", "CostPerMonthReached"),
+            timeout=60,
+            what="BudgetExhausted=True (CostPerMonthReached)",
+        )
+        message = condition(obj, "BudgetExhausted")["message"]  # type: ignore[index]
+        assert message.startswith("0.00225 of the tenant's 0.002 USD this month are used")
+        state = budget.decode(await redis.get(budget.key(name)))
+        assert state is not None
+        assert state.refuses(dt.datetime.now(dt.UTC))
+        assert (state.cost_used, state.cost_limit, state.currency, state.limit) == (
+            decimal.Decimal("0.00225"),
+            decimal.Decimal("0.002"),
+            "USD",
+            None,
+        )
+        assert "cost budget is used up" in state.message()
+        eventually(
+            lambda: "BudgetExhausted" in [e["reason"] for e in tenant_events(kubectl, name)],
+            timeout=30,
+            what="a BudgetExhausted Event",
+        )
+
+        kubectl.run(
+            "patch", "tenant", name, "--type=merge", "-p",
+            json.dumps({"spec": {"limits": {"costPerMonth": {"amount": "1", "currency": "USD"}}}}),
+        )  # fmt: skip
+        eventually(
+            lambda: budget_shows("False", "WithinBudget"),
+            timeout=60,
+            what="restored after the raise",
+        )
+
+        async def key_not_exhausted() -> bool:
+            restored = budget.decode(await redis.get(budget.key(name)))
+            return restored is not None and not restored.exhausted
+
+        await until(key_not_exhausted, within=30, what="the budget key no longer exhausted")
+    finally:
+        await redis.aclose()

@@ -95,3 +95,35 @@ def test_budget_warning_level_rounds_up_and_is_given_once_per_period() -> None:
     subject, body = usage.warning_mail("acme", given)
     assert "acme" in subject
     assert given.condition.message in body
+
+
+def test_a_cost_budget_reached_is_cost_per_month_reached() -> None:
+    state = budget.decide(
+        limit=None,
+        used=5,
+        now=NOW,
+        cost_limit=decimal.Decimal("2"),
+        cost_used=decimal.Decimal("2.5"),
+        currency="EUR",
+    )
+    cond = usage.budget_condition(state)
+    assert (cond.status, cond.reason) == ("True", usage.COST_PER_MONTH_REACHED)
+    assert cond.message.startswith("2.5 of the tenant's 2 EUR this month are used")
+    assert "spec.limits.costPerMonth is raised" in cond.message
+    both = budget.decide(
+        limit=100,
+        used=5,
+        now=NOW,
+        cost_limit=decimal.Decimal("2"),
+        cost_used=decimal.Decimal("1"),
+        currency="EUR",
+    )
+    within = usage.budget_condition(both, tenant="acme")
+    assert (within.status, within.reason) == ("False", usage.WITHIN_BUDGET)
+    assert (
+        within.message
+        == "5 of tenant acme's 100 tokens and 1 of tenant acme's 2 EUR this month are used."
+    )
+    # No token budget, no token warning.
+    warning = usage.budget_warning(state, percent=80, warned_for=None)
+    assert (warning.condition.reason, warning.give) == ("NoTokenBudget", False)
