@@ -80,6 +80,7 @@ class Controller:
             operator_namespace=cfg.system_namespace,
             usage=self.metering,
             payment_grace=dt.timedelta(seconds=cfg.payment_grace_seconds),
+            egress_policy=cfg.egress_policy(),
         )
         self.tenant_queue = workqueue.WorkQueue("Tenant", self.tenants.reconcile, workers=4)
         self.workflows = workflow_reconciler.WorkflowReconciler(

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import decimal
 import hashlib
 import logging
 import os
@@ -86,6 +87,18 @@ def count_reported(stats: reporter.ReportStats) -> None:
         ("deferred", stats.batches_deferred),
     ):
         metrics.STRIPE_METER_BATCHES.labels(result=result).inc(batches)
+
+
+def cost_per_month(tenant: Mapping[str, Any]) -> tuple[decimal.Decimal, str] | None:
+    """``spec.limits.costPerMonth`` as (amount, currency); None when unset or unreadable
+    (the API server's schema refuses a malformed one)."""
+    value = ((tenant.get("spec") or {}).get("limits") or {}).get("costPerMonth")
+    if not isinstance(value, Mapping):
+        return None
+    try:
+        return decimal.Decimal(str(value["amount"])), str(value["currency"])
+    except (KeyError, decimal.InvalidOperation):
+        return None
 
 
 class PriceFile:
@@ -312,8 +325,16 @@ class Metering:
 
         budgets: dict[str, budget.State] = {}
         for (_, name), body in self.cache.items("Tenant"):
-            used = tenants[name].this_period.tokens if name in tenants else 0
-            state = budget.decide(limit=tokens_per_month(body), used=used, now=now)
+            this_period = tenants[name].this_period if name in tenants else store.Totals()
+            cost_limit, currency = cost_per_month(body) or (None, None)
+            state = budget.decide(
+                limit=tokens_per_month(body),
+                used=this_period.tokens,
+                now=now,
+                cost_limit=cost_limit,
+                cost_used=this_period.cost.get(currency or "", decimal.Decimal(0)),
+                currency=currency,
+            )
             if state is not None:
                 budgets[name] = state
         for name in budgets.keys() | self._budgets.keys() | self._written.keys():

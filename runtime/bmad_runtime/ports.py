@@ -159,9 +159,10 @@ class LedgerEntry:
 
 @dataclass(frozen=True)
 class Budget:
-    """The tenant's token budget is used up until `resets_at` (``spec.limits``)."""
+    """The tenant's token (or cost) budget is used up until `resets_at` (``spec.limits``);
+    ``limit`` None: it has no token budget, its cost budget is used up."""
 
-    limit: int
+    limit: int | None
     used: int
     resets_at: dt.datetime
     message: str

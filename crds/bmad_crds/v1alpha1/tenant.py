@@ -11,6 +11,7 @@ happens to the namespaces when the Tenant is deleted.
 from __future__ import annotations
 
 import datetime
+import typing
 from typing import Literal
 
 import pydantic
@@ -22,6 +23,9 @@ AdminKind = Literal["User", "Group"]
 
 MAX_NAMESPACES = 64
 MAX_ADMINS = 64
+MAX_RECIPIENTS = 32
+# The share of tokensPerMonth at which the tenant is warned, when warnAtPercent is omitted.
+DEFAULT_WARN_AT_PERCENT = 80
 
 # Tenants are label values on their namespaces and objects.
 NAME_MAX_LENGTH = common.DNS1123_LABEL_MAX_LENGTH
@@ -75,6 +79,21 @@ class Quota(common.SpecModel):
     )
 
 
+class CostBudget(common.SpecModel):
+    """A budget in money: an amount of one currency."""
+
+    amount: str = pydantic.Field(
+        max_length=25,
+        pattern=r"^[0-9]{1,12}(\.[0-9]{1,12})?$",
+        description='The amount, a decimal number as a string, for example "250.00".',
+    )
+    currency: str = pydantic.Field(
+        max_length=3,
+        pattern=r"^[A-Z]{3}$",
+        description='ISO 4217 code of the currency, for example "USD".',
+    )
+
+
 class TenantLimits(common.SpecModel):
     """Budgets of the tenant, over all its namespaces."""
 
@@ -92,6 +111,53 @@ class TenantLimits(common.SpecModel):
         "the Tenant and its Agents have BudgetExhausted=True. Enforced only when the "
         "operator meters usage (docs/billing.md).",
     )
+    cost_per_month: CostBudget | None = pydantic.Field(
+        default=None,
+        description="Most cost per billing month (UTC calendar month), over all the "
+        "tenant's agents, as the usage ledger prices their calls (the platform's price "
+        "table) in this currency; calls priced in another currency or not priced do not "
+        "count. Once reached, the agents refuse new work as for tokensPerMonth, and "
+        "BudgetExhausted=True (CostPerMonthReached). Enforced only when the operator "
+        "meters usage (docs/billing.md).",
+    )
+    warn_at_percent: int | None = pydantic.Field(
+        default=None,
+        ge=1,
+        le=100,
+        description="Percentage of tokensPerMonth at which the tenant is warned, once per "
+        "billing month: BudgetWarning=True, a BudgetWarning Event, and an e-mail through "
+        "spec.notify when it is set. 80 when omitted.",
+    )
+
+
+EmailAddress = typing.Annotated[
+    str, pydantic.StringConstraints(min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")
+]
+"""An e-mail address, checked loosely (the mail server has the last word)."""
+
+
+class Notify(common.SpecModel):
+    """Who hears about the tenant's budget by e-mail, and through which Integration."""
+
+    integration: common.DnsLabel = pydantic.Field(
+        description="Name of an Integration of type email (provider smtp)."
+    )
+    integration_namespace: common.DnsLabel | None = pydantic.Field(
+        default=None,
+        description="Namespace of that Integration; the operator's own namespace when omitted.",
+    )
+    recipients: list[EmailAddress] = pydantic.Field(
+        min_length=1,
+        max_length=MAX_RECIPIENTS,
+        description="Addresses the tenant's notifications go to.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+
+    @pydantic.field_validator("recipients")
+    @classmethod
+    def _recipients_unique(cls, recipients: list[str]) -> list[str]:
+        common.unique(recipients, field="spec.notify.recipients")
+        return recipients
 
 
 class Billing(common.SpecModel):
@@ -146,10 +212,14 @@ class TenantSpec(common.SpecModel):
         default=None, description="ResourceQuota of each of the tenant's namespaces."
     )
     limits: TenantLimits | None = pydantic.Field(
-        default=None, description="Budgets of the tenant (agents, replicas, tokens)."
+        default=None, description="Budgets of the tenant (agents, replicas, tokens, cost)."
     )
     billing: Billing | None = pydantic.Field(
         default=None, description="Stripe billing; the tenant is not billed when omitted."
+    )
+    notify: Notify | None = pydantic.Field(
+        default=None,
+        description="E-mail notifications of the tenant (the budget warning); none when omitted.",
     )
     suspended: bool = pydantic.Field(
         default=False,
@@ -216,6 +286,11 @@ class Usage(common.StatusModel):
     )
     last_period: common.PeriodTotals | None = pydantic.Field(
         default=None, description="Last billing month's usage, from the usage ledger."
+    )
+    warned_for_period: datetime.datetime | None = pydantic.Field(
+        default=None,
+        description="Start of the billing month whose budget warning was given (Event and "
+        "e-mail): the warning is given once per month.",
     )
 
 

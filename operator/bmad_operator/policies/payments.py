@@ -36,11 +36,19 @@ INVOICE_PAYMENT_FAILED = "InvoicePaymentFailed"
 PAYMENT_OVERDUE = "PaymentOverdue"
 SUBSCRIPTION_CANCELED = "SubscriptionCanceled"
 SUBSCRIPTION_UNPAID = "SubscriptionUnpaid"
+BILLING_REMOVED = "BillingRemoved"
 
 SUSPENDED = "Suspended"
 # The reasons of a Suspended condition that payments set (docs/billing.md).
 SUSPENSION_REASONS = frozenset({PAYMENT_OVERDUE, SUBSCRIPTION_CANCELED, SUBSCRIPTION_UNPAID})
 PAYMENT_RESUMED = "PaymentResumed"
+
+# Why a payment suspension was lifted, by the reason it had (the flip's Event).
+_RESUMED_BECAUSE = {
+    PAYMENT_OVERDUE: "an invoice was paid",
+    SUBSCRIPTION_CANCELED: "the subscription is active again",
+    SUBSCRIPTION_UNPAID: "the subscription is active again",
+}
 
 _GIVEN_UP = {
     "canceled": SUBSCRIPTION_CANCELED,
@@ -128,6 +136,20 @@ def decide(
     )
 
 
+def billing_removed(previous: Sequence[Mapping[str, Any]]) -> Cond | None:
+    """``PaymentFailed`` of a Tenant whose ``spec.billing`` was removed: no payment is
+    due any more, so a condition left from when it was billed is cleared; None when
+    the status shows none."""
+    if find(previous, PAYMENT_FAILED) is None:
+        return None
+    return Cond(
+        PAYMENT_FAILED,
+        FALSE,
+        BILLING_REMOVED,
+        "spec.billing was removed: the tenant is not billed and no payment is due.",
+    )
+
+
 def suspension(decision: PaymentDecision) -> Cond | None:
     """The Tenant's ``Suspended`` condition for a payment suspension; None: none."""
     if not decision.suspend or decision.suspend_reason is None:
@@ -161,6 +183,7 @@ def flip_events(
     """One Event per payment flip: ``PaymentFailed`` set or cleared, a payment
     suspension begun or lifted. A first ``PaymentFailed=False`` says nothing."""
     told: list[events.Event] = []
+    removed = any(c.type == PAYMENT_FAILED and c.reason == BILLING_REMOVED for c in decided)
     for cond in decided:
         before = find(previous, cond.type)
         was = before is not None and before.get("status") == TRUE
@@ -174,11 +197,16 @@ def flip_events(
         if now:
             told.append(events.Event(events.WARNING, cond.reason, cond.message))
         else:
-            message = (
-                "An invoice was paid: the tenant's agents run again."
-                if cond.type == SUSPENDED
-                else cond.message
-            )
+            message = cond.message
+            if cond.type == SUSPENDED:
+                message = (
+                    "the tenant's spec.billing was removed"
+                    if removed
+                    else _RESUMED_BECAUSE.get(
+                        str((before or {}).get("reason")), "the tenant's payments are current"
+                    )
+                )
+                message = f"{message[0].upper()}{message[1:]}: the tenant's agents run again."
             reason = PAYMENT_RESUMED if cond.type == SUSPENDED else cond.reason
             told.append(events.Event(events.NORMAL, reason, message))
     return told

@@ -3,14 +3,18 @@
 `status_usage` turns the ledger's totals into ``status.usage``; `budget_condition`
 decides ``BudgetExhausted`` from the tenant's budget state
 (`bmad_integrations.usage.budget.decide`); `budget_event` says what to post when it
-flips. The operator's metering loop (`bmad_operator.metering`) decides the state and
-tells the agents; the reconcilers only show it.
+flips; `budget_warning` decides the soft warning (``BudgetWarning``, given once per
+billing month: an Event and an e-mail, `warning_mail`). The operator's metering loop
+(`bmad_operator.metering`) decides the state and tells the agents; the reconcilers
+only show it.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import decimal
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from bmad_integrations.usage import budget, store
@@ -20,11 +24,20 @@ from bmad_operator.conditions import FALSE, TRUE, Cond, find
 BUDGET_EXHAUSTED = "BudgetExhausted"
 # Reasons of BudgetExhausted
 TOKENS_PER_MONTH_REACHED = "TokensPerMonthReached"
+COST_PER_MONTH_REACHED = "CostPerMonthReached"
 WITHIN_BUDGET = "WithinBudget"
 NO_TOKEN_BUDGET = "NoTokenBudget"  # noqa: S105 - a condition reason
 # Events
 EVENT_BUDGET_EXHAUSTED = "BudgetExhausted"
 EVENT_BUDGET_RESTORED = "BudgetRestored"
+
+BUDGET_WARNING = "BudgetWarning"
+# Reasons of BudgetWarning (and NO_TOKEN_BUDGET)
+TOKENS_PER_MONTH_NEARLY_USED = "TokensPerMonthNearlyUsed"
+BELOW_WARNING_LEVEL = "BelowWarningLevel"
+# Events
+EVENT_BUDGET_WARNING = "BudgetWarning"
+EVENT_NOTIFICATION_FAILED = "NotificationFailed"
 
 
 def _amount(value: decimal.Decimal) -> str:
@@ -53,6 +66,19 @@ def status_usage(usage: store.PeriodUsage) -> dict[str, Any]:
     }
 
 
+def _used(state: budget.State, whose: str) -> str:
+    """What the budget state says is used, of each budget the tenant has."""
+    parts = []
+    if state.limit is not None:
+        parts.append(f"{state.used} of {whose} {state.limit} tokens")
+    if state.cost_limit is not None:
+        parts.append(
+            f"{budget.amount(state.cost_used)} of {whose} {budget.amount(state.cost_limit)} "
+            f"{state.currency}"
+        )
+    return " and ".join(parts)
+
+
 def budget_condition(state: budget.State | None, *, tenant: str | None = None) -> Cond:
     """BudgetExhausted of a Tenant (``tenant`` None) or of one of its Agents."""
     whose = "the tenant's" if tenant is None else f"tenant {tenant}'s"
@@ -61,23 +87,26 @@ def budget_condition(state: budget.State | None, *, tenant: str | None = None) -
             BUDGET_EXHAUSTED,
             FALSE,
             NO_TOKEN_BUDGET,
-            f"{whose[0].upper()}{whose[1:]} spec.limits.tokensPerMonth is not set.",
+            f"{whose[0].upper()}{whose[1:]} spec.limits.tokensPerMonth and costPerMonth are "
+            "not set.",
         )
     if state.exhausted:
+        tokens = state.tokens_exhausted
+        field = "tokensPerMonth" if tokens else "costPerMonth"
         return Cond(
             BUDGET_EXHAUSTED,
             TRUE,
-            TOKENS_PER_MONTH_REACHED,
-            f"{state.used} of {whose} {state.limit} tokens this month are used: new "
+            TOKENS_PER_MONTH_REACHED if tokens else COST_PER_MONTH_REACHED,
+            f"{_used(state, whose)} this month are used: new "
             f"invocations and tasks are refused (HTTP 429, code budget_exhausted) until "
             f"{state.resets_at.strftime('%Y-%m-%dT%H:%M:%SZ')} or until "
-            "spec.limits.tokensPerMonth is raised.",
+            f"spec.limits.{field} is raised.",
         )
     return Cond(
         BUDGET_EXHAUSTED,
         FALSE,
         WITHIN_BUDGET,
-        f"{state.used} of {whose} {state.limit} tokens this month are used.",
+        f"{_used(state, whose)} this month are used.",
     )
 
 
@@ -90,3 +119,82 @@ def budget_event(previous: Sequence[Mapping[str, Any]], cond: Cond) -> events.Ev
     if cond.status != TRUE and was:
         return events.Event(events.NORMAL, EVENT_BUDGET_RESTORED, cond.message)
     return None
+
+
+def _stamp(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def warning_level(limit: int, percent: int) -> int:
+    """The tokens at which a tenant with ``limit`` tokens a month is warned (rounded up:
+    a warning never comes before the percentage is reached)."""
+    return -(-limit * percent // 100)
+
+
+@dataclass(frozen=True)
+class BudgetWarning:
+    """The soft warning's condition, whether to give it now (Event and e-mail), and the
+    billing month it was last given for (``status.usage.warnedForPeriod``)."""
+
+    condition: Cond
+    give: bool
+    warned_for: str | None
+
+
+def budget_warning(
+    state: budget.State | None, *, percent: int, warned_for: str | None
+) -> BudgetWarning:
+    """``BudgetWarning`` of a Tenant whose budget state is ``state`` and that was last
+    warned for the month starting ``warned_for``: given once per month, when the
+    tokens used reach ``percent`` of ``tokensPerMonth``."""
+    if state is None or state.limit is None:
+        cond = Cond(
+            BUDGET_WARNING,
+            FALSE,
+            NO_TOKEN_BUDGET,
+            "The tenant's spec.limits.tokensPerMonth is not set.",
+        )
+        return BudgetWarning(cond, give=False, warned_for=warned_for)
+    level = warning_level(state.limit, percent)
+    if state.used < level:
+        cond = Cond(
+            BUDGET_WARNING,
+            FALSE,
+            BELOW_WARNING_LEVEL,
+            f"{state.used} of the tenant's {state.limit} tokens this month are used; the "
+            f"warning comes at {level} ({percent}%, spec.limits.warnAtPercent).",
+        )
+        return BudgetWarning(cond, give=False, warned_for=warned_for)
+    cond = Cond(
+        BUDGET_WARNING,
+        TRUE,
+        TOKENS_PER_MONTH_NEARLY_USED,
+        f"{state.used} of the tenant's {state.limit} tokens this month are used, at least "
+        f"{percent}% (spec.limits.warnAtPercent): new invocations and tasks are refused from "
+        f"{state.limit} tokens until {_stamp(state.resets_at)}, unless "
+        "spec.limits.tokensPerMonth is raised.",
+    )
+    period = _stamp(state.period_start)
+    return BudgetWarning(cond, give=warned_for != period, warned_for=period)
+
+
+def warning_event(warning: BudgetWarning) -> events.Event:
+    return events.Event(events.WARNING, EVENT_BUDGET_WARNING, warning.condition.message)
+
+
+def warning_mail(tenant: str, warning: BudgetWarning) -> tuple[str, str]:
+    """Subject and body of the budget warning's e-mail."""
+    subject = f"BMAD tenant {tenant}: token budget at warning level"
+    body = (
+        f"Tenant {tenant}: {warning.condition.message}\n\n"
+        "This warning is sent once per billing month (UTC calendar month).\n"
+    )
+    return subject, body
+
+
+def notification_failed(detail: str) -> events.Event:
+    return events.Event(
+        events.WARNING,
+        EVENT_NOTIFICATION_FAILED,
+        f"The budget warning e-mail was not sent: {detail}",
+    )

@@ -5,7 +5,9 @@ spec and apply its ResourceQuota, LimitRange, NetworkPolicies and admin RoleBind
 release or delete namespaces that left the spec (per `deletionPolicy`); make sure the
 Stripe customer and subscription exist (exactly once: ids in status, idempotency keys
 from the uid); count usage; decide the conditions and events (`policies.tenant`);
-write status once.
+give the budget warning once a month (an Event, and an e-mail through
+``spec.notify``'s email Integration, sent before the status that records it); write
+status once.
 
 Deletion runs through our finalizer and never blocks forever: errors become a
 condition and an event, and after `policies.tenant.FINALIZE_DEADLINE` the finalizer
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import logging
 import typing
 from collections.abc import Hashable, Mapping
@@ -26,9 +29,11 @@ import pydantic
 from bmad_crds.v1alpha1 import integration as integration_api
 from bmad_crds.v1alpha1 import tenant as tenant_api
 from bmad_integrations import base as ibase
-from bmad_integrations import billing
+from bmad_integrations import billing, egress
+from bmad_integrations import email as email_mod
 from bmad_integrations.usage import reporter as usage_reporter
-from bmad_operator import conditions, errors, kube, store, tenancy, watching
+from bmad_operator import conditions, errors, events, kube, settings, store, tenancy, watching
+from bmad_operator.builders import integration as integration_builders
 from bmad_operator.builders import meta
 from bmad_operator.builders import tenant as builders
 from bmad_operator.conditions import Cond
@@ -64,6 +69,7 @@ class TenantReconciler:
         operator_namespace: str,
         usage: common.UsageSource | None = None,
         payment_grace: dt.timedelta = dt.timedelta(days=3),
+        egress_policy: egress.Policy | None = None,
     ) -> None:
         self.api = api
         self.cache = cache
@@ -72,6 +78,8 @@ class TenantReconciler:
         self.usage = usage
         # How long a failed payment runs on before the agents are suspended.
         self.payment_grace = payment_grace
+        # Where the budget warning's e-mail may go (the operator's settings when None).
+        self._egress_policy = egress_policy
 
     def watches(self) -> list[watching.Watch]:
         """The events that bring a Tenant back (kubebuilder's SetupWithManager)."""
@@ -160,7 +168,7 @@ class TenantReconciler:
             payment_suspension = payment_policy.suspension(payment)
             if payment.billing_ready is not None and billing_cond.status == conditions.TRUE:
                 billing_cond = payment.billing_ready
-        elif self.usage is not None and not self.usage.loaded:
+        elif spec.billing is not None and self.usage is not None and not self.usage.loaded:
             # A takeover: keep a payment suspension until the states are read.
             payment_suspension = payment_policy.shown_suspension(previous)
         ready = policy.ready_condition(
@@ -174,8 +182,15 @@ class TenantReconciler:
         )
         suspended = policy.suspended_condition(spec.suspended, payment_suspension)
         decided = [ready, quota_cond, billing_cond, suspended]
-        if payment is not None:
-            decided.append(payment.payment_failed)
+        payment_failed = (
+            payment.payment_failed
+            if payment is not None
+            else payment_policy.billing_removed(previous)
+            if spec.billing is None
+            else None
+        )
+        if payment_failed is not None:
+            decided.append(payment_failed)
         # Until the ledger is read (a takeover), BudgetExhausted stays as it is shown.
         budget_cond = (
             usage_policy.budget_condition(self.usage.budget_of(name))
@@ -184,6 +199,16 @@ class TenantReconciler:
         )
         if budget_cond is not None:
             decided.append(budget_cond)
+        warning = self._warning(name, spec, status)
+        if warning is not None:
+            decided.append(warning.condition)
+            if warning.warned_for is not None:
+                usage["warnedForPeriod"] = warning.warned_for
+            if warning.give:
+                # Before the status that records it: a crash in between gives it again
+                # (the e-mail with the same Message-ID).
+                for event in await self._give_warning(body, spec, warning):
+                    await common.post_event(self.api, body, event)
         new_status: dict[str, Any] = {
             "observedGeneration": generation,
             "namespaces": held,
@@ -199,12 +224,84 @@ class TenantReconciler:
             budget_event = usage_policy.budget_event(previous, budget_cond)
             if budget_event is not None:
                 await common.post_event(self.api, body, budget_event)
-        if payment is not None:
-            for event in payment_policy.flip_events(previous, [payment.payment_failed, suspended]):
+        if payment_failed is not None:
+            for event in payment_policy.flip_events(previous, [payment_failed, suspended]):
                 await common.post_event(self.api, body, event)
-            if payment.requeue_after is not None:
-                # Back when the grace period ends: the suspension needs no poll.
-                raise errors.Requeue(payment.requeue_after + 0.5, "payment grace period")
+        if payment is not None and payment.requeue_after is not None:
+            # Back when the grace period ends: the suspension needs no poll.
+            raise errors.Requeue(payment.requeue_after + 0.5, "payment grace period")
+
+    def _warning(
+        self, name: str, spec: tenant_api.TenantSpec, status: Mapping[str, Any]
+    ) -> usage_policy.BudgetWarning | None:
+        """The soft budget warning; None until the ledger is read (a takeover: the
+        condition stays as it is shown)."""
+        if self.usage is None or not self.usage.loaded:
+            return None
+        percent = (spec.limits.warn_at_percent if spec.limits else None) or (
+            tenant_api.DEFAULT_WARN_AT_PERCENT
+        )
+        warned_for = (status.get("usage") or {}).get("warnedForPeriod")
+        return usage_policy.budget_warning(
+            self.usage.budget_of(name),
+            percent=percent,
+            warned_for=str(warned_for) if warned_for else None,
+        )
+
+    async def _give_warning(
+        self,
+        body: Mapping[str, Any],
+        spec: tenant_api.TenantSpec,
+        warning: usage_policy.BudgetWarning,
+    ) -> list[events.Event]:
+        """The warning's Event, and its e-mail when ``spec.notify`` is set (an Event
+        saying why when it could not be sent)."""
+        told = [usage_policy.warning_event(warning)]
+        if spec.notify is None:
+            return told
+        notify = spec.notify
+        tenant_meta = body["metadata"]
+        ns = notify.integration_namespace or self.operator_namespace
+        subject, text = usage_policy.warning_mail(tenant_meta["name"], warning)
+        digest = hashlib.sha256(
+            f"{tenant_meta.get('uid')}:budget-warning:{warning.warned_for}".encode()
+        )
+        binding = integration_builders.binding_secret_name(notify.integration)
+        try:
+            try:
+                secret = await self.api.get("Secret", ns, binding)
+            except errors.ApiError as exc:
+                if exc.retryable:
+                    raise  # the pass is retried; nothing was said yet
+                raise email_mod.SendError(
+                    f"the binding Secret {ns}/{binding} could not be read: {exc.message}"
+                ) from None
+            data = {
+                k: base64.b64decode(v).decode()
+                for k, v in ((secret or {}).get("data") or {}).items()
+            }
+            if data.get("type") != "email":
+                raise email_mod.SendError(
+                    f"Integration {ns}/{notify.integration} (spec.notify.integration) has not "
+                    "published an email binding: check that it exists, is of type email and "
+                    "is Ready"
+                )
+            mail = email_mod.Mail(
+                sender=data.get("from", ""),
+                recipients=tuple(notify.recipients),
+                subject=subject,
+                body=text,
+                message_id=f"<{digest.hexdigest()[:32]}@bmad-operator>",
+            )
+            await email_mod.send(data, mail, policy=self._egress())
+        except email_mod.SendError as exc:
+            told.append(usage_policy.notification_failed(str(exc)))
+        return told
+
+    def _egress(self) -> egress.Policy:
+        if self._egress_policy is None:
+            self._egress_policy = settings.load().egress_policy()
+        return self._egress_policy
 
     def _payment(
         self, spec: tenant_api.TenantSpec, billing_status: Mapping[str, Any] | None
@@ -312,7 +409,13 @@ class TenantReconciler:
         elif self.usage is not None:
             # Not read yet (a takeover): keep what the status shows of the ledger.
             current = ((self.cache.get(KIND, None, tenant) or {}).get("status") or {}).get("usage")
-            for field in ("tokensThisPeriod", "periodStart", "thisPeriod", "lastPeriod"):
+            for field in (
+                "tokensThisPeriod",
+                "periodStart",
+                "thisPeriod",
+                "lastPeriod",
+                "warnedForPeriod",
+            ):
                 if current and field in current:
                     shown[field] = current[field]
         return shown

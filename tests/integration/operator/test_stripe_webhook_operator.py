@@ -274,3 +274,178 @@ async def test_operator_stripe_webhook_suspends_on_payment_failure_and_resumes_w
         'bmad_stripe_webhook_events_total{result="duplicate",type="invoice.paid"}': 1.0,
         'bmad_stripe_webhook_events_total{result="accepted",type="invoice.paid"}': 1.0,
     }
+
+
+def subscription_event(
+    event_id: str, kind: str, *, customer: str, subscription: str, status: str, created: int
+) -> bytes:
+    return json.dumps(
+        {
+            "id": event_id,
+            "object": "event",
+            "type": kind,
+            "created": created,
+            "data": {
+                "object": {
+                    "object": "subscription",
+                    "id": subscription,
+                    "customer": customer,
+                    "status": status,
+                }
+            },
+        }
+    ).encode()
+
+
+async def test_operator_stripe_webhook_subscription_updated_and_deleted_then_billing_removed(
+    kubectl: Kubectl,
+    stripe_operator: OperatorProcess,
+    tenants: Tenants,
+    billing_integration: str,
+    ledger_dsn: str,
+) -> None:
+    """``customer.subscription.updated`` to ``unpaid``: ``BillingReady=False``
+    (``SubscriptionUnpaid``), then after the grace period the tenant is suspended; updated
+    to ``active``: billing ready and the agents back. ``customer.subscription.deleted``:
+    ``BillingReady=False`` (``SubscriptionCanceled``), suspended after the grace period.
+    A failed invoice on top, then ``spec.billing`` removed: ``PaymentFailed`` is cleared
+    (``BillingRemoved``) and the suspension lifted."""
+    url = f"http://127.0.0.1:{stripe_operator.stripe_webhook_port}/stripe/webhook"  # type: ignore[attr-defined]
+    name = tenants.name("subs")
+    ns = f"{name}-ns"
+    tenants.apply(
+        _tenant(name, [ns], billing={"integration": billing_integration, "priceId": "price_basic"})
+    )
+
+    def billed() -> dict[str, Any] | None:
+        obj = kubectl.json("get", "tenant", name)
+        paid = condition(obj, "PaymentFailed")
+        sub = ((obj.get("status") or {}).get("billing") or {}).get("subscriptionId")
+        return obj if sub and paid and paid["status"] == "False" else None
+
+    obj = eventually(billed, timeout=90, what="the tenant billed, PaymentFailed=False")
+    customer = obj["status"]["billing"]["customerId"]
+    subscription = obj["status"]["billing"]["subscriptionId"]
+    k = kubectl.in_namespace(ns)
+    k.apply(agent("worker", replicas=1))
+
+    def replicas() -> int | None:
+        if not k.exists("deployment", "worker"):
+            return None
+        return int(k.json("get", "deployment", "worker")["spec"]["replicas"])
+
+    eventually(lambda: replicas() == 1, timeout=60, what="the agent's deployment at 1")
+
+    def shows(**wanted: tuple[str, str]) -> dict[str, Any] | None:
+        """The Tenant once each named condition has the (status, reason) given."""
+        o = kubectl.json("get", "tenant", name)
+        for kind, (status, reason) in wanted.items():
+            c = condition(o, kind)
+            if c is None or (c["status"], c["reason"]) != (status, reason):
+                return None
+        return o
+
+    now = int(time.time())
+    async with httpx.AsyncClient(timeout=10) as http:
+
+        async def deliver(payload: bytes) -> None:
+            answer = await http.post(url, content=payload, headers=signed(payload))
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["duplicate"] is False
+
+        # Stripe gave up on the subscription: not billed, then suspended.
+        await deliver(
+            subscription_event(
+                f"evt_sub_unpaid_{name}", wh.SUBSCRIPTION_UPDATED,
+                customer=customer, subscription=subscription, status="unpaid", created=now,
+            )
+        )  # fmt: skip
+        obj = eventually(
+            lambda: shows(
+                BillingReady=("False", "SubscriptionUnpaid"), Suspended=("False", "Active")
+            ),
+            timeout=GRACE_SECONDS,
+            what="BillingReady=False (SubscriptionUnpaid) within the grace period",
+        )
+        assert subscription in condition(obj, "BillingReady")["message"]
+        assert condition(obj, "Ready")["status"] == "False"
+        eventually(
+            lambda: shows(
+                Suspended=("True", "SubscriptionUnpaid"), Ready=("False", "SubscriptionUnpaid")
+            ),
+            timeout=GRACE_SECONDS + 30,
+            what="suspended once the grace period is over",
+        )
+        eventually(lambda: replicas() == 0, timeout=30, what="the agent scaled to zero")
+        assert k.json("get", "agent", "worker")["spec"]["replicas"] == 1
+
+        # Active again (a newer event): billed, and the agents back.
+        await deliver(
+            subscription_event(
+                f"evt_sub_active_{name}", wh.SUBSCRIPTION_UPDATED,
+                customer=customer, subscription=subscription, status="active", created=now + 1,
+            )
+        )  # fmt: skip
+        eventually(
+            lambda: shows(
+                BillingReady=("True", "Subscribed"),
+                Suspended=("False", "Active"),
+                Ready=("True", "TenantReady"),
+            ),
+            timeout=30,
+            what="billing ready and the tenant resumed",
+        )
+        eventually(lambda: replicas() == 1, timeout=30, what="the agent back at 1")
+        resumed = [
+            e["message"]
+            for e in kubectl.json(
+                "get", "events", "--all-namespaces", "--field-selector",
+                f"involvedObject.kind=Tenant,involvedObject.name={name},reason=PaymentResumed",
+            )["items"]
+        ]  # fmt: skip
+        assert resumed == ["The subscription is active again: the tenant's agents run again."]
+
+        # Deleted in Stripe: cancelled, then suspended after the grace period.
+        await deliver(
+            subscription_event(
+                f"evt_sub_deleted_{name}", wh.SUBSCRIPTION_DELETED,
+                customer=customer, subscription=subscription, status="canceled", created=now + 2,
+            )
+        )  # fmt: skip
+        eventually(
+            lambda: shows(BillingReady=("False", "SubscriptionCanceled")),
+            timeout=GRACE_SECONDS,
+            what="BillingReady=False (SubscriptionCanceled)",
+        )
+        eventually(
+            lambda: shows(Suspended=("True", "SubscriptionCanceled")),
+            timeout=GRACE_SECONDS + 30,
+            what="suspended after the cancellation's grace period",
+        )
+        eventually(lambda: replicas() == 0, timeout=30, what="the agent scaled to zero")
+
+        # A failed invoice too; then billing is removed from the spec.
+        # (Its time is now: the grace period runs from it.)
+        failed_at = max(int(time.time()), now + 3)
+        await deliver(stripe_event(f"evt_fail_{name}", wh.PAYMENT_FAILED, customer, failed_at))
+        eventually(
+            lambda: shows(PaymentFailed=("True", "InvoicePaymentFailed")),
+            timeout=GRACE_SECONDS,
+            what="PaymentFailed=True",
+        )
+    assert await inbox_rows(ledger_dsn) == 4
+    kubectl.run(
+        "patch", "tenant", name, "--type=json", "-p",
+        json.dumps([{"op": "remove", "path": "/spec/billing"}]),
+    )  # fmt: skip
+    eventually(
+        lambda: shows(
+            PaymentFailed=("False", "BillingRemoved"),
+            BillingReady=("True", "NoBilling"),
+            Suspended=("False", "Active"),
+            Ready=("True", "TenantReady"),
+        ),
+        timeout=30,
+        what="PaymentFailed cleared and the suspension lifted once spec.billing is removed",
+    )
+    eventually(lambda: replicas() == 1, timeout=30, what="the agent back at 1")

@@ -7,6 +7,7 @@ that the operator's RBAC stays least-privilege and that its pod runs restricted.
 
 from __future__ import annotations
 
+import decimal
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 import yaml
 
 from bmad_crds.v1alpha1 import agent, common
+from bmad_integrations.usage import prices as usage_prices
 from bmad_operator import settings
 from bmad_testbed import build
 
@@ -367,3 +369,43 @@ def test_sample_agent_is_valid(role: str) -> None:
     parsed = agent.Agent.model_validate(doc)
     assert parsed.api_version == common.API_VERSION
     assert common.is_dns1123_label(doc["metadata"]["name"], max_length=agent.NAME_MAX_LENGTH)
+
+
+def test_the_shipped_price_table_parses_and_is_mounted_where_the_operator_reads_it(
+    default_objs: list[Obj], operator_deployment: Obj
+) -> None:
+    """Issue 14: the ConfigMap bmad-prices parses into the ledger's price table, and the
+    Deployment mounts it at BMAD_OPERATOR_PRICES_FILE (a directory mount, so a changed
+    ConfigMap reaches the file), which the operator's settings accept."""
+    configmap = one(default_objs, "ConfigMap", "bmad-prices")
+    assert configmap["metadata"]["namespace"] == "bmad-system"
+    table = usage_prices.parse_yaml(configmap["data"]["prices.yaml"])
+    assert table.currency == "USD"
+    gpt = table.price("openai", "gpt-4o")
+    assert gpt is not None
+    assert (gpt.input_per_1m, gpt.output_per_1m, gpt.currency) == (
+        decimal.Decimal("2.50"),
+        decimal.Decimal("10.00"),
+        "USD",
+    )
+    sonnet = table.price("anthropic", "claude-sonnet-4-5")  # a prefix entry
+    assert sonnet is not None
+    assert usage_prices.cost(sonnet, tokens_in=1_000_000, tokens_out=100_000) == decimal.Decimal(
+        "4.5"
+    )
+    echo = table.price("echo", "echo-1")
+    assert echo is not None
+    assert echo.input_per_1m == echo.output_per_1m == 0
+    assert table.price("openai-compatible", "anything") is None  # metered, cost unknown
+
+    pod = operator_deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    path = Path(env["BMAD_OPERATOR_PRICES_FILE"])
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    assert mount.get("readOnly") is True
+    assert "subPath" not in mount
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["configMap"]["name"] == "bmad-prices"
+    assert path.name in configmap["data"]
+    assert settings.OperatorSettings(prices_file=str(path)).prices_file == str(path)

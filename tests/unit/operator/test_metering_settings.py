@@ -3,6 +3,7 @@ operator's credentials."""
 
 from __future__ import annotations
 
+import decimal
 from pathlib import Path
 
 import pydantic
@@ -106,3 +107,21 @@ def test_the_stripe_webhook_port_needs_the_ledger() -> None:
     )
     assert cfg.stripe_webhook_port == 8082
     assert cfg.payment_grace_seconds == 60
+
+
+def test_the_cost_budget_is_read_from_the_tenants_limits() -> None:
+    def tenant(limits: object) -> dict[str, object]:
+        return {"spec": {"limits": limits}}
+
+    assert metering.cost_per_month(
+        tenant({"costPerMonth": {"amount": "2.50", "currency": "USD"}})
+    ) == (
+        decimal.Decimal("2.50"),
+        "USD",
+    )
+    assert metering.cost_per_month(tenant({"tokensPerMonth": 5})) is None
+    assert (
+        metering.cost_per_month(tenant({"costPerMonth": {"amount": "x", "currency": "USD"}}))
+        is None
+    )
+    assert metering.cost_per_month({}) is None

@@ -135,3 +135,32 @@ def test_one_event_per_payment_flip_none_for_a_first_current_state() -> None:
         ("Normal", payments.PAYMENTS_CURRENT),
         ("Normal", payments.PAYMENT_RESUMED),
     ]
+    assert told[1].message == "An invoice was paid: the tenant's agents run again."
+
+
+def test_a_lifted_suspension_says_why_and_removed_billing_clears_payment_failed() -> None:
+    active = payments.Cond("Suspended", "False", "Active", "Agents run as specified.")
+    for reason, why in (
+        (payments.SUBSCRIPTION_CANCELED, "The subscription is active again"),
+        (payments.SUBSCRIPTION_UNPAID, "The subscription is active again"),
+    ):
+        previous = [{"type": "Suspended", "status": "True", "reason": reason}]
+        (told,) = payments.flip_events(previous, [active])
+        assert (told.reason, told.message) == (
+            payments.PAYMENT_RESUMED,
+            f"{why}: the tenant's agents run again.",
+        )
+    assert payments.billing_removed([]) is None
+    previous = [
+        {"type": "PaymentFailed", "status": "True", "reason": payments.PAYMENT_OVERDUE},
+        {"type": "Suspended", "status": "True", "reason": payments.PAYMENT_OVERDUE},
+    ]
+    cleared = payments.billing_removed(previous)
+    assert cleared is not None
+    assert (cleared.status, cleared.reason) == ("False", payments.BILLING_REMOVED)
+    told = payments.flip_events(previous, [cleared, active])
+    assert [(e.type, e.reason) for e in told] == [
+        ("Normal", payments.BILLING_REMOVED),
+        ("Normal", payments.PAYMENT_RESUMED),
+    ]
+    assert told[1].message.startswith("The tenant's spec.billing was removed")

@@ -61,3 +61,69 @@ def test_budget_condition_and_its_events() -> None:
     restored = usage.budget_event(shown, within)
     assert restored is not None
     assert (restored.type, restored.reason) == (events.NORMAL, "BudgetRestored")
+
+
+def test_budget_warning_level_rounds_up_and_is_given_once_per_period() -> None:
+    assert usage.warning_level(1000, 80) == 800
+    assert usage.warning_level(999, 80) == 800  # 799.2: never before the percentage
+    assert usage.warning_level(1000, 100) == 1000
+    now = dt.datetime(2026, 11, 30, 12, tzinfo=dt.UTC)
+    state = budget.decide(limit=999, used=799, now=now)
+    below = usage.budget_warning(state, percent=80, warned_for=None)
+    assert (below.condition.status, below.condition.reason, below.give) == (
+        "False",
+        "BelowWarningLevel",
+        False,
+    )
+    state = budget.decide(limit=999, used=800, now=now)
+    given = usage.budget_warning(state, percent=80, warned_for="2026-10-01T00:00:00Z")
+    assert (given.condition.status, given.condition.reason, given.give) == (
+        "True",
+        "TokensPerMonthNearlyUsed",
+        True,
+    )
+    assert given.warned_for == "2026-11-01T00:00:00Z"
+    again = usage.budget_warning(state, percent=80, warned_for="2026-11-01T00:00:00Z")
+    assert again.give is False
+    assert again.condition == given.condition
+    none = usage.budget_warning(None, percent=80, warned_for="2026-11-01T00:00:00Z")
+    assert (none.condition.reason, none.give, none.warned_for) == (
+        "NoTokenBudget",
+        False,
+        "2026-11-01T00:00:00Z",
+    )
+    subject, body = usage.warning_mail("acme", given)
+    assert "acme" in subject
+    assert given.condition.message in body
+
+
+def test_a_cost_budget_reached_is_cost_per_month_reached() -> None:
+    state = budget.decide(
+        limit=None,
+        used=5,
+        now=NOW,
+        cost_limit=decimal.Decimal("2"),
+        cost_used=decimal.Decimal("2.5"),
+        currency="EUR",
+    )
+    cond = usage.budget_condition(state)
+    assert (cond.status, cond.reason) == ("True", usage.COST_PER_MONTH_REACHED)
+    assert cond.message.startswith("2.5 of the tenant's 2 EUR this month are used")
+    assert "spec.limits.costPerMonth is raised" in cond.message
+    both = budget.decide(
+        limit=100,
+        used=5,
+        now=NOW,
+        cost_limit=decimal.Decimal("2"),
+        cost_used=decimal.Decimal("1"),
+        currency="EUR",
+    )
+    within = usage.budget_condition(both, tenant="acme")
+    assert (within.status, within.reason) == ("False", usage.WITHIN_BUDGET)
+    assert (
+        within.message
+        == "5 of tenant acme's 100 tokens and 1 of tenant acme's 2 EUR this month are used."
+    )
+    # No token budget, no token warning.
+    warning = usage.budget_warning(state, percent=80, warned_for=None)
+    assert (warning.condition.reason, warning.give) == ("NoTokenBudget", False)

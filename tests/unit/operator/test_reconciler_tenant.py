@@ -791,3 +791,225 @@ async def test_a_payment_suspension_lives_in_status_survives_a_takeover_and_lift
     assert h.reason("PaymentFailed") == ("False", "PaymentsCurrent")
     assert h.reason("Suspended") == ("False", "Active")
     assert "PaymentResumed" in h.event_reasons()
+
+
+# --- the soft budget warning (issue 14, item 4) -----------------------------------------------
+
+
+def budget_state(used: int, *, limit: int = 1000, at: dt.datetime | None = None) -> Any:
+    return usage_budget.decide(limit=limit, used=used, now=at or dt.datetime.now(dt.UTC))
+
+
+def mail_binding(h: Harness, namespace: str = SYSTEM_NS, *, kind: str = "email") -> None:
+    data = {"type": kind, "provider": "smtp", "host": "smtp.test", "from": "bmad@example.com"}
+    h.seed(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "mail-binding", "namespace": namespace},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+        }
+    )
+
+
+@pytest.fixture
+def mails(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    sent: list[Any] = []
+
+    async def send(data: Any, mail: Any, **kw: Any) -> None:
+        sent.append((dict(data), mail))
+
+    monkeypatch.setattr(tenant_reconciler.email_mod, "send", send)
+    return sent
+
+
+NOTIFY = {"integration": "mail", "recipients": ["ops@example.com"]}
+
+
+async def test_the_budget_warning_is_given_once_a_month_with_its_mail(mails: list[Any]) -> None:
+    h = Harness({"namespaces": ["acme-prod"], "limits": {"tokensPerMonth": 1000}, "notify": NOTIFY})
+    mail_binding(h)
+    usage = FakeUsage()
+    h.reconciler.usage = usage
+    usage.budget = budget_state(799)
+    await h.run()
+    assert h.reason("BudgetWarning") == ("False", "BelowWarningLevel")
+    assert "warnedForPeriod" not in h.tenant()["status"]["usage"]
+    assert mails == []
+
+    usage.budget = budget_state(800)  # the default level: 80%
+    await h.run()
+    assert h.reason("BudgetWarning") == ("True", "TokensPerMonthNearlyUsed")
+    period = usage.budget.period_start.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert h.tenant()["status"]["usage"]["warnedForPeriod"] == period
+    assert h.event_reasons() == ["BudgetWarning"]
+    assert len(mails) == 1
+    data, mail = mails[0]
+    assert data["host"] == "smtp.test"
+    assert mail.recipients == ("ops@example.com",)
+    assert mail.sender == "bmad@example.com"
+    assert "800 of the tenant's 1000 tokens" in mail.body
+    first_id = mail.message_id
+
+    # More usage, and exhausted, in the same month: no second warning.
+    for used in (900, 1200):
+        usage.budget = budget_state(used)
+        await h.run()
+        assert h.reason("BudgetWarning")[0] == "True"
+        assert "BudgetWarning" not in h.event_reasons()
+    assert len(mails) == 1
+
+    # The limit raised: below the level again; back over it in the same month: still once.
+    usage.budget = budget_state(1200, limit=10_000)
+    await h.run()
+    assert h.reason("BudgetWarning") == ("False", "BelowWarningLevel")
+    assert h.tenant()["status"]["usage"]["warnedForPeriod"] == period
+    usage.budget = budget_state(9000, limit=10_000)
+    await h.run()
+    assert "BudgetWarning" not in h.event_reasons()
+    assert len(mails) == 1
+
+    # The next month: warned again, with another Message-ID.
+    next_month = usage_periods.containing(dt.datetime.now(dt.UTC)).end + dt.timedelta(hours=1)
+    usage.budget = budget_state(850, at=next_month)
+    await h.run()
+    assert h.event_reasons() == ["BudgetWarning"]
+    assert len(mails) == 2
+    assert mails[1][1].message_id != first_id
+    assert h.tenant()["status"]["usage"]["warnedForPeriod"] == usage.budget.period_start.strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
+
+
+async def test_the_budget_warning_level_is_the_tenants_percentage() -> None:
+    h = Harness(
+        {"namespaces": ["acme-prod"], "limits": {"tokensPerMonth": 1000, "warnAtPercent": 50}}
+    )
+    usage = FakeUsage()
+    h.reconciler.usage = usage
+    usage.budget = budget_state(499)
+    await h.run()
+    assert h.reason("BudgetWarning") == ("False", "BelowWarningLevel")
+    assert "at 500 (50%" in h.condition("BudgetWarning")["message"]
+    usage.budget = budget_state(500)
+    await h.run()
+    assert h.reason("BudgetWarning") == ("True", "TokensPerMonthNearlyUsed")
+    # Without spec.notify: the Event only.
+    assert h.event_reasons() == ["BudgetWarning"]
+
+
+async def test_a_budget_warning_mail_that_cannot_be_sent_is_an_event(mails: list[Any]) -> None:
+    h = Harness({"namespaces": ["acme-prod"], "limits": {"tokensPerMonth": 1000}, "notify": NOTIFY})
+    usage = FakeUsage()
+    h.reconciler.usage = usage
+    usage.budget = budget_state(0)
+    await h.run()
+    usage.budget = budget_state(900)
+    await h.run()  # no binding Secret: the Integration is missing or not ready
+    assert h.event_reasons() == ["BudgetWarning", "NotificationFailed"]
+    failed = next(e for e in h.api.events if e["reason"] == "NotificationFailed")
+    assert "spec.notify.integration" in failed["message"]
+    assert mails == []
+    assert h.reason("BudgetWarning")[0] == "True"
+
+
+async def test_no_token_budget_no_warning_and_a_takeover_keeps_what_is_shown() -> None:
+    h = Harness({"namespaces": ["acme-prod"]})
+    usage = FakeUsage()
+    h.reconciler.usage = usage
+    await h.run()
+    assert h.reason("BudgetWarning") == ("False", "NoTokenBudget")
+    h.update_spec(limits={"tokensPerMonth": 100})
+    usage.budget = budget_state(90, limit=100)
+    await h.run()
+    assert h.reason("BudgetWarning")[0] == "True"
+    warned = h.tenant()["status"]["usage"]["warnedForPeriod"]
+    usage.loaded, usage.budget = False, None  # a replica that took over, ledger not read
+    await h.run()
+    assert h.reason("BudgetWarning")[0] == "True"
+    assert h.tenant()["status"]["usage"]["warnedForPeriod"] == warned
+    assert h.event_reasons() == []
+
+
+# --- issue 14: a stale PaymentFailed once spec.billing is removed -----------------------------
+
+
+async def test_removing_billing_clears_payment_failed_and_lifts_a_payment_suspension(
+    stripe: FakeStripe,
+) -> None:
+    h = Harness({"namespaces": ["acme-prod"], "billing": BILLING})
+    usage = FakeUsage()
+    h.reconciler.usage = usage
+    stripe_integration(h)
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+    usage.payment = stripe_webhooks.PaymentState(
+        "cus_acme", failed_since=long_ago, last_failure_at=long_ago
+    )
+    await h.run()
+    assert h.reason("PaymentFailed") == ("True", "PaymentOverdue")
+    assert h.reason("Suspended") == ("True", "PaymentOverdue")
+
+    h.update_spec(billing=None)
+    await h.run()
+    assert h.reason("PaymentFailed") == ("False", "BillingRemoved")
+    assert h.reason("Suspended") == ("False", "Active")
+    assert h.reason("BillingReady") == ("True", "NoBilling")
+    told = {e["reason"]: e["message"] for e in h.api.events}
+    assert "BillingRemoved" in told
+    assert told["PaymentResumed"].startswith("The tenant's spec.billing was removed")
+    # The next pass: nothing left to change, nothing said.
+    await h.run()
+    assert h.api.statuses == []
+    assert h.event_reasons() == []
+
+
+async def test_removing_billing_during_a_takeover_lifts_the_shown_payment_suspension(
+    stripe: FakeStripe,
+) -> None:
+    h = Harness({"namespaces": ["acme-prod"], "billing": BILLING})
+    usage = FakeUsage()
+    h.reconciler.usage = usage
+    stripe_integration(h)
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+    usage.payment = stripe_webhooks.PaymentState(
+        "cus_acme", failed_since=long_ago, last_failure_at=long_ago
+    )
+    await h.run()
+    assert h.reason("Suspended") == ("True", "PaymentOverdue")
+    usage.loaded, usage.payment = False, None  # a replica that took over, not read yet
+    h.update_spec(billing=None)
+    await h.run()
+    assert h.reason("Suspended") == ("False", "Active")
+    assert h.reason("PaymentFailed") == ("False", "BillingRemoved")
+
+
+async def test_a_tenant_never_billed_gets_no_payment_failed() -> None:
+    h = Harness({"namespaces": ["acme-prod"]})
+    h.reconciler.usage = FakeUsage()
+    await h.run()
+    assert [c for c in h.tenant()["status"]["conditions"] if c["type"] == "PaymentFailed"] == []
+
+
+async def test_a_binding_secret_that_cannot_be_read_is_an_event_not_a_failed_pass(
+    mails: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = Harness({"namespaces": ["acme-prod"], "limits": {"tokensPerMonth": 1000}, "notify": NOTIFY})
+    read = h.api.get
+
+    async def get(kind: str, namespace: str | None, name: str) -> Obj | None:
+        if kind == "Secret":
+            raise errors.ApiError(403, "Forbidden", "secrets is forbidden")
+        return await read(kind, namespace, name)
+
+    monkeypatch.setattr(h.api, "get", get)
+    usage = FakeUsage()
+    h.reconciler.usage = usage
+    usage.budget = budget_state(0)
+    await h.run()
+    usage.budget = budget_state(900)
+    await h.run()
+    assert h.event_reasons() == ["BudgetWarning", "NotificationFailed"]
+    failed = next(e for e in h.api.events if e["reason"] == "NotificationFailed")
+    assert "could not be read: secrets is forbidden" in failed["message"]
+    assert mails == []
+    assert h.reason("BudgetWarning")[0] == "True"

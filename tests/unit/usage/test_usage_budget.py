@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 
 import pytest
 
@@ -62,3 +63,45 @@ def test_a_writer_with_a_tenant_may_get_that_tenants_budget_key_only() -> None:
     without = acl.writer_rules("team-a", "dev", "p" * 20)
     assert "+get" not in without
     assert not any("budget" in r for r in without)
+
+
+def test_a_cost_budget_is_exhausted_once_the_cost_in_its_currency_reaches_it() -> None:
+    below = budget.decide(
+        limit=None,
+        used=10**6,
+        now=NOW,
+        cost_limit=decimal.Decimal("5.00"),
+        cost_used=decimal.Decimal("4.999999"),
+        currency="USD",
+    )
+    assert below is not None
+    assert not below.exhausted
+    assert (below.limit, below.tokens_exhausted, below.cost_exhausted) == (None, False, False)
+    reached = budget.decide(
+        limit=10**9,
+        used=10,
+        now=NOW,
+        cost_limit=decimal.Decimal("5.00"),
+        cost_used=decimal.Decimal("5.000001"),
+        currency="USD",
+    )
+    assert reached is not None
+    assert reached.exhausted
+    assert reached.cost_exhausted
+    assert not reached.tokens_exhausted
+    assert reached.message() == (
+        "the tenant's cost budget is used up: 5.000001 of 5 USD this period "
+        "(spec.limits.costPerMonth); it resets at 2026-12-01T00:00:00+00:00"
+    )
+    # Round trip through the key, and a key written without a cost budget still reads.
+    assert budget.decode(budget.encode(reached)) == reached
+    tokens_only = budget.decide(limit=1000, used=1200, now=NOW)
+    assert tokens_only is not None
+    assert "costLimit" not in budget.encode(tokens_only)
+    assert budget.decode(budget.encode(tokens_only)) == tokens_only
+    broken = (
+        '{"exhausted": true, "limit": 1, "used": 2, "periodStart": "2026-11-01T00:00:00+00:00", '
+        '"resetsAt": "2026-12-01T00:00:00+00:00", "costLimit": "x", "costUsed": "1", '
+        '"currency": "USD"}'
+    )
+    assert budget.decode(broken) is None
