@@ -22,7 +22,9 @@ To say where the overhead goes, each row also has the operator's CPU, its Workfl
 passes and their mean duration (its /metrics), the API writes it made per step, and,
 from the bus (a task's stream entry id holds when it was sent; its result when it
 finished): the runtime's share (sent to finished, minus its own time) and, for the
-chain, the time from a step's result to the next step's task.
+chain, the time from a step's result to the next step's task; last, the status writes
+the operator made in the background (each with the Events it records; a pass hands its
+status over and does not wait for it) and their mean duration.
 
 Run on demand (not in CI), with the test bed up and no other operator running:
 
@@ -223,13 +225,21 @@ def own_times(kubectl: Kubectl, client: redis.Redis, namespace: str, name: str) 
     return found
 
 
-def passes(operator: operator_proc.OperatorProcess) -> tuple[float, float, float]:
-    """(Workflow passes, their total seconds, API writes of any kind) so far."""
+def passes(operator: operator_proc.OperatorProcess) -> tuple[float, float, float, float, float]:
+    """(Workflow passes, their total seconds, API writes of any kind, background status
+    writes, their total seconds) so far."""
     found = operator.metrics()
     count = found.get('bmad_operator_reconcile_duration_seconds_count{kind="Workflow"}', 0.0)
     total = found.get('bmad_operator_reconcile_duration_seconds_sum{kind="Workflow"}', 0.0)
     writes = sum(v for k, v in found.items() if k.startswith("bmad_operator_api_writes_total{"))
-    return count, total, writes
+    status = 'bmad_operator_status_write_duration_seconds_{}{{kind="Workflow"}}'
+    return (
+        count,
+        total,
+        writes,
+        found.get(status.format("count"), 0.0),
+        found.get(status.format("sum"), 0.0),
+    )
 
 
 def figures(
@@ -240,6 +250,13 @@ def figures(
     count = now[0] - counted[0]
     mean = (now[1] - counted[1]) / count * 1000 if count else float("nan")
     return f"{cpu:.0f} | {count:.0f} | {mean:.0f} | {(now[2] - counted[2]) / steps:.1f}"
+
+
+def status_writes(counted: tuple[float, ...], now: tuple[float, ...]) -> str:
+    """Background status writes (with their Events) | their mean (ms)."""
+    count = now[3] - counted[3]
+    mean = (now[4] - counted[4]) / count * 1000 if count else float("nan")
+    return f"{count:.0f} | {mean:.0f}"
 
 
 def split(tasks: list[Task]) -> tuple[float, float]:
@@ -290,7 +307,7 @@ def main() -> int:
         rows.append(
             f"| chain | {args.steps} | {wall:.2f} | {mine:.2f} | {overhead * 1000:.0f} | "
             f"{figures(before, spent, counted, now, args.steps)} | "
-            f"{runtime_ms:.0f} | {operator_ms:.0f} |"
+            f"{runtime_ms:.0f} | {operator_ms:.0f} | {status_writes(counted, now)} |"
         )
 
         before, counted = cpu.cpu_times(), passes(operator)
@@ -304,7 +321,8 @@ def main() -> int:
         rows.append(
             f"| fan-out | 1 + {args.width} | {wall:.2f} | {listing + longest:.2f} | "
             f"{overhead * 1000:.0f} | "
-            f"{figures(before, spent, counted, now, args.width)} | {runtime_ms:.0f} | - |"
+            f"{figures(before, spent, counted, now, args.width)} | {runtime_ms:.0f} | - | "
+            f"{status_writes(counted, now)} |"
         )
     finally:
         for one in runtimes:
@@ -324,8 +342,8 @@ def main() -> int:
             "| workflow | steps | wall s | agents' own s | overhead per step (ms) | "
             "operator CPU per step (ms) | Workflow passes | mean pass (ms) | "
             "API writes per step | runtime share, median (ms) | result to next task, "
-            "median (ms) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "median (ms) | status writes | mean status write (ms) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             *rows,
         ]
     )

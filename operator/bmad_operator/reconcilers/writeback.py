@@ -25,7 +25,7 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from bmad_operator import errors, events, kube, store
+from bmad_operator import errors, events, kube, metrics, store
 from bmad_operator.reconcilers import common
 
 log = logging.getLogger(__name__)
@@ -134,9 +134,10 @@ class StatusWriter:
                 slot.writing = status
                 posted, slot.events = slot.events, []
                 try:
-                    if status is not None:
-                        await self._write(slot.body, status)
-                    await asyncio.gather(*(self._post(slot.body, e) for e in posted))
+                    with metrics.STATUS_WRITE_SECONDS.labels(kind=self.kind).time():
+                        if status is not None:
+                            await self._write(slot.body, status)
+                        await asyncio.gather(*(self._post(slot.body, e) for e in posted))
                 except errors.ApiError as exc:
                     if exc.not_found:
                         return  # the object is gone, and what it was to hold with it
