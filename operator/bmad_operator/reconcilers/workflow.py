@@ -3,16 +3,20 @@
 One pass, like the Agent's: observe (the Workflow, the Agents and Integrations of its
 namespace, the results of its running attempts on their Agents' buses), decide
 (`workflows.engine.decide`, pure), act (hold the finalizer, dispatch, cancel, send the
-notifications), write the status once, post the decided Events, and ask to be called
-again when the engine wants to look again (a retry due, an attempt's deadline) or, while
-attempts run, after `poll_seconds`. A stored result wakes the Workflow at once through
+notifications), hand the status and the decided Events to the Workflow's background
+writer (`writeback`: written after the pass, coalesced with later passes' while a write
+is in flight; the next pass starts from the status decided in memory), and ask to be
+called again when the engine wants to look again (a retry due, an attempt's deadline)
+or, while attempts run, after `poll_seconds`. A stored result wakes the Workflow at once through
 the bus's ``finished`` announcements (`workflows.bus`).
 
 Durable by construction: everything the engine needs is in the status, task ids are
 deterministic and the bus enqueues an id once, so a pass repeated after a crash
 dispatches nothing twice and never re-runs a finished step. Tasks are dispatched before
-the status that records them is written: a crash in between dispatches the same ids
-again on restart (harmless), never leaves a recorded attempt that was not sent.
+the status that records them is written: a crash in between (the stored status may lag
+a few passes behind) dispatches the same ids again on restart (harmless; a task that
+already has its result queues the Workflow again at once), never leaves a recorded
+attempt that was not sent.
 
 Deleting a Workflow: the finalizer ``bmad.dev/workflow-cancel``, held while the run has
 work out, lets one last pass cancel every outstanding task (a ``cancelled`` result under
@@ -228,13 +232,10 @@ class WorkflowReconciler:
                 await self._release(latest)
             return
         self._schedule(key, decision, uid)
-        if decision.dispatch and await self._answered(decision, routes):
-            # Results already stored for tasks sent just now (a run resumed after a
-            # restart finds the steps it had finished): no announcement will come.
-            self.queue_now(key)
-
-    def queue_now(self, key: Key) -> None:
-        if self.queue is not None:
+        # Results already stored for tasks sent just now (a run resumed after a restart
+        # finds the steps it had finished): no announcement will come, so look again now.
+        answered = bool(decision.dispatch) and await self._answered(decision, routes)
+        if answered and self.queue is not None:
             self.queue.add(key)
 
     async def _answered(
