@@ -22,7 +22,11 @@ To say where the overhead goes, each row also has the operator's CPU, its Workfl
 passes and their mean duration (its /metrics), the API writes it made per step, and,
 from the bus (a task's stream entry id holds when it was sent; its result when it
 finished): the runtime's share (sent to finished, minus its own time) and, for the
-chain, the time from a step's result to the next step's task.
+chain, the time from a step's result to the next step's task; last, the status writes
+the operator made in the background (each with the Events it records; a pass hands its
+status over and does not wait for it) and their mean duration; and what a run spends
+once, not per step: from `kubectl apply` to its first task on the stream, and from its
+last result to `kubectl wait` returning (kubectl's own start-up included in both).
 
 Run on demand (not in CI), with the test bed up and no other operator running:
 
@@ -163,14 +167,22 @@ def fan_out(width: int) -> dict[str, Any]:
     }
 
 
-def run(kubectl: Kubectl, namespace: str, name: str, spec: dict[str, Any]) -> float:
-    """Apply the Workflow and return the seconds until it is Succeeded."""
+@dataclass
+class Run:
+    wall: float  # seconds from `kubectl apply` until `kubectl wait` returned
+    applied: float  # when `kubectl apply` started (epoch seconds)
+    seen: float  # when `kubectl wait` returned (epoch seconds)
+
+
+def run(kubectl: Kubectl, namespace: str, name: str, spec: dict[str, Any]) -> Run:
+    """Apply the Workflow and time it until it is Succeeded."""
     body = {
         "apiVersion": "bmad.dev/v1alpha1",
         "kind": "Workflow",
         "metadata": {"name": name, "namespace": namespace},
         "spec": spec,
     }
+    applied = time.time()
     started = time.perf_counter()
     kubectl.apply(body)
     waited = subprocess.run(
@@ -192,7 +204,7 @@ def run(kubectl: Kubectl, namespace: str, name: str, spec: dict[str, Any]) -> fl
     if waited.returncode != 0:
         status = kubectl.json("get", "workflow", name, "-n", namespace).get("status")
         raise SystemExit(f"{name} did not succeed: {waited.stderr}\n{json.dumps(status)[:2000]}")
-    return elapsed
+    return Run(elapsed, applied, time.time())
 
 
 @dataclass
@@ -223,13 +235,21 @@ def own_times(kubectl: Kubectl, client: redis.Redis, namespace: str, name: str) 
     return found
 
 
-def passes(operator: operator_proc.OperatorProcess) -> tuple[float, float, float]:
-    """(Workflow passes, their total seconds, API writes of any kind) so far."""
+def passes(operator: operator_proc.OperatorProcess) -> tuple[float, float, float, float, float]:
+    """(Workflow passes, their total seconds, API writes of any kind, background status
+    writes, their total seconds) so far."""
     found = operator.metrics()
     count = found.get('bmad_operator_reconcile_duration_seconds_count{kind="Workflow"}', 0.0)
     total = found.get('bmad_operator_reconcile_duration_seconds_sum{kind="Workflow"}', 0.0)
     writes = sum(v for k, v in found.items() if k.startswith("bmad_operator_api_writes_total{"))
-    return count, total, writes
+    status = 'bmad_operator_status_write_duration_seconds_{}{{kind="Workflow"}}'
+    return (
+        count,
+        total,
+        writes,
+        found.get(status.format("count"), 0.0),
+        found.get(status.format("sum"), 0.0),
+    )
 
 
 def figures(
@@ -240,6 +260,21 @@ def figures(
     count = now[0] - counted[0]
     mean = (now[1] - counted[1]) / count * 1000 if count else float("nan")
     return f"{cpu:.0f} | {count:.0f} | {mean:.0f} | {(now[2] - counted[2]) / steps:.1f}"
+
+
+def status_writes(counted: tuple[float, ...], now: tuple[float, ...]) -> str:
+    """Background status writes (with their Events) | their mean (ms)."""
+    count = now[3] - counted[3]
+    mean = (now[4] - counted[4]) / count * 1000 if count else float("nan")
+    return f"{count:.0f} | {mean:.0f}"
+
+
+def ends(timed: Run, tasks: list[Task]) -> str:
+    """What a run spends once, not per step: from `kubectl apply` to the first task on
+    the stream | from the last result stored to `kubectl wait` returning (ms)."""
+    first = min(t.sent for t in tasks) - timed.applied
+    last = timed.seen - max(t.finished for t in tasks)
+    return f"{first * 1000:.0f} | {last * 1000:.0f}"
 
 
 def split(tasks: list[Task]) -> tuple[float, float]:
@@ -281,7 +316,8 @@ def main() -> int:
         cpu = psutil.Process(operator.pid)
 
         before, counted = cpu.cpu_times(), passes(operator)
-        wall = run(kubectl, namespace, "chain", chain(args.steps))
+        timed = run(kubectl, namespace, "chain", chain(args.steps))
+        wall = timed.wall
         spent, now = cpu.cpu_times(), passes(operator)
         own = own_times(kubectl, client, namespace, "chain")
         mine = sum(t.own for t in own.values())
@@ -290,11 +326,13 @@ def main() -> int:
         rows.append(
             f"| chain | {args.steps} | {wall:.2f} | {mine:.2f} | {overhead * 1000:.0f} | "
             f"{figures(before, spent, counted, now, args.steps)} | "
-            f"{runtime_ms:.0f} | {operator_ms:.0f} |"
+            f"{runtime_ms:.0f} | {operator_ms:.0f} | {status_writes(counted, now)} | "
+            f"{ends(timed, list(own.values()))} |"
         )
 
         before, counted = cpu.cpu_times(), passes(operator)
-        wall = run(kubectl, namespace, "fan-out", fan_out(args.width))
+        timed = run(kubectl, namespace, "fan-out", fan_out(args.width))
+        wall = timed.wall
         spent, now = cpu.cpu_times(), passes(operator)
         own = own_times(kubectl, client, namespace, "fan-out")
         listing = max(v.own for k, v in own.items() if ":list:" in k)
@@ -304,7 +342,8 @@ def main() -> int:
         rows.append(
             f"| fan-out | 1 + {args.width} | {wall:.2f} | {listing + longest:.2f} | "
             f"{overhead * 1000:.0f} | "
-            f"{figures(before, spent, counted, now, args.width)} | {runtime_ms:.0f} | - |"
+            f"{figures(before, spent, counted, now, args.width)} | {runtime_ms:.0f} | - | "
+            f"{status_writes(counted, now)} | {ends(timed, list(own.values()))} |"
         )
     finally:
         for one in runtimes:
@@ -324,8 +363,9 @@ def main() -> int:
             "| workflow | steps | wall s | agents' own s | overhead per step (ms) | "
             "operator CPU per step (ms) | Workflow passes | mean pass (ms) | "
             "API writes per step | runtime share, median (ms) | result to next task, "
-            "median (ms) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "median (ms) | status writes | mean status write (ms) | apply to first task (ms) | "
+            "last result to Succeeded seen (ms) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             *rows,
         ]
     )

@@ -158,6 +158,8 @@ class Controller:
             self.workflow_queue,
         ):
             queue.cancel()  # all of them now, before waiting for any
+        # Status writes still on their way: whoever leads next starts from the stored one.
+        self.workflows.writes.cancel()
         if self._resync:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._resync

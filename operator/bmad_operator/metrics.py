@@ -21,6 +21,12 @@ RECONCILE_ERRORS = Counter(
     "Reconcile passes that failed, by reason.",
     ["kind", "reason"],
 )
+STATUS_WRITE_SECONDS = Histogram(
+    "bmad_operator_status_write_duration_seconds",
+    "Duration of one background write of a decided status with the Events it records.",
+    ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 QUEUE_DEPTH = Gauge("bmad_operator_queue_depth", "Keys waiting to be reconciled.", ["kind"])
 API_WRITES = Counter(
     "bmad_operator_api_writes_total", "Write requests sent to the API server.", ["verb", "kind"]

@@ -3,16 +3,20 @@
 One pass, like the Agent's: observe (the Workflow, the Agents and Integrations of its
 namespace, the results of its running attempts on their Agents' buses), decide
 (`workflows.engine.decide`, pure), act (hold the finalizer, dispatch, cancel, send the
-notifications), write the status once, post the decided Events, and ask to be called
-again when the engine wants to look again (a retry due, an attempt's deadline) or, while
-attempts run, after `poll_seconds`. A stored result wakes the Workflow at once through
+notifications), hand the status and the decided Events to the Workflow's background
+writer (`writeback`: written after the pass, coalesced with later passes' while a write
+is in flight; the next pass starts from the status decided in memory), and ask to be
+called again when the engine wants to look again (a retry due, an attempt's deadline)
+or, while attempts run, after `poll_seconds`. A stored result wakes the Workflow at once through
 the bus's ``finished`` announcements (`workflows.bus`).
 
 Durable by construction: everything the engine needs is in the status, task ids are
 deterministic and the bus enqueues an id once, so a pass repeated after a crash
 dispatches nothing twice and never re-runs a finished step. Tasks are dispatched before
-the status that records them is written: a crash in between dispatches the same ids
-again on restart (harmless), never leaves a recorded attempt that was not sent.
+the status that records them is written: a crash in between (the stored status may lag
+a few passes behind) dispatches the same ids again on restart (harmless; a task that
+already has its result queues the Workflow again at once), never leaves a recorded
+attempt that was not sent.
 
 Deleting a Workflow: the finalizer ``bmad.dev/workflow-cancel``, held while the run has
 work out, lets one last pass cancel every outstanding task (a ``cancelled`` result under
@@ -42,7 +46,7 @@ from bmad_operator import errors, events, kube, settings, store, tenancy, watchi
 from bmad_operator.builders import integration as integration_builders
 from bmad_operator.builders import meta
 from bmad_operator.policies import workflow as policy
-from bmad_operator.reconcilers import common
+from bmad_operator.reconcilers import common, writeback
 from bmad_operator.workflows import bus as bus_mod
 from bmad_operator.workflows import engine, tasks, wire
 
@@ -87,6 +91,7 @@ class WorkflowReconciler:
         self.poll_seconds = poll_seconds
         self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self.queue: workqueue.WorkQueue | None = None
+        self.writes = writeback.StatusWriter(api=api, cache=cache, kind=KIND)
         self._by_uid: dict[str, Key] = {}
 
     # --- what wakes a Workflow -------------------------------------------------------
@@ -149,20 +154,26 @@ class WorkflowReconciler:
         await common.measured(KIND, f"{namespace}/{name}", self._reconcile(namespace, name))
 
     async def _reconcile(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
         found = self.cache.get(KIND, namespace, name)
         if found is None:
-            self._by_uid = {u: k for u, k in self._by_uid.items() if k != (namespace, name)}
+            self._by_uid = {u: k for u, k in self._by_uid.items() if k != key}
+            self.writes.forget(key)
             return
-        body: Mapping[str, Any] = found
-        metadata = body["metadata"]
+        metadata = found["metadata"]
+        # The status the previous pass decided, while its write is still on the way.
+        decided = self.writes.decided(key, str(metadata.get("uid") or ""))
+        body: Mapping[str, Any] = found if decided is None else {**found, "status": decided}
         deleting = bool(metadata.get("deletionTimestamp"))
         held = FINALIZER in (metadata.get("finalizers") or [])
         if deleting and not held:
             return  # going, and nothing of ours to do
-        self._by_uid[str(metadata.get("uid"))] = (namespace, name)
+        self._by_uid[str(metadata.get("uid"))] = key
         try:
             workflow = api.Workflow.model_validate(body)
         except pydantic.ValidationError as exc:
+            await self.writes.flush(key)
+            body = self.cache.get(KIND, namespace, name) or body
             if deleting:
                 await self._release(body)
                 return
@@ -174,7 +185,8 @@ class WorkflowReconciler:
         before = workflow.status.phase if workflow.status else None
         if before in engine.TERMINAL:
             if held:
-                await self._release(body)
+                await self.writes.flush(key)
+                await self._release(self.cache.get(KIND, namespace, name) or body)
             return
 
         # observe
@@ -206,19 +218,31 @@ class WorkflowReconciler:
         await self._dispatch(workflow, decision, routes)
         await self._cancel(decision, routes, agent_of, deleting=deleting)
         failed_events = await self._notify(workflow, decision, namespace)
-        await common.write_status(
-            self.api, self.cache, KIND, body, api_common.to_json(decision.status)
-        )
+        # The status and the Events are written in the background (`writeback`): the
+        # next pass may start from this decision at once. Tasks went out first, so the
+        # stored status never records an attempt that was not sent.
         posted = [events.Event(e.type, e.reason, e.message) for e in decision.events]  # type: ignore[arg-type]
-        await asyncio.gather(
-            *(common.post_event(self.api, body, e) for e in [*posted, *failed_events])
+        self.writes.submit(
+            key, body, api_common.to_json(decision.status), [*posted, *failed_events]
         )
         if ending or deleting:
+            await self.writes.flush(key)
             latest = self.cache.get(KIND, namespace, name) or body
             if FINALIZER in (latest["metadata"].get("finalizers") or []):
                 await self._release(latest)
             return
-        self._schedule((namespace, name), decision, uid)
+        self._schedule(key, decision, uid)
+        # Results already stored for tasks sent just now (a run resumed after a restart
+        # finds the steps it had finished): no announcement will come, so look again now.
+        answered = bool(decision.dispatch) and await self._answered(decision, routes)
+        if answered and self.queue is not None:
+            self.queue.add(key)
+
+    async def _answered(
+        self, decision: engine.Decision, routes: Mapping[str, bus_mod.Route]
+    ) -> bool:
+        wanted = {d.task_id: routes[d.agent] for d in decision.dispatch if d.agent in routes}
+        return bool(await self.bus.results(wanted))
 
     # --- observing ------------------------------------------------------------------
 

@@ -29,7 +29,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
+
+import pydantic
 
 from bmad_crds.v1alpha1 import common
 from bmad_crds.v1alpha1 import workflow as api
@@ -169,6 +171,13 @@ def decide(
 
 
 Unit = api.StepStatus | api.ItemStatus
+_M = TypeVar("_M", bound=pydantic.BaseModel)
+
+
+def _copied(model: _M, *, exclude: set[str] | None = None) -> _M:
+    """A deep copy of a status model: its dump validated again, several times faster than
+    ``model_copy(deep=True)`` (copy.deepcopy), which was most of a pass over 50 steps."""
+    return type(model).model_validate(model.model_dump(exclude=exclude))
 
 
 class _Pass:
@@ -193,7 +202,8 @@ class _Pass:
         self.generation = workflow.metadata.generation
         self.spec = workflow.spec
         self.prev = workflow.status or api.WorkflowStatus()
-        self.status = self.prev.model_copy(deep=True)
+        # `_finish` puts the steps back from `states`: they are not copied twice.
+        self.status = _copied(self.prev, exclude={"steps"})
         self.results = results
         self.now = now.astimezone(dt.UTC).replace(microsecond=0)
         self.agents = agents
@@ -210,7 +220,7 @@ class _Pass:
         self.tokens_out = 0
         old = {s.id: s for s in self.prev.steps or []}
         self.states: dict[str, api.StepStatus] = {
-            step.id: old[step.id].model_copy(deep=True)
+            step.id: _copied(old[step.id])
             if step.id in old
             else api.StepStatus(id=step.id, phase="Pending")
             for step in self.spec.steps

@@ -110,3 +110,35 @@ async def test_losing_leadership_cancels_passes_in_flight_and_queues_nothing_mor
     assert sorted(map(str, passes.started[1:])) == sorted(
         map(str, [("team-a", "mary"), ("team-a", "john")])
     )
+
+
+async def test_losing_leadership_drops_the_workflow_status_writes_not_made(ctl: Any) -> None:
+    c, _ = ctl
+    api: FakeKube = c.api
+    workflow = {
+        "apiVersion": "bmad.dev/v1alpha1",
+        "kind": "Workflow",
+        "metadata": {"name": "todo", "namespace": "team-a", "uid": "uid-todo"},
+        "spec": {},
+    }
+    writing, gate = asyncio.Event(), asyncio.Event()
+    patch_status = api.patch_status
+
+    async def slow(*args: Any, **kwargs: Any) -> Any:
+        writing.set()
+        await gate.wait()
+        return await patch_status(*args, **kwargs)
+
+    api.patch_status = slow  # type: ignore[method-assign]
+    c.start()
+    api.seed(workflow, c.store)  # after start: stored, no pass queued for it
+    c.workflows.writes.submit(("team-a", "todo"), workflow, {"phase": "Running"}, [])
+    await asyncio.wait_for(writing.wait(), WAIT)
+
+    await c.pause()
+    gate.set()
+    await asyncio.sleep(0)
+
+    assert c.workflows.writes.pending() == 0
+    assert c.workflows.writes.decided(("team-a", "todo"), "uid-todo") is None
+    assert api.statuses == [], "the next leader writes from the stored status"
