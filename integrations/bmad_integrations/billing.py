@@ -20,11 +20,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import stripe
+from bmad_integrations import base, lazy
 
-from bmad_integrations import base
+if TYPE_CHECKING:
+    import stripe
+else:  # imported when first used: not every operator bills
+    stripe = lazy.module("stripe")
 
 TENANT_METADATA = "bmad_tenant"
 TENANT_UID_METADATA = "bmad_tenant_uid"

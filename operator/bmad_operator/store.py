@@ -3,10 +3,19 @@
 Reconciles read from here instead of the API server, so an Agent whose owned
 objects are all as they should be costs no request at all. The API server stays the
 source of truth: a miss here is confirmed with a GET before anything is created.
+
+Objects are kept without the metadata nothing here reads: `managedFields` (the
+field managers' ownership, often a third of a server-side-applied object) and
+kubectl's `last-applied-configuration` annotation (a second copy of the spec). At a
+thousand Agents those were most of the store (docs/benchmarks.md, bench/reconcile).
+The keys and short strings of what is kept are interned: every Deployment repeats the
+same few hundred keys and values, which the JSON decoder allocates anew for each
+object; shared, they take half the memory.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -26,7 +35,7 @@ class Store:
         # Watch events and our own apply responses race: keep the newer one.
         if current is not None and _older(obj, current):
             return
-        self._objects[kind][key] = dict(obj)
+        self._objects[kind][key] = slim(obj)
 
     def remove(self, kind: str, namespace: str | None, name: str) -> None:
         self._objects.get(kind, {}).pop((namespace or "", name), None)
@@ -42,6 +51,39 @@ class Store:
 
     def count(self, kind: str) -> int:
         return len(self._objects.get(kind, {}))
+
+
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def slim(obj: Mapping[str, Any]) -> Obj:
+    """A copy of `obj` without `managedFields` and kubectl's last-applied copy, its
+    keys and short strings interned; the caller's object is left as it was."""
+    kept: Obj = {}
+    for key, value in obj.items():
+        if key == "metadata" and isinstance(value, Mapping):
+            meta = {k: v for k, v in value.items() if k != "managedFields"}
+            annotations = meta.get("annotations")
+            if isinstance(annotations, Mapping) and LAST_APPLIED in annotations:
+                meta["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
+            kept["metadata"] = _shared(meta)
+        else:
+            kept[sys.intern(key) if type(key) is str else key] = _shared(value)
+    return kept
+
+
+_SHORT = 64  # strings up to this length are interned: names, labels, enum values
+
+
+def _shared(value: Any) -> Any:
+    """`value` copied with interned keys and short strings."""
+    if isinstance(value, Mapping):
+        return {sys.intern(k) if type(k) is str else k: _shared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shared(v) for v in value]
+    if type(value) is str and len(value) <= _SHORT:  # not str subclasses (enums)
+        return sys.intern(value)
+    return value
 
 
 def _older(new: Mapping[str, Any], current: Mapping[str, Any]) -> bool:

@@ -31,12 +31,15 @@ import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-import stripe
-
-from bmad_integrations import billing
+from bmad_integrations import billing, lazy
 from bmad_integrations.usage import store
+
+if TYPE_CHECKING:
+    import stripe
+else:  # imported when first used: not every operator bills
+    stripe = lazy.module("stripe")
 
 log = logging.getLogger(__name__)
 

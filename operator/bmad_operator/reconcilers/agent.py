@@ -9,6 +9,7 @@ after a crash, a missed event or a manual edit converges to the same result.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -194,12 +195,16 @@ class AgentReconciler:
             ),
             usage_ledger_url=ledger_url,
         )
-        lives = [
-            await common.observe(
-                self.api, self.cache, obj["kind"], namespace, obj["metadata"]["name"]
+        # Misses of the store are confirmed by GETs: at once, not one after another (a
+        # new Agent misses all five).
+        lives = await asyncio.gather(
+            *(
+                common.observe(
+                    self.api, self.cache, obj["kind"], namespace, obj["metadata"]["name"]
+                )
+                for obj in desired
             )
-            for obj in desired
-        ]
+        )
         uid = body["metadata"].get("uid", "")
         foreign = [
             f"{obj['kind']}/{obj['metadata']['name']}"

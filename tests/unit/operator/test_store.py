@@ -141,3 +141,29 @@ def test_items_can_be_iterated_while_the_store_changes() -> None:
         cache.put(obj("1", name=f"new-{key[1]}"))
     assert len(seen) == 5
     assert cache.count("Agent") == 10
+
+
+def test_the_store_keeps_no_managed_fields_nor_last_applied_copy() -> None:
+    """What nothing reads is dropped; the rest of the metadata, and the caller's own
+    object, are left as they were."""
+    cache = store.Store()
+    body = obj(
+        "7",
+        spec={"replicas": 2},
+        status={"readyReplicas": 2},
+    )
+    body["metadata"]["managedFields"] = [{"manager": "bmad-operator", "fieldsV1": {"f:spec": {}}}]
+    body["metadata"]["labels"] = {"app": "mary"}
+    body["metadata"]["annotations"] = {store.LAST_APPLIED: '{"spec": {}}', "team": "a"}
+    cache.put(body)
+    kept = cache.get("Agent", "team-a", "mary")
+    assert kept is not None
+    assert "managedFields" not in kept["metadata"]
+    assert kept["metadata"]["annotations"] == {"team": "a"}
+    assert kept["metadata"]["labels"] == {"app": "mary"}
+    assert kept["metadata"]["resourceVersion"] == "7"
+    assert kept["spec"] == {"replicas": 2}
+    assert kept["status"] == {"readyReplicas": 2}
+    # the object handed in is not changed
+    assert body["metadata"]["managedFields"][0]["manager"] == "bmad-operator"
+    assert store.LAST_APPLIED in body["metadata"]["annotations"]
