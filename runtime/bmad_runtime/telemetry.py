@@ -140,6 +140,29 @@ class Metrics:
             registry=self.registry,
         )
 
+        # The children of labelled series, by label values: `labels()` validates and
+        # locks on every call, and the request path calls it several times per request.
+        self._request_children: dict[tuple[str, int], prometheus_client.Histogram] = {}
+        self._task_children: dict[str, prometheus_client.Counter] = {}
+        self._token_children: dict[
+            str, tuple[prometheus_client.Counter, prometheus_client.Counter]
+        ] = {}
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        """One HTTP request into ``bmad_agent_request_seconds``."""
+        child = self._request_children.get((route, status))
+        if child is None:
+            child = self.request_seconds.labels(route=route, status=str(status))
+            self._request_children[(route, status)] = child
+        child.observe(seconds)
+
+    def count_task(self, outcome: str) -> None:
+        """One finished task or invocation into ``bmad_agent_tasks``."""
+        child = self._task_children.get(outcome)
+        if child is None:
+            child = self._task_children[outcome] = self.tasks.labels(outcome=outcome)
+        child.inc()
+
     def record_datastores(self, transports: Mapping[str, str]) -> None:
         """One series per datastore: 1 for the way its connection travels, 0 for the others."""
         for datastore, how in transports.items():
@@ -149,8 +172,15 @@ class Metrics:
                 )
 
     def record_tokens(self, model: str, usage: ports.Usage) -> None:
-        self.tokens.labels(direction="in", model=model).inc(usage.tokens_in)
-        self.tokens.labels(direction="out", model=model).inc(usage.tokens_out)
+        children = self._token_children.get(model)
+        if children is None:
+            children = (
+                self.tokens.labels(direction="in", model=model),
+                self.tokens.labels(direction="out", model=model),
+            )
+            self._token_children[model] = children
+        children[0].inc(usage.tokens_in)
+        children[1].inc(usage.tokens_out)
 
     def render(self) -> bytes:
         return prometheus_client.generate_latest(self._served)
