@@ -135,6 +135,9 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         lifespan=run,
+        # The runtime makes its own span and metrics per request (`api.middleware`):
+        # FastAPI's own telemetry stays off, and costs no check per request.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.state.runtime = state
     app.include_router(invoke.router)

@@ -188,6 +188,31 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        # The children of labelled series, by label values: `labels()` validates and
+        # locks on every call, and the request path calls it several times per request.
+        self._request_children: dict[tuple[str, int], prometheus_client.Histogram] = {}
+        self._task_children: dict[str, prometheus_client.Counter] = {}
+        self._token_usage_children: dict[
+            tuple[str, str, str], tuple[prometheus_client.Histogram, prometheus_client.Histogram]
+        ] = {}
+        self._token_children: dict[
+            str, tuple[prometheus_client.Counter, prometheus_client.Counter]
+        ] = {}
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        """One HTTP request into ``bmad_agent_request_seconds``."""
+        child = self._request_children.get((route, status))
+        if child is None:
+            child = self.request_seconds.labels(route=route, status=str(status))
+            self._request_children[(route, status)] = child
+        child.observe(seconds)
+
+    def count_task(self, outcome: str) -> None:
+        """One finished task or invocation into ``bmad_agent_tasks``."""
+        child = self._task_children.get(outcome)
+        if child is None:
+            child = self._task_children[outcome] = self.tasks.labels(outcome=outcome)
+        child.inc()
 
     def record_datastores(self, transports: Mapping[str, str]) -> None:
         """One series per datastore: 1 for the way its connection travels, 0 for the others."""
@@ -198,24 +223,36 @@ class Metrics:
                 )
 
     def record_tokens(self, model: str, usage: ports.Usage) -> None:
-        self.tokens.labels(direction="in", model=model).inc(usage.tokens_in)
-        self.tokens.labels(direction="out", model=model).inc(usage.tokens_out)
+        children = self._token_children.get(model)
+        if children is None:
+            children = (
+                self.tokens.labels(direction="in", model=model),
+                self.tokens.labels(direction="out", model=model),
+            )
+            self._token_children[model] = children
+        children[0].inc(usage.tokens_in)
+        children[1].inc(usage.tokens_out)
 
     def record_usage(self, completion: ports.Completion, *, request_model: str) -> None:
         """The tokens of one answered model call (both the GenAI histogram and the
         per-direction counter the autoscaler reads)."""
         self.record_tokens(completion.model, completion.usage)
-        for token_type, count in (
-            ("input", completion.usage.tokens_in),
-            ("output", completion.usage.tokens_out),
-        ):
-            self.token_usage.labels(
-                gen_ai_operation_name=CHAT,
-                gen_ai_provider_name=completion.provider,
-                gen_ai_request_model=request_model,
-                gen_ai_response_model=completion.model,
-                gen_ai_token_type=token_type,
-            ).observe(count)
+        key = (completion.provider, request_model, completion.model)
+        if key not in self._token_usage_children:
+            made = [
+                self.token_usage.labels(
+                    gen_ai_operation_name=CHAT,
+                    gen_ai_provider_name=completion.provider,
+                    gen_ai_request_model=request_model,
+                    gen_ai_response_model=completion.model,
+                    gen_ai_token_type=token_type,
+                )
+                for token_type in ("input", "output")
+            ]
+            self._token_usage_children[key] = (made[0], made[1])
+        to_input, to_output = self._token_usage_children[key]
+        to_input.observe(completion.usage.tokens_in)
+        to_output.observe(completion.usage.tokens_out)
 
     def record_operation(
         self, *, provider: str, model: str, seconds: float, error_type: str = ""

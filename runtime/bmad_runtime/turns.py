@@ -104,7 +104,7 @@ class Turn:
 def check_capacity(services: Services) -> None:
     """Refuse at once while every slot is busy (HTTP callers do not queue without bound)."""
     if services.slots is not None and services.slots.locked():
-        services.metrics.tasks.labels(outcome="rejected").inc()
+        services.metrics.count_task("rejected")
         raise RateLimitedError(
             1.0, "the agent is at its concurrency limit (spec.limits.concurrency)"
         )
@@ -151,7 +151,7 @@ async def check_budget(services: Services) -> None:
         return
     exhausted = await services.ledger.exhausted()
     if exhausted is not None:
-        services.metrics.tasks.labels(outcome="rejected").inc()
+        services.metrics.count_task("rejected")
         raise BudgetExhaustedError(exhausted)
 
 
@@ -176,7 +176,7 @@ async def prepare(
             tenant=caller.tenant, agent=services.agent, tokens=estimated_in
         )
         if wait is not None:
-            services.metrics.tasks.labels(outcome="rejected").inc()
+            services.metrics.count_task("rejected")
             raise RateLimitedError(wait)
     conversation_id = body.conversation_id or uuid.uuid4().hex
     turns = services.config.memory.turns
@@ -231,7 +231,7 @@ async def complete(turn: Turn) -> ports.Completion:
         try:
             return await services.router.complete(turn.messages, params=turn.params)
         except providers_router.AllProvidersFailedError:
-            services.metrics.tasks.labels(outcome="error").inc()
+            services.metrics.count_task("error")
             raise
         finally:
             services.metrics.inflight.dec()
@@ -273,7 +273,7 @@ async def stream(
                 outcome = "client_disconnected"
             raise
         except Exception:
-            services.metrics.tasks.labels(outcome="error").inc()
+            services.metrics.count_task("error")
             raise
         finally:
             services.metrics.inflight.dec()
@@ -401,7 +401,7 @@ async def finish(
     services.metrics.record_usage(
         completion, request_model=services.router.requested_model(completion)
     )
-    services.metrics.tasks.labels(outcome=outcome).inc()
+    services.metrics.count_task(outcome)
     return schemas.InvokeResponse(
         output=completion.text,
         conversation_id=turn.conversation_id,
@@ -441,5 +441,5 @@ async def run_task(
     body = schemas.InvokeRequest.model_validate({**payload, "stream": False})
     caller = ports.Principal(subject=TASK_SUBJECT, tenant=services.tenant)
     answer = await run(services, body, caller, request_id=task_id, task_id=task_id)
-    services.metrics.tasks.labels(outcome="succeeded").inc()
+    services.metrics.count_task("succeeded")
     return answer.model_dump(mode="json", by_alias=True)

@@ -9,6 +9,7 @@ production app (`bmad_runtime.wiring`) fills in its real parts at startup.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, cast
@@ -53,9 +54,14 @@ class RuntimeState(turns.Services):
     # plaintext), for /readyz; empty until the durable store is connected.
     datastores: dict[str, integrations_base.Transport] = dataclasses.field(default_factory=dict)
 
+    @functools.cached_property
+    def anonymous(self) -> ports.Principal:
+        """Every caller while authentication is off: the tenant's anonymous principal."""
+        return ports.Principal(subject="anonymous", tenant=self.tenant, scopes=ALL_SCOPES)
+
     async def authorize(self, authorization: str | None, scope: str) -> ports.Principal:
         if self.authenticator is None:
-            return ports.Principal(subject="anonymous", tenant=self.tenant, scopes=ALL_SCOPES)
+            return self.anonymous
         principal = await self.authenticator.authenticate(authorization)
         if principal.tenant != self.tenant:
             raise ports.AuthError(
@@ -90,7 +96,10 @@ def require(scope: str) -> Callable[[starlette_requests.Request], Awaitable[port
     """A dependency: the caller, authenticated and holding ``scope``."""
 
     async def authorized(request: starlette_requests.Request) -> ports.Principal:
-        return await state_of(request).authorize(request.headers.get("authorization"), scope)
+        state = state_of(request)
+        if state.authenticator is None:  # no header to read
+            return state.anonymous
+        return await state.authorize(request.headers.get("authorization"), scope)
 
     authorized.__name__ = f"require_{scope.replace(':', '_')}"
     return authorized

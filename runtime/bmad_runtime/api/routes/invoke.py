@@ -135,15 +135,18 @@ async def _stream(turn: turns.Turn) -> fastapi.Response:
     },
 )
 async def invoke(
-    body: schemas.InvokeRequest,
-    caller: deps.Invoker,
-    state: deps.State,
-    request_id: deps.RequestId,
-) -> fastapi.Response | schemas.InvokeResponse:
+    body: schemas.InvokeRequest, caller: deps.Invoker, request: fastapi.Request
+) -> fastapi.Response:
+    # The state and the request id straight from the request, not as dependencies of
+    # their own: each dependency costs FastAPI a resolution pass on the hottest route.
+    state = deps.state_of(request)
     # At spec.limits.concurrency: tell the caller to come back (another replica, or
     # this one in a moment) rather than queue without bound.
     turns.check_capacity(state)
-    turn = await turns.prepare(state, body, caller, request_id=request_id)
+    turn = await turns.prepare(state, body, caller, request_id=errors.request_id_of(request.scope))
     if body.stream:
         return await _stream(turn)
-    return await turns.finish(turn, await turns.complete(turn))
+    answer = await turns.finish(turn, await turns.complete(turn))
+    # Serialised once, as built: FastAPI would validate the answer against the
+    # response_model again before serialising it (`response_model` stays, for OpenAPI).
+    return fastapi.Response(answer.model_dump_json(by_alias=True), media_type="application/json")
