@@ -164,7 +164,7 @@ def store_app() -> Any:
             tenant=TENANT if os.environ.get(LEDGER_URL) else f"bench-{os.getpid()}",
             agent_config=config,
             binding_root=folder / "no-bindings",
-            auth_enabled=False,
+            auth_mode="none",
             postgres_dsn=os.environ[STORE_DSN],
             redis_url=os.environ[STORE_REDIS],
             usage_ledger_url=os.environ.get(LEDGER_URL) or None,
