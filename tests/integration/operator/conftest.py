@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,27 +31,44 @@ async def ledger_dsn(postgres_url: str) -> AsyncIterator[str]:
         yield url
 
 
+StartOperator = Callable[..., OperatorProcess]
+
+
 @pytest.fixture
-def metering_operator(  # noqa: PLR0917 - fixtures are positional
+def start_ledger_operator(  # noqa: PLR0917 - fixtures are positional
     no_other_operator: None,
     crds: list[str],
     operator_kubeconfig: str,
     testbed_env: dict[str, str],
     ledger_dsn: str,
     tmp_path: Path,
-) -> Iterator[OperatorProcess]:
-    """The operator with the usage ledger configured (the test bed's Redis and a fresh
-    PostgreSQL database), the ledger's totals read and reported every second."""
-    proc = OperatorProcess(
-        kubeconfig=operator_kubeconfig,
-        log_path=tmp_path / "operator.log",
-        extra_env=ledger_env(testbed_env, ledger_dsn),
-    )
-    proc.start()
+) -> Iterator[StartOperator]:
+    """Starts the operator with the usage ledger configured (the test bed's Redis and a
+    fresh PostgreSQL database, the totals read and reported every second), plus the
+    settings given as keywords; every operator it started is stopped after the test."""
+    started: list[OperatorProcess] = []
+
+    def start(**more_env: str) -> OperatorProcess:
+        proc = OperatorProcess(
+            kubeconfig=operator_kubeconfig,
+            log_path=tmp_path / "operator.log",
+            extra_env={**ledger_env(testbed_env, ledger_dsn), **more_env},
+        )
+        started.append(proc)
+        proc.start()
+        return proc
+
     try:
-        yield proc
+        yield start
     finally:
-        proc.stop()
+        for proc in started:
+            proc.stop()
+
+
+@pytest.fixture
+def metering_operator(start_ledger_operator: StartOperator) -> OperatorProcess:
+    """The operator with the usage ledger configured and nothing else."""
+    return start_ledger_operator()
 
 
 @pytest.fixture

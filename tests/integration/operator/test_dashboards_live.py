@@ -14,7 +14,7 @@ and fails the test (`test_a_misspelt_metric_returns_nothing_and_would_fail`).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from bmad_testbed.kubectl import Kubectl
 from bmad_testbed.operator_proc import OperatorProcess
 from bmad_testbed.runtimes import ReplicaMirror
 
-from .helpers import Tenants, agent, env_of, ledger_env, tenant, until, wait_tenant
+from .helpers import Tenants, agent, env_of, tenant, until, wait_tenant
 
 pytestmark = [pytest.mark.integration]
 
@@ -65,26 +65,15 @@ AGENTS = ("dev", "qa")
 
 
 @pytest.fixture
-def priced_operator(  # noqa: PLR0917 - fixtures are positional
-    no_other_operator: None,
-    crds: list[str],
-    operator_kubeconfig: str,
+def priced_operator(
+    start_ledger_operator: Callable[..., OperatorProcess],
     testbed_env: dict[str, str],
-    ledger_dsn: str,
     tmp_path: Path,
 ) -> Iterator[OperatorProcess]:
     """The operator with the ledger and a price table, scraped by Prometheus."""
     prices = tmp_path / "prices.yaml"
     prices.write_text(PRICES)
-    proc = OperatorProcess(
-        kubeconfig=operator_kubeconfig,
-        log_path=tmp_path / "operator.log",
-        extra_env={
-            **ledger_env(testbed_env, ledger_dsn),
-            "BMAD_OPERATOR_PRICES_FILE": str(prices),
-        },
-    )
-    proc.start()
+    proc = start_ledger_operator(BMAD_OPERATOR_PRICES_FILE=str(prices))
     target = Path(testbed_env["BMAD_PROMETHEUS_TARGETS_DIR"]) / f"operator-{tmp_path.name}.json"
     target.write_text(
         json.dumps(
@@ -95,7 +84,6 @@ def priced_operator(  # noqa: PLR0917 - fixtures are positional
         yield proc
     finally:
         target.unlink(missing_ok=True)
-        proc.stop()
 
 
 async def evaluate(http: httpx.AsyncClient, url: str, expr: str, variables: Obj) -> Obj:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from bmad_testbed.kubectl import Kubectl, eventually
 from bmad_testbed.operator_proc import OperatorProcess
 from bmad_testbed.stripe_proxy import StripeProxy
 
-from .helpers import Tenants, agent, condition, ledger_env, stripe_integration
+from .helpers import Tenants, agent, condition, stripe_integration
 from .helpers import tenant as _tenant
 
 pytestmark = pytest.mark.integration
@@ -38,33 +38,20 @@ WEBHOOK_SECRET = "whsec_operator_endpoint_9c8b7a6d5e4f"
 
 
 @pytest.fixture
-def stripe_operator(  # noqa: PLR0917 - fixtures are positional
-    no_other_operator: None,
-    crds: list[str],
-    operator_kubeconfig: str,
-    testbed_env: dict[str, str],
-    ledger_dsn: str,
-    tmp_path: Path,
+def stripe_operator(
+    start_ledger_operator: Callable[..., OperatorProcess], tmp_path: Path
 ) -> Iterator[OperatorProcess]:
     """The operator with the ledger and the Stripe webhook endpoint on a free port."""
     port = procs.free_port()
-    proc = OperatorProcess(
-        kubeconfig=operator_kubeconfig,
-        log_path=tmp_path / "operator.log",
-        extra_env={
-            **ledger_env(testbed_env, ledger_dsn),
-            "BMAD_OPERATOR_STRIPE_WEBHOOK_PORT": str(port),
-            "BMAD_OPERATOR_PAYMENT_GRACE_SECONDS": str(GRACE_SECONDS),
-        },
+    proc = start_ledger_operator(
+        BMAD_OPERATOR_STRIPE_WEBHOOK_PORT=str(port),
+        BMAD_OPERATOR_PAYMENT_GRACE_SECONDS=str(GRACE_SECONDS),
     )
     proc.stripe_webhook_port = port  # type: ignore[attr-defined]
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-        # Nothing secret reached the log.
-        assert WEBHOOK_SECRET not in (tmp_path / "operator.log").read_text(errors="replace")
+    yield proc
+    proc.stop()  # (stopping twice is harmless) the log is complete before it is read
+    # Nothing secret reached the log.
+    assert WEBHOOK_SECRET not in (tmp_path / "operator.log").read_text(errors="replace")
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import decimal
 import json
 import mailbox
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from bmad_integrations.usage import budget, periods, record
 from bmad_testbed.kubectl import Kubectl, eventually
 from bmad_testbed.operator_proc import OperatorProcess
 
-from .helpers import Tenants, condition, ledger_env, tenant, until, wait_tenant
+from .helpers import Tenants, condition, tenant, until, wait_tenant
 
 pytestmark = [pytest.mark.integration]
 
@@ -41,33 +41,16 @@ PRICES = Path(__file__).resolve().parents[3] / "manifests" / "manager" / "prices
 
 
 @pytest.fixture
-def priced_operator(  # noqa: PLR0917 - fixtures are positional
-    no_other_operator: None,
-    crds: list[str],
-    operator_kubeconfig: str,
-    testbed_env: dict[str, str],
-    ledger_dsn: str,
-    tmp_path: Path,
-) -> Iterator[OperatorProcess]:
+def priced_operator(
+    start_ledger_operator: Callable[..., OperatorProcess], tmp_path: Path
+) -> OperatorProcess:
     """The operator with the usage ledger and the shipped price table (the ConfigMap's
     prices.yaml, as the Deployment mounts it)."""
     configmap = yaml.safe_load(PRICES.read_text())
     prices_file = tmp_path / "prices" / "prices.yaml"
     prices_file.parent.mkdir()
     prices_file.write_text(configmap["data"]["prices.yaml"])
-    proc = OperatorProcess(
-        kubeconfig=operator_kubeconfig,
-        log_path=tmp_path / "operator.log",
-        extra_env={
-            **ledger_env(testbed_env, ledger_dsn),
-            "BMAD_OPERATOR_PRICES_FILE": str(prices_file),
-        },
-    )
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
+    return start_ledger_operator(BMAD_OPERATOR_PRICES_FILE=str(prices_file))
 
 
 def mails_to(maildir: Path, recipient: str) -> list[Any]:
