@@ -8,10 +8,13 @@ import base64
 import contextlib
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import httpx
+
 from bmad_testbed.kubectl import Kubectl, eventually
+from bmad_testbed.runtimes import ReplicaMirror
 
 
 def agent(name: str, *, role: str = "dev", replicas: int = 1, **spec: Any) -> dict[str, Any]:
@@ -190,3 +193,20 @@ def ledger_env(testbed_env: dict[str, str], ledger_dsn: str) -> dict[str, str]:
         "BMAD_OPERATOR_USAGE_POLL_SECONDS": "1",
         "BMAD_OPERATOR_USAGE_REPORT_SECONDS": "1",
     }
+
+
+async def serving_ports(
+    http: httpx.AsyncClient, mirrors: Sequence[ReplicaMirror]
+) -> list[int] | None:
+    """The port of each mirror's first runtime once every one answers /readyz with 200;
+    None until then (for `until`)."""
+    ports = [m.replicas[0].port for m in mirrors if m.replicas]
+    if len(ports) != len(mirrors):
+        return None
+    for port in ports:
+        try:
+            if (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code != 200:
+                return None
+        except httpx.TransportError:
+            return None
+    return ports

@@ -28,7 +28,7 @@ from bmad_testbed.kubectl import Kubectl
 from bmad_testbed.operator_proc import OperatorProcess
 from bmad_testbed.runtimes import ReplicaMirror
 
-from .helpers import Tenants, agent, env_of, tenant, until, wait_tenant
+from .helpers import Tenants, agent, env_of, serving_ports, tenant, until, wait_tenant
 
 pytestmark = [pytest.mark.integration]
 
@@ -149,20 +149,9 @@ async def test_every_panel_returns_data_from_the_runtimes_and_the_operator(
     url = prometheus["prometheus"]
     variables = {"$tenant": name, "$agent": ".*", "$currency": "USD"}
     async with mirrors[0], mirrors[1], httpx.AsyncClient(timeout=30) as http:
-
-        async def serving() -> list[int] | None:
-            ports = [m.replicas[0].port for m in mirrors if m.replicas]
-            if len(ports) != len(AGENTS):
-                return None
-            for port in ports:
-                try:
-                    if (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code != 200:
-                        return None
-                except httpx.TransportError:
-                    return None
-            return ports
-
-        ports = await until(serving, within=120, what="both runtimes ready", every=1)
+        ports = await until(
+            lambda: serving_ports(http, mirrors), within=120, what="both runtimes ready", every=1
+        )
         for port in ports:
             for n in range(CALLS_PER_AGENT):
                 body = {"input": PROMPT, "stream": n == 0}

@@ -26,7 +26,17 @@ from bmad_operator import kube
 from bmad_testbed.kubectl import Kubectl
 from bmad_testbed.runtimes import ReplicaMirror
 
-from .helpers import Tenants, agent, bind_redis, condition, env_of, tenant, until, wait_tenant
+from .helpers import (
+    Tenants,
+    agent,
+    bind_redis,
+    condition,
+    env_of,
+    serving_ports,
+    tenant,
+    until,
+    wait_tenant,
+)
 
 pytestmark = [pytest.mark.integration]
 
@@ -84,20 +94,9 @@ async def test_a_tenant_is_refused_past_its_token_budget_and_resumes_when_it_is_
         for agent_name, workdir in zip(agents, workdirs, strict=True)
     ]
     async with mirrors[0], mirrors[1], httpx.AsyncClient(timeout=30) as http:
-
-        async def serving() -> list[int] | None:
-            ports = [m.replicas[0].port for m in mirrors if m.replicas]
-            if len(ports) != len(agents):
-                return None
-            for port in ports:
-                try:
-                    if (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code != 200:
-                        return None
-                except httpx.TransportError:
-                    return None
-            return ports
-
-        ports = await until(serving, within=90, what="both runtimes ready", every=1)
+        ports = await until(
+            lambda: serving_ports(http, mirrors), within=90, what="both runtimes ready", every=1
+        )
 
         # Answers until the ledger passes the budget, then the refusal.
         answered = {agent_name: [0, 0] for agent_name in agents}  # tokens in, out
