@@ -224,9 +224,13 @@ async def test_1000_tasks_on_three_workers_one_killed_midway_each_answered_exact
 ) -> None:
     # A longer min-idle than the other tests: on a loaded machine a slow survivor must
     # not take over the victim's entries before the kill, nor between the kill and the
-    # look at what the victim held.
+    # look at what the victim held. The victim's tasks take longer than the survivors'
+    # (250 ms, still far under the min-idle): with 20 ms, it could finish the batch it
+    # was seen running between that look and the kill, and hold nothing when killed
+    # (CI, 2026-11-30: "the victim held [] at the kill").
     workers = [
-        bed.start(f"w{i}", "--task-delay-ms", "20", "--min-idle-ms", "5000") for i in range(3)
+        bed.start(f"w{i}", "--task-delay-ms", delay, "--min-idle-ms", "5000")
+        for i, delay in enumerate(("250", "20", "20"))
     ]
     victim, survivors = workers[0], workers[1:]
 
