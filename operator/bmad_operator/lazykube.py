@@ -6,7 +6,7 @@ memory (measured 2026-11-30, kubernetes_asyncio 36.1), a quarter of the operator
 resident memory at 1,000 Agents. The operator uses a handful of them (the API client,
 its configuration and exceptions, the kubeconfig loaders, and kopf's look at
 `V1ObjectMeta` and `V1OwnerReference`), so `install()` puts light stand-ins for the
-three aggregating packages (`kubernetes_asyncio`, `.client`, `.client.models` and
+four aggregating packages (`kubernetes_asyncio`, `.client`, `.client.models` and
 `.client.api`) into `sys.modules` before anything imports them. Each stand-in has the
 real package's `__path__`, so `import kubernetes_asyncio.client.api_client` finds the
 real file; a name read from a stand-in imports the one module that defines it. A name

@@ -62,11 +62,12 @@ def slim(obj: Mapping[str, Any]) -> Obj:
     kept: Obj = {}
     for key, value in obj.items():
         if key == "metadata" and isinstance(value, Mapping):
-            meta = {k: v for k, v in value.items() if k != "managedFields"}
+            # One copy: the metadata is filtered and shared in the same pass.
+            meta = {sys.intern(k): _shared(v) for k, v in value.items() if k != "managedFields"}
             annotations = meta.get("annotations")
-            if isinstance(annotations, Mapping) and LAST_APPLIED in annotations:
-                meta["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
-            kept["metadata"] = _shared(meta)
+            if isinstance(annotations, dict) and LAST_APPLIED in annotations:
+                del annotations[LAST_APPLIED]  # a copy made just above, never the caller's
+            kept["metadata"] = meta
         else:
             kept[sys.intern(key) if type(key) is str else key] = _shared(value)
     return kept
