@@ -192,6 +192,7 @@ class Metrics:
         # locks on every call, and the request path calls it several times per request.
         self._request_children: dict[tuple[str, int], prometheus_client.Histogram] = {}
         self._task_children: dict[str, prometheus_client.Counter] = {}
+        self._ledger_children: dict[str, prometheus_client.Counter] = {}
         self._token_usage_children: dict[
             tuple[str, str, str], tuple[prometheus_client.Histogram, prometheus_client.Histogram]
         ] = {}
@@ -206,6 +207,13 @@ class Metrics:
             child = self.request_seconds.labels(route=route, status=str(status))
             self._request_children[(route, status)] = child
         child.observe(seconds)
+
+    def count_ledger_write(self, result: str) -> None:
+        """One usage record written to the platform ledger (ok) or not (failed)."""
+        child = self._ledger_children.get(result)
+        if child is None:
+            child = self._ledger_children[result] = self.ledger_writes.labels(result=result)
+        child.inc()
 
     def count_task(self, outcome: str) -> None:
         """One finished task or invocation into ``bmad_agent_tasks``."""

@@ -343,9 +343,9 @@ async def finish(
                 )
             )
         except ports.LedgerUnavailableError:
-            services.metrics.ledger_writes.labels(result="failed").inc()
+            services.metrics.count_ledger_write("failed")
             raise
-        services.metrics.ledger_writes.labels(result="ok").inc()
+        services.metrics.count_ledger_write("ok")
     if services.config.memory.turns > 0:
         await services.store.append(
             ports.Turn(turn.conversation_id, "user", turn.user_text, turn.received_at),
