@@ -10,11 +10,11 @@ runtime's benchmark with the ledger on must stay within 10% of it with the ledge
 (docs/billing.md), and a request there costs about 1 ms of CPU in all.
 
 So the ledger talks RESP2 itself, over one connection per writer:
-- the commands made in one turn of the event loop (the records of the answers being
-  finished together) leave in one write at the start of the next turn, and their
-  replies are matched in order (Redis answers a connection's commands in the order it
-  received them): a group commit that waits for no timer, only for the loop to come
-  round;
+- a command goes out at once when the connection is idle; the ones made while
+  commands are on the wire (the records of concurrent answers) are held and leave
+  together in one write when the last reply is in; replies are matched in order
+  (Redis answers a connection's commands in the order it received them): a group
+  commit that waits for no timer, and adds no delay to a lone request;
 - the connection is opened on first use and again after it is lost; ``AUTH`` with the
   agent's ACL user and ``SELECT`` of the URL's database come first, TLS with the
   platform's CA when the URL is ``rediss://``;
@@ -129,7 +129,7 @@ class Parser:
 
 
 class _Protocol(asyncio.Protocol):
-    """One connection: commands made in one turn of the event loop go out in one write,
+    """One connection: commands made while others are on the wire go out together,
     and replies resolve them in order."""
 
     def __init__(self, timeout: float) -> None:
@@ -138,6 +138,8 @@ class _Protocol(asyncio.Protocol):
         self.parser = Parser()
         # Commands sent and not answered yet, oldest first, with when each expires.
         self.waiting: collections.deque[tuple[asyncio.Future[Reply], float]] = collections.deque()
+        # Commands written and not answered yet, and the ones held until they are.
+        self.in_flight = 0
         self.outgoing: list[bytes] = []
         self.lost: Exception | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -153,19 +155,16 @@ class _Protocol(asyncio.Protocol):
             future.set_exception(redis_errors.ConnectionError("the connection to Redis is closed"))
             return future
         self.waiting.append((future, loop.time() + self.timeout))
-        if not self.outgoing:
-            # The group commit: every command made before the loop comes round again
-            # shares this one write (and, mostly, one read of the replies).
-            loop.call_soon(self._flush)
-        self.outgoing.append(command)
+        if self.in_flight:
+            # The group commit: while commands are on the wire, the next ones wait and
+            # leave together when the last reply is in.
+            self.outgoing.append(command)
+        else:
+            self.in_flight = 1
+            self.transport.write(command)
         if self._timer is None:
             self._timer = loop.call_later(self.timeout, self._check_deadline)
         return future
-
-    def _flush(self) -> None:
-        if self.outgoing and self.transport is not None and self.lost is None:
-            self.transport.write(b"".join(self.outgoing))
-        self.outgoing.clear()
 
     def _check_deadline(self) -> None:
         self._timer = None
@@ -193,6 +192,11 @@ class _Protocol(asyncio.Protocol):
             future, _ = self.waiting.popleft()
             if not future.done():
                 future.set_result(reply)
+        self.in_flight -= len(replies)
+        if not self.in_flight and self.outgoing and self.transport is not None:
+            self.in_flight = len(self.outgoing)
+            self.transport.write(b"".join(self.outgoing))
+            self.outgoing.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(
@@ -207,6 +211,7 @@ class _Protocol(asyncio.Protocol):
         if self.lost is None:
             self.lost = error
         self.outgoing.clear()
+        self.in_flight = 0
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -79,21 +79,23 @@ class Transport(asyncio.Transport):
         self.aborted = True
 
 
-async def test_commands_made_in_one_turn_of_the_loop_leave_in_one_write() -> None:
+async def test_commands_made_while_one_is_on_the_wire_leave_together_after_its_reply() -> None:
     protocol = resp._Protocol(timeout=5)
     transport = Transport()
     protocol.connection_made(transport)
-    futures = [protocol.send(resp.pack(("ECHO", str(n)))) for n in range(5)]
-    assert transport.writes == []  # not before the loop comes round
-    await asyncio.sleep(0)
-    assert transport.writes == [b"".join(resp.pack(("ECHO", str(n))) for n in range(5))]
+    first = protocol.send(resp.pack(("ECHO", "0")))
+    assert transport.writes == [resp.pack(("ECHO", "0"))]  # an idle connection: at once
+    rest = [protocol.send(resp.pack(("ECHO", str(n)))) for n in range(1, 5)]
+    assert len(transport.writes) == 1  # held while the first is unanswered
+    protocol.data_received(b"$1\r\n0\r\n")
+    assert first.result() == "0"
+    assert transport.writes[1:] == [b"".join(resp.pack(("ECHO", str(n))) for n in range(1, 5))]
     # Replies resolve the commands in the order they were sent, however they arrive.
-    protocol.data_received(b"$1\r\n0\r\n$1\r\n1\r\n$1")
+    protocol.data_received(b"$1\r\n1\r\n$1")
     protocol.data_received(b"\r\n2\r\n$1\r\n3\r\n$1\r\n4\r\n")
-    assert [f.result() for f in futures] == ["0", "1", "2", "3", "4"]
+    assert [f.result() for f in rest] == ["1", "2", "3", "4"]
     later = protocol.send(resp.pack(("PING",)))
-    await asyncio.sleep(0)
-    assert len(transport.writes) == 2
+    assert len(transport.writes) == 3
     protocol.data_received(b"+PONG\r\n")
     assert await later == "PONG"
 
