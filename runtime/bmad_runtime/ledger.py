@@ -104,7 +104,7 @@ class PlatformLedger:
         if self.monotonic() - self._read_at < self.cache_seconds:
             return self._state
         try:
-            raw = await self.writer.client.get(budget.key(self.tenant))
+            raw = await self.writer.client.execute_command("GET", budget.key(self.tenant))
         except (redis_errors.RedisError, OSError) as exc:
             logger.warning("the tenant's budget could not be read (%s): keeping the last", exc)
             return self._state

@@ -142,6 +142,11 @@ class ReplicaMirror:
         self.history: list[int] = []  # every replica count mirrored, in order
         self._task: asyncio.Task[None] | None = None
         self._next = 0
+        # A scale runs in a worker thread, which cancelling `_follow` does not stop: the
+        # lock and the flag keep one still running at exit from starting a process
+        # after the exit's scale to zero (it would outlive the test).
+        self._scaling = threading.Lock()
+        self._closed = False
 
     async def __aenter__(self) -> Self:
         self._task = asyncio.create_task(self._follow())
@@ -152,6 +157,7 @@ class ReplicaMirror:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self._closed = True
         await asyncio.to_thread(self._scale_to, 0, None)
         self.target_file.unlink(missing_ok=True)
 
@@ -214,6 +220,10 @@ class ReplicaMirror:
         return env
 
     def _scale_to(self, wanted: int, env: Obj | None) -> None:
+        with self._scaling:
+            self._scale_locked(0 if self._closed else wanted, env)
+
+    def _scale_locked(self, wanted: int, env: Obj | None) -> None:
         self.history.append(wanted)
         while len(self.replicas) > wanted:
             # Listed until it has exited: a runtime shutting down may still answer a task

@@ -124,9 +124,10 @@ class TenantLimits(common.SpecModel):
         default=None,
         ge=1,
         le=100,
-        description="Percentage of tokensPerMonth at which the tenant is warned, once per "
-        "billing month: BudgetWarning=True, a BudgetWarning Event, and an e-mail through "
-        "spec.notify when it is set. 80 when omitted.",
+        description="Percentage of tokensPerMonth (and of costPerMonth) at which the "
+        "tenant is warned, once per billing month, by whichever budget reaches it first: "
+        "BudgetWarning=True, a BudgetWarning Event, and an e-mail through spec.notify "
+        "when it is set. 80 when omitted.",
     )
 
 

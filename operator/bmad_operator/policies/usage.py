@@ -34,6 +34,7 @@ EVENT_BUDGET_RESTORED = "BudgetRestored"
 BUDGET_WARNING = "BudgetWarning"
 # Reasons of BudgetWarning (and NO_TOKEN_BUDGET)
 TOKENS_PER_MONTH_NEARLY_USED = "TokensPerMonthNearlyUsed"
+COST_PER_MONTH_NEARLY_USED = "CostPerMonthNearlyUsed"
 BELOW_WARNING_LEVEL = "BelowWarningLevel"
 # Events
 EVENT_BUDGET_WARNING = "BudgetWarning"
@@ -141,39 +142,72 @@ class BudgetWarning:
     warned_for: str | None
 
 
+def cost_warning_level(limit: decimal.Decimal, percent: int) -> decimal.Decimal:
+    """The cost at which a tenant with a cost budget of ``limit`` is warned."""
+    return limit * percent / 100
+
+
 def budget_warning(
     state: budget.State | None, *, percent: int, warned_for: str | None
 ) -> BudgetWarning:
     """``BudgetWarning`` of a Tenant whose budget state is ``state`` and that was last
     warned for the month starting ``warned_for``: given once per month, when the
-    tokens used reach ``percent`` of ``tokensPerMonth``."""
-    if state is None or state.limit is None:
+    tokens used reach ``percent`` of ``tokensPerMonth`` or the cost ``percent`` of
+    ``costPerMonth``, whichever comes first."""
+    if state is None or (state.limit is None and state.cost_limit is None):
         cond = Cond(
             BUDGET_WARNING,
             FALSE,
             NO_TOKEN_BUDGET,
-            "The tenant's spec.limits.tokensPerMonth is not set.",
+            "The tenant's spec.limits.tokensPerMonth and costPerMonth are not set.",
         )
         return BudgetWarning(cond, give=False, warned_for=warned_for)
-    level = warning_level(state.limit, percent)
-    if state.used < level:
+    level = warning_level(state.limit, percent) if state.limit is not None else None
+    cost_level = (
+        cost_warning_level(state.cost_limit, percent) if state.cost_limit is not None else None
+    )
+    tokens_near = level is not None and state.used >= level
+    cost_near = (
+        cost_level is not None and state.cost_used is not None and state.cost_used >= cost_level
+    )
+    if not (tokens_near or cost_near):
+        parts = []
+        if state.limit is not None:
+            parts.append(
+                f"{state.used} of the tenant's {state.limit} tokens this month are used; the "
+                f"warning comes at {level}"
+            )
+        if state.cost_limit is not None:
+            parts.append(
+                f"{budget.amount(state.cost_used)} of its {budget.amount(state.cost_limit)} "
+                f"{state.currency} are spent; the warning comes at "
+                f"{budget.amount(cost_level)} {state.currency}"
+            )
         cond = Cond(
             BUDGET_WARNING,
             FALSE,
             BELOW_WARNING_LEVEL,
-            f"{state.used} of the tenant's {state.limit} tokens this month are used; the "
-            f"warning comes at {level} ({percent}%, spec.limits.warnAtPercent).",
+            "; ".join(parts) + f" ({percent}%, spec.limits.warnAtPercent).",
         )
         return BudgetWarning(cond, give=False, warned_for=warned_for)
-    cond = Cond(
-        BUDGET_WARNING,
-        TRUE,
-        TOKENS_PER_MONTH_NEARLY_USED,
-        f"{state.used} of the tenant's {state.limit} tokens this month are used, at least "
-        f"{percent}% (spec.limits.warnAtPercent): new invocations and tasks are refused from "
-        f"{state.limit} tokens until {_stamp(state.resets_at)}, unless "
-        "spec.limits.tokensPerMonth is raised.",
-    )
+    if tokens_near:
+        reason = TOKENS_PER_MONTH_NEARLY_USED
+        message = (
+            f"{state.used} of the tenant's {state.limit} tokens this month are used, at "
+            f"least {percent}% (spec.limits.warnAtPercent): new invocations and tasks are "
+            f"refused from {state.limit} tokens until {_stamp(state.resets_at)}, unless "
+            "spec.limits.tokensPerMonth is raised."
+        )
+    else:
+        reason = COST_PER_MONTH_NEARLY_USED
+        message = (
+            f"{budget.amount(state.cost_used)} of the tenant's "
+            f"{budget.amount(state.cost_limit)} {state.currency} this month are spent, at "
+            f"least {percent}% (spec.limits.warnAtPercent): new invocations and tasks are "
+            f"refused from {budget.amount(state.cost_limit)} {state.currency} until "
+            f"{_stamp(state.resets_at)}, unless spec.limits.costPerMonth is raised."
+        )
+    cond = Cond(BUDGET_WARNING, TRUE, reason, message)
     period = _stamp(state.period_start)
     return BudgetWarning(cond, give=warned_for != period, warned_for=period)
 
@@ -184,7 +218,8 @@ def warning_event(warning: BudgetWarning) -> events.Event:
 
 def warning_mail(tenant: str, warning: BudgetWarning) -> tuple[str, str]:
     """Subject and body of the budget warning's e-mail."""
-    subject = f"BMAD tenant {tenant}: token budget at warning level"
+    what = "cost" if warning.condition.reason == COST_PER_MONTH_NEARLY_USED else "token"
+    subject = f"BMAD tenant {tenant}: {what} budget at warning level"
     body = (
         f"Tenant {tenant}: {warning.condition.message}\n\n"
         "This warning is sent once per billing month (UTC calendar month).\n"

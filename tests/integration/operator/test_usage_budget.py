@@ -157,17 +157,24 @@ async def test_a_tenant_is_refused_past_its_token_budget_and_resumes_when_it_is_
         assert (result.error or "").startswith("budget_exhausted:"), result.error
         assert result.attempt == 1
 
-        # The ledger holds exactly what was answered, one row per answer.
-        conn = await asyncpg.connect(ledger_dsn)
-        try:
-            rows = await conn.fetch(
-                "SELECT agent, count(*) AS n, sum(tokens_in) AS tin, sum(tokens_out) AS tout, "
-                "count(DISTINCT record_id) AS ids, min(tenant) AS t1, max(tenant) AS t2 "
-                "FROM usage_ledger WHERE namespace = $1 GROUP BY agent",
-                namespace,
-            )
-        finally:
-            await conn.close()
+        # The ledger holds exactly what was answered, one row per answer (once the
+        # ingester has taken the last records off the streams).
+        async def ledger_rows() -> list[asyncpg.Record] | None:
+            conn = await asyncpg.connect(ledger_dsn)
+            try:
+                rows = await conn.fetch(
+                    "SELECT agent, count(*) AS n, sum(tokens_in) AS tin, "
+                    "sum(tokens_out) AS tout, count(DISTINCT record_id) AS ids, "
+                    "min(tenant) AS t1, max(tenant) AS t2 "
+                    "FROM usage_ledger WHERE namespace = $1 GROUP BY agent",
+                    namespace,
+                )
+            finally:
+                await conn.close()
+            ledgered = {r["agent"]: [r["tin"], r["tout"]] for r in rows}
+            return rows if ledgered == answered else None
+
+        rows = await until(ledger_rows, within=60, what="the ledger holds every answer")
         by_agent = {r["agent"]: r for r in rows}
         assert sum(r["n"] for r in rows) == sum(r["ids"] for r in rows)
         for agent_name in agents:

@@ -124,6 +124,45 @@ def test_a_cost_budget_reached_is_cost_per_month_reached() -> None:
         within.message
         == "5 of tenant acme's 100 tokens and 1 of tenant acme's 2 EUR this month are used."
     )
-    # No token budget, no token warning.
+    # No token budget: the warning comes from the cost budget (here already spent).
     warning = usage.budget_warning(state, percent=80, warned_for=None)
-    assert (warning.condition.reason, warning.give) == ("NoTokenBudget", False)
+    assert (warning.condition.reason, warning.give) == ("CostPerMonthNearlyUsed", True)
+
+
+def test_the_soft_warning_also_comes_from_the_cost_budget() -> None:
+    now = dt.datetime(2026, 11, 30, 12, tzinfo=dt.UTC)
+
+    def state(tokens: int, spent: str, *, limit: int | None = 1000) -> budget.State | None:
+        return budget.decide(
+            limit=limit,
+            used=tokens,
+            now=now,
+            cost_limit=decimal.Decimal("10"),
+            cost_used=decimal.Decimal(spent),
+            currency="EUR",
+        )
+
+    assert usage.cost_warning_level(decimal.Decimal("10"), 75) == decimal.Decimal("7.5")
+    below = usage.budget_warning(state(100, "7.49"), percent=75, warned_for=None)
+    assert (below.condition.reason, below.give) == ("BelowWarningLevel", False)
+    assert "the warning comes at 750" in below.condition.message
+    assert "7.49 of its 10 EUR are spent; the warning comes at 7.5 EUR" in below.condition.message
+    cost = usage.budget_warning(state(100, "7.5"), percent=75, warned_for=None)
+    assert (cost.condition.status, cost.condition.reason, cost.give) == (
+        "True",
+        "CostPerMonthNearlyUsed",
+        True,
+    )
+    assert "7.5 of the tenant's 10 EUR" in cost.condition.message
+    assert "spec.limits.costPerMonth" in cost.condition.message
+    assert cost.warned_for == "2026-11-01T00:00:00Z"
+    subject, _ = usage.warning_mail("acme", cost)
+    assert "cost budget" in subject
+    # The tokens' level first: it names the tokens.
+    both = usage.budget_warning(state(800, "9"), percent=75, warned_for=None)
+    assert both.condition.reason == "TokensPerMonthNearlyUsed"
+    # A cost budget alone warns too; once given for the month, not again.
+    alone = usage.budget_warning(
+        state(0, "8", limit=None), percent=75, warned_for="2026-11-01T00:00:00Z"
+    )
+    assert (alone.condition.reason, alone.give) == ("CostPerMonthNearlyUsed", False)
