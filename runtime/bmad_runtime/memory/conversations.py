@@ -42,23 +42,30 @@ logger = logging.getLogger(__name__)
 TITLE_LENGTH = 80
 MAX_RECENT_TURNS = 1000
 
-# Push one turn if it directly follows the list's last one. 1: pushed or already
-# there; 0: there is a gap (the list is missing earlier turns) and must be rebuilt.
+# Push turns ARGV[4..] (numbered from ARGV[1] on; ARGV[2] the list's length, ARGV[3] its
+# TTL) where they directly follow the list's last one; turns the list already has are
+# skipped (a replay pushes nothing twice). 1: the list now ends with the last of them;
+# 0: there is a gap (the list is missing earlier turns), nothing was pushed, and the
+# list must be rebuilt.
 _APPEND_LUA = """
 local last = redis.call('LINDEX', KEYS[1], -1)
 local last_seq = 0
 if last then last_seq = tonumber(cjson.decode(last)['seq']) end
 local seq = tonumber(ARGV[1])
-if seq <= last_seq then
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
-  return 1
+local recent = tonumber(ARGV[2])
+local ttl = ARGV[3]
+for i = 4, #ARGV do
+  if seq > last_seq then
+    if seq ~= last_seq + 1 then
+      return 0
+    end
+    redis.call('RPUSH', KEYS[1], ARGV[i])
+    last_seq = seq
+  end
+  seq = seq + 1
 end
-if seq ~= last_seq + 1 then
-  return 0
-end
-redis.call('RPUSH', KEYS[1], ARGV[2])
-redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
-redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('LTRIM', KEYS[1], -recent, -1)
+redis.call('EXPIRE', KEYS[1], ttl)
 return 1
 """
 
@@ -264,18 +271,39 @@ class Conversations:
                 turn.model,
                 created_at,
             )
+        await self.push(conversation_id, seq, (turn,), tenant=tenant, agent=agent, owner=owner)
+
+    async def push(
+        self,
+        conversation_id: str,
+        first_seq: int,
+        turns: Sequence[ports.Turn],
+        *,
+        tenant: str,
+        agent: str,
+        owner: str,
+    ) -> None:
+        """Push turns just committed to PostgreSQL (numbered from `first_seq` on) onto
+        the conversation's recent list, in one call; a gap makes it rebuild the list
+        from PostgreSQL. A Redis failure is logged, not raised, and the list dropped."""
         key = turns_key(conversation_id, tenant=tenant, agent=agent, owner=owner)
         try:
             pushed = await self._append_script(
                 keys=[key],
-                args=[seq, _encode(seq, turn), self.recent_turns, self.ttl_seconds],
+                args=[
+                    first_seq,
+                    self.recent_turns,
+                    self.ttl_seconds,
+                    *(_encode(first_seq + i, turn) for i, turn in enumerate(turns)),
+                ],
             )
             if not pushed:
                 await self._rebuild(conversation_id, tenant=tenant, agent=agent, owner=owner)
         except (redis.exceptions.RedisError, OSError) as exc:
+            last_seq = first_seq + len(turns) - 1
             logger.warning(
-                "turn %d of conversation %r stored in PostgreSQL but not in Redis (%s)",
-                seq,
+                "turn %s of conversation %r stored in PostgreSQL but not in Redis (%s)",
+                str(first_seq) if last_seq == first_seq else f"{first_seq}-{last_seq}",
                 conversation_id,
                 exc,
             )
