@@ -4,7 +4,9 @@ Each `append` commits the turn to PostgreSQL first (``messages``, numbered by
 ``conversations.last_seq`` under the conversation's row lock, so ``seq`` order is
 commit order), then pushes it onto a Redis list
 ``bmad:{tenant}:{agent}:conv:{owner digest}:{id}:turns`` trimmed to ``recent_turns``
-whose TTL every write refreshes.
+whose TTL every write refreshes. A turn's whole record (`turn_records`) numbers and
+stores its two turns the same way, in one statement with its usage and audit rows,
+and pushes both in one call (`push`).
 
 A conversation belongs to the subject whose turn created it (``conversations.owner``):
 an append of another subject's turn is refused in the same statement that numbers it,
