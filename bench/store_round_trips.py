@@ -6,8 +6,9 @@ PostgreSQL and its Redis, once one part at a time (`append` twice, `record_usage
 `audit`: how the runtime wrote them before issue 15) and once with `record_turn`, and
 counts the messages the client sends to each server (every `write` on the socket's
 transport: asyncpg and redis-py send a whole request, and then wait for its answer,
-in one), divided by N. The pool's own statement (asyncpg resets a connection when it
-goes back to the pool) is counted too: it is a round trip like any other.
+in one), divided by N. A statement of the pool's own (asyncpg's default reset of a
+connection that goes back to the pool, which the store's pool no longer sends) would
+be counted too: it is a round trip like any other.
 
     set -a; eval "$(.venv/bin/bmad testbed up --no-cluster --services postgres,redis)"; set +a
     .venv/bin/python bench/store_round_trips.py --records 200

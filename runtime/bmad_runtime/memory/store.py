@@ -68,6 +68,18 @@ async def _postgres_pool(dsn: str, way: pg.Transport, **options: Any) -> Any:
     return await asyncpg.create_pool(dsn, **{**options, "ssl": False})
 
 
+async def keep_session(conn: Any) -> None:
+    """How the store's own pool resets a connection it gets back: it sends nothing.
+
+    asyncpg rolls back a transaction left open either way; its default reset sends one
+    more statement on every release (advisory locks released, cursors closed, UNLISTEN,
+    RESET ALL): a second round trip for each request's one write. Nothing the store
+    sends leaves such state behind: no SET, LISTEN or cursor outside a transaction, and
+    the one session lock, the schema migrations', is released before `connect` returns
+    (when its release fails, `connect` closes the pool, and the lock with it).
+    """
+
+
 class PostgresRedisStore:
     """`ports.ConversationStore` over an asyncpg pool and a redis.asyncio client.
 
@@ -126,6 +138,7 @@ class PostgresRedisStore:
             min_size=pool_min_size,
             max_size=pool_max_size,
             command_timeout=60,
+            reset=keep_session,
         )
         client: aioredis.Redis | None = None
         try:

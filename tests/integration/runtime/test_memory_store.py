@@ -852,3 +852,31 @@ async def test_a_turns_record_that_fails_stores_nothing_and_raises(
         await store.record_turn(
             dataclasses.replace(good, usage=dataclasses.replace(good.usage, agent="someone-else"))
         )
+
+
+async def test_the_stores_pool_sends_no_reset_and_keeps_no_lock(
+    dsn: str, store: memory_store.PostgresRedisStore, names: tuple[str, str]
+) -> None:
+    """A connection back in the store's pool is not reset with a statement of its own
+    (a second round trip per request), and none of them holds the migrations' lock:
+    PostgreSQL's view of the store's sessions after a turn's record."""
+    tenant, agent = names
+    await store.record_turn(turn_record("c-pool", 1, tenant=tenant, agent=agent))
+    conn = await asyncpg.connect(dsn)
+    try:
+        sessions = await conn.fetch(
+            "SELECT pid, state, query FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        locks = await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+    finally:
+        await conn.close()
+    assert sessions, "the store's pool has its sessions open"
+    assert all(s["state"] == "idle" for s in sessions)
+    last = [s["query"] for s in sessions]
+    assert any("WITH conversation AS" in q for q in last), last
+    assert not any("RESET ALL" in q or "pg_advisory_unlock_all" in q for q in last), last
+    assert locks == 0
