@@ -30,9 +30,11 @@ import json
 from bmad_runtime import ports
 from bmad_runtime.memory import conversations, scope
 
-# $8..$11: the turns' roles, contents, models and times, oldest first. No row comes
-# back when the conversation is another subject's, and then every sub-statement,
-# reading FROM conversation, inserts nothing.
+# $8..$11: the turns' roles, contents, models and times, oldest first; $12..$17, $20
+# and $21 the usage record (its own tenant and agent, as `UsageLedger.record` writes
+# them); $18 and $19 the audit entry. No row comes back when the conversation is
+# another subject's, and then every sub-statement, reading FROM conversation, inserts
+# nothing.
 _WRITE_TURN = """
 WITH conversation AS (
     INSERT INTO conversations AS c
@@ -56,7 +58,7 @@ turns AS (
 usage AS (
     INSERT INTO usage_records
         (tenant, agent, conversation, model, provider, tokens_in, tokens_out, latency_ms)
-    SELECT $1, $2, $12, $13, $14, $15, $16, $17
+    SELECT $20, $21, $12, $13, $14, $15, $16, $17
     FROM conversation
 ),
 audit AS (
@@ -72,7 +74,7 @@ _WRITE_RECORDS = """
 WITH usage AS (
     INSERT INTO usage_records
         (tenant, agent, conversation, model, provider, tokens_in, tokens_out, latency_ms)
-    VALUES ($1, $2, $4, $5, $6, $7, $8, $9)
+    VALUES ($12, $13, $4, $5, $6, $7, $8, $9)
 )
 INSERT INTO audit_log (tenant, agent, subject, action, detail)
 VALUES ($1, $2, $3, $10, $11::jsonb)
@@ -80,18 +82,18 @@ VALUES ($1, $2, $3, $10, $11::jsonb)
 
 
 def _checked(record: ports.TurnRecord) -> str | None:
-    """Check the record's scope; the conversation of its turns (None without turns)."""
+    """What the parts check before they write (names, and with turns the conversation id
+    and the subject); the conversation of the turns, None without turns."""
     scope.check_owner(record.tenant, record.agent)
-    scope.check_subject(record.subject)
-    if (record.usage.tenant, record.usage.agent) != (record.tenant, record.agent):
-        raise ValueError(
-            f"the usage record of a turn of {record.tenant}/{record.agent} is "
-            f"{record.usage.tenant}/{record.usage.agent}'s: a turn records its own agent's usage"
-        )
+    scope.check_owner(record.usage.tenant, record.usage.agent)
+    if not record.turns:
+        return None
     ids = {turn.conversation_id for turn in record.turns}
     if len(ids) > 1:
         raise ValueError(f"the turns of one record belong to one conversation, not {sorted(ids)}")
-    return scope.check_conversation_id(ids.pop()) if ids else None
+    conversation_id = scope.check_conversation_id(ids.pop())
+    scope.check_subject(record.subject)
+    return conversation_id
 
 
 def _title(turns: tuple[ports.Turn, ...]) -> str | None:
@@ -124,6 +126,8 @@ class TurnRecords:
                 usage.latency_ms,
                 record.action,
                 detail,
+                usage.tenant,
+                usage.agent,
             )
             return
         turns = record.turns
@@ -149,6 +153,8 @@ class TurnRecords:
             usage.latency_ms,
             record.action,
             detail,
+            usage.tenant,
+            usage.agent,
         )
         if last_seq is None:
             raise ports.ConversationNotFoundError(

@@ -848,10 +848,14 @@ async def test_a_turns_record_that_fails_stores_nothing_and_raises(
         "usage_records": 0,
         "audit_log": 0,
     }
-    with pytest.raises(ValueError, match="records its own agent's usage"):
+    # A bad name is refused before anything is sent, as the parts refuse it.
+    with pytest.raises(ValueError, match="not a valid name"):
         await store.record_turn(
-            dataclasses.replace(good, usage=dataclasses.replace(good.usage, agent="someone-else"))
+            dataclasses.replace(good, usage=dataclasses.replace(good.usage, agent="a:b"))
         )
+    with pytest.raises(ValueError, match="subject must be 1 to"):
+        await store.record_turn(dataclasses.replace(good, subject=""))
+    assert (await table_counts(dsn, tenant))["audit_log"] == 0
 
 
 async def test_the_stores_pool_sends_no_reset_and_keeps_no_lock(
@@ -880,3 +884,39 @@ async def test_the_stores_pool_sends_no_reset_and_keeps_no_lock(
     assert any("WITH conversation AS" in q for q in last), last
     assert not any("RESET ALL" in q or "pg_advisory_unlock_all" in q for q in last), last
     assert locks == 0
+
+
+async def test_concurrent_turns_records_from_two_replicas_keep_each_turns_pair_together(
+    dsn: str,
+    redis_url: str,
+    store: memory_store.PostgresRedisStore,
+    raw_redis: aioredis.Redis,
+    names: tuple[str, str],
+) -> None:
+    """Both turns of a record are numbered under one row lock: concurrent records of
+    one conversation get distinct, contiguous pairs, and the hot list stays contiguous."""
+    tenant, agent = names
+    other = await memory_store.PostgresRedisStore.connect(postgres_dsn=dsn, redis_url=redis_url)
+    try:
+        await asyncio.gather(
+            *(
+                (store if n % 2 else other).record_turn(
+                    turn_record("busy", n, tenant=tenant, agent=agent)
+                )
+                for n in range(16)
+            )
+        )
+    finally:
+        await other.close()
+    history = await store.history("busy", tenant=tenant, agent=agent, subject=OWNER)
+    assert len(history) == 32
+    pairs = [(history[i].content, history[i + 1].content) for i in range(0, 32, 2)]
+    assert sorted(pairs) == sorted(
+        (f"question {n}\nwith details", f"answer {n}") for n in range(16)
+    )
+    key = conversations.turns_key("busy", tenant=tenant, agent=agent, owner=OWNER)
+    cached = [json.loads(x) for x in await raw_redis.lrange(key, 0, -1)]
+    assert [c["seq"] for c in cached] == list(range(13, 33))  # contiguous, newest 20
+    assert await store.usage.tokens_this_month(tenant, agent=agent) == sum(
+        30 + 2 * n for n in range(16)
+    )
