@@ -69,6 +69,22 @@ class UsageRecord:
     latency_ms: int
 
 
+@dataclass(frozen=True)
+class TurnRecord:
+    """What one answered turn leaves in the store (`ConversationStore.record_turn`): its
+    turns, oldest first, of one conversation (none when the agent keeps no memory), the
+    usage record of its model call and an audit entry, all of `tenant`'s `agent`, as
+    `subject`."""
+
+    tenant: str
+    agent: str
+    subject: str
+    turns: tuple[Turn, ...]
+    usage: UsageRecord
+    action: str
+    detail: dict[str, Any]
+
+
 class ConversationStore(Protocol):
     """Hot turns in Redis, full history, usage records and the audit log in PostgreSQL.
 
@@ -108,6 +124,13 @@ class ConversationStore(Protocol):
     async def audit(
         self, *, tenant: str, agent: str, subject: str, action: str, detail: dict[str, Any]
     ) -> None: ...
+
+    async def record_turn(self, record: TurnRecord) -> None:
+        """Store a turn's record as `append` of each of its turns, `record_usage` and
+        `audit` would, in that order; `ConversationNotFoundError` (and nothing stored)
+        when the conversation is another subject's. A store may write it all at once
+        (the durable one: one PostgreSQL statement and one Redis call)."""
+        ...
 
     async def ping(self) -> bool: ...
 

@@ -346,52 +346,48 @@ async def finish(
             services.metrics.count_ledger_write("failed")
             raise
         services.metrics.count_ledger_write("ok")
-    if services.config.memory.turns > 0:
-        await services.store.append(
-            ports.Turn(turn.conversation_id, "user", turn.user_text, turn.received_at),
+    # The turns (unless the agent keeps no memory), the usage record and the audit entry
+    # (never the text), handed to the store at once (the durable one: one round trip each).
+    kept = services.config.memory.turns > 0
+    await services.store.record_turn(
+        ports.TurnRecord(
             tenant=caller.tenant,
             agent=services.agent,
             subject=caller.subject,
-        )
-        await services.store.append(
-            ports.Turn(
-                turn.conversation_id,
-                "assistant",
-                completion.text,
-                dt.datetime.now(dt.UTC),
+            turns=(
+                ports.Turn(turn.conversation_id, "user", turn.user_text, turn.received_at),
+                ports.Turn(
+                    turn.conversation_id,
+                    "assistant",
+                    completion.text,
+                    dt.datetime.now(dt.UTC),
+                    model=completion.model,
+                ),
+            )
+            if kept
+            else (),
+            usage=ports.UsageRecord(
+                tenant=caller.tenant,
+                agent=services.agent,
+                conversation_id=turn.conversation_id,
                 model=completion.model,
+                provider=completion.provider,
+                tokens_in=usage.tokens_in,
+                tokens_out=usage.tokens_out,
+                latency_ms=latency,
             ),
-            tenant=caller.tenant,
-            agent=services.agent,
-            subject=caller.subject,
+            action="agent.invoke",
+            detail={
+                "conversationId": turn.conversation_id,
+                "model": completion.model,
+                "provider": completion.provider,
+                "tokensIn": usage.tokens_in,
+                "tokensOut": usage.tokens_out,
+                "latencyMs": latency,
+                "requestId": turn.request_id,
+                "finishReason": completion.finish_reason,
+            },
         )
-    await services.store.record_usage(
-        ports.UsageRecord(
-            tenant=caller.tenant,
-            agent=services.agent,
-            conversation_id=turn.conversation_id,
-            model=completion.model,
-            provider=completion.provider,
-            tokens_in=usage.tokens_in,
-            tokens_out=usage.tokens_out,
-            latency_ms=latency,
-        )
-    )
-    await services.store.audit(
-        tenant=caller.tenant,
-        agent=services.agent,
-        subject=caller.subject,
-        action="agent.invoke",
-        detail={
-            "conversationId": turn.conversation_id,
-            "model": completion.model,
-            "provider": completion.provider,
-            "tokensIn": usage.tokens_in,
-            "tokensOut": usage.tokens_out,
-            "latencyMs": latency,
-            "requestId": turn.request_id,
-            "finishReason": completion.finish_reason,
-        },
     )
     # Tokens are known only now: book what the admission estimate did not cover.
     charge = getattr(services.limiter, "charge", None)

@@ -92,6 +92,9 @@ class UnavailableStore:
     ) -> None:
         raise self._refuse()
 
+    async def record_turn(self, record: ports.TurnRecord) -> None:
+        raise self._refuse()
+
     async def ping(self) -> bool:
         return False
 

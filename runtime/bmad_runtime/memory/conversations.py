@@ -4,7 +4,8 @@ Each `append` commits the turn to PostgreSQL first (``messages``, numbered by
 ``conversations.last_seq`` under the conversation's row lock, so ``seq`` order is
 commit order), then pushes it onto a Redis list
 ``bmad:{tenant}:{agent}:conv:{owner digest}:{id}:turns`` trimmed to ``recent_turns``
-whose TTL every write refreshes.
+whose TTL every write refreshes. `turn_records` does the same for a turn's two turns
+at once, with its usage and audit rows: one statement, one `push`.
 
 A conversation belongs to the subject whose turn created it (``conversations.owner``):
 an append of another subject's turn is refused in the same statement that numbers it,
@@ -42,23 +43,25 @@ logger = logging.getLogger(__name__)
 TITLE_LENGTH = 80
 MAX_RECENT_TURNS = 1000
 
-# Push one turn if it directly follows the list's last one. 1: pushed or already
-# there; 0: there is a gap (the list is missing earlier turns) and must be rebuilt.
+# Push turns ARGV[4..] (numbered from ARGV[1] on; ARGV[2] the list's length, ARGV[3] its
+# TTL) where they directly follow the list's last one, skipping those it has (a replay
+# pushes nothing twice). 1: the list ends with the last of them; 0: there is a gap (the
+# list is missing earlier turns), nothing was pushed, and the list must be rebuilt.
 _APPEND_LUA = """
 local last = redis.call('LINDEX', KEYS[1], -1)
 local last_seq = 0
 if last then last_seq = tonumber(cjson.decode(last)['seq']) end
 local seq = tonumber(ARGV[1])
-if seq <= last_seq then
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
-  return 1
+for i = 4, #ARGV do
+  if seq > last_seq then
+    if seq ~= last_seq + 1 then return 0 end
+    redis.call('RPUSH', KEYS[1], ARGV[i])
+    last_seq = seq
+  end
+  seq = seq + 1
 end
-if seq ~= last_seq + 1 then
-  return 0
-end
-redis.call('RPUSH', KEYS[1], ARGV[2])
-redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
-redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
@@ -264,18 +267,34 @@ class Conversations:
                 turn.model,
                 created_at,
             )
+        await self.push(conversation_id, seq, (turn,), tenant=tenant, agent=agent, owner=owner)
+
+    async def push(
+        self,
+        conversation_id: str,
+        first_seq: int,
+        turns: Sequence[ports.Turn],
+        *,
+        tenant: str,
+        agent: str,
+        owner: str,
+    ) -> None:
+        """Push turns just committed (numbered from `first_seq` on) onto the recent list
+        in one call; a gap rebuilds it from PostgreSQL, a Redis failure is logged and
+        drops it (not raised)."""
         key = turns_key(conversation_id, tenant=tenant, agent=agent, owner=owner)
+        encoded = [_encode(first_seq + i, turn) for i, turn in enumerate(turns)]
         try:
             pushed = await self._append_script(
-                keys=[key],
-                args=[seq, _encode(seq, turn), self.recent_turns, self.ttl_seconds],
+                keys=[key], args=[first_seq, self.recent_turns, self.ttl_seconds, *encoded]
             )
             if not pushed:
                 await self._rebuild(conversation_id, tenant=tenant, agent=agent, owner=owner)
         except (redis.exceptions.RedisError, OSError) as exc:
             logger.warning(
-                "turn %d of conversation %r stored in PostgreSQL but not in Redis (%s)",
-                seq,
+                "turns %d to %d of conversation %r stored in PostgreSQL but not in Redis (%s)",
+                first_seq,
+                first_seq + len(turns) - 1,
                 conversation_id,
                 exc,
             )

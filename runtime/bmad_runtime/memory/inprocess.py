@@ -165,6 +165,20 @@ class InProcessStore:
             }
         )
 
+    async def record_turn(self, record: ports.TurnRecord) -> None:
+        for turn in record.turns:
+            await self.append(
+                turn, tenant=record.tenant, agent=record.agent, subject=record.subject
+            )
+        await self.record_usage(record.usage)
+        await self.audit(
+            tenant=record.tenant,
+            agent=record.agent,
+            subject=record.subject,
+            action=record.action,
+            detail=record.detail,
+        )
+
     async def ping(self) -> bool:
         return True
 

@@ -1,10 +1,10 @@
 """The durable store: PostgreSQL and Redis clients, and the four parts that use them.
 
 `PostgresRedisStore` is the runtime's `ports.ConversationStore` for the ``durable``
-memory mode. It owns the clients (when it
-opened them with `connect`), brings the schema up to date, answers the readiness
-ping, and hands each call to its part: `conversations`, `usage`, `audits`,
-`context_versions`. Reads beyond the port (a month's usage, the audit entries, one
+memory mode. It owns the clients (when it opened them with `connect`), brings the
+schema up to date, answers the readiness ping, and hands each call to its part:
+`conversations`, `usage`, `audits`, `context_versions`, and a turn's whole record
+to `turn_records`. Reads beyond the port (a month's usage, the audit entries, one
 context version) and context versions (`context_versions`, a `context.VersionStore`)
 are on the parts themselves.
 """
@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from bmad_integrations import base as integrations_base
 from bmad_integrations import postgres as pg
 from bmad_runtime import bindings, migrations, ports
-from bmad_runtime.memory import audit, context_versions, conversations, usage
+from bmad_runtime.memory import audit, context_versions, conversations, turn_records, usage
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,18 @@ async def _postgres_pool(dsn: str, way: pg.Transport, **options: Any) -> Any:
     return await asyncpg.create_pool(dsn, **{**options, "ssl": False})
 
 
+async def keep_session(conn: Any) -> None:
+    """How the store's own pool resets a connection it gets back: it sends nothing.
+
+    asyncpg rolls back a transaction left open either way; its default reset sends one
+    more statement on every release (advisory locks released, cursors closed, UNLISTEN,
+    RESET ALL): a second round trip for each request's one write. Nothing the store
+    sends leaves such state behind: no SET, LISTEN or cursor outside a transaction, and
+    the one session lock, the schema migrations', is released before `connect` returns
+    (when its release fails, `connect` closes the pool, and the lock with it).
+    """
+
+
 class PostgresRedisStore:
     """`ports.ConversationStore` over an asyncpg pool and a redis.asyncio client.
 
@@ -93,6 +105,7 @@ class PostgresRedisStore:
         self.usage = usage.UsageLedger(pool=pool)
         self.audits = audit.AuditLog(pool=pool)
         self.context_versions = context_versions.ContextVersions(pool=pool)
+        self.turn_records = turn_records.TurnRecords(self.conversations)
         self._owns_clients = owns_clients
         # How each connection travels, once `connect` has measured it.
         self.transports: dict[str, integrations_base.Transport] = {}
@@ -125,6 +138,7 @@ class PostgresRedisStore:
             min_size=pool_min_size,
             max_size=pool_max_size,
             command_timeout=60,
+            reset=keep_session,
         )
         client: aioredis.Redis | None = None
         try:
@@ -244,6 +258,11 @@ class PostgresRedisStore:
         await self.audits.append(
             tenant=tenant, agent=agent, subject=subject, action=action, detail=detail
         )
+
+    async def record_turn(self, record: ports.TurnRecord) -> None:
+        """The turns, usage record and audit entry in one PostgreSQL statement, then
+        the turns in one Redis call (`turn_records`)."""
+        await self.turn_records.write(record)
 
     async def ping(self) -> bool:
         """True when both PostgreSQL and Redis answer within `PING_TIMEOUT` seconds."""

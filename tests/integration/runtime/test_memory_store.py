@@ -8,6 +8,7 @@ those keys, never anything another test or suite put there.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -632,4 +633,290 @@ async def test_a_conversation_belongs_to_the_subject_that_started_it(
             conversations.turns_key("mine", tenant=tenant, agent=agent, owner=OWNER)
         )
         == 0
+    )
+
+
+def turn_record(
+    conversation: str, n: int, *, tenant: str, agent: str, subject: str = OWNER, turns: bool = True
+) -> ports.TurnRecord:
+    """What `turns.finish` hands the store for the n-th answer of a conversation."""
+    asked = dt.datetime.now(dt.UTC)
+    return ports.TurnRecord(
+        tenant=tenant,
+        agent=agent,
+        subject=subject,
+        turns=(
+            ports.Turn(conversation, "user", f"question {n}\nwith details", asked),
+            ports.Turn(
+                conversation,
+                "assistant",
+                f"answer {n}",
+                asked + dt.timedelta(milliseconds=5),
+                model="echo-1",
+            ),
+        )
+        if turns
+        else (),
+        usage=ports.UsageRecord(
+            tenant=tenant,
+            agent=agent,
+            conversation_id=conversation,
+            model="echo-1",
+            provider="echo",
+            tokens_in=10 + n,
+            tokens_out=20 + n,
+            latency_ms=7,
+        ),
+        action="agent.invoke",
+        detail={"conversationId": conversation, "requestId": f"r-{n}", "tokensIn": 10 + n},
+    )
+
+
+class CountingPool:
+    """The store's real pool, counting the statements sent through it."""
+
+    def __init__(self, pool: object) -> None:
+        self.pool = pool
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> object:
+        if name in ("execute", "executemany", "fetch", "fetchval", "fetchrow", "acquire"):
+            self.calls.append(name)
+        return getattr(self.pool, name)
+
+
+async def table_counts(dsn: str, tenant: str) -> dict[str, int]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        row = await conn.fetchrow(
+            "SELECT (SELECT count(*) FROM conversations WHERE tenant = $1) AS conversations,"
+            " (SELECT count(*) FROM messages WHERE tenant = $1) AS messages,"
+            " (SELECT count(*) FROM usage_records WHERE tenant = $1) AS usage_records,"
+            " (SELECT count(*) FROM audit_log WHERE tenant = $1) AS audit_log",
+            tenant,
+        )
+        return {name: int(count) for name, count in row.items()}
+    finally:
+        await conn.close()
+
+
+async def test_a_turns_record_is_one_statement_and_one_redis_call_and_a_replay_is_deduped(
+    dsn: str,
+    store: memory_store.PostgresRedisStore,
+    raw_redis: aioredis.Redis,
+    names: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 15, target 3: a turn's user and assistant turns, usage record and audit
+    entry go to PostgreSQL as one statement and to Redis as one call, and store what
+    `append` twice, `record_usage` and `audit` stored."""
+    tenant, agent = names
+    counting = CountingPool(store.pool)
+    monkeypatch.setattr(store.conversations, "pool", counting)
+    redis_commands: list[str] = []
+    send = store.redis.execute_command
+
+    async def counted(*args: object, **options: object) -> object:
+        redis_commands.append(str(args[0]))
+        return await send(*args, **options)
+
+    monkeypatch.setattr(store.redis, "execute_command", counted)
+
+    first, second = (turn_record("c-r", n, tenant=tenant, agent=agent) for n in (1, 2))
+    await store.record_turn(first)
+    assert counting.calls == ["fetchval"]
+    assert [c.upper() for c in redis_commands] in (
+        ["EVALSHA"],
+        ["EVALSHA", "SCRIPT LOAD", "EVALSHA"],
+    )
+    await store.record_turn(second)
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        conversation = await conn.fetchrow(
+            "SELECT title, last_seq, owner, created_at, updated_at FROM conversations "
+            "WHERE tenant = $1 AND agent = $2 AND id = 'c-r'",
+            tenant,
+            agent,
+        )
+        messages = await conn.fetch(
+            "SELECT seq, role, content, model, created_at FROM messages "
+            "WHERE tenant = $1 AND agent = $2 AND conversation = 'c-r' ORDER BY seq",
+            tenant,
+            agent,
+        )
+        usage = await conn.fetch(
+            "SELECT agent, conversation, model, provider, tokens_in, tokens_out, latency_ms "
+            "FROM usage_records WHERE tenant = $1 ORDER BY id",
+            tenant,
+        )
+        audit = await conn.fetch(
+            "SELECT agent, subject, action, detail::text AS detail FROM audit_log "
+            "WHERE tenant = $1 ORDER BY id",
+            tenant,
+        )
+    finally:
+        await conn.close()
+    assert dict(conversation) == {
+        "title": "question 1",
+        "last_seq": 4,
+        "owner": OWNER,
+        "created_at": first.turns[0].created_at,
+        "updated_at": second.turns[1].created_at,
+    }
+    assert [tuple(m) for m in messages] == [
+        (seq, t.role, t.content, t.model, t.created_at)
+        for seq, t in enumerate([*first.turns, *second.turns], start=1)
+    ]
+    assert [tuple(u) for u in usage] == [
+        (agent, "c-r", "echo-1", "echo", 11, 21, 7),
+        (agent, "c-r", "echo-1", "echo", 12, 22, 7),
+    ]
+    assert [(a["agent"], a["subject"], a["action"]) for a in audit] == [
+        (agent, OWNER, "agent.invoke")
+    ] * 2
+    assert [json.loads(a["detail"]) for a in audit] == [first.detail, second.detail]
+
+    key = conversations.turns_key("c-r", tenant=tenant, agent=agent, owner=OWNER)
+    hot = [json.loads(x) for x in await raw_redis.lrange(key, 0, -1)]
+    assert [(h["seq"], h["content"]) for h in hot] == [
+        (1, "question 1\nwith details"),
+        (2, "answer 1"),
+        (3, "question 2\nwith details"),
+        (4, "answer 2"),
+    ]
+    # A replay of the push (a retried call) stores nothing twice, in either order.
+    await store.conversations.push("c-r", 3, second.turns, tenant=tenant, agent=agent, owner=OWNER)
+    await store.conversations.push("c-r", 1, first.turns, tenant=tenant, agent=agent, owner=OWNER)
+    assert await raw_redis.lrange(key, 0, -1) == [json.dumps(h, separators=(",", ":")) for h in hot]
+    recent = await store.recent("c-r", tenant=tenant, agent=agent, limit=3, subject=OWNER)
+    assert [t.content for t in recent] == ["answer 1", "question 2\nwith details", "answer 2"]
+
+
+async def test_a_turns_record_for_another_subjects_conversation_stores_nothing(
+    dsn: str, store: memory_store.PostgresRedisStore, names: tuple[str, str]
+) -> None:
+    tenant, agent = names
+    await store.record_turn(turn_record("mine", 1, tenant=tenant, agent=agent))
+    before = await table_counts(dsn, tenant)
+    assert before == {"conversations": 1, "messages": 2, "usage_records": 1, "audit_log": 1}
+
+    with pytest.raises(ports.ConversationNotFoundError, match="no conversation 'mine'"):
+        await store.record_turn(
+            turn_record("mine", 2, tenant=tenant, agent=agent, subject="auth0|other")
+        )
+    assert await table_counts(dsn, tenant) == before, "no turn, usage or audit row written"
+    history = await store.history("mine", tenant=tenant, agent=agent, subject=None)
+    assert [t.content for t in history] == ["question 1\nwith details", "answer 1"]
+
+
+async def test_a_turns_record_without_turns_writes_usage_and_audit_only(
+    dsn: str, store: memory_store.PostgresRedisStore, names: tuple[str, str]
+) -> None:
+    """An agent that keeps no memory: no conversation is opened (or checked)."""
+    tenant, agent = names
+    record = turn_record("c-none", 3, tenant=tenant, agent=agent, turns=False)
+    await store.record_turn(record)
+    assert await table_counts(dsn, tenant) == {
+        "conversations": 0,
+        "messages": 0,
+        "usage_records": 1,
+        "audit_log": 1,
+    }
+    assert await store.usage.tokens_this_month(tenant, agent=agent) == 13 + 23
+    [entry] = await store.audits.entries(tenant)
+    assert (entry["subject"], entry["action"], entry["detail"]) == (
+        OWNER,
+        "agent.invoke",
+        record.detail,
+    )
+
+
+async def test_a_turns_record_that_fails_stores_nothing_and_raises(
+    dsn: str, store: memory_store.PostgresRedisStore, names: tuple[str, str]
+) -> None:
+    """The usage row breaks a CHECK (negative tokens): the turns before it in the
+    statement are not kept either, and asyncpg's error reaches the caller."""
+    tenant, agent = names
+    good = turn_record("c-bad", 1, tenant=tenant, agent=agent)
+    bad = dataclasses.replace(good, usage=dataclasses.replace(good.usage, tokens_out=-1))
+    with pytest.raises(asyncpg.CheckViolationError):
+        await store.record_turn(bad)
+    assert await table_counts(dsn, tenant) == {
+        "conversations": 0,
+        "messages": 0,
+        "usage_records": 0,
+        "audit_log": 0,
+    }
+    # A bad name is refused before anything is sent, as the parts refuse it.
+    with pytest.raises(ValueError, match="not a valid name"):
+        await store.record_turn(
+            dataclasses.replace(good, usage=dataclasses.replace(good.usage, agent="a:b"))
+        )
+    with pytest.raises(ValueError, match="subject must be 1 to"):
+        await store.record_turn(dataclasses.replace(good, subject=""))
+    assert (await table_counts(dsn, tenant))["audit_log"] == 0
+
+
+async def test_the_stores_pool_sends_no_reset_and_keeps_no_lock(
+    dsn: str, store: memory_store.PostgresRedisStore, names: tuple[str, str]
+) -> None:
+    """A connection back in the store's pool is not reset with a statement of its own
+    (a second round trip per request), and none of them holds the migrations' lock:
+    PostgreSQL's view of the store's sessions after a turn's record."""
+    tenant, agent = names
+    await store.record_turn(turn_record("c-pool", 1, tenant=tenant, agent=agent))
+    conn = await asyncpg.connect(dsn)
+    try:
+        sessions = await conn.fetch(
+            "SELECT pid, state, query FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        locks = await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+    finally:
+        await conn.close()
+    assert sessions, "the store's pool has its sessions open"
+    assert all(s["state"] == "idle" for s in sessions)
+    last = [s["query"] for s in sessions]
+    assert any("WITH conversation AS" in q for q in last), last
+    assert not any("RESET ALL" in q or "pg_advisory_unlock_all" in q for q in last), last
+    assert locks == 0
+
+
+async def test_concurrent_turns_records_from_two_replicas_keep_each_turns_pair_together(
+    dsn: str,
+    redis_url: str,
+    store: memory_store.PostgresRedisStore,
+    raw_redis: aioredis.Redis,
+    names: tuple[str, str],
+) -> None:
+    """Both turns of a record are numbered under one row lock: concurrent records of
+    one conversation get distinct, contiguous pairs, and the hot list stays contiguous."""
+    tenant, agent = names
+    other = await memory_store.PostgresRedisStore.connect(postgres_dsn=dsn, redis_url=redis_url)
+    try:
+        await asyncio.gather(
+            *(
+                (store if n % 2 else other).record_turn(
+                    turn_record("busy", n, tenant=tenant, agent=agent)
+                )
+                for n in range(16)
+            )
+        )
+    finally:
+        await other.close()
+    history = await store.history("busy", tenant=tenant, agent=agent, subject=OWNER)
+    assert len(history) == 32
+    pairs = [(history[i].content, history[i + 1].content) for i in range(0, 32, 2)]
+    assert sorted(pairs) == sorted(
+        (f"question {n}\nwith details", f"answer {n}") for n in range(16)
+    )
+    key = conversations.turns_key("busy", tenant=tenant, agent=agent, owner=OWNER)
+    cached = [json.loads(x) for x in await raw_redis.lrange(key, 0, -1)]
+    assert [c["seq"] for c in cached] == list(range(13, 33))  # contiguous, newest 20
+    assert await store.usage.tokens_this_month(tenant, agent=agent) == sum(
+        30 + 2 * n for n in range(16)
     )

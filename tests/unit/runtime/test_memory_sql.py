@@ -11,11 +11,28 @@ import ssl
 import pytest
 
 from bmad_runtime import bindings, context, migrations, ports
-from bmad_runtime.memory import audit, context_versions, conversations, scope, store, usage
+from bmad_runtime.memory import (
+    audit,
+    context_versions,
+    conversations,
+    scope,
+    store,
+    turn_records,
+    usage,
+)
 
 pytestmark = pytest.mark.unit
 
-SQL_MODULES = [conversations, usage, audit, context_versions, store, migrations, context]
+SQL_MODULES = [
+    conversations,
+    usage,
+    audit,
+    context_versions,
+    store,
+    turn_records,
+    migrations,
+    context,
+]
 
 _SQL = re.compile(
     r"\b(SELECT\s|INSERT\s+INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM|WHERE\s|VALUES\s*\(|"
