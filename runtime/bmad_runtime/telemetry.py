@@ -199,6 +199,7 @@ class Metrics:
         self._token_children: dict[
             str, tuple[prometheus_client.Counter, prometheus_client.Counter]
         ] = {}
+        self._operation_children: dict[tuple[str, str, str], prometheus_client.Histogram] = {}
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         """One HTTP request into ``bmad_agent_request_seconds``."""
@@ -266,12 +267,16 @@ class Metrics:
         self, *, provider: str, model: str, seconds: float, error_type: str = ""
     ) -> None:
         """One call to one provider of the chain; ``error_type`` names a failure."""
-        self.operation_duration.labels(
-            gen_ai_operation_name=CHAT,
-            gen_ai_provider_name=provider,
-            gen_ai_request_model=model,
-            error_type=error_type,
-        ).observe(seconds)
+        key = (provider, model, error_type)
+        child = self._operation_children.get(key)
+        if child is None:
+            child = self._operation_children[key] = self.operation_duration.labels(
+                gen_ai_operation_name=CHAT,
+                gen_ai_provider_name=provider,
+                gen_ai_request_model=model,
+                error_type=error_type,
+            )
+        child.observe(seconds)
 
     def render(self) -> bytes:
         return prometheus_client.generate_latest(self._served)

@@ -77,6 +77,32 @@ class Services:
     background: set[asyncio.Task[None]] = field(default_factory=set)
     # The platform's usage ledger, when the operator meters usage (BMAD_USAGE_LEDGER_URL).
     ledger: ports.UsageLedger | None = None
+    # What `agent_context` derived from `config`, kept while `config` is the same object.
+    _agent_context: AgentContext | None = field(default=None, init=False, repr=False, compare=False)
+
+    def agent_context(self) -> AgentContext:
+        """The agent layer of the context and the model's window, derived from `config`
+        once per config rather than on every turn (a new config object is derived anew)."""
+        derived = self._agent_context
+        if derived is None or derived.config is not self.config:
+            config = self.config
+            layer = context.Layers(persona=config.persona_text(), instructions=config.instructions)
+            derived = self._agent_context = AgentContext(
+                config=config,
+                system=tuple(layer.system_messages()),
+                context_window=config.context_window,
+            )
+        return derived
+
+
+@dataclass(frozen=True)
+class AgentContext:
+    """What every turn's context takes from the agent's (frozen) config alone."""
+
+    config: config_mod.AgentConfig
+    # The agent layer: persona and instructions, as system messages.
+    system: tuple[ports.Message, ...]
+    context_window: int
 
 
 @dataclass(frozen=True)
@@ -117,17 +143,15 @@ def _messages(
     params: dict[str, Any],
     artifacts: Sequence[context.ArtifactLayer] = (),
 ) -> list[ports.Message]:
-    config = services.config
-    layers = context.Layers(
-        persona=config.persona_text(),
-        instructions=config.instructions,
-        artifacts=tuple(artifacts),
-    )
-    reserve = providers_base.merge_params(config.model.params, params).get("max_tokens")
-    return context.assemble(
-        layers,
-        [*history, ports.Message("user", text)],
-        context_window=config.context_window,
+    agent = services.agent_context()
+    system = list(agent.system)
+    if artifacts:  # after the agent layer, as `context.Layers` orders them
+        system += context.Layers(artifacts=tuple(artifacts)).system_messages()
+    reserve = providers_base.merge_params(agent.config.model.params, params).get("max_tokens")
+    return context.trim(
+        system,
+        [*(ports.Message(t.role, t.content) for t in history), ports.Message("user", text)],
+        context_window=agent.context_window,
         reserve_tokens=int(reserve) if isinstance(reserve, int) else DEFAULT_ANSWER_RESERVE,
     )
 
@@ -208,7 +232,10 @@ async def prepare(
         received_at=dt.datetime.now(dt.UTC),
         estimated_in=estimated_in,
         request_id=request_id,
-        record_id=record_id(request_id=request_id, task_id=task_id),
+        # Only the ledger reads it (an HTTP one costs a uuid4): none without a ledger.
+        record_id=(
+            record_id(request_id=request_id, task_id=task_id) if services.ledger is not None else ""
+        ),
         source="task" if task_id is not None else "http",
     )
 
@@ -225,16 +252,23 @@ async def _slot(services: Services) -> AsyncIterator[None]:
 
 async def complete(turn: Turn) -> ports.Completion:
     """Ask the model chain, in a concurrency slot (waiting for one if all are busy)."""
+    slots = turn.services.slots
+    if slots is None:  # no limit: not even a no-op context manager on the hot path
+        return await _ask(turn)
+    async with slots:
+        return await _ask(turn)
+
+
+async def _ask(turn: Turn) -> ports.Completion:
     services = turn.services
-    async with _slot(services):
-        services.metrics.inflight.inc()
-        try:
-            return await services.router.complete(turn.messages, params=turn.params)
-        except providers_router.AllProvidersFailedError:
-            services.metrics.count_task("error")
-            raise
-        finally:
-            services.metrics.inflight.dec()
+    services.metrics.inflight.inc()
+    try:
+        return await services.router.complete(turn.messages, params=turn.params)
+    except providers_router.AllProvidersFailedError:
+        services.metrics.count_task("error")
+        raise
+    finally:
+        services.metrics.inflight.dec()
 
 
 async def stream(

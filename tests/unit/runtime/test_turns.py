@@ -73,6 +73,39 @@ async def test_a_turn_answers_and_records_turns_usage_and_audit() -> None:
     assert audit["detail"]["requestId"] == "r-1"
 
 
+async def test_the_agent_layer_follows_a_new_config() -> None:
+    # The agent layer and the window are derived once per config object (a cache):
+    # a config put in its place must be what the next turn is told.
+    given = services(
+        echo.EchoProvider(params={"echoSystem": True}),
+        agent_config=config.parse(
+            {"role": "pm", "instructions": "Be brief.", "model": {"provider": "echo", "name": "e"}}
+        ),
+    )
+    first = await turns.run(given, schemas.InvokeRequest(input="hi"), CALLER, request_id=None)
+    assert "Product Manager" in first.output
+    assert "Be brief." in first.output
+
+    given.config = config.parse(
+        {
+            "role": "qa",
+            "persona": {"name": "Quinn"},
+            "instructions": "Test everything.",
+            "model": {"provider": "echo", "name": "e", "contextWindow": 8},
+        }
+    )
+    with pytest.raises(context.ContextOverflowError):  # the new, tiny window
+        await turns.prepare(given, schemas.InvokeRequest(input="hi"), CALLER, request_id=None)
+    given.config = given.config.model_copy(
+        update={"model": given.config.model.model_copy(update={"context_window": 4096})}
+    )
+    second = await turns.run(given, schemas.InvokeRequest(input="hi"), CALLER, request_id=None)
+    assert "You are Quinn, the QA Engineer." in second.output
+    assert "Test everything." in second.output
+    assert "Product Manager" not in second.output
+    assert "Be brief." not in second.output
+
+
 async def test_a_refusing_limiter_is_a_rate_limited_error_with_the_wait() -> None:
     given = services(limiter=RefusingLimiter())
     with pytest.raises(turns.RateLimitedError) as refused:
