@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,6 +72,23 @@ async def test_a_turn_answers_and_records_turns_usage_and_audit() -> None:
     [audit] = store.audit_log
     assert audit["subject"] == "alice"
     assert audit["detail"]["requestId"] == "r-1"
+
+
+def test_a_new_conversation_id_is_a_random_uuid4_in_hex() -> None:
+    made = [turns.new_conversation_id() for _ in range(2000)]
+    assert len(set(made)) == len(made)
+    for value in made:
+        parsed = uuid.UUID(hex=value)
+        assert parsed.hex == value  # 32 lowercase hex digits, as uuid4().hex
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+    # Every bit that is not the version or the variant varies.
+    ored = anded = int(made[0], 16)
+    for value in made[1:]:
+        ored |= int(value, 16)
+        anded &= int(value, 16)
+    free = ored & ~anded
+    assert bin(free).count("1") == 128 - 6
 
 
 async def test_the_agent_layer_follows_a_new_config() -> None:
