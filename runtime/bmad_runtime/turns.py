@@ -21,10 +21,9 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import os
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,32 +77,13 @@ class Services:
     background: set[asyncio.Task[None]] = field(default_factory=set)
     # The platform's usage ledger, when the operator meters usage (BMAD_USAGE_LEDGER_URL).
     ledger: ports.UsageLedger | None = None
-    # What `agent_context` derived from `config`, kept while `config` is the same object.
-    _agent_context: AgentContext | None = field(default=None, init=False, repr=False, compare=False)
+    # `config`'s agent layer, derived once and kept while `config` is the same object.
+    _agent: context.AgentLayer | None = field(default=None, init=False, repr=False, compare=False)
 
-    def agent_context(self) -> AgentContext:
-        """The agent layer of the context and the model's window, derived from `config`
-        once per config rather than on every turn (a new config object is derived anew)."""
-        derived = self._agent_context
-        if derived is None or derived.config is not self.config:
-            config = self.config
-            layer = context.Layers(persona=config.persona_text(), instructions=config.instructions)
-            derived = self._agent_context = AgentContext(
-                config=config,
-                system=tuple(layer.system_messages()),
-                context_window=config.context_window,
-            )
-        return derived
-
-
-@dataclass(frozen=True)
-class AgentContext:
-    """What every turn's context takes from the agent's (frozen) config alone."""
-
-    config: config_mod.AgentConfig
-    # The agent layer: persona and instructions, as system messages.
-    system: tuple[ports.Message, ...]
-    context_window: int
+    def agent_layer(self) -> context.AgentLayer:
+        if self._agent is None or self._agent.config is not self.config:
+            self._agent = context.AgentLayer.of(self.config)
+        return self._agent
 
 
 @dataclass(frozen=True)
@@ -144,7 +124,7 @@ def _messages(
     params: dict[str, Any],
     artifacts: Sequence[context.ArtifactLayer] = (),
 ) -> list[ports.Message]:
-    agent = services.agent_context()
+    agent = services.agent_layer()
     system = list(agent.system)
     if artifacts:  # after the agent layer, as `context.Layers` orders them
         system += context.Layers(artifacts=tuple(artifacts)).system_messages()
@@ -168,17 +148,6 @@ def record_id(*, request_id: str | None, task_id: str | None) -> str:
     if task_id is not None:
         return usage_record.task_record_id(task_id)
     return usage_record.request_record_id(f"{request_id or 'none'}.{uuid.uuid4().hex}")
-
-
-# The version (4) and variant (RFC 4122) bits of a random UUID, as uuid.uuid4 sets them.
-_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
-_UUID4_SET = (4 << 76) | (0x8000 << 48)
-
-
-def new_conversation_id() -> str:
-    """A new conversation's id: a random UUID (version 4) in hex, as ``uuid.uuid4().hex``
-    gives it, without building the `uuid.UUID` (a third of the turn's own bytecode)."""
-    return f"{int.from_bytes(os.urandom(16)) & _UUID4_CLEAR | _UUID4_SET:032x}"
 
 
 async def check_budget(services: Services) -> None:
@@ -214,7 +183,7 @@ async def prepare(
         if wait is not None:
             services.metrics.count_task("rejected")
             raise RateLimitedError(wait)
-    conversation_id = body.conversation_id or new_conversation_id()
+    conversation_id = body.conversation_id or schemas.new_conversation_id()
     turns = services.config.memory.turns
     history = (
         await services.store.recent(
@@ -233,6 +202,7 @@ async def prepare(
     params = providers_base.merge_params(
         body.params.model_dump(exclude_none=True) if body.params else None
     )
+    metered = services.ledger is not None  # the record id's only reader (HTTP's: a uuid4)
     return Turn(
         services=services,
         caller=caller,
@@ -244,43 +214,32 @@ async def prepare(
         received_at=dt.datetime.now(dt.UTC),
         estimated_in=estimated_in,
         request_id=request_id,
-        # Only the ledger reads it (an HTTP one costs a uuid4): none without a ledger.
-        record_id=(
-            record_id(request_id=request_id, task_id=task_id) if services.ledger is not None else ""
-        ),
+        record_id=record_id(request_id=request_id, task_id=task_id) if metered else "",
         source="task" if task_id is not None else "http",
     )
 
 
-@contextlib.asynccontextmanager
-async def _slot(services: Services) -> AsyncIterator[None]:
+# Without spec.limits.concurrency: a reusable no-op, not a context manager made per call.
+_NO_LIMIT: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
+
+
+def _slot(services: Services) -> contextlib.AbstractAsyncContextManager[Any]:
     """One of the replica's concurrency slots (waiting for one if all are busy)."""
-    if services.slots is None:
-        yield
-        return
-    async with services.slots:
-        yield
+    return services.slots if services.slots is not None else _NO_LIMIT
 
 
 async def complete(turn: Turn) -> ports.Completion:
     """Ask the model chain, in a concurrency slot (waiting for one if all are busy)."""
-    slots = turn.services.slots
-    if slots is None:  # no limit: not even a no-op context manager on the hot path
-        return await _ask(turn)
-    async with slots:
-        return await _ask(turn)
-
-
-async def _ask(turn: Turn) -> ports.Completion:
     services = turn.services
-    services.metrics.inflight.inc()
-    try:
-        return await services.router.complete(turn.messages, params=turn.params)
-    except providers_router.AllProvidersFailedError:
-        services.metrics.count_task("error")
-        raise
-    finally:
-        services.metrics.inflight.dec()
+    async with _slot(services):
+        services.metrics.inflight.inc()
+        try:
+            return await services.router.complete(turn.messages, params=turn.params)
+        except providers_router.AllProvidersFailedError:
+            services.metrics.count_task("error")
+            raise
+        finally:
+            services.metrics.inflight.dec()
 
 
 async def stream(

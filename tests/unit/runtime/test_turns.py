@@ -75,7 +75,7 @@ async def test_a_turn_answers_and_records_turns_usage_and_audit() -> None:
 
 
 def test_a_new_conversation_id_is_a_random_uuid4_in_hex() -> None:
-    made = [turns.new_conversation_id() for _ in range(2000)]
+    made = [schemas.new_conversation_id() for _ in range(2000)]
     assert len(set(made)) == len(made)
     for value in made:
         parsed = uuid.UUID(hex=value)
