@@ -232,14 +232,14 @@ async def complete(turn: Turn) -> ports.Completion:
     """Ask the model chain, in a concurrency slot (waiting for one if all are busy)."""
     services = turn.services
     async with _slot(services):
-        services.metrics.inflight.inc()
+        services.metrics.turn_began()
         try:
             return await services.router.complete(turn.messages, params=turn.params)
         except providers_router.AllProvidersFailedError:
             services.metrics.count_task("error")
             raise
         finally:
-            services.metrics.inflight.dec()
+            services.metrics.turn_ended()
 
 
 async def stream(
@@ -258,7 +258,7 @@ async def stream(
     outcome = "error"
     async with _slot(services):
         events = services.router.stream_events(turn.messages, params=turn.params)
-        services.metrics.inflight.inc()
+        services.metrics.turn_began()
         try:
             completion: ports.Completion | None = None
             async for event in events:
@@ -281,7 +281,7 @@ async def stream(
             services.metrics.count_task("error")
             raise
         finally:
-            services.metrics.inflight.dec()
+            services.metrics.turn_ended()
             if outcome != "finished" and sent:
                 # Before any await: the request's task may be cancelled, and every await
                 # here with it; the record is written by a task of its own.

@@ -124,6 +124,44 @@ async def test_the_agent_layer_follows_a_new_config() -> None:
     assert "Be brief." not in second.output
 
 
+class HeldProvider(echo.EchoProvider):
+    """Answers only once released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def complete(
+        self, messages: Sequence[ports.Message], *, params: dict[str, Any]
+    ) -> ports.Completion:
+        self.asked.set()
+        await self.release.wait()
+        return await super().complete(messages, params=params)
+
+
+def inflight(given: turns.Services) -> float | None:
+    return given.metrics.registry.get_sample_value("bmad_agent_inflight")
+
+
+async def test_inflight_counts_the_turns_at_the_model() -> None:
+    held = HeldProvider()
+    given = services(held)
+    assert inflight(given) == 0
+    running = asyncio.create_task(
+        turns.run(given, schemas.InvokeRequest(input="hi"), CALLER, request_id=None)
+    )
+    await asyncio.wait_for(held.asked.wait(), timeout=10)
+    assert inflight(given) == 1
+    held.release.set()
+    await asyncio.wait_for(running, timeout=10)
+    assert inflight(given) == 0
+    failing = services(echo.ScriptedProvider(fail_times=1))
+    with pytest.raises(router.AllProvidersFailedError):
+        await turns.run(failing, schemas.InvokeRequest(input="hi"), CALLER, request_id=None)
+    assert inflight(failing) == 0  # a failed call ends too
+
+
 async def test_a_refusing_limiter_is_a_rate_limited_error_with_the_wait() -> None:
     given = services(limiter=RefusingLimiter())
     with pytest.raises(turns.RateLimitedError) as refused:
