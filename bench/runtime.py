@@ -28,6 +28,12 @@ before it leaves and the tenant's budget key read every 2 s. `--ledger both` mea
 every table with the ledger off and then on, and adds a table of on / off: what the
 ledger costs per request. Nothing ingests the stream during the run (that is the
 operator's work, not the runtime's); it is deleted, with the ACL user, afterwards.
+
+`--bytecodes N` measures nothing of the above: it calls both apps in process as ASGI
+(no server) N times and counts the Python bytecodes one request runs (sys.settrace
+opcode events), per package. On a shared machine, where requests/s and CPU time move
+with everyone's load, that count does not, so a change's effect on the runtime's own
+work can be seen there; it leaves out C code and the server (uvicorn, h11, sockets).
 """
 
 from __future__ import annotations
@@ -565,6 +571,110 @@ def measure(
 PROFILE_LEVEL = 16
 
 
+# --- work per request that load does not move ----------------------------------------
+
+
+def count_bytecodes(kind: str, requests: int) -> tuple[float, list[tuple[str, float]]]:
+    """Python bytecodes one POST /v1/invoke runs through the app, called in process as
+    ASGI (no server, no load generator, no sockets): per request, and per package.
+
+    Counted with ``sys.settrace`` opcode events after 300 warm-up requests. C code
+    (pydantic-core, the json and re modules) counts as the one call that reaches it,
+    and uvicorn and h11 are outside the app: this is the part of the CPU the runtime's
+    own code decides, and it does not move with the machine's load.
+    """
+    app = {"runtime": runtime_app, "bare": bare_app}[kind]()
+    raw = json.dumps(BODY).encode()
+    counts: collections.Counter[str] = collections.Counter()
+
+    async def one() -> int:
+        sent = False
+        status = 0
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if sent:  # the app never asks again for a whole body
+                raise RuntimeError("receive() after the whole body")
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": (HOST, 8000),
+            "client": (HOST, 40000),
+            "scheme": "http",
+            "method": "POST",
+            "root_path": "",
+            "path": "/v1/invoke",
+            "raw_path": b"/v1/invoke",
+            "query_string": b"",
+            "headers": [
+                (b"host", f"{HOST}:8000".encode()),
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(raw)).encode()),
+            ],
+            "state": {},
+        }
+        await app(scope, receive, send)
+        return status
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        return opcode
+
+    def opcode(frame: Any, event: str, arg: Any) -> Any:
+        if event == "opcode":
+            counts[_package_of(frame.f_code.co_filename)] += 1
+        return opcode
+
+    async def run() -> None:
+        for _ in range(300):
+            if await one() != 200:
+                raise RuntimeError(f"the {kind} app did not answer 200")
+        sys.settrace(trace)
+        try:
+            for _ in range(requests):
+                await one()
+        finally:
+            sys.settrace(None)
+
+    asyncio.run(run())
+    total = sum(counts.values()) / requests
+    return total, [(name, n / requests) for name, n in counts.most_common()]
+
+
+def _package_of(path: str) -> str:
+    for marker in ("/bmad_runtime/", "/site-packages/"):
+        if marker in path:
+            rest = path.split(marker, 1)[1]
+            top = rest.split("/", 1)[0].removesuffix(".py")
+            return f"bmad_runtime.{top}" if marker == "/bmad_runtime/" else top
+    return "standard library, generated code"
+
+
+def bytecode_lines(requests: int) -> list[str]:
+    """Both apps' bytecodes per request, and where the runtime's went."""
+    bare_total, _ = count_bytecodes("bare", requests)
+    runtime_total, parts = count_bytecodes("runtime", requests)
+    lines = [
+        f"Python bytecodes per POST /v1/invoke, the ASGI app called in process "
+        f"({requests} requests, sys.settrace opcode events; no server): runtime "
+        f"{runtime_total:,.0f}, bare {bare_total:,.0f}, ratio {runtime_total / bare_total:.2f}."
+        "\n",
+        "| the runtime's bytecodes in | per request |",
+        "|---|---:|",
+    ]
+    lines += [f"| {name} | {count:,.0f} |" for name, count in parts[:12]]
+    return lines
+
+
 class Database:
     """A fresh PostgreSQL database on the test bed's server, dropped afterwards."""
 
@@ -664,11 +774,22 @@ def main() -> int:
         help="the platform usage ledger (the test bed's Redis): off, on, or both (each table "
         "measured off then on, and a table of on / off)",
     )
+    parser.add_argument(
+        "--bytecodes",
+        type=int,
+        default=0,
+        metavar="REQUESTS",
+        help="only count the Python bytecodes per request of both apps, called in process "
+        "(no server; the machine's load does not move it), and print them",
+    )
     args = parser.parse_args()
     global LOAD_GENERATOR  # noqa: PLW0603 - chosen once per run
     LOAD_GENERATOR = args.load
     if args.serve:
         serve(args.serve, args.port)
+        return 0
+    if args.bytecodes:
+        print("\n".join(bytecode_lines(args.bytecodes)))
         return 0
     if "real" in args.tables and not have_store:
         raise SystemExit(

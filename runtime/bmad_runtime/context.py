@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+from bmad_runtime import config as config_mod
 from bmad_runtime import ports
 
 # Role markers and separators each message costs in chat formats (about 3 or 4 tokens).
@@ -132,6 +133,22 @@ class Layers:
         """A SHA-256 over the canonical JSON of `to_json`: equal layers, equal digest."""
         canonical = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class AgentLayer:
+    """What every turn's context takes from an agent's (frozen) config alone, derived
+    once per config (`turns.Services.agent_layer`) rather than on every turn."""
+
+    config: config_mod.AgentConfig
+    # Persona and instructions, as the system messages of `Layers`.
+    system: tuple[ports.Message, ...]
+    context_window: int
+
+    @classmethod
+    def of(cls, config: config_mod.AgentConfig) -> AgentLayer:
+        layers = Layers(persona=config.persona_text(), instructions=config.instructions)
+        return cls(config, tuple(layers.system_messages()), config.context_window)
 
 
 def _latest_user_index(conversation: Sequence[ports.Message]) -> int | None:

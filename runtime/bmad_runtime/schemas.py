@@ -7,6 +7,7 @@ task consumer validate with the same models (`turns.run` and `turns.run_task`).
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import pydantic
@@ -14,6 +15,15 @@ import pydantic.alias_generators
 
 # Conversation ids the API accepts (the stores accept more; this keeps URLs plain).
 CONVERSATION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
+# The version (4) and variant (RFC 4122) bits of a random UUID, as uuid.uuid4 sets them.
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (4 << 76) | (0x8000 << 48)
+
+
+def new_conversation_id() -> str:
+    """A new conversation's id: a random UUID (version 4) in hex, as ``uuid.uuid4().hex``
+    gives it, without building a `uuid.UUID` (on every new conversation's turn)."""
+    return f"{int.from_bytes(os.urandom(16)) & _UUID4_CLEAR | _UUID4_SET:032x}"
 
 
 class _Camel(pydantic.BaseModel):

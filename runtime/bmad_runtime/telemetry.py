@@ -140,6 +140,10 @@ class Metrics:
             "Invocations and tasks this replica is serving right now.",
             registry=self.registry,
         )
+        # Read at each scrape from a plain count (`turn_began`, `turn_ended`): a Gauge's
+        # inc() and dec() take its lock and two checks, and every turn makes both.
+        self._inflight = 0
+        self.inflight.set_function(lambda: self._inflight)
         self.request_seconds = prometheus_client.Histogram(
             "bmad_agent_request_seconds",
             "HTTP requests by route template and status code.",
@@ -199,6 +203,15 @@ class Metrics:
         self._token_children: dict[
             str, tuple[prometheus_client.Counter, prometheus_client.Counter]
         ] = {}
+        self._operation_children: dict[tuple[str, str, str], prometheus_client.Histogram] = {}
+
+    def turn_began(self) -> None:
+        """A model call of this replica started (``bmad_agent_inflight`` + 1)."""
+        self._inflight += 1
+
+    def turn_ended(self) -> None:
+        """A model call of this replica ended, however (``bmad_agent_inflight`` - 1)."""
+        self._inflight -= 1
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         """One HTTP request into ``bmad_agent_request_seconds``."""
@@ -266,12 +279,16 @@ class Metrics:
         self, *, provider: str, model: str, seconds: float, error_type: str = ""
     ) -> None:
         """One call to one provider of the chain; ``error_type`` names a failure."""
-        self.operation_duration.labels(
-            gen_ai_operation_name=CHAT,
-            gen_ai_provider_name=provider,
-            gen_ai_request_model=model,
-            error_type=error_type,
-        ).observe(seconds)
+        key = (provider, model, error_type)
+        child = self._operation_children.get(key)
+        if child is None:
+            child = self._operation_children[key] = self.operation_duration.labels(
+                gen_ai_operation_name=CHAT,
+                gen_ai_provider_name=provider,
+                gen_ai_request_model=model,
+                error_type=error_type,
+            )
+        child.observe(seconds)
 
     def render(self) -> bytes:
         return prometheus_client.generate_latest(self._served)

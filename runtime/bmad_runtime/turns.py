@@ -23,7 +23,7 @@ import datetime as dt
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +77,13 @@ class Services:
     background: set[asyncio.Task[None]] = field(default_factory=set)
     # The platform's usage ledger, when the operator meters usage (BMAD_USAGE_LEDGER_URL).
     ledger: ports.UsageLedger | None = None
+    # `config`'s agent layer, derived once and kept while `config` is the same object.
+    _agent: context.AgentLayer | None = field(default=None, init=False, repr=False, compare=False)
+
+    def agent_layer(self) -> context.AgentLayer:
+        if self._agent is None or self._agent.config is not self.config:
+            self._agent = context.AgentLayer.of(self.config)
+        return self._agent
 
 
 @dataclass(frozen=True)
@@ -117,17 +124,15 @@ def _messages(
     params: dict[str, Any],
     artifacts: Sequence[context.ArtifactLayer] = (),
 ) -> list[ports.Message]:
-    config = services.config
-    layers = context.Layers(
-        persona=config.persona_text(),
-        instructions=config.instructions,
-        artifacts=tuple(artifacts),
-    )
-    reserve = providers_base.merge_params(config.model.params, params).get("max_tokens")
-    return context.assemble(
-        layers,
-        [*history, ports.Message("user", text)],
-        context_window=config.context_window,
+    agent = services.agent_layer()
+    system = list(agent.system)
+    if artifacts:  # after the agent layer, as `context.Layers` orders them
+        system += context.Layers(artifacts=tuple(artifacts)).system_messages()
+    reserve = providers_base.merge_params(agent.config.model.params, params).get("max_tokens")
+    return context.trim(
+        system,
+        [*(ports.Message(t.role, t.content) for t in history), ports.Message("user", text)],
+        context_window=agent.context_window,
         reserve_tokens=int(reserve) if isinstance(reserve, int) else DEFAULT_ANSWER_RESERVE,
     )
 
@@ -178,7 +183,7 @@ async def prepare(
         if wait is not None:
             services.metrics.count_task("rejected")
             raise RateLimitedError(wait)
-    conversation_id = body.conversation_id or uuid.uuid4().hex
+    conversation_id = body.conversation_id or schemas.new_conversation_id()
     turns = services.config.memory.turns
     history = (
         await services.store.recent(
@@ -197,6 +202,7 @@ async def prepare(
     params = providers_base.merge_params(
         body.params.model_dump(exclude_none=True) if body.params else None
     )
+    metered = services.ledger is not None  # the record id's only reader (HTTP's: a uuid4)
     return Turn(
         services=services,
         caller=caller,
@@ -208,33 +214,32 @@ async def prepare(
         received_at=dt.datetime.now(dt.UTC),
         estimated_in=estimated_in,
         request_id=request_id,
-        record_id=record_id(request_id=request_id, task_id=task_id),
+        record_id=record_id(request_id=request_id, task_id=task_id) if metered else "",
         source="task" if task_id is not None else "http",
     )
 
 
-@contextlib.asynccontextmanager
-async def _slot(services: Services) -> AsyncIterator[None]:
+# Without spec.limits.concurrency: a reusable no-op, not a context manager made per call.
+_NO_LIMIT: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
+
+
+def _slot(services: Services) -> contextlib.AbstractAsyncContextManager[Any]:
     """One of the replica's concurrency slots (waiting for one if all are busy)."""
-    if services.slots is None:
-        yield
-        return
-    async with services.slots:
-        yield
+    return services.slots if services.slots is not None else _NO_LIMIT
 
 
 async def complete(turn: Turn) -> ports.Completion:
     """Ask the model chain, in a concurrency slot (waiting for one if all are busy)."""
     services = turn.services
     async with _slot(services):
-        services.metrics.inflight.inc()
+        services.metrics.turn_began()
         try:
             return await services.router.complete(turn.messages, params=turn.params)
         except providers_router.AllProvidersFailedError:
             services.metrics.count_task("error")
             raise
         finally:
-            services.metrics.inflight.dec()
+            services.metrics.turn_ended()
 
 
 async def stream(
@@ -253,7 +258,7 @@ async def stream(
     outcome = "error"
     async with _slot(services):
         events = services.router.stream_events(turn.messages, params=turn.params)
-        services.metrics.inflight.inc()
+        services.metrics.turn_began()
         try:
             completion: ports.Completion | None = None
             async for event in events:
@@ -276,7 +281,7 @@ async def stream(
             services.metrics.count_task("error")
             raise
         finally:
-            services.metrics.inflight.dec()
+            services.metrics.turn_ended()
             if outcome != "finished" and sent:
                 # Before any await: the request's task may be cancelled, and every await
                 # here with it; the record is written by a task of its own.

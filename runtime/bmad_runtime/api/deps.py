@@ -1,20 +1,26 @@
 """What routes depend on: the runtime's shared state, the caller, the request id.
 
-Each is an `Annotated` alias (`State`, `Invoker`, `Reader`, `Deleter`, `RequestId`,
+Each is an `Annotated` alias (`State`, `Reader`, `Deleter`, `RequestId`,
 `ConversationId`), so a route declares what it needs in its signature. The state is
 `RuntimeState`, which the app factory puts on ``app.state.runtime``; the wiring of the
 production app (`bmad_runtime.wiring`) fills in its real parts at startup.
+
+The hottest route, ``POST /v1/invoke``, takes its caller from `authorized_route`
+instead of a dependency: the route class authenticates before FastAPI reads the body,
+and a dependency of its own cost FastAPI a second resolution pass per request
+(docs/benchmarks.md, bench/runtime).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Annotated, cast
+from typing import Annotated, Any, cast
 
 import fastapi
+import fastapi.routing
 from starlette import requests as starlette_requests
 
 from bmad_integrations import base as integrations_base
@@ -92,17 +98,61 @@ async def get_state(request: starlette_requests.Request) -> RuntimeState:
     return state_of(request)
 
 
+async def caller_holding(request: starlette_requests.Request, scope: str) -> ports.Principal:
+    """The caller, authenticated and holding ``scope`` (`ports.AuthError` if not)."""
+    state = state_of(request)
+    if state.authenticator is None:  # no header to read
+        return state.anonymous
+    return await state.authorize(request.headers.get("authorization"), scope)
+
+
 def require(scope: str) -> Callable[[starlette_requests.Request], Awaitable[ports.Principal]]:
     """A dependency: the caller, authenticated and holding ``scope``."""
 
     async def authorized(request: starlette_requests.Request) -> ports.Principal:
-        state = state_of(request)
-        if state.authenticator is None:  # no header to read
-            return state.anonymous
-        return await state.authorize(request.headers.get("authorization"), scope)
+        return await caller_holding(request, scope)
 
     authorized.__name__ = f"require_{scope.replace(':', '_')}"
     return authorized
+
+
+# Where `authorized_route` keeps the caller in the ASGI scope.
+CALLER_KEY = "bmad.caller"
+
+Handler = Callable[[starlette_requests.Request], Coroutine[Any, Any, fastapi.Response]]
+
+
+def authorized_route(scope: str) -> type[fastapi.routing.APIRoute]:
+    """A route class (``APIRouter(route_class=...)``) whose routes authenticate the
+    caller, holding ``scope``, before FastAPI reads or validates the body; the route
+    takes the principal with `caller_of`.
+
+    What a `require` dependency does, without FastAPI's resolution pass for it: an
+    unauthenticated request is refused before its body is read, parsed or validated.
+    """
+
+    class AuthorizedRoute(fastapi.routing.APIRoute):
+        def get_route_handler(self) -> Handler:
+            handler = super().get_route_handler()
+
+            async def authorized(request: starlette_requests.Request) -> fastapi.Response:
+                request.scope[CALLER_KEY] = await caller_holding(request, scope)
+                return await handler(request)
+
+            return authorized
+
+    AuthorizedRoute.__name__ = AuthorizedRoute.__qualname__ = (
+        f"RouteRequiring_{scope.replace(':', '_')}"
+    )
+    return AuthorizedRoute
+
+
+def caller_of(request: starlette_requests.Request) -> ports.Principal:
+    """The caller that `authorized_route` authenticated for this request."""
+    caller = request.scope.get(CALLER_KEY)
+    if not isinstance(caller, ports.Principal):
+        raise RuntimeError("caller_of() on a route that is not an authorized_route")
+    return caller
 
 
 async def request_id(request: starlette_requests.Request) -> str | None:
@@ -110,7 +160,6 @@ async def request_id(request: starlette_requests.Request) -> str | None:
 
 
 State = Annotated[RuntimeState, fastapi.Depends(get_state)]
-Invoker = Annotated[ports.Principal, fastapi.Depends(require(SCOPE_INVOKE))]
 Reader = Annotated[ports.Principal, fastapi.Depends(require(SCOPE_READ))]
 Deleter = Annotated[ports.Principal, fastapi.Depends(require(SCOPE_DELETE))]
 RequestId = Annotated[str | None, fastapi.Depends(request_id)]

@@ -189,6 +189,28 @@ async def test_auth_comes_before_body_validation(secured: httpx.AsyncClient) -> 
     assert_error(await secured.post("/v1/invoke", json={"nope": 1}), 401, "missing_token")
 
 
+async def test_auth_comes_before_the_body_is_read(secured: httpx.AsyncClient) -> None:
+    # The invoke route's class authenticates first: no parse error, nor anything else
+    # about the body, for a caller without a token.
+    malformed = await secured.post(
+        "/v1/invoke", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert_error(malformed, 401, "missing_token")
+    wrong_scope = await secured.post(
+        "/v1/invoke",
+        content=b"{not json",
+        headers={"Content-Type": "application/json", **bearer("reader")},
+    )
+    assert_error(wrong_scope, 403, "insufficient_scope")
+    # With a token that holds the scope, the body is read and refused as before.
+    allowed = await secured.post(
+        "/v1/invoke",
+        content=b"{not json",
+        headers={"Content-Type": "application/json", **bearer("invoker")},
+    )
+    assert_error(allowed, 422, "validation_error")
+
+
 async def test_rate_limit_is_429_with_retry_after() -> None:
     limiter = CountingLimiter(allow=1, wait=2.2)
     async for client in serve(make_app(limiter=limiter)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,6 +72,94 @@ async def test_a_turn_answers_and_records_turns_usage_and_audit() -> None:
     [audit] = store.audit_log
     assert audit["subject"] == "alice"
     assert audit["detail"]["requestId"] == "r-1"
+
+
+def test_a_new_conversation_id_is_a_random_uuid4_in_hex() -> None:
+    made = [schemas.new_conversation_id() for _ in range(2000)]
+    assert len(set(made)) == len(made)
+    for value in made:
+        parsed = uuid.UUID(hex=value)
+        assert parsed.hex == value  # 32 lowercase hex digits, as uuid4().hex
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+    # Every bit that is not the version or the variant varies.
+    ored = anded = int(made[0], 16)
+    for value in made[1:]:
+        ored |= int(value, 16)
+        anded &= int(value, 16)
+    free = ored & ~anded
+    assert bin(free).count("1") == 128 - 6
+
+
+async def test_the_agent_layer_follows_a_new_config() -> None:
+    # The agent layer and the window are derived once per config object (a cache):
+    # a config put in its place must be what the next turn is told.
+    given = services(
+        echo.EchoProvider(params={"echoSystem": True}),
+        agent_config=config.parse(
+            {"role": "pm", "instructions": "Be brief.", "model": {"provider": "echo", "name": "e"}}
+        ),
+    )
+    first = await turns.run(given, schemas.InvokeRequest(input="hi"), CALLER, request_id=None)
+    assert "Product Manager" in first.output
+    assert "Be brief." in first.output
+
+    given.config = config.parse(
+        {
+            "role": "qa",
+            "persona": {"name": "Quinn"},
+            "instructions": "Test everything.",
+            "model": {"provider": "echo", "name": "e", "contextWindow": 8},
+        }
+    )
+    with pytest.raises(context.ContextOverflowError):  # the new, tiny window
+        await turns.prepare(given, schemas.InvokeRequest(input="hi"), CALLER, request_id=None)
+    given.config = given.config.model_copy(
+        update={"model": given.config.model.model_copy(update={"context_window": 4096})}
+    )
+    second = await turns.run(given, schemas.InvokeRequest(input="hi"), CALLER, request_id=None)
+    assert "You are Quinn, the QA Engineer." in second.output
+    assert "Test everything." in second.output
+    assert "Product Manager" not in second.output
+    assert "Be brief." not in second.output
+
+
+class HeldProvider(echo.EchoProvider):
+    """Answers only once released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def complete(
+        self, messages: Sequence[ports.Message], *, params: dict[str, Any]
+    ) -> ports.Completion:
+        self.asked.set()
+        await self.release.wait()
+        return await super().complete(messages, params=params)
+
+
+def inflight(given: turns.Services) -> float | None:
+    return given.metrics.registry.get_sample_value("bmad_agent_inflight")
+
+
+async def test_inflight_counts_the_turns_at_the_model() -> None:
+    held = HeldProvider()
+    given = services(held)
+    assert inflight(given) == 0
+    running = asyncio.create_task(
+        turns.run(given, schemas.InvokeRequest(input="hi"), CALLER, request_id=None)
+    )
+    await asyncio.wait_for(held.asked.wait(), timeout=10)
+    assert inflight(given) == 1
+    held.release.set()
+    await asyncio.wait_for(running, timeout=10)
+    assert inflight(given) == 0
+    failing = services(echo.ScriptedProvider(fail_times=1))
+    with pytest.raises(router.AllProvidersFailedError):
+        await turns.run(failing, schemas.InvokeRequest(input="hi"), CALLER, request_id=None)
+    assert inflight(failing) == 0  # a failed call ends too
 
 
 async def test_a_refusing_limiter_is_a_rate_limited_error_with_the_wait() -> None:

@@ -26,7 +26,10 @@ from bmad_runtime.providers import base as providers_base
 
 logger = logging.getLogger(__name__)
 
-router = fastapi.APIRouter(prefix="/v1", tags=["invoke"])
+# The caller is authenticated by the route class, before the body is read (`deps`).
+router = fastapi.APIRouter(
+    prefix="/v1", tags=["invoke"], route_class=deps.authorized_route(deps.SCOPE_INVOKE)
+)
 
 SSE_DESCRIPTION = (
     'With `stream: true`: Server-Sent Events. `event: delta` carries `{"text": ...}`; '
@@ -134,11 +137,10 @@ async def _stream(turn: turns.Turn) -> fastapi.Response:
         **errors.error_responses(400, 401, 403, 404, 413, 422, 429, 500, 502, 503),
     },
 )
-async def invoke(
-    body: schemas.InvokeRequest, caller: deps.Invoker, request: fastapi.Request
-) -> fastapi.Response:
-    # The state and the request id straight from the request, not as dependencies of
-    # their own: each dependency costs FastAPI a resolution pass on the hottest route.
+async def invoke(body: schemas.InvokeRequest, request: fastapi.Request) -> fastapi.Response:
+    # The caller, the state and the request id straight from the request, not as
+    # dependencies: each dependency costs FastAPI a resolution pass on the hottest route.
+    caller = deps.caller_of(request)
     state = deps.state_of(request)
     # At spec.limits.concurrency: tell the caller to come back (another replica, or
     # this one in a moment) rather than queue without bound.
