@@ -14,12 +14,15 @@ tenant wrote: the endpoints it names are followed only on the issuer's own origi
 from __future__ import annotations
 
 import urllib.parse
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from bmad_crds.v1alpha1 import integration
-from bmad_integrations import base, egress, httpcheck
+from bmad_integrations import base, egress, httpcheck, lazy
+
+if TYPE_CHECKING:
+    import httpx
+else:  # imported when a client is first built: not at start
+    httpx = lazy.module("httpx")
 
 SERVICE = "the OIDC issuer"
 DISCOVERY_PATH = ".well-known/openid-configuration"

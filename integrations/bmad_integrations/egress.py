@@ -18,9 +18,9 @@ connection a check makes is judged first, by `Policy.destination`:
   destination.
 
 The rules come from the operator's settings, named below. The clients are bound to the
-policy where they are built: `AsyncTransport` and `SyncTransport` for everything that
-speaks HTTP (httpx, the Stripe SDK, botocore), and each socket client's own seam in
-its module (asyncpg, redis-py, smtplib).
+policy where they are built: `egress_transport.AsyncTransport` and `SyncTransport` for
+everything that speaks HTTP (httpx, the Stripe SDK, botocore), and each socket
+client's own seam in its module (asyncpg, redis-py, smtplib).
 """
 
 from __future__ import annotations
@@ -31,11 +31,14 @@ import ipaddress
 import re
 import socket
 from collections.abc import Callable, Iterable, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import httpx
+from bmad_integrations import base, lazy
 
-from bmad_integrations import base
+if TYPE_CHECKING:
+    import httpx
+else:  # imported when first used: the transports' module (egress_transport) imports it
+    httpx = lazy.module("httpx")
 
 ALLOW_SETTING = "BMAD_OPERATOR_EGRESS_ALLOW"
 DENY_SETTING = "BMAD_OPERATOR_EGRESS_DENY"
@@ -324,42 +327,7 @@ def pinned_request(request: httpx.Request, destination: Destination) -> httpx.Re
     )
 
 
-def _field(request: httpx.Request, default: str) -> str:
+def field_of(request: httpx.Request, default: str) -> str:
+    """The spec field a request's destination comes from (`FIELD_EXTENSION`), or `default`."""
     field = request.extensions.get(FIELD_EXTENSION)
     return field if isinstance(field, str) else default
-
-
-class AsyncTransport(httpx.AsyncBaseTransport):
-    """Judges each request's destination, then sends it to the judged address."""
-
-    def __init__(self, policy: Policy, *, field: str, inner: httpx.AsyncBaseTransport) -> None:
-        self.policy = policy
-        self.field = field
-        self.inner = inner
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        destination = await self.policy.destination(
-            request.url.host, url_port(request.url), field=_field(request, self.field)
-        )
-        return await self.inner.handle_async_request(pinned_request(request, destination))
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
-class SyncTransport(httpx.BaseTransport):
-    """`AsyncTransport` for the SDKs that run in a worker thread."""
-
-    def __init__(self, policy: Policy, *, field: str, inner: httpx.BaseTransport) -> None:
-        self.policy = policy
-        self.field = field
-        self.inner = inner
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        destination = self.policy.destination_sync(
-            request.url.host, url_port(request.url), field=_field(request, self.field)
-        )
-        return self.inner.handle_request(pinned_request(request, destination))
-
-    def close(self) -> None:
-        self.inner.close()

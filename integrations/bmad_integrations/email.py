@@ -18,12 +18,15 @@ import ssl
 import time
 import urllib.parse
 from collections.abc import Mapping
-from typing import Any, NamedTuple
-
-import httpx
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from bmad_crds.v1alpha1 import integration
-from bmad_integrations import base, egress, httpcheck
+from bmad_integrations import base, egress, httpcheck, lazy
+
+if TYPE_CHECKING:
+    import httpx
+else:  # imported when a client is first built: not at start
+    httpx = lazy.module("httpx")
 
 SENDGRID_API_BASE = "https://api.sendgrid.com"
 MAILGUN_API_BASE = "https://api.mailgun.net"

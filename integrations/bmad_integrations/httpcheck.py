@@ -2,7 +2,7 @@
 the Stripe SDK and botocore through `sync_client`.
 
 Every client made here sends each request through the egress policy
-(`egress.AsyncTransport`), follows no redirect and ignores proxy variables. Each check
+(`egress_transport.AsyncTransport`), follows no redirect and ignores proxy variables. Each check
 makes one or two cheap calls and must turn every way that can fail into a
 `base.CheckError` whose message says what to change: transport errors (refused,
 unresolvable, TLS, timeouts) map the same way for all of them, and so do the answers
@@ -15,11 +15,17 @@ from __future__ import annotations
 
 import json
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+from bmad_integrations import base, egress, lazy
 
-from bmad_integrations import base, egress
+if TYPE_CHECKING:
+    import httpx
+
+    from bmad_integrations import egress_transport
+else:  # imported when a client is first built: not at start
+    httpx = lazy.module("httpx")
+    egress_transport = lazy.module("bmad_integrations.egress_transport")
 
 
 def client(
@@ -40,7 +46,7 @@ def client(
         follow_redirects=False,
         # Nothing from the environment (proxies, .netrc, CA files) changes a check.
         trust_env=False,
-        transport=egress.AsyncTransport(policy, field=field, inner=inner),
+        transport=egress_transport.AsyncTransport(policy, field=field, inner=inner),
     )
 
 
@@ -58,7 +64,7 @@ def sync_client(
         timeout=timeout,
         follow_redirects=False,
         trust_env=False,
-        transport=egress.SyncTransport(policy, field=field, inner=inner),
+        transport=egress_transport.SyncTransport(policy, field=field, inner=inner),
     )
 
 

@@ -10,12 +10,15 @@ echo part of the key, and a tenant's baseUrl can point anywhere.
 from __future__ import annotations
 
 import urllib.parse
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from bmad_crds.v1alpha1 import integration
-from bmad_integrations import base, egress, httpcheck
+from bmad_integrations import base, egress, httpcheck, lazy
+
+if TYPE_CHECKING:
+    import httpx
+else:  # imported when a client is first built: not at start
+    httpx = lazy.module("httpx")
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 ANTHROPIC_BASE_URL = "https://api.anthropic.com"

@@ -17,12 +17,16 @@ from typing import IO, TYPE_CHECKING, Any, cast
 import boto3
 import botocore.config
 import botocore.exceptions
-import httpx
 from botocore.awsrequest import AWSPreparedRequest, AWSResponse
 from botocore.compat import HTTPHeaders
 
 from bmad_crds.v1alpha1 import integration
-from bmad_integrations import base, egress, httpcheck
+from bmad_integrations import base, egress, httpcheck, lazy
+
+if TYPE_CHECKING:
+    import httpx
+else:  # imported when a client is first built: not at start
+    httpx = lazy.module("httpx")
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

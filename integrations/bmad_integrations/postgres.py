@@ -11,12 +11,15 @@ from __future__ import annotations
 import ssl
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any
-
-import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
+from typing import TYPE_CHECKING, Any
 
 from bmad_crds.v1alpha1 import integration
-from bmad_integrations import base, egress
+from bmad_integrations import base, egress, lazy
+
+if TYPE_CHECKING:
+    import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
+else:  # imported when first used: only where PostgreSQL is configured
+    asyncpg = lazy.module("asyncpg")
 
 PROVIDER = "postgresql"
 APPLICATION_NAME = "bmad-operator-check"

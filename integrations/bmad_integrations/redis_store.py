@@ -7,18 +7,25 @@ operator's own schedule decides when to try again.
 
 from __future__ import annotations
 
+import functools
 import ssl
 import urllib.parse
 from collections.abc import Mapping
-from typing import Any
-
-import redis.asyncio as aioredis
-from redis import backoff as redis_backoff
-from redis import exceptions as redis_errors
-from redis.asyncio import retry as redis_retry
+from typing import TYPE_CHECKING, Any
 
 from bmad_crds.v1alpha1 import integration
-from bmad_integrations import base, egress
+from bmad_integrations import base, egress, lazy
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+    from redis import backoff as redis_backoff
+    from redis import exceptions as redis_errors
+    from redis.asyncio import retry as redis_retry
+else:  # imported when first used: only where Redis is configured
+    aioredis = lazy.module("redis.asyncio")
+    redis_backoff = lazy.module("redis.backoff")
+    redis_errors = lazy.module("redis.exceptions")
+    redis_retry = lazy.module("redis.asyncio.retry")
 
 PROVIDER = "redis"
 HOST_FIELD = "spec.redis.host"
@@ -52,20 +59,26 @@ def password(creds: base.Credentials) -> str | None:
     return creds.require("password")
 
 
-class _PinnedSSLConnection(aioredis.SSLConnection):
-    """A TLS connection to the judged address that verifies the configured name.
+@functools.cache
+def _pinned_ssl_connection() -> type[aioredis.SSLConnection]:
+    """The connection class for TLS, defined on first use (redis is imported lazily)."""
 
-    redis-py opens the socket to its ``host`` and, for TLS, names that same host to
-    the handshake; the pool is given the judged address as ``host``, and this class
-    hands the handshake the name instead (asyncio's ``server_hostname``).
-    """
+    class PinnedSSLConnection(aioredis.SSLConnection):
+        """A TLS connection to the judged address that verifies the configured name.
 
-    def __init__(self, *, server_hostname: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.server_hostname = server_hostname
+        redis-py opens the socket to its ``host`` and, for TLS, names that same host to
+        the handshake; the pool is given the judged address as ``host``, and this class
+        hands the handshake the name instead (asyncio's ``server_hostname``).
+        """
 
-    def _connection_arguments(self) -> Mapping[str, Any]:
-        return {**super()._connection_arguments(), "server_hostname": self.server_hostname}
+        def __init__(self, *, server_hostname: str, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.server_hostname = server_hostname
+
+        def _connection_arguments(self) -> Mapping[str, Any]:
+            return {**super()._connection_arguments(), "server_hostname": self.server_hostname}
+
+    return PinnedSSLConnection
 
 
 def client(
@@ -90,7 +103,7 @@ def client(
     if block.tls:
         ca = creds.get("ca_cert")
         pool = aioredis.ConnectionPool(
-            connection_class=_PinnedSSLConnection,
+            connection_class=_pinned_ssl_connection(),
             server_hostname=destination.host,
             ssl_ca_data=ca or None,
             ssl_cert_reqs="required",

@@ -12,13 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import stripe
 
 from bmad_crds.v1alpha1 import integration
-from bmad_integrations import base, egress, httpcheck
+from bmad_integrations import base, egress, httpcheck, lazy
+
+if TYPE_CHECKING:
+    import httpx
+else:  # imported when a client is first built: not at start
+    httpx = lazy.module("httpx")
 
 PROVIDER = "stripe"
 DEFAULT_API_BASE = "https://api.stripe.com"

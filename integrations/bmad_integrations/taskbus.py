@@ -22,11 +22,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from redis import asyncio as aioredis
+from bmad_integrations import lazy, taskwire
 
-from bmad_integrations import taskwire
+if TYPE_CHECKING:
+    from redis import asyncio as aioredis
+else:  # imported when first used: only where Redis is configured
+    aioredis = lazy.module("redis.asyncio")
 
 # KEYS: stream, submitted marker, result. ARGV: group, ttl ms, max depth, then the
 # entry's fields and values. Returns {message id, 1 if enqueued now / 0 if it was a

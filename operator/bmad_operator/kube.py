@@ -19,6 +19,9 @@ from kubernetes_asyncio.client import exceptions as k8s_exceptions
 from bmad_operator import errors, metrics
 
 FIELD_MANAGER = "bmad-operator"
+# A resourceVersion no stored object has: etcd's revisions start at 1 with nothing
+# stored, so the first object written has 2 or more (see `Kube.apply_new`).
+ABSENT_VERSION = "1"
 
 Obj = dict[str, Any]
 
@@ -167,6 +170,20 @@ class Kube:
             query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
             content_type="application/apply-patch+yaml",
         )
+
+    async def apply_new(self, obj: Obj) -> Obj:
+        """Server-side apply `obj` only if no object of its name exists: 409 Conflict
+        (and nothing changed) otherwise, whoever made it.
+
+        The applied object names a resourceVersion that no stored object has
+        (`ABSENT_VERSION`): an apply takes a resourceVersion in the object as a
+        precondition on the stored one, and when nothing is stored it creates the object
+        (tests/integration/operator/test_kube_apply_new.py shows both on the test bed's
+        API server). The result is owned as any apply's is, unlike a POST's, whose
+        fields a later apply could not remove.
+        """
+        body = {**obj, "metadata": {**obj["metadata"], "resourceVersion": ABSENT_VERSION}}
+        return await self.apply(body)
 
     async def create(self, obj: Obj) -> Obj:
         """Create `obj`; 409 AlreadyExists when its name is taken. Unlike an apply, it

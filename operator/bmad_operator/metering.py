@@ -34,11 +34,9 @@ import socket
 import time
 from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from redis import asyncio as aioredis
-
-from bmad_integrations import stripe_webhooks
+from bmad_integrations import lazy, stripe_webhooks
 from bmad_integrations.usage import (
     acl,
     budget,
@@ -51,6 +49,11 @@ from bmad_integrations.usage import (
 )
 from bmad_operator import metrics, settings, tenancy, usage_metrics
 from bmad_operator import store as cache_mod
+
+if TYPE_CHECKING:
+    from redis import asyncio as aioredis
+else:  # imported when first used: only where Redis is configured
+    aioredis = lazy.module("redis.asyncio")
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from typing import TYPE_CHECKING
 
-from redis import asyncio as aioredis
-from redis import exceptions as redis_errors
-
+from bmad_integrations import lazy
 from bmad_integrations.usage import budget, record
+
+if TYPE_CHECKING:
+    from redis import asyncio as aioredis
+    from redis import exceptions as redis_errors
+else:  # imported when first used: only where Redis is configured
+    aioredis = lazy.module("redis.asyncio")
+    redis_errors = lazy.module("redis.exceptions")
 
 PASSWORD_BYTES = 32
 WRITER_COMMANDS = ("+xadd", "+ping")

@@ -29,12 +29,17 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from redis import asyncio as aioredis
-from redis import exceptions as redis_errors
-
+from bmad_integrations import lazy
 from bmad_integrations.usage import prices, record, store
+
+if TYPE_CHECKING:
+    from redis import asyncio as aioredis
+    from redis import exceptions as redis_errors
+else:  # imported when first used: only where Redis is configured
+    aioredis = lazy.module("redis.asyncio")
+    redis_errors = lazy.module("redis.exceptions")
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,15 @@ import secrets
 import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
-
+from bmad_integrations import lazy
 from bmad_integrations.usage import migrations, periods, prices, record
+
+if TYPE_CHECKING:
+    import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
+else:  # imported when first used: only where PostgreSQL is configured
+    asyncpg = lazy.module("asyncpg")
 
 BatchState = Literal["pending", "reported", "unbilled", "failed", "stale"]
 ERROR_MAX_CHARS = 2_000

@@ -21,11 +21,15 @@ from __future__ import annotations
 import math
 import urllib.parse
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import httpx
-
+from bmad_integrations import lazy
 from bmad_operator.autoscaling import reasons
+
+if TYPE_CHECKING:
+    import httpx
+else:  # imported when a client is first built: not at start
+    httpx = lazy.module("httpx")
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
 

@@ -22,14 +22,17 @@ import asyncio
 import base64
 import contextlib
 from collections.abc import Mapping
-from typing import Any, Protocol
-
-import redis.asyncio as aioredis
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bmad_crds.v1alpha1 import integration as integration_api
-from bmad_integrations import base, egress, redis_store, taskwire
+from bmad_integrations import base, egress, lazy, redis_store, taskwire
 from bmad_operator.autoscaling import decide, reasons
 from bmad_operator.builders import integration as integration_builders
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+else:  # imported when first used: only where Redis is configured
+    aioredis = lazy.module("redis.asyncio")
 
 Obj = dict[str, Any]
 DEFAULT_TIMEOUT_SECONDS = 2.0

@@ -9,7 +9,6 @@ after a crash, a missed event or a manual edit converges to the same result.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -195,16 +194,11 @@ class AgentReconciler:
             ),
             usage_ledger_url=ledger_url,
         )
-        # Misses of the store are confirmed by GETs: at once, not one after another (a
-        # new Agent misses all five).
-        lives = await asyncio.gather(
-            *(
-                common.observe(
-                    self.api, self.cache, obj["kind"], namespace, obj["metadata"]["name"]
-                )
-                for obj in desired
-            )
-        )
+        # The store holds every object of ours (the watches select on our label); a miss
+        # is absent, or someone else's. It is created by an apply that only creates
+        # (`apply_new`), and only when that is refused (the name is taken) does a GET
+        # tell a foreign object from one of ours the store has not seen yet.
+        lives = [self.cache.get(obj["kind"], namespace, obj["metadata"]["name"]) for obj in desired]
         uid = body["metadata"].get("uid", "")
         foreign = [
             f"{obj['kind']}/{obj['metadata']['name']}"
@@ -214,11 +208,7 @@ class AgentReconciler:
         if ledger_conflict:
             foreign.append(ledger_conflict)
         if foreign:
-            # Never adopt what someone else made. Such objects carry none of our labels,
-            # so no watch event says when they go: the resync brings the Agent back.
-            ready = policy.name_conflict(foreign, namespace)
-            await common.write_conditions(self.api, self.cache, KIND, body, [ready])
-            await self._event_on_flip(body, previous, ready)
+            await self._name_conflict(body, previous, foreign, namespace)
             return
 
         created: list[str] = []  # did not exist
@@ -226,21 +216,43 @@ class AgentReconciler:
         drifted: list[str] = []  # someone changed or deleted what we had applied
         deployment: Mapping[str, Any] | None = None
         had_workload = policy.had_workload(previous)
-        for obj, observed in zip(desired, lives, strict=True):
+        # The Deployment last: its pods start only once every object they use is known to
+        # be ours (the pass stops at the first name it finds taken by someone else).
+        in_order = sorted(
+            zip(desired, lives, strict=True), key=lambda d: d[0]["kind"] == "Deployment"
+        )
+        for obj, observed in in_order:
             live = observed
             kind, obj_meta = obj["kind"], obj["metadata"]
+            label = f"{kind}/{obj_meta['name']}"
             digest = applied_hash(obj)
             obj_meta.setdefault("annotations", {})[APPLIED_HASH] = digest
-            if diff.needs_apply(live, obj):
-                try:
+            applied: dict[str, Any] | None = None
+            try:
+                if live is None:
+                    try:
+                        applied = await self.api.apply_new(obj)
+                    except errors.ApiError as exc:
+                        if exc.status != 409:
+                            raise
+                        # The name is taken: by us (the store lags) or by someone else.
+                        live = await common.observe(
+                            self.api, self.cache, kind, namespace, obj_meta["name"]
+                        )
+                        if live is None:
+                            raise  # gone again meanwhile: retried with backoff
+                        if not common.controlled_by(live, uid):
+                            await self._name_conflict(body, previous, [label], namespace)
+                            return
+                if applied is None and diff.needs_apply(live, obj):
                     applied = await self.api.apply(obj)
-                except errors.ApiError as exc:
-                    if exc.retryable:
-                        raise  # transient: retried with backoff
-                    await self._apply_failed(body, previous, kind, exc)
-                    raise errors.Requeue(30.0, f"apply of {kind} refused") from None
+            except errors.ApiError as exc:
+                if exc.retryable:
+                    raise  # transient: retried with backoff
+                await self._apply_failed(body, previous, kind, exc)
+                raise errors.Requeue(30.0, f"apply of {kind} refused") from None
+            if applied is not None:
                 self.cache.put(applied)
-                label = f"{kind}/{obj_meta['name']}"
                 if live is None:
                     (drifted if had_workload else created).append(label)
                 elif (live["metadata"].get("annotations") or {}).get(APPLIED_HASH) == digest:
@@ -310,6 +322,15 @@ class AgentReconciler:
 
         for event in policy.apply_events(created=created, updated=updated, drifted=drifted):
             await common.post_event(self.api, body, event)
+        await self._event_on_flip(body, previous, ready)
+
+    async def _name_conflict(
+        self, body: Mapping[str, Any], previous: list[Any], foreign: list[str], namespace: str
+    ) -> None:
+        """Never adopt what someone else made. Such objects carry none of our labels, so no
+        watch event says when they go: the resync brings the Agent back."""
+        ready = policy.name_conflict(foreign, namespace)
+        await common.write_conditions(self.api, self.cache, KIND, body, [ready])
         await self._event_on_flip(body, previous, ready)
 
     async def _ledger_writer(

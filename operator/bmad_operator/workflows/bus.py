@@ -19,13 +19,17 @@ import contextlib
 import logging
 import urllib.parse
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from redis import asyncio as aioredis
-from redis import exceptions as redis_errors
-
-from bmad_integrations import taskbus, taskwire
+from bmad_integrations import lazy, taskbus, taskwire
 from bmad_operator import errors
+
+if TYPE_CHECKING:
+    from redis import asyncio as aioredis
+    from redis import exceptions as redis_errors
+else:  # imported when first used: only where Redis is configured
+    aioredis = lazy.module("redis.asyncio")
+    redis_errors = lazy.module("redis.exceptions")
 
 log = logging.getLogger(__name__)
 

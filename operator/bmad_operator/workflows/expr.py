@@ -25,11 +25,22 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import celpy
-import lark
-from celpy import adapter, celparser, celtypes, evaluation
+from bmad_integrations import lazy
+
+if TYPE_CHECKING:
+    import celpy
+    import lark
+    from celpy import adapter, celparser, celtypes, evaluation
+else:  # imported when a Workflow's condition is first compiled or evaluated
+    celpy = lazy.module("celpy")
+    lark = lazy.module("lark")
+    adapter = lazy.module("celpy.adapter")
+    celparser = lazy.module("celpy.celparser")
+    celtypes = lazy.module("celpy.celtypes")
+    evaluation = lazy.module("celpy.evaluation")
+
 
 VARIABLES = ("inputs", "outputs", "steps", "artifacts", "item")
 # Macros that bind a variable of their own: list.all(x, ...), map.exists(k, ...).

@@ -123,3 +123,70 @@ def test_name_conflict_a_secret_named_like_a_binding_is_never_adopted(
     eventually(lambda: reason() == "Checked", timeout=60, what="the binding published")
     binding = k.json("get", "secret", "cache-binding")
     assert json.dumps(binding["metadata"]["ownerReferences"]).count('"Integration"') == 1
+
+
+# Someone else's object of each owned kind, each named like the object of its own Agent:
+# (kind as kubectl names it, kind in the message, name, the kubectl create arguments).
+_FOREIGN = [
+    ("serviceaccount", "ServiceAccount", "c1", ["serviceaccount", "c1"]),
+    ("configmap", "ConfigMap", "c2-config", ["configmap", "c2-config", "--from-literal=x=1"]),
+    ("service", "Service", "c3", ["service", "clusterip", "c3", "--tcp=5432:5432"]),
+    (
+        "poddisruptionbudget",
+        "PodDisruptionBudget",
+        "c4",
+        ["poddisruptionbudget", "c4", "--selector=app=legacy", "--min-available=1"],
+    ),
+    ("deployment", "Deployment", "c5", ["deployment", "c5", "--image=legacy:1"]),
+]
+
+
+def _untouched(obj: dict[str, Any]) -> dict[str, Any]:
+    """What the operator must not change (controllers update the status of some kinds)."""
+    meta = obj["metadata"]
+    return {
+        "uid": meta["uid"],
+        "labels": meta.get("labels"),
+        # the Deployment controller's own revision annotation comes and goes
+        "annotations": {
+            k: v
+            for k, v in (meta.get("annotations") or {}).items()
+            if not k.startswith("deployment.kubernetes.io/")
+        },
+        "ownerReferences": meta.get("ownerReferences"),
+        "content": obj.get("spec", obj.get("data")),
+        "ours": any(m["manager"] == "bmad-operator" for m in meta.get("managedFields") or []),
+    }
+
+
+def test_name_conflict_of_every_owned_kind_is_found_and_left_untouched(
+    kubectl: Kubectl, namespace: str, operator: OperatorProcess
+) -> None:
+    """The operator creates an Agent's objects with an apply that only creates (issue 15:
+    no GET before); a name taken is refused by the API server, and only then read. Each
+    kind's foreign object stays as it was, and no Deployment of the Agent is made (it
+    comes last) unless the Deployment's own name is the one taken."""
+    k = kubectl.in_namespace(namespace)
+    before = {}
+    for resource, _, name, create in _FOREIGN:
+        k.run("create", *create)
+        before[name] = _untouched(k.json("get", resource, name))
+    agents = [f"c{i}" for i in range(1, 6)]
+    for name in agents:
+        k.apply(agent(name))
+
+    def conflicts() -> dict[str, str] | None:
+        found = {}
+        for name in agents:
+            ready = condition(k.json("get", "agent", name), "Ready")
+            if not ready or ready["reason"] != "NameConflict":
+                return None
+            found[name] = ready["message"]
+        return found
+
+    messages = eventually(conflicts, timeout=90, what="NameConflict on all five Agents")
+    for (resource, kind, name, _), agent_name in zip(_FOREIGN, agents, strict=True):
+        assert f"{kind}/{name}" in messages[agent_name]
+        assert _untouched(k.json("get", resource, name)) == before[name]
+    for agent_name in agents[:4]:
+        assert not k.exists("deployment", agent_name)

@@ -9,7 +9,7 @@ import httpx
 import pydantic
 import pytest
 
-from bmad_integrations import base, egress
+from bmad_integrations import base, egress, egress_transport
 from bmad_operator import settings
 
 from .policies import OPEN, PUBLIC
@@ -218,7 +218,7 @@ async def test_every_hop_of_a_followed_redirect_is_judged() -> None:
         seen.append(request)
         return httpx.Response(302, headers={"Location": "http://169.254.169.254/latest"})
 
-    transport = egress.AsyncTransport(OPEN, field="f", inner=httpx.MockTransport(handle))
+    transport = egress_transport.AsyncTransport(OPEN, field="f", inner=httpx.MockTransport(handle))
     async with httpx.AsyncClient(transport=transport, follow_redirects=True) as client:
         with pytest.raises(base.CheckError) as caught:
             await client.get("https://api.example.test/")

@@ -1,8 +1,8 @@
 """`FakeKube`: an in-memory API server with the async methods the reconcilers call.
 
-It has the reconcilers' view of `kube.Kube` (get, list, create, apply, patch_status,
-merge_patch, delete, event), records every call, and behaves like the API server where
-it matters to them: apply adds server-side defaults, a uid, a resourceVersion and a
+It has the reconcilers' view of `kube.Kube` (get, list, create, apply, apply_new,
+patch_status, merge_patch, delete, event), records every call, and behaves like the API
+server where it matters to them: apply adds server-side defaults, a uid, a resourceVersion and a
 generation, and keeps the status (a ResourceQuota's is counted at once); patch_status
 merges into the status; a merge patch that names a stale resourceVersion is refused
 with 409; an object being deleted goes away when its last finalizer is removed. Shared
@@ -86,6 +86,18 @@ class FakeKube:
     async def apply(self, obj: Obj) -> Obj:
         kind, meta = obj["kind"], obj["metadata"]
         self.calls.append(("apply", kind, meta["name"]))
+        return self._apply(obj)
+
+    async def apply_new(self, obj: Obj) -> Obj:
+        """An apply that only creates: 409 Conflict when anything has the name."""
+        kind, meta = obj["kind"], obj["metadata"]
+        self.calls.append(("apply_new", kind, meta["name"]))
+        if self.find(kind, meta.get("namespace"), meta["name"]) is not None:
+            raise errors.ApiError(409, "Conflict", f"{kind} {meta['name']!r} exists")
+        return self._apply(obj)
+
+    def _apply(self, obj: Obj) -> Obj:
+        kind, meta = obj["kind"], obj["metadata"]
         if kind in self.refuse:
             raise self.refuse[kind]
         self.applied.append(copy.deepcopy(obj))

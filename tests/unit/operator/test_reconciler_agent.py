@@ -41,7 +41,7 @@ SPEC: Obj = {
     "model": {"provider": "echo", "name": "echo-1"},
     "auth": {"mode": "none"},
 }
-OWNED = ["ServiceAccount", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget"]
+OWNED = ["ServiceAccount", "ConfigMap", "Service", "PodDisruptionBudget", "Deployment"]
 
 
 class Harness:
@@ -190,7 +190,10 @@ async def test_first_pass_applies_five_objects_writes_status_once_posts_created(
     h = Harness()
     await h.run()
     assert h.applied_kinds() == OWNED
-    assert [c[0] for c in h.api.calls].count("apply") == 5
+    # Each created by an apply that only creates: no GET first (issue 15).
+    assert [c[0] for c in h.api.calls].count("apply_new") == 5
+    assert h.api.verbs("get") == []
+    assert h.api.verbs("apply") == []
     assert len(h.api.verbs("patch_status")) == 1
     assert h.event_reasons() == ["Created"]
     (created,) = h.api.events
@@ -206,7 +209,11 @@ async def test_first_pass_applies_five_objects_writes_status_once_posts_created(
         assert len(digest) == 16
         if not obj["metadata"]["annotations"]:
             del obj["metadata"]["annotations"]
-    assert applied == builders.build_all(body, spec, image=IMAGE)
+    built = builders.build_all(body, spec, image=IMAGE)
+    # In the builders' order, but the Deployment last (its pods start once the rest is ours).
+    assert applied == [o for o in built if o["kind"] != "Deployment"] + [
+        o for o in built if o["kind"] == "Deployment"
+    ]
 
     status = h.api.statuses[0]
     assert status["observedGeneration"] == 1
@@ -450,7 +457,8 @@ async def test_deleted_service_is_recreated_with_a_warning() -> None:
     h = await ready_harness()
     h.delete("Service", NAME)
     await h.run()
-    assert h.api.verbs("get") == [("get", "Service", NAME)]
+    assert h.api.verbs("get") == []
+    assert h.api.verbs("apply_new") == [("apply_new", "Service", NAME)]
     assert h.applied_kinds() == ["Service"]
     (drift,) = [e for e in h.api.events if e["reason"] == "DriftCorrected"]
     assert drift["type"] == "Warning"
@@ -515,7 +523,7 @@ async def test_refused_apply_raises_for_a_retry() -> None:
     # A refusal is not transient: the pass reports it and asks to be retried later.
     with pytest.raises(errors.Requeue):
         await h.run()
-    assert h.applied_kinds() == ["ServiceAccount", "ConfigMap"]
+    assert h.applied_kinds() == ["ServiceAccount", "ConfigMap", "Service", "PodDisruptionBudget"]
 
 
 async def test_refused_apply_is_reported_as_apply_failed() -> None:
@@ -684,7 +692,12 @@ async def test_name_conflict_a_foreign_object_named_like_the_agent_is_left_untou
     before = foreign(kind)
     h.api.objects[(kind, NS, NAME)] = copy.deepcopy(before)  # on the server, not in the store
     await h.run()
-    assert h.api.applied == []  # nothing at all: pods would otherwise run as a foreign account
+    # Created in order until the name is found taken, the Deployment last: no pod of the
+    # Agent runs (it would run as a foreign account); what was made is the Agent's own,
+    # collected with it. Before issue 15 (a GET per object first) nothing was applied.
+    assert h.applied_kinds() == OWNED[: OWNED.index(kind)]
+    assert h.api.verbs("apply") == []
+    assert h.api.verbs("get") == [("get", kind, NAME)]
     assert h.api.objects[(kind, NS, NAME)] == before
     ready = h.condition("Ready")
     assert ready["status"] == "False"
@@ -704,7 +717,9 @@ async def test_name_conflict_clears_once_the_foreign_object_is_gone() -> None:
     assert h.condition("Ready")["reason"] == "NameConflict"
     del h.api.objects[("Service", NS, NAME)]
     await h.run()
-    assert h.applied_kinds() == OWNED
+    # What came before the Service in the order was made by the first pass.
+    assert h.applied_kinds() == OWNED[OWNED.index("Service") :]
+    assert all(h.live(k, NAME if k != "ConfigMap" else f"{NAME}-config") for k in OWNED)
     service = h.live("Service")
     assert service["metadata"]["ownerReferences"][0]["uid"] == "uid-agent-mary"
     assert h.condition("Ready")["reason"] != "NameConflict"
