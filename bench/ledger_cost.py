@@ -1,0 +1,186 @@
+"""Benchmark: what the usage ledger adds to a runtime request, split into user and
+system CPU, and where (a py-spy comparison).
+
+`bench/runtime.py --ledger both` gives the ledger's cost as throughput and CPU ratios.
+This takes the in-process store's runtime of that benchmark (the request whose only
+I/O is the ledger's write) and serves it off, on and off again, back to back; per
+concurrency level it reads the server's user and system CPU from ``/proc`` apart, and
+with ``--spy SECONDS`` it samples the server with py-spy at concurrency 1, off and on,
+and lists the frames whose samples per 1,000 requests grew the most.
+
+    set -a; eval "$(.venv/bin/bmad testbed up --no-cluster --services redis)"; set +a
+    .venv/bin/python bench/ledger_cost.py --spy 8
+
+Needs wrk (Debian package) and, for ``--spy``, py-spy (the bench extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+
+def _sibling(name: str) -> Any:
+    """The sibling benchmark ``bench/<name>.py`` (its servers and ledger set-up)."""
+    spec = importlib.util.spec_from_file_location(
+        f"bench_{name}", Path(__file__).with_name(f"{name}.py")
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_runtime = _sibling("runtime")
+
+
+def wrk(url: str, script: Path, *, concurrency: int, seconds: float) -> int:
+    """Requests wrk completed in ``seconds``."""
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{seconds:g}s",
+            "-s",
+            str(script),
+            f"{url}/v1/invoke",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    line = next(line for line in out.splitlines() if "requests in" in line)
+    return int(line.split()[0])
+
+
+def split(extra: dict[str, str], script: Path, levels: list[int], seconds: float) -> list[str]:
+    proc, url = bench_runtime.start("runtime", extra)
+    server = psutil.Process(proc.pid)
+    rows = []
+    try:
+        for level in levels:
+            wrk(url, script, concurrency=level, seconds=2)  # warm up
+            before = server.cpu_times()
+            done = wrk(url, script, concurrency=level, seconds=seconds)
+            after = server.cpu_times()
+            rows.append(
+                f"{done / seconds:.0f}|{1e6 * (after.user - before.user) / done:.0f}|"
+                f"{1e6 * (after.system - before.system) / done:.0f}"
+            )
+    finally:
+        bench_runtime.stop(proc)
+    return rows
+
+
+def frames(extra: dict[str, str], script: Path, seconds: float) -> tuple[dict[str, float], float]:
+    """Samples per 1,000 requests by frame (inclusive), and in all, at concurrency 1."""
+    spy = bench_runtime.py_spy()
+    if spy is None:
+        raise SystemExit("--spy needs py-spy: pip install -e '.[bench]'")
+    proc, url = bench_runtime.start("runtime", extra)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-ledger-") as folder:
+            out = Path(folder) / "stacks.txt"
+            recorder = subprocess.Popen(
+                [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(proc.pid),
+                    "--rate",
+                    "250",
+                    "--duration",
+                    f"{seconds + 1:.0f}",
+                    "--format",
+                    "raw",
+                    "--nonblocking",
+                    "--output",
+                    str(out),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)
+            done = wrk(url, script, concurrency=1, seconds=seconds)
+            recorder.wait(timeout=seconds + 60)
+            inclusive: collections.Counter[str] = collections.Counter()
+            total = 0
+            for line in out.read_text().splitlines():
+                stack, _, count = line.rpartition(" ")
+                total += int(count)
+                for name in {frame.split(" (")[0] for frame in stack.split(";")}:
+                    inclusive[name] += int(count)
+    finally:
+        bench_runtime.stop(proc)
+    per = 1000 / done
+    return {name: n * per for name, n in inclusive.items()}, total * per
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--spy", type=float, default=0.0, help="py-spy this long, off and on")
+    args = parser.parse_args()
+    if not os.environ.get("BMAD_REDIS_URL"):
+        raise SystemExit("needs the test bed's Redis as the ledger (BMAD_REDIS_URL)")
+    with tempfile.TemporaryDirectory(prefix="bench-ledger-") as folder:
+        script = Path(folder) / "post.lua"
+        script.write_text(
+            'wrk.method = "POST"\n'
+            f"wrk.body = {json.dumps(json.dumps(bench_runtime.BODY))}\n"
+            'wrk.headers["Content-Type"] = "application/json"\n'
+        )
+        first = split({}, script, args.concurrency, args.seconds)
+        with bench_runtime.BenchLedger(os.environ["BMAD_REDIS_URL"]) as env:
+            on = split(env, script, args.concurrency, args.seconds)
+        last = split({}, script, args.concurrency, args.seconds)
+        print(
+            "| concurrency | req/s off → on → off | user µs/req off → on → off | "
+            "system µs/req off → on → off |"
+        )
+        print("|---:|---:|---:|---:|")
+        for level, a, b, c in zip(args.concurrency, first, on, last, strict=True):
+            cols = [x.split("|") for x in (a, b, c)]
+            print(
+                f"| {level} | "
+                + " | ".join(" → ".join(col[i] for col in cols) for i in range(3))
+                + " |"
+            )
+        if args.spy:
+            off_frames, off_total = frames({}, script, args.spy)
+            with bench_runtime.BenchLedger(os.environ["BMAD_REDIS_URL"]) as env:
+                on_frames, on_total = frames(env, script, args.spy)
+            print(
+                f"\npy-spy samples per 1,000 requests at concurrency 1 (250 Hz): off "
+                f"{off_total:.1f}, on {on_total:.1f}\n"
+            )
+            print("| frame (inclusive) | off | on | on - off |")
+            print("|---|---:|---:|---:|")
+            grown = sorted(
+                set(off_frames) | set(on_frames),
+                key=lambda n: on_frames.get(n, 0) - off_frames.get(n, 0),
+                reverse=True,
+            )
+            for name in grown[:25]:
+                a_, b_ = off_frames.get(name, 0.0), on_frames.get(name, 0.0)
+                print(f"| `{name}` | {a_:.1f} | {b_:.1f} | {b_ - a_:+.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
