@@ -112,23 +112,21 @@ class TurnRecords:
         usage = record.usage
         detail = json.dumps(record.detail, default=str, sort_keys=True)
         pool = self.conversations.pool
+        # The usage and audit rows' parameters, the same in both statements.
+        rows = (
+            usage.conversation_id,
+            usage.model,
+            usage.provider,
+            usage.tokens_in,
+            usage.tokens_out,
+            usage.latency_ms,
+            record.action,
+            detail,
+            usage.tenant,
+            usage.agent,
+        )
         if conversation_id is None:
-            await pool.execute(
-                _WRITE_RECORDS,
-                record.tenant,
-                record.agent,
-                record.subject,
-                usage.conversation_id,
-                usage.model,
-                usage.provider,
-                usage.tokens_in,
-                usage.tokens_out,
-                usage.latency_ms,
-                record.action,
-                detail,
-                usage.tenant,
-                usage.agent,
-            )
+            await pool.execute(_WRITE_RECORDS, record.tenant, record.agent, record.subject, *rows)
             return
         turns = record.turns
         times = [scope.utc(turn.created_at) for turn in turns]
@@ -145,16 +143,7 @@ class TurnRecords:
             [turn.content for turn in turns],
             [turn.model for turn in turns],
             times,
-            usage.conversation_id,
-            usage.model,
-            usage.provider,
-            usage.tokens_in,
-            usage.tokens_out,
-            usage.latency_ms,
-            record.action,
-            detail,
-            usage.tenant,
-            usage.agent,
+            *rows,
         )
         if last_seq is None:
             raise ports.ConversationNotFoundError(

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import urllib.parse
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,9 +32,19 @@ async def test_concurrent_commands_each_get_their_own_reply(redis_url: str) -> N
         await client.aclose()
 
 
-async def test_the_records_of_concurrent_answers_all_land_once_each(
+@dataclass
+class Dev:
+    """Agent dev's writer in a fresh namespace, as its ACL user."""
+
+    namespace: str
+    user: str
+    writer: writer.LedgerWriter
+
+
+@pytest.fixture
+async def dev(
     admin_redis: aioredis.Redis, redis_url: str, namespaces: list[str]
-) -> None:
+) -> AsyncIterator[Dev]:
     namespace = namespaces.new("acme")  # type: ignore[attr-defined]
     password = acl.new_password()
     user = await acl.ensure_writer(admin_redis, namespace=namespace, agent="dev", password=password)
@@ -40,39 +52,36 @@ async def test_the_records_of_concurrent_answers_all_land_once_each(
         plain_url(redis_url), username=user, password=password, namespace=namespace, agent="dev"
     )
     try:
-        records = [usage(namespace, "dev", n) for n in range(200)]
-        ids = await asyncio.gather(*(w.write(r) for r in records))
-        entries = await admin_redis.xrange(record.stream_key(namespace, "dev"))
-        assert len(entries) == 200
-        # Each write was answered with the stream id of its own record.
-        by_entry = {entry_id: fields["id"] for entry_id, fields in entries}
-        assert [by_entry[i] for i in ids] == [r.record_id for r in records]
+        yield Dev(namespace, user, w)
     finally:
         await w.aclose()
+
+
+async def test_the_records_of_concurrent_answers_all_land_once_each(
+    admin_redis: aioredis.Redis, dev: Dev
+) -> None:
+    records = [usage(dev.namespace, "dev", n) for n in range(200)]
+    ids = await asyncio.gather(*(dev.writer.write(r) for r in records))
+    entries = await admin_redis.xrange(record.stream_key(dev.namespace, "dev"))
+    assert len(entries) == 200
+    # Each write was answered with the stream id of its own record.
+    by_entry = {entry_id: fields["id"] for entry_id, fields in entries}
+    assert [by_entry[i] for i in ids] == [r.record_id for r in records]
 
 
 async def test_a_writer_whose_connection_is_killed_writes_on(
-    admin_redis: aioredis.Redis, redis_url: str, namespaces: list[str]
+    admin_redis: aioredis.Redis, dev: Dev
 ) -> None:
-    namespace = namespaces.new("acme")  # type: ignore[attr-defined]
-    password = acl.new_password()
-    user = await acl.ensure_writer(admin_redis, namespace=namespace, agent="dev", password=password)
-    w = writer.LedgerWriter.from_url(
-        plain_url(redis_url), username=user, password=password, namespace=namespace, agent="dev"
-    )
-    try:
-        await w.write(usage(namespace, "dev", 0))
-        assert await admin_redis.execute_command("CLIENT", "KILL", "USER", user) == 1
-        await asyncio.gather(*(w.write(usage(namespace, "dev", n)) for n in range(1, 21)))
-        stored = {
-            fields["id"]
-            for _, fields in await admin_redis.xrange(record.stream_key(namespace, "dev"))
-        }
-        # Every record is there (a retried XADD may add a second copy, which the
-        # ingester's key makes harmless; see writer).
-        assert stored == {usage(namespace, "dev", n).record_id for n in range(21)}
-    finally:
-        await w.aclose()
+    await dev.writer.write(usage(dev.namespace, "dev", 0))
+    assert await admin_redis.execute_command("CLIENT", "KILL", "USER", dev.user) == 1
+    await asyncio.gather(*(dev.writer.write(usage(dev.namespace, "dev", n)) for n in range(1, 21)))
+    stored = {
+        fields["id"]
+        for _, fields in await admin_redis.xrange(record.stream_key(dev.namespace, "dev"))
+    }
+    # Every record is there (a retried XADD may add a second copy, which the
+    # ingester's key makes harmless; see writer).
+    assert stored == {usage(dev.namespace, "dev", n).record_id for n in range(21)}
 
 
 @pytest.fixture
