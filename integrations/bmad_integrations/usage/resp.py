@@ -2,12 +2,14 @@
 
 Every answer an agent gives is appended to its usage stream before it leaves the
 runtime (`writer`), so the cost of that one command is paid by every request. With
-redis-py's asyncio client it was 250-280 µs of CPU per XADD on this project's test
+redis-py's asyncio client it was 250-310 µs of CPU per XADD on this project's test
 machine (connection pool checkout, retry and timeout wrappers, a reply parser built on
-stream readers), ten times what the command costs over a socket: measured against
-the test bed's Redis, 20-30 µs with the command packed and written directly. The
-runtime's benchmark with the ledger on must stay within 10% of it with the ledger off
-(docs/billing.md), and a request there costs about 1 ms of CPU in all.
+stream readers); this client takes 85-110 µs one command at a time and about 30 µs
+per record with 16 in flight, where a bare asyncio protocol that only writes the
+command and waits for its reply takes 70-80 µs (measured during development against
+the test bed's Redis, with throwaway scripts). The runtime's benchmark with the ledger
+on is to stay within 10% of it with the ledger off (docs/billing.md), and a request
+there costs well under 1 ms of CPU in all.
 
 So the ledger talks RESP2 itself, over one connection per writer:
 - a command goes out at once when the connection is idle; the ones made while

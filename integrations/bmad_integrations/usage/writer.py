@@ -13,8 +13,8 @@ retried after a lost reply may append the same record twice: the ledger's key ma
 the second one a no-op.
 
 `from_url` talks to Redis with the ledger's own small pipelined client (`resp`): the
-XADD is on every answer's path, and redis-py's asyncio client cost ten times the
-command itself there. A writer also takes any client with redis-py's
+XADD is on every answer's path, and redis-py's asyncio client cost about three times
+as much CPU per XADD there (see `resp`). A writer also takes any client with redis-py's
 ``execute_command`` (the tests hand it a redis-py one).
 """
 
