@@ -26,9 +26,12 @@ provider is not installed globally, so apps never fight over the global one.
 
 from __future__ import annotations
 
+import bisect
 import importlib
 import logging
+import math
 import os
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -38,7 +41,7 @@ from opentelemetry.sdk import resources
 from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.trace import export as sdk_export
 from opentelemetry.sdk.trace import sampling
-from prometheus_client import metrics_core, registry
+from prometheus_client import metrics, metrics_core, registry, utils
 
 from bmad_runtime import ports
 
@@ -92,6 +95,100 @@ class _Labelled(registry.Collector):
             yield labelled
 
 
+class _Series:
+    """One labelled series of a `_Family`: a counter's ``value``, or a histogram's
+    observations per bucket (not cumulative) in ``counts`` and their ``total``."""
+
+    __slots__ = ("counts", "created", "total", "value")
+
+    def __init__(self, buckets: int) -> None:
+        self.value = 0.0
+        self.counts = [0] * buckets
+        self.total = 0.0
+        self.created = time.time()
+
+
+class _Family:
+    """A labelled counter or histogram kept in plain numbers, exposed as
+    prometheus_client's `Counter` or `Histogram` of the same name, labels and buckets
+    would expose it (the same samples, in the same order, ``_created`` included).
+
+    Not thread-safe, by design: the runtime updates its metrics on its event loop only,
+    and a prometheus_client metric takes a lock on every step (`Metrics`). Observations
+    are durations and token counts, never NaN: `bisect_left` finds the bucket.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: tuple[str, ...],
+        buckets: tuple[float, ...] | None = None,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self.kind = "counter" if buckets is None else "histogram"
+        # A histogram's upper bounds, ``+Inf`` last (as prometheus_client adds it).
+        self.bounds = () if buckets is None else (*(float(b) for b in buckets), math.inf)
+        self._le = tuple(
+            utils.floatToGoString(bound)  # type: ignore[no-untyped-call]
+            for bound in self.bounds
+        )
+        self.series: dict[tuple[str, ...], _Series] = {}
+
+    def child(self, *values: str) -> _Series:
+        """The series of these label values (made, with its ``_created``, on first use)."""
+        series = self.series.get(values)
+        if series is None:
+            series = self.series[values] = _Series(len(self.bounds))
+        return series
+
+    def metric(self) -> metrics_core.Metric:
+        family = metrics_core.Metric(self.name, self.documentation, self.kind)
+        created = metrics._use_created  # what prometheus_client's own metrics follow
+        for values, series in list(self.series.items()):
+            labels = list(zip(self.labelnames, values, strict=True))
+            if self.kind == "counter":
+                family.add_sample(self.name + "_total", dict(labels), float(series.value))
+            else:
+                cumulative = 0.0
+                for le, count in zip(self._le, series.counts, strict=True):
+                    cumulative += count
+                    family.add_sample(
+                        self.name + "_bucket", dict([*labels, ("le", le)]), cumulative
+                    )
+                family.add_sample(self.name + "_count", dict(labels), cumulative)
+                if self.bounds[0] >= 0:
+                    family.add_sample(self.name + "_sum", dict(labels), series.total)
+            if created:
+                family.add_sample(self.name + "_created", dict(labels), series.created)
+        return family
+
+
+class _Families(registry.Collector):
+    """The `_Family` metrics of one registry, exposed in the order given."""
+
+    def __init__(self, *families: _Family) -> None:
+        self.families = families
+
+    def describe(self) -> Iterator[metrics_core.Metric]:
+        for family in self.families:
+            yield metrics_core.Metric(family.name, family.documentation, family.kind)
+
+    def collect(self) -> Iterator[metrics_core.Metric]:
+        for family in self.families:
+            yield family.metric()
+
+
+_NEGATIVE = "Counters can only be incremented by non-negative amounts."
+
+
+# The histograms' upper bounds, ``+Inf`` last, for `bisect`.
+_REQUEST_BOUNDS = (*REQUEST_BUCKETS, math.inf)
+_TOKEN_BOUNDS = (*TOKEN_BUCKETS, math.inf)
+_OPERATION_BOUNDS = (*OPERATION_BUCKETS, math.inf)
+
 # The values of bmad_integrations.base.Transport (the telemetry layer does not import it).
 DATASTORE_TRANSPORTS = ("tls-verified", "tls-unverified", "plaintext")
 
@@ -144,66 +241,65 @@ class Metrics:
         # inc() and dec() take its lock and two checks, and every turn makes both.
         self._inflight = 0
         self.inflight.set_function(lambda: self._inflight)
-        self.request_seconds = prometheus_client.Histogram(
+        # The metrics every request or turn steps: plain numbers that the scrape reads
+        # (`_Family`), not prometheus_client metrics, whose every step takes a lock and
+        # validates (about 700 bytecodes of an echo invoke's 6,700 went there).
+        self.request_seconds = _Family(
             "bmad_agent_request_seconds",
             "HTTP requests by route template and status code.",
-            ["route", "status"],
-            buckets=REQUEST_BUCKETS,
-            registry=self.registry,
+            ("route", "status"),
+            REQUEST_BUCKETS,
         )
-        self.tokens = prometheus_client.Counter(
+        self.tokens = _Family(
             "bmad_agent_tokens",
             "LLM tokens spent, by direction (in: prompt, out: completion) and model.",
-            ["direction", "model"],
-            registry=self.registry,
+            ("direction", "model"),
         )
-        self.tasks = prometheus_client.Counter(
+        self.tasks = _Family(
             "bmad_agent_tasks",
             "Tasks and invocations finished, by outcome (ok, error, rejected, ...).",
-            ["outcome"],
-            registry=self.registry,
+            ("outcome",),
         )
-
-        self.token_usage = prometheus_client.Histogram(
+        self.token_usage = _Family(
             "gen_ai_client_token_usage",
             "Tokens per model call (OpenTelemetry gen_ai.client.token.usage), by token "
             "type (input: prompt, output: completion).",
-            [
+            (
                 "gen_ai_operation_name",
                 "gen_ai_provider_name",
                 "gen_ai_request_model",
                 "gen_ai_response_model",
                 "gen_ai_token_type",
-            ],
-            buckets=TOKEN_BUCKETS,
-            registry=self.registry,
+            ),
+            TOKEN_BUCKETS,
         )
-        self.operation_duration = prometheus_client.Histogram(
+        self.operation_duration = _Family(
             "gen_ai_client_operation_duration_seconds",
             "Duration of one model call to one provider (OpenTelemetry "
             "gen_ai.client.operation.duration); error_type is empty when it answered.",
-            ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "error_type"],
-            buckets=OPERATION_BUCKETS,
-            registry=self.registry,
+            ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "error_type"),
+            OPERATION_BUCKETS,
         )
-        self.ledger_writes = prometheus_client.Counter(
+        self.ledger_writes = _Family(
             "bmad_usage_ledger_writes",
             "Usage records appended to the platform ledger's stream, by result (ok, failed).",
-            ["result"],
-            registry=self.registry,
+            ("result",),
         )
-        # The children of labelled series, by label values: `labels()` validates and
-        # locks on every call, and the request path calls it several times per request.
-        self._request_children: dict[tuple[str, int], prometheus_client.Histogram] = {}
-        self._task_children: dict[str, prometheus_client.Counter] = {}
-        self._ledger_children: dict[str, prometheus_client.Counter] = {}
-        self._token_usage_children: dict[
-            tuple[str, str, str], tuple[prometheus_client.Histogram, prometheus_client.Histogram]
-        ] = {}
-        self._token_children: dict[
-            str, tuple[prometheus_client.Counter, prometheus_client.Counter]
-        ] = {}
-        self._operation_children: dict[tuple[str, str, str], prometheus_client.Histogram] = {}
+        self.registry.register(
+            _Families(
+                self.request_seconds,
+                self.tokens,
+                self.tasks,
+                self.token_usage,
+                self.operation_duration,
+                self.ledger_writes,
+            )
+        )
+        # The series by the callers' keys, so a step is one dict lookup.
+        self._request_series: dict[tuple[str, int], _Series] = {}
+        self._token_usage_series: dict[tuple[str, str, str], tuple[_Series, _Series]] = {}
+        self._token_series: dict[str, tuple[_Series, _Series]] = {}
+        self._operation_series: dict[tuple[str, str, str], _Series] = {}
 
     def turn_began(self) -> None:
         """A model call of this replica started (``bmad_agent_inflight`` + 1)."""
@@ -215,25 +311,20 @@ class Metrics:
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         """One HTTP request into ``bmad_agent_request_seconds``."""
-        child = self._request_children.get((route, status))
-        if child is None:
-            child = self.request_seconds.labels(route=route, status=str(status))
-            self._request_children[(route, status)] = child
-        child.observe(seconds)
+        series = self._request_series.get((route, status))
+        if series is None:
+            series = self.request_seconds.child(route, str(status))
+            self._request_series[(route, status)] = series
+        series.counts[bisect.bisect_left(_REQUEST_BOUNDS, seconds)] += 1
+        series.total += seconds
 
     def count_ledger_write(self, result: str) -> None:
         """One usage record written to the platform ledger (ok) or not (failed)."""
-        child = self._ledger_children.get(result)
-        if child is None:
-            child = self._ledger_children[result] = self.ledger_writes.labels(result=result)
-        child.inc()
+        self.ledger_writes.child(result).value += 1
 
     def count_task(self, outcome: str) -> None:
         """One finished task or invocation into ``bmad_agent_tasks``."""
-        child = self._task_children.get(outcome)
-        if child is None:
-            child = self._task_children[outcome] = self.tasks.labels(outcome=outcome)
-        child.inc()
+        self.tasks.child(outcome).value += 1
 
     def record_datastores(self, transports: Mapping[str, str]) -> None:
         """One series per datastore: 1 for the way its connection travels, 0 for the others."""
@@ -244,51 +335,48 @@ class Metrics:
                 )
 
     def record_tokens(self, model: str, usage: ports.Usage) -> None:
-        children = self._token_children.get(model)
-        if children is None:
-            children = (
-                self.tokens.labels(direction="in", model=model),
-                self.tokens.labels(direction="out", model=model),
+        pair = self._token_series.get(model)
+        if pair is None:
+            pair = self._token_series[model] = (
+                self.tokens.child("in", model),
+                self.tokens.child("out", model),
             )
-            self._token_children[model] = children
-        children[0].inc(usage.tokens_in)
-        children[1].inc(usage.tokens_out)
+        # Refused below zero, as prometheus_client's `Counter.inc` refuses it.
+        if usage.tokens_in < 0:
+            raise ValueError(_NEGATIVE)
+        pair[0].value += usage.tokens_in
+        if usage.tokens_out < 0:
+            raise ValueError(_NEGATIVE)
+        pair[1].value += usage.tokens_out
 
     def record_usage(self, completion: ports.Completion, *, request_model: str) -> None:
         """The tokens of one answered model call (both the GenAI histogram and the
         per-direction counter the autoscaler reads)."""
-        self.record_tokens(completion.model, completion.usage)
+        usage = completion.usage
+        self.record_tokens(completion.model, usage)
         key = (completion.provider, request_model, completion.model)
-        if key not in self._token_usage_children:
-            made = [
-                self.token_usage.labels(
-                    gen_ai_operation_name=CHAT,
-                    gen_ai_provider_name=completion.provider,
-                    gen_ai_request_model=request_model,
-                    gen_ai_response_model=completion.model,
-                    gen_ai_token_type=token_type,
-                )
-                for token_type in ("input", "output")
-            ]
-            self._token_usage_children[key] = (made[0], made[1])
-        to_input, to_output = self._token_usage_children[key]
-        to_input.observe(completion.usage.tokens_in)
-        to_output.observe(completion.usage.tokens_out)
+        pair = self._token_usage_series.get(key)
+        if pair is None:
+            pair = self._token_usage_series[key] = (
+                self.token_usage.child(CHAT, *key, "input"),
+                self.token_usage.child(CHAT, *key, "output"),
+            )
+        to_input, to_output = pair
+        to_input.counts[bisect.bisect_left(_TOKEN_BOUNDS, usage.tokens_in)] += 1
+        to_input.total += usage.tokens_in
+        to_output.counts[bisect.bisect_left(_TOKEN_BOUNDS, usage.tokens_out)] += 1
+        to_output.total += usage.tokens_out
 
     def record_operation(
         self, *, provider: str, model: str, seconds: float, error_type: str = ""
     ) -> None:
         """One call to one provider of the chain; ``error_type`` names a failure."""
         key = (provider, model, error_type)
-        child = self._operation_children.get(key)
-        if child is None:
-            child = self._operation_children[key] = self.operation_duration.labels(
-                gen_ai_operation_name=CHAT,
-                gen_ai_provider_name=provider,
-                gen_ai_request_model=model,
-                error_type=error_type,
-            )
-        child.observe(seconds)
+        series = self._operation_series.get(key)
+        if series is None:
+            series = self._operation_series[key] = self.operation_duration.child(CHAT, *key)
+        series.counts[bisect.bisect_left(_OPERATION_BOUNDS, seconds)] += 1
+        series.total += seconds
 
     def render(self) -> bytes:
         return prometheus_client.generate_latest(self._served)
