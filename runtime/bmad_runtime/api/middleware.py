@@ -39,6 +39,9 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 # Request ids: unique per process start, then a counter (cheaper than uuid4 per request).
 _ID_PREFIX = secrets.token_hex(6)
 _ID_COUNTER = itertools.count(1)
+# The span context of a request that is not traced: one for all (a nullcontext keeps no
+# state), not one made per request.
+_NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
 
 
 def new_request_id() -> str:
@@ -103,7 +106,7 @@ class EdgeMiddleware:
 
         path: str = scope.get("path", "")
         span_cm: contextlib.AbstractContextManager[trace.Span | None] = (
-            contextlib.nullcontext()
+            _NO_SPAN
             if path in _UNTRACED or not self.tracing
             else self.tracer.start_as_current_span(
                 scope.get("method", "HTTP"),
