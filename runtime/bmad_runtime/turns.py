@@ -23,7 +23,7 @@ import datetime as dt
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Coroutine, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -329,24 +329,65 @@ async def finish(
     turn: Turn, completion: ports.Completion, *, outcome: str = "ok"
 ) -> schemas.InvokeResponse:
     """Store the turn and account for it; the answer as the API returns it."""
-    services, caller = turn.services, turn.caller
+    answer, recorded = settle(turn, completion, outcome=outcome)
+    await recorded
+    return answer
+
+
+def settle(
+    turn: Turn, completion: ports.Completion, *, outcome: str = "ok"
+) -> tuple[schemas.InvokeResponse, Coroutine[Any, Any, None]]:
+    """The answer, and its records to await before it may leave.
+
+    The ledger's record is sent now (`ports.UsageLedger.write`), so the caller can
+    serialise the answer while the ledger appends; awaiting the second part waits for
+    the ledger first (`ports.LedgerUnavailableError`: nothing else is stored and the
+    answer must not leave), then stores the turns, the usage record and the audit
+    entry, books the tokens and counts them.
+    """
+    services = turn.services
     latency = turn.latency_ms()
     usage = completion.usage
+    sent: Awaitable[None] | None = None
     if services.ledger is not None:
+        sent = services.ledger.write(
+            ports.LedgerEntry(
+                record_id=turn.record_id or record_id(request_id=turn.request_id, task_id=None),
+                source=turn.source,
+                provider=completion.provider,
+                model=completion.model,
+                tokens_in=usage.tokens_in,
+                tokens_out=usage.tokens_out,
+                conversation_id=turn.conversation_id,
+                occurred_at=dt.datetime.now(dt.UTC),
+            )
+        )
+    answer = schemas.InvokeResponse(
+        output=completion.text,
+        conversation_id=turn.conversation_id,
+        model=completion.model,
+        provider=completion.provider,
+        usage=schemas.TokenUsage(tokens_in=usage.tokens_in, tokens_out=usage.tokens_out),
+        latency_ms=latency,
+        finish_reason=completion.finish_reason,
+    )
+    return answer, _record(turn, completion, sent, latency=latency, outcome=outcome)
+
+
+async def _record(
+    turn: Turn,
+    completion: ports.Completion,
+    sent: Awaitable[None] | None,
+    *,
+    latency: int,
+    outcome: str,
+) -> None:
+    services, caller = turn.services, turn.caller
+    usage = completion.usage
+    if sent is not None:
         # First: an answer the ledger has no record of never leaves (LedgerUnavailableError).
         try:
-            await services.ledger.write(
-                ports.LedgerEntry(
-                    record_id=turn.record_id or record_id(request_id=turn.request_id, task_id=None),
-                    source=turn.source,
-                    provider=completion.provider,
-                    model=completion.model,
-                    tokens_in=usage.tokens_in,
-                    tokens_out=usage.tokens_out,
-                    conversation_id=turn.conversation_id,
-                    occurred_at=dt.datetime.now(dt.UTC),
-                )
-            )
+            await sent
         except ports.LedgerUnavailableError:
             services.metrics.count_ledger_write("failed")
             raise
@@ -403,15 +444,6 @@ async def finish(
         completion, request_model=services.router.requested_model(completion)
     )
     services.metrics.count_task(outcome)
-    return schemas.InvokeResponse(
-        output=completion.text,
-        conversation_id=turn.conversation_id,
-        model=completion.model,
-        provider=completion.provider,
-        usage=schemas.TokenUsage(tokens_in=usage.tokens_in, tokens_out=usage.tokens_out),
-        latency_ms=latency,
-        finish_reason=completion.finish_reason,
-    )
 
 
 async def run(

@@ -70,6 +70,23 @@ class ClosingStreamingResponse(fastapi.responses.StreamingResponse):
                 await body.aclose()
 
 
+class RecordedResponse(fastapi.Response):
+    """A JSON answer that leaves only once its records are in (`turns.settle`): the
+    usage ledger's append, sent before the answer was serialised, then the turn's
+    records. A record that fails raises here, before anything is sent, and the error
+    handlers answer instead (a 503 for the ledger)."""
+
+    media_type = "application/json"
+
+    def __init__(self, content: str, recorded: collections.abc.Awaitable[None]) -> None:
+        super().__init__(content)
+        self.recorded = recorded
+
+    async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
+        await self.recorded
+        await super().__call__(scope, receive, send)
+
+
 def sse(event: str, data: Any) -> bytes:
     payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
     return f"event: {event}\ndata: {payload}\n\n".encode()
@@ -148,7 +165,8 @@ async def invoke(body: schemas.InvokeRequest, request: fastapi.Request) -> fasta
     turn = await turns.prepare(state, body, caller, request_id=errors.request_id_of(request.scope))
     if body.stream:
         return await _stream(turn)
-    answer = await turns.finish(turn, await turns.complete(turn))
-    # Serialised once, as built: FastAPI would validate the answer against the
-    # response_model again before serialising it (`response_model` stays, for OpenAPI).
-    return fastapi.Response(answer.model_dump_json(by_alias=True), media_type="application/json")
+    answer, recorded = turns.settle(turn, await turns.complete(turn))
+    # Serialised once, as built, while the ledger appends the record (FastAPI would
+    # validate the answer against the response_model again before serialising it;
+    # `response_model` stays, for OpenAPI). It leaves once `recorded` is done.
+    return RecordedResponse(answer.model_dump_json(by_alias=True), recorded)
