@@ -6,7 +6,7 @@ concurrency slot is busy, and the stream. With ``stream: true`` the answer arriv
 Server-Sent Events: ``event: delta`` with ``{"text"}`` pieces, then one ``event: done``
 with the same JSON as the non-streamed answer (or ``event: error`` with an error body).
 A stream holds a concurrency slot while it runs, and one the caller leaves early is
-recorded as far as it went (`turns.stream`).
+recorded as far as it went (`streams.stream`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import fastapi
 from starlette import types as asgi
 
-from bmad_runtime import schemas, turns
+from bmad_runtime import schemas, streams, turns
 from bmad_runtime.api import deps, errors
 from bmad_runtime.providers import base as providers_base
 
@@ -93,7 +93,7 @@ def sse(event: str, data: Any) -> bytes:
 
 
 async def _stream(turn: turns.Turn) -> fastapi.Response:
-    answer = turns.stream(turn)
+    answer = streams.stream(turn)
     try:
         # Wait for the first piece before answering 200: until then the chain may
         # still fail over, or fail as a whole with a proper HTTP error.
