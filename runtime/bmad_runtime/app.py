@@ -22,7 +22,7 @@ from opentelemetry import trace
 
 from bmad_crds.v1alpha1 import agent as agent_api
 from bmad_runtime import config as config_mod
-from bmad_runtime import ports, telemetry, turns
+from bmad_runtime import ports, streams, telemetry
 from bmad_runtime import settings as settings_mod
 from bmad_runtime.api import deps, errors, middleware
 from bmad_runtime.api.routes import conversations, health, invoke
@@ -110,7 +110,7 @@ def create_app(
             yield
         finally:
             # Records of streams left early, while the store is still connected.
-            await turns.drain(state)
+            await streams.drain(state)
 
     @contextlib.asynccontextmanager
     async def run(app: fastapi.FastAPI) -> AsyncIterator[None]:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from redis import exceptions as redis_errors
 
@@ -31,6 +32,23 @@ DEFAULT_CACHE_SECONDS = 2.0
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def _unavailable(exc: Exception) -> ports.LedgerUnavailableError:
+    return ports.LedgerUnavailableError(
+        f"the usage record of this call could not be written: {exc}"
+    )
+
+
+async def _written(sent: Awaitable[str]) -> None:
+    try:
+        await sent
+    except (writer.LedgerUnavailable, record.RecordError) as exc:
+        raise _unavailable(exc) from None
+
+
+async def _refused(exc: record.RecordError) -> None:
+    raise _unavailable(exc)
 
 
 class PlatformLedger:
@@ -79,7 +97,9 @@ class PlatformLedger:
     async def aclose(self) -> None:
         await self.writer.aclose()
 
-    async def write(self, entry: ports.LedgerEntry) -> None:
+    def write(self, entry: ports.LedgerEntry) -> Coroutine[Any, Any, None]:
+        """The record of one call, sent now (on a live connection): await the result
+        before the answer leaves (`ports.UsageLedger.write`)."""
         try:
             rec = record.UsageRecord(
                 record_id=entry.record_id,
@@ -94,11 +114,9 @@ class PlatformLedger:
                 source=entry.source,
                 conversation=entry.conversation_id,
             )
-            await self.writer.write(rec)
-        except (writer.LedgerUnavailable, record.RecordError) as exc:
-            raise ports.LedgerUnavailableError(
-                f"the usage record of this call could not be written: {exc}"
-            ) from None
+            return _written(self.writer.write(rec))
+        except record.RecordError as exc:
+            return _refused(exc)
 
     async def _state_now(self) -> budget.State | None:
         if self.monotonic() - self._read_at < self.cache_seconds:

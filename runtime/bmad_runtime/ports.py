@@ -9,7 +9,7 @@ on its own.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -194,8 +194,10 @@ class Budget:
 class UsageLedger(Protocol):
     """The platform's usage ledger (`ledger.PlatformLedger`), when the operator meters."""
 
-    async def write(self, entry: LedgerEntry) -> None:
-        """Append the record; `LedgerUnavailableError` when it cannot be written."""
+    def write(self, entry: LedgerEntry) -> Awaitable[None]:
+        """Append the record: the result, awaited, raises `LedgerUnavailableError` when
+        it cannot be written. The record may be sent before it is awaited (the platform
+        ledger's is), so a caller can do other work meanwhile; the answer waits for it."""
         ...
 
     async def exhausted(self) -> Budget | None:

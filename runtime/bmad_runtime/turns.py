@@ -23,7 +23,7 @@ import datetime as dt
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,7 +223,7 @@ async def prepare(
 _NO_LIMIT: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
 
 
-def _slot(services: Services) -> contextlib.AbstractAsyncContextManager[Any]:
+def slot(services: Services) -> contextlib.AbstractAsyncContextManager[Any]:
     """One of the replica's concurrency slots (waiting for one if all are busy)."""
     return services.slots if services.slots is not None else _NO_LIMIT
 
@@ -231,7 +231,7 @@ def _slot(services: Services) -> contextlib.AbstractAsyncContextManager[Any]:
 async def complete(turn: Turn) -> ports.Completion:
     """Ask the model chain, in a concurrency slot (waiting for one if all are busy)."""
     services = turn.services
-    async with _slot(services):
+    async with slot(services):
         services.metrics.turn_began()
         try:
             return await services.router.complete(turn.messages, params=turn.params)
@@ -242,111 +242,69 @@ async def complete(turn: Turn) -> ports.Completion:
             services.metrics.turn_ended()
 
 
-async def stream(
-    turn: Turn,
-) -> AsyncGenerator[providers_base.Delta | schemas.InvokeResponse, None]:
-    """The answer as it comes, in a concurrency slot: its pieces, then the whole answer,
-    recorded by `finish`.
-
-    A stream that ends early after the caller was sent part of an answer (the caller
-    went away, or the model broke off) is recorded too, as far as it went: the turns,
-    a usage record and an audit entry with the tokens estimated from what was sent
-    (`record_partial`).
-    """
-    services = turn.services
-    sent: list[providers_base.Delta] = []
-    outcome = "error"
-    async with _slot(services):
-        events = services.router.stream_events(turn.messages, params=turn.params)
-        services.metrics.turn_began()
-        try:
-            completion: ports.Completion | None = None
-            async for event in events:
-                if isinstance(event, providers_base.Delta):
-                    sent.append(event)
-                    yield event
-                else:
-                    completion = event
-            if completion is None:  # a provider that ended without its summary
-                raise providers_base.ProviderError(
-                    "ended the stream without a result", provider="?", model="?"
-                )
-            outcome = "finished"  # from here on, `finish` records it
-            yield await finish(turn, completion)
-        except (GeneratorExit, asyncio.CancelledError):
-            if outcome != "finished":
-                outcome = "client_disconnected"
-            raise
-        except Exception:
-            services.metrics.count_task("error")
-            raise
-        finally:
-            services.metrics.turn_ended()
-            if outcome != "finished" and sent:
-                # Before any await: the request's task may be cancelled, and every await
-                # here with it; the record is written by a task of its own.
-                _detach(services, record_partial(turn, sent, reason=outcome))
-            await events.aclose()
-
-
-def _detach(services: Services, work: Coroutine[Any, Any, None]) -> None:
-    task = asyncio.get_running_loop().create_task(work, name="bmad-partial-record")
-    services.background.add(task)
-    task.add_done_callback(services.background.discard)
-
-
-async def record_partial(turn: Turn, sent: Sequence[providers_base.Delta], *, reason: str) -> None:
-    """Record a stream that ended early as far as it went: the text the caller was sent,
-    the prompt and that text as estimated tokens, ``finishReason`` `reason`."""
-    text = "".join(piece.text for piece in sent)
-    usage = ports.Usage(
-        tokens_in=context.count_tokens(turn.messages), tokens_out=context.estimate_tokens(text)
-    )
-    last = sent[-1]
-    completion = ports.Completion(
-        text=text, usage=usage, model=last.model, provider=last.provider, finish_reason=reason
-    )
-    try:
-        await finish(turn, completion, outcome=reason)
-    except Exception:
-        logger.exception(
-            "the record of a stream that ended early (%s, request %s) could not be written",
-            reason,
-            turn.request_id,
-        )
-
-
-DRAIN_SECONDS = 10.0
-
-
-async def drain(services: Services) -> None:
-    """Let the records of early-ended streams be written (at shutdown)."""
-    if services.background:
-        await asyncio.wait(set(services.background), timeout=DRAIN_SECONDS)
-
-
 async def finish(
     turn: Turn, completion: ports.Completion, *, outcome: str = "ok"
 ) -> schemas.InvokeResponse:
     """Store the turn and account for it; the answer as the API returns it."""
-    services, caller = turn.services, turn.caller
+    answer, recorded = settle(turn, completion, outcome=outcome)
+    await recorded
+    return answer
+
+
+def settle(
+    turn: Turn, completion: ports.Completion, *, outcome: str = "ok"
+) -> tuple[schemas.InvokeResponse, Coroutine[Any, Any, None]]:
+    """The answer, and its records to await before it may leave.
+
+    The ledger's record is sent now (`ports.UsageLedger.write`), so the caller can
+    serialise the answer while the ledger appends; awaiting the second part waits for
+    the ledger first (`ports.LedgerUnavailableError`: nothing else is stored and the
+    answer must not leave), then stores the turns, the usage record and the audit
+    entry, books the tokens and counts them.
+    """
+    services = turn.services
     latency = turn.latency_ms()
     usage = completion.usage
+    sent: Awaitable[None] | None = None
     if services.ledger is not None:
+        sent = services.ledger.write(
+            ports.LedgerEntry(
+                record_id=turn.record_id or record_id(request_id=turn.request_id, task_id=None),
+                source=turn.source,
+                provider=completion.provider,
+                model=completion.model,
+                tokens_in=usage.tokens_in,
+                tokens_out=usage.tokens_out,
+                conversation_id=turn.conversation_id,
+                occurred_at=dt.datetime.now(dt.UTC),
+            )
+        )
+    answer = schemas.InvokeResponse(
+        output=completion.text,
+        conversation_id=turn.conversation_id,
+        model=completion.model,
+        provider=completion.provider,
+        usage=schemas.TokenUsage(tokens_in=usage.tokens_in, tokens_out=usage.tokens_out),
+        latency_ms=latency,
+        finish_reason=completion.finish_reason,
+    )
+    return answer, _record(turn, completion, sent, latency=latency, outcome=outcome)
+
+
+async def _record(
+    turn: Turn,
+    completion: ports.Completion,
+    sent: Awaitable[None] | None,
+    *,
+    latency: int,
+    outcome: str,
+) -> None:
+    services, caller = turn.services, turn.caller
+    usage = completion.usage
+    if sent is not None:
         # First: an answer the ledger has no record of never leaves (LedgerUnavailableError).
         try:
-            await services.ledger.write(
-                ports.LedgerEntry(
-                    record_id=turn.record_id or record_id(request_id=turn.request_id, task_id=None),
-                    source=turn.source,
-                    provider=completion.provider,
-                    model=completion.model,
-                    tokens_in=usage.tokens_in,
-                    tokens_out=usage.tokens_out,
-                    conversation_id=turn.conversation_id,
-                    occurred_at=dt.datetime.now(dt.UTC),
-                )
-            )
+            await sent
         except ports.LedgerUnavailableError:
             services.metrics.count_ledger_write("failed")
             raise
@@ -403,15 +361,6 @@ async def finish(
         completion, request_model=services.router.requested_model(completion)
     )
     services.metrics.count_task(outcome)
-    return schemas.InvokeResponse(
-        output=completion.text,
-        conversation_id=turn.conversation_id,
-        model=completion.model,
-        provider=completion.provider,
-        usage=schemas.TokenUsage(tokens_in=usage.tokens_in, tokens_out=usage.tokens_out),
-        latency_ms=latency,
-        finish_reason=completion.finish_reason,
-    )
 
 
 async def run(

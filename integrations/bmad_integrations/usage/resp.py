@@ -17,6 +17,9 @@ So the ledger talks RESP2 itself, over one connection per writer:
   together in one write when the last reply is in; replies are matched in order
   (Redis answers a connection's commands in the order it received them): a group
   commit that waits for no timer, and adds no delay to a lone request;
+- on a connection that is up, `Client.execute_command` sends (or queues) the command
+  when it is called and gives back what to await for the reply: the runtime puts its
+  XADD on the wire and serialises the answer while Redis appends;
 - the connection is opened on first use and again after it is lost; ``AUTH`` with the
   agent's ACL user and ``SELECT`` of the URL's database come first, TLS with the
   platform's CA when the URL is ``rediss://``;
@@ -34,6 +37,7 @@ import asyncio
 import collections
 import ssl
 import urllib.parse
+from collections.abc import Awaitable
 from typing import TypeAlias
 
 from redis import exceptions as redis_errors
@@ -225,6 +229,13 @@ class _Protocol(asyncio.Protocol):
             self.transport.abort()
 
 
+async def _reply_of(sent: asyncio.Future[Reply]) -> Reply:
+    reply = await sent
+    if isinstance(reply, redis_errors.RedisError):
+        raise reply
+    return reply
+
+
 class Client:
     """A connection to one Redis as one user; `execute_command` as in redis-py."""
 
@@ -348,13 +359,21 @@ class Client:
         self._protocol = protocol
         return protocol
 
-    async def execute_command(self, *args: str | bytes | int) -> Reply:
-        """Send one command; its reply, or the error Redis answered raised."""
+    def execute_command(self, *args: str | bytes | int) -> Awaitable[Reply]:
+        """Send one command; its reply, or the error Redis answered raised, when awaited.
+
+        Connected, the command is on the wire (or queued for the next group) when this
+        returns, before it is awaited: a caller can do other work while Redis answers.
+        Otherwise it is sent once awaited, after the connection is made.
+        """
+        protocol = self._protocol
+        if not self._closed and protocol is not None and protocol.lost is None:
+            return _reply_of(protocol.send(pack(args)))
+        return self._connect_and_send(args)
+
+    async def _connect_and_send(self, args: tuple[str | bytes | int, ...]) -> Reply:
         protocol = await self._connection()
-        reply = await protocol.send(pack(args))
-        if isinstance(reply, redis_errors.RedisError):
-            raise reply
-        return reply
+        return await _reply_of(protocol.send(pack(args)))
 
     async def aclose(self) -> None:
         self._closed = True

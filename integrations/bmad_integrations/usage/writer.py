@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Coroutine
 from typing import Any, Protocol
 
 from redis import exceptions as redis_errors
@@ -47,7 +48,7 @@ class LedgerUnavailable(Exception):  # noqa: N818 - the name says what the calle
 class Commands(Protocol):
     """What a writer needs of a Redis client (redis-py's and `resp.Client` both)."""
 
-    async def execute_command(self, *args: Any) -> Any: ...
+    def execute_command(self, *args: Any) -> Awaitable[Any]: ...
 
     async def aclose(self) -> None: ...
 
@@ -105,8 +106,15 @@ class LedgerWriter:
         if self._owns_client:
             await self.client.aclose()
 
-    async def write(self, rec: record.UsageRecord) -> str:
-        """Append the record; its stream entry id. Raises `LedgerUnavailable`."""
+    def write(self, rec: record.UsageRecord) -> Coroutine[Any, Any, str]:
+        """Append the record: await the result for its stream entry id. Raises
+        `LedgerUnavailable` (and `record.RecordError` for a record of another stream).
+
+        The first attempt is made when this is called: with `resp.Client` on a live
+        connection the XADD is on the wire before the caller awaits, so the caller can
+        get on with work that does not depend on the record (and must await before it
+        lets the answer go).
+        """
         if (rec.namespace, rec.agent) != (self.namespace, self.agent):
             raise record.RecordError(
                 "WrongStream",
@@ -117,10 +125,15 @@ class LedgerWriter:
         for name, value in record.encode(rec).items():
             command.append(name)
             command.append(value)
+        return self._written(rec, command, self.client.execute_command(*command))
+
+    async def _written(
+        self, rec: record.UsageRecord, command: list[str], first: Awaitable[Any]
+    ) -> str:
         delay = self.backoff
         for attempt in range(1, self.attempts + 1):
             try:
-                entry = await self.client.execute_command(*command)
+                entry = await (first if attempt == 1 else self.client.execute_command(*command))
             except (redis_errors.AuthenticationError, redis_errors.NoPermissionError) as exc:
                 # Not transient: the operator has not (or no longer) set up this writer.
                 raise LedgerUnavailable(

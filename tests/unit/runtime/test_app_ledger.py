@@ -4,9 +4,11 @@ answer, unique ids, budget refusals (429 budget_exhausted) and an unwritable led
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 import httpx
 import pytest
@@ -108,6 +110,73 @@ async def test_no_answer_leaves_without_its_record(
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "usage_ledger_unavailable"
     assert "hello" not in response.text
+
+
+class AckedLedger(FakeLedger):
+    """Takes the record when `write` is called (as the platform ledger sends it) and
+    acknowledges it when the test says so, or refuses it then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ack = asyncio.Event()
+        self.sent = asyncio.Event()
+
+    def write(self, entry: ports.LedgerEntry) -> Coroutine[Any, Any, None]:
+        self.entries.append(entry)
+        self.sent.set()
+        return self._acked()
+
+    async def _acked(self) -> None:
+        await self.ack.wait()
+        if self.broken:
+            raise ports.LedgerUnavailableError("the usage ledger lost the record")
+
+
+async def _served(ledger: FakeLedger, store: inprocess.InProcessStore) -> httpx.AsyncClient:
+    app = app_mod.create_app(
+        settings.RuntimeSettings(agent_name="dev", agent_namespace="team-a", auth_mode="none"),
+        store=store,
+        providers=router.ModelRouter([echo.EchoProvider()]),
+        authenticator=None,
+        limiter=None,
+    )
+    app.state.runtime.ledger = ledger
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://agent")
+
+
+async def test_the_answer_waits_for_the_ledger_and_the_turn_is_stored_after_it() -> None:
+    ledger, store = AckedLedger(), inprocess.InProcessStore()
+    async with await _served(ledger, store) as http:
+        request = asyncio.create_task(http.post("/v1/invoke", json={"input": "hello"}))
+        async with asyncio.timeout(5):
+            await ledger.sent.wait()  # the record is sent ...
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert not request.done()  # ... and the answer waits for it
+        assert store.conversations == {}  # nothing stored before the ledger has it
+        ledger.ack.set()
+        response = await request
+    assert response.status_code == 200, response.text
+    assert response.json()["conversationId"] == ledger.entries[0].conversation_id
+    assert len(store.conversations) == 1
+    assert len(store.usage) == 1
+
+
+async def test_a_record_the_ledger_refuses_after_it_was_sent_answers_503_and_stores_nothing() -> (
+    None
+):
+    ledger, store = AckedLedger(), inprocess.InProcessStore()
+    ledger.broken = True
+    ledger.ack.set()
+    async with await _served(ledger, store) as http:
+        response = await http.post("/v1/invoke", json={"input": "hello"})
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "usage_ledger_unavailable"
+    assert "hello" not in response.text
+    assert len(ledger.entries) == 1
+    assert store.conversations == {}
+    assert store.usage == []
+    assert store.audit_log == []
 
 
 def test_task_record_ids_are_the_same_on_every_delivery() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pydantic
 import pytest
 
-from bmad_runtime import config, context, ports, schemas, telemetry, turns
+from bmad_runtime import config, context, ports, schemas, streams, telemetry, turns
 from bmad_runtime.memory import inprocess
 from bmad_runtime.providers import base, echo, router
 
@@ -227,14 +227,14 @@ async def test_a_stream_holds_a_slot_and_one_left_early_is_recorded_as_far_as_it
     """Issue 10, hole 7 (the use case's side)."""
     given = services(echo.ScriptedProvider(["alpha beta gamma delta"]), concurrency=1)
     turn = await turns.prepare(given, schemas.InvokeRequest(input="go"), CALLER, request_id="r")
-    answer = turns.stream(turn)
+    answer = streams.stream(turn)
     first = await anext(answer)
     second = await anext(answer)
     assert given.slots is not None
     assert given.slots.locked(), "the stream holds the replica's only slot"
 
     await answer.aclose()  # the caller went away after two pieces
-    await turns.drain(given)
+    await streams.drain(given)
 
     assert not given.slots.locked()
     assert isinstance(first, base.Delta)
@@ -256,8 +256,8 @@ async def test_a_stream_holds_a_slot_and_one_left_early_is_recorded_as_far_as_it
 async def test_a_stream_that_ends_normally_is_recorded_once() -> None:
     given = services(concurrency=1)
     turn = await turns.prepare(given, schemas.InvokeRequest(input="hi"), CALLER, request_id="r")
-    events = [event async for event in turns.stream(turn)]
-    await turns.drain(given)
+    events = [event async for event in streams.stream(turn)]
+    await streams.drain(given)
 
     assert isinstance(events[-1], schemas.InvokeResponse)
     store = store_of(given)

@@ -100,6 +100,23 @@ async def test_commands_made_while_one_is_on_the_wire_leave_together_after_its_r
     assert await later == "PONG"
 
 
+async def test_a_connected_client_puts_the_command_on_the_wire_before_it_is_awaited() -> None:
+    client = resp.Client("127.0.0.1", 1, timeout=5)
+    protocol = resp._Protocol(timeout=5)
+    transport = Transport()
+    protocol.connection_made(transport)
+    client._protocol = protocol
+    pending = client.execute_command("XADD", "k", "*", "f", "v")
+    # Sent when called: the caller can work while Redis appends.
+    assert transport.writes == [resp.pack(("XADD", "k", "*", "f", "v"))]
+    refused = client.execute_command("XADD", "other", "*", "f", "v")
+    protocol.data_received(b"$3\r\n1-0\r\n-NOPERM no permissions\r\n")
+    assert await pending == "1-0"
+    # An error reply is raised when awaited, as redis-py raises it.
+    with pytest.raises(redis_errors.NoPermissionError):
+        await refused
+
+
 async def test_an_unanswered_command_times_out_and_fails_every_waiting_one() -> None:
     protocol = resp._Protocol(timeout=0.05)
     transport = Transport()

@@ -6,7 +6,7 @@ concurrency slot is busy, and the stream. With ``stream: true`` the answer arriv
 Server-Sent Events: ``event: delta`` with ``{"text"}`` pieces, then one ``event: done``
 with the same JSON as the non-streamed answer (or ``event: error`` with an error body).
 A stream holds a concurrency slot while it runs, and one the caller leaves early is
-recorded as far as it went (`turns.stream`).
+recorded as far as it went (`streams.stream`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import fastapi
 from starlette import types as asgi
 
-from bmad_runtime import schemas, turns
+from bmad_runtime import schemas, streams, turns
 from bmad_runtime.api import deps, errors
 from bmad_runtime.providers import base as providers_base
 
@@ -70,13 +70,30 @@ class ClosingStreamingResponse(fastapi.responses.StreamingResponse):
                 await body.aclose()
 
 
+class RecordedResponse(fastapi.Response):
+    """A JSON answer that leaves only once its records are in (`turns.settle`): the
+    usage ledger's append, sent before the answer was serialised, then the turn's
+    records. A record that fails raises here, before anything is sent, and the error
+    handlers answer instead (a 503 for the ledger)."""
+
+    media_type = "application/json"
+
+    def __init__(self, content: str, recorded: collections.abc.Awaitable[None]) -> None:
+        super().__init__(content)
+        self.recorded = recorded
+
+    async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
+        await self.recorded
+        await super().__call__(scope, receive, send)
+
+
 def sse(event: str, data: Any) -> bytes:
     payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
     return f"event: {event}\ndata: {payload}\n\n".encode()
 
 
 async def _stream(turn: turns.Turn) -> fastapi.Response:
-    answer = turns.stream(turn)
+    answer = streams.stream(turn)
     try:
         # Wait for the first piece before answering 200: until then the chain may
         # still fail over, or fail as a whole with a proper HTTP error.
@@ -148,7 +165,8 @@ async def invoke(body: schemas.InvokeRequest, request: fastapi.Request) -> fasta
     turn = await turns.prepare(state, body, caller, request_id=errors.request_id_of(request.scope))
     if body.stream:
         return await _stream(turn)
-    answer = await turns.finish(turn, await turns.complete(turn))
-    # Serialised once, as built: FastAPI would validate the answer against the
-    # response_model again before serialising it (`response_model` stays, for OpenAPI).
-    return fastapi.Response(answer.model_dump_json(by_alias=True), media_type="application/json")
+    answer, recorded = turns.settle(turn, await turns.complete(turn))
+    # Serialised once, as built, while the ledger appends the record (FastAPI would
+    # validate the answer against the response_model again before serialising it;
+    # `response_model` stays, for OpenAPI). It leaves once `recorded` is done.
+    return RecordedResponse(answer.model_dump_json(by_alias=True), recorded)
