@@ -28,13 +28,7 @@ Run on demand (not in CI), with the test bed up (enough kwok nodes for N pods, a
         --write docs/benchmarks.md
 
 Each size uses fresh namespaces, deleted (and waited for) before the next run starts;
-the operator is started fresh for each size. At 5,000 that garbage collection takes over
-ten minutes; `--keep-namespaces` leaves every namespace in place instead (the objects
-stay in etcd and the controller-manager's caches while the later runs are timed, a cost
-for them, not a help; start the test bed with room for every run's pods, `--nodes 11`
-for a baseline and an operator run of 5,000):
-
-    .venv/bin/python bench/reconcile.py --agents 5000 --keep-namespaces --write docs/benchmarks.md
+the operator is started fresh for each size.
 """
 
 from __future__ import annotations
@@ -69,7 +63,6 @@ from kubernetes_asyncio import config as k8s_config
 from bmad_crds.v1alpha1 import agent as agent_api
 from bmad_operator import diff, kube
 from bmad_operator.builders import agent as builders
-from bmad_operator.builders import meta
 from bmad_testbed import audit, operator_proc
 from bmad_testbed.kubectl import Kubectl
 
@@ -94,12 +87,9 @@ def agent_doc(name: str, namespace: str, i: int) -> dict[str, Any]:
     }
 
 
-def owned_objects(namespace: str, n: int, *, disowned: bool = False) -> list[list[dict[str, Any]]]:
+def owned_objects(namespace: str, n: int) -> list[list[dict[str, Any]]]:
     """What the operator's builders render for each of the n Agents, one list per Agent,
-    without owner references (there is no Agent to own them in the baseline).
-
-    ``disowned``: the managed-by label gets another value of the same length, so that
-    objects left in place are not selected by the operator's watches in a later run."""
+    without owner references (there is no Agent to own them in the baseline)."""
     per_agent = []
     for i in range(n):
         doc = agent_doc(f"a-{i:05d}", namespace, i)
@@ -114,9 +104,6 @@ def owned_objects(namespace: str, n: int, *, disowned: bool = False) -> list[lis
         objs = builders.build_all(body, spec, image="bmad-operator:0.1.0")
         for obj in objs:
             obj["metadata"].pop("ownerReferences", None)
-            labels = obj["metadata"].get("labels") or {}
-            if disowned and labels.get(meta.MANAGED_BY_LABEL) == meta.MANAGED_BY:
-                labels[meta.MANAGED_BY_LABEL] = "bmad-bench-op"
         per_agent.append(objs)
     return per_agent
 
@@ -484,10 +471,7 @@ class Bench:
 
     def delete_namespace(self, ns: str) -> None:
         """Delete and wait until it is gone, so its garbage collection does not run
-        during the next measurement. With ``--keep-namespaces``: leave it in place."""
-        if self.args.keep_namespaces:
-            print(f"namespace {ns} left in place (--keep-namespaces)", file=sys.stderr)
-            return
+        during the next measurement."""
         self.kubectl.run("delete", "namespace", ns, "--wait=false", check=False)
         deadline = time.monotonic() + 3600
         while time.monotonic() < deadline:
@@ -499,7 +483,7 @@ class Bench:
     # the baseline ------------------------------------------------------------------
     async def baseline(self, n: int) -> tuple[float, float]:
         ns = self.fresh_namespace("bench-direct", n)
-        groups = owned_objects(ns, n, disowned=self.args.keep_namespaces)
+        groups = owned_objects(ns, n)
         api = await api_client(self.kubeconfig, pool=self.args.streams + 4)
         try:
             path = kube.path_for("Deployment", ns)
@@ -724,14 +708,7 @@ def report(
         "during the run; RSS per Agent: (peak - RSS at start) / N; requests: the operator's "
         "user in the audit log, from its start to all Ready; load: the machine's mean "
         "1-minute load average during each timed part (2 cores: above 2, other work "
-        "shared the machine)."
-        + (
-            " Namespaces kept (--keep-namespaces): each run's objects stayed in place while "
-            "the later runs were timed."
-            if args.keep_namespaces
-            else ""
-        )
-        + "\n",
+        "shared the machine).\n",
         "| agents | baseline → all Available (s) | operator → all Ready (s) | ratio | "
         "operator CPU (s) | RSS at start / peak (MiB) | RSS per Agent (KiB) | "
         "apiserver requests by verb | load (baseline / operator) |",
@@ -830,16 +807,6 @@ def main() -> int:
         type=float,
         default=0.0,
         help="after all Ready, leave the Agents alone this long and watch",
-    )
-    parser.add_argument(
-        "--keep-namespaces",
-        action="store_true",
-        help=(
-            "leave each run's namespace in place instead of deleting it and waiting for its "
-            "garbage collection (over ten minutes at 5,000); needs node room for every run's "
-            "pods; the baseline's objects carry another managed-by value, so the operator "
-            "does not watch them"
-        ),
     )
     parser.add_argument("--timeout", type=float, default=3600, help="per run, seconds")
     parser.add_argument(
