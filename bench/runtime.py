@@ -29,6 +29,12 @@ every table with the ledger off and then on, and adds a table of on / off: what 
 ledger costs per request. Nothing ingests the stream during the run (that is the
 operator's work, not the runtime's); it is deleted, with the ACL user, afterwards.
 
+`--rounds N` repeats the whole run N times in turn (every table, then the bare
+endpoint, per round) and reports, per level, the round with the median requests/s:
+on this project's 2-core test machine one 5-second level moves by 15-25% from run to
+run, and a bare endpoint measured once, after the runtimes, can land on a faster or a
+slower stretch than they did.
+
 `--bytecodes N` measures nothing of the above: it calls both apps in process as ASGI
 (no server) N times and counts the Python bytecodes one request runs (sys.settrace
 opcode events), per package. On a shared machine, where requests/s and CPU time move
@@ -527,6 +533,16 @@ def breakdown_lines(title: str, result: Result, found: Breakdown) -> list[str]:
 # --- a run -------------------------------------------------------------------------------
 
 
+def median_results(rounds: list[list[Result]]) -> list[Result]:
+    """Per level, the result of the round with the median requests/s (its own p50, p99
+    and CPU with it)."""
+    chosen = []
+    for level in zip(*rounds, strict=True):
+        ordered = sorted(level, key=lambda r: r.rps)
+        chosen.append(ordered[(len(ordered) - 1) // 2])
+    return chosen
+
+
 def measure(
     kind: str,
     levels: list[int],
@@ -768,6 +784,13 @@ def main() -> int:
         help="profile each runtime with py-spy this long at concurrency 16, after its levels",
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every table and the bare endpoint this many times in turn; each "
+        "level's row is the round with the median requests/s",
+    )
+    parser.add_argument(
         "--ledger",
         choices=["off", "on", "both"],
         default="off",
@@ -804,40 +827,43 @@ def main() -> int:
         )
     ledger_states = {"off": [False], "on": [True], "both": [False, True]}[args.ledger]
 
-    measured: dict[str, tuple[list[Result], Breakdown | None]] = {}
-    for name in args.tables:
-        for with_ledger in ledger_states:
-            key = f"{name}, ledger on" if with_ledger else name
-            with contextlib.ExitStack() as stack:
-                env = (
-                    stack.enter_context(BenchLedger(os.environ["BMAD_REDIS_URL"]))
-                    if (with_ledger)
-                    else {}
-                )
-                if name == "in-process":
-                    measured[key] = measure(
-                        "runtime",
-                        args.concurrency,
-                        args.seconds,
-                        args.max_requests,
-                        extra_env=env,
-                        profile_seconds=args.profile,
+    # Every round measures each table and then the bare endpoint, so that a drift of the
+    # machine's speed during the run reaches both sides of every ratio; each level's
+    # result is the round with the median throughput (`median_results`).
+    rounds: dict[str, list[tuple[list[Result], Breakdown | None]]] = {}
+    bare_rounds: list[list[Result]] = []
+    for round_no in range(args.rounds):
+        profile = args.profile if round_no == 0 else 0.0
+        for name in args.tables:
+            for with_ledger in ledger_states:
+                key = f"{name}, ledger on" if with_ledger else name
+                with contextlib.ExitStack() as stack:
+                    env = (
+                        stack.enter_context(BenchLedger(os.environ["BMAD_REDIS_URL"]))
+                        if with_ledger
+                        else {}
                     )
-                else:
-                    dsn = stack.enter_context(Database(os.environ["BMAD_POSTGRES_URL"]))
-                    measured[key] = measure(
-                        "store",
-                        args.concurrency,
-                        args.seconds,
-                        args.max_requests,
-                        extra_env={
-                            STORE_DSN: dsn,
-                            STORE_REDIS: os.environ["BMAD_REDIS_URL"],
-                            **env,
-                        },
-                        profile_seconds=args.profile,
+                    if name == "in-process":
+                        kind, extra = "runtime", env
+                    else:
+                        dsn = stack.enter_context(Database(os.environ["BMAD_POSTGRES_URL"]))
+                        kind = "store"
+                        extra = {STORE_DSN: dsn, STORE_REDIS: os.environ["BMAD_REDIS_URL"], **env}
+                    rounds.setdefault(key, []).append(
+                        measure(
+                            kind,
+                            args.concurrency,
+                            args.seconds,
+                            args.max_requests,
+                            extra_env=extra,
+                            profile_seconds=profile,
+                        )
                     )
-    bare, _ = measure("bare", args.concurrency, args.seconds, args.max_requests)
+        bare_rounds.append(measure("bare", args.concurrency, args.seconds, args.max_requests)[0])
+    measured = {
+        key: (median_results([r for r, _ in got]), got[0][1]) for key, got in rounds.items()
+    }
+    bare = median_results(bare_rounds)
     cpu = platform.processor() or platform.machine()
     load_avg = os.getloadavg()[0]
     lines = [
@@ -845,7 +871,14 @@ def main() -> int:
         f"Machine: {os.cpu_count()} cores, {cpu}, Python {platform.python_version()}; one "
         f"uvicorn worker per server, load generator ({LOAD_GENERATOR}) on the same machine "
         "over loopback, "
-        f"{args.seconds:g}s per level; 1-minute load average {load_avg:.1f} at the end (2 "
+        f"{args.seconds:g}s per level"
+        + (
+            f", {args.rounds} rounds (each: every table, then the bare endpoint), each "
+            "level's row the round with the median requests/s"
+            if args.rounds > 1
+            else ""
+        )
+        + f"; 1-minute load average {load_avg:.1f} at the end (2 "
         "cores: above 2, other work shared the machine). Runtime: POST /v1/invoke with the "
         "echo model, auth and limits off. Bare: a FastAPI endpoint that parses the same "
         "body and returns the echo. Throughput ratio: runtime / bare requests/s (the load "
