@@ -99,13 +99,19 @@ class _Series:
     """One labelled series of a `_Family`: a counter's ``value``, or a histogram's
     observations per bucket (not cumulative) in ``counts`` and their ``total``."""
 
-    __slots__ = ("counts", "created", "total", "value")
+    __slots__ = ("bounds", "counts", "created", "total", "value")
 
-    def __init__(self, buckets: int) -> None:
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
         self.value = 0.0
-        self.counts = [0] * buckets
+        self.counts = [0] * len(bounds)
         self.total = 0.0
         self.created = time.time()
+
+    def observe(self, amount: float) -> None:
+        """One histogram observation: its bucket (upper bounds, ``+Inf`` last) and sum."""
+        self.counts[bisect.bisect_left(self.bounds, amount)] += 1
+        self.total += amount
 
 
 class _Family:
@@ -141,7 +147,7 @@ class _Family:
         """The series of these label values (made, with its ``_created``, on first use)."""
         series = self.series.get(values)
         if series is None:
-            series = self.series[values] = _Series(len(self.bounds))
+            series = self.series[values] = _Series(self.bounds)
         return series
 
     def metric(self) -> metrics_core.Metric:
@@ -183,11 +189,6 @@ class _Families(registry.Collector):
 
 _NEGATIVE = "Counters can only be incremented by non-negative amounts."
 
-
-# The histograms' upper bounds, ``+Inf`` last, for `bisect`.
-_REQUEST_BOUNDS = (*REQUEST_BUCKETS, math.inf)
-_TOKEN_BOUNDS = (*TOKEN_BUCKETS, math.inf)
-_OPERATION_BOUNDS = (*OPERATION_BUCKETS, math.inf)
 
 # The values of bmad_integrations.base.Transport (the telemetry layer does not import it).
 DATASTORE_TRANSPORTS = ("tls-verified", "tls-unverified", "plaintext")
@@ -315,8 +316,7 @@ class Metrics:
         if series is None:
             series = self.request_seconds.child(route, str(status))
             self._request_series[(route, status)] = series
-        series.counts[bisect.bisect_left(_REQUEST_BOUNDS, seconds)] += 1
-        series.total += seconds
+        series.observe(seconds)
 
     def count_ledger_write(self, result: str) -> None:
         """One usage record written to the platform ledger (ok) or not (failed)."""
@@ -361,11 +361,8 @@ class Metrics:
                 self.token_usage.child(CHAT, *key, "input"),
                 self.token_usage.child(CHAT, *key, "output"),
             )
-        to_input, to_output = pair
-        to_input.counts[bisect.bisect_left(_TOKEN_BOUNDS, usage.tokens_in)] += 1
-        to_input.total += usage.tokens_in
-        to_output.counts[bisect.bisect_left(_TOKEN_BOUNDS, usage.tokens_out)] += 1
-        to_output.total += usage.tokens_out
+        pair[0].observe(usage.tokens_in)
+        pair[1].observe(usage.tokens_out)
 
     def record_operation(
         self, *, provider: str, model: str, seconds: float, error_type: str = ""
@@ -375,8 +372,7 @@ class Metrics:
         series = self._operation_series.get(key)
         if series is None:
             series = self._operation_series[key] = self.operation_duration.child(CHAT, *key)
-        series.counts[bisect.bisect_left(_OPERATION_BOUNDS, seconds)] += 1
-        series.total += seconds
+        series.observe(seconds)
 
     def render(self) -> bytes:
         return prometheus_client.generate_latest(self._served)
