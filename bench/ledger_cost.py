@@ -24,7 +24,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -88,44 +87,26 @@ def split(extra: dict[str, str], script: Path, levels: list[int], seconds: float
 
 def frames(extra: dict[str, str], script: Path, seconds: float) -> tuple[dict[str, float], float]:
     """Samples per 1,000 requests by frame (inclusive), and in all, at concurrency 1."""
-    spy = bench_runtime.py_spy()
-    if spy is None:
-        raise SystemExit("--spy needs py-spy: pip install -e '.[bench]'")
     proc, url = bench_runtime.start("runtime", extra)
+    done = 0
+
+    def run_load() -> None:
+        nonlocal done
+        done = wrk(url, script, concurrency=1, seconds=seconds)
+
     try:
-        with tempfile.TemporaryDirectory(prefix="bench-ledger-") as folder:
-            out = Path(folder) / "stacks.txt"
-            recorder = subprocess.Popen(
-                [
-                    spy,
-                    "record",
-                    "--pid",
-                    str(proc.pid),
-                    "--rate",
-                    "250",
-                    "--duration",
-                    f"{seconds + 1:.0f}",
-                    "--format",
-                    "raw",
-                    "--nonblocking",
-                    "--output",
-                    str(out),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            time.sleep(1.0)
-            done = wrk(url, script, concurrency=1, seconds=seconds)
-            recorder.wait(timeout=seconds + 60)
-            inclusive: collections.Counter[str] = collections.Counter()
-            total = 0
-            for line in out.read_text().splitlines():
-                stack, _, count = line.rpartition(" ")
-                total += int(count)
-                for name in {frame.split(" (")[0] for frame in stack.split(";")}:
-                    inclusive[name] += int(count)
+        stacks = bench_runtime.record_stacks(
+            proc.pid, rate=250, seconds=seconds, load=run_load, full_filenames=False
+        )
     finally:
         bench_runtime.stop(proc)
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in stacks.splitlines():
+        stack, _, count = line.rpartition(" ")
+        total += int(count)
+        for name in {frame.split(" (")[0] for frame in stack.split(";")}:
+            inclusive[name] += int(count)
     per = 1000 / done
     return {name: n * per for name, n in inclusive.items()}, total * per
 

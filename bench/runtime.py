@@ -61,6 +61,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -452,11 +453,14 @@ def py_spy() -> str | None:
     return found if Path(found).exists() else None
 
 
-def profile(url: str, pid: int, *, seconds: float, concurrency: int) -> Breakdown:
-    """Sample the server with py-spy (not pausing it) while loading it; parse the stacks."""
+def record_stacks(
+    pid: int, *, rate: int, seconds: float, load: Callable[[], object], full_filenames: bool
+) -> str:
+    """py-spy's raw stacks of the server ``pid`` (sampled without pausing it, at ``rate``
+    per second) while ``load`` runs for about ``seconds``."""
     spy = py_spy()
     if spy is None:
-        raise SystemExit("--profile needs py-spy: pip install py-spy (the bench extra)")
+        raise SystemExit("profiling needs py-spy: pip install py-spy (the bench extra)")
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as folder:
         out = Path(folder) / "stacks.txt"
         recorder = subprocess.Popen(
@@ -466,12 +470,12 @@ def profile(url: str, pid: int, *, seconds: float, concurrency: int) -> Breakdow
                 "--pid",
                 str(pid),
                 "--rate",
-                "200",
+                str(rate),
                 "--duration",
                 f"{seconds + 1:.0f}",
                 "--format",
                 "raw",
-                "--full-filenames",
+                *(["--full-filenames"] if full_filenames else []),
                 "--nonblocking",
                 "--output",
                 str(out),
@@ -480,6 +484,17 @@ def profile(url: str, pid: int, *, seconds: float, concurrency: int) -> Breakdow
             stderr=subprocess.PIPE,
         )
         time.sleep(1.0)  # attached
+        load()
+        _, err = recorder.communicate(timeout=seconds + 60)
+        if recorder.returncode != 0 or not out.exists():
+            raise RuntimeError(f"py-spy failed: {err.decode(errors='replace')[-500:]}")
+        return out.read_text()
+
+
+def profile(url: str, pid: int, *, seconds: float, concurrency: int) -> Breakdown:
+    """Sample the server with py-spy (not pausing it) while loading it; parse the stacks."""
+
+    def run_load() -> None:
         if LOAD_GENERATOR == "wrk":
             load_wrk(url, psutil.Process(pid), concurrency=concurrency, seconds=seconds)
         else:
@@ -492,10 +507,10 @@ def profile(url: str, pid: int, *, seconds: float, concurrency: int) -> Breakdow
                     max_requests=10**9,
                 )
             )
-        _, err = recorder.communicate(timeout=seconds + 60)
-        if recorder.returncode != 0 or not out.exists():
-            raise RuntimeError(f"py-spy failed: {err.decode(errors='replace')[-500:]}")
-        return parse_profile(out.read_text())
+
+    return parse_profile(
+        record_stacks(pid, rate=200, seconds=seconds, load=run_load, full_filenames=True)
+    )
 
 
 def breakdown_lines(title: str, result: Result, found: Breakdown) -> list[str]:
