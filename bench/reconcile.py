@@ -29,6 +29,18 @@ Run on demand (not in CI), with the test bed up (enough kwok nodes for N pods, a
 
 Each size uses fresh namespaces, deleted (and waited for) before the next run starts;
 the operator is started fresh for each size.
+
+`--fresh-bed NODES` gives every timed part (each size's baseline, each size's operator
+run) a control plane of its own: the bench starts a test bed (`bmad testbed up
+--services none --nodes NODES`, in a directory under `BMAD_TESTBED_DIR` or /tmp) before
+the part and stops and removes it after, so neither part runs on what the other left
+behind (etcd's history of thousands of deleted objects, the garbage collector's and the
+controllers' backlog). Without it both parts share the test bed of the environment,
+the baseline first, and at 5,000 Agents the second part pays for the first (see
+docs/benchmarks.md). No test bed needs to be up:
+
+    .venv/bin/python bench/reconcile.py --agents 1000 5000 --fresh-bed 7 \\
+        --write docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ import math
 import os
 import platform
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -50,7 +63,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +77,7 @@ from bmad_crds.v1alpha1 import agent as agent_api
 from bmad_operator import diff, kube
 from bmad_operator.builders import agent as builders
 from bmad_testbed import audit, operator_proc
+from bmad_testbed import testbed as testbed_mod
 from bmad_testbed.kubectl import Kubectl
 
 ROLES = ("analyst", "pm", "architect", "ux-expert", "po", "sm", "dev", "qa")
@@ -411,7 +425,9 @@ class Bench:
         self.user = os.environ.get("BMAD_OPERATOR_USER", "")
         self.audit_log = os.environ.get("BMAD_AUDIT_LOG", "")
         self.kubectl = Kubectl(os.environ.get("BMAD_KUBECTL", "kubectl"), self.kubeconfig)
-        self.tmp = Path(os.environ.get("BMAD_TESTBED_DIR", "/tmp")) / "bench"  # noqa: S108
+        # the operator's logs; a fresh bed's directory goes with it, so they go beside it
+        logs = os.environ.get("BMAD_BENCH_DIR") or os.environ.get("BMAD_TESTBED_DIR", "/tmp")  # noqa: S108
+        self.tmp = Path(logs) / "bench"
 
     # setup -------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -473,7 +489,7 @@ class Bench:
         """Delete and wait until it is gone, so its garbage collection does not run
         during the next measurement (``wait=False`` after the last one)."""
         self.kubectl.run("delete", "namespace", ns, "--wait=false", check=False)
-        if not wait:
+        if not wait or self.args.fresh_bed:  # a fresh bed is thrown away after the part
             return
         deadline = time.monotonic() + 3600
         while time.monotonic() < deadline:
@@ -699,11 +715,22 @@ CLIENTS = {"kubectl": "kubectl processes", "python": "kubernetes_asyncio corouti
 
 
 def report(
-    args: argparse.Namespace, rows: list[tuple[int, tuple[float, float] | None, OperatorRun]]
+    args: argparse.Namespace,
+    rows: list[tuple[int, tuple[float, float] | None, OperatorRun]],
+    machine_line: str,
 ) -> str:
+    beds = (
+        f"Every timed part on a control plane of its own (`--fresh-bed {args.fresh_bed}`: "
+        f"a test bed with {args.fresh_bed} kwok nodes started before the part, stopped and "
+        "removed after it)."
+        if args.fresh_bed
+        else "Both parts on one test bed, the baseline first, its namespace deleted and "
+        "collected before the operator's run."
+    )
     lines = [
         f"\n### bench/reconcile — {dt.date.today().isoformat()}\n",
-        machine(),
+        machine_line,
+        beds,
         f"Baseline: the builders' objects applied by {args.streams} concurrent server-side-"
         f"apply streams ({CLIENTS[args.client]}), timed to all Deployments Available. "
         f"Operator: {args.workers} workers, resync "
@@ -751,15 +778,58 @@ def report(
     return "\n".join(lines) + "\n"
 
 
+# Keys a test bed's env sets; cleared before a fresh bed starts so it does not take the
+# previous one's KUBECONFIG for a cluster of the user's own.
+_BED_KEYS = ("KUBECONFIG", "BMAD_TESTBED_DIR")
+
+
+@contextlib.asynccontextmanager
+async def fresh_bed(args: argparse.Namespace, part: str) -> AsyncIterator[None]:
+    """A control plane of its own for one timed part, its env in os.environ meanwhile."""
+    base = Path(os.environ.get("BMAD_TESTBED_DIR") or "/tmp")  # noqa: S108
+    directory = base / f"bench-bed-{part}-{secrets.token_hex(2)}"
+    saved = dict(os.environ)
+    for key in _BED_KEYS:
+        os.environ.pop(key, None)
+    os.environ["BMAD_TESTBED_DIR"] = str(directory)
+    os.environ["BMAD_BENCH_DIR"] = str(base)
+    try:
+        started = time.monotonic()
+        env = await asyncio.to_thread(
+            testbed_mod.up, with_services=[], nodes=args.fresh_bed, directory=directory
+        )
+        os.environ.update(env)
+        print(
+            f"{part}: a fresh test bed in {directory} ({time.monotonic() - started:.0f}s)",
+            file=sys.stderr,
+        )
+        yield
+    finally:
+        await asyncio.to_thread(testbed_mod.down, directory=directory)
+        shutil.rmtree(directory, ignore_errors=True)
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@contextlib.asynccontextmanager
+async def bed_for(args: argparse.Namespace, part: str) -> AsyncIterator[Bench]:
+    """The Bench of one timed part: on a fresh test bed (`--fresh-bed`) or the env's."""
+    async with fresh_bed(args, part) if args.fresh_bed else contextlib.nullcontext():
+        bench = Bench(args)
+        bench.prepare()
+        yield bench
+
+
 async def amain(args: argparse.Namespace) -> int:
-    bench = Bench(args)
-    bench.prepare()
     rows: list[tuple[int, tuple[float, float] | None, OperatorRun]] = []
+    machine_line = ""
     for n in args.agents:
-        bench.check_capacity(n)
         base: tuple[float, float] | None = None
         if not args.no_baseline:
-            base = await bench.baseline(n)
+            async with bed_for(args, f"baseline-{n}") as bench:
+                bench.check_capacity(n)
+                machine_line = machine_line or machine()
+                base = await bench.baseline(n)
             print(
                 f"baseline {n} ({args.client}): all Available after {base[0]:.1f}s, "
                 f"load {base[1]:.1f}",
@@ -767,7 +837,10 @@ async def amain(args: argparse.Namespace) -> int:
             )
         if args.baseline_only:
             continue
-        run = await bench.operator(n)
+        async with bed_for(args, f"operator-{n}") as bench:
+            bench.check_capacity(n)
+            machine_line = machine_line or machine()
+            run = await bench.operator(n)
         print(
             f"operator {n}: all Ready after {run.seconds:.1f}s, CPU {run.cpu:.1f}s, RSS "
             f"{run.start_rss / MiB:.0f} → {run.peak_rss / MiB:.0f} MiB; requests "
@@ -777,7 +850,7 @@ async def amain(args: argparse.Namespace) -> int:
         rows.append((n, base, run))
     if not rows:
         return 0
-    text = report(args, rows)
+    text = report(args, rows, machine_line)
     print(text)
     if args.write:
         report_file.add_to_section(args.write, SECTION, text)
@@ -811,6 +884,13 @@ def main() -> int:
         type=float,
         default=0.0,
         help="after all Ready, leave the Agents alone this long and watch",
+    )
+    parser.add_argument(
+        "--fresh-bed",
+        type=int,
+        metavar="NODES",
+        default=0,
+        help="start a test bed with NODES kwok nodes for every timed part, stop it after",
     )
     parser.add_argument("--timeout", type=float, default=3600, help="per run, seconds")
     parser.add_argument(
