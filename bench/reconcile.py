@@ -778,19 +778,15 @@ def report(
     return "\n".join(lines) + "\n"
 
 
-# Keys a test bed's env sets; cleared before a fresh bed starts so it does not take the
-# previous one's KUBECONFIG for a cluster of the user's own.
-_BED_KEYS = ("KUBECONFIG", "BMAD_TESTBED_DIR")
-
-
 @contextlib.asynccontextmanager
 async def fresh_bed(args: argparse.Namespace, part: str) -> AsyncIterator[None]:
     """A control plane of its own for one timed part, its env in os.environ meanwhile."""
     base = Path(os.environ.get("BMAD_TESTBED_DIR") or "/tmp")  # noqa: S108
     directory = base / f"bench-bed-{part}-{secrets.token_hex(2)}"
     saved = dict(os.environ)
-    for key in _BED_KEYS:
-        os.environ.pop(key, None)
+    # without this, `up` would take the environment's KUBECONFIG for a cluster of the
+    # user's own and start no control plane
+    os.environ.pop("KUBECONFIG", None)
     os.environ["BMAD_TESTBED_DIR"] = str(directory)
     os.environ["BMAD_BENCH_DIR"] = str(base)
     try:
