@@ -86,6 +86,7 @@ class Services:
         return self._agent
 
 
+@ports.direct_init
 @dataclass(frozen=True)
 class Turn:
     """One turn, prepared: the context to send and what `finish` records."""
