@@ -173,7 +173,8 @@ async def prepare(
     """Admit the turn (the tenant's budget, rate limits) and assemble its context from
     the recent turns (and, for a workflow step, the artifacts it was given)."""
     started = time.perf_counter()
-    await check_budget(services)
+    if services.ledger is not None:  # else no budget to check (and no coroutine made for it)
+        await check_budget(services)
     estimated_in = context.estimate_tokens(body.input) + sum(
         context.estimate_tokens(a.content) for a in artifacts
     )
