@@ -127,14 +127,17 @@ def _messages(
 ) -> list[ports.Message]:
     agent = services.agent_layer()
     system = list(agent.system)
+    system_tokens: int | None = agent.system_tokens
     if artifacts:  # after the agent layer, as `context.Layers` orders them
         system += context.Layers(artifacts=tuple(artifacts)).system_messages()
+        system_tokens = None
     reserve = providers_base.merge_params(agent.config.model.params, params).get("max_tokens")
     return context.trim(
         system,
         [*(ports.Message(t.role, t.content) for t in history), ports.Message("user", text)],
         context_window=agent.context_window,
         reserve_tokens=int(reserve) if isinstance(reserve, int) else DEFAULT_ANSWER_RESERVE,
+        system_tokens=system_tokens,
     )
 
 
