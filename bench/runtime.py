@@ -40,6 +40,9 @@ slower stretch than they did.
 opcode events), per package. On a shared machine, where requests/s and CPU time move
 with everyone's load, that count does not, so a change's effect on the runtime's own
 work can be seen there; it leaves out C code and the server (uvicorn, h11, sockets).
+`--instructions N` calls both apps the same way under valgrind's callgrind and counts
+the machine instructions one request runs: C code included, as deterministic, slower
+(about a minute for 1,000 requests of each); it still leaves out the server.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -605,18 +608,11 @@ PROFILE_LEVEL = 16
 # --- work per request that load does not move ----------------------------------------
 
 
-def count_bytecodes(kind: str, requests: int) -> tuple[float, list[tuple[str, float]]]:
-    """Python bytecodes one POST /v1/invoke runs through the app, called in process as
-    ASGI (no server, no load generator, no sockets): per request, and per package.
-
-    Counted with ``sys.settrace`` opcode events after 300 warm-up requests. C code
-    (pydantic-core, the json and re modules) counts as the one call that reaches it,
-    and uvicorn and h11 are outside the app: this is the part of the CPU the runtime's
-    own code decides, and it does not move with the machine's load.
-    """
+def in_process(kind: str) -> Callable[[], Coroutine[Any, Any, int]]:
+    """One POST /v1/invoke into the app, called in process as ASGI (no server, no
+    sockets), as a coroutine function that returns the status."""
     app = {"runtime": runtime_app, "bare": bare_app}[kind]()
     raw = json.dumps(BODY).encode()
-    counts: collections.Counter[str] = collections.Counter()
 
     async def one() -> int:
         sent = False
@@ -655,6 +651,21 @@ def count_bytecodes(kind: str, requests: int) -> tuple[float, list[tuple[str, fl
         }
         await app(scope, receive, send)
         return status
+
+    return one
+
+
+def count_bytecodes(kind: str, requests: int) -> tuple[float, list[tuple[str, float]]]:
+    """Python bytecodes one POST /v1/invoke runs through the app, called in process as
+    ASGI (no server, no load generator, no sockets): per request, and per package.
+
+    Counted with ``sys.settrace`` opcode events after 300 warm-up requests. C code
+    (pydantic-core, the json and re modules) counts as the one call that reaches it,
+    and uvicorn and h11 are outside the app: this is the part of the CPU the runtime's
+    own code decides, and it does not move with the machine's load.
+    """
+    one = in_process(kind)
+    counts: collections.Counter[str] = collections.Counter()
 
     def trace(frame: Any, event: str, arg: Any) -> Any:
         frame.f_trace_opcodes = True
@@ -704,6 +715,76 @@ def bytecode_lines(requests: int) -> list[str]:
     ]
     lines += [f"| {name} | {count:,.0f} |" for name, count in parts[:12]]
     return lines
+
+
+# Past the in-process store's bound (1,000 conversations): its eviction is in the count.
+INSTRUCTION_WARMUP = 1_200
+
+
+def instructions_child(kind: str, requests: int) -> None:
+    """Run under callgrind (`count_instructions`): warm up, then ``requests`` requests with
+    the instrumentation on, so only they are counted."""
+    one = in_process(kind)
+
+    def instrument(state: str) -> None:
+        subprocess.run(
+            ["callgrind_control", "-i", state, str(os.getpid())], check=True, capture_output=True
+        )
+
+    async def run() -> None:
+        for _ in range(INSTRUCTION_WARMUP):
+            if await one() != 200:
+                raise RuntimeError(f"the {kind} app did not answer 200")
+        instrument("on")
+        for _ in range(requests):
+            await one()
+        instrument("off")
+
+    asyncio.run(run())
+
+
+def count_instructions(kind: str, requests: int) -> float:
+    """Machine instructions one POST /v1/invoke runs in the app called in process as
+    `count_bytecodes` calls it (valgrind's callgrind, instructions executed, "Ir"): C
+    included (pydantic-core, the interpreter's own work per bytecode, an exception
+    raised and caught, ``object.__setattr__``), and as deterministic as the bytecodes.
+    A run of no requests is subtracted (what switching the count on and off costs)."""
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        raise SystemExit("--instructions needs valgrind (Debian package valgrind)")
+    totals = []
+    with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as folder:
+        for n in (0, requests):
+            run = subprocess.run(
+                [
+                    "valgrind",
+                    "--tool=callgrind",
+                    "--instr-atstart=no",
+                    f"--callgrind-out-file={folder}/callgrind.%p",
+                    sys.executable,
+                    __file__,
+                    "--instructions-child",
+                    kind,
+                    str(n),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            found = re.search(r"Collected : (\d+)", run.stderr)
+            if found is None:
+                raise RuntimeError(f"no instruction count from callgrind:\n{run.stderr[-2000:]}")
+            totals.append(int(found.group(1)))
+    return (totals[1] - totals[0]) / requests
+
+
+def instruction_lines(requests: int) -> list[str]:
+    bare = count_instructions("bare", requests)
+    runtime = count_instructions("runtime", requests)
+    return [
+        f"Machine instructions per POST /v1/invoke, the ASGI app called in process "
+        f"({requests} requests after {INSTRUCTION_WARMUP:,}, valgrind callgrind Ir; no "
+        f"server): runtime {runtime:,.0f}, bare {bare:,.0f}, ratio {runtime / bare:.2f}."
+    ]
 
 
 class Database:
@@ -820,6 +901,15 @@ def main() -> int:
         help="only count the Python bytecodes per request of both apps, called in process "
         "(no server; the machine's load does not move it), and print them",
     )
+    parser.add_argument(
+        "--instructions",
+        type=int,
+        default=0,
+        metavar="REQUESTS",
+        help="only count the machine instructions per request of both apps, called in "
+        "process under valgrind's callgrind (C included; deterministic), and print them",
+    )
+    parser.add_argument("--instructions-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     global LOAD_GENERATOR  # noqa: PLW0603 - chosen once per run
     LOAD_GENERATOR = args.load
@@ -828,6 +918,12 @@ def main() -> int:
         return 0
     if args.bytecodes:
         print("\n".join(bytecode_lines(args.bytecodes)))
+        return 0
+    if args.instructions_child:
+        instructions_child(args.instructions_child[0], int(args.instructions_child[1]))
+        return 0
+    if args.instructions:
+        print("\n".join(instruction_lines(args.instructions)))
         return 0
     if "real" in args.tables and not have_store:
         raise SystemExit(

@@ -144,11 +144,14 @@ class AgentLayer:
     # Persona and instructions, as the system messages of `Layers`.
     system: tuple[ports.Message, ...]
     context_window: int
+    # `count_tokens` of `system`, which `trim` would otherwise count on every turn.
+    system_tokens: int
 
     @classmethod
     def of(cls, config: config_mod.AgentConfig) -> AgentLayer:
         layers = Layers(persona=config.persona_text(), instructions=config.instructions)
-        return cls(config, tuple(layers.system_messages()), config.context_window)
+        system = tuple(layers.system_messages())
+        return cls(config, system, config.context_window, count_tokens(system))
 
 
 def _latest_user_index(conversation: Sequence[ports.Message]) -> int | None:
@@ -164,12 +167,14 @@ def trim(
     *,
     context_window: int,
     reserve_tokens: int = 0,
+    system_tokens: int | None = None,
 ) -> list[ports.Message]:
     """System messages plus as much of the conversation as fits, newest kept.
 
     Turns are dropped oldest first. The latest user message and everything after it
     stay whole; after dropping, leading assistant turns are dropped too, so that the
     kept conversation starts with a user turn (some APIs require that).
+    ``system_tokens``: `count_tokens` of ``system``, when the caller has it already.
     """
     if context_window <= 0:
         raise ValueError(f"contextWindow must be positive, not {context_window}")
@@ -178,7 +183,9 @@ def trim(
     keep_from = latest if latest is not None else len(conversation)
     protected = list(conversation[keep_from:])
     older = list(conversation[:keep_from])
-    fixed = count_tokens(system) + count_tokens(protected)
+    if system_tokens is None:
+        system_tokens = count_tokens(system)
+    fixed = system_tokens + count_tokens(protected)
     if fixed > budget:
         raise ContextOverflowError(needed=fixed, budget=budget, context_window=context_window)
 

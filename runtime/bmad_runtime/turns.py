@@ -86,6 +86,7 @@ class Services:
         return self._agent
 
 
+@ports.direct_init
 @dataclass(frozen=True)
 class Turn:
     """One turn, prepared: the context to send and what `finish` records."""
@@ -126,14 +127,17 @@ def _messages(
 ) -> list[ports.Message]:
     agent = services.agent_layer()
     system = list(agent.system)
+    system_tokens: int | None = agent.system_tokens
     if artifacts:  # after the agent layer, as `context.Layers` orders them
         system += context.Layers(artifacts=tuple(artifacts)).system_messages()
+        system_tokens = None
     reserve = providers_base.merge_params(agent.config.model.params, params).get("max_tokens")
     return context.trim(
         system,
         [*(ports.Message(t.role, t.content) for t in history), ports.Message("user", text)],
         context_window=agent.context_window,
         reserve_tokens=int(reserve) if isinstance(reserve, int) else DEFAULT_ANSWER_RESERVE,
+        system_tokens=system_tokens,
     )
 
 
@@ -172,7 +176,8 @@ async def prepare(
     """Admit the turn (the tenant's budget, rate limits) and assemble its context from
     the recent turns (and, for a workflow step, the artifacts it was given)."""
     started = time.perf_counter()
-    await check_budget(services)
+    if services.ledger is not None:  # else no budget to check (and no coroutine made for it)
+        await check_budget(services)
     estimated_in = context.estimate_tokens(body.input) + sum(
         context.estimate_tokens(a.content) for a in artifacts
     )

@@ -17,7 +17,7 @@ import dataclasses
 import functools
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 import fastapi
 import fastapi.routing
@@ -90,7 +90,10 @@ def owner_filter(caller: ports.Principal, all_scope: str) -> str | None:
 
 
 def state_of(request: starlette_requests.Request) -> RuntimeState:
-    return cast(RuntimeState, request.app.state.runtime)
+    # By key: Starlette's `State` finds an attribute in `__getattr__`, after the ordinary
+    # lookup has raised and caught an AttributeError (twice per invoke).
+    state: RuntimeState = request.scope["app"].state["runtime"]
+    return state
 
 
 # Dependencies are coroutines: FastAPI runs a plain function in a worker thread.

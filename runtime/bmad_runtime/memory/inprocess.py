@@ -46,7 +46,8 @@ class InProcessStore:
 
     def __init__(self, *, max_conversations: int = MAX_CONVERSATIONS) -> None:
         self.max_conversations = max_conversations
-        self.conversations: dict[_Key, Conversation] = {}
+        # In the order of the last write: the least recently updated first (`_written`).
+        self.conversations: collections.OrderedDict[_Key, Conversation] = collections.OrderedDict()
         self._usage: collections.deque[ports.UsageRecord] = collections.deque(maxlen=MAX_RECORDS)
         self._audit: collections.deque[dict[str, Any]] = collections.deque(maxlen=MAX_RECORDS)
 
@@ -74,27 +75,32 @@ class InProcessStore:
             raise ports.ConversationNotFoundError(f"this agent has no conversation {key[2]!r}")
         return conversation
 
-    async def append(self, turn: ports.Turn, *, tenant: str, agent: str, subject: str) -> None:
-        key = (tenant, agent, turn.conversation_id)
+    def _written(self, key: _Key, subject: str, created_at: dt.datetime) -> Conversation:
+        """The conversation a turn is written to, made if new, now the most recently
+        updated (the last in the eviction order)."""
         conversation = self._check_not_foreign(key, subject)
         if conversation is None:
             if len(self.conversations) >= self.max_conversations:
-                # The dict is kept in the order of the last write (below), so the least
-                # recently updated is the first: O(1), not a scan of every conversation
-                # (the scan was a quarter of an invoke's CPU once the store was full).
-                del self.conversations[next(iter(self.conversations))]
-            conversation = Conversation(
-                created_at=turn.created_at, updated_at=turn.created_at, owner=subject
-            )
+                # Kept in the order of the last write, so the least recently updated is
+                # the first: O(1), not a scan of every conversation (the scan was a
+                # quarter of an invoke's CPU once the store was full).
+                self.conversations.popitem(last=False)
+            conversation = Conversation(created_at=created_at, updated_at=created_at, owner=subject)
             self.conversations[key] = conversation
         else:
-            # Written now: to the end of the eviction order.
-            del self.conversations[key]
-            self.conversations[key] = conversation
+            self.conversations.move_to_end(key)
+        return conversation
+
+    @staticmethod
+    def _add(conversation: Conversation, turn: ports.Turn) -> None:
         conversation.turns.append(turn)
         conversation.count += 1
         conversation.title = conversation.title or conversations_mod.title(turn)
         conversation.updated_at = max(conversation.updated_at, turn.created_at)
+
+    async def append(self, turn: ports.Turn, *, tenant: str, agent: str, subject: str) -> None:
+        key = (tenant, agent, turn.conversation_id)
+        self._add(self._written(key, subject, turn.created_at), turn)
 
     async def recent(
         self, conversation_id: str, *, tenant: str, agent: str, limit: int, subject: str
@@ -166,10 +172,15 @@ class InProcessStore:
         )
 
     async def record_turn(self, record: ports.TurnRecord) -> None:
+        """What `append` of each turn, `record_usage` and `audit` store, in that order;
+        the turns without a coroutine each (a turn's two turns are of one conversation)."""
+        key: _Key | None = None
+        conversation: Conversation | None = None
         for turn in record.turns:
-            await self.append(
-                turn, tenant=record.tenant, agent=record.agent, subject=record.subject
-            )
+            if key is None or conversation is None or key[2] != turn.conversation_id:
+                key = (record.tenant, record.agent, turn.conversation_id)
+                conversation = self._written(key, record.subject, turn.created_at)
+            self._add(conversation, turn)
         await self.record_usage(record.usage)
         await self.audit(
             tenant=record.tenant,

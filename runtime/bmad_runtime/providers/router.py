@@ -118,6 +118,9 @@ class ModelRouter:
         """The model the chain asked for that gave ``completion``: the entry of the provider
         that answered (a provider may name the model longer, ``gpt-4o`` answered by
         ``gpt-4o-2024-08-06``)."""
+        if len(self.chain) == 1:  # what the lists below come to for a chain of one
+            only = self.chain[0]
+            return only.model if only.name == completion.provider else completion.model
         same = [p.model for p in self.chain if p.name == completion.provider]
         prefixes = [model for model in same if completion.model.startswith(model)]
         if prefixes:

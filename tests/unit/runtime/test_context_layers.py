@@ -89,6 +89,19 @@ def test_the_oldest_turns_are_dropped_first() -> None:
     assert kept[0].role == "user"  # never starts with an orphaned answer
 
 
+def test_a_known_system_cost_trims_as_counting_it_does() -> None:
+    conversation = conversation_of(10)
+    system = LAYERS.system_messages()
+    cost = context.count_tokens(system)
+    for window in (cost + 50, cost + 200, cost + 10_000):
+        assert context.trim(
+            system, conversation, context_window=window, system_tokens=cost
+        ) == context.trim(system, conversation, context_window=window)
+    # The cost given is the one used (an agent's layer counts its system messages once).
+    with pytest.raises(context.ContextOverflowError):
+        context.trim(system, conversation, context_window=cost + 50, system_tokens=cost + 50)
+
+
 def test_reserved_answer_tokens_shrink_the_budget() -> None:
     conversation = conversation_of(10)
     window = context.count_tokens(LAYERS.system_messages()) + context.count_tokens(conversation)

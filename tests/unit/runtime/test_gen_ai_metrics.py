@@ -232,3 +232,14 @@ def test_the_requested_model_is_the_chain_entry_that_answered() -> None:
     assert chain.requested_model(answered("openai", "gpt-4o-mini-2024-07-18")) == "gpt-4o-mini"
     assert chain.requested_model(answered("anthropic", "claude-x")) == "claude-sonnet-4"
     assert chain.requested_model(answered("other", "m-1")) == "m-1"
+
+
+def test_a_chain_of_one_names_its_entry_or_what_answered() -> None:
+    chain = router.ModelRouter([echo.EchoProvider("gpt-4o", name="openai")])
+
+    def answered(provider: str, model: str) -> ports.Completion:
+        return ports.Completion("", ports.Usage(1, 1), model=model, provider=provider)
+
+    assert chain.requested_model(answered("openai", "gpt-4o-2024-08-06")) == "gpt-4o"
+    assert chain.requested_model(answered("openai", "other-model")) == "gpt-4o"
+    assert chain.requested_model(answered("other", "m-1")) == "m-1"

@@ -47,3 +47,60 @@ async def test_a_store_below_its_bound_drops_nothing() -> None:
         await write(store, conversation, minute)
 
     assert await ids(store) == {"a", "b", "c"}
+
+
+def record(conversation: str, minute: int, *, subject: str = SUBJECT) -> ports.TurnRecord:
+    when = T0 + dt.timedelta(minutes=minute)
+    return ports.TurnRecord(
+        tenant=TENANT,
+        agent=AGENT,
+        subject=subject,
+        turns=(
+            ports.Turn(conversation, "user", f"question {minute}", when),
+            ports.Turn(conversation, "assistant", f"answer {minute}", when, model="m"),
+        ),
+        usage=ports.UsageRecord(
+            tenant=TENANT,
+            agent=AGENT,
+            conversation_id=conversation,
+            model="m",
+            provider="echo",
+            tokens_in=2,
+            tokens_out=2,
+            latency_ms=1,
+        ),
+        action="agent.invoke",
+        detail={"conversationId": conversation},
+    )
+
+
+async def test_a_recorded_turn_is_stored_and_its_conversation_updated_last() -> None:
+    store = inprocess.InProcessStore(max_conversations=2)
+    await store.record_turn(record("a", 1))
+    await store.record_turn(record("b", 2))
+    await store.record_turn(record("a", 3))  # a is the most recently updated; b the least
+
+    await store.record_turn(record("c", 4))
+
+    assert await ids(store) == {"a", "c"}
+    history = await store.history("a", tenant=TENANT, agent=AGENT, subject=SUBJECT)
+    assert [t.content for t in history] == ["question 1", "answer 1", "question 3", "answer 3"]
+    listed = await store.list_conversations(tenant=TENANT, agent=AGENT, subject=SUBJECT)
+    assert {c["id"]: (c["turns"], c["title"]) for c in listed} == {
+        "a": (4, "question 1"),
+        "c": (2, "question 4"),
+    }
+    assert [u.conversation_id for u in store.usage] == ["a", "b", "a", "c"]
+    assert [e["detail"] for e in store.audit_log][-1] == {"conversationId": "c"}
+
+
+async def test_a_turn_in_another_subjects_conversation_stores_nothing() -> None:
+    store = inprocess.InProcessStore()
+    await store.record_turn(record("a", 1))
+
+    with pytest.raises(ports.ConversationNotFoundError):
+        await store.record_turn(record("a", 2, subject="mallory"))
+
+    history = await store.history("a", tenant=TENANT, agent=AGENT, subject=None)
+    assert len(history) == 2
+    assert len(store.usage) == len(store.audit_log) == 1
