@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import collections
 import contextlib
 import datetime as dt
@@ -170,6 +171,8 @@ def store_app() -> Any:
     from bmad_runtime import settings, wiring
 
     folder = Path(tempfile.mkdtemp(prefix="bench-runtime-"))
+    # Removed when the server ends (uvicorn returns on the bench's SIGTERM).
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     config = folder / "agent.json"
     config.write_text(json.dumps({"role": "pm", "model": {"provider": "echo", "name": "echo-1"}}))
     return wiring.create_default_app(
