@@ -571,6 +571,8 @@ class Bench:
             load = LoadMeter()
             start = time.monotonic()
             await apply_parallel(api, groups, streams=self.args.streams)
+            applied = time.monotonic() - start
+            print(f"operator {n}: Agents applied in {applied:.1f}s", file=sys.stderr)
             end = await watcher
             mean_load = load.stop()
             seconds = end - start
