@@ -116,14 +116,10 @@ class EdgeMiddleware:
         )
         with span_cm as span:
             try:
-                if declared is None:  # chunked: guarded as it streams
-                    await self.app(scope, self._limited(receive), decorate)
-                elif declared > self.max_bytes:
+                if declared is not None and declared > self.max_bytes:
                     await self._too_large(scope, receive, decorate, rid)
                 else:
-                    # The server frames the body by its Content-Length: it cannot grow
-                    # past what was declared, so no guard on every receive.
-                    await self.app(scope, receive, decorate)
+                    await self.app(scope, self._limited(receive), decorate)
             except Exception:
                 logger.exception(
                     "unhandled error in %s %s (request %s)",
