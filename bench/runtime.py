@@ -58,6 +58,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -171,7 +172,7 @@ def store_app() -> Any:
     from bmad_runtime import settings, wiring
 
     folder = Path(tempfile.mkdtemp(prefix="bench-runtime-"))
-    # Removed when the server ends (uvicorn returns on the bench's SIGTERM).
+    # Removed when the server ends (`serve` exits on the bench's SIGTERM).
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     config = folder / "agent.json"
     config.write_text(json.dumps({"role": "pm", "model": {"provider": "echo", "name": "echo-1"}}))
@@ -212,6 +213,9 @@ def serve(kind: str, port: int) -> None:
     import uvicorn
 
     app = {"runtime": runtime_app, "store": store_app, "bare": bare_app}[kind]()
+    # uvicorn shuts down on the bench's SIGTERM and then raises it again under the handler
+    # it found: a handler that exits lets the process end normally (atexit runs).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(app, host=HOST, port=port, log_level="warning", access_log=False, lifespan="on")
 
 
