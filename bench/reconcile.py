@@ -372,6 +372,43 @@ class LoadMeter(threading.Thread):
         return statistics.fmean(self.values) if self.values else os.getloadavg()[0]
 
 
+# The test bed's control plane, by the program each process runs.
+CONTROL_PLANE = ("kube-apiserver", "etcd", "kube-controller-manager", "kube-scheduler", "kwok")
+
+
+def control_plane_cpu() -> dict[str, float]:
+    """User + system seconds so far of the test bed's control-plane processes, by program.
+
+    Only the processes of this environment's test bed (`BMAD_TESTBED_DIR` in their
+    command line) when it names one, so another test bed on the machine is not counted."""
+    bed = os.environ.get("BMAD_TESTBED_DIR")
+    seconds: dict[str, float] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        program = os.path.basename(cmdline[0]) if cmdline else ""
+        if program not in CONTROL_PLANE or (bed and not any(bed in a for a in cmdline)):
+            continue
+        with contextlib.suppress(psutil.Error):
+            t = proc.cpu_times()
+            seconds[program] = seconds.get(program, 0.0) + t.user + t.system
+    return seconds
+
+
+def own_cpu() -> float:
+    """User + system seconds so far of this process (the apply streams and the watches)."""
+    t = psutil.Process().cpu_times()
+    return float(t.user + t.system)
+
+
+def cpu_spent(before: Mapping[str, float], client_before: float) -> dict[str, float]:
+    """The control plane's CPU seconds by program since `before`, and this process's as
+    `bench client`."""
+    after = control_plane_cpu()
+    spent = {name: after[name] - before.get(name, 0.0) for name in CONTROL_PLANE if name in after}
+    spent["bench client"] = own_cpu() - client_before
+    return spent
+
+
 # --- one run ------------------------------------------------------------------------------
 
 
@@ -385,6 +422,8 @@ class OperatorRun:
     writes: Counter[str]
     load: float
     steady: Steady | None = None
+    # CPU seconds during the run by program: the control plane and this process
+    cpu_by_process: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -499,7 +538,7 @@ class Bench:
         print(f"namespace {ns} still there after an hour; going on", file=sys.stderr)
 
     # the baseline ------------------------------------------------------------------
-    async def baseline(self, n: int) -> tuple[float, float]:
+    async def baseline(self, n: int) -> tuple[float, float, dict[str, float]]:
         ns = self.fresh_namespace("bench-direct", n)
         groups = owned_objects(ns, n)
         api = await api_client(self.kubeconfig, pool=self.args.streams + 4)
@@ -516,6 +555,7 @@ class Bench:
             )
             await asyncio.sleep(0.5)  # the watch is open before the first object lands
             load = LoadMeter()
+            cpu_before, client_before = control_plane_cpu(), own_cpu()
             start = time.monotonic()
             if self.args.client == "kubectl":
                 await asyncio.to_thread(
@@ -525,8 +565,9 @@ class Bench:
                 await apply_parallel(api, groups, streams=self.args.streams)
             applied = time.monotonic() - start
             end = await watcher
+            spent = cpu_spent(cpu_before, client_before)
             print(f"baseline {n}: applied in {applied:.1f}s", file=sys.stderr)
-            return end - start, load.stop()
+            return end - start, load.stop(), spent
         finally:
             await api.close()
             await asyncio.to_thread(self.delete_namespace, ns)
@@ -569,6 +610,7 @@ class Bench:
             )
             await asyncio.sleep(0.5)
             load = LoadMeter()
+            cp_before, client_before = control_plane_cpu(), own_cpu()
             start = time.monotonic()
             await apply_parallel(api, groups, streams=self.args.streams)
             applied = time.monotonic() - start
@@ -577,6 +619,7 @@ class Bench:
             mean_load = load.stop()
             seconds = end - start
             cpu = tree_cpu(pid) - cpu_before
+            by_process = cpu_spent(cp_before, client_before)
             usage = sampler.stop()
             events = audit.entries_after(mark) if mark else []
             verbs = audit.requests_by_verb(events, user=self.user)
@@ -595,7 +638,15 @@ class Bench:
             last = n == self.args.agents[-1]
             await asyncio.to_thread(self.delete_namespace, ns, wait=not last)
         return OperatorRun(
-            seconds, cpu, start_rss, usage.peak_rss, verbs, writes, mean_load, steady
+            seconds,
+            cpu,
+            start_rss,
+            usage.peak_rss,
+            verbs,
+            writes,
+            mean_load,
+            steady,
+            cpu_by_process={**by_process, "operator": cpu},
         )
 
     async def heap_profile(self, n: int, ns: str, folder: Path) -> None:
@@ -718,7 +769,7 @@ CLIENTS = {"kubectl": "kubectl processes", "python": "kubernetes_asyncio corouti
 
 def report(
     args: argparse.Namespace,
-    rows: list[tuple[int, tuple[float, float] | None, OperatorRun]],
+    rows: list[tuple[int, tuple[float, float, dict[str, float]] | None, OperatorRun]],
     machine_line: str,
 ) -> str:
     beds = (
@@ -756,6 +807,7 @@ def report(
             f"{per_agent:.0f} | {_verbs(run.verbs)} | "
             f"{f'{base[1]:.1f}' if base else '—'} / {run.load:.1f} |"
         )
+    lines += cpu_table(rows)
     steady = [(n, run.steady) for n, _, run in rows if run.steady]
     if steady:
         lines += [
@@ -778,6 +830,34 @@ def report(
                 f"{s.slope_mib_per_min():+.2f} | {s.cpu:.1f} | {s.passes:.1f} | {per_pass} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def cpu_table(
+    rows: Sequence[tuple[int, tuple[float, float, dict[str, float]] | None, OperatorRun]],
+) -> list[str]:
+    """Where the machine's CPU went during each timed part, by program."""
+    columns = [*CONTROL_PLANE, "operator", "bench client"]
+    lines = [
+        "",
+        "CPU seconds (user + system) during each timed part, by program: the test bed's "
+        "control plane, the operator's process tree, and the bench's own process (the "
+        "apply streams and the watch that times the part). Total over wall time: the "
+        "cores they kept busy on average.\n",
+        "| agents | part | wall (s) | " + " | ".join(columns) + " | total | cores busy |",
+        "|---:|---|---:|" + "---:|" * len(columns) + "---:|---:|",
+    ]
+    for n, base, run in rows:
+        parts = [("baseline", base[0], base[2])] if base else []
+        parts.append(("operator", run.seconds, run.cpu_by_process))
+        for part, wall, spent in parts:
+            if not spent:
+                continue
+            total = sum(spent.values())
+            cells = " | ".join(f"{spent[c]:.1f}" if c in spent else "—" for c in columns)
+            lines.append(
+                f"| {n:,} | {part} | {wall:.1f} | {cells} | {total:.1f} | {total / wall:.2f} |"
+            )
+    return lines
 
 
 @contextlib.asynccontextmanager
@@ -819,10 +899,10 @@ async def bed_for(args: argparse.Namespace, part: str) -> AsyncIterator[Bench]:
 
 
 async def amain(args: argparse.Namespace) -> int:
-    rows: list[tuple[int, tuple[float, float] | None, OperatorRun]] = []
+    rows: list[tuple[int, tuple[float, float, dict[str, float]] | None, OperatorRun]] = []
     machine_line = ""
     for n in args.agents:
-        base: tuple[float, float] | None = None
+        base: tuple[float, float, dict[str, float]] | None = None
         if not args.no_baseline:
             async with bed_for(args, f"baseline-{n}") as bench:
                 bench.check_capacity(n)
