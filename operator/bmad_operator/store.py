@@ -77,14 +77,29 @@ _SHORT = 64  # strings up to this length are interned: names, labels, enum value
 
 
 def _shared(value: Any) -> Any:
-    """`value` copied with interned keys and short strings."""
+    """`value` copied with interned keys and short strings.
+
+    Decoded JSON holds only dicts, lists, strings, numbers, booleans and None: those are
+    told apart by their exact type first, without `isinstance` against the `Mapping` ABC
+    for every leaf (the ABC check was the costliest part of this walk, which runs on
+    every watch event of an owned object)."""
+    kind = type(value)
+    if kind is str:  # not str subclasses (enums)
+        return sys.intern(value) if len(value) <= _SHORT else value
+    if kind is dict:
+        return {sys.intern(k) if type(k) is str else k: _shared(v) for k, v in value.items()}
+    if kind is list:
+        return [_shared(v) for v in value]
+    if kind in _PLAIN:
+        return value
     if isinstance(value, Mapping):
         return {sys.intern(k) if type(k) is str else k: _shared(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_shared(v) for v in value]
-    if type(value) is str and len(value) <= _SHORT:  # not str subclasses (enums)
-        return sys.intern(value)
     return value
+
+
+_PLAIN = frozenset({int, float, bool, type(None)})
 
 
 def _older(new: Mapping[str, Any], current: Mapping[str, Any]) -> bool:

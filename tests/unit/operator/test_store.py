@@ -7,6 +7,9 @@ deleted and recreated under the same name (a new uid) always replaces the old on
 
 from __future__ import annotations
 
+import enum
+import sys
+import types
 from typing import Any
 
 import pytest
@@ -167,3 +170,36 @@ def test_the_store_keeps_no_managed_fields_nor_last_applied_copy() -> None:
     # the object handed in is not changed
     assert body["metadata"]["managedFields"][0]["manager"] == "bmad-operator"
     assert store.LAST_APPLIED in body["metadata"]["annotations"]
+
+
+def test_a_kept_object_is_an_equal_copy_with_short_strings_interned() -> None:
+    """Every kind of JSON value, and the Mappings and str subclasses a client may hand in,
+    come out equal to what went in; short strings are the interned ones, nested values
+    are copies."""
+
+    class Phase(enum.StrEnum):
+        READY = "Ready"
+
+    long_text = "x" * 200
+    spec = {
+        "replicas": 2,
+        "ratio": 0.5,
+        "paused": False,
+        "nothing": None,
+        "tags": ["a", "b", {"nested": "c"}],
+        "view": types.MappingProxyType({"inner": "value"}),
+        "phase": Phase.READY,
+        "text": long_text,
+    }
+    body = obj("7", spec=spec)
+    cache = store.Store()
+    cache.put(body)
+    kept = cache.get("Agent", "team-a", "mary")
+    assert kept is not None
+    assert kept["spec"] == {**spec, "view": {"inner": "value"}}
+    assert type(kept["spec"]["view"]) is dict
+    assert kept["spec"]["phase"] is Phase.READY
+    assert kept["spec"]["tags"] is not spec["tags"]
+    assert kept["spec"]["tags"][2] is not spec["tags"][2]
+    assert kept["spec"]["tags"][0] is sys.intern("a")
+    assert kept["spec"]["text"] == long_text
