@@ -86,15 +86,11 @@ def _shared(value: Any) -> Any:
     kind = type(value)
     if kind is str:  # not str subclasses (enums)
         return sys.intern(value) if len(value) <= _SHORT else value
-    if kind is dict:
-        return {sys.intern(k) if type(k) is str else k: _shared(v) for k, v in value.items()}
-    if kind is list:
-        return [_shared(v) for v in value]
     if kind in _PLAIN:
         return value
-    if isinstance(value, Mapping):
+    if kind is dict or isinstance(value, Mapping):
         return {sys.intern(k) if type(k) is str else k: _shared(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if kind is list or isinstance(value, list):
         return [_shared(v) for v in value]
     return value
 
