@@ -413,6 +413,14 @@ def cpu_spent(before: Mapping[str, float], client_before: float) -> dict[str, fl
 
 
 @dataclasses.dataclass
+class BaselineRun:
+    seconds: float
+    load: float
+    # CPU seconds during the run by program: the control plane and this process
+    cpu_by_process: dict[str, float]
+
+
+@dataclasses.dataclass
 class OperatorRun:
     seconds: float
     cpu: float
@@ -538,7 +546,7 @@ class Bench:
         print(f"namespace {ns} still there after an hour; going on", file=sys.stderr)
 
     # the baseline ------------------------------------------------------------------
-    async def baseline(self, n: int) -> tuple[float, float, dict[str, float]]:
+    async def baseline(self, n: int) -> BaselineRun:
         ns = self.fresh_namespace("bench-direct", n)
         groups = owned_objects(ns, n)
         api = await api_client(self.kubeconfig, pool=self.args.streams + 4)
@@ -567,7 +575,7 @@ class Bench:
             end = await watcher
             spent = cpu_spent(cpu_before, client_before)
             print(f"baseline {n}: applied in {applied:.1f}s", file=sys.stderr)
-            return end - start, load.stop(), spent
+            return BaselineRun(end - start, load.stop(), spent)
         finally:
             await api.close()
             await asyncio.to_thread(self.delete_namespace, ns)
@@ -769,7 +777,7 @@ CLIENTS = {"kubectl": "kubectl processes", "python": "kubernetes_asyncio corouti
 
 def report(
     args: argparse.Namespace,
-    rows: list[tuple[int, tuple[float, float, dict[str, float]] | None, OperatorRun]],
+    rows: list[tuple[int, BaselineRun | None, OperatorRun]],
     machine_line: str,
 ) -> str:
     beds = (
@@ -799,13 +807,13 @@ def report(
         "|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for n, base, run in rows:
-        ratio = f"{run.seconds / base[0]:.2f}" if base else "—"
+        ratio = f"{run.seconds / base.seconds:.2f}" if base else "—"
         per_agent = (run.peak_rss - run.start_rss) / n / 1024
         lines.append(
-            f"| {n:,} | {f'{base[0]:.1f}' if base else '—'} | {run.seconds:.1f} | {ratio} | "
+            f"| {n:,} | {f'{base.seconds:.1f}' if base else '—'} | {run.seconds:.1f} | {ratio} | "
             f"{run.cpu:.1f} | {run.start_rss / MiB:.0f} / {run.peak_rss / MiB:.0f} | "
             f"{per_agent:.0f} | {_verbs(run.verbs)} | "
-            f"{f'{base[1]:.1f}' if base else '—'} / {run.load:.1f} |"
+            f"{f'{base.load:.1f}' if base else '—'} / {run.load:.1f} |"
         )
     lines += cpu_table(rows)
     steady = [(n, run.steady) for n, _, run in rows if run.steady]
@@ -833,7 +841,7 @@ def report(
 
 
 def cpu_table(
-    rows: Sequence[tuple[int, tuple[float, float, dict[str, float]] | None, OperatorRun]],
+    rows: Sequence[tuple[int, BaselineRun | None, OperatorRun]],
 ) -> list[str]:
     """Where the machine's CPU went during each timed part, by program."""
     columns = [*CONTROL_PLANE, "operator", "bench client"]
@@ -847,7 +855,7 @@ def cpu_table(
         "|---:|---|---:|" + "---:|" * len(columns) + "---:|---:|",
     ]
     for n, base, run in rows:
-        parts = [("baseline", base[0], base[2])] if base else []
+        parts = [("baseline", base.seconds, base.cpu_by_process)] if base else []
         parts.append(("operator", run.seconds, run.cpu_by_process))
         for part, wall, spent in parts:
             if not spent:
@@ -899,18 +907,18 @@ async def bed_for(args: argparse.Namespace, part: str) -> AsyncIterator[Bench]:
 
 
 async def amain(args: argparse.Namespace) -> int:
-    rows: list[tuple[int, tuple[float, float, dict[str, float]] | None, OperatorRun]] = []
+    rows: list[tuple[int, BaselineRun | None, OperatorRun]] = []
     machine_line = ""
     for n in args.agents:
-        base: tuple[float, float, dict[str, float]] | None = None
+        base: BaselineRun | None = None
         if not args.no_baseline:
             async with bed_for(args, f"baseline-{n}") as bench:
                 bench.check_capacity(n)
                 machine_line = machine_line or machine()
                 base = await bench.baseline(n)
             print(
-                f"baseline {n} ({args.client}): all Available after {base[0]:.1f}s, "
-                f"load {base[1]:.1f}",
+                f"baseline {n} ({args.client}): all Available after {base.seconds:.1f}s, "
+                f"load {base.load:.1f}",
                 file=sys.stderr,
             )
         if args.baseline_only:
