@@ -1,6 +1,7 @@
 """Wiring: the store, the work queue, the reconcilers and the periodic resync.
 
-kopf's watch streams feed `on_event`: the store takes the object, then the event is
+The watch streams (kopf's for the operator's own kinds, `informer`'s for the kinds it
+creates) feed `on_event`: the store takes the object, then the event is
 routed through the watches each reconciler declares (`watching`) to its work queue.
 Everything else happens in our own workers, so an event storm (a thousand Agents
 applied at once) becomes a bounded number of concurrent reconciles, and several

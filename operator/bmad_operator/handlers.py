@@ -20,7 +20,16 @@ import kopf
 from kopf._cogs.clients import errors as kopf_errors
 from kopf._cogs.clients import watching as kopf_watching
 
-from bmad_operator import admission, controller, errors, kube, leader, settings, stripe_endpoint
+from bmad_operator import (
+    admission,
+    controller,
+    errors,
+    informer,
+    kube,
+    leader,
+    settings,
+    stripe_endpoint,
+)
 from bmad_operator.builders import meta
 from bmad_operator.builders import webhook as webhook_builders
 from bmad_operator.policies import budget as policy_budget
@@ -93,12 +102,6 @@ def configure(kopf_settings: kopf.OperatorSettings) -> None:
     kopf_settings.watching.connect_timeout = 30
     kopf_settings.networking.request_timeout = 60
     kopf_settings.batching.batch_window = 0.05
-    # Owned kinds are selected by the API server, not filtered here: otherwise every
-    # Deployment, Service, ConfigMap and Secret of the cluster would be listed and
-    # streamed to the operator only to be dropped (memory, CPU, and for Secrets, data).
-    for group, version, plural, ours in WATCHED:
-        if ours:
-            kopf_settings.watching.label_selectors[group, version, plural] = MANAGED_SELECTOR
 
 
 @kopf.on.startup()
@@ -108,6 +111,13 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     api = await kube.Kube.connect()
     ctl = controller.Controller(api, cfg)
     memo["controller"] = ctl
+    # The kinds it owns are watched by its own informers (kopf watches the rest).
+    owned = informer.Informers(
+        informer.Informer(api, kind, selector=MANAGED_SELECTOR, sink=ctl.on_event)
+        for kind in OWNED_KINDS
+    )
+    owned.start()
+    memo["informers"] = owned
     if cfg.webhook_port:
         memo["webhook"] = await _serve_webhook(settings, api, cfg)
     if cfg.stripe_webhook_port:
@@ -191,6 +201,9 @@ async def cleanup(memo: Any, **_: Any) -> None:
     stripe = memo.get("stripe_webhook")
     if stripe is not None:
         await stripe.stop()
+    owned = memo.get("informers")
+    if owned is not None:
+        await owned.stop()
     ctl = memo.get("controller")
     if ctl is None:
         return
@@ -233,9 +246,13 @@ async def feed(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         ctl.on_event(event)
 
 
-# What the operator watches: (group, version, plural, only objects it manages). Of the
-# Secrets, only its own (the binding Secrets it publishes, its webhook certificate):
-# an Integration reads its user's credentials Secret by name on each pass instead.
+# What the operator watches: (group, version, plural, only objects it manages). The
+# kinds it manages are selected by the API server with its labels, not filtered here:
+# otherwise every Deployment, Service, ConfigMap and Secret of the cluster would be
+# listed and streamed to the operator only to be dropped (memory, CPU, and for Secrets,
+# data). Of the Secrets, only its own (the binding Secrets it publishes, its webhook
+# certificate): an Integration reads its user's credentials Secret by name on each pass
+# instead. kopf watches the kinds it does not manage; `informer` watches the rest.
 WATCHED: tuple[tuple[str, str, str, bool], ...] = (
     ("bmad.dev", "v1alpha1", "agents", False),
     ("bmad.dev", "v1alpha1", "tenants", False),
@@ -257,10 +274,13 @@ WATCHED: tuple[tuple[str, str, str, bool], ...] = (
     ("autoscaling", "v2", "horizontalpodautoscalers", False),
     ("keda.sh", "v1alpha1", "scaledobjects", False),
 )
+_KIND_OF_PLURAL = {info.plural: kind for kind, info in kube.RESOURCES.items()}
+OWNED_KINDS: tuple[str, ...] = tuple(
+    _KIND_OF_PLURAL[plural] for _group, _version, plural, ours in WATCHED if ours
+)
 for _group, _version, _plural, _ours in WATCHED:
-    kopf.on.event(
-        _group, _version, _plural, id=f"feed-{_plural}", labels=MANAGED if _ours else None
-    )(feed)
+    if not _ours:
+        kopf.on.event(_group, _version, _plural, id=f"feed-{_plural}")(feed)
 
 
 @kopf.on.validate(

@@ -11,10 +11,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 from typing import Any, NamedTuple
+from urllib.parse import urlencode
 
+import aiohttp
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
-from kubernetes_asyncio.client import exceptions as k8s_exceptions
 
 from bmad_operator import errors, metrics
 
@@ -24,6 +25,19 @@ FIELD_MANAGER = "bmad-operator"
 ABSENT_VERSION = "1"
 
 Obj = dict[str, Any]
+
+# A request's whole time: connecting, sending, and reading the answer.
+REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=30)
+
+
+def _jsonable(value: object) -> str:
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON: a manifest holds JSON values only")
+
+
+def _dumps(body: Any) -> bytes:
+    return json.dumps(body, separators=(",", ":"), default=_jsonable).encode()
 
 
 class ResourceInfo(NamedTuple):
@@ -76,6 +90,7 @@ class Kube:
 
     def __init__(self, api: k8s_client.ApiClient) -> None:
         self.api = api
+        self._host = str(api.configuration.host).rstrip("/")
 
     @classmethod
     async def connect(cls) -> Kube:
@@ -98,6 +113,42 @@ class Kube:
     async def close(self) -> None:
         await self.api.close()
 
+    async def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str = "application/json",
+        data: bytes | None = None,
+        limits: aiohttp.ClientTimeout = REQUEST_TIMEOUT,
+    ) -> aiohttp.ClientResponse:
+        """One HTTP request on the client's own session (its TLS and credentials), the
+        response unread: `_call` reads it whole, a watch reads it line by line.
+
+        The body goes as bytes we serialised. ApiClient.call_api would walk every body
+        with sanitize_for_serialization (a Python call per field, for plain dicts that are
+        JSON already) and then serialise it anyway; the operator's reconciles spent a
+        part of their time there (see docs/benchmarks.md)."""
+        headers = {"Content-Type": content_type, "Accept": "application/json"}
+        params = list(query or ())
+        await self.api.update_params_for_auth(headers, params, ["BearerToken"])
+        url = self._host + path
+        if params:
+            url += "?" + urlencode(params)
+        rest = self.api.rest_client
+        extra: dict[str, Any] = {}
+        if rest.server_hostname:
+            extra["server_hostname"] = rest.server_hostname
+        if rest.proxy:
+            extra["proxy"] = rest.proxy
+            if rest.proxy_headers:
+                extra["proxy_headers"] = rest.proxy_headers
+        session: aiohttp.ClientSession = rest.pool_manager
+        return await session.request(
+            method, url, data=data, headers=headers, timeout=limits, **extra
+        )
+
     async def _call(
         self,
         method: str,
@@ -110,39 +161,33 @@ class Kube:
     ) -> Obj:
         if method != "GET":
             metrics.API_WRITES.labels(verb=method, kind=kind).inc()
+        data = None if body is None else _dumps(body)
         try:
-            resp = await self.api.call_api(
-                path,
-                method,
-                query_params=query or [],
-                header_params={"Content-Type": content_type, "Accept": "application/json"},
-                body=body,
-                auth_settings=["BearerToken"],
-                _preload_content=False,
-                _request_timeout=30,
-            )
-            raw = await resp.read()
-        except k8s_exceptions.ApiException as exc:
-            raise _api_error(exc) from None
-        except OSError as exc:
-            raise errors.ApiError(0, "Unreachable", str(exc)) from None
-        status = int(getattr(resp, "status", 200))
+            resp = await self.send(method, path, query=query, content_type=content_type, data=data)
+            async with resp:
+                raw = await resp.read()
+                status = resp.status
+        except (OSError, aiohttp.ClientError) as exc:
+            raise errors.ApiError(0, "Unreachable", str(exc) or type(exc).__name__) from None
         try:
-            data: Obj = json.loads(raw) if raw else {}
+            data_: Obj = json.loads(raw) if raw else {}
         except ValueError:
             if status < 400:
                 raise
             # An API group the server does not serve answers "404 page not found" as
             # text, not as a Status object (KEDA's CRD not installed, for example).
-            data = {"reason": "NotFound" if status == 404 else "Error"}
+            data_ = {"reason": "NotFound" if status == 404 else "Error"}
         if status >= 400:
-            # Without preloading, the client hands back error bodies instead of raising.
             raise errors.ApiError(
                 status,
-                str(data.get("reason") or "Error"),
-                str(data.get("message") or raw[:200].decode(errors="replace").strip()),
+                str(data_.get("reason") or "Error"),
+                str(data_.get("message") or raw[:200].decode(errors="replace").strip()),
             )
-        return data
+        return data_
+
+    async def get_path(self, path: str, *, kind: str, query: list[tuple[str, str]]) -> Obj:
+        """GET any path (a list across namespaces, a page of one): the decoded answer."""
+        return await self._call("GET", path, kind=kind, query=query)
 
     async def get(self, kind: str, namespace: str | None, name: str) -> Obj | None:
         try:
@@ -280,16 +325,3 @@ class Kube:
             "count": 1,
         }
         await self._call("POST", path_for("Event", namespace), kind="Event", body=event)
-
-
-def _api_error(exc: k8s_exceptions.ApiException) -> errors.ApiError:
-    status = int(exc.status or 0)
-    reason = str(exc.reason or "")
-    message = reason
-    try:
-        body = json.loads(exc.body or "{}")
-        message = str(body.get("message") or message)
-        reason = str(body.get("reason") or reason)
-    except (TypeError, ValueError):
-        pass
-    return errors.ApiError(status, reason, message)

@@ -1,4 +1,4 @@
-"""What the operator has seen, kept from kopf's watch streams.
+"""What the operator has seen, kept from its watch streams (kopf's and `informer`'s).
 
 Reconciles read from here instead of the API server, so an Agent whose owned
 objects are all as they should be costs no request at all. The API server stays the

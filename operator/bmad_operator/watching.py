@@ -19,7 +19,7 @@ Key = tuple[str, str]  # (namespace, name); cluster-scoped kinds have namespace 
 
 
 class WatchEvent(NamedTuple):
-    """One event of kopf's watch streams, with what the declarations select on."""
+    """One watch event (kopf's or an informer's), with what the declarations select on."""
 
     type: str | None  # ADDED, MODIFIED, DELETED; None for objects of the initial listing
     kind: str
