@@ -111,10 +111,10 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     api = await kube.Kube.connect()
     ctl = controller.Controller(api, cfg)
     memo["controller"] = ctl
-    # The kinds it owns are watched by its own informers (kopf watches the rest).
+    # Its informers watch every kind but those kopf follows (`KOPF_WATCHED`).
     owned = informer.Informers(
-        informer.Informer(api, kind, selector=MANAGED_SELECTOR, sink=ctl.on_event)
-        for kind in OWNED_KINDS
+        informer.Informer(api, kind, selector=selector, sink=ctl.on_event)
+        for kind, selector in INFORMED
     )
     owned.start()
     memo["informers"] = owned
@@ -252,7 +252,7 @@ async def feed(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
 # listed and streamed to the operator only to be dropped (memory, CPU, and for Secrets,
 # data). Of the Secrets, only its own (the binding Secrets it publishes, its webhook
 # certificate): an Integration reads its user's credentials Secret by name on each pass
-# instead. kopf watches the kinds it does not manage; `informer` watches the rest.
+# instead.
 WATCHED: tuple[tuple[str, str, str, bool], ...] = (
     ("bmad.dev", "v1alpha1", "agents", False),
     ("bmad.dev", "v1alpha1", "tenants", False),
@@ -274,13 +274,20 @@ WATCHED: tuple[tuple[str, str, str, bool], ...] = (
     ("autoscaling", "v2", "horizontalpodautoscalers", False),
     ("keda.sh", "v1alpha1", "scaledobjects", False),
 )
+# Watched by kopf: kinds whose CRD may be missing or installed later (kopf follows the
+# CRDs it serves and starts or stops that kind's watch). The rest by `informer`.
+KOPF_WATCHED = frozenset({"scaledobjects"})
 _KIND_OF_PLURAL = {info.plural: kind for kind, info in kube.RESOURCES.items()}
-OWNED_KINDS: tuple[str, ...] = tuple(
-    _KIND_OF_PLURAL[plural] for _group, _version, plural, ours in WATCHED if ours
+INFORMED: tuple[tuple[str, str], ...] = tuple(
+    (_KIND_OF_PLURAL[plural], MANAGED_SELECTOR if ours else "")
+    for _group, _version, plural, ours in WATCHED
+    if plural not in KOPF_WATCHED
 )
 for _group, _version, _plural, _ours in WATCHED:
-    if not _ours:
-        kopf.on.event(_group, _version, _plural, id=f"feed-{_plural}")(feed)
+    if _plural in KOPF_WATCHED:
+        kopf.on.event(
+            _group, _version, _plural, id=f"feed-{_plural}", labels=MANAGED if _ours else None
+        )(feed)
 
 
 @kopf.on.validate(

@@ -1,13 +1,14 @@
-"""List-and-watch of the kinds the operator creates, straight into the controller.
+"""List-and-watch of what the operator reads, straight into the controller.
 
-kopf watches the operator's own kinds (Agent, Tenant, Integration, Workflow) and the
-few others it reads; the kinds it *owns* (Deployments, Services, ConfigMaps, Secrets
-and the rest, selected on the server by the operator's labels) are watched here. They
-are most of the events: a thousand Agents applied at once make about ten of them per
-Agent, and kopf gave each one its whole machinery (a worker per object, its memory of
-the object, a logger, a patch, the handler's keyword arguments), a fifth of the
-operator's CPU in a profile of bench/reconcile. Here an event is a decoded line handed
-to `Controller.on_event`, as kopf's would have been.
+Every kind the operator watches is watched here but KEDA's ScaledObjects, whose CRD may
+come and go (kopf follows those): its own kinds (Agent, Tenant, Integration, Workflow),
+Namespaces, HorizontalPodAutoscalers, and the kinds it creates (Deployments, Services,
+ConfigMaps, its Secrets and the rest, selected on the server by the operator's labels).
+A thousand Agents applied at once make about thirteen watch events per Agent, and kopf
+gave each one its whole machinery (a worker per object, its memory of the object, a
+logger, a patch, the handler's keyword arguments), a fifth of the operator's CPU in a
+py-spy profile of bench/reconcile. Here an event is a decoded line handed to
+`Controller.on_event`, as kopf's would have been.
 
 An informer is client-go's reflector, small: list (in pages) and hand every object
 over, then watch from the list's resourceVersion with bookmarks, and continue from the
@@ -41,7 +42,7 @@ PAGE = 500
 WATCH_SECONDS = 300
 WATCH_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=WATCH_SECONDS + 30)
 BACKOFF_FIRST = 0.5
-BACKOFF_MAX = 30.0
+BACKOFF_MAX = 10.0
 
 
 class Gone(Exception):  # noqa: N818 - the API server's word for it
@@ -86,13 +87,16 @@ class Informer:
                 await asyncio.sleep(backoff * random.uniform(0.8, 1.2))  # noqa: S311
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
+    def _selected(self) -> list[tuple[str, str]]:
+        return [("labelSelector", self.selector)] if self.selector else []
+
     # -- listing ----------------------------------------------------------------------
     async def _list(self) -> str:
         objects: list[dict[str, Any]] = []
         version = ""
         token = ""
         while True:
-            query = [("labelSelector", self.selector), ("limit", str(self.page))]
+            query = [("limit", str(self.page)), *self._selected()]
             if token:
                 query.append(("continue", token))
             data = await self.api.get_path(self.path, kind=self.kind, query=query)
@@ -121,7 +125,7 @@ class Informer:
         again."""
         query = [
             ("watch", "true"),
-            ("labelSelector", self.selector),
+            *self._selected(),
             ("resourceVersion", version),
             ("allowWatchBookmarks", "true"),
             ("timeoutSeconds", str(WATCH_SECONDS)),

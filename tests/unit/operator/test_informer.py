@@ -323,3 +323,19 @@ async def test_informers_stop_cancels_every_task(server: tuple[FakeServer, kube.
     assert len(tasks) == 3
     await group.stop()
     assert all(t.done() for t in tasks)
+
+
+async def test_without_a_selector_nothing_is_selected_on_the_server(
+    server: tuple[FakeServer, kube.Kube],
+) -> None:
+    fake, api = server
+    fake.write("ADDED", "team-a", "cm-0", "1")
+    seen = Seen()
+    task = await running(informer.Informer(api, "ConfigMap", selector="", sink=seen))
+    try:
+        fake.write("MODIFIED", "team-a", "cm-0", "2")
+        await seen.until(2)
+        assert fake.queries
+        assert all("labelSelector" not in q for q in fake.queries)
+    finally:
+        await stop(task)
