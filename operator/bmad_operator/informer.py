@@ -24,6 +24,7 @@ import asyncio
 import json
 import logging
 import random
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -204,10 +205,22 @@ def _key(obj: Mapping[str, Any]) -> Key:
 
 
 def _identity(obj: Mapping[str, Any]) -> Mapping[str, Any]:
-    """What a deletion found by a later listing reports of the object: who it was."""
+    """What a deletion found by a later listing reports of the object: who it was, and
+    its labels (an owned object's name its owner). Its strings are the interned ones
+    the store keeps too, so an entry costs its two small dicts."""
     meta = obj.get("metadata") or {}
-    kept = {k: meta[k] for k in ("name", "namespace", "uid", "labels") if k in meta}
+    kept: dict[str, Any] = {
+        "name": _intern(meta.get("name")),
+        "namespace": _intern(meta.get("namespace")),
+    }
+    labels = meta.get("labels")
+    if labels:
+        kept["labels"] = {_intern(k): _intern(v) for k, v in labels.items()}
     return {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "metadata": kept}
+
+
+def _intern(value: Any) -> Any:
+    return sys.intern(value) if isinstance(value, str) else value
 
 
 def _error(status: int, body: bytes) -> errors.ApiError:
