@@ -1,7 +1,7 @@
 """Wiring: the store, the work queue, the reconcilers and the periodic resync.
 
-The watch streams (kopf's for the operator's own kinds, `informer`'s for the kinds it
-creates) feed `on_event`: the store takes the object, then the event is
+The watch streams (the operator's informers, and kopf's for KEDA's ScaledObjects) feed
+`on_event`: the store takes the object, then the event is
 routed through the watches each reconciler declares (`watching`) to its work queue.
 Everything else happens in our own workers, so an event storm (a thousand Agents
 applied at once) becomes a bounded number of concurrent reconciles, and several

@@ -60,7 +60,7 @@ class Informer:
         self.api = api
         self.kind = kind
         self.api_version = info.api_version
-        self.path = _all_namespaces(kind)
+        self.path = kube.path_across_namespaces(kind)
         self.selector = selector
         self.sink = sink
         self.page = page
@@ -135,7 +135,7 @@ class Informer:
         async with resp:
             if resp.status >= 400:
                 body = await resp.read()
-                raise _error(resp.status, body)
+                raise kube.status_error(resp.status, body)
             pending: list[bytes] = []
             async for chunk in resp.content.iter_any():
                 if b"\n" not in chunk:
@@ -193,12 +193,6 @@ class Informer:
             self._failure = None
 
 
-def _all_namespaces(kind: str) -> str:
-    info = kube.RESOURCES[kind]
-    base = "/api/v1" if info.api_version == "v1" else f"/apis/{info.api_version}"
-    return f"{base}/{info.plural}"
-
-
 def _key(obj: Mapping[str, Any]) -> Key:
     meta = obj.get("metadata") or {}
     return (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
@@ -221,20 +215,6 @@ def _identity(obj: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def _intern(value: Any) -> Any:
     return sys.intern(value) if isinstance(value, str) else value
-
-
-def _error(status: int, body: bytes) -> errors.ApiError:
-    try:
-        data = json.loads(body) if body else {}
-    except ValueError:
-        data = {}
-    if not isinstance(data, dict):
-        data = {}
-    return errors.ApiError(
-        status,
-        str(data.get("reason") or "Error"),
-        str(data.get("message") or body[:200].decode(errors="replace").strip()),
-    )
 
 
 class Informers:

@@ -72,9 +72,19 @@ RESOURCES: dict[str, ResourceInfo] = {
 }
 
 
+def _group_path(info: ResourceInfo) -> str:
+    return "/api/v1" if info.api_version == "v1" else f"/apis/{info.api_version}"
+
+
+def path_across_namespaces(kind: str) -> str:
+    """The collection of `kind` in every namespace (or of a cluster-scoped kind)."""
+    info = RESOURCES[kind]
+    return f"{_group_path(info)}/{info.plural}"
+
+
 def path_for(kind: str, namespace: str | None, name: str | None = None) -> str:
     info = RESOURCES[kind]
-    base = "/api/v1" if info.api_version == "v1" else f"/apis/{info.api_version}"
+    base = _group_path(info)
     if info.namespaced:
         if not namespace:
             raise ValueError(f"{kind} is namespaced: a namespace is required")
@@ -161,29 +171,19 @@ class Kube:
     ) -> Obj:
         if method != "GET":
             metrics.API_WRITES.labels(verb=method, kind=kind).inc()
-        data = None if body is None else _dumps(body)
+        payload = None if body is None else _dumps(body)
         try:
-            resp = await self.send(method, path, query=query, content_type=content_type, data=data)
+            resp = await self.send(
+                method, path, query=query, content_type=content_type, data=payload
+            )
             async with resp:
                 raw = await resp.read()
                 status = resp.status
         except (OSError, aiohttp.ClientError) as exc:
             raise errors.ApiError(0, "Unreachable", str(exc) or type(exc).__name__) from None
-        try:
-            data_: Obj = json.loads(raw) if raw else {}
-        except ValueError:
-            if status < 400:
-                raise
-            # An API group the server does not serve answers "404 page not found" as
-            # text, not as a Status object (KEDA's CRD not installed, for example).
-            data_ = {"reason": "NotFound" if status == 404 else "Error"}
         if status >= 400:
-            raise errors.ApiError(
-                status,
-                str(data_.get("reason") or "Error"),
-                str(data_.get("message") or raw[:200].decode(errors="replace").strip()),
-            )
-        return data_
+            raise status_error(status, raw)
+        return json.loads(raw) if raw else {}
 
     async def get_path(self, path: str, *, kind: str, query: list[tuple[str, str]]) -> Obj:
         """GET any path (a list across namespaces, a page of one): the decoded answer."""
@@ -325,3 +325,20 @@ class Kube:
             "count": 1,
         }
         await self._call("POST", path_for("Event", namespace), kind="Event", body=event)
+
+
+def status_error(status: int, raw: bytes) -> errors.ApiError:
+    """The error an answer of `status` >= 400 stands for, from its Status body."""
+    try:
+        data = json.loads(raw) if raw else {}
+    except ValueError:
+        # An API group the server does not serve answers "404 page not found" as
+        # text, not as a Status object (KEDA's CRD not installed, for example).
+        data = {"reason": "NotFound" if status == 404 else "Error"}
+    if not isinstance(data, dict):
+        data = {}
+    return errors.ApiError(
+        status,
+        str(data.get("reason") or "Error"),
+        str(data.get("message") or raw[:200].decode(errors="replace").strip()),
+    )
