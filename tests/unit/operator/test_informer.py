@@ -7,6 +7,7 @@ test of the operator, whose owned objects all come through informers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -159,16 +160,17 @@ async def server() -> AsyncIterator[tuple[FakeServer, kube.Kube]]:
         await runner.cleanup()
 
 
-async def running(inf: informer.Informer) -> asyncio.Task[None]:
+@contextlib.asynccontextmanager
+async def running(inf: informer.Informer) -> AsyncIterator[informer.Informer]:
+    """The informer running, its first listing handed over; cancelled on the way out."""
     task = asyncio.create_task(inf.run())
-    async with asyncio.timeout(10):
-        await inf.listed.wait()
-    return task
-
-
-async def stop(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    try:
+        async with asyncio.timeout(10):
+            await inf.listed.wait()
+        yield inf
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_lists_in_pages_then_watches_from_the_lists_version(
@@ -179,8 +181,7 @@ async def test_lists_in_pages_then_watches_from_the_lists_version(
         fake.write("ADDED", "team-a", f"cm-{i}", "first")
     seen = Seen()
     inf = informer.Informer(api, "ConfigMap", selector=SELECTOR, sink=seen, page=2)
-    task = await running(inf)
-    try:
+    async with running(inf):
         assert seen.events == [(None, f"cm-{i}", "first") for i in range(5)]
         lists = [q for q in fake.queries if "watch" not in q]
         assert [q.get("continue") for q in lists] == [None, "2", "4"]
@@ -200,8 +201,6 @@ async def test_lists_in_pages_then_watches_from_the_lists_version(
         assert inf.version == "18"
         assert set(inf.known) == {("team-a", "cm-0"), ("team-a", "cm-1"), ("team-a", "cm-3"),
                                   ("team-a", "cm-4"), ("team-b", "cm-9")}  # fmt: skip
-    finally:
-        await stop(task)
 
 
 async def test_a_line_split_across_reads_is_one_event(
@@ -210,14 +209,11 @@ async def test_a_line_split_across_reads_is_one_event(
     fake, api = server
     fake.split_lines = True
     seen = Seen()
-    task = await running(informer.Informer(api, "ConfigMap", selector=SELECTOR, sink=seen))
-    try:
+    async with running(informer.Informer(api, "ConfigMap", selector=SELECTOR, sink=seen)):
         fake.write("ADDED", "team-a", "cm-0", "x" * 5000)
         fake.write("MODIFIED", "team-a", "cm-0", "y")
         await seen.until(2)
         assert seen.events == [("ADDED", "cm-0", "x" * 5000), ("MODIFIED", "cm-0", "y")]
-    finally:
-        await stop(task)
 
 
 async def test_an_ended_watch_continues_from_the_last_version_without_repeats(
@@ -226,8 +222,7 @@ async def test_an_ended_watch_continues_from_the_last_version_without_repeats(
     fake, api = server
     fake.end_watch_after = 1
     seen = Seen()
-    task = await running(informer.Informer(api, "ConfigMap", selector=SELECTOR, sink=seen))
-    try:
+    async with running(informer.Informer(api, "ConfigMap", selector=SELECTOR, sink=seen)):
         for i in range(4):
             fake.write("ADDED", "team-a", f"cm-{i}", str(i))
         await seen.until(4)
@@ -236,8 +231,6 @@ async def test_an_ended_watch_continues_from_the_last_version_without_repeats(
         watches = [q["resourceVersion"] for q in fake.queries if q.get("watch") == "true"]
         assert watches[:4] == ["10", "11", "12", "13"]
         assert [q for q in fake.queries if "watch" not in q] == [fake.queries[0]]  # one list
-    finally:
-        await stop(task)
 
 
 async def test_gone_lists_again_and_reports_what_was_deleted_meanwhile(
@@ -248,8 +241,7 @@ async def test_gone_lists_again_and_reports_what_was_deleted_meanwhile(
     fake.write("ADDED", "team-a", "lost", "1")
     seen = Seen()
     inf = informer.Informer(api, "ConfigMap", selector=SELECTOR, sink=seen)
-    task = await running(inf)
-    try:
+    async with running(inf):
         # While it was not watching: one object deleted, one changed, history compacted.
         fake.history.clear()
         fake.objects.pop(("team-a", "lost"))
@@ -262,8 +254,6 @@ async def test_gone_lists_again_and_reports_what_was_deleted_meanwhile(
         assert seen.events[2:] == [(None, "kept", "2"), ("DELETED", "lost", None)]
         assert set(inf.known) == {("team-a", "kept")}
         assert "listing again" in caplog.text
-    finally:
-        await stop(task)
 
 
 async def test_a_failing_list_is_retried_and_logged_once_without_a_traceback(
@@ -277,16 +267,13 @@ async def test_a_failing_list_is_retried_and_logged_once_without_a_traceback(
     fake.write("ADDED", "team-a", "cm-0", "1")
     seen = Seen()
     with caplog.at_level(logging.DEBUG, logger="bmad_operator.informer"):
-        task = await running(informer.Informer(api, "ConfigMap", selector=SELECTOR, sink=seen))
-    try:
-        assert seen.events == [(None, "cm-0", "1")]
-        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-        assert len(warnings) == 1
-        assert "InternalError" in warnings[0].getMessage()
-        assert "etcd is slow" in warnings[0].getMessage()
-        assert all(r.exc_info is None for r in caplog.records)
-    finally:
-        await stop(task)
+        async with running(informer.Informer(api, "ConfigMap", selector=SELECTOR, sink=seen)):
+            assert seen.events == [(None, "cm-0", "1")]
+            warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+            assert len(warnings) == 1
+            assert "InternalError" in warnings[0].getMessage()
+            assert "etcd is slow" in warnings[0].getMessage()
+            assert all(r.exc_info is None for r in caplog.records)
 
 
 async def test_a_sink_that_raises_does_not_stop_the_watch(
@@ -300,15 +287,12 @@ async def test_a_sink_that_raises_does_not_stop_the_watch(
         if event["object"]["metadata"]["name"] == "bad":
             raise RuntimeError("a bug in a mapper")
 
-    task = await running(informer.Informer(api, "ConfigMap", selector=SELECTOR, sink=sink))
-    try:
+    async with running(informer.Informer(api, "ConfigMap", selector=SELECTOR, sink=sink)):
         fake.write("ADDED", "team-a", "bad", "1")
         fake.write("ADDED", "team-a", "good", "1")
         await seen.until(2)
         assert [name for _, name, _ in seen.events] == ["bad", "good"]
         assert "the controller failed on a watch event" in caplog.text
-    finally:
-        await stop(task)
 
 
 async def test_informers_stop_cancels_every_task(server: tuple[FakeServer, kube.Kube]) -> None:
@@ -331,11 +315,8 @@ async def test_without_a_selector_nothing_is_selected_on_the_server(
     fake, api = server
     fake.write("ADDED", "team-a", "cm-0", "1")
     seen = Seen()
-    task = await running(informer.Informer(api, "ConfigMap", selector="", sink=seen))
-    try:
+    async with running(informer.Informer(api, "ConfigMap", selector="", sink=seen)):
         fake.write("MODIFIED", "team-a", "cm-0", "2")
         await seen.until(2)
         assert fake.queries
         assert all("labelSelector" not in q for q in fake.queries)
-    finally:
-        await stop(task)
