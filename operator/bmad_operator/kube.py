@@ -138,8 +138,7 @@ class Kube:
 
         The body goes as bytes we serialised. ApiClient.call_api would walk every body
         with sanitize_for_serialization (a Python call per field, for plain dicts that are
-        JSON already) and then serialise it anyway; the operator's reconciles spent a
-        part of their time there (see docs/benchmarks.md)."""
+        JSON already) and then serialise it anyway."""
         headers = {"Content-Type": content_type, "Accept": "application/json"}
         params = list(query or ())
         await self.api.update_params_for_auth(headers, params, ["BearerToken"])
