@@ -85,14 +85,16 @@ def split(extra: dict[str, str], script: Path, levels: list[int], seconds: float
     return rows
 
 
-def frames(extra: dict[str, str], script: Path, seconds: float) -> tuple[dict[str, float], float]:
-    """Samples per 1,000 requests by frame (inclusive), and in all, at concurrency 1."""
+def frames(
+    extra: dict[str, str], script: Path, seconds: float, concurrency: int
+) -> tuple[dict[str, float], float]:
+    """Samples per 1,000 requests by frame (inclusive), and in all, at one concurrency."""
     proc, url = bench_runtime.start("runtime", extra)
     done = 0
 
     def run_load() -> None:
         nonlocal done
-        done = wrk(url, script, concurrency=1, seconds=seconds)
+        done = wrk(url, script, concurrency=concurrency, seconds=seconds)
 
     try:
         stacks = bench_runtime.record_stacks(
@@ -111,11 +113,35 @@ def frames(extra: dict[str, str], script: Path, seconds: float) -> tuple[dict[st
     return {name: n * per for name, n in inclusive.items()}, total * per
 
 
+def split_table(script: Path, levels: list[int], seconds: float) -> None:
+    """Off, on, off again: requests/s and user and system CPU per request, printed."""
+    first = split({}, script, levels, seconds)
+    with bench_runtime.BenchLedger(os.environ["BMAD_REDIS_URL"]) as env:
+        on = split(env, script, levels, seconds)
+    last = split({}, script, levels, seconds)
+    print(
+        "| concurrency | req/s off → on → off | user µs/req off → on → off | "
+        "system µs/req off → on → off |"
+    )
+    print("|---:|---:|---:|---:|")
+    for level, a, b, c in zip(levels, first, on, last, strict=True):
+        cols = [x.split("|") for x in (a, b, c)]
+        print(
+            f"| {level} | "
+            + " | ".join(" → ".join(col[i] for col in cols) for i in range(3))
+            + " |"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--spy", type=float, default=0.0, help="py-spy this long, off and on")
+    parser.add_argument(
+        "--spy-concurrency", type=int, default=1, help="the load while py-spy samples"
+    )
+    parser.add_argument("--spy-only", action="store_true", help="skip the CPU split, only py-spy")
     args = parser.parse_args()
     if not os.environ.get("BMAD_REDIS_URL"):
         raise SystemExit("needs the test bed's Redis as the ledger (BMAD_REDIS_URL)")
@@ -126,28 +152,15 @@ def main() -> int:
             f"wrk.body = {json.dumps(json.dumps(bench_runtime.BODY))}\n"
             'wrk.headers["Content-Type"] = "application/json"\n'
         )
-        first = split({}, script, args.concurrency, args.seconds)
-        with bench_runtime.BenchLedger(os.environ["BMAD_REDIS_URL"]) as env:
-            on = split(env, script, args.concurrency, args.seconds)
-        last = split({}, script, args.concurrency, args.seconds)
-        print(
-            "| concurrency | req/s off → on → off | user µs/req off → on → off | "
-            "system µs/req off → on → off |"
-        )
-        print("|---:|---:|---:|---:|")
-        for level, a, b, c in zip(args.concurrency, first, on, last, strict=True):
-            cols = [x.split("|") for x in (a, b, c)]
-            print(
-                f"| {level} | "
-                + " | ".join(" → ".join(col[i] for col in cols) for i in range(3))
-                + " |"
-            )
+        if not args.spy_only:
+            split_table(script, args.concurrency, args.seconds)
         if args.spy:
-            off_frames, off_total = frames({}, script, args.spy)
+            level = args.spy_concurrency
+            off_frames, off_total = frames({}, script, args.spy, level)
             with bench_runtime.BenchLedger(os.environ["BMAD_REDIS_URL"]) as env:
-                on_frames, on_total = frames(env, script, args.spy)
+                on_frames, on_total = frames(env, script, args.spy, level)
             print(
-                f"\npy-spy samples per 1,000 requests at concurrency 1 (250 Hz): off "
+                f"\npy-spy samples per 1,000 requests at concurrency {level} (250 Hz): off "
                 f"{off_total:.1f}, on {on_total:.1f}\n"
             )
             print("| frame (inclusive) | off | on | on - off |")

@@ -11,7 +11,10 @@ Run on demand (not in CI); loopback only, bounded by --seconds and --max-request
 
 Each server runs in its own process (`--serve runtime|store|bare`, one uvicorn worker);
 the load generator is wrk when installed, else an httpx async client with one connection
-per concurrent worker.
+per concurrent worker. Every server sets up Python's garbage collector as `bmad runtime`
+does (`bmad_runtime.collector`: what exists frozen, young collections every 10,000 net
+allocations), the bare endpoint too; `BENCH_GC_YOUNG_THRESHOLD=0` keeps Python's
+settings in all of them.
 
 Two tables. The first: the runtime with the in-process store. The second (`--tables
 in-process real`, the default when the test bed's `BMAD_POSTGRES_URL` and
@@ -163,6 +166,7 @@ class Answer(pydantic.BaseModel):
     output: str
 
 
+GC_THRESHOLD = "BENCH_GC_YOUNG_THRESHOLD"
 STORE_DSN = "BENCH_RUNTIME_POSTGRES_DSN"  # not BMAD_*: the server's env is cleaned of those
 STORE_REDIS = "BENCH_RUNTIME_REDIS_URL"
 
@@ -212,11 +216,26 @@ def bare_app() -> Any:
 def serve(kind: str, port: int) -> None:
     import uvicorn
 
+    from bmad_runtime import collector
+
     app = {"runtime": runtime_app, "store": store_app, "bare": bare_app}[kind]()
+    # The collector as `bmad runtime` sets it up (`bmad_runtime.collector`), for the bare
+    # endpoint too: the ratios compare the runtime's work with FastAPI's, not two
+    # settings of the collector. BENCH_GC_YOUNG_THRESHOLD=0 keeps Python's.
+    collector.tune(int(os.environ.get(GC_THRESHOLD, collector.DEFAULT_YOUNG_THRESHOLD)))
     # uvicorn shuts down on the bench's SIGTERM and then raises it again under the handler
     # it found: a handler that exits lets the process end normally (atexit runs).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(app, host=HOST, port=port, log_level="warning", access_log=False, lifespan="on")
+
+
+def _collector_line() -> str:
+    from bmad_runtime import collector
+
+    threshold = int(os.environ.get(GC_THRESHOLD, collector.DEFAULT_YOUNG_THRESHOLD))
+    if threshold == 0:
+        return "Python's settings"
+    return f"as `bmad runtime` sets it (frozen at start, young every {threshold:,})"
 
 
 def free_port() -> int:
@@ -989,6 +1008,7 @@ def main() -> int:
         f"Machine: {os.cpu_count()} cores, {cpu}, Python {platform.python_version()}; one "
         f"uvicorn worker per server, load generator ({LOAD_GENERATOR}) on the same machine "
         "over loopback, "
+        f"garbage collector: {_collector_line()}, "
         f"{args.seconds:g}s per level"
         + (
             f", {args.rounds} rounds (each: every table, then the bare endpoint), each "

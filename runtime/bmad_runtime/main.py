@@ -3,6 +3,9 @@
 This is what an agent pod runs (``bmad runtime``). uvicorn calls the factory, which
 reads the settings, agent.json and the bindings; the app's lifespan then connects the
 store, the authenticator and the limiter before the first request is served.
+
+Before that, the garbage collector is set up for a server (`collector.tune`): what the
+imports made is frozen and young collections are rarer.
 """
 
 from __future__ import annotations
@@ -12,15 +15,19 @@ import os
 
 import uvicorn
 
+from bmad_runtime import collector, wiring
 from bmad_runtime import settings as settings_mod
 
-APP_FACTORY = "bmad_runtime.wiring:create_default_app"
+# uvicorn imports the factory by this name; the module is imported above, before the
+# collector freezes what exists, so that what it imports is among what is frozen.
+APP_FACTORY = f"{wiring.__name__}:create_default_app"
 
 
 def run() -> None:
     level = os.environ.get("BMAD_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_mod.load()
+    collector.tune(settings.gc_young_threshold)
     uvicorn.run(
         APP_FACTORY,
         factory=True,

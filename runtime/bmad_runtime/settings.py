@@ -28,6 +28,7 @@ import pydantic_settings
 from bmad_crds import runtime_contract as contract
 from bmad_crds.v1alpha1 import agent as agent_api
 from bmad_runtime import bindings as bindings_mod
+from bmad_runtime import collector
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +166,14 @@ class RuntimeSettings(pydantic_settings.BaseSettings):
         le=60,
         description="How long the tenant's budget state read from the ledger's Redis is "
         "trusted before it is read again.",
+    )
+
+    gc_young_threshold: int = pydantic.Field(
+        default=collector.DEFAULT_YOUNG_THRESHOLD,
+        ge=0,
+        description="Net allocations between two young collections of Python's garbage "
+        "collector, which also freezes what exists before the runtime serves "
+        "(`bmad_runtime.collector`); 0 keeps Python's defaults.",
     )
 
     @property
