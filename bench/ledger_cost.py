@@ -17,6 +17,7 @@ Needs wrk (Debian package) and, for ``--spy``, py-spy (the bench extra).
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import importlib.util
 import json
@@ -96,12 +97,20 @@ def frames(
         nonlocal done
         done = wrk(url, script, concurrency=concurrency, seconds=seconds)
 
+    server = psutil.Process(proc.pid)
     try:
+        before = server.cpu_times()
         stacks = bench_runtime.record_stacks(
             proc.pid, rate=250, seconds=seconds, load=run_load, full_filenames=False
         )
+        after = server.cpu_times()
     finally:
         bench_runtime.stop(proc)
+    print(
+        f"py-spy run: {done / seconds:.0f} requests/s, server CPU "
+        f"{1e6 * (after.user - before.user) / done:.0f} µs user and "
+        f"{1e6 * (after.system - before.system) / done:.0f} µs system per request"
+    )
     inclusive: collections.Counter[str] = collections.Counter()
     total = 0
     for line in stacks.splitlines():
@@ -109,6 +118,8 @@ def frames(
         total += int(count)
         for name in {frame.split(" (")[0] for frame in stack.split(";")}:
             inclusive[name] += int(count)
+        if os.environ.get("LEDGER_COST_SELF"):
+            inclusive["self:" + stack.split(";")[-1].split(" (")[0]] += int(count)
     per = 1000 / done
     return {name: n * per for name, n in inclusive.items()}, total * per
 
@@ -142,7 +153,11 @@ def main() -> int:
         "--spy-concurrency", type=int, default=1, help="the load while py-spy samples"
     )
     parser.add_argument("--spy-only", action="store_true", help="skip the CPU split, only py-spy")
+    parser.add_argument("--pin", action="store_true", help="as bench/runtime.py --pin (`Pinning`)")
     args = parser.parse_args()
+    if args.pin:
+        bench_runtime.PINNING = bench_runtime.Pinning().__enter__()
+        atexit.register(bench_runtime.PINNING.__exit__)
     if not os.environ.get("BMAD_REDIS_URL"):
         raise SystemExit("needs the test bed's Redis as the ledger (BMAD_REDIS_URL)")
     with tempfile.TemporaryDirectory(prefix="bench-ledger-") as folder:
@@ -170,7 +185,7 @@ def main() -> int:
                 key=lambda n: on_frames.get(n, 0) - off_frames.get(n, 0),
                 reverse=True,
             )
-            for name in grown[:25]:
+            for name in grown[:60]:
                 a_, b_ = off_frames.get(name, 0.0), on_frames.get(name, 0.0)
                 print(f"| `{name}` | {a_:.1f} | {b_:.1f} | {b_ - a_:+.1f} |")
     return 0

@@ -238,6 +238,57 @@ def _collector_line() -> str:
     return f"as `bmad runtime` sets it (frozen at start, young every {threshold:,})"
 
 
+class Pinning:
+    """``--pin``: the server under test on a CPU of its own; this process, the load
+    generator (its child) and the test bed's Redis and PostgreSQL (found by their
+    listening ports, with their children) on the others, as in a cluster where the agent
+    pod's CPU is not shared with the platform's datastores or its callers. Undone on exit.
+    """
+
+    def __init__(self) -> None:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise SystemExit("--pin needs at least 2 CPUs")
+        self.server = {cpus[-1]}
+        self.others = set(cpus[:-1])
+        self._saved: list[tuple[psutil.Process, list[int]]] = []
+
+    def services(self) -> list[psutil.Process]:
+        ports = {
+            int(os.environ[name])
+            for name in ("BMAD_REDIS_PORT", "BMAD_POSTGRES_PORT")
+            if os.environ.get(name)
+        }
+        found: list[psutil.Process] = []
+        for conn in psutil.net_connections(kind="tcp"):
+            listening = conn.status == psutil.CONN_LISTEN and conn.pid is not None
+            if listening and conn.laddr and conn.laddr.port in ports:
+                proc = psutil.Process(conn.pid)
+                found += [proc, *proc.children(recursive=True)]
+        return found
+
+    def __enter__(self) -> Pinning:
+        for proc in [psutil.Process(), *self.services()]:
+            with contextlib.suppress(psutil.Error):
+                self._saved.append((proc, proc.cpu_affinity()))
+                proc.cpu_affinity(sorted(self.others))
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for proc, cpus in self._saved:
+            with contextlib.suppress(psutil.Error):
+                proc.cpu_affinity(cpus)
+
+    def line(self) -> str:
+        return (
+            f"the server pinned to CPU {min(self.server)}, the load generator and the test "
+            f"bed's datastores to CPU {', '.join(map(str, sorted(self.others)))}"
+        )
+
+
+PINNING: Pinning | None = None
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -254,6 +305,8 @@ def start(
     proc = subprocess.Popen(
         [sys.executable, __file__, "--serve", kind, "--port", str(port)], env=env, cwd=REPO
     )
+    if PINNING is not None:
+        os.sched_setaffinity(proc.pid, PINNING.server)
     url = f"http://{HOST}:{port}"
     # 120 s, not 30: on 2 shared cores under a load average near 20 the runtime's
     # imports alone took 15 s, and a first run also compiles the bytecode.
@@ -935,9 +988,15 @@ def main() -> int:
         help="only count the machine instructions per request of both apps, called in "
         "process under valgrind's callgrind (C included; deterministic), and print them",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="each server on a CPU of its own; this process, the load generator and the "
+        "test bed's Redis and PostgreSQL on the others (`Pinning`)",
+    )
     parser.add_argument("--instructions-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global LOAD_GENERATOR  # noqa: PLW0603 - chosen once per run
+    global LOAD_GENERATOR, PINNING  # noqa: PLW0603 - chosen once per run
     LOAD_GENERATOR = args.load
     if args.serve:
         serve(args.serve, args.port)
@@ -963,6 +1022,9 @@ def main() -> int:
             'set -a; eval "$(.venv/bin/bmad testbed up --no-cluster --services postgres,redis)"'
         )
     ledger_states = {"off": [False], "on": [True], "both": [False, True]}[args.ledger]
+    if args.pin:
+        PINNING = Pinning().__enter__()
+        atexit.register(PINNING.__exit__)
 
     # Every round measures each table and then the bare endpoint, so that a drift of the
     # machine's speed during the run reaches both sides of every ratio; each level's
@@ -1009,7 +1071,8 @@ def main() -> int:
         f"uvicorn worker per server, load generator ({LOAD_GENERATOR}) on the same machine "
         "over loopback, "
         f"garbage collector: {_collector_line()}, "
-        f"{args.seconds:g}s per level"
+        + (f"{PINNING.line()}, " if PINNING is not None else "CPUs not pinned, ")
+        + f"{args.seconds:g}s per level"
         + (
             f", {args.rounds} rounds (each: every table, then the bare endpoint), each "
             "level's row the round with the median requests/s"

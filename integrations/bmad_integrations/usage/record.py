@@ -21,6 +21,7 @@ rejected whole, with a reason, and never half-billed.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import re
 from collections.abc import Mapping
@@ -77,6 +78,20 @@ def _check_text(value: str, what: str) -> str:
             f"{what} must be 1-{MAX_TEXT_CHARS} characters without control characters",
         )
     return value
+
+
+_STR_ONLY = frozenset({str})
+
+
+@functools.lru_cache(maxsize=256)
+def _check_names(tenant: str, namespace: str, agent: str, provider: str, model: str) -> None:
+    """The fields that repeat on every record of an agent, checked once per combination:
+    a combination that passed is remembered, one that raised is not."""
+    _check_subdomain(tenant, "tenant")
+    _check_label(namespace, "namespace")
+    _check_subdomain(agent, "agent")
+    _check_text(provider, "provider")
+    _check_text(model, "model")
 
 
 def stream_key(namespace: str, agent: str) -> str:
@@ -154,11 +169,11 @@ class UsageRecord:
             raise RecordError(
                 "InvalidField", f"record_id must be 1-{MAX_ID_CHARS} printable ASCII characters"
             )
-        _check_subdomain(self.tenant, "tenant")
-        _check_label(self.namespace, "namespace")
-        _check_subdomain(self.agent, "agent")
-        _check_text(self.provider, "provider")
-        _check_text(self.model, "model")
+        names = (self.tenant, self.namespace, self.agent, self.provider, self.model)
+        if set(map(type, names)) <= _STR_ONLY:
+            _check_names(*names)
+        else:  # not strings, maybe not hashable: checked (and refused) without the cache
+            _check_names.__wrapped__(*names)
         for what, value in (("tokens_in", self.tokens_in), ("tokens_out", self.tokens_out)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise RecordError("InvalidField", f"{what} must be an integer")

@@ -35,10 +35,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import ssl
 import urllib.parse
 from collections.abc import Awaitable
-from typing import TypeAlias
+from typing import TypeAlias, cast
 
 from redis import exceptions as redis_errors
 
@@ -55,8 +56,25 @@ _ERRORS: dict[str, type[redis_errors.RedisError]] = {
 }
 
 
+_STR_ONLY = frozenset({str})
+
+
 def pack(args: tuple[str | bytes | int, ...]) -> bytes:
-    """One command as a RESP array of bulk strings."""
+    """One command as a RESP array of bulk strings.
+
+    A command of ASCII strings only (an XADD of a usage record: 27 of them) is formatted
+    as one string and encoded once, in C: 50 bytecodes instead of the general path's
+    1,040 for that XADD (which encodes and measures every argument on its own).
+    """
+    if args and set(map(type, args)) <= _STR_ONLY:
+        strings = cast(tuple[str, ...], args)
+        # One format for the whole command, filled with (length, string) pairs: no
+        # Python-level loop over the arguments.
+        text = ("$%d\r\n%s\r\n" * len(strings)) % tuple(
+            itertools.chain.from_iterable(zip(map(len, strings), strings, strict=True))
+        )
+        if text.isascii():  # then len() of each string is its length in bytes
+            return b"*%d\r\n%b" % (len(args), text.encode())
     out = [b"*%d\r\n" % len(args)]
     for arg in args:
         if isinstance(arg, str):

@@ -21,6 +21,7 @@ as much CPU per XADD there (see `resp`). A writer also takes any client with red
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Awaitable, Coroutine
 from typing import Any, Protocol
@@ -121,14 +122,16 @@ class LedgerWriter:
                 f"a record of {rec.namespace}/{rec.agent} cannot go to the stream of "
                 f"{self.namespace}/{self.agent}",
             )
-        command = ["XADD", self.key, "*"]
-        for name, value in record.encode(rec).items():
-            command.append(name)
-            command.append(value)
+        command = (
+            "XADD",
+            self.key,
+            "*",
+            *itertools.chain.from_iterable(record.encode(rec).items()),
+        )
         return self._written(rec, command, self.client.execute_command(*command))
 
     async def _written(
-        self, rec: record.UsageRecord, command: list[str], first: Awaitable[Any]
+        self, rec: record.UsageRecord, command: tuple[str, ...], first: Awaitable[Any]
     ) -> str:
         delay = self.backoff
         for attempt in range(1, self.attempts + 1):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import re
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
@@ -184,6 +185,8 @@ def test_task_record_ids_are_the_same_on_every_delivery() -> None:
     assert first == turns.record_id(request_id="t-1", task_id="t-1") == "task:t-1:0"
     http_ids = {turns.record_id(request_id="r", task_id=None) for _ in range(50)}
     assert len(http_ids) == 50
+    for http_id in http_ids:  # http:<request id>.<128 random bits in hex>:<call>
+        assert re.fullmatch(r"http:r\.[0-9a-f]{32}:0", http_id), http_id
 
 
 def _services(ledger: FakeLedger) -> turns.Services:

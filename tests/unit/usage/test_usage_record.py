@@ -133,3 +133,23 @@ def test_decoding_refuses_whole_records_with_a_reason(
 def test_bools_are_not_token_counts() -> None:
     with pytest.raises(record.RecordError):
         make(tokens_in=True)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"tenant": "Bad_Tenant"},
+        {"model": "line\nbreak"},
+        {"provider": ""},
+        {"tenant": ["not", "hashable"]},
+        {"namespace": 7},
+    ],
+)
+def test_the_names_every_record_repeats_are_checked_on_every_record(
+    change: dict[str, object],
+) -> None:
+    make()  # a valid combination, remembered
+    for _ in range(2):  # a refused one is not: refused again
+        with pytest.raises(record.RecordError) as caught:
+            make(**change)
+        assert caught.value.reason in {"InvalidName", "InvalidField"}

@@ -63,6 +63,36 @@ def test_pack_is_a_resp_array_of_bulk_strings() -> None:
     )
 
 
+def _reference_pack(args: tuple[str | bytes | int, ...]) -> bytes:
+    """RESP as the protocol defines it, argument by argument."""
+    out = b"*%d\r\n" % len(args)
+    for arg in args:
+        if isinstance(arg, str):
+            data = arg.encode()
+        else:
+            data = b"%d" % arg if isinstance(arg, int) else arg
+        out += b"$%d\r\n" % len(data) + data + b"\r\n"
+    return out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("XADD", "bmad:usage:ns:pm", "*", "v", "1", "id", "http:req.abc:0", "in", "12"),
+        ("SET", "k", ""),  # an empty string
+        ("SET", "k", "a\r\nb"),  # CRLF inside a bulk string is data
+        ("SET", "k", "é"),  # only strings, one of them not ASCII: lengths in bytes
+        ("SET", "k", "日本語", "x"),
+        ("PING",),
+        (),
+    ],
+)
+def test_pack_of_strings_is_the_same_resp_as_argument_by_argument(
+    args: tuple[str, ...],
+) -> None:
+    assert resp.pack(args) == _reference_pack(args)
+
+
 class Transport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
