@@ -5,8 +5,14 @@ system CPU, and where (a py-spy comparison).
 This takes the in-process store's runtime of that benchmark (the request whose only
 I/O is the ledger's write) and serves it off, on and off again, back to back; per
 concurrency level it reads the server's user and system CPU from ``/proc`` apart, and
-with ``--spy SECONDS`` it samples the server with py-spy at concurrency 1, off and on,
-and lists the frames whose samples per 1,000 requests grew the most.
+the time each server spent in the garbage collector (all its levels, per request).
+With ``--spy SECONDS`` it samples the server with py-spy at concurrency 1 (or
+``--spy-concurrency``), off and on, and lists the frames whose samples per 1,000
+requests grew the most (``--spy-self``: by the frame running, too). ``--pin`` pins as
+`bench/runtime.py --pin` does. ``--stand-in yield|no-socket`` serves "on" with a
+stand-in ledger (the table's "on" column): a write that only yields to the event loop
+once, or the ledger's own code (record, checks, command) over a client that answers on
+the loop's next turn without a socket; what is left to the real write is the round trip.
 
     set -a; eval "$(.venv/bin/bmad testbed up --no-cluster --services redis)"; set +a
     .venv/bin/python bench/ledger_cost.py --spy 8
@@ -68,28 +74,40 @@ def wrk(url: str, script: Path, *, concurrency: int, seconds: float) -> int:
 
 
 def split(extra: dict[str, str], script: Path, levels: list[int], seconds: float) -> list[str]:
-    proc, url = bench_runtime.start("runtime", extra)
+    gc_report = Path(tempfile.mkdtemp(prefix="bench-gc-")) / "gc.json"
+    proc, url = bench_runtime.start("runtime", {**extra, bench_runtime.GC_STATS: str(gc_report)})
     server = psutil.Process(proc.pid)
     rows = []
+    served = 0
     try:
         for level in levels:
-            wrk(url, script, concurrency=level, seconds=2)  # warm up
+            served += wrk(url, script, concurrency=level, seconds=2)  # warm up
             before = server.cpu_times()
             done = wrk(url, script, concurrency=level, seconds=seconds)
             after = server.cpu_times()
+            served += done
             rows.append(
                 f"{done / seconds:.0f}|{1e6 * (after.user - before.user) / done:.0f}|"
                 f"{1e6 * (after.system - before.system) / done:.0f}"
             )
     finally:
         bench_runtime.stop(proc)
+    # The server's collector over all its levels, warm-ups included.
+    collected = json.loads(gc_report.read_text())
+    gc_report.unlink()
+    gc_report.parent.rmdir()
+    rows.append(
+        f"{1e6 * collected['seconds'] / served:.0f} µs a request in "
+        f"{collected['collections']} collections"
+    )
     return rows
 
 
 def frames(
-    extra: dict[str, str], script: Path, seconds: float, concurrency: int
+    extra: dict[str, str], script: Path, seconds: float, concurrency: int, *, self_time: bool
 ) -> tuple[dict[str, float], float]:
-    """Samples per 1,000 requests by frame (inclusive), and in all, at one concurrency."""
+    """Samples per 1,000 requests by frame (inclusive; with ``self_time`` also each frame
+    running when sampled, as ``self: <frame>``), and in all, at one concurrency."""
     proc, url = bench_runtime.start("runtime", extra)
     done = 0
 
@@ -118,24 +136,31 @@ def frames(
         total += int(count)
         for name in {frame.split(" (")[0] for frame in stack.split(";")}:
             inclusive[name] += int(count)
-        if os.environ.get("LEDGER_COST_SELF"):
-            inclusive["self:" + stack.split(";")[-1].split(" (")[0]] += int(count)
+        if self_time:  # the frame running when sampled, apart
+            inclusive["self: " + stack.split(";")[-1].split(" (")[0]] += int(count)
     per = 1000 / done
     return {name: n * per for name, n in inclusive.items()}, total * per
 
 
-def split_table(script: Path, levels: list[int], seconds: float) -> None:
-    """Off, on, off again: requests/s and user and system CPU per request, printed."""
+def split_table(script: Path, levels: list[int], seconds: float, stand_in: str | None) -> None:
+    """Off, on, off again: requests/s and user and system CPU per request, printed.
+    With ``stand_in``, "on" is that stand-in ledger (`bench/runtime.py`), not Redis."""
     first = split({}, script, levels, seconds)
-    with bench_runtime.BenchLedger(os.environ["BMAD_REDIS_URL"]) as env:
+    with bench_runtime.BenchLedger(os.environ["BMAD_REDIS_URL"]) as ledger_env:
+        env = {bench_runtime.LEDGER_STAND_IN: stand_in} if stand_in else ledger_env
         on = split(env, script, levels, seconds)
     last = split({}, script, levels, seconds)
+    print(
+        "The garbage collector, off → on → off: "
+        + " → ".join(rows[-1] for rows in (first, on, last))
+        + "\n"
+    )
     print(
         "| concurrency | req/s off → on → off | user µs/req off → on → off | "
         "system µs/req off → on → off |"
     )
     print("|---:|---:|---:|---:|")
-    for level, a, b, c in zip(levels, first, on, last, strict=True):
+    for level, a, b, c in zip(levels, first[:-1], on[:-1], last[:-1], strict=True):
         cols = [x.split("|") for x in (a, b, c)]
         print(
             f"| {level} | "
@@ -153,7 +178,16 @@ def main() -> int:
         "--spy-concurrency", type=int, default=1, help="the load while py-spy samples"
     )
     parser.add_argument("--spy-only", action="store_true", help="skip the CPU split, only py-spy")
+    parser.add_argument(
+        "--spy-self", action="store_true", help="list frames by their own samples too"
+    )
     parser.add_argument("--pin", action="store_true", help="as bench/runtime.py --pin (`Pinning`)")
+    parser.add_argument(
+        "--stand-in",
+        choices=["yield", "no-socket"],
+        help="'on' with a stand-in ledger instead of Redis: one that only yields to the "
+        "event loop, or the ledger's own code over a client with no socket",
+    )
     args = parser.parse_args()
     if args.pin:
         bench_runtime.PINNING = bench_runtime.Pinning().__enter__()
@@ -168,12 +202,12 @@ def main() -> int:
             'wrk.headers["Content-Type"] = "application/json"\n'
         )
         if not args.spy_only:
-            split_table(script, args.concurrency, args.seconds)
+            split_table(script, args.concurrency, args.seconds, args.stand_in)
         if args.spy:
             level = args.spy_concurrency
-            off_frames, off_total = frames({}, script, args.spy, level)
+            off_frames, off_total = frames({}, script, args.spy, level, self_time=args.spy_self)
             with bench_runtime.BenchLedger(os.environ["BMAD_REDIS_URL"]) as env:
-                on_frames, on_total = frames(env, script, args.spy, level)
+                on_frames, on_total = frames(env, script, args.spy, level, self_time=args.spy_self)
             print(
                 f"\npy-spy samples per 1,000 requests at concurrency {level} (250 Hz): off "
                 f"{off_total:.1f}, on {on_total:.1f}\n"
@@ -185,7 +219,7 @@ def main() -> int:
                 key=lambda n: on_frames.get(n, 0) - off_frames.get(n, 0),
                 reverse=True,
             )
-            for name in grown[:60]:
+            for name in grown[:30]:
                 a_, b_ = off_frames.get(name, 0.0), on_frames.get(name, 0.0)
                 print(f"| `{name}` | {a_:.1f} | {b_:.1f} | {b_ - a_:+.1f} |")
     return 0

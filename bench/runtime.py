@@ -40,9 +40,11 @@ slower stretch than they did.
 
 `--bytecodes N` measures nothing of the above: it calls both apps in process as ASGI
 (no server) N times and counts the Python bytecodes one request runs (sys.settrace
-opcode events), per package. On a shared machine, where requests/s and CPU time move
-with everyone's load, that count does not, so a change's effect on the runtime's own
-work can be seen there; it leaves out C code and the server (uvicorn, h11, sockets).
+opcode events), per package; with `--ledger on` or `both`, the runtime's with the
+ledger off and on instead, and the functions the difference ran. On a shared machine,
+where requests/s and CPU time move with everyone's load, that count does not, so a
+change's effect on the runtime's own work can be seen there; it leaves out C code and
+the server (uvicorn, h11, sockets).
 `--instructions N` calls both apps the same way under valgrind's callgrind and counts
 the machine instructions one request runs: C code included, as deterministic, slower
 (about a minute for 1,000 requests of each); it still leaves out the server.
@@ -107,7 +109,10 @@ def runtime_app() -> Any:
         authenticator=None,
         limiter=None,
     )
-    if os.environ.get(LEDGER_URL):
+    stand_in = os.environ.get(LEDGER_STAND_IN)
+    if stand_in:
+        made.state.runtime.ledger = _stand_in_ledger(stand_in)
+    elif os.environ.get(LEDGER_URL):
         made.state.runtime.ledger = ledger.PlatformLedger.from_url(
             os.environ[LEDGER_URL],
             password=os.environ[LEDGER_PASSWORD],
@@ -116,6 +121,54 @@ def runtime_app() -> Any:
             tenant=TENANT,
         )
     return made
+
+
+LEDGER_STAND_IN = "BENCH_LEDGER_STAND_IN"
+
+
+class _YieldingLedger:
+    """A ledger whose write only yields to the event loop once: what suspending the
+    answer costs, with no record and no I/O."""
+
+    def write(self, entry: Any) -> Coroutine[Any, Any, None]:
+        return asyncio.sleep(0)
+
+    async def exhausted(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+class _NoSocketClient:
+    """A Redis client that packs the command as `resp.Client` does and answers on the
+    event loop's next turn, with no socket: the ledger's own code without the round trip."""
+
+    def execute_command(self, *args: str | bytes | int) -> Any:
+        from bmad_integrations.usage import resp
+
+        resp.pack(args)
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[Any] = loop.create_future()
+        loop.call_soon(reply.set_result, "1-0" if args[0] == "XADD" else None)
+        return reply
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _stand_in_ledger(kind: str) -> Any:
+    from bmad_integrations.usage import writer
+    from bmad_runtime import ledger
+
+    if kind == "yield":
+        return _YieldingLedger()
+    if kind == "no-socket":
+        return ledger.PlatformLedger(
+            writer.LedgerWriter(_NoSocketClient(), namespace=NAMESPACE, agent=AGENT),
+            tenant=TENANT,
+        )
+    raise SystemExit(f"{LEDGER_STAND_IN} is yield or no-socket, not {kind!r}")
 
 
 class BenchLedger:
@@ -167,6 +220,7 @@ class Answer(pydantic.BaseModel):
 
 
 GC_THRESHOLD = "BENCH_GC_YOUNG_THRESHOLD"
+GC_STATS = "BENCH_GC_STATS"  # a file: the server writes its collections' count and time
 STORE_DSN = "BENCH_RUNTIME_POSTGRES_DSN"  # not BMAD_*: the server's env is cleaned of those
 STORE_REDIS = "BENCH_RUNTIME_REDIS_URL"
 
@@ -223,10 +277,31 @@ def serve(kind: str, port: int) -> None:
     # endpoint too: the ratios compare the runtime's work with FastAPI's, not two
     # settings of the collector. BENCH_GC_YOUNG_THRESHOLD=0 keeps Python's.
     collector.tune(int(os.environ.get(GC_THRESHOLD, collector.DEFAULT_YOUNG_THRESHOLD)))
+    if os.environ.get(GC_STATS):
+        _count_collections(Path(os.environ[GC_STATS]))
     # uvicorn shuts down on the bench's SIGTERM and then raises it again under the handler
     # it found: a handler that exits lets the process end normally (atexit runs).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(app, host=HOST, port=port, log_level="warning", access_log=False, lifespan="on")
+
+
+def _count_collections(report: Path) -> None:
+    """Time every collection of this server's garbage collector; written as JSON to
+    ``report`` when the server exits (`serve` exits normally on SIGTERM)."""
+    import gc
+
+    started = [0.0]
+    totals = {"collections": 0, "seconds": 0.0}
+
+    def callback(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            totals["collections"] += 1
+            totals["seconds"] += time.perf_counter() - started[0]
+
+    gc.callbacks.append(callback)
+    atexit.register(lambda: report.write_text(json.dumps(totals)))
 
 
 def _collector_line() -> str:
@@ -734,7 +809,9 @@ def in_process(kind: str) -> Callable[[], Coroutine[Any, Any, int]]:
     return one
 
 
-def count_bytecodes(kind: str, requests: int) -> tuple[float, list[tuple[str, float]]]:
+def count_bytecodes(
+    kind: str, requests: int, *, key: Callable[[Any], str] | None = None
+) -> tuple[float, list[tuple[str, float]]]:
     """Python bytecodes one POST /v1/invoke runs through the app, called in process as
     ASGI (no server, no load generator, no sockets): per request, and per package.
 
@@ -745,6 +822,7 @@ def count_bytecodes(kind: str, requests: int) -> tuple[float, list[tuple[str, fl
     """
     one = in_process(kind)
     counts: collections.Counter[str] = collections.Counter()
+    name_of = key or (lambda code: _package_of(code.co_filename))
 
     def trace(frame: Any, event: str, arg: Any) -> Any:
         frame.f_trace_opcodes = True
@@ -752,7 +830,7 @@ def count_bytecodes(kind: str, requests: int) -> tuple[float, list[tuple[str, fl
 
     def opcode(frame: Any, event: str, arg: Any) -> Any:
         if event == "opcode":
-            counts[_package_of(frame.f_code.co_filename)] += 1
+            counts[name_of(frame.f_code)] += 1
         return opcode
 
     async def run() -> None:
@@ -772,12 +850,46 @@ def count_bytecodes(kind: str, requests: int) -> tuple[float, list[tuple[str, fl
 
 
 def _package_of(path: str) -> str:
-    for marker in ("/bmad_runtime/", "/site-packages/"):
+    for marker in ("/bmad_runtime/", "/bmad_integrations/", "/site-packages/"):
         if marker in path:
             rest = path.split(marker, 1)[1]
             top = rest.split("/", 1)[0].removesuffix(".py")
-            return f"bmad_runtime.{top}" if marker == "/bmad_runtime/" else top
+            return f"{marker.strip('/')}.{top}" if marker.startswith("/bmad_") else top
     return "standard library, generated code"
+
+
+def _function_of(code: Any) -> str:
+    return f"{Path(code.co_filename).name}:{code.co_name}"
+
+
+def ledger_bytecode_lines(requests: int) -> list[str]:
+    """The runtime's bytecodes per request with the usage ledger off and on (the test
+    bed's Redis, an ACL user made for the run), and the functions the difference ran."""
+    off_total, off = count_bytecodes("runtime", requests, key=_function_of)
+    saved = dict(os.environ)
+    try:
+        with BenchLedger(os.environ["BMAD_REDIS_URL"]) as env:
+            os.environ.update(env)
+            on_total, on = count_bytecodes("runtime", requests, key=_function_of)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    before, after = dict(off), dict(on)
+    grown = sorted(after, key=lambda name: before.get(name, 0.0) - after[name])
+    lines = [
+        f"Python bytecodes per POST /v1/invoke of the runtime, called in process "
+        f"({requests} requests): ledger off {off_total:,.0f}, on {on_total:,.0f} "
+        f"({on_total - off_total:+,.0f}; the on side includes the event loop's turn while "
+        "Redis answers).\n",
+        "| function | off | on | on - off |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| `{name}` | {before.get(name, 0.0):,.0f} | {after[name]:,.0f} | "
+        f"{after[name] - before.get(name, 0.0):+,.0f} |"
+        for name in grown[:20]
+    ]
+    return lines
 
 
 def bytecode_lines(requests: int) -> list[str]:
@@ -1002,7 +1114,12 @@ def main() -> int:
         serve(args.serve, args.port)
         return 0
     if args.bytecodes:
-        print("\n".join(bytecode_lines(args.bytecodes)))
+        if args.ledger == "off":
+            print("\n".join(bytecode_lines(args.bytecodes)))
+        elif not os.environ.get("BMAD_REDIS_URL"):
+            raise SystemExit("--bytecodes with --ledger needs the test bed's Redis")
+        else:
+            print("\n".join(ledger_bytecode_lines(args.bytecodes)))
         return 0
     if args.instructions_child:
         instructions_child(args.instructions_child[0], int(args.instructions_child[1]))

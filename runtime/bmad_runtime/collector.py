@@ -7,9 +7,10 @@ on I/O (the usage ledger's append, PostgreSQL, Redis, a model) keeps its objects
 across those collections, so under concurrency most young collections find nothing to
 free but examine every waiting request's objects and move them to older generations,
 where they make the full collections, which also walk the whole heap, come sooner. On
-this project's test machine the in-process runtime with the ledger on spent about 190
-µs a request in the collector at concurrency 64, against 57 µs with the ledger off
-(docs/benchmarks.md).
+this project's test machine the in-process runtime with the ledger on spent 71 µs a
+request in 1,432 collections over concurrency 1, 16 and 64, against 13-16 µs with the
+ledger off; set up as below, 0-1 µs in 5-6 collections (`bench/ledger_cost.py`,
+docs/benchmarks.md).
 
 `tune` does two things, once, before serving:
 - it collects and then freezes what exists (the imported modules, their classes and
