@@ -151,7 +151,7 @@ def record_id(*, request_id: str | None, task_id: str | None) -> str:
     """
     if task_id is not None:
         return usage_record.task_record_id(task_id)
-    # 128 random bits, as hex (what uuid4().hex gave, without building a UUID object).
+    # 128 random bits as 32 hex digits (as long as uuid4().hex, without a UUID object).
     return usage_record.request_record_id(f"{request_id or 'none'}.{os.urandom(16).hex()}")
 
 

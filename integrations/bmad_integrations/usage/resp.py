@@ -63,8 +63,8 @@ def pack(args: tuple[str | bytes | int, ...]) -> bytes:
     """One command as a RESP array of bulk strings.
 
     A command of ASCII strings only (an XADD of a usage record: 27 of them) is formatted
-    as one string and encoded once, in C: 50 bytecodes instead of the general path's
-    1,040 for that XADD (which encodes and measures every argument on its own).
+    as one string and encoded once, in C: about 70 bytecodes instead of the general
+    path's 1,040 for that XADD (which encodes and measures every argument on its own).
     """
     if args and set(map(type, args)) <= _STR_ONLY:
         strings = cast(tuple[str, ...], args)
