@@ -9,7 +9,10 @@ the time each server spent in the garbage collector (all its levels, per request
 With ``--spy SECONDS`` it samples the server with py-spy at concurrency 1 (or
 ``--spy-concurrency``), off and on, and lists the frames whose samples per 1,000
 requests grew the most (``--spy-self``: by the frame running, too). ``--pin`` pins as
-`bench/runtime.py --pin` does. ``--stand-in yield|no-socket`` serves "on" with a
+`bench/runtime.py --pin` does. ``--alternate PAIRS`` runs both servers at once and
+loads them in turn, PAIRS pairs per level, and reports the median of the pairs' on /
+off ratios: a drift of the machine's speed, which moves one 5-second level by 15-25 %
+here, then reaches both sides of each ratio. ``--stand-in yield|no-socket`` serves "on" with a
 stand-in ledger (the table's "on" column): a write that only yields to the event loop
 once, or the ledger's own code (record, checks, command) over a client that answers on
 the loop's next turn without a socket; what is left to the real write is the round trip.
@@ -25,9 +28,11 @@ from __future__ import annotations
 import argparse
 import atexit
 import collections
+import contextlib
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -169,6 +174,50 @@ def split_table(script: Path, levels: list[int], seconds: float, stand_in: str |
         )
 
 
+def alternate(
+    script: Path, levels: list[int], seconds: float, pairs: int, stand_in: str | None
+) -> None:
+    """Both servers up at once, loaded in turn: per level ``pairs`` pairs of runs (off
+    then on, on then off, ...), each pair's ratio taken within the pair, so that a drift
+    of the machine's speed reaches both sides of it; printed: the medians and the range
+    of the pairs' ratios."""
+    with contextlib.ExitStack() as stack:
+        ledger_env = stack.enter_context(bench_runtime.BenchLedger(os.environ["BMAD_REDIS_URL"]))
+        env = {bench_runtime.LEDGER_STAND_IN: stand_in} if stand_in else ledger_env
+        servers = {}
+        for side, extra in (("off", {}), ("on", env)):
+            proc, url = bench_runtime.start("runtime", extra)
+            stack.callback(bench_runtime.stop, proc)
+            servers[side] = (psutil.Process(proc.pid), url)
+        print(
+            "| concurrency | off req/s (median) | on req/s (median) | on / off, median of "
+            f"{pairs} pairs | on / off, range | CPU µs/req off → on (medians) |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|")
+        for level in levels:
+            for _, url in servers.values():
+                wrk(url, script, concurrency=level, seconds=2)  # warm up
+            rates: dict[str, list[float]] = {"off": [], "on": []}
+            cpu: dict[str, list[float]] = {"off": [], "on": []}
+            ratios = []
+            for pair in range(pairs):
+                for side in ("off", "on") if pair % 2 == 0 else ("on", "off"):
+                    server, url = servers[side]
+                    before = server.cpu_times()
+                    done = wrk(url, script, concurrency=level, seconds=seconds)
+                    after = server.cpu_times()
+                    used = after.user + after.system - before.user - before.system
+                    rates[side].append(done / seconds)
+                    cpu[side].append(1e6 * used / done)
+                ratios.append(rates["on"][-1] / rates["off"][-1])
+            print(
+                f"| {level} | {statistics.median(rates['off']):.0f} | "
+                f"{statistics.median(rates['on']):.0f} | {statistics.median(ratios):.2f} | "
+                f"{min(ratios):.2f} to {max(ratios):.2f} | "
+                f"{statistics.median(cpu['off']):.0f} → {statistics.median(cpu['on']):.0f} |"
+            )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
@@ -188,6 +237,14 @@ def main() -> int:
         help="'on' with a stand-in ledger instead of Redis: one that only yields to the "
         "event loop, or the ledger's own code over a client with no socket",
     )
+    parser.add_argument(
+        "--alternate",
+        type=int,
+        default=0,
+        metavar="PAIRS",
+        help="instead of off → on → off: both servers up, loaded in turn PAIRS times per "
+        "level (--seconds each), each pair's on / off ratio within the pair",
+    )
     args = parser.parse_args()
     if args.pin:
         bench_runtime.PINNING = bench_runtime.Pinning().__enter__()
@@ -201,7 +258,9 @@ def main() -> int:
             f"wrk.body = {json.dumps(json.dumps(bench_runtime.BODY))}\n"
             'wrk.headers["Content-Type"] = "application/json"\n'
         )
-        if not args.spy_only:
+        if args.alternate:
+            alternate(script, args.concurrency, args.seconds, args.alternate, args.stand_in)
+        elif not args.spy_only:
             split_table(script, args.concurrency, args.seconds, args.stand_in)
         if args.spy:
             level = args.spy_concurrency

@@ -26,6 +26,30 @@ def pytest_configure(config: pytest.Config) -> None:
     netguard.install()
 
 
+# The test command selects tests by these markers (scripts/test.sh): a test with none of
+# them would be collected and never run.
+SUITE_MARKERS = ("unit", "integration", "e2e", "rbac_audit")
+
+
+def unmarked(items: list[pytest.Item]) -> list[str]:
+    """The ids of the tests that carry none of `SUITE_MARKERS`."""
+    return [
+        item.nodeid
+        for item in items
+        if not any(item.get_closest_marker(name) for name in SUITE_MARKERS)
+    ]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    missing = unmarked(items)
+    if missing:
+        raise pytest.UsageError(
+            f"{len(missing)} test(s) carry none of the markers {', '.join(SUITE_MARKERS)}, so "
+            "the test command would never run them; give the module a "
+            "`pytestmark = pytest.mark.unit` (or integration, e2e): " + ", ".join(missing[:5])
+        )
+
+
 @pytest.fixture(scope="session")
 def testbed_env() -> Iterator[dict[str, str]]:
     state = testbed.status()

@@ -11,6 +11,8 @@ import pytest
 
 from bmad_runtime import collector, main
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(autouse=True)
 def _restore_collector() -> Iterator[None]:
