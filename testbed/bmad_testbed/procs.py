@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -33,12 +34,44 @@ class StartupError(RuntimeError):
     """A server did not come up; the message names it and ends with its log tail."""
 
 
+# Chosen ports lie below the kernel's ephemeral range (the local ports it gives outgoing
+# connections) and below Kubernetes' NodePorts (30000-32767). A port the kernel chose
+# (bind to 0) is in the ephemeral range: between the moment it is chosen and the moment a
+# starting server binds it, seconds later, any client connecting anywhere may be given
+# it as its local port, and the server fails with "address already in use" (seen once:
+# an operator started by the test suite, 2026-12-01).
+_PORT_FLOOR = 10_000
+_PORT_CEILING = 30_000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on right now, outside the range the
+    kernel hands to outgoing connections, and not handed out before by this process."""
+    ceiling = min(_ephemeral_floor(), _PORT_CEILING)
+    for _ in range(500 if ceiling > _PORT_FLOOR else 0):
+        port = random.randrange(_PORT_FLOOR, ceiling)  # noqa: S311 - a port, not a secret
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # a crowded machine
+        sock.bind(("127.0.0.1", 0))
+        chosen: int = sock.getsockname()[1]
+        _handed_out.add(chosen)
+        return chosen
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

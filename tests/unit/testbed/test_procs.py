@@ -52,6 +52,22 @@ def test_free_port_is_bindable() -> None:
     assert not procs.port_open(port)
 
 
+def test_free_ports_are_never_ones_the_kernel_gives_outgoing_connections() -> None:
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [procs.free_port() for _ in range(200)]
+    assert all(10_000 <= port < min(low, 30_000) for port in ports), ports
+    assert len(set(ports)) == len(ports)  # none handed out twice
+
+
+def test_a_port_taken_by_a_client_connection_is_not_handed_out() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        with socket.create_connection(server.getsockname()) as client:
+            taken = client.getsockname()[1]  # the kernel's choice: an ephemeral port
+            assert taken not in {procs.free_port() for _ in range(200)}
+
+
 def test_env_lines_are_shell_safe() -> None:
     text = testbed.format_env({"A": "plain", "B": "has space'and quote"})
     env: dict[str, str] = {}
