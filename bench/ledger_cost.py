@@ -26,7 +26,6 @@ Needs wrk (Debian package) and, for ``--spy``, py-spy (the bench extra).
 from __future__ import annotations
 
 import argparse
-import atexit
 import collections
 import contextlib
 import importlib.util
@@ -247,8 +246,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.pin:
-        bench_runtime.PINNING = bench_runtime.Pinning().__enter__()
-        atexit.register(bench_runtime.PINNING.__exit__)
+        bench_runtime.pin()
     if not os.environ.get("BMAD_REDIS_URL"):
         raise SystemExit("needs the test bed's Redis as the ledger (BMAD_REDIS_URL)")
     with tempfile.TemporaryDirectory(prefix="bench-ledger-") as folder:

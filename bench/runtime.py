@@ -144,10 +144,13 @@ class _NoSocketClient:
     """A Redis client that packs the command as `resp.Client` does and answers on the
     event loop's next turn, with no socket: the ledger's own code without the round trip."""
 
-    def execute_command(self, *args: str | bytes | int) -> Any:
+    def __init__(self) -> None:
         from bmad_integrations.usage import resp
 
-        resp.pack(args)
+        self.pack = resp.pack
+
+    def execute_command(self, *args: str | bytes | int) -> Any:
+        self.pack(args)
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[Any] = loop.create_future()
         loop.call_soon(reply.set_result, "1-0" if args[0] == "XADD" else None)
@@ -276,7 +279,7 @@ def serve(kind: str, port: int) -> None:
     # The collector as `bmad runtime` sets it up (`bmad_runtime.collector`), for the bare
     # endpoint too: the ratios compare the runtime's work with FastAPI's, not two
     # settings of the collector. BENCH_GC_YOUNG_THRESHOLD=0 keeps Python's.
-    collector.tune(int(os.environ.get(GC_THRESHOLD, collector.DEFAULT_YOUNG_THRESHOLD)))
+    collector.tune(_gc_threshold())
     if os.environ.get(GC_STATS):
         _count_collections(Path(os.environ[GC_STATS]))
     # uvicorn shuts down on the bench's SIGTERM and then raises it again under the handler
@@ -304,10 +307,15 @@ def _count_collections(report: Path) -> None:
     atexit.register(lambda: report.write_text(json.dumps(totals)))
 
 
-def _collector_line() -> str:
+def _gc_threshold() -> int:
+    """The young-generation threshold every bench server sets (`GC_THRESHOLD`)."""
     from bmad_runtime import collector
 
-    threshold = int(os.environ.get(GC_THRESHOLD, collector.DEFAULT_YOUNG_THRESHOLD))
+    return int(os.environ.get(GC_THRESHOLD, collector.DEFAULT_YOUNG_THRESHOLD))
+
+
+def _collector_line() -> str:
+    threshold = _gc_threshold()
     if threshold == 0:
         return "Python's settings"
     return f"as `bmad runtime` sets it (frozen at start, young every {threshold:,})"
@@ -362,6 +370,13 @@ class Pinning:
 
 
 PINNING: Pinning | None = None
+
+
+def pin() -> None:
+    """Pin this run (`Pinning`), undone when the process exits."""
+    global PINNING  # noqa: PLW0603 - set once per run
+    PINNING = Pinning().__enter__()
+    atexit.register(PINNING.__exit__)
 
 
 def free_port() -> int:
@@ -1108,7 +1123,7 @@ def main() -> int:
     )
     parser.add_argument("--instructions-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global LOAD_GENERATOR, PINNING  # noqa: PLW0603 - chosen once per run
+    global LOAD_GENERATOR  # noqa: PLW0603 - chosen once per run
     LOAD_GENERATOR = args.load
     if args.serve:
         serve(args.serve, args.port)
@@ -1140,8 +1155,7 @@ def main() -> int:
         )
     ledger_states = {"off": [False], "on": [True], "both": [False, True]}[args.ledger]
     if args.pin:
-        PINNING = Pinning().__enter__()
-        atexit.register(PINNING.__exit__)
+        pin()
 
     # Every round measures each table and then the bare endpoint, so that a drift of the
     # machine's speed during the run reaches both sides of every ratio; each level's
