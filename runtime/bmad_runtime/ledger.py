@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from redis import exceptions as redis_errors
@@ -34,21 +34,16 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _unavailable(exc: Exception) -> ports.LedgerUnavailableError:
-    return ports.LedgerUnavailableError(
-        f"the usage record of this call could not be written: {exc}"
-    )
+class _Unavailable(writer.LedgerUnavailable, ports.LedgerUnavailableError):
+    """What the writer raises for this runtime: the runtime's error and the writer's at
+    once, so a write needs no coroutine of its own to translate one into the other."""
 
-
-async def _written(sent: Awaitable[str]) -> None:
-    try:
-        await sent
-    except (writer.LedgerUnavailable, record.RecordError) as exc:
-        raise _unavailable(exc) from None
+    def __init__(self, message: str) -> None:
+        super().__init__(f"the usage record of this call could not be written: {message}")
 
 
 async def _refused(exc: record.RecordError) -> None:
-    raise _unavailable(exc)
+    raise _Unavailable(str(exc))
 
 
 class PlatformLedger:
@@ -63,6 +58,8 @@ class PlatformLedger:
         clock: Callable[[], dt.datetime] = _now,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        # The writer raises the runtime's own error (`_Unavailable`), whoever made it.
+        ledger_writer.unavailable = _Unavailable
         self.writer = ledger_writer
         self.tenant = tenant
         self.cache_seconds = cache_seconds
@@ -97,15 +94,13 @@ class PlatformLedger:
     async def aclose(self) -> None:
         await self.writer.aclose()
 
-    def write(self, entry: ports.LedgerEntry) -> Coroutine[Any, Any, None]:
+    def write(self, entry: ports.LedgerEntry) -> Coroutine[Any, Any, object]:
         """The record of one call, sent now (on a live connection): await the result
         before the answer leaves (`ports.UsageLedger.write`)."""
         try:
-            rec = record.UsageRecord(
-                record_id=entry.record_id,
+            return self.writer.append(
                 tenant=self.tenant,
-                namespace=self.writer.namespace,
-                agent=self.writer.agent,
+                record_id=entry.record_id,
                 provider=entry.provider,
                 model=entry.model,
                 tokens_in=entry.tokens_in,
@@ -114,24 +109,24 @@ class PlatformLedger:
                 source=entry.source,
                 conversation=entry.conversation_id,
             )
-            return _written(self.writer.write(rec))
         except record.RecordError as exc:
             return _refused(exc)
 
-    async def _state_now(self) -> budget.State | None:
-        if self.monotonic() - self._read_at < self.cache_seconds:
-            return self._state
+    async def _read_state(self) -> None:
         try:
             raw = await self.writer.client.execute_command("GET", budget.key(self.tenant))
         except (redis_errors.RedisError, OSError) as exc:
             logger.warning("the tenant's budget could not be read (%s): keeping the last", exc)
-            return self._state
+            return
         self._state = budget.decode(raw)
         self._read_at = self.monotonic()
-        return self._state
 
     async def exhausted(self) -> ports.Budget | None:
-        state = await self._state_now()
+        # Read at most once per `cache_seconds`; between reads (nearly every call) no
+        # coroutine but this one.
+        if self.monotonic() - self._read_at >= self.cache_seconds:
+            await self._read_state()
+        state = self._state
         if state is None or not state.refuses(self.clock()):
             return None
         return ports.Budget(

@@ -254,7 +254,7 @@ class Budget:
 class UsageLedger(Protocol):
     """The platform's usage ledger (`ledger.PlatformLedger`), when the operator meters."""
 
-    def write(self, entry: LedgerEntry) -> Awaitable[None]:
+    def write(self, entry: LedgerEntry) -> Awaitable[object]:
         """Append the record: the result, awaited, raises `LedgerUnavailableError` when
         it cannot be written. The record may be sent before it is awaited (the platform
         ledger's is), so a caller can do other work meanwhile; the answer waits for it."""

@@ -155,11 +155,9 @@ def record_id(*, request_id: str | None, task_id: str | None) -> str:
     return usage_record.request_record_id(f"{request_id or 'none'}.{os.urandom(16).hex()}")
 
 
-async def check_budget(services: Services) -> None:
-    """Refuse new work while the tenant's token budget is used up."""
-    if services.ledger is None:
-        return
-    exhausted = await services.ledger.exhausted()
+def refuse_over_budget(services: Services, exhausted: ports.Budget | None) -> None:
+    """Refuse new work while the tenant's token budget is used up (``exhausted``, from
+    the ledger: awaited by the caller, which so makes no coroutine of its own for it)."""
     if exhausted is not None:
         services.metrics.count_task("rejected")
         raise BudgetExhaustedError(exhausted)
@@ -178,7 +176,7 @@ async def prepare(
     the recent turns (and, for a workflow step, the artifacts it was given)."""
     started = time.perf_counter()
     if services.ledger is not None:  # else no budget to check (and no coroutine made for it)
-        await check_budget(services)
+        refuse_over_budget(services, await services.ledger.exhausted())
     estimated_in = context.estimate_tokens(body.input) + sum(
         context.estimate_tokens(a.content) for a in artifacts
     )
@@ -271,7 +269,7 @@ def settle(
     services = turn.services
     latency = turn.latency_ms()
     usage = completion.usage
-    sent: Awaitable[None] | None = None
+    sent: Awaitable[object] | None = None
     if services.ledger is not None:
         sent = services.ledger.write(
             ports.LedgerEntry(
@@ -300,7 +298,7 @@ def settle(
 async def _record(
     turn: Turn,
     completion: ports.Completion,
-    sent: Awaitable[None] | None,
+    sent: Awaitable[object] | None,
     *,
     latency: int,
     outcome: str,

@@ -138,10 +138,61 @@ def request_record_id(request_id: str, call: int = 0) -> str:
     return _derive("http", request_id, call)
 
 
-def _utc(when: dt.datetime) -> dt.datetime:
+def utc(when: dt.datetime) -> dt.datetime:
+    """``when`` in UTC; `RecordError` for a time without a zone."""
     if when.tzinfo is None:
         raise RecordError("InvalidField", "occurred_at must carry a time zone")
     return when.astimezone(dt.UTC)
+
+
+def check(
+    *,
+    record_id: str,
+    tenant: str,
+    namespace: str,
+    agent: str,
+    provider: str,
+    model: str,
+    tokens_in: int,
+    tokens_out: int,
+    source: str,
+    conversation: str | None,
+) -> None:
+    """The checks of a record's fields (all but its time: see `utc`). A `UsageRecord`
+    makes them, and so does a writer that encodes the fields without making one
+    (`writer.LedgerWriter.append`). Raises `RecordError`."""
+    if (
+        not isinstance(record_id, str)
+        or not 0 < len(record_id) <= MAX_ID_CHARS
+        or not _PRINTABLE.fullmatch(record_id)
+    ):
+        raise RecordError(
+            "InvalidField", f"record_id must be 1-{MAX_ID_CHARS} printable ASCII characters"
+        )
+    names = (tenant, namespace, agent, provider, model)
+    if set(map(type, names)) <= _STR_ONLY:
+        _check_names(*names)
+    else:  # not strings, maybe not hashable: checked (and refused) without the cache
+        _check_names.__wrapped__(*names)
+    if not (
+        type(tokens_in) is int
+        and type(tokens_out) is int
+        and 0 <= tokens_in <= MAX_TOKENS
+        and 0 <= tokens_out <= MAX_TOKENS
+    ):  # the usual counts pass the line above; the rest are checked one by one
+        _check_tokens(tokens_in, tokens_out)
+    if source not in SOURCES:
+        raise RecordError("InvalidField", f"source must be one of {SOURCES}")
+    if conversation is not None:
+        _check_text(conversation, "conversation")
+
+
+def _check_tokens(tokens_in: int, tokens_out: int) -> None:
+    for what, value in (("tokens_in", tokens_in), ("tokens_out", tokens_out)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecordError("InvalidField", f"{what} must be an integer")
+        if not 0 <= value <= MAX_TOKENS:
+            raise RecordError("InvalidField", f"{what} must be 0..{MAX_TOKENS}, not {value}")
 
 
 @dataclass(frozen=True)
@@ -161,29 +212,19 @@ class UsageRecord:
     conversation: str | None = None
 
     def __post_init__(self) -> None:
-        if (
-            not isinstance(self.record_id, str)
-            or not 0 < len(self.record_id) <= MAX_ID_CHARS
-            or not _PRINTABLE.fullmatch(self.record_id)
-        ):
-            raise RecordError(
-                "InvalidField", f"record_id must be 1-{MAX_ID_CHARS} printable ASCII characters"
-            )
-        names = (self.tenant, self.namespace, self.agent, self.provider, self.model)
-        if set(map(type, names)) <= _STR_ONLY:
-            _check_names(*names)
-        else:  # not strings, maybe not hashable: checked (and refused) without the cache
-            _check_names.__wrapped__(*names)
-        for what, value in (("tokens_in", self.tokens_in), ("tokens_out", self.tokens_out)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise RecordError("InvalidField", f"{what} must be an integer")
-            if not 0 <= value <= MAX_TOKENS:
-                raise RecordError("InvalidField", f"{what} must be 0..{MAX_TOKENS}, not {value}")
-        if self.source not in SOURCES:
-            raise RecordError("InvalidField", f"source must be one of {SOURCES}")
-        if self.conversation is not None:
-            _check_text(self.conversation, "conversation")
-        object.__setattr__(self, "occurred_at", _utc(self.occurred_at))
+        check(
+            record_id=self.record_id,
+            tenant=self.tenant,
+            namespace=self.namespace,
+            agent=self.agent,
+            provider=self.provider,
+            model=self.model,
+            tokens_in=self.tokens_in,
+            tokens_out=self.tokens_out,
+            source=self.source,
+            conversation=self.conversation,
+        )
+        object.__setattr__(self, "occurred_at", utc(self.occurred_at))
 
     @property
     def tokens(self) -> int:

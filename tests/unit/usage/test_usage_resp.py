@@ -297,3 +297,41 @@ def test_urls() -> None:
     assert resp.Client.from_url("rediss://r").tls is not None
     with pytest.raises(ValueError, match="redis://"):
         resp.Client.from_url("http://r")
+
+
+def test_the_parser_reads_a_group_of_bulk_replies_and_what_follows_them() -> None:
+    parser = resp.Parser()
+    # The replies of a group of XADDs in one read, then other kinds, then a cut reply.
+    assert parser.feed(b"$3\r\n1-0\r\n$3\r\n1-1\r\n$0\r\n\r\n") == ["1-0", "1-1", ""]
+    assert parser.feed(b"$3\r\n1-2\r\n$-1\r\n+OK\r\n$5\r\nhel") == ["1-2", None, "OK"]
+    assert parser.feed(b"lo\r\n$3\r\n1-3\r\n") == ["hello", "1-3"]
+    assert parser.feed(b"$3\r\n1-") == []
+    assert parser.feed(b"4\r\n") == ["1-4"]
+
+
+class NotAnAsyncioTransport:
+    """A transport as uvloop's are: the same methods, not a subclass of asyncio's."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def abort(self) -> None:
+        pass
+
+
+async def test_a_transport_of_another_event_loop_carries_commands() -> None:
+    protocol = resp._Protocol(timeout=5)
+    transport = NotAnAsyncioTransport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    client = resp.Client("127.0.0.1", 1, timeout=5)
+    client._protocol = protocol
+    pending = client.execute_packed(resp.pack(("PING",)))
+    assert transport.writes == [b"*1\r\n$4\r\nPING\r\n"]
+    protocol.data_received(b"+PONG\r\n")
+    assert await pending == "PONG"

@@ -1,0 +1,132 @@
+"""The runtime's platform ledger (`bmad_runtime.ledger.PlatformLedger`) over fakes of
+the ledger's client: what it raises, and how often it reads the tenant's budget. The
+real Redis: tests/integration/usage and tests/integration/operator."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Awaitable
+from typing import Any
+
+import pytest
+from redis import exceptions as redis_errors
+
+from bmad_integrations.usage import budget, resp, writer
+from bmad_runtime import ledger, ports
+
+pytestmark = pytest.mark.unit
+
+NOW = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
+
+
+class Client:
+    """Answers XADD with ``xadd`` (a value or an exception) and GET with ``get``."""
+
+    def __init__(self, xadd: Any = "1-0", get: Any = None) -> None:
+        self.xadd = xadd
+        self.get = get
+        self.commands: list[bytes] = []
+
+    def _answer(self, value: Any) -> Awaitable[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if isinstance(value, Exception):
+            future.set_exception(value)
+        else:
+            future.set_result(value)
+        return future
+
+    def execute_packed(self, command: bytes) -> Awaitable[Any]:
+        self.commands.append(command)
+        return self._answer(self.xadd)
+
+    def execute_command(self, *args: Any) -> Awaitable[Any]:
+        if args[0] == "GET":
+            self.commands.append(resp.pack(args))
+            return self._answer(self.get)
+        return self.execute_packed(resp.pack(args))
+
+    async def aclose(self) -> None:
+        pass
+
+
+def platform(client: Client, **kw: Any) -> ledger.PlatformLedger:
+    w = writer.LedgerWriter(client, namespace="acme-dev", agent="analyst", attempts=2, backoff=0.0)
+    return ledger.PlatformLedger(w, tenant="acme", **kw)
+
+
+def entry(**changes: Any) -> ports.LedgerEntry:
+    fields: dict[str, Any] = {
+        "record_id": "http:req-1.00ff:0",
+        "source": "http",
+        "provider": "echo",
+        "model": "echo-1",
+        "tokens_in": 3,
+        "tokens_out": 4,
+        "conversation_id": "c_1",
+        "occurred_at": NOW,
+    }
+    fields.update(changes)
+    return ports.LedgerEntry(**fields)
+
+
+async def test_a_written_record_is_one_xadd_on_the_agents_stream() -> None:
+    client = Client()
+    await platform(client).write(entry())
+    (command,) = client.commands
+    (args,) = resp.Parser().feed(command)
+    assert isinstance(args, list)
+    assert args[:3] == ["XADD", "bmad:usage:acme-dev:analyst", "*"]
+    fields = dict(zip(args[3::2], args[4::2], strict=True))
+    assert fields["tenant"] == "acme"
+    assert (fields["in"], fields["out"], fields["conv"]) == ("3", "4", "c_1")
+
+
+@pytest.mark.parametrize(
+    ("error", "says"),
+    [
+        (redis_errors.NoPermissionError("NOPERM"), "refused this agent's credentials"),
+        (redis_errors.ConnectionError("gone"), "unreachable after 2 attempts"),
+    ],
+)
+async def test_a_record_the_ledger_cannot_take_is_the_runtimes_unavailable_error(
+    error: Exception, says: str
+) -> None:
+    sent = platform(Client(xadd=error)).write(entry())
+    with pytest.raises(ports.LedgerUnavailableError, match=says) as raised:
+        await sent
+    assert str(raised.value).startswith("the usage record of this call could not be written")
+
+
+async def test_an_invalid_record_is_refused_when_awaited_and_nothing_is_sent() -> None:
+    client = Client()
+    sent = platform(client).write(entry(tokens_in=-1))  # no exception yet
+    with pytest.raises(ports.LedgerUnavailableError, match="tokens_in must be 0"):
+        await sent
+    assert client.commands == []
+
+
+async def test_the_budget_is_read_once_per_cache_period_and_kept_when_a_read_fails() -> None:
+    state = budget.State(
+        exhausted=True,
+        limit=1000,
+        used=1200,
+        period_start=NOW.replace(day=1, hour=0),
+        resets_at=NOW.replace(month=NOW.month, day=1, hour=0) + dt.timedelta(days=31),
+    )
+    client = Client(get=budget.encode(state))
+    clock = [100.0]
+    ledger_ = platform(client, cache_seconds=2.0, clock=lambda: NOW, monotonic=lambda: clock[0])
+    first = await ledger_.exhausted()
+    assert first is not None
+    assert (first.limit, first.used) == (1000, 1200)
+    clock[0] += 1.0
+    assert await ledger_.exhausted() == first
+    assert len(client.commands) == 1  # within the period: no second GET
+    clock[0] += 1.5
+    client.get = redis_errors.ConnectionError("gone")
+    assert await ledger_.exhausted() == first  # a failed read keeps the last state
+    assert len(client.commands) == 2
+    client.get = None  # the operator cleared the key: work resumes
+    assert await ledger_.exhausted() is None  # read again: the failed one set no time
+    assert len(client.commands) == 3

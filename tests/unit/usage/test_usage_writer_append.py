@@ -1,0 +1,159 @@
+"""The writer's fast path (`LedgerWriter.append`): the same checks and the same bytes
+as a `UsageRecord` written with `LedgerWriter.write`, and the error type it is given."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+from collections.abc import Awaitable
+from typing import Any
+
+import pytest
+from redis import exceptions as redis_errors
+
+from bmad_integrations.usage import record, resp, writer
+
+pytestmark = pytest.mark.unit
+
+AT = dt.datetime(2026, 3, 31, 23, 59, 59, 500_000, tzinfo=dt.UTC)
+PLUS_TWO = dt.timezone(dt.timedelta(hours=2))
+
+
+def fields(**changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "tenant": "acme",
+        "record_id": record.request_record_id("req-1.0123456789abcdef0123456789abcdef"),
+        "provider": "openai",
+        "model": "gpt-4o",
+        "tokens_in": 120,
+        "tokens_out": 30,
+        "occurred_at": AT,
+        "source": "http",
+        "conversation": "c-1",
+    }
+    base.update(changes)
+    return base
+
+
+def reference(w: writer.LedgerWriter, **kw: Any) -> bytes:
+    """What `write` sends for the record of these fields, packed by `resp.pack`."""
+    rec = record.UsageRecord(namespace=w.namespace, agent=w.agent, **kw)
+    items = itertools.chain.from_iterable(record.encode(rec).items())
+    return resp.pack(("XADD", w.key, "*", *items))
+
+
+CASES = [
+    fields(),
+    fields(conversation=None),
+    fields(source="task", record_id=record.task_record_id("t" * 256)),  # a hashed id
+    fields(tokens_in=0, tokens_out=record.MAX_TOKENS),
+    fields(provider="fournisseur-é", model="modèle 100% ✓", conversation="fil ∞"),
+    fields(model="%s%d%b%%", conversation="%"),  # a bytes format's own marks
+    fields(occurred_at=AT.astimezone(PLUS_TWO)),  # written in UTC, as a record is
+    fields(tenant="other.tenant-9"),
+]
+
+
+@pytest.mark.parametrize("kw", CASES)
+def test_append_sends_byte_for_byte_the_xadd_of_write(kw: dict[str, Any]) -> None:
+    w = writer.LedgerWriter(resp.Client("127.0.0.1", 1), namespace="acme-dev", agent="analyst")
+    assert w._xadd(**kw) == reference(w, **kw)
+    # Decoded by the ingester's codec, it is the record.
+    parser = resp.Parser()
+    (command,) = parser.feed(w._xadd(**kw))  # an array of strings
+    assert isinstance(command, list)
+    entry = dict(zip(command[3::2], command[4::2], strict=True))
+    expected = record.UsageRecord(namespace="acme-dev", agent="analyst", **kw)
+    assert record.decode(entry) == expected
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"tokens_in": True}, "must be an integer"),
+        ({"tokens_out": -1}, "must be 0.."),
+        ({"tokens_in": record.MAX_TOKENS + 1}, "must be 0.."),
+        ({"tokens_out": 1.5}, "must be an integer"),
+        ({"record_id": "has space"}, "printable ASCII"),
+        ({"record_id": ""}, "printable ASCII"),
+        ({"tenant": "Not_A_Name"}, "not a Kubernetes object name"),
+        ({"provider": "bad\nprovider"}, "control characters"),
+        ({"conversation": "x" * (record.MAX_TEXT_CHARS + 1)}, "conversation"),
+        ({"source": "mail"}, "source must be one of"),
+        ({"occurred_at": AT.replace(tzinfo=None)}, "time zone"),
+    ],
+)
+def test_append_refuses_what_a_usage_record_refuses(change: dict[str, Any], reason: str) -> None:
+    client = resp.Client("127.0.0.1", 1)
+    w = writer.LedgerWriter(client, namespace="acme-dev", agent="analyst")
+    with pytest.raises(record.RecordError, match=reason):
+        record.UsageRecord(namespace="acme-dev", agent="analyst", **fields(**change))
+    with pytest.raises(record.RecordError, match=reason):
+        w.append(**fields(**change))
+
+
+class RedisPyLike:
+    """A client with only redis-py's ``execute_command``: `append` goes through `write`."""
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[Any, ...]] = []
+
+    def execute_command(self, *args: Any) -> Awaitable[Any]:
+        self.commands.append(args)
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        done.set_result(b"1-0")
+        return done
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_append_over_a_client_without_packed_commands_is_write() -> None:
+    client = RedisPyLike()
+    w = writer.LedgerWriter(client, namespace="acme-dev", agent="analyst")
+    assert await w.append(**fields()) == "1-0"
+    (command,) = client.commands
+    assert resp.pack(command) == reference(w, **fields())
+
+
+class Unavailable(writer.LedgerUnavailable):
+    pass
+
+
+class Refusing:
+    """A client whose every command Redis refuses with ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.sent = 0
+
+    def execute_packed(self, command: bytes) -> Awaitable[Any]:
+        self.sent += 1
+        failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        failed.set_exception(self.error)
+        return failed
+
+    def execute_command(self, *args: Any) -> Awaitable[Any]:
+        return self.execute_packed(resp.pack(args))
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_refused_write_raises_the_error_type_the_writer_was_given() -> None:
+    client = Refusing(redis_errors.NoPermissionError("NOPERM no permissions"))
+    w = writer.LedgerWriter(client, namespace="acme-dev", agent="analyst", unavailable=Unavailable)
+    with pytest.raises(Unavailable, match="refused this agent's credentials"):
+        await w.append(**fields())
+    assert client.sent == 1  # refused credentials are not retried
+
+
+async def test_a_lost_connection_is_retried_with_the_same_bytes_then_gives_up() -> None:
+    client = Refusing(redis_errors.ConnectionError("gone"))
+    w = writer.LedgerWriter(
+        client, namespace="acme-dev", agent="analyst", attempts=3, backoff=0.0, backoff_max=0.0
+    )
+    with pytest.raises(writer.LedgerUnavailable, match="after 3 attempts"):
+        await w.append(**fields())
+    assert client.sent == 3
