@@ -12,13 +12,17 @@ requests grew the most (``--spy-self``: by the frame running, too). ``--pin`` pi
 `bench/runtime.py --pin` does. ``--alternate PAIRS`` runs both servers at once and
 loads them in turn, PAIRS pairs per level, and reports the median of the pairs' on /
 off ratios: a drift of the machine's speed, which moves one 5-second level by 15-25 %
-here, then reaches both sides of each ratio. ``--stand-in yield|no-socket`` serves "on" with a
-stand-in ledger (the table's "on" column): a write that only yields to the event loop
-once, or the ledger's own code (record, checks, command) over a client that answers on
-the loop's next turn without a socket; what is left to the real write is the round trip.
+here, then reaches both sides of each ratio (``--store real``: the real store's
+runtime, as `bench/runtime.py`'s real table, instead of the in-process one).
+``--stand-in yield|no-socket`` serves "on" with a stand-in ledger (the table's "on"
+column): a write that only yields to the event loop once, or the ledger's own code
+(record, checks, command) over a client that answers on the loop's next turn without a
+socket; what is left to the real write is the round trip.
 
     set -a; eval "$(.venv/bin/bmad testbed up --no-cluster --services redis)"; set +a
     .venv/bin/python bench/ledger_cost.py --spy 8
+
+(``--store real`` needs the test bed's PostgreSQL too: ``--services postgres,redis``.)
 
 Needs wrk (Debian package) and, for ``--spy``, py-spy (the bench extra).
 """
@@ -174,18 +178,34 @@ def split_table(script: Path, levels: list[int], seconds: float, stand_in: str |
 
 
 def alternate(
-    script: Path, levels: list[int], seconds: float, pairs: int, stand_in: str | None
+    script: Path,
+    levels: list[int],
+    seconds: float,
+    pairs: int,
+    *,
+    stand_in: str | None,
+    store: str = "in-process",
 ) -> None:
     """Both servers up at once, loaded in turn: per level ``pairs`` pairs of runs (off
     then on, on then off, ...), each pair's ratio taken within the pair, so that a drift
     of the machine's speed reaches both sides of it; printed: the medians and the range
-    of the pairs' ratios."""
+    of the pairs' ratios. ``store`` "real": both servers are `bench/runtime.py`'s real
+    store table's (the test bed's PostgreSQL and Redis bound, a fresh database each)."""
     with contextlib.ExitStack() as stack:
         ledger_env = stack.enter_context(bench_runtime.BenchLedger(os.environ["BMAD_REDIS_URL"]))
         env = {bench_runtime.LEDGER_STAND_IN: stand_in} if stand_in else ledger_env
         servers = {}
-        for side, extra in (("off", {}), ("on", env)):
-            proc, url = bench_runtime.start("runtime", extra)
+        for side, ledger in (("off", {}), ("on", env)):
+            kind, extra = "runtime", ledger
+            if store == "real":
+                dsn = stack.enter_context(bench_runtime.Database(os.environ["BMAD_POSTGRES_URL"]))
+                kind = "store"
+                extra = {
+                    bench_runtime.STORE_DSN: dsn,
+                    bench_runtime.STORE_REDIS: os.environ["BMAD_REDIS_URL"],
+                    **ledger,
+                }
+            proc, url = bench_runtime.start(kind, extra)
             stack.callback(bench_runtime.stop, proc)
             servers[side] = (psutil.Process(proc.pid), url)
         print(
@@ -244,6 +264,13 @@ def main() -> int:
         help="instead of off → on → off: both servers up, loaded in turn PAIRS times per "
         "level (--seconds each), each pair's on / off ratio within the pair",
     )
+    parser.add_argument(
+        "--store",
+        choices=["in-process", "real"],
+        default="in-process",
+        help="with --alternate: the in-process store's runtime (default), or the real "
+        "store's (the test bed's PostgreSQL and Redis, as bench/runtime.py's real table)",
+    )
     args = parser.parse_args()
     if args.pin:
         bench_runtime.pin()
@@ -257,7 +284,14 @@ def main() -> int:
             'wrk.headers["Content-Type"] = "application/json"\n'
         )
         if args.alternate:
-            alternate(script, args.concurrency, args.seconds, args.alternate, args.stand_in)
+            alternate(
+                script,
+                args.concurrency,
+                args.seconds,
+                args.alternate,
+                stand_in=args.stand_in,
+                store=args.store,
+            )
         elif not args.spy_only:
             split_table(script, args.concurrency, args.seconds, args.stand_in)
         if args.spy:

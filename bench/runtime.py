@@ -141,13 +141,20 @@ class _YieldingLedger:
 
 
 class _NoSocketClient:
-    """A Redis client that packs the command as `resp.Client` does and answers on the
-    event loop's next turn, with no socket: the ledger's own code without the round trip."""
+    """A Redis client that takes commands as `resp.Client` does (packed by the writer, or
+    packed here) and answers on the event loop's next turn, with no socket: the ledger's
+    own code without the round trip."""
 
     def __init__(self) -> None:
         from bmad_integrations.usage import resp
 
         self.pack = resp.pack
+
+    def execute_packed(self, command: bytes) -> Any:
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[Any] = loop.create_future()
+        loop.call_soon(reply.set_result, "1-0")  # only the writer's XADDs come packed
+        return reply
 
     def execute_command(self, *args: str | bytes | int) -> Any:
         self.pack(args)

@@ -21,8 +21,8 @@ The runtime calls `LedgerWriter.append` with a call's fields rather than `write`
 `record.UsageRecord`: the same checks (`record.check`) and, over `resp`, the same bytes
 (`tests/unit/usage/test_usage_writer_append.py`), filled into one bytes format per
 agent and tenant (`_template`) instead of a record, a map of its fields and a packed
-command: about a fifth of the CPU (53 → 11 µs a record with its reply in a
-micro-benchmark on the test machine, 2026-12-01).
+command: a third to a half of the CPU of `write` for the same record
+(`bench/ledger_record.py`, docs/benchmarks.md).
 """
 
 from __future__ import annotations
