@@ -33,7 +33,7 @@ import functools
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from redis import exceptions as redis_errors
 
@@ -166,56 +166,13 @@ class LedgerWriter:
         conversation: str | None,
     ) -> Coroutine[Any, Any, str]:
         """`write` of the record these fields make, without making it: the same checks
-        (`record.check`, `record.RecordError` raised now), the same stream entry, sent
-        the same way. A model call's record is on every answer's path: over `resp.Client`
-        its XADD is one bytes format filled with the fields (`_xadd`), where `write`
-        makes a `record.UsageRecord`, a map of its fields, the command, and packs it.
-        Over another client this is `write`."""
-        packed = getattr(self.client, "execute_packed", None)
-        if packed is None:
-            return self.write(
-                record.UsageRecord(
-                    record_id=record_id,
-                    tenant=tenant,
-                    namespace=self.namespace,
-                    agent=self.agent,
-                    provider=provider,
-                    model=model,
-                    tokens_in=tokens_in,
-                    tokens_out=tokens_out,
-                    occurred_at=occurred_at,
-                    source=source,
-                    conversation=conversation,
-                )
-            )
-        command = self._xadd(
-            tenant=tenant,
-            record_id=record_id,
-            provider=provider,
-            model=model,
-            tokens_in=tokens_in,
-            tokens_out=tokens_out,
-            occurred_at=occurred_at,
-            source=source,
-            conversation=conversation,
-        )
-        return self._written(record_id, functools.partial(packed, command), packed(command))
-
-    def _xadd(
-        self,
-        *,
-        tenant: str,
-        record_id: str,
-        provider: str,
-        model: str,
-        tokens_in: int,
-        tokens_out: int,
-        occurred_at: dt.datetime,
-        source: record.Source,
-        conversation: str | None,
-    ) -> bytes:
-        """The XADD of these fields, byte for byte what `resp.pack` makes of `write`'s
-        command for the same record (`tests/unit/usage/test_usage_writer_append.py`)."""
+        (`record.check`, `record.RecordError` raised now) and the same XADD, byte for
+        byte what `resp.pack` makes of `write`'s command for the same record
+        (`tests/unit/usage/test_usage_writer_append.py`), sent the same way. A model
+        call's record is on every answer's path: this fills one bytes format with the
+        fields (`_template`), where `write` makes a `record.UsageRecord`, a map of its
+        fields and the command, and packs it. A client without ``execute_packed``
+        (redis-py's) is given the command's arguments."""
         record.check(
             record_id=record_id,
             tenant=tenant,
@@ -254,13 +211,20 @@ class LedgerWriter:
             src,
         )
         if conversation is None:
-            return _template(self.key, tenant, self.namespace, self.agent, False) % values
-        conv = conversation.encode()
-        return _template(self.key, tenant, self.namespace, self.agent, True) % (
-            *values,
-            len(conv),
-            conv,
-        )
+            command = _template(self.key, tenant, self.namespace, self.agent, False) % values
+        else:
+            conv = conversation.encode()
+            command = _template(self.key, tenant, self.namespace, self.agent, True) % (
+                *values,
+                len(conv),
+                conv,
+            )
+        packed = getattr(self.client, "execute_packed", None)
+        if packed is None:
+            (args,) = cast(list[list[str]], resp.Parser().feed(command))
+            execute = self.client.execute_command
+            return self._written(record_id, functools.partial(execute, *args), execute(*args))
+        return self._written(record_id, functools.partial(packed, command), packed(command))
 
     async def _written(
         self, record_id: str, again: Callable[[], Awaitable[Any]], first: Awaitable[Any]

@@ -55,15 +55,37 @@ CASES = [
 ]
 
 
+class Packed:
+    """A client like `resp.Client` on a live connection: keeps each packed command and
+    answers it at once."""
+
+    def __init__(self) -> None:
+        self.commands: list[bytes] = []
+
+    def execute_packed(self, command: bytes) -> Awaitable[Any]:
+        self.commands.append(command)
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        done.set_result("1-0")
+        return done
+
+    def execute_command(self, *args: Any) -> Awaitable[Any]:
+        return self.execute_packed(resp.pack(args))
+
+    async def aclose(self) -> None:
+        pass
+
+
 @pytest.mark.parametrize("kw", CASES)
-def test_append_sends_byte_for_byte_the_xadd_of_write(kw: dict[str, Any]) -> None:
-    w = writer.LedgerWriter(resp.Client("127.0.0.1", 1), namespace="acme-dev", agent="analyst")
-    assert w._xadd(**kw) == reference(w, **kw)
+async def test_append_sends_byte_for_byte_the_xadd_of_write(kw: dict[str, Any]) -> None:
+    client = Packed()
+    w = writer.LedgerWriter(client, namespace="acme-dev", agent="analyst")
+    assert await w.append(**kw) == "1-0"
+    (command,) = client.commands
+    assert command == reference(w, **kw)
     # Decoded by the ingester's codec, it is the record.
-    parser = resp.Parser()
-    (command,) = parser.feed(w._xadd(**kw))  # an array of strings
-    assert isinstance(command, list)
-    entry = dict(zip(command[3::2], command[4::2], strict=True))
+    (args,) = resp.Parser().feed(command)  # an array of strings
+    assert isinstance(args, list)
+    entry = dict(zip(args[3::2], args[4::2], strict=True))
     expected = record.UsageRecord(namespace="acme-dev", agent="analyst", **kw)
     assert record.decode(entry) == expected
 
