@@ -64,19 +64,17 @@ async def work(args: argparse.Namespace) -> int:
                     continue
                 await asyncio.sleep(random.uniform(0, 0.003))  # the model call
                 record_id = record.task_record_id(fields["task_id"])
-                await ledger.write(
-                    record.UsageRecord(
-                        record_id=record_id,
-                        tenant=args.namespace,
-                        namespace=args.namespace,
-                        agent=args.agent,
-                        provider="echo",
-                        model="echo",
-                        tokens_in=int(fields["in"]),
-                        tokens_out=int(fields["out"]),
-                        occurred_at=dt.datetime.now(dt.UTC),
-                        source="task",
-                    )
+                # As the runtime writes a record (`bmad_runtime.ledger.PlatformLedger`).
+                await ledger.append(
+                    tenant=args.namespace,
+                    record_id=record_id,
+                    provider="echo",
+                    model="echo",
+                    tokens_in=int(fields["in"]),
+                    tokens_out=int(fields["out"]),
+                    occurred_at=dt.datetime.now(dt.UTC),
+                    source="task",
+                    conversation=None,
                 )
                 written += 1
                 await tasks.rpush(f"{args.tasks_key}:written", record_id)  # for the test
