@@ -6,10 +6,10 @@ wire and awaits Redis's reply before the answer may leave. This times that path 
 process, over the ledger's own protocol (`usage.resp`) with a transport that keeps
 what it is given and a reply fed straight back: the record, its checks, the command,
 the send, the reply's parser and the awaits, with no socket and no event loop turn. For
-comparison it times the same record made as a `usage.record.UsageRecord` and written
-with `LedgerWriter.write` over `resp.Client.execute_command`, the path the runtime took
-before 2026-12-01 afternoon (the checks, a map of the fields, the command packed by
-`resp.pack`).
+comparison it times the same record sent the way the runtime sent it before 2026-12-01
+afternoon (what `LedgerWriter.write` did then): a `usage.record.UsageRecord` and its
+checks, a map of its fields (`record.encode`), the command packed by `resp.pack`
+through `resp.Client.execute_command`, awaited through the writer's retrying coroutine.
 
 With the test bed's Redis (``BMAD_REDIS_URL``) it also times lone round trips, one XADD
 at a time and awaited, as a request at concurrency 1 makes them: the part of the
@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import functools
+import itertools
 import os
 import statistics
 import time
@@ -112,7 +114,12 @@ async def in_process(calls: int) -> tuple[float, float]:
             source=entry.source,
             conversation=entry.conversation_id,
         )
-        sent = ledger_writer.write(rec)
+        command = ("XADD", ledger_writer.key, "*", *itertools.chain(*record.encode(rec).items()))
+        execute = client.execute_command
+        # The writer's retrying coroutine, as `write` awaited the reply before.
+        sent = ledger_writer._written(
+            rec.record_id, functools.partial(execute, *command), execute(*command)
+        )
         protocol.data_received(REPLY)
         _drive(sent)
 
@@ -143,7 +150,7 @@ async def main_async(calls: int, trips: int) -> None:
     print(
         f"One record with its reply, in process ({calls:,} calls, median of 5): "
         f"the runtime's path (PlatformLedger.write → LedgerWriter.append) "
-        f"{runtime_path:.1f} µs; a UsageRecord through LedgerWriter.write "
+        f"{runtime_path:.1f} µs; a UsageRecord, its fields mapped and packed (before) "
         f"{record_path:.1f} µs."
     )
     url = os.environ.get("BMAD_REDIS_URL")

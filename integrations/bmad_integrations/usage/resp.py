@@ -81,18 +81,18 @@ def pack(args: tuple[str | bytes | int, ...]) -> bytes:
         )
         if text.isascii():  # then len() of each string is its length in bytes
             return b"*%d\r\n%b" % (len(args), text.encode())
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, str):
-            data = arg.encode()
-        elif isinstance(arg, int):
-            data = b"%d" % arg
-        else:
-            data = arg
-        out.append(b"$%d\r\n" % len(data))
-        out.append(data)
-        out.append(_CRLF)
-    return b"".join(out)
+    return b"".join([b"*%d\r\n" % len(args), *map(bulk, args)])
+
+
+def bulk(arg: str | bytes | int) -> bytes:
+    """One argument of a command as a RESP bulk string (UTF-8 for a str)."""
+    if isinstance(arg, str):
+        data = arg.encode()
+    elif isinstance(arg, int):
+        data = b"%d" % arg
+    else:
+        data = arg
+    return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
 def error_of(line: str) -> redis_errors.RedisError:

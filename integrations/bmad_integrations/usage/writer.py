@@ -18,10 +18,11 @@ as much CPU per XADD there (see `resp`). A writer also takes any client with red
 ``execute_command`` (the tests hand it a redis-py one).
 
 The runtime calls `LedgerWriter.append` with a call's fields rather than `write` with a
-`record.UsageRecord`: the same checks (`record.check`) and, over `resp`, the same bytes
+`record.UsageRecord` (which `write` hands to `append`): the same checks
+(`record.check`) and the XADD of `record.encode`'s fields, byte for byte
 (`tests/unit/usage/test_usage_writer_append.py`), filled into one bytes format per
-agent and tenant (`_template`) instead of a record, a map of its fields and a packed
-command: a third to a half of the CPU of `write` for the same record
+agent and tenant (`_template`) instead of a record, a map of its fields and a command
+packed by `resp.pack`: a third to a half of the CPU of that way
 (`bench/ledger_record.py`, docs/benchmarks.md).
 """
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
-import itertools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, cast
@@ -91,6 +91,10 @@ class LedgerWriter:
         # What a record that cannot be written raises: a caller may pass a subclass that
         # is its own error type too, and catch that without wrapping every write.
         self.unavailable = unavailable
+        # `resp.Client` takes a command packed already; redis-py's client does not.
+        self._packed: Callable[[bytes], Awaitable[Any]] | None = getattr(
+            client, "execute_packed", None
+        )
 
     @classmethod
     def from_url(
@@ -104,7 +108,6 @@ class LedgerWriter:
         ca_cert: str | None = None,
         timeout: float = 2.0,
         attempts: int = 4,
-        unavailable: type[LedgerUnavailable] = LedgerUnavailable,
     ) -> LedgerWriter:
         """A writer with its own client (closed by `aclose`); ``url`` has no password."""
         client = resp.Client.from_url(
@@ -115,14 +118,7 @@ class LedgerWriter:
             timeout=timeout,
             connect_timeout=timeout,
         )
-        return cls(
-            client,
-            namespace=namespace,
-            agent=agent,
-            attempts=attempts,
-            owns_client=True,
-            unavailable=unavailable,
-        )
+        return cls(client, namespace=namespace, agent=agent, attempts=attempts, owns_client=True)
 
     async def aclose(self) -> None:
         if self._owns_client:
@@ -143,14 +139,17 @@ class LedgerWriter:
                 f"a record of {rec.namespace}/{rec.agent} cannot go to the stream of "
                 f"{self.namespace}/{self.agent}",
             )
-        command = (
-            "XADD",
-            self.key,
-            "*",
-            *itertools.chain.from_iterable(record.encode(rec).items()),
+        return self.append(
+            tenant=rec.tenant,
+            record_id=rec.record_id,
+            provider=rec.provider,
+            model=rec.model,
+            tokens_in=rec.tokens_in,
+            tokens_out=rec.tokens_out,
+            occurred_at=rec.occurred_at,
+            source=rec.source,
+            conversation=rec.conversation,
         )
-        execute = self.client.execute_command
-        return self._written(rec.record_id, functools.partial(execute, *command), execute(*command))
 
     def append(
         self,
@@ -166,13 +165,13 @@ class LedgerWriter:
         conversation: str | None,
     ) -> Coroutine[Any, Any, str]:
         """`write` of the record these fields make, without making it: the same checks
-        (`record.check`, `record.RecordError` raised now) and the same XADD, byte for
-        byte what `resp.pack` makes of `write`'s command for the same record
-        (`tests/unit/usage/test_usage_writer_append.py`), sent the same way. A model
-        call's record is on every answer's path: this fills one bytes format with the
-        fields (`_template`), where `write` makes a `record.UsageRecord`, a map of its
-        fields and the command, and packs it. A client without ``execute_packed``
-        (redis-py's) is given the command's arguments."""
+        (`record.check`, `record.RecordError` raised now) and the XADD of the record's
+        fields (`record.encode`), byte for byte what `resp.pack` makes of it
+        (`tests/unit/usage/test_usage_writer_append.py`). A model call's record is on
+        every answer's path: this fills one bytes format with the fields (`_template`)
+        instead of making a `record.UsageRecord`, a map of its fields and the command,
+        and packing it. A client without ``execute_packed`` (redis-py's) is given the
+        command's arguments."""
         record.check(
             record_id=record_id,
             tenant=tenant,
@@ -219,7 +218,7 @@ class LedgerWriter:
                 len(conv),
                 conv,
             )
-        packed = getattr(self.client, "execute_packed", None)
+        packed = self._packed
         if packed is None:
             (args,) = cast(list[list[str]], resp.Parser().feed(command))
             execute = self.client.execute_command
@@ -259,9 +258,8 @@ class LedgerWriter:
 
 
 def _bulk(value: str) -> bytes:
-    """One argument of a RESP command, ``%`` doubled for a bytes format."""
-    data = value.encode()
-    return (b"$%d\r\n%b\r\n" % (len(data), data)).replace(b"%", b"%%")
+    """One argument of a RESP command (`resp.bulk`), ``%`` doubled for a bytes format."""
+    return resp.bulk(value).replace(b"%", b"%%")
 
 
 _HOLE = b"$%d\r\n%b\r\n"

@@ -1,5 +1,6 @@
-"""The writer's fast path (`LedgerWriter.append`): the same checks and the same bytes
-as a `UsageRecord` written with `LedgerWriter.write`, and the error type it is given."""
+"""The writer's fast path (`LedgerWriter.append`): the same checks as a `UsageRecord`,
+the bytes `resp.pack` makes of its fields (`record.encode`), and the error type it is
+given."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def fields(**changes: Any) -> dict[str, Any]:
 
 
 def reference(w: writer.LedgerWriter, **kw: Any) -> bytes:
-    """What `write` sends for the record of these fields, packed by `resp.pack`."""
+    """The XADD of the record of these fields, mapped by `record.encode` and packed by
+    `resp.pack` (how `write` sent a record until it handed it to `append`)."""
     rec = record.UsageRecord(namespace=w.namespace, agent=w.agent, **kw)
     items = itertools.chain.from_iterable(record.encode(rec).items())
     return resp.pack(("XADD", w.key, "*", *items))
@@ -76,7 +78,7 @@ class Packed:
 
 
 @pytest.mark.parametrize("kw", CASES)
-async def test_append_sends_byte_for_byte_the_xadd_of_write(kw: dict[str, Any]) -> None:
+async def test_append_sends_byte_for_byte_the_packed_xadd_of_the_record(kw: dict[str, Any]) -> None:
     client = Packed()
     w = writer.LedgerWriter(client, namespace="acme-dev", agent="analyst")
     assert await w.append(**kw) == "1-0"
@@ -116,7 +118,8 @@ def test_append_refuses_what_a_usage_record_refuses(change: dict[str, Any], reas
 
 
 class RedisPyLike:
-    """A client with only redis-py's ``execute_command``: `append` goes through `write`."""
+    """A client with only redis-py's ``execute_command``: `append` gives it the command's
+    arguments."""
 
     def __init__(self) -> None:
         self.commands: list[tuple[Any, ...]] = []
@@ -131,12 +134,25 @@ class RedisPyLike:
         pass
 
 
-async def test_append_over_a_client_without_packed_commands_is_write() -> None:
+async def test_a_client_without_packed_commands_gets_the_same_command_as_arguments() -> None:
     client = RedisPyLike()
     w = writer.LedgerWriter(client, namespace="acme-dev", agent="analyst")
     assert await w.append(**fields()) == "1-0"
     (command,) = client.commands
     assert resp.pack(command) == reference(w, **fields())
+
+
+async def test_write_sends_its_record_as_append_does_and_refuses_another_streams() -> None:
+    client = Packed()
+    w = writer.LedgerWriter(client, namespace="acme-dev", agent="analyst")
+    rec = record.UsageRecord(namespace="acme-dev", agent="analyst", **fields())
+    assert await w.write(rec) == "1-0"
+    assert client.commands == [reference(w, **fields())]
+    other = record.UsageRecord(namespace="acme-dev", agent="dev", **fields())
+    with pytest.raises(record.RecordError, match="cannot go to the stream of") as refused:
+        w.write(other)
+    assert refused.value.reason == "WrongStream"
+    assert len(client.commands) == 1
 
 
 class Unavailable(writer.LedgerUnavailable):
