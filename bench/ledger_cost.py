@@ -14,10 +14,16 @@ loads them in turn, PAIRS pairs per level, and reports the median of the pairs' 
 off ratios: a drift of the machine's speed, which moves one 5-second level by 15-25 %
 here, then reaches both sides of each ratio (``--store real``: the real store's
 runtime, as `bench/runtime.py`'s real table, instead of the in-process one).
-``--stand-in yield|no-socket`` serves "on" with a stand-in ledger (the table's "on"
-column): a write that only yields to the event loop once, or the ledger's own code
+``--stand-in yield|no-socket|ping`` serves "on" with a stand-in ledger (the table's
+"on" column): a write that only yields to the event loop once; the ledger's own code
 (record, checks, command) over a client that answers on the loop's next turn without a
-socket; what is left to the real write is the round trip.
+socket (what is left to the real write is the round trip); or one PING to the test
+bed's Redis over the ledger's own client and connection, awaited before the answer
+leaves, with no record made (the least a write that waits for Redis's acknowledgement
+costs: the floor under any ledger that promises no answer without a stored record).
+With ``--alternate``, ``--sides off on ping ...`` serves several of them at once and
+loads them in turn, each round every side once (the order rotating), each side's
+ratio to "off" taken within the round.
 
     set -a; eval "$(.venv/bin/bmad testbed up --no-cluster --services redis)"; set +a
     .venv/bin/python bench/ledger_cost.py --spy 8
@@ -155,7 +161,7 @@ def split_table(script: Path, levels: list[int], seconds: float, stand_in: str |
     With ``stand_in``, "on" is that stand-in ledger (`bench/runtime.py`), not Redis."""
     first = split({}, script, levels, seconds)
     with bench_runtime.BenchLedger(os.environ["BMAD_REDIS_URL"]) as ledger_env:
-        env = {bench_runtime.LEDGER_STAND_IN: stand_in} if stand_in else ledger_env
+        env = {bench_runtime.LEDGER_STAND_IN: stand_in, **ledger_env} if stand_in else ledger_env
         on = split(env, script, levels, seconds)
     last = split({}, script, levels, seconds)
     print(
@@ -183,19 +189,30 @@ def alternate(
     seconds: float,
     pairs: int,
     *,
-    stand_in: str | None,
+    sides: list[str],
     store: str = "in-process",
 ) -> None:
-    """Both servers up at once, loaded in turn: per level ``pairs`` pairs of runs (off
-    then on, on then off, ...), each pair's ratio taken within the pair, so that a drift
-    of the machine's speed reaches both sides of it; printed: the medians and the range
-    of the pairs' ratios. ``store`` "real": both servers are `bench/runtime.py`'s real
-    store table's (the test bed's PostgreSQL and Redis bound, a fresh database each)."""
+    """All the servers up at once, loaded in turn: per level ``pairs`` rounds, each
+    loading every side once (the order rotating from round to round), each side's
+    ratio to "off" taken within the round, so that a drift of the machine's speed
+    reaches both sides of it; printed: the medians and the range of the rounds' ratios.
+    ``sides``: "off" first, then "on" (the ledger on the test bed's Redis) and any
+    stand-in ledgers (`bench/runtime.py`), e.g. ``off on ping``. ``store`` "real": every
+    server is `bench/runtime.py`'s real store table's (the test bed's PostgreSQL and
+    Redis bound, a fresh database each)."""
+    if sides[0] != "off" or len(set(sides)) != len(sides) or len(sides) < 2:
+        raise SystemExit("--sides: off first, then one or more of on, yield, no-socket, ping")
     with contextlib.ExitStack() as stack:
         ledger_env = stack.enter_context(bench_runtime.BenchLedger(os.environ["BMAD_REDIS_URL"]))
-        env = {bench_runtime.LEDGER_STAND_IN: stand_in} if stand_in else ledger_env
         servers = {}
-        for side, ledger in (("off", {}), ("on", env)):
+        for side in sides:
+            ledger: dict[str, str] = (
+                {}
+                if side == "off"
+                else ledger_env
+                if side == "on"
+                else {bench_runtime.LEDGER_STAND_IN: side, **ledger_env}
+            )
             kind, extra = "runtime", ledger
             if store == "real":
                 dsn = stack.enter_context(bench_runtime.Database(os.environ["BMAD_POSTGRES_URL"]))
@@ -208,33 +225,47 @@ def alternate(
             proc, url = bench_runtime.start(kind, extra)
             stack.callback(bench_runtime.stop, proc)
             servers[side] = (psutil.Process(proc.pid), url)
+        others = sides[1:]
         print(
-            "| concurrency | off req/s (median) | on req/s (median) | on / off, median of "
-            f"{pairs} pairs | on / off, range | CPU µs/req off → on (medians) |"
+            "| concurrency | side | req/s (median) | / off, median of "
+            f"{pairs} rounds | / off, range | CPU µs/req (median) | sleeps/req (median) |"
         )
-        print("|---:|---:|---:|---:|---:|---:|")
+        print("|---:|---|---:|---:|---:|---:|---:|")
         for level in levels:
             for _, url in servers.values():
                 wrk(url, script, concurrency=level, seconds=2)  # warm up
-            rates: dict[str, list[float]] = {"off": [], "on": []}
-            cpu: dict[str, list[float]] = {"off": [], "on": []}
-            ratios = []
+            rates: dict[str, list[float]] = {side: [] for side in sides}
+            cpu: dict[str, list[float]] = {side: [] for side in sides}
+            # The server's voluntary context switches a request: the times it slept
+            # (its event loop blocked in epoll_wait) with nothing to do but wait.
+            sleeps: dict[str, list[float]] = {side: [] for side in sides}
+            ratios: dict[str, list[float]] = {side: [] for side in others}
             for pair in range(pairs):
-                for side in ("off", "on") if pair % 2 == 0 else ("on", "off"):
+                turn = pair % len(sides)
+                for side in sides[turn:] + sides[:turn]:
                     server, url = servers[side]
-                    before = server.cpu_times()
+                    before, switched = server.cpu_times(), server.num_ctx_switches()
                     done = wrk(url, script, concurrency=level, seconds=seconds)
                     after = server.cpu_times()
                     used = after.user + after.system - before.user - before.system
                     rates[side].append(done / seconds)
                     cpu[side].append(1e6 * used / done)
-                ratios.append(rates["on"][-1] / rates["off"][-1])
-            print(
-                f"| {level} | {statistics.median(rates['off']):.0f} | "
-                f"{statistics.median(rates['on']):.0f} | {statistics.median(ratios):.2f} | "
-                f"{min(ratios):.2f} to {max(ratios):.2f} | "
-                f"{statistics.median(cpu['off']):.0f} → {statistics.median(cpu['on']):.0f} |"
-            )
+                    sleeps[side].append(
+                        (server.num_ctx_switches().voluntary - switched.voluntary) / done
+                    )
+                for side in others:
+                    ratios[side].append(rates[side][-1] / rates["off"][-1])
+            for side in sides:
+                ratio = (
+                    f"{statistics.median(ratios[side]):.2f} | "
+                    f"{min(ratios[side]):.2f} to {max(ratios[side]):.2f}"
+                    if side != "off"
+                    else "1 | "
+                )
+                print(
+                    f"| {level} | {side} | {statistics.median(rates[side]):.0f} | {ratio} | "
+                    f"{statistics.median(cpu[side]):.0f} | {statistics.median(sleeps[side]):.2f} |"
+                )
 
 
 def main() -> int:
@@ -252,9 +283,10 @@ def main() -> int:
     parser.add_argument("--pin", action="store_true", help="as bench/runtime.py --pin (`Pinning`)")
     parser.add_argument(
         "--stand-in",
-        choices=["yield", "no-socket"],
+        choices=["yield", "no-socket", "ping"],
         help="'on' with a stand-in ledger instead of Redis: one that only yields to the "
-        "event loop, or the ledger's own code over a client with no socket",
+        "event loop, the ledger's own code over a client with no socket, or one PING "
+        "to the platform Redis over the ledger's client awaited (no record)",
     )
     parser.add_argument(
         "--alternate",
@@ -263,6 +295,13 @@ def main() -> int:
         metavar="PAIRS",
         help="instead of off → on → off: both servers up, loaded in turn PAIRS times per "
         "level (--seconds each), each pair's on / off ratio within the pair",
+    )
+    parser.add_argument(
+        "--sides",
+        nargs="+",
+        choices=["off", "on", "yield", "no-socket", "ping"],
+        help="with --alternate: the servers loaded in turn, off first (default: off and on, "
+        "or off and the --stand-in)",
     )
     parser.add_argument(
         "--store",
@@ -284,12 +323,13 @@ def main() -> int:
             'wrk.headers["Content-Type"] = "application/json"\n'
         )
         if args.alternate:
+            sides = args.sides or ["off", args.stand_in or "on"]
             alternate(
                 script,
                 args.concurrency,
                 args.seconds,
                 args.alternate,
-                stand_in=args.stand_in,
+                sides=sides,
                 store=args.store,
             )
         elif not args.spy_only:
