@@ -293,8 +293,9 @@ def main() -> int:
         type=int,
         default=0,
         metavar="PAIRS",
-        help="instead of off → on → off: both servers up, loaded in turn PAIRS times per "
-        "level (--seconds each), each pair's on / off ratio within the pair",
+        help="instead of off → on → off: the servers (off and on, or --sides) up at once, "
+        "loaded in turn PAIRS rounds per level (--seconds each), each side's ratio to off "
+        "within its round",
     )
     parser.add_argument(
         "--sides",
