@@ -20,7 +20,11 @@ runtime, as `bench/runtime.py`'s real table, instead of the in-process one).
 socket (what is left to the real write is the round trip); or one PING to the test
 bed's Redis over the ledger's own client and connection, awaited before the answer
 leaves, with no record made (the least a write that waits for Redis's acknowledgement
-costs: the floor under any ledger that promises no answer without a stored record).
+costs: the floor under any ledger that promises no answer without a stored record);
+or ``wake``, a reply from a thread of the server's own after about that round trip,
+through the event loop's self-pipe (the wait and the wake-up by a socket, with no
+other process and no TCP; at concurrency 1 only, since under load the thread waits
+for the GIL).
 With ``--alternate``, ``--sides off on ping ...`` serves several of them at once and
 loads them in turn, each round every side once (the order rotating), each side's
 ratio to "off" taken within the round.
@@ -201,7 +205,7 @@ def alternate(
     server is `bench/runtime.py`'s real store table's (the test bed's PostgreSQL and
     Redis bound, a fresh database each)."""
     if sides[0] != "off" or len(set(sides)) != len(sides) or len(sides) < 2:
-        raise SystemExit("--sides: off first, then one or more of on, yield, no-socket, ping")
+        raise SystemExit("--sides: off first, then one or more of on, yield, no-socket, ping, wake")
     with contextlib.ExitStack() as stack:
         ledger_env = stack.enter_context(bench_runtime.BenchLedger(os.environ["BMAD_REDIS_URL"]))
         servers = {}
@@ -283,10 +287,11 @@ def main() -> int:
     parser.add_argument("--pin", action="store_true", help="as bench/runtime.py --pin (`Pinning`)")
     parser.add_argument(
         "--stand-in",
-        choices=["yield", "no-socket", "ping"],
+        choices=["yield", "no-socket", "ping", "wake"],
         help="'on' with a stand-in ledger instead of Redis: one that only yields to the "
         "event loop, the ledger's own code over a client with no socket, or one PING "
-        "to the platform Redis over the ledger's client awaited (no record)",
+        "to the platform Redis over the ledger's client awaited (no record), or a reply "
+        "from a thread of the server's after ~40 µs (wake; concurrency 1 only)",
     )
     parser.add_argument(
         "--alternate",
@@ -300,7 +305,7 @@ def main() -> int:
     parser.add_argument(
         "--sides",
         nargs="+",
-        choices=["off", "on", "yield", "no-socket", "ping"],
+        choices=["off", "on", "yield", "no-socket", "ping", "wake"],
         help="with --alternate: the servers loaded in turn, off first (default: off and on, "
         "or off and the --stand-in)",
     )

@@ -188,6 +188,42 @@ class _PingLedger:
         await self.real.aclose()
 
 
+class _WakeLedger:
+    """A ledger whose write is answered by a thread of the server's own after a pause
+    of about the PING's round trip (`time.sleep`), through the event loop's self-pipe:
+    the request waits and the loop is woken by a socket, as by Redis's reply, with no
+    other process and no TCP. Meaningful at concurrency 1 only: under load the thread
+    waits for the GIL."""
+
+    PAUSE = 40e-6
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self.queue: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]
+        self.queue = queue.SimpleQueue()
+        threading.Thread(target=self._answer, daemon=True).start()
+
+    def _answer(self) -> None:
+        while True:
+            loop, reply = self.queue.get()
+            time.sleep(self.PAUSE)
+            loop.call_soon_threadsafe(reply.set_result, None)
+
+    def write(self, entry: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[None] = loop.create_future()
+        self.queue.put((loop, reply))
+        return reply
+
+    async def exhausted(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
 def _stand_in_ledger(kind: str) -> Any:
     from bmad_integrations.usage import writer
     from bmad_runtime import ledger
@@ -209,7 +245,9 @@ def _stand_in_ledger(kind: str) -> Any:
                 tenant=TENANT,
             )
         )
-    raise SystemExit(f"{LEDGER_STAND_IN} is yield, no-socket or ping, not {kind!r}")
+    if kind == "wake":
+        return _WakeLedger()
+    raise SystemExit(f"{LEDGER_STAND_IN} is yield, no-socket, ping or wake, not {kind!r}")
 
 
 class BenchLedger:
