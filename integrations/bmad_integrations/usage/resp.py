@@ -84,6 +84,10 @@ def pack(args: tuple[str | bytes | int, ...]) -> bytes:
     return b"".join([b"*%d\r\n" % len(args), *map(bulk, args)])
 
 
+# A RESP bulk string as a bytes format: its length, then its bytes.
+BULK = b"$%d\r\n%b\r\n"
+
+
 def bulk(arg: str | bytes | int) -> bytes:
     """One argument of a command as a RESP bulk string (UTF-8 for a str)."""
     if isinstance(arg, str):
@@ -92,7 +96,7 @@ def bulk(arg: str | bytes | int) -> bytes:
         data = b"%d" % arg
     else:
         data = arg
-    return b"$%d\r\n%b\r\n" % (len(data), data)
+    return BULK % (len(data), data)
 
 
 def error_of(line: str) -> redis_errors.RedisError:

@@ -262,7 +262,7 @@ def _bulk(value: str) -> bytes:
     return resp.bulk(value).replace(b"%", b"%%")
 
 
-_HOLE = b"$%d\r\n%b\r\n"
+_HOLE = resp.BULK  # filled with a field's length and bytes
 
 
 @functools.lru_cache(maxsize=64)
