@@ -126,18 +126,22 @@ def runtime_app() -> Any:
 LEDGER_STAND_IN = "BENCH_LEDGER_STAND_IN"
 
 
-class _YieldingLedger:
-    """A ledger whose write only yields to the event loop once: what suspending the
-    answer costs, with no record and no I/O."""
-
-    def write(self, entry: Any) -> Coroutine[Any, Any, None]:
-        return asyncio.sleep(0)
+class _StandIn:
+    """A stand-in ledger's budget and close: never exhausted, nothing to close."""
 
     async def exhausted(self) -> None:
         return None
 
     async def aclose(self) -> None:
         return None
+
+
+class _YieldingLedger(_StandIn):
+    """A ledger whose write only yields to the event loop once: what suspending the
+    answer costs, with no record and no I/O."""
+
+    def write(self, entry: Any) -> Coroutine[Any, Any, None]:
+        return asyncio.sleep(0)
 
 
 class _NoSocketClient:
@@ -188,7 +192,7 @@ class _PingLedger:
         await self.real.aclose()
 
 
-class _WakeLedger:
+class _WakeLedger(_StandIn):
     """A ledger whose write is answered by a thread of the server's own after a pause
     of about the PING's round trip (`time.sleep`), through the event loop's self-pipe:
     the request waits and the loop is woken by a socket, as by Redis's reply, with no
@@ -216,12 +220,6 @@ class _WakeLedger:
         reply: asyncio.Future[None] = loop.create_future()
         self.queue.put((loop, reply))
         return reply
-
-    async def exhausted(self) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        return None
 
 
 def _stand_in_ledger(kind: str) -> Any:
