@@ -14,7 +14,7 @@ loads them in turn, PAIRS pairs per level, and reports the median of the pairs' 
 off ratios: a drift of the machine's speed, which moves one 5-second level by 15-25 %
 here, then reaches both sides of each ratio (``--store real``: the real store's
 runtime, as `bench/runtime.py`'s real table, instead of the in-process one).
-``--stand-in yield|no-socket|ping`` serves "on" with a stand-in ledger (the table's
+``--stand-in yield|no-socket|ping|...`` serves "on" with a stand-in ledger (the table's
 "on" column): a write that only yields to the event loop once; the ledger's own code
 (record, checks, command) over a client that answers on the loop's next turn without a
 socket (what is left to the real write is the round trip); or one PING to the test
@@ -24,10 +24,16 @@ costs: the floor under any ledger that promises no answer without a stored recor
 or ``wake``, a reply from a thread of the server's own after about that round trip,
 through the event loop's self-pipe (the wait and the wake-up by a socket, with no
 other process and no TCP; at concurrency 1 only, since under load the thread waits
-for the GIL).
+for the GIL); ``block`` or ``spin``, one PING over a socket of the stand-in's own,
+sent and received without suspending the request (a blocking receive, in which the
+thread sleeps; or a receive polled until the reply is in, so that nothing sleeps), its
+round trips printed when the server stops; or ``spool``, a sketch of a ledger that does
+not wait: the record appended to a file and shipped to Redis in the background every
+2 ms (``BENCH_SPOOL_DELAY``), its reply ready at once.
 With ``--alternate``, ``--sides off on ping ...`` serves several of them at once and
 loads them in turn, each round every side once (the order rotating), each side's
-ratio to "off" taken within the round.
+ratio to "off" taken within the round. ``twin`` is a second server with the ledger
+off: the control, how far two identical servers measure apart.
 
     set -a; eval "$(.venv/bin/bmad testbed up --no-cluster --services redis)"; set +a
     .venv/bin/python bench/ledger_cost.py --spy 8
@@ -69,6 +75,7 @@ def _sibling(name: str) -> Any:
 
 
 bench_runtime = _sibling("runtime")
+STAND_INS = ["yield", "no-socket", "ping", "wake", "block", "spin", "spool"]
 
 
 def wrk(url: str, script: Path, *, concurrency: int, seconds: float) -> int:
@@ -205,14 +212,16 @@ def alternate(
     server is `bench/runtime.py`'s real store table's (the test bed's PostgreSQL and
     Redis bound, a fresh database each)."""
     if sides[0] != "off" or len(set(sides)) != len(sides) or len(sides) < 2:
-        raise SystemExit("--sides: off first, then one or more of on, yield, no-socket, ping, wake")
+        raise SystemExit(
+            f"--sides: off first, then one or more of twin, on, {', '.join(STAND_INS)}"
+        )
     with contextlib.ExitStack() as stack:
         ledger_env = stack.enter_context(bench_runtime.BenchLedger(os.environ["BMAD_REDIS_URL"]))
         servers = {}
         for side in sides:
             ledger: dict[str, str] = (
                 {}
-                if side == "off"
+                if side in ("off", "twin")
                 else ledger_env
                 if side == "on"
                 else {bench_runtime.LEDGER_STAND_IN: side, **ledger_env}
@@ -287,11 +296,14 @@ def main() -> int:
     parser.add_argument("--pin", action="store_true", help="as bench/runtime.py --pin (`Pinning`)")
     parser.add_argument(
         "--stand-in",
-        choices=["yield", "no-socket", "ping", "wake"],
+        choices=STAND_INS,
         help="'on' with a stand-in ledger instead of Redis: one that only yields to the "
         "event loop, the ledger's own code over a client with no socket, or one PING "
         "to the platform Redis over the ledger's client awaited (no record), or a reply "
-        "from a thread of the server's after ~40 µs (wake; concurrency 1 only)",
+        "from a thread of the server's after ~40 µs (wake; concurrency 1 only), one PING "
+        "over a socket of its own without suspending the request (block: a blocking "
+        "receive; spin: a polled one), or the ledger's record spooled to a file and "
+        "shipped in the background (spool, a sketch)",
     )
     parser.add_argument(
         "--alternate",
@@ -305,9 +317,10 @@ def main() -> int:
     parser.add_argument(
         "--sides",
         nargs="+",
-        choices=["off", "on", "yield", "no-socket", "ping", "wake"],
+        choices=["off", "twin", "on", *STAND_INS],
         help="with --alternate: the servers loaded in turn, off first (default: off and on, "
-        "or off and the --stand-in)",
+        "or off and the --stand-in); twin: a second server with the ledger off (the "
+        "control: how far two identical servers measure apart)",
     )
     parser.add_argument(
         "--store",
