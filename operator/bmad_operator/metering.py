@@ -18,7 +18,9 @@ While this replica leads, `Metering.run`:
 
 The Agent reconciler also asks it for the agent's ledger writer (`ensure_writer`):
 a Redis ACL user that may append to the agent's stream and read its tenant's budget
-key, nothing else (`bmad_integrations.usage.acl`).
+key, nothing else (`bmad_integrations.usage.acl`). Every `usage_prune_seconds` the loop
+removes the writers of deleted Agents (`prune_writers`), and after writers were set or
+removed it asks Redis to save its ACL file when it has one (`save_acl`, once a pass).
 """
 
 from __future__ import annotations
@@ -157,6 +159,9 @@ class Metering:
         self._budgets: dict[str, budget.State] = {}
         self._written: dict[str, str] = {}  # tenant -> the budget key's value we set
         self._writers: dict[tuple[str, str], str] = {}  # agent -> digest of its rules
+        self._absent: set[tuple[str, str]] = set()  # writers without an Agent, last look
+        self._acl_file: bool | None = None  # whether the Redis saves its ACL (None: unknown)
+        self._acl_changed = False  # writers set or removed since the ACL was last saved
         self._targets: dict[str, reporter.Target | None] = {}  # from the Tenant reconciler
         self._reporter: reporter.Reporter | None = None
         self._payments: dict[str, stripe_webhooks.PaymentState] = {}  # by customer id
@@ -264,6 +269,51 @@ class Metering:
             self.admin(), namespace=namespace, agent=agent, password=password, tenant=tenant
         )
         self._writers[(namespace, agent)] = digest
+        self._acl_changed = True  # saved by the loop, once for any number of writers
+
+    async def save_acl(self) -> None:
+        """Have the ledger's Redis save its ACL users to its ACL file, so that a restart
+        keeps them; without an ACL file, say once per term what that means. A failure is
+        logged: the users are set again on the Agents' passes after the next takeover."""
+        self._acl_changed = False
+        try:
+            saved = await acl.save(self.admin())
+        except Exception as exc:  # the writer is set; only its persistence failed
+            log.warning("the ledger's ACL users were not saved: %s: %s", type(exc).__name__, exc)
+            return
+        if not saved and self._acl_file is not False:
+            log.warning(
+                "the usage ledger's Redis has no ACL file: after it restarts, the agents' "
+                "usage writes fail until the operator takes the lease again "
+                "(docs/billing.md, 'Why this design')"
+            )
+        self._acl_file = saved
+
+    async def prune_writers(self) -> list[tuple[str, str]]:
+        """Remove the ledger writers (ACL users) of Agents that are gone: a writer whose
+        Agent this replica's store did not hold at this look and the one before (the
+        store's watch may lag a deletion and re-creation by a moment; an Agent created
+        again later is given a new writer by its next pass). An operator that watches one
+        namespace prunes only there. Redis closes the removed
+        users' connections; their streams stay until the ingester has read them.
+        Returns the (namespace, agent) pairs removed."""
+        admin = self.admin()
+        watched = self.cfg.namespace
+        absent = {
+            (namespace, agent)
+            for namespace, agent in await acl.writers(admin)
+            if (not watched or namespace == watched)
+            and self.cache.get("Agent", namespace, agent) is None
+        }
+        gone = sorted(absent & self._absent)
+        self._absent = absent - set(gone)
+        for namespace, agent in gone:
+            await acl.remove_writer(admin, namespace=namespace, agent=agent)
+            self._writers.pop((namespace, agent), None)
+            log.info("removed the usage ledger writer of the deleted Agent %s/%s", namespace, agent)
+        if gone:
+            self._acl_changed = True
+        return gone
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -272,11 +322,12 @@ class Metering:
         # A new term of leadership: what we set and saw may have changed meanwhile.
         self._writers.clear()
         self._written.clear()
+        self._absent, self._acl_file, self._acl_changed = set(), None, False
         self._agents, self._tenants, self._budgets = {}, {}, {}
         self._payments = {}
         self._backlog, self._unreported = {}, {}
         self.loaded = False
-        refreshed = reported = -float("inf")
+        refreshed = reported = pruned = -float("inf")
         try:
             while not stop.is_set():
                 read = 0
@@ -293,6 +344,11 @@ class Metering:
                     if time.monotonic() - reported >= self.cfg.usage_report_seconds:
                         await self.report()
                         reported = time.monotonic()
+                    if time.monotonic() - pruned >= self.cfg.usage_prune_seconds:
+                        await self.prune_writers()
+                        pruned = time.monotonic()
+                    if self._acl_changed:
+                        await self.save_acl()
                 except Exception as exc:  # Redis, PostgreSQL: the entries wait in Redis
                     log.warning("usage metering paused: %s: %s", type(exc).__name__, exc)
                     await self._pause(stop, RETRY_SECONDS)

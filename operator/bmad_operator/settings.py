@@ -129,6 +129,13 @@ class OperatorSettings(BaseSettings):
         description="How often the ledger's unreported usage is sent to Stripe as meter "
         "events (billed Tenants) or set aside as unbilled (the others).",
     )
+    usage_prune_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="How often the ledger writers (Redis ACL users) of deleted Agents are "
+        "looked for; one is removed when its Agent was missing at two looks in a row.",
+    )
     stripe_webhook_port: int = Field(
         default=0,
         ge=0,
