@@ -10,10 +10,8 @@ removes the writer of an Agent deleted with kubectl.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from redis import exceptions as redis_errors
 from bmad_integrations.usage import acl, record
 from bmad_operator import metering, settings
 from bmad_operator import store as cache_mod
-from bmad_testbed import procs
+from bmad_testbed import own_redis
 from bmad_testbed.kubectl import Kubectl
 
 from .conftest import StartOperator
@@ -33,51 +31,20 @@ from .helpers import Tenants, agent, tenant, until, wait_tenant
 pytestmark = pytest.mark.integration
 
 
-class AclFileRedis:
-    """A redis-server of the test's own whose users live in an ACL file."""
-
-    def __init__(self, work: Path) -> None:
-        binary = shutil.which("redis-server")
-        assert binary is not None, "redis-server (the test bed's) is not on PATH"
-        self.binary = binary
-        self.work = work
-        self.port = procs.free_port()
-        self.password = secrets.token_hex(12)
-        self.acl_file = work / "users.acl"
-        self.record: procs.ProcRecord | None = None
-        digest = hashlib.sha256(self.password.encode()).hexdigest()
-        self.acl_file.write_text(f"user default on #{digest} ~* &* +@all\n")
-        self.acl_file.chmod(0o600)
-
-    @property
-    def url(self) -> str:
-        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        conf = self.work / "redis.conf"
-        conf.write_text(
-            f'bind 127.0.0.1\nport {self.port}\nsave ""\nappendonly no\ndir {self.work}\n'
-            f"aclfile {self.acl_file}\nprotected-mode yes\ndaemonize no\n"
-        )
-        self.record = procs.spawn("acl-redis", [self.binary, str(conf)], log_dir=self.work)
-        procs.wait_until(
-            self.record, lambda: procs.port_open(self.port), timeout=30, what="listening"
-        )
-
-    def stop(self) -> None:
-        if self.record is not None:
-            procs.stop(self.record)
-            self.record = None
-
-
 @pytest.fixture
-def acl_redis(tmp_path: Path) -> Iterator[AclFileRedis]:
-    server = AclFileRedis(tmp_path)
+def acl_redis(tmp_path: Path) -> Iterator[own_redis.OwnRedis]:
+    """A Redis of the test's own whose users live in an ACL file."""
+    server = own_redis.OwnRedis(tmp_path / "redis", acl_file=True)
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+def acl_path(server: own_redis.OwnRedis) -> Path:
+    assert server.acl_path is not None
+    return server.acl_path
 
 
 def cached_agent(namespace: str, name: str) -> dict[str, object]:
@@ -96,7 +63,7 @@ def meter_for(redis_url: str, cache: cache_mod.Store) -> metering.Metering:
 
 
 @pytest.fixture
-async def meter(acl_redis: AclFileRedis) -> AsyncIterator[metering.Metering]:
+async def meter(acl_redis: own_redis.OwnRedis) -> AsyncIterator[metering.Metering]:
     cache = cache_mod.Store()
     made = meter_for(acl_redis.url, cache)
     try:
@@ -121,7 +88,7 @@ async def can_write(url: str, namespace: str, name: str, password: str) -> bool:
 
 
 async def test_a_deleted_agents_writer_is_removed_at_the_second_look_and_the_acl_saved(
-    acl_redis: AclFileRedis, meter: metering.Metering
+    acl_redis: own_redis.OwnRedis, meter: metering.Metering
 ) -> None:
     namespace = f"team-{secrets.token_hex(3)}"
     meter.cache.put(cached_agent(namespace, "kept"))
@@ -132,7 +99,7 @@ async def test_a_deleted_agents_writer_is_removed_at_the_second_look_and_the_acl
             namespace=namespace, agent=name, tenant=namespace, password=password
         )
     await meter.save_acl()
-    saved = acl_redis.acl_file.read_text()
+    saved = acl_path(acl_redis).read_text()
     assert record.acl_user(namespace, "kept") in saved
     assert record.acl_user(namespace, "gone") in saved
 
@@ -144,7 +111,7 @@ async def test_a_deleted_agents_writer_is_removed_at_the_second_look_and_the_acl
     assert await can_write(acl_redis.url, namespace, "kept", passwords["kept"])
     assert await meter.prune_writers() == []  # nothing left to remove
     await meter.save_acl()
-    assert record.acl_user(namespace, "gone") not in acl_redis.acl_file.read_text()
+    assert record.acl_user(namespace, "gone") not in acl_path(acl_redis).read_text()
 
     # Redis restarted: the writer left comes back from the ACL file, the removed one not.
     await meter.aclose()
@@ -156,7 +123,7 @@ async def test_a_deleted_agents_writer_is_removed_at_the_second_look_and_the_acl
 
 
 async def test_an_agent_back_before_the_second_look_keeps_its_writer(
-    acl_redis: AclFileRedis, meter: metering.Metering
+    acl_redis: own_redis.OwnRedis, meter: metering.Metering
 ) -> None:
     namespace = f"team-{secrets.token_hex(3)}"
     password = acl.new_password()
@@ -169,7 +136,7 @@ async def test_an_agent_back_before_the_second_look_keeps_its_writer(
 
 
 async def test_an_operator_watching_one_namespace_prunes_only_there(
-    acl_redis: AclFileRedis,
+    acl_redis: own_redis.OwnRedis,
 ) -> None:
     mine, other = f"mine-{secrets.token_hex(3)}", f"other-{secrets.token_hex(3)}"
     cfg = settings.OperatorSettings(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from bmad_crds.v1alpha1 import integration as integration_api
 from bmad_integrations import checks, taskbus
 from bmad_operator.builders import agent as agent_builders
 from bmad_operator.builders import integration as integration_builders
-from bmad_testbed import procs
+from bmad_testbed import own_redis, procs
 from bmad_testbed.kubectl import eventually
 
 from ... import podlayout
@@ -49,47 +48,17 @@ class Redis(NamedTuple):
     url: str
 
 
-class LateRedis:
+class LateRedis(own_redis.OwnRedis):
     """A redis-server on a port chosen now, started when the test says so."""
-
-    def __init__(self, work: Path) -> None:
-        binary = shutil.which("redis-server")
-        assert binary is not None, "redis-server (the test bed's) is not on PATH"
-        self.binary = binary
-        self.work = work
-        self.port = procs.free_port()
-        self.password = secrets.token_hex(12)
-        self.record: procs.ProcRecord | None = None
 
     @property
     def address(self) -> Redis:
-        url = f"redis://:{self.password}@127.0.0.1:{self.port}/0"
-        return Redis("127.0.0.1", self.port, self.password, url)
-
-    def start(self) -> None:
-        conf = self.work / "redis.conf"
-        conf.write_text(
-            f'bind 127.0.0.1\nport {self.port}\nsave ""\nappendonly no\ndir {self.work}\n'
-            f"requirepass {self.password}\nprotected-mode yes\ndaemonize no\n"
-        )
-        conf.chmod(0o600)
-        self.record = procs.spawn("late-redis", [self.binary, str(conf)], log_dir=self.work)
-        procs.wait_until(
-            self.record,
-            lambda: procs.port_open(self.port),
-            timeout=30,
-            what="listening",
-        )
-
-    def stop(self) -> None:
-        if self.record is not None:
-            procs.stop(self.record)
+        return Redis("127.0.0.1", self.port, self.password, self.url)
 
 
 @pytest.fixture
 def late_redis(tmp_path: Path) -> Iterator[LateRedis]:
     server = LateRedis(tmp_path / "redis")
-    server.work.mkdir()
     try:
         yield server
     finally:
