@@ -118,6 +118,9 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     )
     owned.start()
     memo["informers"] = owned
+    if ctl.metering is not None:  # no ledger writer is pruned before the Agents are listed
+        [agents] = [i for i in owned.informers if i.kind == "Agent"]
+        ctl.metering.agents_listed = agents.listed.is_set
     if cfg.webhook_port:
         memo["webhook"] = await _serve_webhook(settings, api, cfg)
     if cfg.stripe_webhook_port:

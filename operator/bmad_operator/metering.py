@@ -162,6 +162,9 @@ class Metering:
         self._absent: set[tuple[str, str]] = set()  # writers without an Agent, last look
         self._acl_file: bool | None = None  # whether the Redis saves its ACL (None: unknown)
         self._acl_changed = False  # writers set or removed since the ACL was last saved
+        # Whether the store holds the Agents' first listing (set by the operator's start
+        # up to its Agent informer's): no writer is pruned before.
+        self.agents_listed: Callable[[], bool] = lambda: True
         self._targets: dict[str, reporter.Target | None] = {}  # from the Tenant reconciler
         self._reporter: reporter.Reporter | None = None
         self._payments: dict[str, stripe_webhooks.PaymentState] = {}  # by customer id
@@ -294,9 +297,12 @@ class Metering:
         Agent this replica's store did not hold at this look and the one before (the
         store's watch may lag a deletion and re-creation by a moment; an Agent created
         again later is given a new writer by its next pass). An operator that watches one
-        namespace prunes only there. Redis closes the removed
-        users' connections; their streams stay until the ingester has read them.
+        namespace prunes only there. Redis closes the removed users' connections; their
+        streams stay until the ingester has read them.
+        Nothing is looked at before the store holds the Agents' first listing.
         Returns the (namespace, agent) pairs removed."""
+        if not self.agents_listed():
+            return []
         admin = self.admin()
         watched = self.cfg.namespace
         absent = {
@@ -322,7 +328,9 @@ class Metering:
         # A new term of leadership: what we set and saw may have changed meanwhile.
         self._writers.clear()
         self._written.clear()
-        self._absent, self._acl_file, self._acl_changed = set(), None, False
+        # Saved once at the start of a term too: the last leader may have died between
+        # setting a writer and saving.
+        self._absent, self._acl_file, self._acl_changed = set(), None, True
         self._agents, self._tenants, self._budgets = {}, {}, {}
         self._payments = {}
         self._backlog, self._unreported = {}, {}

@@ -135,6 +135,23 @@ async def test_an_agent_back_before_the_second_look_keeps_its_writer(
     assert await can_write(acl_redis.url, namespace, "dev", password)
 
 
+async def test_nothing_is_pruned_before_the_agents_are_listed(
+    acl_redis: own_redis.OwnRedis, meter: metering.Metering
+) -> None:
+    namespace = f"team-{secrets.token_hex(3)}"
+    await meter.ensure_writer(
+        namespace=namespace, agent="sm", tenant=namespace, password=acl.new_password()
+    )
+    listed = False
+    meter.agents_listed = lambda: listed
+    assert await meter.prune_writers() == []
+    assert await meter.prune_writers() == []  # two looks, but the store was not listed
+    assert (namespace, "sm") in await acl.writers(meter.admin())
+    listed = True
+    assert await meter.prune_writers() == []  # the first look that counts
+    assert await meter.prune_writers() == [(namespace, "sm")]
+
+
 async def test_an_operator_watching_one_namespace_prunes_only_there(
     acl_redis: own_redis.OwnRedis,
 ) -> None:
