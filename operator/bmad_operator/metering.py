@@ -475,7 +475,9 @@ class Metering:
         ledger = self._ledger
         assert ledger is not None
         if self._reporter is None:
-            self._reporter = reporter.Reporter(ledger, reporter.StripeSender())
+            self._reporter = reporter.Reporter(
+                ledger, reporter.StripeSender(), meters=self.cfg.meters()
+            )
         self._unreported = await ledger.unreported()
         waiting = set(self._unreported) | {b.tenant for b in await ledger.pending()}
         if not waiting:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import urllib.parse
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from bmad_integrations import egress
 from bmad_operator import leader
+
+if TYPE_CHECKING:
+    from bmad_integrations.usage import reporter
 
 
 class OperatorSettings(BaseSettings):
@@ -129,6 +132,13 @@ class OperatorSettings(BaseSettings):
         description="How often the ledger's unreported usage is sent to Stripe as meter "
         "events (billed Tenants) or set aside as unbilled (the others).",
     )
+    stripe_meters: str = Field(
+        default="",
+        description="The Stripe meters usage is reported to, as <event name>=<quantity> "
+        "pairs separated by commas; a quantity is tokens_in, tokens_out, tokens or "
+        "cost:<currency>[:<scale>] (the cost in that currency times 10**scale, 6 by "
+        "default). Empty: bmad_input_tokens=tokens_in,bmad_output_tokens=tokens_out.",
+    )
     usage_prune_seconds: float = Field(
         default=60.0,
         gt=0,
@@ -207,6 +217,21 @@ class OperatorSettings(BaseSettings):
                 "is in BMAD_OPERATOR_LEDGER_DSN): set the ledger, or the port to 0"
             )
         return self
+
+    @model_validator(mode="after")
+    def _stripe_meters_parse(self) -> OperatorSettings:
+        if self.stripe_meters.strip():
+            try:
+                self.meters()
+            except ValueError as exc:
+                raise ValueError(f"BMAD_OPERATOR_STRIPE_METERS: {exc}") from None
+        return self
+
+    def meters(self) -> tuple[reporter.Meter, ...]:
+        """The Stripe meters of `stripe_meters` (`reporter.parse_meters`)."""
+        from bmad_integrations.usage import reporter  # only where usage is reported
+
+        return reporter.parse_meters(self.stripe_meters)
 
     @property
     def metering(self) -> bool:

@@ -91,6 +91,44 @@ DEFAULT_METERS = (
 )
 
 
+def parse_meters(text: str) -> tuple[Meter, ...]:
+    """The meters of a setting such as ``bmad_input_tokens=tokens_in,
+    bmad_output_tokens=tokens_out,bmad_cost_usd=cost:USD`` (a quantity of
+    `QUANTITIES`; ``cost:<currency>[:<scale>]``, the cost in that currency times
+    10**scale, 6 by default); an empty setting is `DEFAULT_METERS`. Raises ValueError
+    with what to change."""
+    if not text.strip():
+        return DEFAULT_METERS
+    meters: list[Meter] = []
+    for item in (part.strip() for part in text.split(",")):
+        name, sep, quantity = item.partition("=")
+        name, quantity = name.strip(), quantity.strip()
+        if not sep or not name or not quantity:
+            raise ValueError(
+                f"{item!r} is not <event name>=<quantity> (a quantity is one of "
+                f"{', '.join(QUANTITIES)}, cost as cost:<currency>[:<scale>])"
+            )
+        if any(m.event_name == name for m in meters):
+            raise ValueError(f"the event name {name!r} is given twice")
+        kind, _, rest = quantity.partition(":")
+        if kind not in QUANTITIES:
+            raise ValueError(
+                f"{item!r}: the quantity {kind!r} is not one of {', '.join(QUANTITIES)}"
+            )
+        if kind != "cost":
+            if rest:
+                raise ValueError(f"{item!r}: only a cost meter takes a currency")
+            meters.append(Meter(name, kind))
+            continue
+        currency, _, scale = rest.partition(":")
+        if len(currency) != 3 or not currency.isalpha() or not currency.isupper():
+            raise ValueError(f"{item!r}: a cost meter names an ISO 4217 currency, as cost:USD")
+        if scale and not (scale.isdigit() and int(scale) <= 9):
+            raise ValueError(f"{item!r}: the scale is a whole number from 0 to 9")
+        meters.append(Meter(name, "cost", currency=currency, scale=int(scale or 6)))
+    return tuple(meters)
+
+
 def identifier(batch_id: str, meter: Meter) -> str:
     """The event's identifier (and idempotency key): the same on every resend."""
     digest = hashlib.sha256(meter.event_name.encode()).hexdigest()[:12]

@@ -3,7 +3,8 @@ holds exactly 1,000 records and Stripe (the stateful stand-in in front of stripe
 received meter events summing to exactly their tokens, no identifier twice.
 
 Everything runs as in production, on the test bed: the operator (its own process,
-metering and reporting every second) gives the Agent its ledger writer; `ReplicaMirror`
+metering and reporting every second, to three meters: the two defaults and a third
+named by ``BMAD_OPERATOR_STRIPE_METERS``) gives the Agent its ledger writer; `ReplicaMirror`
 runs the Deployment's three replicas as `bmad runtime` processes that take tasks from
 the agent's Redis stream and ask `GatedModel` (OpenAI-compatible, 3 tokens in and 2
 out per call). After a quarter of the calls the gate closes, so every replica holds
@@ -32,6 +33,7 @@ from bmad_testbed import stripe_proxy
 from bmad_testbed.kubectl import Kubectl
 from bmad_testbed.runtimes import GatedModel, ReplicaMirror
 
+from .conftest import StartOperator
 from .helpers import (
     Tenants,
     agent,
@@ -46,6 +48,8 @@ from .helpers import (
 pytestmark = [pytest.mark.integration]
 
 TASKS = 1000
+# The two default meters and a third the setting adds (in + out).
+METERS = "bmad_input_tokens=tokens_in,bmad_output_tokens=tokens_out,bmad_tokens=tokens"
 SYSTEM_NS = "bmad-system"
 
 
@@ -70,9 +74,9 @@ def model() -> Iterator[GatedModel]:
         yield gated
 
 
-@pytest.mark.usefixtures("metering_operator")
 async def test_1000_calls_by_3_runtimes_one_killed_are_1000_records_metered_once(
     *,
+    start_ledger_operator: StartOperator,
     kubectl: Kubectl,
     tenants: Tenants,
     api: kube.Kube,
@@ -82,6 +86,7 @@ async def test_1000_calls_by_3_runtimes_one_killed_are_1000_records_metered_once
     testbed_env: dict[str, str],
     tmp_path: Path,
 ) -> None:
+    start_ledger_operator(BMAD_OPERATOR_STRIPE_METERS=METERS)
     name = tenants.name("meter")
     namespace = f"{name}-work"
     integration = standin.integration  # type: ignore[attr-defined]
@@ -219,12 +224,17 @@ async def test_1000_calls_by_3_runtimes_one_killed_are_1000_records_metered_once
         wanted = {
             ("bmad_input_tokens", customer): ledger_in,
             ("bmad_output_tokens", customer): ledger_out,
+            ("bmad_tokens", customer): ledger_in + ledger_out,
         }
         return totals if all(totals.get(k) == v for k, v in wanted.items()) else None
 
     totals = await until(metered, within=90, what="Stripe metered the ledger", every=1)
     assert standin.duplicate_identifiers() == []
-    assert set(totals) == {("bmad_input_tokens", customer), ("bmad_output_tokens", customer)}
+    assert set(totals) == {
+        ("bmad_input_tokens", customer),
+        ("bmad_output_tokens", customer),
+        ("bmad_tokens", customer),
+    }
     conn = await asyncpg.connect(ledger_dsn)
     try:
         unreported = await conn.fetchval(

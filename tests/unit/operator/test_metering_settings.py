@@ -125,3 +125,42 @@ def test_the_cost_budget_is_read_from_the_tenants_limits() -> None:
         is None
     )
     assert metering.cost_per_month({}) is None
+
+
+def test_the_stripe_meters_default_to_input_and_output_tokens() -> None:
+    assert settings.OperatorSettings().meters() == reporter.DEFAULT_METERS
+
+
+def test_the_stripe_meters_setting_names_event_names_and_quantities() -> None:
+    cfg = settings.OperatorSettings(
+        stripe_meters="bmad_input_tokens=tokens_in, bmad_tokens=tokens,"
+        "bmad_cost_usd=cost:USD,bmad_cost_eur_cents=cost:EUR:2"
+    )
+    assert cfg.meters() == (
+        reporter.Meter("bmad_input_tokens", "tokens_in"),
+        reporter.Meter("bmad_tokens", "tokens"),
+        reporter.Meter("bmad_cost_usd", "cost", currency="USD", scale=6),
+        reporter.Meter("bmad_cost_eur_cents", "cost", currency="EUR", scale=2),
+    )
+
+
+@pytest.mark.parametrize(
+    ("setting", "says"),
+    [
+        ("bmad_tokens", "is not <event name>=<quantity>"),
+        ("=tokens", "is not <event name>=<quantity>"),
+        ("bmad_tokens=words", "the quantity 'words' is not one of"),
+        ("bmad_tokens=tokens:USD", "only a cost meter takes a currency"),
+        ("bmad_cost=cost", "names an ISO 4217 currency"),
+        ("bmad_cost=cost:usd", "names an ISO 4217 currency"),
+        ("bmad_cost=cost:USD:12", "the scale is a whole number from 0 to 9"),
+        ("a=tokens,a=tokens_in", "the event name 'a' is given twice"),
+        (f"{'x' * 101}=tokens", "1-100 characters"),
+    ],
+)
+def test_a_bad_stripe_meters_setting_stops_the_start_saying_what_to_change(
+    setting: str, says: str
+) -> None:
+    with pytest.raises(pydantic.ValidationError, match="BMAD_OPERATOR_STRIPE_METERS") as info:
+        settings.OperatorSettings(stripe_meters=setting)
+    assert says in str(info.value)
