@@ -96,7 +96,7 @@ AGENT, NAMESPACE, TENANT = "bench-1", "bench", "bench"
 
 
 def runtime_app() -> Any:
-    from bmad_runtime import app, ledger, settings
+    from bmad_runtime import app, settings
     from bmad_runtime.memory import inprocess
     from bmad_runtime.providers import echo, router
 
@@ -113,17 +113,25 @@ def runtime_app() -> Any:
     if stand_in:
         made.state.runtime.ledger = _stand_in_ledger(stand_in)
     elif os.environ.get(LEDGER_URL):
-        made.state.runtime.ledger = ledger.PlatformLedger.from_url(
-            os.environ[LEDGER_URL],
-            password=os.environ[LEDGER_PASSWORD],
-            namespace=NAMESPACE,
-            agent=AGENT,
-            tenant=TENANT,
-        )
+        made.state.runtime.ledger = _platform_ledger()
     return made
 
 
+def _platform_ledger() -> Any:
+    """The agent's platform ledger on the bench's Redis, as the runtime makes it."""
+    from bmad_runtime import ledger
+
+    return ledger.PlatformLedger.from_url(
+        os.environ[LEDGER_URL],
+        password=os.environ[LEDGER_PASSWORD],
+        namespace=NAMESPACE,
+        agent=AGENT,
+        tenant=TENANT,
+    )
+
+
 LEDGER_STAND_IN = "BENCH_LEDGER_STAND_IN"
+PING = b"*1\r\n$4\r\nPING\r\n"  # the command the ping stand-ins send
 
 
 class _StandIn:
@@ -176,14 +184,12 @@ class _PingLedger:
     client and connection, awaited before the answer leaves: the least any write that
     waits for Redis's acknowledgement costs this runtime, with no record made."""
 
-    PING = b"*1\r\n$4\r\nPING\r\n"
-
     def __init__(self, real: Any) -> None:
         self.real = real
         self.client = real.writer.client
 
     def write(self, entry: Any) -> Any:
-        return self.client.execute_packed(self.PING)
+        return self.client.execute_packed(PING)
 
     async def exhausted(self) -> Any:
         return await self.real.exhausted()
@@ -229,8 +235,6 @@ class _SyncPingLedger(_StandIn):
     is in (``spin``: nothing sleeps). What waiting costs apart from asyncio. When the
     server stops, the round trips it measured go to its standard error."""
 
-    PING = b"*1\r\n$4\r\nPING\r\n"
-
     def __init__(self, *, spin: bool) -> None:
         from bmad_integrations.usage import record, resp
 
@@ -249,7 +253,7 @@ class _SyncPingLedger(_StandIn):
 
     async def write(self, entry: Any) -> None:
         began = time.perf_counter_ns()
-        self.sock.send(self.PING)
+        self.sock.send(PING)
         while True:
             try:
                 self.sock.recv(64)  # "+PONG\r\n" (7 bytes) comes in one segment
@@ -335,29 +339,18 @@ def _stand_in_ledger(kind: str) -> Any:
             tenant=TENANT,
         )
     if kind == "ping":
-        return _PingLedger(
-            ledger.PlatformLedger.from_url(
-                os.environ[LEDGER_URL],
-                password=os.environ[LEDGER_PASSWORD],
-                namespace=NAMESPACE,
-                agent=AGENT,
-                tenant=TENANT,
-            )
-        )
+        return _PingLedger(_platform_ledger())
     if kind == "wake":
         return _WakeLedger()
     if kind == "spool":
-        real = ledger.PlatformLedger.from_url(
-            os.environ[LEDGER_URL],
-            password=os.environ[LEDGER_PASSWORD],
-            namespace=NAMESPACE,
-            agent=AGENT,
+        # The platform ledger's own client, under a writer of the spooling client's.
+        client = _platform_ledger().writer.client
+        return ledger.PlatformLedger(
+            writer.LedgerWriter(
+                _SpoolingClient(client), namespace=NAMESPACE, agent=AGENT, owns_client=True
+            ),
             tenant=TENANT,
         )
-        spooling = _SpoolingClient(real.writer.client)
-        real.writer.client = spooling
-        real.writer._packed = spooling.execute_packed
-        return real
     if kind in ("block", "spin"):
         return _SyncPingLedger(spin=kind == "spin")
     raise SystemExit(
