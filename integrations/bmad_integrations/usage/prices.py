@@ -49,6 +49,10 @@ class PriceTableError(ValueError):
     """The price table does not parse; the message names the entry and the field."""
 
 
+# An ISO 4217 code as the price table writes it (and a cost meter names it).
+CURRENCY = r"^[A-Z]{3}$"
+
+
 class _Entry(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
@@ -62,7 +66,7 @@ class _Entry(pydantic.BaseModel):
     output_per_1m: decimal.Decimal = pydantic.Field(
         alias="outputPer1M", ge=0, lt=MAX_PRICE, max_digits=24, decimal_places=12
     )
-    currency: str | None = pydantic.Field(default=None, pattern=r"^[A-Z]{3}$")
+    currency: str | None = pydantic.Field(default=None, pattern=CURRENCY)
 
     @pydantic.field_validator("model")
     @classmethod
@@ -75,7 +79,7 @@ class _Entry(pydantic.BaseModel):
 class _Table(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
-    currency: str = pydantic.Field(pattern=r"^[A-Z]{3}$")
+    currency: str = pydantic.Field(pattern=CURRENCY)
     prices: list[_Entry] = pydantic.Field(default_factory=list)
 
 

@@ -29,12 +29,13 @@ import datetime as dt
 import decimal
 import hashlib
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from bmad_integrations import billing, lazy
-from bmad_integrations.usage import store
+from bmad_integrations.usage import prices, store
 
 if TYPE_CHECKING:
     import stripe
@@ -121,7 +122,7 @@ def parse_meters(text: str) -> tuple[Meter, ...]:
             meters.append(Meter(name, kind))
             continue
         currency, _, scale = rest.partition(":")
-        if len(currency) != 3 or not currency.isalpha() or not currency.isupper():
+        if not re.fullmatch(prices.CURRENCY, currency):
             raise ValueError(f"{item!r}: a cost meter names an ISO 4217 currency, as cost:USD")
         if scale and not (scale.isdigit() and int(scale) <= 9):
             raise ValueError(f"{item!r}: the scale is a whole number from 0 to 9")

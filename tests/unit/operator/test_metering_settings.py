@@ -153,6 +153,7 @@ def test_the_stripe_meters_setting_names_event_names_and_quantities() -> None:
         ("bmad_tokens=tokens:USD", "only a cost meter takes a currency"),
         ("bmad_cost=cost", "names an ISO 4217 currency"),
         ("bmad_cost=cost:usd", "names an ISO 4217 currency"),
+        ("bmad_cost=cost:ÄÖÜ", "names an ISO 4217 currency"),  # the price table's rule
         ("bmad_cost=cost:USD:12", "the scale is a whole number from 0 to 9"),
         ("a=tokens,a=tokens_in", "the event name 'a' is given twice"),
         (f"{'x' * 101}=tokens", "1-100 characters"),
