@@ -294,8 +294,8 @@ class Metering:
 
     async def prune_writers(self) -> list[tuple[str, str]]:
         """Remove the ledger writers (ACL users) of Agents that are gone: a writer whose
-        Agent this replica's store did not hold at this look and the one before (the
-        store's watch may lag a deletion and re-creation by a moment; an Agent created
+        Agent this replica's store did not hold at this look and the one before (so that
+        a moment when the store lags the API server removes nothing; an Agent created
         again later is given a new writer by its next pass). An operator that watches one
         namespace prunes only there. Redis closes the removed users' connections; their
         streams stay until the ingester has read them.
