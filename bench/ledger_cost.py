@@ -75,7 +75,7 @@ def _sibling(name: str) -> Any:
 
 
 bench_runtime = _sibling("runtime")
-STAND_INS = ["yield", "no-socket", "ping", "wake", "block", "spin", "spool"]
+STAND_INS = ["yield", "no-socket", "ping", "wake", "block", "spin", "spool", "mmap", "wait"]
 
 
 def wrk(url: str, script: Path, *, concurrency: int, seconds: float) -> int:

@@ -117,8 +117,20 @@ def runtime_app() -> Any:
     return made
 
 
-def _platform_ledger() -> Any:
-    """The agent's platform ledger on the bench's Redis, as the runtime makes it."""
+def _spool_dir() -> str | None:
+    """The server's own usage spool directory, as the operator gives a pod one in its
+    emptyDir (removed when the server ends), unless ``BENCH_LEDGER_WAIT`` asks for the
+    ledger that waits for Redis on every answer."""
+    if os.environ.get(LEDGER_WAIT):
+        return None
+    folder = tempfile.mkdtemp(prefix="bench-spool-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def _platform_ledger(*, spool: bool = True) -> Any:
+    """The agent's platform ledger on the bench's Redis, as the runtime makes it: with
+    a spool of its own unless ``spool`` is false or ``BENCH_LEDGER_WAIT`` is set."""
     from bmad_runtime import ledger
 
     return ledger.PlatformLedger.from_url(
@@ -127,7 +139,11 @@ def _platform_ledger() -> Any:
         namespace=NAMESPACE,
         agent=AGENT,
         tenant=TENANT,
+        spool_dir=_spool_dir() if spool else None,
     )
+
+
+LEDGER_WAIT = "BENCH_LEDGER_WAIT"
 
 
 LEDGER_STAND_IN = "BENCH_LEDGER_STAND_IN"
@@ -327,6 +343,43 @@ class _SpoolingClient:
         await self.real.aclose()
 
 
+class _MappedSpoolingClient(_SpoolingClient):
+    """``mmap``: the spool sketch with the record copied into a shared memory map of
+    the file (no system call a request; the kernel keeps the pages if the process is
+    killed) instead of a ``write``."""
+
+    SIZE = 64 << 20
+
+    def __init__(self, real: Any) -> None:
+        import mmap
+
+        super().__init__(real)
+        os.ftruncate(self.fd, 0)
+        fd = os.open(self.path, os.O_RDWR)
+        os.ftruncate(fd, self.SIZE)
+        self.map = mmap.mmap(fd, self.SIZE)
+        os.close(fd)
+        self.offset = 0
+
+    def execute_packed(self, command: bytes) -> Any:
+        end = self.offset + len(command)
+        if end > self.SIZE:
+            end, self.offset = len(command), 0
+        self.map[self.offset : end] = command
+        self.offset = end
+        self.pending.append(command)
+        loop = asyncio.get_running_loop()
+        if self.shipping is None:
+            self.shipping = loop.call_later(self.DELAY, self._ship)
+        done: asyncio.Future[str] = loop.create_future()
+        done.set_result("0-1")
+        return done
+
+    async def _acknowledged(self, replies: list[Any]) -> None:
+        await asyncio.gather(*replies)
+        self.in_flight -= len(replies)
+
+
 def _stand_in_ledger(kind: str) -> Any:
     from bmad_integrations.usage import writer
     from bmad_runtime import ledger
@@ -339,22 +392,26 @@ def _stand_in_ledger(kind: str) -> Any:
             tenant=TENANT,
         )
     if kind == "ping":
-        return _PingLedger(_platform_ledger())
+        return _PingLedger(_platform_ledger(spool=False))
     if kind == "wake":
         return _WakeLedger()
-    if kind == "spool":
+    if kind == "wait":
+        return _platform_ledger(spool=False)
+    if kind in ("spool", "mmap"):
         # The platform ledger's own client, under a writer of the spooling client's.
-        client = _platform_ledger().writer.client
+        client = _platform_ledger(spool=False).writer.client
+        spooling = _SpoolingClient if kind == "spool" else _MappedSpoolingClient
         return ledger.PlatformLedger(
             writer.LedgerWriter(
-                _SpoolingClient(client), namespace=NAMESPACE, agent=AGENT, owns_client=True
+                spooling(client), namespace=NAMESPACE, agent=AGENT, owns_client=True
             ),
             tenant=TENANT,
         )
     if kind in ("block", "spin"):
         return _SyncPingLedger(spin=kind == "spin")
     raise SystemExit(
-        f"{LEDGER_STAND_IN} is yield, no-socket, ping, wake, block, spin or spool, not {kind!r}"
+        f"{LEDGER_STAND_IN} is yield, no-socket, ping, wake, block, spin, spool, mmap or "
+        f"wait, not {kind!r}"
     )
 
 
@@ -443,6 +500,7 @@ def store_app() -> Any:
             redis_url=os.environ[STORE_REDIS],
             usage_ledger_url=os.environ.get(LEDGER_URL) or None,
             usage_ledger_password=os.environ.get(LEDGER_PASSWORD) or None,
+            usage_ledger_spool=_spool_dir() if os.environ.get(LEDGER_URL) else None,
         )
     )
 

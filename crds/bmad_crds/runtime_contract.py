@@ -77,11 +77,16 @@ there, as the ACL user `bmad_integrations.usage.record.acl_user` of the agent.""
 USAGE_LEDGER_PASSWORD = "BMAD_USAGE_LEDGER_PASSWORD"  # noqa: S105 - a variable's name
 """That user's password, from the key `USAGE_SECRET_KEY` of the Secret
 `usage_secret_name` (the operator's, owned by the Agent): never a literal value."""
+USAGE_LEDGER_SPOOL = "BMAD_USAGE_LEDGER_SPOOL"
+"""Where the runtime keeps each usage record before its answer leaves and ships it from
+(`bmad_integrations.usage.spool`): `USAGE_SPOOL_DIR`, in the pod's own ``/tmp``
+emptyDir, which outlives a restart of the container. Set with `USAGE_LEDGER_URL`."""
+USAGE_SPOOL_DIR = f"{TMP_DIR}/usage-ledger"
 USAGE_SECRET_KEY = "password"  # noqa: S105 - a Secret's key name
 USAGE_SECRET_SUFFIX = "-usage-ledger"  # noqa: S105 - a name suffix
 
 IDENTITY_ENV: tuple[str, ...] = (AGENT_NAME, AGENT_NAMESPACE, AGENT_ROLE, TENANT)
-PATH_ENV: tuple[str, ...] = (AGENT_CONFIG, SERVICE_BINDING_ROOT)
+PATH_ENV: tuple[str, ...] = (AGENT_CONFIG, SERVICE_BINDING_ROOT, USAGE_LEDGER_SPOOL)
 """The variables whose values are paths inside the container."""
 
 
@@ -141,6 +146,7 @@ class PodEnvironment(pydantic.BaseModel):
         ]
         if self.usage_ledger_url:
             env.append({"name": USAGE_LEDGER_URL, "value": self.usage_ledger_url})
+            env.append({"name": USAGE_LEDGER_SPOOL, "value": USAGE_SPOOL_DIR})
             env.append(
                 {
                     "name": USAGE_LEDGER_PASSWORD,

@@ -1,9 +1,12 @@
 """The runtime's side of the platform usage ledger (docs/billing.md).
 
 When the operator meters usage it gives the agent ``BMAD_USAGE_LEDGER_URL`` and the
-password of the agent's own ACL user (``BMAD_USAGE_LEDGER_PASSWORD``). Each model call
-is then appended to the agent's usage stream (`bmad_integrations.usage.writer`) before
-its answer leaves the runtime, and before each turn the runtime reads its tenant's
+password of the agent's own ACL user (``BMAD_USAGE_LEDGER_PASSWORD``), and a spool
+directory in the pod's emptyDir (``BMAD_USAGE_LEDGER_SPOOL``). Each model call's record
+is then kept in the spool before its answer leaves the runtime and shipped to the
+agent's usage stream in the background (`bmad_integrations.usage.spool`; without a
+spool, appended to the stream and acknowledged before the answer leaves:
+`bmad_integrations.usage.writer`), and before each turn the runtime reads its tenant's
 budget key (`bmad_integrations.usage.budget`), which the operator sets when the tenant
 used up ``spec.limits.tokensPerMonth``. The key is read at most once per
 `cache_seconds` per replica: the budget is enforced within that much of the operator's
@@ -17,8 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from redis import exceptions as redis_errors
 
@@ -78,6 +80,7 @@ class PlatformLedger:
         agent: str,
         tenant: str,
         cache_seconds: float = DEFAULT_CACHE_SECONDS,
+        spool_dir: str | None = None,
     ) -> PlatformLedger:
         return cls(
             writer.LedgerWriter.from_url(
@@ -86,6 +89,7 @@ class PlatformLedger:
                 password=password,
                 namespace=namespace,
                 agent=agent,
+                spool_dir=spool_dir,
             ),
             tenant=tenant,
             cache_seconds=cache_seconds,
@@ -94,7 +98,7 @@ class PlatformLedger:
     async def aclose(self) -> None:
         await self.writer.aclose()
 
-    def write(self, entry: ports.LedgerEntry) -> Coroutine[Any, Any, object]:
+    def write(self, entry: ports.LedgerEntry) -> Awaitable[object]:
         """The record of one call, sent now (on a live connection): await the result
         before the answer leaves (`ports.UsageLedger.write`)."""
         try:

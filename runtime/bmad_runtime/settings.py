@@ -160,6 +160,14 @@ class RuntimeSettings(pydantic_settings.BaseSettings):
     usage_ledger_password: pydantic.SecretStr | None = pydantic.Field(
         default=None, description="The password of this agent's ledger writer (a Secret)."
     )
+    usage_ledger_spool: str | None = pydantic.Field(
+        default=None,
+        description="A directory of the pod's own (the operator sets one in its emptyDir) "
+        "where each usage record is kept before its answer leaves and from which records "
+        "are shipped to the ledger's Redis in the background "
+        "(`bmad_integrations.usage.spool`); unset, every answer waits for Redis to "
+        "acknowledge its record.",
+    )
     usage_budget_cache_seconds: float = pydantic.Field(
         default=2.0,
         ge=0,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -30,6 +31,7 @@ import redis.asyncio
 from opentelemetry import trace
 
 from bmad_integrations import taskwire
+from bmad_integrations.usage import spool
 from bmad_runtime import app as app_mod
 from bmad_runtime import auth, ledger, ports, ratelimit, steps, turns
 from bmad_runtime import bindings as bindings_mod
@@ -314,21 +316,35 @@ def _ledger(
             "BMAD_USAGE_LEDGER_URL is set without BMAD_USAGE_LEDGER_PASSWORD: every answer "
             "is refused until the agent's usage ledger Secret is mounted"
         )
-    platform = ledger.PlatformLedger.from_url(
+    password = (
+        settings.usage_ledger_password.get_secret_value() if settings.usage_ledger_password else ""
+    )
+    connect = functools.partial(
+        ledger.PlatformLedger.from_url,
         settings.usage_ledger_url,
-        password=(
-            settings.usage_ledger_password.get_secret_value()
-            if settings.usage_ledger_password
-            else ""
-        ),
+        password=password,
         namespace=settings.agent_namespace,
         agent=settings.agent_name,
         tenant=settings.effective_tenant,
         cache_seconds=settings.usage_budget_cache_seconds,
     )
+    spool_dir = settings.usage_ledger_spool
+    try:
+        platform = connect(spool_dir=spool_dir)
+    except spool.SpoolError as exc:
+        # The stricter way still keeps every record: each answer waits for Redis.
+        logger.error("%s; until then every answer waits for the platform Redis", exc)
+        platform, spool_dir = connect(spool_dir=None), None
     stack.push_async_callback(platform.aclose)
-    where = urllib.parse.urlsplit(settings.usage_ledger_url)
-    logger.info("usage records go to the platform ledger at %s", where.hostname or "?")
+    where = urllib.parse.urlsplit(settings.usage_ledger_url).hostname or "?"
+    if spool_dir is None:
+        logger.info("usage records go to the platform ledger at %s", where)
+    else:
+        logger.info(
+            "usage records are kept in the spool at %s and shipped to the platform ledger at %s",
+            spool_dir,
+            where,
+        )
     return platform
 
 

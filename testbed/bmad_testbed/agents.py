@@ -151,6 +151,9 @@ def spawn(
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if "BMAD_USAGE_LEDGER_SPOOL" in env:
+        # The usage spool in the replica's own emptyDir, as in its pod.
+        env["BMAD_USAGE_LEDGER_SPOOL"] = str(home / "usage-ledger")
     env.update(extra_env or {})
     log = home / "runtime.log"
     with log.open("ab") as out:

@@ -35,6 +35,7 @@ from bmad_testbed import procs
 
 Obj = dict[str, Any]
 COMMAND = (sys.executable, "-m", "bmad_cli.main", "runtime")
+SPOOL_ENV = "BMAD_USAGE_LEDGER_SPOOL"  # bmad_crds.runtime_contract.USAGE_LEDGER_SPOOL
 POLL_SECONDS = 0.5
 
 
@@ -120,10 +121,13 @@ class GatedModel:
 
 
 class _Replica:
-    def __init__(self, index: int, proc: subprocess.Popen[bytes], port: int) -> None:
+    def __init__(
+        self, index: int, proc: subprocess.Popen[bytes], port: int, env: dict[str, str]
+    ) -> None:
         self.index = index
         self.proc = proc
         self.port = port
+        self.env = env
 
 
 class ReplicaMirror:
@@ -160,6 +164,19 @@ class ReplicaMirror:
         self._closed = True
         await asyncio.to_thread(self._scale_to, 0, None)
         self.target_file.unlink(missing_ok=True)
+
+    def spool_dir(self, index: int) -> Path:
+        """Replica ``index``'s usage spool: its pod's emptyDir, kept across restarts."""
+        return self.workdir / f"replica-{index}" / "usage-ledger"
+
+    def restart(self, pid: int) -> None:
+        """Start the replica whose process was ``pid`` (which has exited) again, on the
+        same port and spool directory: what the kubelet does when a container of a
+        pod dies (the pod, its emptyDir and its address stay)."""
+        with self._scaling:
+            [replica] = [r for r in self.replicas if r.proc.pid == pid]
+            assert replica.proc.poll() is not None, "the replica is still running"
+            replica.proc = self._spawn(replica.index, replica.env)
 
     @property
     def running(self) -> int:
@@ -236,18 +253,24 @@ class ReplicaMirror:
             base = {k: v for k, v in os.environ.items() if not k.startswith("BMAD_")}
             full = {**base, **env, "BMAD_HTTP_HOST": "127.0.0.1", "BMAD_HTTP_PORT": str(port)}
             self._next += 1
-            log = (self.workdir / f"runtime-{self._next}.log").open("ab")
-            proc = subprocess.Popen(
-                list(COMMAND),
-                env=full,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            self.replicas.append(_Replica(self._next, proc, port))
-            self.started += 1
+            if SPOOL_ENV in full:
+                # The usage spool in the replica's own emptyDir, as in its pod.
+                full[SPOOL_ENV] = str(self.spool_dir(self._next))
+            self.replicas.append(_Replica(self._next, self._spawn(self._next, full), port, full))
         self._write_targets()
+
+    def _spawn(self, index: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = (self.workdir / f"runtime-{index}.log").open("ab")
+        proc = subprocess.Popen(
+            list(COMMAND),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.started += 1
+        return proc
 
     def _write_targets(self) -> None:
         groups = [

@@ -12,6 +12,13 @@ raised and the caller fails the turn rather than answer without a record. An XAD
 retried after a lost reply may append the same record twice: the ledger's key makes
 the second one a no-op.
 
+With a spool (`from_url`'s ``spool_dir``, the runtime's ``BMAD_USAGE_LEDGER_SPOOL``,
+which the operator sets) the record is kept in the pod's spool file before the answer
+leaves and shipped to the stream in the background (`spool`): the answer waits for no
+reply from Redis, and a replica killed after answering leaves the record in the spool
+for the next process on it. Without one, every answer waits for Redis to acknowledge
+its XADD.
+
 `from_url` talks to Redis with the ledger's own small pipelined client (`resp`): the
 XADD is on every answer's path, and redis-py's asyncio client cost about three times
 as much CPU per XADD there (see `resp`). A writer also takes any client with redis-py's
@@ -32,12 +39,12 @@ import asyncio
 import datetime as dt
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, cast
 
 from redis import exceptions as redis_errors
 
-from bmad_integrations.usage import record, resp
+from bmad_integrations.usage import record, resp, spool
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +102,8 @@ class LedgerWriter:
         self._packed: Callable[[bytes], Awaitable[Any]] | None = getattr(
             client, "execute_packed", None
         )
+        # `spool.SpoolingClient` keeps a command at once, with no reply to wait for.
+        self._keep: Callable[[bytes], None] | None = getattr(client, "keep", None)
 
     @classmethod
     def from_url(
@@ -108,8 +117,12 @@ class LedgerWriter:
         ca_cert: str | None = None,
         timeout: float = 2.0,
         attempts: int = 4,
+        spool_dir: str | None = None,
     ) -> LedgerWriter:
-        """A writer with its own client (closed by `aclose`); ``url`` has no password."""
+        """A writer with its own client (closed by `aclose`); ``url`` has no password.
+
+        With ``spool_dir`` each record is kept in a `spool.Spool` there and shipped in
+        the background (`spool.SpoolingClient`) instead of awaited from Redis."""
         client = resp.Client.from_url(
             url,
             username=username,
@@ -118,13 +131,17 @@ class LedgerWriter:
             timeout=timeout,
             connect_timeout=timeout,
         )
-        return cls(client, namespace=namespace, agent=agent, attempts=attempts, owns_client=True)
+        commands: Commands = client
+        if spool_dir is not None:
+            kept = spool.Spool(spool_dir, client, key=record.stream_key(namespace, agent))
+            commands = spool.SpoolingClient(client, kept)
+        return cls(commands, namespace=namespace, agent=agent, attempts=attempts, owns_client=True)
 
     async def aclose(self) -> None:
         if self._owns_client:
             await self.client.aclose()
 
-    def write(self, rec: record.UsageRecord) -> Coroutine[Any, Any, str]:
+    def write(self, rec: record.UsageRecord) -> Awaitable[str]:
         """Append the record: await the result for its stream entry id. Raises
         `LedgerUnavailable` (and `record.RecordError` for a record of another stream).
 
@@ -163,7 +180,7 @@ class LedgerWriter:
         occurred_at: dt.datetime,
         source: record.Source,
         conversation: str | None,
-    ) -> Coroutine[Any, Any, str]:
+    ) -> Awaitable[str]:
         """`write` of the record these fields make, without making it: the same checks
         (`record.check`, `record.RecordError` raised now) and the XADD of the record's
         fields (`record.encode`), byte for byte what `resp.pack` makes of it
@@ -218,6 +235,17 @@ class LedgerWriter:
                 len(conv),
                 conv,
             )
+        keep = self._keep
+        if keep is not None:
+            # A spool: kept now (the answer may leave once it is), or full (retried).
+            try:
+                keep(command)
+            except spool.SpoolFull:
+                pass
+            else:
+                kept = asyncio.get_running_loop().create_future()
+                kept.set_result(spool.SPOOLED)
+                return kept
         packed = self._packed
         if packed is None:
             (args,) = cast(list[list[str]], resp.Parser().feed(command))

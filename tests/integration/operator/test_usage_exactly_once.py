@@ -8,9 +8,10 @@ named by ``BMAD_OPERATOR_STRIPE_METERS``) gives the Agent its ledger writer; `Re
 runs the Deployment's three replicas as `bmad runtime` processes that take tasks from
 the agent's Redis stream and ask `GatedModel` (OpenAI-compatible, 3 tokens in and 2
 out per call). After a quarter of the calls the gate closes, so every replica holds
-calls in flight; one replica is killed with SIGKILL, the gate opens, and the others
-take over its tasks after ``BMAD_TASK_MIN_IDLE_MS`` (30 s) and run them again under
-the same record ids.
+calls in flight; one replica is killed with SIGKILL and started again in its "pod"
+(its usage spool kept, as an emptyDir outlives a container), the gate opens, and the
+replicas take over its tasks after ``BMAD_TASK_MIN_IDLE_MS`` (30 s) and run them again
+under the same record ids.
 """
 
 from __future__ import annotations
@@ -184,6 +185,9 @@ async def test_1000_calls_by_3_runtimes_one_killed_are_1000_records_metered_once
             os.killpg(victim.pid, signal.SIGKILL)
             victim.wait(timeout=10)
             killed_at = len(await producer.results(ids))
+            # As the kubelet does, the container starts again in its pod: on the same
+            # spool, whose records of answers already given it ships.
+            mirror.restart(victim.pid)
             model.gate.set()
             assert killed_at < TASKS, "the replica was killed after the run"
             results = await until(

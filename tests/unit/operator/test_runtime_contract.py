@@ -415,8 +415,17 @@ def test_the_usage_ledger_reaches_the_runtime_only_through_reserved_names_and_a_
     assert secret["metadata"]["name"] == ref["name"]
     assert secret["stringData"] == {ref["key"]: "p" * 32}
     assert secret["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    # The spool in the pod's own /tmp emptyDir, which outlives a container's restart.
+    assert by_name[contract.USAGE_LEDGER_SPOOL]["value"] == contract.USAGE_SPOOL_DIR
+    assert any(
+        contract.USAGE_SPOOL_DIR.startswith(f"{folder}/") for folder in contract.WRITABLE_DIRS
+    )
     read = {settings.env_name(field) for field in settings.RuntimeSettings.model_fields}
-    for name in (contract.USAGE_LEDGER_URL, contract.USAGE_LEDGER_PASSWORD):
+    for name in (
+        contract.USAGE_LEDGER_URL,
+        contract.USAGE_LEDGER_PASSWORD,
+        contract.USAGE_LEDGER_SPOOL,
+    ):
         assert name in read
         assert contract.is_reserved_env(name)
         assert contract.is_reserved_env(name.lower())
@@ -430,6 +439,8 @@ def test_the_usage_ledger_reaches_the_runtime_only_through_reserved_names_and_a_
     plain = contract.PodEnvironment(
         agent_name="dev", agent_namespace="team-a", agent_role="dev", tenant="acme"
     ).env()
-    assert not {contract.USAGE_LEDGER_URL, contract.USAGE_LEDGER_PASSWORD} & {
-        e["name"] for e in plain
-    }
+    assert not {
+        contract.USAGE_LEDGER_URL,
+        contract.USAGE_LEDGER_PASSWORD,
+        contract.USAGE_LEDGER_SPOOL,
+    } & {e["name"] for e in plain}

@@ -130,3 +130,40 @@ async def test_the_budget_is_read_once_per_cache_period_and_kept_when_a_read_fai
     client.get = None  # the operator cleared the key: work resumes
     assert await ledger_.exhausted() is None  # read again: the failed one set no time
     assert len(client.commands) == 3
+
+
+async def test_the_runtime_spools_and_falls_back_to_waiting_when_its_spool_is_taken(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """BMAD_USAGE_LEDGER_SPOOL gives the writer a spool; a directory another process
+    holds gives an error in the log and the ledger that waits for Redis, not a crash."""
+    import contextlib
+
+    from bmad_integrations.usage import record, spool
+    from bmad_runtime import settings as settings_mod
+    from bmad_runtime import wiring
+
+    def runtime_settings(folder: Any) -> settings_mod.RuntimeSettings:
+        return settings_mod.RuntimeSettings(
+            agent_name="analyst",
+            agent_namespace="acme-dev",
+            tenant="acme",
+            usage_ledger_url="redis://127.0.0.1:1/0",
+            usage_ledger_password="p" * 32,
+            usage_ledger_spool=str(folder),
+        )
+
+    async with contextlib.AsyncExitStack() as stack:
+        made = wiring._ledger(runtime_settings(tmp_path / "own"), stack)
+        assert isinstance(made, ledger.PlatformLedger)
+        assert isinstance(made.writer.client, spool.SpoolingClient)
+    held = spool.Spool(tmp_path / "taken", Client(), key=record.stream_key("acme-dev", "analyst"))
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            made = wiring._ledger(runtime_settings(tmp_path / "taken"), stack)
+            assert isinstance(made, ledger.PlatformLedger)
+            assert isinstance(made.writer.client, resp.Client)
+    finally:
+        await held.aclose()
+    assert "another process holds the usage spool" in caplog.text
+    assert "every answer waits for the platform Redis" in caplog.text
