@@ -80,7 +80,8 @@ USAGE_LEDGER_PASSWORD = "BMAD_USAGE_LEDGER_PASSWORD"  # noqa: S105 - a variable'
 USAGE_LEDGER_SPOOL = "BMAD_USAGE_LEDGER_SPOOL"
 """Where the runtime keeps each usage record before its answer leaves and ships it from
 (`bmad_integrations.usage.spool`): `USAGE_SPOOL_DIR`, in the pod's own ``/tmp``
-emptyDir, which outlives a restart of the container. Set with `USAGE_LEDGER_URL`."""
+emptyDir, which outlives a restart of the container. Set with `USAGE_LEDGER_URL` unless
+the operator's ``BMAD_OPERATOR_USAGE_SPOOL`` is false."""
 USAGE_SPOOL_DIR = f"{TMP_DIR}/usage-ledger"
 USAGE_SECRET_KEY = "password"  # noqa: S105 - a Secret's key name
 USAGE_SECRET_SUFFIX = "-usage-ledger"  # noqa: S105 - a name suffix
@@ -127,6 +128,7 @@ class PodEnvironment(pydantic.BaseModel):
     memory_store: agent_api.MemoryStore = agent_api.DEFAULT_MEMORY_STORE
     auth_mode: agent_api.AuthMode = agent_api.DEFAULT_AUTH_MODE
     usage_ledger_url: str | None = None
+    usage_spool: bool = True
 
     def env(self) -> list[dict[str, Any]]:
         """The container's ``env`` entries, in a stable order."""
@@ -146,7 +148,8 @@ class PodEnvironment(pydantic.BaseModel):
         ]
         if self.usage_ledger_url:
             env.append({"name": USAGE_LEDGER_URL, "value": self.usage_ledger_url})
-            env.append({"name": USAGE_LEDGER_SPOOL, "value": USAGE_SPOOL_DIR})
+            if self.usage_spool:
+                env.append({"name": USAGE_LEDGER_SPOOL, "value": USAGE_SPOOL_DIR})
             env.append(
                 {
                     "name": USAGE_LEDGER_PASSWORD,

@@ -150,6 +150,7 @@ class Metering:
         self.notify_tenant = notify_tenant
         self.clock = clock
         self.agent_url = cfg.agent_ledger_url()
+        self.spool = cfg.usage_spool
         self.prices = PriceFile(cfg.prices_file)
         self._redis: aioredis.Redis | None = None
         self._ledger: store.LedgerStore | None = None

@@ -139,6 +139,13 @@ class OperatorSettings(BaseSettings):
         "cost:<currency>[:<scale>] (the cost in that currency times 10**scale, 6 by "
         "default). Empty: bmad_input_tokens=tokens_in,bmad_output_tokens=tokens_out.",
     )
+    usage_spool: bool = Field(
+        default=True,
+        description="Whether each agent's runtime keeps its usage records in a spool in "
+        "its pod (BMAD_USAGE_LEDGER_SPOOL) and ships them in the background (true), or "
+        "answers only once the ledger's Redis acknowledged the record (false: each "
+        "answer waits for a round trip to Redis).",
+    )
     usage_prune_seconds: float = Field(
         default=60.0,
         gt=0,

@@ -209,6 +209,7 @@ def _env(
     *,
     tenant: str | None,
     usage_ledger_url: str | None = None,
+    usage_spool: bool = True,
 ) -> list[Obj]:
     agent = body["metadata"]
     env: list[Obj] = list(
@@ -220,6 +221,7 @@ def _env(
             memory_store=memory_store(spec),
             auth_mode=auth_mode(spec),
             usage_ledger_url=usage_ledger_url,
+            usage_spool=usage_spool,
         ).env()
     )
     for var in spec.runtime.env if spec.runtime and spec.runtime.env else []:
@@ -259,16 +261,20 @@ def deployment(
     bindings: Sequence[str] = (),
     tenant: str | None = None,
     usage_ledger_url: str | None = None,
+    usage_spool: bool = True,
 ) -> Obj:
     """`tenant`: the Tenant owning the Agent's namespace (None: the namespace).
-    `usage_ledger_url`: the platform ledger's Redis when the operator meters usage."""
+    `usage_ledger_url`: the platform ledger's Redis when the operator meters usage;
+    `usage_spool`: whether the runtime keeps its records in a spool (docs/billing.md)."""
     name = body["metadata"]["name"]
     container: Obj = {
         "name": "agent",
         "image": (spec.runtime.image if spec.runtime and spec.runtime.image else image),
         "args": ["runtime"],
         "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
-        "env": _env(body, spec, tenant=tenant, usage_ledger_url=usage_ledger_url),
+        "env": _env(
+            body, spec, tenant=tenant, usage_ledger_url=usage_ledger_url, usage_spool=usage_spool
+        ),
         "resources": _resources(spec),
         "readinessProbe": {
             "httpGet": {"path": "/readyz", "port": "http", "scheme": "HTTP"},
@@ -407,6 +413,7 @@ def build_all(
     tenant: str | None = None,
     instructions_version: str | None = None,
     usage_ledger_url: str | None = None,
+    usage_spool: bool = True,
 ) -> list[Obj]:
     """Every owned object, in the order they should be applied.
 
@@ -431,6 +438,7 @@ def build_all(
             bindings=bindings,
             tenant=tenant,
             usage_ledger_url=usage_ledger_url,
+            usage_spool=usage_spool,
         )
     )
     objs.append(service(body, spec))

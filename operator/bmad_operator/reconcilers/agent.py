@@ -193,6 +193,7 @@ class AgentReconciler:
                 str(instructions["metadata"].get("resourceVersion", "")) if instructions else None
             ),
             usage_ledger_url=ledger_url,
+            usage_spool=self.usage is None or self.usage.spool,
         )
         # The store holds every object of ours (the watches select on our label); a miss
         # is absent, or someone else's. It is created by an apply that only creates

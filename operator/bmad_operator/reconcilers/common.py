@@ -138,6 +138,7 @@ class UsageSource(Protocol):
     """The usage ledger as the reconcilers see it (`bmad_operator.metering.Metering`)."""
 
     agent_url: str
+    spool: bool  # the runtimes keep their records in a spool (BMAD_OPERATOR_USAGE_SPOOL)
     loaded: bool  # the ledger was read since this replica took the lease
 
     def usage_of_agent(self, namespace: str, name: str) -> usage_store.PeriodUsage | None: ...

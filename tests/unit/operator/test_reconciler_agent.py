@@ -755,6 +755,7 @@ class FakeUsage:
 
     def __init__(self) -> None:
         self.loaded = True
+        self.spool = True
         self.writers: list[dict[str, str]] = []
         self.usage: usage_store.PeriodUsage | None = None
         self.budget: usage_budget.State | None = None
@@ -804,11 +805,23 @@ async def test_a_metered_agent_gets_its_writer_a_secret_and_the_two_variables() 
         env[contract.USAGE_LEDGER_PASSWORD]["valueFrom"]["secretKeyRef"]["name"]
         == (secret["metadata"]["name"])
     )
+    assert env[contract.USAGE_LEDGER_SPOOL]["value"] == contract.USAGE_SPOOL_DIR
     assert password not in json.dumps(pod_template(h))
     # The next pass keeps the password: no new Secret, the same writer.
     await h.run()
     assert "Secret" not in h.applied_kinds()
     assert usage.writers[-1]["password"] == password
+
+
+async def test_an_operator_without_the_spool_renders_no_spool_variable() -> None:
+    """BMAD_OPERATOR_USAGE_SPOOL=false: every answer waits for the ledger's Redis."""
+    h, usage = metered()
+    usage.spool = False
+    await h.run()
+    [container] = pod_template(h)["spec"]["containers"]
+    names = {e["name"] for e in container["env"]}
+    assert contract.USAGE_LEDGER_URL in names
+    assert contract.USAGE_LEDGER_SPOOL not in names
 
 
 async def test_someone_elses_secret_under_the_ledger_name_is_a_name_conflict() -> None:

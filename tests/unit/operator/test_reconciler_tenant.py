@@ -693,6 +693,7 @@ class FakeUsage:
     """The metering loop as the reconciler sees it (`common.UsageSource`)."""
 
     agent_url = "redis://ledger:6379/0"
+    spool = True
 
     def __init__(self) -> None:
         self.loaded = True
