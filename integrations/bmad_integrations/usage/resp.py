@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import ssl
 import urllib.parse
@@ -218,6 +219,30 @@ class _Protocol(asyncio.Protocol):
         if self._timer is None:
             self._timer = loop.call_later(self.timeout, self._check_deadline)
         return future
+
+    def send_many(self, commands: list[bytes]) -> list[asyncio.Future[Reply]]:
+        """`send` of several commands at once, in one write (or one group held): a
+        future each, made without a call of `send` per command."""
+        loop = asyncio.get_running_loop()
+        if self.lost is not None or self.transport is None or self.transport.is_closing():
+            closed = redis_errors.ConnectionError("the connection to Redis is closed")
+            failed: list[asyncio.Future[Reply]] = []
+            for _ in commands:
+                future: asyncio.Future[Reply] = loop.create_future()
+                future.set_exception(closed)
+                failed.append(future)
+            return failed
+        deadline = loop.time() + self.timeout
+        futures = [loop.create_future() for _ in commands]
+        self.waiting.extend([(future, deadline) for future in futures])
+        if self.in_flight:
+            self.outgoing.extend(commands)
+        else:
+            self.in_flight = len(commands)
+            self.transport.write(b"".join(commands))
+        if self._timer is None:
+            self._timer = loop.call_later(self.timeout, self._check_deadline)
+        return futures
 
     def _check_deadline(self) -> None:
         self._timer = None
@@ -420,6 +445,30 @@ class Client:
         if not self._closed and protocol is not None and protocol.lost is None:
             return protocol.send(command)
         return self._connect_and_send(command)
+
+    async def execute_many(self, commands: list[bytes]) -> None:
+        """Send packed commands in one write and wait for all their replies; raises
+        the first error among them (a command Redis refused, or the connection lost).
+        Replies are not kept: for commands whose success is all that matters (the
+        spool's XADDs, `spool.Spool`), without a future awaited per command."""
+        if not commands:
+            return
+        protocol = await self._connection()
+        futures = protocol.send_many(commands)
+        # Redis answers in order, and a lost connection fails every command at once:
+        # the last reply in means every one is.
+        with contextlib.suppress(redis_errors.RedisError):
+            await futures[-1]
+        first: BaseException | None = None
+        for future in futures:
+            if not future.done():  # cancelled while waiting: the rest are not known
+                future.cancel()
+                continue
+            failed = future.exception()
+            if failed is not None and first is None:
+                first = failed
+        if first is not None:
+            raise first
 
     async def _connect_and_send(self, command: bytes) -> Reply:
         protocol = await self._connection()

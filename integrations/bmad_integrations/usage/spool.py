@@ -79,9 +79,9 @@ class SpoolFull(OSError):  # noqa: N818 - the name says what the writer meets
 
 
 class Shipper(Protocol):
-    """What the spool ships with: `resp.Client`'s ``execute_packed``."""
+    """What the spool ships with: `resp.Client`'s ``execute_many``."""
 
-    def execute_packed(self, command: bytes) -> Awaitable[Any]: ...
+    def execute_many(self, commands: list[bytes]) -> Awaitable[None]: ...
 
 
 class Segment:
@@ -203,6 +203,7 @@ class Spool:
         self.directory = Path(directory)
         self.shipper = shipper
         self.rotate_bytes = rotate_bytes
+        self._rotate_at = HEADER_BYTES + rotate_bytes
         self.interval = interval
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -256,7 +257,10 @@ class Spool:
     def append(self, command: bytes) -> None:
         """Keep one record's command; raises `SpoolFull` when there is no room."""
         current = self.current
-        if current.end - HEADER_BYTES >= self.rotate_bytes or not current.room(len(command)):
+        if (
+            current.end >= self._rotate_at
+            or current.end + FRAME_BYTES + len(command) > current.size
+        ):
             current = self._rotate(len(command))
         current.append(command)
         if self._timer is None and self._shipping is None:
@@ -314,34 +318,30 @@ class Spool:
         """Send every unshipped command in one group; mark each segment shipped up to
         where its part ended once all of them are acknowledged."""
         parts: list[tuple[Segment, int, list[bytes]]] = []
-        replies: list[Awaitable[Any]] = []
+        commands: list[bytes] = []
         for segment in self.segments:
             if not segment.unshipped:
                 continue
             batch, segment.unshipped = segment.unshipped, []
             segment.in_flight = True
             parts.append((segment, segment.end, batch))
-            self._in_flight_records += len(batch)
+            commands += batch
+        self._in_flight_records += len(commands)
         try:
-            for _, _, batch in parts:
-                replies.extend(self.shipper.execute_packed(command) for command in batch)
-            results = await asyncio.gather(*replies, return_exceptions=True)
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
+            await self.shipper.execute_many(commands)
         except BaseException:
             # Not acknowledged: back in front of what came since, sent again later.
             for segment, _, batch in parts:
                 segment.unshipped[:0] = batch
             raise
         else:
-            for segment, upto, batch in parts:
+            for segment, upto, _ in parts:
                 segment.mark_shipped(upto)
-                self.shipped_records += len(batch)
+            self.shipped_records += len(commands)
         finally:
-            for segment, _, batch in parts:
+            self._in_flight_records -= len(commands)
+            for segment, _, _ in parts:
                 segment.in_flight = False
-                self._in_flight_records -= len(batch)
 
     async def drain(self, seconds: float = DEFAULT_DRAIN_SECONDS) -> int:
         """Ship everything kept, within ``seconds``; the records left (0 when all are
@@ -435,6 +435,10 @@ class SpoolingClient:
 
     def execute_command(self, *args: Any) -> Awaitable[Any]:
         result: Awaitable[Any] = self.client.execute_command(*args)
+        return result
+
+    def execute_many(self, commands: list[bytes]) -> Awaitable[None]:
+        result: Awaitable[None] = self.client.execute_many(commands)
         return result
 
     async def aclose(self) -> None:

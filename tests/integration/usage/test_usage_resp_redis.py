@@ -111,3 +111,26 @@ async def test_over_tls_with_the_platform_ca(
             await untrusted.execute_command("PING")
     finally:
         await untrusted.aclose()
+
+
+async def test_execute_many_sends_a_group_and_raises_the_refusal_among_it(
+    admin_redis: aioredis.Redis, dev: Dev
+) -> None:
+    """The spool's shipment: one write, every reply read; a command the agent's ACL
+    user may not run (an XADD to another agent's stream) is raised, the others land."""
+    client = dev.writer.client
+    assert isinstance(client, resp.Client)
+    own = record.stream_key(dev.namespace, "dev")
+    other = record.stream_key(dev.namespace, "other")
+    good = [resp.pack(("XADD", own, "*", "n", str(n))) for n in range(50)]
+    await client.execute_many(good)
+    assert await admin_redis.xlen(own) == 50
+    refused = resp.pack(("XADD", other, "*", "n", "x"))
+    with pytest.raises(redis_errors.NoPermissionError):
+        await client.execute_many([*good[:3], refused, *good[3:6]])
+    assert await admin_redis.xlen(own) == 56
+    assert await admin_redis.xlen(other) == 0
+    await client.execute_many([])
+    # The connection is still good for the next group.
+    await client.execute_many(good[:2])
+    assert await admin_redis.xlen(own) == 58

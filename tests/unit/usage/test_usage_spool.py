@@ -42,6 +42,12 @@ class FakeRedis:
     def execute_command(self, *args: Any) -> Awaitable[Any]:
         return self.execute_packed(b"")
 
+    async def execute_many(self, commands: list[bytes]) -> None:
+        self.groups += 1
+        if self.down:
+            raise redis_errors.ConnectionError("down")
+        self.received.extend(commands)
+
     async def aclose(self) -> None:
         return None
 
@@ -86,6 +92,7 @@ async def test_records_are_shipped_in_one_group_after_the_interval(tmp_path: Pat
     assert kept.pending == 5
     await shipped(kept)
     assert redis.received == [command(n) for n in range(5)]
+    assert redis.groups == 1
     assert kept.shipped_records == 5
     await kept.aclose()
 
