@@ -29,7 +29,12 @@ sent and received without suspending the request (a blocking receive, in which t
 thread sleeps; or a receive polled until the reply is in, so that nothing sleeps), its
 round trips printed when the server stops; or ``spool``, a sketch of a ledger that does
 not wait: the record appended to a file and shipped to Redis in the background every
-2 ms (``BENCH_SPOOL_DELAY``), its reply ready at once.
+2 ms (``BENCH_SPOOL_DELAY``), its reply ready at once; ``mmap``, the same sketch with
+the record copied into a memory map of the file instead of written. "on" is the
+runtime's ledger as the operator sets it up, with its usage spool
+(`bmad_integrations.usage.spool`); ``wait`` is the ledger without a spool, every
+answer waiting for Redis to acknowledge its record; ``ship-100ms`` the spool shipping
+every 100 ms instead of 20.
 With ``--alternate``, ``--sides off on ping ...`` serves several of them at once and
 loads them in turn, each round every side once (the order rotating), each side's
 ratio to "off" taken within the round. ``twin`` is a second server with the ledger
@@ -75,7 +80,18 @@ def _sibling(name: str) -> Any:
 
 
 bench_runtime = _sibling("runtime")
-STAND_INS = ["yield", "no-socket", "ping", "wake", "block", "spin", "spool", "mmap", "wait"]
+STAND_INS = [
+    "yield",
+    "no-socket",
+    "ping",
+    "wake",
+    "block",
+    "spin",
+    "spool",
+    "mmap",
+    "wait",
+    "ship-100ms",
+]
 
 
 def wrk(url: str, script: Path, *, concurrency: int, seconds: float) -> int:

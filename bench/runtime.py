@@ -26,8 +26,12 @@ table, and the report breaks the runtime's CPU per request down by where it went
 
 `--ledger on` gives each runtime the platform usage ledger (docs/billing.md) as the
 operator would: the test bed's Redis (`BMAD_REDIS_URL`) as the ledger, an ACL user of
-the agent's own made for the run, every answer appended to the agent's usage stream
-before it leaves and the tenant's budget key read every 2 s. `--ledger both` measures
+the agent's own made for the run, every answer's record kept in the server's own usage
+spool (a temporary directory, as a pod's emptyDir) before it leaves and shipped to the
+agent's usage stream every 20 ms, and the tenant's budget key read every 2 s
+(``BENCH_LEDGER_WAIT=1``: the ledger without a spool, every answer waiting for Redis to
+acknowledge its record; ``BENCH_SPOOL_INTERVAL``: another shipping interval, in
+seconds). `--ledger both` measures
 every table with the ledger off and then on, and adds a table of on / off: what the
 ledger costs per request. Nothing ingests the stream during the run (that is the
 operator's work, not the runtime's); it is deleted, with the ACL user, afterwards.
@@ -133,7 +137,7 @@ def _platform_ledger(*, spool: bool = True) -> Any:
     a spool of its own unless ``spool`` is false or ``BENCH_LEDGER_WAIT`` is set."""
     from bmad_runtime import ledger
 
-    return ledger.PlatformLedger.from_url(
+    made = ledger.PlatformLedger.from_url(
         os.environ[LEDGER_URL],
         password=os.environ[LEDGER_PASSWORD],
         namespace=NAMESPACE,
@@ -141,6 +145,14 @@ def _platform_ledger(*, spool: bool = True) -> Any:
         tenant=TENANT,
         spool_dir=_spool_dir() if spool else None,
     )
+    interval = os.environ.get(SPOOL_INTERVAL)
+    kept = getattr(made.writer.client, "spool", None)
+    if interval and kept is not None:  # a spool that ships at another pace
+        kept.interval = kept._delay = float(interval)
+    return made
+
+
+SPOOL_INTERVAL = "BENCH_SPOOL_INTERVAL"  # s between shipments (the runtime's: 0.02)
 
 
 LEDGER_WAIT = "BENCH_LEDGER_WAIT"
@@ -397,6 +409,10 @@ def _stand_in_ledger(kind: str) -> Any:
         return _WakeLedger()
     if kind == "wait":
         return _platform_ledger(spool=False)
+    if kind == "ship-100ms":
+        made = _platform_ledger()
+        made.writer.client.spool.interval = made.writer.client.spool._delay = 0.1
+        return made
     if kind in ("spool", "mmap"):
         # The platform ledger's own client, under a writer of the spooling client's.
         client = _platform_ledger(spool=False).writer.client
@@ -410,8 +426,8 @@ def _stand_in_ledger(kind: str) -> Any:
     if kind in ("block", "spin"):
         return _SyncPingLedger(spin=kind == "spin")
     raise SystemExit(
-        f"{LEDGER_STAND_IN} is yield, no-socket, ping, wake, block, spin, spool, mmap or "
-        f"wait, not {kind!r}"
+        f"{LEDGER_STAND_IN} is yield, no-socket, ping, wake, block, spin, spool, mmap, "
+        f"wait or ship-100ms, not {kind!r}"
     )
 
 
@@ -1476,9 +1492,14 @@ def main() -> int:
     }
     for key, (results, found) in measured.items():
         name, _, with_ledger = key.partition(", ")
+        how = (
+            "appended to the test bed's Redis as the agent's ACL user before it leaves"
+            if os.environ.get(LEDGER_WAIT)
+            else "kept in the server's usage spool before it leaves and shipped to the test "
+            "bed's Redis as the agent's ACL user every 20 ms"
+        )
         title = titles[name] + (
-            "; with the usage ledger (every answer appended to the test bed's Redis as "
-            "the agent's ACL user before it leaves, the budget key read every 2 s)"
+            f"; with the usage ledger (every answer {how}, the budget key read every 2 s)"
             if with_ledger
             else ""
         )
