@@ -27,7 +27,7 @@ table, and the report breaks the runtime's CPU per request down by where it went
 `--ledger on` gives each runtime the platform usage ledger (docs/billing.md) as the
 operator would: the test bed's Redis (`BMAD_REDIS_URL`) as the ledger, an ACL user of
 the agent's own made for the run, every answer's record kept in the server's own usage
-spool (a temporary directory, as a pod's emptyDir) before it leaves and shipped to the
+spool (a directory in /dev/shm, as a pod's memory emptyDir) before it leaves and shipped to the
 agent's usage stream every 20 ms, and the tenant's budget key read every 2 s
 (``BENCH_LEDGER_WAIT=1``: the ledger without a spool, every answer waiting for Redis to
 acknowledge its record; ``BENCH_SPOOL_INTERVAL``: another shipping interval, in
@@ -121,13 +121,17 @@ def runtime_app() -> Any:
     return made
 
 
-def _spool_dir() -> str | None:
-    """The server's own usage spool directory, as the operator gives a pod one in its
-    emptyDir (removed when the server ends), unless ``BENCH_LEDGER_WAIT`` asks for the
+# The pod's spool is a memory-backed emptyDir (bmad_crds.runtime_contract.USAGE_SPOOL_DIR).
+SPOOL_PARENT = "/dev/shm"  # noqa: S108 - a directory of the bench's own is made in it
+
+
+def _spool_dir(parent: str | None = SPOOL_PARENT) -> str | None:
+    """The server's own usage spool directory, in memory as the operator gives a pod
+    one (removed when the server ends), unless ``BENCH_LEDGER_WAIT`` asks for the
     ledger that waits for Redis on every answer."""
     if os.environ.get(LEDGER_WAIT):
         return None
-    folder = tempfile.mkdtemp(prefix="bench-spool-")
+    folder = tempfile.mkdtemp(prefix="bench-spool-", dir=parent)
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
 
@@ -409,6 +413,18 @@ def _stand_in_ledger(kind: str) -> Any:
         return _WakeLedger()
     if kind == "wait":
         return _platform_ledger(spool=False)
+    if kind == "disk":
+        # The spool on a disk's file system (an emptyDir without medium Memory).
+        from bmad_runtime import ledger
+
+        return ledger.PlatformLedger.from_url(
+            os.environ[LEDGER_URL],
+            password=os.environ[LEDGER_PASSWORD],
+            namespace=NAMESPACE,
+            agent=AGENT,
+            tenant=TENANT,
+            spool_dir=_spool_dir(None),
+        )
     if kind == "ship-100ms":
         made = _platform_ledger()
         made.writer.client.spool.interval = made.writer.client.spool._delay = 0.1
@@ -427,7 +443,7 @@ def _stand_in_ledger(kind: str) -> Any:
         return _SyncPingLedger(spin=kind == "spin")
     raise SystemExit(
         f"{LEDGER_STAND_IN} is yield, no-socket, ping, wake, block, spin, spool, mmap, "
-        f"wait or ship-100ms, not {kind!r}"
+        f"wait, disk or ship-100ms, not {kind!r}"
     )
 
 

@@ -79,10 +79,14 @@ USAGE_LEDGER_PASSWORD = "BMAD_USAGE_LEDGER_PASSWORD"  # noqa: S105 - a variable'
 `usage_secret_name` (the operator's, owned by the Agent): never a literal value."""
 USAGE_LEDGER_SPOOL = "BMAD_USAGE_LEDGER_SPOOL"
 """Where the runtime keeps each usage record before its answer leaves and ships it from
-(`bmad_integrations.usage.spool`): `USAGE_SPOOL_DIR`, in the pod's own ``/tmp``
-emptyDir, which outlives a restart of the container. Set with `USAGE_LEDGER_URL` unless
-the operator's ``BMAD_OPERATOR_USAGE_SPOOL`` is false."""
-USAGE_SPOOL_DIR = f"{TMP_DIR}/usage-ledger"
+(`bmad_integrations.usage.spool`): `USAGE_SPOOL_DIR`, a memory-backed emptyDir of the
+pod's own (`USAGE_SPOOL_VOLUME`, at most `USAGE_SPOOL_SIZE_LIMIT`), which outlives a
+restart of the container and, being memory, is never written back to a disk on the
+answer's path. Set with `USAGE_LEDGER_URL` unless the operator's
+``BMAD_OPERATOR_USAGE_SPOOL`` is false."""
+USAGE_SPOOL_DIR = "/run/bmad/usage-ledger"
+USAGE_SPOOL_VOLUME = "usage-spool"
+USAGE_SPOOL_SIZE_LIMIT = "80Mi"  # two segments of 32 MiB (`spool.DEFAULT_SEGMENT_BYTES`)
 USAGE_SECRET_KEY = "password"  # noqa: S105 - a Secret's key name
 USAGE_SECRET_SUFFIX = "-usage-ledger"  # noqa: S105 - a name suffix
 

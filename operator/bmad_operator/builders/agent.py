@@ -317,6 +317,17 @@ def deployment(
         config_volume(name, spec),
         *({"name": writable_volume_name(path), "emptyDir": {}} for path in contract.WRITABLE_DIRS),
     ]
+    if usage_ledger_url and usage_spool:
+        # The usage spool: memory, the pod's own, kept across restarts of the container.
+        volumes.append(
+            {
+                "name": contract.USAGE_SPOOL_VOLUME,
+                "emptyDir": {"medium": "Memory", "sizeLimit": contract.USAGE_SPOOL_SIZE_LIMIT},
+            }
+        )
+        container["volumeMounts"].append(
+            {"name": contract.USAGE_SPOOL_VOLUME, "mountPath": contract.USAGE_SPOOL_DIR}
+        )
     for integration in bindings:
         vol = binding_volume_name(integration)
         volumes.append(

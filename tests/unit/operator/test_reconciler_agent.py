@@ -806,6 +806,9 @@ async def test_a_metered_agent_gets_its_writer_a_secret_and_the_two_variables() 
         == (secret["metadata"]["name"])
     )
     assert env[contract.USAGE_LEDGER_SPOOL]["value"] == contract.USAGE_SPOOL_DIR
+    assert {"name": contract.USAGE_SPOOL_VOLUME, "mountPath": contract.USAGE_SPOOL_DIR} in (
+        container["volumeMounts"]
+    )
     assert password not in json.dumps(pod_template(h))
     # The next pass keeps the password: no new Secret, the same writer.
     await h.run()
@@ -822,6 +825,8 @@ async def test_an_operator_without_the_spool_renders_no_spool_variable() -> None
     names = {e["name"] for e in container["env"]}
     assert contract.USAGE_LEDGER_URL in names
     assert contract.USAGE_LEDGER_SPOOL not in names
+    volumes = {v["name"] for v in pod_template(h)["spec"]["volumes"]}
+    assert contract.USAGE_SPOOL_VOLUME not in volumes
 
 
 async def test_someone_elses_secret_under_the_ledger_name_is_a_name_conflict() -> None:

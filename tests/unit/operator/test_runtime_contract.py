@@ -415,11 +415,24 @@ def test_the_usage_ledger_reaches_the_runtime_only_through_reserved_names_and_a_
     assert secret["metadata"]["name"] == ref["name"]
     assert secret["stringData"] == {ref["key"]: "p" * 32}
     assert secret["metadata"]["ownerReferences"][0]["uid"] == "u-1"
-    # The spool in the pod's own /tmp emptyDir, which outlives a container's restart.
+    # The spool in a memory emptyDir of the pod's own, which outlives a container's restart.
     assert by_name[contract.USAGE_LEDGER_SPOOL]["value"] == contract.USAGE_SPOOL_DIR
-    assert any(
-        contract.USAGE_SPOOL_DIR.startswith(f"{folder}/") for folder in contract.WRITABLE_DIRS
-    )
+    pod = agent_builders.deployment(
+        {"metadata": {"name": "dev", "namespace": "team-a", "uid": "u-1"}},
+        agent_api.AgentSpec.model_validate(FROM_CONFIG_MAP),
+        image="bmad/runtime:test",
+        replicas=1,
+        config_digest="d",
+        usage_ledger_url="redis://ledger.bmad-system:6379/0",
+    )["spec"]["template"]["spec"]
+    [mount] = [
+        m
+        for m in pod["containers"][0]["volumeMounts"]
+        if m["mountPath"] == contract.USAGE_SPOOL_DIR
+    ]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["emptyDir"] == {"medium": "Memory", "sizeLimit": contract.USAGE_SPOOL_SIZE_LIMIT}
+    assert not mount.get("readOnly")
     read = {settings.env_name(field) for field in settings.RuntimeSettings.model_fields}
     for name in (
         contract.USAGE_LEDGER_URL,
