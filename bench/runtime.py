@@ -327,8 +327,11 @@ class _SpoolingClient:
         self.shipping: asyncio.TimerHandle | None = None
         self.shipments: set[asyncio.Future[None]] = set()
 
-    def execute_packed(self, command: bytes) -> Any:
+    def _keep(self, command: bytes) -> None:
         os.write(self.fd, command)
+
+    def execute_packed(self, command: bytes) -> Any:
+        self._keep(command)
         self.pending.append(command)
         loop = asyncio.get_running_loop()
         if self.shipping is None:
@@ -377,19 +380,12 @@ class _MappedSpoolingClient(_SpoolingClient):
         os.close(fd)
         self.offset = 0
 
-    def execute_packed(self, command: bytes) -> Any:
+    def _keep(self, command: bytes) -> None:
         end = self.offset + len(command)
         if end > self.SIZE:
             end, self.offset = len(command), 0
         self.map[self.offset : end] = command
         self.offset = end
-        self.pending.append(command)
-        loop = asyncio.get_running_loop()
-        if self.shipping is None:
-            self.shipping = loop.call_later(self.DELAY, self._ship)
-        done: asyncio.Future[str] = loop.create_future()
-        done.set_result("0-1")
-        return done
 
     async def _acknowledged(self, replies: list[Any]) -> None:
         await asyncio.gather(*replies)

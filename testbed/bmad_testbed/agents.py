@@ -29,6 +29,20 @@ from bmad_testbed.kubectl import Kubectl, eventually
 COMMAND = (sys.executable, "-m", "bmad_cli.main", "runtime")
 
 
+def launch(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``bmad runtime`` with exactly ``env``, its output appended to ``log``, in a
+    process group of its own (so a SIGKILL of the group takes its children too)."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            list(COMMAND),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
 @dataclass
 class AgentProcess:
     """One replica of one Agent, as a child process."""
@@ -156,16 +170,7 @@ def spawn(
         env["BMAD_USAGE_LEDGER_SPOOL"] = str(home / "usage-ledger")
     env.update(extra_env or {})
     log = home / "runtime.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            list(COMMAND),
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    return AgentProcess(agent, replica, f"http://127.0.0.1:{port}", log, proc)
+    return AgentProcess(agent, replica, f"http://127.0.0.1:{port}", log, launch(env, log))
 
 
 def wait_ready(running: AgentProcess, *, timeout: float = 120) -> AgentProcess:

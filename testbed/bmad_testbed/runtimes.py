@@ -26,15 +26,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any, Protocol, Self
 
-from bmad_testbed import procs
+from bmad_testbed import agents, procs
 
 Obj = dict[str, Any]
-COMMAND = (sys.executable, "-m", "bmad_cli.main", "runtime")
 SPOOL_ENV = "BMAD_USAGE_LEDGER_SPOOL"  # bmad_crds.runtime_contract.USAGE_LEDGER_SPOOL
 POLL_SECONDS = 0.5
 
@@ -260,15 +258,7 @@ class ReplicaMirror:
         self._write_targets()
 
     def _spawn(self, index: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        log = (self.workdir / f"runtime-{index}.log").open("ab")
-        proc = subprocess.Popen(
-            list(COMMAND),
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        proc = agents.launch(env, self.workdir / f"runtime-{index}.log")
         self.started += 1
         return proc
 

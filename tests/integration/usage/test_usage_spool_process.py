@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,8 +23,7 @@ import redis.asyncio as aioredis
 
 from bmad_crds import runtime_contract as contract
 from bmad_integrations.usage import acl, record
-from bmad_testbed import procs
-from bmad_testbed.kubectl import eventually
+from bmad_testbed import agents, procs
 
 pytestmark = pytest.mark.integration
 
@@ -80,26 +78,11 @@ def runtimes(tmp_path: Path) -> Iterator[Callable[..., Runtime]]:
             SPOOL: str(spool),
         }
         log = tmp_path / f"runtime-{len(started)}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "bmad_cli.main", "runtime"],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        runtime = Runtime(proc, f"http://127.0.0.1:{port}", log)
+        proc = agents.launch(env, log)
+        running = agents.AgentProcess(AGENT, len(started), f"http://127.0.0.1:{port}", log, proc)
+        runtime = Runtime(proc, running.url, log)
         started.append(runtime)
-
-        def serving() -> bool:
-            assert proc.poll() is None, f"the runtime exited: {log.read_text()[-2000:]}"
-            try:
-                return httpx.get(f"{runtime.url}/healthz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        eventually(serving, timeout=60, what=f"{runtime.url}/healthz")
+        agents.wait_ready(running, timeout=60)
         return runtime
 
     yield start
