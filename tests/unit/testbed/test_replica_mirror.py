@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bmad_testbed import runtimes
+from bmad_testbed import agents, runtimes
 
 pytestmark = pytest.mark.unit
 
@@ -22,7 +22,7 @@ class NoApi:
 def test_a_scale_waiting_when_the_mirror_closes_starts_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runtimes, "COMMAND", (sys.executable, "-c", "import time; time.sleep(60)"))
+    monkeypatch.setattr(agents, "COMMAND", (sys.executable, "-c", "import time; time.sleep(60)"))
     mirror = runtimes.ReplicaMirror(NoApi(), "ns", "dev", workdir=tmp_path, targets_dir=tmp_path)
     with mirror._scaling:  # a scale in flight holds the lock
         late = threading.Thread(target=mirror._scale_to, args=(2, {}))
