@@ -205,8 +205,14 @@ class Spool:
         self.rotate_bytes = rotate_bytes
         self._rotate_at = HEADER_BYTES + rotate_bytes
         self.interval = interval
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise SpoolError(
+                f"the usage spool at {self.directory} cannot be used ({type(exc).__name__}: "
+                f"{exc.strerror}): mount a writable directory there"
+            ) from None
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -222,6 +228,12 @@ class Spool:
                     Segment(self.directory / f"segment-{index}", segment_bytes, key_b)
                 )
             self.recovered = sum(segment.recover() for segment in self.segments)
+        except OSError as exc:
+            self._release()
+            raise SpoolError(
+                f"the usage spool at {self.directory} cannot be used ({type(exc).__name__}: "
+                f"{exc.strerror}): mount a writable directory there"
+            ) from None
         except BaseException:
             self._release()
             raise

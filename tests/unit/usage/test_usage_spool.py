@@ -283,3 +283,11 @@ async def test_a_spool_of_another_agent_is_refused(tmp_path: Path) -> None:
 def test_frame_layout() -> None:
     """The head is length, generation and CRC-32, little-endian, 12 bytes."""
     assert spool.FRAME_BYTES == struct.calcsize("<III") == 12
+
+
+def test_a_directory_that_cannot_be_written_is_a_spool_error_saying_so(tmp_path: Path) -> None:
+    """The runtime falls back to waiting for Redis on a SpoolError (not a crash)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(spool.SpoolError, match=r"cannot be used .*mount a writable directory"):
+        spool.Spool(blocker / "spool", FakeRedis(), key=KEY)
