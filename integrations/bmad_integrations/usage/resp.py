@@ -24,6 +24,8 @@ So the ledger talks RESP2 itself, over one connection per writer:
   fills one bytes format per record, `writer.LedgerWriter.append`);
 - the replies of a group (bulk strings, the entry ids) are read straight from the
   bytes received; an error reply is raised from the command's future when awaited;
+  commands whose replies only have to be counted (the spool's shipment of records,
+  `Client.execute_many`) share one future, and a run of entry ids is counted in C;
 - the connection is opened on first use and again after it is lost; ``AUTH`` with the
   agent's ACL user and ``SELECT`` of the URL's database come first, TLS with the
   platform's CA when the URL is ``rediss://``;
@@ -41,8 +43,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
+import re
 import ssl
 import urllib.parse
 from collections.abc import Awaitable
@@ -53,6 +55,9 @@ from redis import exceptions as redis_errors
 Reply: TypeAlias = "str | int | list[Reply] | redis_errors.RedisError | None"
 
 _CRLF = b"\r\n"
+# A run of whole bulk-string replies that are stream entry ids ("$15\r\n1733112233444-0\r\n"
+# each): what a group of XADDs gets back, two lines a reply.
+_ENTRY_IDS = re.compile(rb"(?:\$[0-9]+\r\n[0-9]+-[0-9]+\r\n)*")
 
 # Error prefixes Redis sends, and the redis-py exception each becomes.
 _ERRORS: dict[str, type[redis_errors.RedisError]] = {
@@ -114,6 +119,11 @@ class Parser:
 
     def __init__(self) -> None:
         self._buf = bytearray()
+
+    @property
+    def buffered(self) -> bool:
+        """Part of a reply is waiting for the rest of its bytes."""
+        return bool(self._buf)
 
     def feed(self, data: bytes) -> list[Reply]:
         """The replies completed by ``data``, in order."""
@@ -189,11 +199,16 @@ class _Protocol(asyncio.Protocol):
         self.timeout = timeout
         self.transport: asyncio.Transport | None = None
         self.parser = Parser()
-        # Commands sent and not answered yet, oldest first, with when each expires.
-        self.waiting: collections.deque[tuple[asyncio.Future[Reply], float]] = collections.deque()
-        # Commands written and not answered yet, and the ones held until they are.
+        # Commands (or groups: `send_group`) sent and not answered yet, oldest first:
+        # the future, when it expires, how many replies it still waits for.
+        self.waiting: collections.deque[tuple[asyncio.Future[Reply], float, int]] = (
+            collections.deque()
+        )
+        # Replies due for what was written, and the commands held until they are in
+        # (with the replies those will get).
         self.in_flight = 0
         self.outgoing: list[bytes] = []
+        self.held = 0
         self.lost: Exception | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -203,46 +218,35 @@ class _Protocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def send(self, command: bytes) -> asyncio.Future[Reply]:
+        """One command: its reply's future."""
+        return self._send(command, 1)
+
+    def send_group(self, commands: list[bytes]) -> asyncio.Future[Reply]:
+        """Several commands in one write (or one group held), and one future for all
+        their replies: done once every one is in (its value of no use), or failed with
+        the first error among them. The
+        replies are counted, not kept; a run of stream entry ids (what a group of XADDs
+        gets back) is counted in C (`_ENTRY_IDS`), without a reply object each."""
+        return self._send(b"".join(commands), len(commands))
+
+    def _send(self, command: bytes, replies: int) -> asyncio.Future[Reply]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reply] = loop.create_future()
         if self.lost is not None or self.transport is None or self.transport.is_closing():
             future.set_exception(redis_errors.ConnectionError("the connection to Redis is closed"))
             return future
-        self.waiting.append((future, loop.time() + self.timeout))
+        self.waiting.append((future, loop.time() + self.timeout, replies))
         if self.in_flight:
             # The group commit: while commands are on the wire, the next ones wait and
             # leave together when the last reply is in.
             self.outgoing.append(command)
+            self.held += replies
         else:
-            self.in_flight = 1
+            self.in_flight = replies
             self.transport.write(command)
         if self._timer is None:
             self._timer = loop.call_later(self.timeout, self._check_deadline)
         return future
-
-    def send_many(self, commands: list[bytes]) -> list[asyncio.Future[Reply]]:
-        """`send` of several commands at once, in one write (or one group held): a
-        future each, made without a call of `send` per command."""
-        loop = asyncio.get_running_loop()
-        if self.lost is not None or self.transport is None or self.transport.is_closing():
-            closed = redis_errors.ConnectionError("the connection to Redis is closed")
-            failed: list[asyncio.Future[Reply]] = []
-            for _ in commands:
-                future: asyncio.Future[Reply] = loop.create_future()
-                future.set_exception(closed)
-                failed.append(future)
-            return failed
-        deadline = loop.time() + self.timeout
-        futures = [loop.create_future() for _ in commands]
-        self.waiting.extend([(future, deadline) for future in futures])
-        if self.in_flight:
-            self.outgoing.extend(commands)
-        else:
-            self.in_flight = len(commands)
-            self.transport.write(b"".join(commands))
-        if self._timer is None:
-            self._timer = loop.call_later(self.timeout, self._check_deadline)
-        return futures
 
     def _check_deadline(self) -> None:
         self._timer = None
@@ -256,27 +260,49 @@ class _Protocol(asyncio.Protocol):
             self._timer = loop.call_later(late, self._check_deadline)
 
     def data_received(self, data: bytes) -> None:
+        waiting = self.waiting
+        answered = 0
+        if waiting and waiting[0][2] > 1 and not self.parser.buffered:
+            # A group at the head: count its run of entry ids without parsing them.
+            run = _ENTRY_IDS.match(data)
+            end = run.end() if run is not None else 0
+            counted = data.count(_CRLF, 0, end) >> 1
+            future, deadline, left = waiting[0]
+            if 0 < counted <= left:
+                answered = counted
+                if counted == left:
+                    waiting.popleft()
+                    if not future.done():
+                        future.set_result(None)
+                else:
+                    waiting[0] = (future, deadline, left - counted)
+                data = data[end:]
+            # else: none, or replies past the group's too: each read one by one below
         try:
-            replies = self.parser.feed(data)
+            replies = self.parser.feed(data) if data else []
         except (redis_errors.InvalidResponse, ValueError) as exc:
             self._fail(
                 redis_errors.InvalidResponse(f"Redis sent a reply this client cannot read ({exc})")
             )
             return
         for reply in replies:
-            if not self.waiting:
+            if not waiting:
                 self._fail(redis_errors.InvalidResponse("Redis sent a reply nobody asked for"))
                 return
-            future, _ = self.waiting.popleft()
+            future, deadline, left = waiting[0]
+            if left > 1:
+                waiting[0] = (future, deadline, left - 1)
+            else:
+                waiting.popleft()
             if future.done():
                 continue
             if isinstance(reply, redis_errors.RedisError):
                 future.set_exception(reply)
-            else:
+            elif left == 1:
                 future.set_result(reply)
-        self.in_flight -= len(replies)
+        self.in_flight -= answered + len(replies)
         if not self.in_flight and self.outgoing and self.transport is not None:
-            self.in_flight = len(self.outgoing)
+            self.in_flight, self.held = self.held, 0
             self.transport.write(b"".join(self.outgoing))
             self.outgoing.clear()
 
@@ -293,12 +319,12 @@ class _Protocol(asyncio.Protocol):
         if self.lost is None:
             self.lost = error
         self.outgoing.clear()
-        self.in_flight = 0
+        self.in_flight = self.held = 0
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         while self.waiting:
-            future, _ = self.waiting.popleft()
+            future, _, _ = self.waiting.popleft()
             if not future.done():
                 future.set_exception(error)
         if close and self.transport is not None:
@@ -450,25 +476,11 @@ class Client:
         """Send packed commands in one write and wait for all their replies; raises
         the first error among them (a command Redis refused, or the connection lost).
         Replies are not kept: for commands whose success is all that matters (the
-        spool's XADDs, `spool.Spool`), without a future awaited per command."""
+        spool's XADDs, `spool.Spool`), one future for all (`_Protocol.send_group`)."""
         if not commands:
             return
         protocol = await self._connection()
-        futures = protocol.send_many(commands)
-        # Redis answers in order, and a lost connection fails every command at once:
-        # the last reply in means every one is.
-        with contextlib.suppress(redis_errors.RedisError):
-            await futures[-1]
-        first: BaseException | None = None
-        for future in futures:
-            if not future.done():  # cancelled while waiting: the rest are not known
-                future.cancel()
-                continue
-            failed = future.exception()
-            if failed is not None and first is None:
-                first = failed
-        if first is not None:
-            raise first
+        await protocol.send_group(commands)
 
     async def _connect_and_send(self, command: bytes) -> Reply:
         protocol = await self._connection()

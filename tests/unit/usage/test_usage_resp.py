@@ -335,3 +335,74 @@ async def test_a_transport_of_another_event_loop_carries_commands() -> None:
     assert transport.writes == [b"*1\r\n$4\r\nPING\r\n"]
     protocol.data_received(b"+PONG\r\n")
     assert await pending == "PONG"
+
+
+def _ids(first: int, count: int) -> bytes:
+    """The replies a group of ``count`` XADDs gets: entry ids as bulk strings."""
+    return b"".join(
+        b"$%d\r\n%b\r\n" % (len(i), i)
+        for i in (b"1733112233%03d-0" % n for n in range(first, first + count))
+    )
+
+
+@pytest.mark.parametrize("piece", [1, 2, 5, 7, 23, 1000])
+async def test_a_group_is_done_when_its_last_reply_is_in_however_the_replies_arrive(
+    piece: int,
+) -> None:
+    protocol = resp._Protocol(timeout=5)
+    transport = Transport()
+    protocol.connection_made(transport)
+    commands = [resp.pack(("XADD", "k", "*", "n", str(n))) for n in range(12)]
+    group = protocol.send_group(commands)
+    assert transport.writes == [b"".join(commands)]  # one write
+    after = protocol.send(resp.pack(("GET", "b")))  # held behind the group
+    data = _ids(0, 12)
+    for start in range(0, len(data), piece):
+        assert not group.done()
+        protocol.data_received(data[start : start + piece])
+    assert group.done()
+    assert group.exception() is None
+    assert len(transport.writes) == 2  # the GET left once the group was answered
+    protocol.data_received(b"$2\r\nok\r\n")
+    assert await after == "ok"
+    assert protocol.in_flight == 0
+    assert not protocol.waiting
+
+
+async def test_a_group_fails_with_the_first_refusal_and_the_replies_after_it_still_line_up() -> (
+    None
+):
+    protocol = resp._Protocol(timeout=5)
+    transport = Transport()
+    protocol.connection_made(transport)
+    group = protocol.send_group([resp.pack(("XADD", "k", "*", "n", str(n))) for n in range(5)])
+    single = protocol.send(resp.pack(("GET", "b")))
+    second = protocol.send_group([resp.pack(("XADD", "k", "*", "n", "9"))] * 3)
+    protocol.data_received(
+        _ids(0, 2) + b"-NOPERM no permissions\r\n" + _ids(3, 1) + b"-ERR other\r\n"
+    )
+    with pytest.raises(redis_errors.NoPermissionError):
+        await group
+    assert not single.done()
+    # The held commands left together; their replies arrive in one piece with an id run
+    # longer than the group waiting at the head (read one by one, then).
+    assert transport.writes[1].count(b"XADD") == 3
+    assert transport.writes[1].startswith(b"*2")
+    protocol.data_received(b"$1\r\nv\r\n" + _ids(10, 3))
+    assert await single == "v"
+    assert second.done()
+    assert second.exception() is None
+    assert protocol.in_flight == 0
+    assert not protocol.waiting
+
+
+async def test_a_group_on_a_lost_connection_fails_at_once() -> None:
+    protocol = resp._Protocol(timeout=5)
+    transport = Transport()
+    protocol.connection_made(transport)
+    group = protocol.send_group([resp.pack(("PING",))] * 2)
+    protocol.connection_lost(None)
+    with pytest.raises(redis_errors.ConnectionError, match="lost"):
+        await group
+    with pytest.raises(redis_errors.ConnectionError, match="closed"):
+        await protocol.send_group([resp.pack(("PING",))])
