@@ -21,7 +21,6 @@ rejected whole, with a reason, and never half-billed.
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import hashlib
 import re
 from collections.abc import Mapping
@@ -47,7 +46,9 @@ MAX_TOKENS = 1_000_000_000
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 _PRINTABLE = re.compile(r"[!-~]+")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A record id, and a text field (1-256 characters, none of them a control character).
+_RECORD_ID = re.compile(rf"[!-~]{{1,{MAX_ID_CHARS}}}").fullmatch
+_TEXT = re.compile(rf"[^\x00-\x1f\x7f]{{1,{MAX_TEXT_CHARS}}}").fullmatch
 
 
 class RecordError(ValueError):
@@ -72,7 +73,7 @@ def _check_subdomain(value: str, what: str) -> str:
 
 
 def _check_text(value: str, what: str) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_TEXT_CHARS or _CONTROL.search(value):
+    if not isinstance(value, str) or not _TEXT(value):
         raise RecordError(
             "InvalidField",
             f"{what} must be 1-{MAX_TEXT_CHARS} characters without control characters",
@@ -80,13 +81,13 @@ def _check_text(value: str, what: str) -> str:
     return value
 
 
-_STR_ONLY = frozenset({str})
+# The names of records that passed (tenant, namespace, agent, provider, model): they
+# repeat on every record of an agent, so each combination is checked once.
+_NAMES_CHECKED: set[tuple[str, str, str, str, str]] = set()
+_NAMES_CHECKED_MAX = 256
 
 
-@functools.lru_cache(maxsize=256)
 def _check_names(tenant: str, namespace: str, agent: str, provider: str, model: str) -> None:
-    """The fields that repeat on every record of an agent, checked once per combination:
-    a combination that passed is remembered, one that raised is not."""
     _check_subdomain(tenant, "tenant")
     _check_label(namespace, "namespace")
     _check_subdomain(agent, "agent")
@@ -160,31 +161,37 @@ def check(
 ) -> None:
     """The checks of a record's fields (all but its time: see `utc`). A `UsageRecord`
     makes them, and so does a writer that encodes the fields without making one
-    (`writer.LedgerWriter.append`). Raises `RecordError`."""
-    if (
-        not isinstance(record_id, str)
-        or not 0 < len(record_id) <= MAX_ID_CHARS
-        or not _PRINTABLE.fullmatch(record_id)
-    ):
+    (`writer.LedgerWriter.append`), on every answer's path: a record that passes takes
+    one test of all its fields at once; one that does not is checked field by field for
+    the reason (`RecordError`)."""
+    try:
+        if (
+            type(record_id) is str
+            and _RECORD_ID(record_id)
+            and type(tokens_in) is int
+            and type(tokens_out) is int
+            and 0 <= tokens_in <= MAX_TOKENS
+            and 0 <= tokens_out <= MAX_TOKENS
+            and source in SOURCES
+            and (conversation is None or (type(conversation) is str and _TEXT(conversation)))
+            and (tenant, namespace, agent, provider, model) in _NAMES_CHECKED
+        ):
+            return
+    except TypeError:  # a name that cannot be hashed: refused below
+        pass
+    if not isinstance(record_id, str) or not _RECORD_ID(record_id):
         raise RecordError(
             "InvalidField", f"record_id must be 1-{MAX_ID_CHARS} printable ASCII characters"
         )
-    names = (tenant, namespace, agent, provider, model)
-    if set(map(type, names)) <= _STR_ONLY:
-        _check_names(*names)
-    else:  # not strings, maybe not hashable: checked (and refused) without the cache
-        _check_names.__wrapped__(*names)
-    if not (
-        type(tokens_in) is int
-        and type(tokens_out) is int
-        and 0 <= tokens_in <= MAX_TOKENS
-        and 0 <= tokens_out <= MAX_TOKENS
-    ):  # the usual counts pass the line above; the rest are checked one by one
-        _check_tokens(tokens_in, tokens_out)
+    _check_names(tenant, namespace, agent, provider, model)
+    _check_tokens(tokens_in, tokens_out)
     if source not in SOURCES:
         raise RecordError("InvalidField", f"source must be one of {SOURCES}")
     if conversation is not None:
         _check_text(conversation, "conversation")
+    if len(_NAMES_CHECKED) >= _NAMES_CHECKED_MAX:
+        _NAMES_CHECKED.clear()
+    _NAMES_CHECKED.add((tenant, namespace, agent, provider, model))
 
 
 def _check_tokens(tokens_in: int, tokens_out: int) -> None:

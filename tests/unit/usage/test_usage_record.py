@@ -153,3 +153,32 @@ def test_the_names_every_record_repeats_are_checked_on_every_record(
         with pytest.raises(record.RecordError) as caught:
             make(**change)
         assert caught.value.reason in {"InvalidName", "InvalidField"}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"record_id": "x" * (record.MAX_ID_CHARS + 1)},
+        {"record_id": "with space"},
+        {"record_id": b"task:1:0"},
+        {"tokens_in": -1},
+        {"tokens_out": record.MAX_TOKENS + 1},
+        {"tokens_out": False},
+        {"tokens_in": 1.0},
+        {"source": "cron"},
+        {"source": ["task"]},
+        {"conversation": ""},
+        {"conversation": "c" * (record.MAX_TEXT_CHARS + 1)},
+        {"conversation": "tab\there"},
+        {"conversation": 7},
+    ],
+)
+def test_a_record_of_names_that_passed_is_still_refused_for_any_other_field(
+    change: dict[str, object],
+) -> None:
+    make()  # its names remembered: the record below takes the quick test first
+    with pytest.raises(record.RecordError) as caught:
+        make(**change)
+    assert caught.value.reason == "InvalidField"
+    assert make(conversation="c" * record.MAX_TEXT_CHARS).conversation is not None
+    assert make(record_id="r" * record.MAX_ID_CHARS, tokens_out=record.MAX_TOKENS).tokens_in == 120
