@@ -28,9 +28,9 @@ The runtime calls `LedgerWriter.append` with a call's fields rather than `write`
 `record.UsageRecord` (which `write` hands to `append`): the same checks
 (`record.check`) and the XADD of `record.encode`'s fields, byte for byte
 (`tests/unit/usage/test_usage_writer_append.py`), filled into one bytes format per
-agent and tenant (`_template`) instead of a record, a map of its fields and a command
-packed by `resp.pack`: a third to a half of the CPU of that way
-(`bench/ledger_record.py`, docs/benchmarks.md).
+kind of record (tenant, provider, model and source: `_template`) instead of a record, a
+map of its fields and a command packed by `resp.pack`: a third to a half of the CPU of
+that way (`bench/ledger_record.py`, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -104,6 +104,9 @@ class LedgerWriter:
         )
         # `spool.SpoolingClient` keeps a command at once, with no reply to wait for.
         self._keep: Callable[[bytes], None] | None = getattr(client, "keep", None)
+        self._kept: asyncio.Future[str] | None = None
+        # The command's bytes format per kind of record (`_template`).
+        self._templates: dict[tuple[str, str, str, str, bool], bytes] = {}
 
     @classmethod
     def from_url(
@@ -204,34 +207,37 @@ class LedgerWriter:
         if occurred_at.tzinfo is not dt.UTC:
             occurred_at = record.utc(occurred_at)
         ident = record_id.encode()  # printable ASCII (checked)
-        provider_b = provider.encode()
-        model_b = model.encode()
         tokens_in_b = b"%d" % tokens_in
         tokens_out_b = b"%d" % tokens_out
         at = occurred_at.isoformat().encode()
-        src = source.encode()
-        values = (
-            len(ident),
-            ident,
-            len(provider_b),
-            provider_b,
-            len(model_b),
-            model_b,
-            len(tokens_in_b),
-            tokens_in_b,
-            len(tokens_out_b),
-            tokens_out_b,
-            len(at),
-            at,
-            len(src),
-            src,
-        )
+        shape = (tenant, provider, model, source, conversation is not None)
+        template = self._templates.get(shape)
+        if template is None:
+            if len(self._templates) >= _TEMPLATES_MAX:
+                self._templates.clear()
+            template = self._templates[shape] = self._template(*shape)
         if conversation is None:
-            command = _template(self.key, tenant, self.namespace, self.agent, False) % values
+            command = template % (
+                len(ident),
+                ident,
+                len(tokens_in_b),
+                tokens_in_b,
+                len(tokens_out_b),
+                tokens_out_b,
+                len(at),
+                at,
+            )
         else:
             conv = conversation.encode()
-            command = _template(self.key, tenant, self.namespace, self.agent, True) % (
-                *values,
+            command = template % (
+                len(ident),
+                ident,
+                len(tokens_in_b),
+                tokens_in_b,
+                len(tokens_out_b),
+                tokens_out_b,
+                len(at),
+                at,
                 len(conv),
                 conv,
             )
@@ -243,8 +249,12 @@ class LedgerWriter:
             except spool.SpoolFull:
                 pass
             else:
-                kept = asyncio.get_running_loop().create_future()
-                kept.set_result(spool.SPOOLED)
+                kept = self._kept
+                if kept is None:
+                    # One future, done, for every record kept: awaiting a done future
+                    # gives its result at once, on whatever loop awaits it.
+                    kept = self._kept = asyncio.get_running_loop().create_future()
+                    kept.set_result(spool.SPOOLED)
                 return kept
         packed = self._packed
         if packed is None:
@@ -252,6 +262,31 @@ class LedgerWriter:
             execute = self.client.execute_command
             return self._written(record_id, functools.partial(execute, *args), execute(*args))
         return self._written(record_id, functools.partial(packed, command), packed(command))
+
+    def _template(
+        self, tenant: str, provider: str, model: str, source: str, conversation: bool
+    ) -> bytes:
+        """The XADD of this agent's records as a bytes format: its fixed arguments packed
+        (the fields its records share: one template per tenant, provider, model and
+        source, with or without a conversation), a ``$%d\r\n%b\r\n`` hole for each field
+        that changes from call to call (id, in, out, at, conv), in the order of
+        `record.encode`."""
+        fixed = {
+            "v": record.WIRE_VERSION,
+            "tenant": tenant,
+            "namespace": self.namespace,
+            "agent": self.agent,
+            "provider": provider,
+            "model": model,
+            "src": source,
+        }
+        names: tuple[str, ...] = ("v", "id", "tenant", "namespace", "agent", "provider", "model")
+        names += ("in", "out", "at", "src", "conv") if conversation else ("in", "out", "at", "src")
+        parts = [b"*%d\r\n" % (3 + 2 * len(names)), _bulk("XADD"), _bulk(self.key), _bulk("*")]
+        for name in names:
+            parts.append(_bulk(name))
+            parts.append(_bulk(fixed[name]) if name in fixed else _HOLE)
+        return b"".join(parts)
 
     async def _written(
         self, record_id: str, again: Callable[[], Awaitable[Any]], first: Awaitable[Any]
@@ -291,18 +326,4 @@ def _bulk(value: str) -> bytes:
 
 
 _HOLE = resp.BULK  # filled with a field's length and bytes
-
-
-@functools.lru_cache(maxsize=64)
-def _template(key: str, tenant: str, namespace: str, agent: str, conversation: bool) -> bytes:
-    """The XADD of an agent's records as a bytes format: its fixed arguments packed, a
-    ``$%d\r\n%b\r\n`` hole for each field that changes from call to call, in the order
-    of `record.encode` (one template per tenant and with or without a conversation)."""
-    fixed = {"v": record.WIRE_VERSION, "tenant": tenant, "namespace": namespace, "agent": agent}
-    names: tuple[str, ...] = ("v", "id", "tenant", "namespace", "agent", "provider", "model")
-    names += ("in", "out", "at", "src", "conv") if conversation else ("in", "out", "at", "src")
-    parts = [b"*%d\r\n" % (3 + 2 * len(names)), _bulk("XADD"), _bulk(key), _bulk("*")]
-    for name in names:
-        parts.append(_bulk(name))
-        parts.append(_bulk(fixed[name]) if name in fixed else _HOLE)
-    return b"".join(parts)
+_TEMPLATES_MAX = 64

@@ -195,3 +195,17 @@ async def test_a_lost_connection_is_retried_with_the_same_bytes_then_gives_up() 
     with pytest.raises(writer.LedgerUnavailable, match="after 3 attempts"):
         await w.append(**fields())
     assert client.sent == 3
+
+
+async def test_one_writer_encodes_every_kind_of_record_past_its_templates_bound() -> None:
+    client = Packed()
+    w = writer.LedgerWriter(client, namespace="acme-dev", agent="analyst")
+    kinds = [
+        fields(model=f"model-{n}", source=source, conversation=conversation)
+        for n in range(writer._TEMPLATES_MAX)
+        for source, conversation in (("http", "c-1"), ("task", None))
+    ]
+    for kw in [*kinds, *kinds[:3]]:  # more kinds than it keeps, then the first again
+        assert await w.append(**kw) == "1-0"
+        assert client.commands[-1] == reference(w, **kw)
+    assert len(w._templates) <= writer._TEMPLATES_MAX
