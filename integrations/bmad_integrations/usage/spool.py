@@ -41,7 +41,7 @@ import mmap
 import os
 import struct
 import zlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -92,15 +92,19 @@ class Segment:
         self.key = key
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            if os.fstat(fd).st_size != size:
+            found = os.fstat(fd).st_size
+            if found != size:
                 # A smaller file is grown (its frames kept); a larger one keeps its size.
-                size = max(size, os.fstat(fd).st_size)
+                size = max(size, found)
                 os.ftruncate(fd, size)
             self.map = mmap.mmap(fd, size)
         finally:
             os.close(fd)
         self.size = size
+        # Where a frame's head may start at the latest for a command of length n: n less.
+        self.last_head = size - FRAME_BYTES
         self.generation = 0
+        self.generation32 = 0  # the generation as frames carry it (its low 32 bits)
         self.shipped = HEADER_BYTES
         self.end = HEADER_BYTES
         self.unshipped: list[bytes] = []
@@ -121,8 +125,8 @@ class Segment:
                 "agent a spool directory of its own"
             )
         self.generation = generation
+        self.generation32 = gen = generation & 0xFFFFFFFF
         self.shipped = self.end = max(HEADER_BYTES, min(shipped, self.size))
-        gen = generation & 0xFFFFFFFF
         pos = self.end
         while pos + FRAME_BYTES <= self.size:
             length, frame_gen, crc = _FRAME.unpack_from(self.map, pos)
@@ -141,24 +145,11 @@ class Segment:
         """Start afresh (everything in it shipped): frames left are of an older
         generation and never read again."""
         self.generation = generation
+        self.generation32 = generation & 0xFFFFFFFF
         self.shipped = self.end = HEADER_BYTES
         self.unshipped = []
         _HEADER.pack_into(self.map, 0, MAGIC, generation, HEADER_BYTES, len(self.key))
         self.map[_HEADER.size : _HEADER.size + len(self.key)] = self.key
-
-    def room(self, length: int) -> bool:
-        return self.end + FRAME_BYTES + length <= self.size
-
-    def append(self, command: bytes) -> None:
-        """Copy one command in: the command first, its head last (see the module)."""
-        start = self.end + FRAME_BYTES
-        stop = start + len(command)
-        self.map[start:stop] = command
-        _FRAME.pack_into(
-            self.map, self.end, len(command), self.generation & 0xFFFFFFFF, zlib.crc32(command)
-        )
-        self.end = stop
-        self.unshipped.append(command)
 
     def mark_shipped(self, upto: int) -> None:
         self.shipped = upto
@@ -267,14 +258,22 @@ class Spool:
             self._schedule(0.0)
 
     def append(self, command: bytes) -> None:
-        """Keep one record's command; raises `SpoolFull` when there is no room."""
+        """Keep one record's command; raises `SpoolFull` when there is no room.
+
+        The command is copied into the current segment first and its frame's head
+        written last (see the module); shipping is arranged if none is (which also
+        ships what a previous process left)."""
         current = self.current
-        if (
-            current.end >= self._rotate_at
-            or current.end + FRAME_BYTES + len(command) > current.size
-        ):
-            current = self._rotate(len(command))
-        current.append(command)
+        length = len(command)
+        head = current.end
+        if head >= self._rotate_at or head + length > current.last_head:
+            current = self._rotate(length)
+            head = current.end
+        start = head + FRAME_BYTES
+        current.map[start : start + length] = command
+        _FRAME.pack_into(current.map, head, length, current.generation32, zlib.crc32(command))
+        current.end = start + length
+        current.unshipped.append(command)
         if self._timer is None and self._shipping is None:
             self._schedule(self._delay)
 
@@ -285,7 +284,7 @@ class Spool:
             other.reset(generation=self._generation)
             self.current = other
             return other
-        if self.current.room(length):
+        if self.current.end + length <= self.current.last_head:
             return self.current  # past the mark, but the other is not shipped yet
         raise SpoolFull(
             f"the usage spool at {self.directory} is full: {self.pending} records wait "
@@ -421,18 +420,12 @@ class SpoolingClient:
     def __init__(self, client: Any, spool: Spool) -> None:
         self.client = client
         self.spool = spool
-        self._started = False
-        with contextlib.suppress(RuntimeError):  # no loop yet: started on first use
+        # Keep one command (raises `SpoolFull`): the writer's way. The first append
+        # ships what a previous process left too, if no loop ran `start` before.
+        self.keep: Callable[[bytes], None] = spool.append
+        with contextlib.suppress(RuntimeError):  # no loop yet: shipped on first use
             asyncio.get_running_loop()
-            self._started = True
             spool.start()
-
-    def keep(self, command: bytes) -> None:
-        """Keep one command (`Spool.append`): raises `SpoolFull`. The writer's way."""
-        if not self._started:
-            self._started = True
-            self.spool.start()
-        self.spool.append(command)
 
     def execute_packed(self, command: bytes) -> Awaitable[Any]:
         """`keep` as a reply: `SPOOLED`, or `SpoolFull` raised when awaited."""
