@@ -34,7 +34,8 @@ the record copied into a memory map of the file instead of written. "on" is the
 runtime's ledger as the operator sets it up, with its usage spool
 (`bmad_integrations.usage.spool`); ``wait`` is the ledger without a spool, every
 answer waiting for Redis to acknowledge its record; ``ship-100ms`` the spool shipping
-every 100 ms instead of 20; ``disk`` the spool in a directory on disk (``/tmp``)
+every 100 ms instead of 20; ``no-ship`` the spool shipping nothing during the run (the
+records' cost in the request alone); ``disk`` the spool in a directory on disk (``/tmp``)
 instead of in memory (``/dev/shm``, as the pod's memory-backed emptyDir).
 With ``--alternate``, ``--sides off on ping ...`` serves several of them at once and
 loads them in turn, each round every side once (the order rotating), each side's
@@ -92,6 +93,7 @@ STAND_INS = [
     "mmap",
     "wait",
     "ship-100ms",
+    "no-ship",
     "disk",
 ]
 

@@ -51,7 +51,9 @@ change's effect on the runtime's own work can be seen there; it leaves out C cod
 the server (uvicorn, h11, sockets).
 `--instructions N` calls both apps the same way under valgrind's callgrind and counts
 the machine instructions one request runs: C code included, as deterministic, slower
-(about a minute for 1,000 requests of each); it still leaves out the server.
+(about a minute for 1,000 requests of each); it still leaves out the server. With
+`--ledger on` or `both`, the runtime's with the ledger off and on (a pause after every
+20 requests, in which the spool ships them, on both sides).
 """
 
 from __future__ import annotations
@@ -421,9 +423,10 @@ def _stand_in_ledger(kind: str) -> Any:
             tenant=TENANT,
             spool_dir=_spool_dir(None),
         )
-    if kind == "ship-100ms":
+    if kind in ("ship-100ms", "no-ship"):
         made = _platform_ledger()
-        made.writer.client.spool.interval = made.writer.client.spool._delay = 0.1
+        every = 0.1 if kind == "ship-100ms" else 3600.0  # no-ship: none during a run
+        made.writer.client.spool.interval = made.writer.client.spool._delay = every
         return made
     if kind in ("spool", "mmap"):
         # The platform ledger's own client, under a writer of the spooling client's.
@@ -439,7 +442,7 @@ def _stand_in_ledger(kind: str) -> Any:
         return _SyncPingLedger(spin=kind == "spin")
     raise SystemExit(
         f"{LEDGER_STAND_IN} is yield, no-socket, ping, wake, block, spin, spool, mmap, "
-        f"wait, disk or ship-100ms, not {kind!r}"
+        f"wait, disk, ship-100ms or no-ship, not {kind!r}"
     )
 
 
@@ -1206,10 +1209,19 @@ def bytecode_lines(requests: int) -> list[str]:
 INSTRUCTION_WARMUP = 1_200
 
 
+# With the ledger: a pause after every this many requests, in which the usage spool
+# ships them (one shipment of about as many records as a served run's at 1,000
+# requests/s, shipping every 20 ms); the same pauses without it.
+SHIPMENT_RECORDS = 20
+SHIPMENT_PAUSE = 0.03  # s: longer than the spool's interval (0.02)
+
+
 def instructions_child(kind: str, requests: int) -> None:
     """Run under callgrind (`count_instructions`): warm up, then ``requests`` requests with
-    the instrumentation on, so only they are counted."""
+    the instrumentation on, so only they are counted; a pause of `SHIPMENT_PAUSE` after
+    every `SHIPMENT_RECORDS` when ``BENCH_PAUSES`` is set (`ledger_instruction_lines`)."""
     one = in_process(kind)
+    pauses = bool(os.environ.get("BENCH_PAUSES"))
 
     def instrument(state: str) -> None:
         subprocess.run(
@@ -1220,9 +1232,13 @@ def instructions_child(kind: str, requests: int) -> None:
         for _ in range(INSTRUCTION_WARMUP):
             if await one() != 200:
                 raise RuntimeError(f"the {kind} app did not answer 200")
+        if pauses:
+            await asyncio.sleep(SHIPMENT_PAUSE)
         instrument("on")
-        for _ in range(requests):
+        for n in range(1, requests + 1):
             await one()
+            if pauses and n % SHIPMENT_RECORDS == 0:
+                await asyncio.sleep(SHIPMENT_PAUSE)
         instrument("off")
 
     asyncio.run(run())
@@ -1260,6 +1276,29 @@ def count_instructions(kind: str, requests: int) -> float:
                 raise RuntimeError(f"no instruction count from callgrind:\n{run.stderr[-2000:]}")
             totals.append(int(found.group(1)))
     return (totals[1] - totals[0]) / requests
+
+
+def ledger_instruction_lines(requests: int) -> list[str]:
+    """The runtime's machine instructions per request with the usage ledger off and on
+    (its spool, shipping every `SHIPMENT_RECORDS` requests as a served run does), the
+    test bed's Redis as the ledger's: the server's CPU the ledger adds, C and the
+    shipment included, counted rather than timed (not the kernel's side of a socket)."""
+    saved = dict(os.environ)
+    try:
+        os.environ["BENCH_PAUSES"] = "1"
+        off = count_instructions("runtime", requests)
+        with BenchLedger(os.environ["BMAD_REDIS_URL"]) as env:
+            os.environ.update(env)
+            on = count_instructions("runtime", requests)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return [
+        f"Machine instructions per POST /v1/invoke of the runtime, called in process "
+        f"({requests} requests after {INSTRUCTION_WARMUP:,}, a pause every "
+        f"{SHIPMENT_RECORDS} in which the spool ships them; valgrind callgrind Ir): ledger "
+        f"off {off:,.0f}, on {on:,.0f} ({on - off:+,.0f}, on / off {on / off:.3f})."
+    ]
 
 
 def instruction_lines(requests: int) -> list[str]:
@@ -1419,7 +1458,12 @@ def main() -> int:
         instructions_child(args.instructions_child[0], int(args.instructions_child[1]))
         return 0
     if args.instructions:
-        print("\n".join(instruction_lines(args.instructions)))
+        if args.ledger == "off":
+            print("\n".join(instruction_lines(args.instructions)))
+        elif not os.environ.get("BMAD_REDIS_URL"):
+            raise SystemExit("--instructions with --ledger needs the test bed's Redis")
+        else:
+            print("\n".join(ledger_instruction_lines(args.instructions)))
         return 0
     if "real" in args.tables and not have_store:
         raise SystemExit(
