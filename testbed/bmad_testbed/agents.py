@@ -26,6 +26,10 @@ from pathlib import Path
 from bmad_testbed import procs
 from bmad_testbed.kubectl import Kubectl, eventually
 
+# The runtime's usage spool directory (bmad_crds.runtime_contract.USAGE_LEDGER_SPOOL):
+# each runtime process the test bed starts gets one of its own.
+SPOOL_ENV = "BMAD_USAGE_LEDGER_SPOOL"
+
 COMMAND = (sys.executable, "-m", "bmad_cli.main", "runtime")
 
 
@@ -165,9 +169,9 @@ def spawn(
             "PYTHONUNBUFFERED": "1",
         }
     )
-    if "BMAD_USAGE_LEDGER_SPOOL" in env:
+    if SPOOL_ENV in env:
         # The usage spool in the replica's own emptyDir, as in its pod.
-        env["BMAD_USAGE_LEDGER_SPOOL"] = str(home / "usage-ledger")
+        env[SPOOL_ENV] = str(home / "usage-ledger")
     env.update(extra_env or {})
     log = home / "runtime.log"
     return AgentProcess(agent, replica, f"http://127.0.0.1:{port}", log, launch(env, log))

@@ -33,7 +33,6 @@ from typing import Any, Protocol, Self
 from bmad_testbed import agents, procs
 
 Obj = dict[str, Any]
-SPOOL_ENV = "BMAD_USAGE_LEDGER_SPOOL"  # bmad_crds.runtime_contract.USAGE_LEDGER_SPOOL
 POLL_SECONDS = 0.5
 
 
@@ -251,9 +250,9 @@ class ReplicaMirror:
             base = {k: v for k, v in os.environ.items() if not k.startswith("BMAD_")}
             full = {**base, **env, "BMAD_HTTP_HOST": "127.0.0.1", "BMAD_HTTP_PORT": str(port)}
             self._next += 1
-            if SPOOL_ENV in full:
+            if agents.SPOOL_ENV in full:
                 # The usage spool in the replica's own emptyDir, as in its pod.
-                full[SPOOL_ENV] = str(self.spool_dir(self._next))
+                full[agents.SPOOL_ENV] = str(self.spool_dir(self._next))
             self.replicas.append(_Replica(self._next, self._spawn(self._next, full), port, full))
         self._write_targets()
 

@@ -28,7 +28,6 @@ from bmad_testbed import agents, procs
 pytestmark = pytest.mark.integration
 
 AGENT = "analyst"
-SPOOL = "BMAD_USAGE_LEDGER_SPOOL"
 
 
 class Runtime:
@@ -75,7 +74,7 @@ def runtimes(tmp_path: Path) -> Iterator[Callable[..., Runtime]]:
             "BMAD_HTTP_HOST": "127.0.0.1",
             contract.USAGE_LEDGER_URL: ledger_url,
             contract.USAGE_LEDGER_PASSWORD: password,
-            SPOOL: str(spool),
+            contract.USAGE_LEDGER_SPOOL: str(spool),
         }
         log = tmp_path / f"runtime-{len(started)}.log"
         proc = agents.launch(env, log)

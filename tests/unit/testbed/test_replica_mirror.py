@@ -1,5 +1,6 @@
 """The test bed's replica mirror: a scale still running in its worker thread when the
-mirror exits starts no process (it would outlive the test)."""
+mirror exits starts no process (it would outlive the test); the spool directory it gives
+each replica is in the variable the runtime reads."""
 
 from __future__ import annotations
 
@@ -36,3 +37,9 @@ def test_a_scale_waiting_when_the_mirror_closes_starts_nothing(
     finally:
         mirror._closed = False
         mirror._scale_to(0, None)
+
+
+def test_the_spool_variable_the_test_bed_moves_is_the_runtimes() -> None:
+    from bmad_crds import runtime_contract
+
+    assert agents.SPOOL_ENV == runtime_contract.USAGE_LEDGER_SPOOL
