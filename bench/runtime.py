@@ -1301,6 +1301,104 @@ def ledger_instruction_lines(requests: int) -> list[str]:
     ]
 
 
+def count_served_instructions(
+    concurrency: int, seconds: float, extra_env: dict[str, str]
+) -> tuple[float, float]:
+    """Machine instructions the whole server process runs per request (uvicorn, h11, the
+    app, its ledger; callgrind's "Ir", the kernel's side of its system calls not
+    counted), loaded by wrk at ``concurrency`` over loopback for ``seconds`` after a
+    warm-up; and the requests per second it served under valgrind (about fifty times
+    slower than without)."""
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        raise SystemExit("--served-instructions needs valgrind (Debian package valgrind)")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BMAD_", "OTEL_"))}
+    env.update(extra_env)
+    url = f"http://{HOST}:{port}"
+    with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as folder:
+        proc = subprocess.Popen(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                "--instr-atstart=no",
+                f"--callgrind-out-file={folder}/callgrind.%p",
+                sys.executable,
+                __file__,
+                "--serve",
+                "runtime",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 600
+            while True:
+                try:
+                    if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the runtime did not start under valgrind")
+                time.sleep(1)
+            with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
+                fh.write(WRK_SCRIPT % json.dumps(BODY))
+                script = fh.name
+            target = f"{url}/v1/invoke"
+            wrk = ["wrk", "-t1", f"-c{concurrency}", "--timeout", "30s", "-s", script, target]
+            subprocess.run([*wrk, "-d20s"], capture_output=True, check=True)  # warm up
+            control = ["callgrind_control", "-i"]
+            subprocess.run([*control, "on", str(proc.pid)], check=True, capture_output=True)
+            out = subprocess.run(
+                [*wrk, f"-d{seconds:.0f}s"], capture_output=True, text=True, check=True
+            ).stdout
+            subprocess.run([*control, "off", str(proc.pid)], check=True, capture_output=True)
+            os.unlink(script)
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=120)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors or not requests:
+        raise RuntimeError(f"the runtime under valgrind did not answer every request:\n{out}")
+    found = re.search(r"Collected : (\d+)", err)
+    if found is None:
+        raise RuntimeError(f"no instruction count from callgrind:\n{err[-2000:]}")
+    return int(found.group(1)) / requests, requests / seconds
+
+
+def served_instruction_lines(concurrency: list[int], seconds: float) -> list[str]:
+    """The served runtime's instructions per request, ledger off and on (its spool in
+    memory; shipping every `SERVED_SPOOL_INTERVAL`, which under valgrind's slowdown
+    gathers about as many records a shipment as 20 ms does at full speed)."""
+    lines = [
+        "Machine instructions per POST /v1/invoke of the served runtime (the whole server "
+        f"process under valgrind callgrind, wrk over loopback, {seconds:.0f} s per side "
+        f"after 20 s of warm-up; the spool shipping every {SERVED_SPOOL_INTERVAL} s):\n",
+        "| concurrency | off | on | on / off | req/s under valgrind: off / on |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for level in concurrency:
+        off, off_rate = count_served_instructions(level, seconds, {})
+        with BenchLedger(os.environ["BMAD_REDIS_URL"]) as env:
+            on, on_rate = count_served_instructions(
+                level, seconds, {**env, SPOOL_INTERVAL: str(SERVED_SPOOL_INTERVAL)}
+            )
+        lines.append(
+            f"| {level} | {off:,.0f} | {on:,.0f} | {on / off:.3f} | "
+            f"{off_rate:.0f} / {on_rate:.0f} |"
+        )
+    return lines
+
+
+SERVED_SPOOL_INTERVAL = 1.0
+
+
 def instruction_lines(requests: int) -> list[str]:
     bare = count_instructions("bare", requests)
     runtime = count_instructions("runtime", requests)
@@ -1440,6 +1538,13 @@ def main() -> int:
         "test bed's Redis and PostgreSQL on the others (`Pinning`)",
     )
     parser.add_argument("--instructions-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--served-instructions",
+        type=float,
+        metavar="SECONDS",
+        help="only count the machine instructions per request of the served runtime, "
+        "ledger off and on, under valgrind (at --concurrency levels, this long each)",
+    )
     args = parser.parse_args()
     global LOAD_GENERATOR  # noqa: PLW0603 - chosen once per run
     LOAD_GENERATOR = args.load
@@ -1456,6 +1561,11 @@ def main() -> int:
         return 0
     if args.instructions_child:
         instructions_child(args.instructions_child[0], int(args.instructions_child[1]))
+        return 0
+    if args.served_instructions:
+        if not os.environ.get("BMAD_REDIS_URL"):
+            raise SystemExit("--served-instructions needs the test bed's Redis")
+        print("\n".join(served_instruction_lines(args.concurrency, args.served_instructions)))
         return 0
     if args.instructions:
         if args.ledger == "off":
