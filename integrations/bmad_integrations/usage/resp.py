@@ -224,9 +224,9 @@ class _Protocol(asyncio.Protocol):
     def send_group(self, commands: list[bytes]) -> asyncio.Future[Reply]:
         """Several commands in one write (or one group held), and one future for all
         their replies: done once every one is in (its value of no use), or failed with
-        the first error among them. The
-        replies are counted, not kept; a run of stream entry ids (what a group of XADDs
-        gets back) is counted in C (`_ENTRY_IDS`), without a reply object each."""
+        the first error among them. The replies are counted, not kept; a run of stream
+        entry ids (what a group of XADDs gets back) is counted in C (`_ENTRY_IDS`),
+        without a reply object each."""
         return self._send(b"".join(commands), len(commands))
 
     def _send(self, command: bytes, replies: int) -> asyncio.Future[Reply]:
