@@ -1244,6 +1244,20 @@ def instructions_child(kind: str, requests: int) -> None:
     asyncio.run(run())
 
 
+def _callgrind(folder: str, *args: str) -> list[str]:
+    """This script with ``args`` under valgrind's callgrind, counting nothing until
+    ``callgrind_control -i on``, its count written into ``folder``."""
+    return [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={folder}/callgrind.%p",
+        sys.executable,
+        __file__,
+        *args,
+    ]
+
+
 def count_instructions(kind: str, requests: int) -> float:
     """Machine instructions one POST /v1/invoke runs in the app called in process as
     `count_bytecodes` calls it (valgrind's callgrind, instructions executed, "Ir"): C
@@ -1256,17 +1270,7 @@ def count_instructions(kind: str, requests: int) -> float:
     with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as folder:
         for n in (0, requests):
             run = subprocess.run(
-                [
-                    "valgrind",
-                    "--tool=callgrind",
-                    "--instr-atstart=no",
-                    f"--callgrind-out-file={folder}/callgrind.%p",
-                    sys.executable,
-                    __file__,
-                    "--instructions-child",
-                    kind,
-                    str(n),
-                ],
+                _callgrind(folder, "--instructions-child", kind, str(n)),
                 check=True,
                 capture_output=True,
                 text=True,
@@ -1317,18 +1321,7 @@ def count_served_instructions(
     url = f"http://{HOST}:{port}"
     with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as folder:
         proc = subprocess.Popen(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                "--instr-atstart=no",
-                f"--callgrind-out-file={folder}/callgrind.%p",
-                sys.executable,
-                __file__,
-                "--serve",
-                "runtime",
-                "--port",
-                str(port),
-            ],
+            _callgrind(folder, "--serve", "runtime", "--port", str(port)),
             env=env,
             cwd=REPO,
             stdout=subprocess.DEVNULL,

@@ -216,31 +216,21 @@ class LedgerWriter:
             if len(self._templates) >= _TEMPLATES_MAX:
                 self._templates.clear()
             template = self._templates[shape] = self._template(*shape)
+        values = (
+            len(ident),
+            ident,
+            len(tokens_in_b),
+            tokens_in_b,
+            len(tokens_out_b),
+            tokens_out_b,
+            len(at),
+            at,
+        )
         if conversation is None:
-            command = template % (
-                len(ident),
-                ident,
-                len(tokens_in_b),
-                tokens_in_b,
-                len(tokens_out_b),
-                tokens_out_b,
-                len(at),
-                at,
-            )
+            command = template % values
         else:
             conv = conversation.encode()
-            command = template % (
-                len(ident),
-                ident,
-                len(tokens_in_b),
-                tokens_in_b,
-                len(tokens_out_b),
-                tokens_out_b,
-                len(at),
-                at,
-                len(conv),
-                conv,
-            )
+            command = template % (*values, len(conv), conv)
         keep = self._keep
         if keep is not None:
             # A spool: kept now (the answer may leave once it is), or full (retried).
