@@ -9,14 +9,19 @@ spool, appended to the stream and acknowledged before the answer leaves:
 `bmad_integrations.usage.writer`), and before each turn the runtime reads its tenant's
 budget key (`bmad_integrations.usage.budget`), which the operator sets when the tenant
 used up ``spec.limits.tokensPerMonth``. The key is read at most once per
-`cache_seconds` per replica: the budget is enforced within that much of the operator's
-decision, and a busy agent costs the platform Redis one GET per few seconds, not one
-per call. A read that fails keeps the last state seen (the write that every answer
-needs fails anyway while the platform Redis is down).
+`cache_seconds` per replica, whatever the read's outcome and however many calls come
+at once: the budget is enforced within that much of the operator's decision (and one
+read's round trip), and a busy agent costs the platform Redis one GET per few seconds,
+not one per call. The first read is awaited (calls that come meanwhile wait for it
+too); after a state was read, a stale one is read again in the background while calls
+go on with the last one seen. A read that fails keeps the last state seen, and is tried
+again a period later: while the platform Redis is down, answers kept in the spool go on
+without a read (or its time-out) on every call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import time
@@ -68,7 +73,9 @@ class PlatformLedger:
         self.clock = clock
         self.monotonic = monotonic
         self._state: budget.State | None = None
-        self._read_at = -float("inf")
+        self._read_at = -float("inf")  # when the last read began
+        self._reading: asyncio.Future[None] | None = None
+        self._read_once = False  # a state has been read (later reads are in the background)
 
     @classmethod
     def from_url(
@@ -96,6 +103,8 @@ class PlatformLedger:
         )
 
     async def aclose(self) -> None:
+        if self._reading is not None:
+            self._reading.cancel()
         await self.writer.aclose()
 
     def write(self, entry: ports.LedgerEntry) -> Awaitable[object]:
@@ -123,13 +132,19 @@ class PlatformLedger:
             logger.warning("the tenant's budget could not be read (%s): keeping the last", exc)
             return
         self._state = budget.decode(raw)
-        self._read_at = self.monotonic()
+        self._read_once = True
 
     async def exhausted(self) -> ports.Budget | None:
-        # Read at most once per `cache_seconds`; between reads (nearly every call) no
-        # coroutine but this one.
-        if self.monotonic() - self._read_at >= self.cache_seconds:
-            await self._read_state()
+        # Read at most once per `cache_seconds` (from when the read began); between
+        # reads (nearly every call) no coroutine but this one.
+        now = self.monotonic()
+        if now - self._read_at >= self.cache_seconds:
+            self._read_at = now
+            self._reading = asyncio.ensure_future(self._read_state())
+        reading = self._reading
+        if not self._read_once and reading is not None and not reading.done():
+            # No state read yet: wait for the first read (shared by the calls meanwhile).
+            await asyncio.shield(reading)
         state = self._state
         if state is None or not state.refuses(self.clock()):
             return None

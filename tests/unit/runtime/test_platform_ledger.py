@@ -106,30 +106,99 @@ async def test_an_invalid_record_is_refused_when_awaited_and_nothing_is_sent() -
     assert client.commands == []
 
 
-async def test_the_budget_is_read_once_per_cache_period_and_kept_when_a_read_fails() -> None:
-    state = budget.State(
+def over_budget() -> budget.State:
+    return budget.State(
         exhausted=True,
         limit=1000,
         used=1200,
         period_start=NOW.replace(day=1, hour=0),
         resets_at=NOW.replace(month=NOW.month, day=1, hour=0) + dt.timedelta(days=31),
     )
-    client = Client(get=budget.encode(state))
+
+
+async def settle() -> None:
+    """Let a read started in the background run to its end."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_the_budget_is_read_once_per_cache_period_and_kept_when_a_read_fails() -> None:
+    client = Client(get=budget.encode(over_budget()))
     clock = [100.0]
     ledger_ = platform(client, cache_seconds=2.0, clock=lambda: NOW, monotonic=lambda: clock[0])
-    first = await ledger_.exhausted()
+    first = await ledger_.exhausted()  # the first read, awaited
     assert first is not None
     assert (first.limit, first.used) == (1000, 1200)
     clock[0] += 1.0
     assert await ledger_.exhausted() == first
+    await settle()
     assert len(client.commands) == 1  # within the period: no second GET
     clock[0] += 1.5
     client.get = redis_errors.ConnectionError("gone")
-    assert await ledger_.exhausted() == first  # a failed read keeps the last state
+    assert await ledger_.exhausted() == first  # read again in the background meanwhile
+    await settle()
     assert len(client.commands) == 2
-    client.get = None  # the operator cleared the key: work resumes
-    assert await ledger_.exhausted() is None  # read again: the failed one set no time
+    assert await ledger_.exhausted() == first  # a failed read keeps the last state
+    client.get = None  # the operator cleared the key
+    clock[0] += 1.0  # within a period of the failed read: not read again
+    assert await ledger_.exhausted() == first
+    await settle()
+    assert len(client.commands) == 2
+    clock[0] += 1.0
+    await ledger_.exhausted()
+    await settle()
     assert len(client.commands) == 3
+    assert await ledger_.exhausted() is None  # work resumes
+
+
+class Held(Client):
+    """A client whose GETs after the first ``answered`` wait for ``gate``."""
+
+    def __init__(self, answered: int, get: Any) -> None:
+        super().__init__(get=get)
+        self.answered = answered
+        self.gate: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def execute_command(self, *args: Any) -> Awaitable[Any]:
+        if args[0] == "GET" and self.answered <= 0:
+            self.commands.append(resp.pack(args))
+            return self.gate
+        self.answered -= args[0] == "GET"
+        return super().execute_command(*args)
+
+
+async def test_calls_that_come_together_make_one_read_and_wait_for_the_first() -> None:
+    client = Held(answered=0, get=None)
+    ledger_ = platform(client, cache_seconds=2.0, clock=lambda: NOW, monotonic=lambda: 100.0)
+    calls = [asyncio.ensure_future(ledger_.exhausted()) for _ in range(64)]
+    await settle()
+    assert not any(call.done() for call in calls)  # no state yet: every call waits
+    client.gate.set_result(budget.encode(over_budget()))
+    results = await asyncio.gather(*calls)
+    assert {(r.limit, r.used) for r in results if r is not None} == {(1000, 1200)}
+    assert None not in results
+    assert len(client.commands) == 1  # one GET for the 64
+
+
+async def test_a_read_that_hangs_holds_up_no_call_once_a_state_was_read() -> None:
+    """While the platform Redis does not answer (a partition), calls go on with the last
+    state at once, and the replica sends one GET a period, not one a call."""
+    client = Held(answered=1, get=budget.encode(over_budget()))
+    clock = [100.0]
+    ledger_ = platform(client, cache_seconds=2.0, clock=lambda: NOW, monotonic=lambda: clock[0])
+    first = await ledger_.exhausted()
+    assert first is not None
+    clock[0] += 2.5
+    for _ in range(50):
+        assert await asyncio.wait_for(ledger_.exhausted(), 1.0) == first
+    await settle()
+    assert len(client.commands) == 2
+    reading = ledger_._reading
+    assert reading is not None
+    assert not reading.done()
+    await ledger_.aclose()  # the read still waiting is cancelled, not left behind
+    await settle()
+    assert reading.cancelled()
 
 
 async def test_the_runtime_spools_and_falls_back_to_waiting_when_its_spool_is_taken(
