@@ -138,10 +138,10 @@ class PlatformLedger:
         # Read at most once per `cache_seconds` (from when the read began); between
         # reads (nearly every call) no coroutine but this one.
         now = self.monotonic()
-        if now - self._read_at >= self.cache_seconds:
-            self._read_at = now
-            self._reading = asyncio.ensure_future(self._read_state())
         reading = self._reading
+        if now - self._read_at >= self.cache_seconds and (reading is None or reading.done()):
+            self._read_at = now  # one read at a time (the client's time-out ends one)
+            reading = self._reading = asyncio.ensure_future(self._read_state())
         if not self._read_once and reading is not None and not reading.done():
             # No state read yet: wait for the first read (shared by the calls meanwhile).
             await asyncio.shield(reading)

@@ -182,7 +182,7 @@ async def test_calls_that_come_together_make_one_read_and_wait_for_the_first() -
 
 async def test_a_read_that_hangs_holds_up_no_call_once_a_state_was_read() -> None:
     """While the platform Redis does not answer (a partition), calls go on with the last
-    state at once, and the replica sends one GET a period, not one a call."""
+    state at once, and the replica has one GET out at a time, not one a call."""
     client = Held(answered=1, get=budget.encode(over_budget()))
     clock = [100.0]
     ledger_ = platform(client, cache_seconds=2.0, clock=lambda: NOW, monotonic=lambda: clock[0])
@@ -191,6 +191,10 @@ async def test_a_read_that_hangs_holds_up_no_call_once_a_state_was_read() -> Non
     clock[0] += 2.5
     for _ in range(50):
         assert await asyncio.wait_for(ledger_.exhausted(), 1.0) == first
+    await settle()
+    assert len(client.commands) == 2
+    clock[0] += 3.0  # a period later, the read still in flight: not a second one
+    assert await ledger_.exhausted() == first
     await settle()
     assert len(client.commands) == 2
     reading = ledger_._reading
