@@ -64,6 +64,7 @@ import atexit
 import collections
 import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -669,20 +670,26 @@ def free_port() -> int:
 
 
 def start(
-    kind: str, extra_env: dict[str, str] | None = None
+    kind: str,
+    extra_env: dict[str, str] | None = None,
+    *,
+    under: Callable[[list[str]], list[str]] = lambda command: command,
+    within: float = 120,
 ) -> tuple[subprocess.Popen[bytes], str]:
+    """A server of ``kind`` (its command wrapped by ``under``, e.g. `_callgrind`), once
+    it answers /healthz, and its URL."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BMAD_", "OTEL_"))}
     env.update(extra_env or {})
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve", kind, "--port", str(port)], env=env, cwd=REPO
+        under([sys.executable, __file__, "--serve", kind, "--port", str(port)]), env=env, cwd=REPO
     )
     if PINNING is not None:
         os.sched_setaffinity(proc.pid, PINNING.server)
     url = f"http://{HOST}:{port}"
     # 120 s, not 30: on 2 shared cores under a load average near 20 the runtime's
     # imports alone took 15 s, and a first run also compiles the bytecode.
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
@@ -693,10 +700,10 @@ def start(
     raise RuntimeError(f"the {kind} server did not start on {url}")
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
+def stop(proc: subprocess.Popen[bytes], *, grace: float = 10) -> None:
     proc.terminate()
     try:
-        proc.wait(timeout=10)
+        proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
@@ -1244,17 +1251,15 @@ def instructions_child(kind: str, requests: int) -> None:
     asyncio.run(run())
 
 
-def _callgrind(folder: str, *args: str) -> list[str]:
-    """This script with ``args`` under valgrind's callgrind, counting nothing until
-    ``callgrind_control -i on``, its count written into ``folder``."""
+def _callgrind(folder: str, command: list[str]) -> list[str]:
+    """``command`` under valgrind's callgrind, counting nothing until ``callgrind_control
+    -i on``, its count written into ``folder``."""
     return [
         "valgrind",
         "--tool=callgrind",
         "--instr-atstart=no",
         f"--callgrind-out-file={folder}/callgrind.%p",
-        sys.executable,
-        __file__,
-        *args,
+        *command,
     ]
 
 
@@ -1270,7 +1275,9 @@ def count_instructions(kind: str, requests: int) -> float:
     with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as folder:
         for n in (0, requests):
             run = subprocess.run(
-                _callgrind(folder, "--instructions-child", kind, str(n)),
+                _callgrind(
+                    folder, [sys.executable, __file__, "--instructions-child", kind, str(n)]
+                ),
                 check=True,
                 capture_output=True,
                 text=True,
@@ -1315,30 +1322,14 @@ def count_served_instructions(
     slower than without)."""
     if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         raise SystemExit("--served-instructions needs valgrind (Debian package valgrind)")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BMAD_", "OTEL_"))}
-    env.update(extra_env)
-    url = f"http://{HOST}:{port}"
     with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as folder:
-        proc = subprocess.Popen(
-            _callgrind(folder, "--serve", "runtime", "--port", str(port)),
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+        proc, url = start(
+            "runtime",
+            extra_env,
+            under=functools.partial(_callgrind, folder),
+            within=600,  # the runtime's imports under valgrind
         )
         try:
-            deadline = time.monotonic() + 600
-            while True:
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("the runtime did not start under valgrind")
-                time.sleep(1)
             with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
                 fh.write(WRK_SCRIPT % json.dumps(BODY))
                 script = fh.name
@@ -1353,16 +1344,20 @@ def count_served_instructions(
             subprocess.run([*control, "off", str(proc.pid)], check=True, capture_output=True)
             os.unlink(script)
         finally:
-            proc.terminate()
-            _, err = proc.communicate(timeout=120)
+            stop(proc, grace=120)  # callgrind writes its count as the server exits
+        counts = [
+            int(line.split()[1])
+            for path in Path(folder).glob("callgrind.*")
+            for line in path.read_text().splitlines()
+            if line.startswith("totals:")
+        ]
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if errors or not requests:
         raise RuntimeError(f"the runtime under valgrind did not answer every request:\n{out}")
-    found = re.search(r"Collected : (\d+)", err)
-    if found is None:
-        raise RuntimeError(f"no instruction count from callgrind:\n{err[-2000:]}")
-    return int(found.group(1)) / requests, requests / seconds
+    if len(counts) != 1:
+        raise RuntimeError(f"no instruction count from callgrind (found {counts})")
+    return counts[0] / requests, requests / seconds
 
 
 def served_instruction_lines(concurrency: list[int], seconds: float) -> list[str]:
