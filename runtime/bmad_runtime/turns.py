@@ -20,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import logging
 import os
+import secrets
 import time
 from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -141,18 +143,37 @@ def _messages(
     )
 
 
+# The part of an HTTP call's record id that makes it unique: 128 random bits drawn once
+# per process (again in a forked child) and a counter of 12 hex digits, so no two calls
+# of any replica, now or after a restart, share one; no system call per request.
+_CALL_SALT = secrets.token_hex(16)
+_CALL_COUNTER = itertools.count(1)
+
+
+def _new_salt() -> None:
+    global _CALL_SALT, _CALL_COUNTER  # noqa: PLW0603 - a forked child draws its own
+    _CALL_SALT = secrets.token_hex(16)
+    _CALL_COUNTER = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_salt)
+
+
 def record_id(*, request_id: str | None, task_id: str | None) -> str:
     """The usage ledger's id of a turn's model call, unique per call.
 
     A bus task's is derived from its task id, so a task redelivered after its replica
     died gets the same id and the ledger keeps one record. An HTTP request's joins its
-    request id to a random part: a caller who sends the same ``X-Request-Id`` twice gets
-    two answers and is billed for two (a caller must not be able to make usage vanish).
+    request id to a part unique to the call (the process's random salt and a counter,
+    of fixed length, so that no choice of request id makes two calls' ids equal): a
+    caller who sends the same ``X-Request-Id`` twice gets two answers and is billed for
+    two (a caller must not be able to make usage vanish).
     """
     if task_id is not None:
         return usage_record.task_record_id(task_id)
-    # 128 random bits as 32 hex digits (as long as uuid4().hex, without a UUID object).
-    return usage_record.request_record_id(f"{request_id or 'none'}.{os.urandom(16).hex()}")
+    return usage_record.request_record_id(
+        f"{request_id or 'none'}.{_CALL_SALT}{next(_CALL_COUNTER):012x}"
+    )
 
 
 def refuse_over_budget(services: Services, exhausted: ports.Budget | None) -> None:
@@ -206,7 +227,7 @@ async def prepare(
     params = providers_base.merge_params(
         body.params.model_dump(exclude_none=True) if body.params else None
     )
-    metered = services.ledger is not None  # the record id's only reader (HTTP's: 128 random bits)
+    metered = services.ledger is not None  # the record id's only reader
     return Turn(
         services=services,
         caller=caller,

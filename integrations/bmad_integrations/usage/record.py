@@ -45,7 +45,6 @@ MAX_TOKENS = 1_000_000_000
 # keeps stream keys and ACL key patterns unambiguous.
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
-_PRINTABLE = re.compile(r"[!-~]+")
 # A record id, and a text field (1-256 characters, none of them a control character).
 _RECORD_ID = re.compile(rf"[!-~]{{1,{MAX_ID_CHARS}}}").fullmatch
 _TEXT = re.compile(rf"[^\x00-\x1f\x7f]{{1,{MAX_TEXT_CHARS}}}").fullmatch
@@ -79,6 +78,12 @@ def _check_text(value: str, what: str) -> str:
             f"{what} must be 1-{MAX_TEXT_CHARS} characters without control characters",
         )
     return value
+
+
+def _printable(value: str) -> bool:
+    """Printable ASCII without a space, at least one character (``[!-~]+``), tested in C
+    without the regular expression engine: a record's id is tested on every call."""
+    return value.isascii() and value.isprintable() and " " not in value and value != ""
 
 
 # The names of records that passed (tenant, namespace, agent, provider, model): they
@@ -120,7 +125,7 @@ def acl_user(namespace: str, agent: str) -> str:
 def _derive(source: Source, ident: str, call: int) -> str:
     if call < 0:
         raise RecordError("InvalidField", f"call must be 0 or more, not {call}")
-    if not ident or not _PRINTABLE.fullmatch(ident):
+    if not _printable(ident):
         raise RecordError("InvalidField", f"{source} id {ident!r} must be printable ASCII")
     raw = f"{source}:{ident}:{call}"
     if len(raw) <= MAX_ID_CHARS:
@@ -167,13 +172,26 @@ def check(
     try:
         if (
             type(record_id) is str
-            and _RECORD_ID(record_id)
+            and len(record_id) <= MAX_ID_CHARS
+            and record_id.isascii()  # with the next two and a length: `_RECORD_ID`
+            and record_id.isprintable()
+            and " " not in record_id
+            and record_id != ""
             and type(tokens_in) is int
             and type(tokens_out) is int
             and 0 <= tokens_in <= MAX_TOKENS
             and 0 <= tokens_out <= MAX_TOKENS
             and source in SOURCES
-            and (conversation is None or (type(conversation) is str and _TEXT(conversation)))
+            and (
+                conversation is None
+                or (
+                    type(conversation) is str
+                    and len(conversation) <= MAX_TEXT_CHARS
+                    and conversation.isascii()  # then printable is all `_TEXT` asks
+                    and conversation.isprintable()
+                    and conversation != ""
+                )
+            )
             and (tenant, namespace, agent, provider, model) in _NAMES_CHECKED
         ):
             return

@@ -185,8 +185,31 @@ def test_task_record_ids_are_the_same_on_every_delivery() -> None:
     assert first == turns.record_id(request_id="t-1", task_id="t-1") == "task:t-1:0"
     http_ids = {turns.record_id(request_id="r", task_id=None) for _ in range(50)}
     assert len(http_ids) == 50
-    for http_id in http_ids:  # http:<request id>.<128 random bits in hex>:<call>
-        assert re.fullmatch(r"http:r\.[0-9a-f]{32}:0", http_id), http_id
+    salts = set()
+    for http_id in http_ids:  # http:<request id>.<the process's salt><a counter>:<call>
+        found = re.fullmatch(r"http:r\.([0-9a-f]{32})[0-9a-f]{12}:0", http_id)
+        assert found is not None, http_id
+        salts.add(found.group(1))
+    assert len(salts) == 1
+
+
+def test_a_forked_process_draws_its_own_salt_for_http_record_ids() -> None:
+    # A server that forks its workers after import must not give two of them one salt:
+    # their counters start alike, and their calls' ids would be equal.
+    ours = turns.record_id(request_id="r", task_id=None)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first id, then out without the parent's clean-up
+        os.close(read)
+        os.write(write, turns.record_id(request_id="r", task_id=None).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        theirs = pipe.read().decode()
+    os.waitpid(pid, 0)
+    assert theirs.startswith("http:r.")
+    assert len(theirs) == len(ours)
+    assert theirs[7:39] != ours[7:39]  # the salts (128 random bits each)
 
 
 def _services(ledger: FakeLedger) -> turns.Services:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Any
 
 import pytest
@@ -182,3 +183,24 @@ def test_a_record_of_names_that_passed_is_still_refused_for_any_other_field(
     assert caught.value.reason == "InvalidField"
     assert make(conversation="c" * record.MAX_TEXT_CHARS).conversation is not None
     assert make(record_id="r" * record.MAX_ID_CHARS, tokens_out=record.MAX_TOKENS).tokens_in == 120
+
+
+def test_the_quick_test_of_ids_and_conversations_agrees_with_their_patterns() -> None:
+    # A record whose names passed takes one combined test (`check`) written without the
+    # regular expressions the field-by-field checks use: both accept the same strings.
+    make()
+    chars = [chr(c) for c in range(0x180)] + ["\u2028", "\ufeff", "é", "∞", "\U0001f600"]
+    for ch in chars:
+        for text in (ch, f"a{ch}b"):
+            for field, pattern in (("record_id", r"[!-~]{1,200}"), ("conversation", None)):
+                if pattern is None:
+                    ok = re.fullmatch(r"[^\x00-\x1f\x7f]{1,256}", text) is not None
+                else:
+                    ok = re.fullmatch(pattern, text) is not None
+                try:
+                    make(**{field: text})
+                except record.RecordError:
+                    accepted = False
+                else:
+                    accepted = True
+                assert accepted == ok, (field, text)

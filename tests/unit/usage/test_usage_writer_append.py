@@ -54,7 +54,28 @@ CASES = [
     fields(model="%s%d%b%%", conversation="%"),  # a bytes format's own marks
     fields(occurred_at=AT.astimezone(PLUS_TWO)),  # written in UTC, as a record is
     fields(tenant="other.tenant-9"),
+    fields(occurred_at=AT.replace(microsecond=0)),  # isoformat leaves the fraction out
+    fields(occurred_at=AT.replace(microsecond=7)),
+    fields(occurred_at=dt.datetime(987, 1, 2, 3, 4, 5, 6, tzinfo=dt.UTC)),  # a short year
 ]
+
+
+async def test_records_of_one_second_and_the_next_carry_their_own_times() -> None:
+    # The writer formats a second once (`LedgerWriter._second`): every record's time is
+    # still its own, whether its second is the last one's or not.
+    client = Packed()
+    w = writer.LedgerWriter(client, namespace="acme-dev", agent="analyst")
+    times = [
+        AT,
+        AT.replace(microsecond=1),
+        AT + dt.timedelta(microseconds=500_000),  # the next second, the next day and month
+        AT.replace(microsecond=0),
+        AT - dt.timedelta(days=366),  # the same clock time a year before
+        AT,
+    ]
+    for when in times:
+        await w.append(**fields(occurred_at=when))
+    assert client.commands == [reference(w, **fields(occurred_at=when)) for when in times]
 
 
 class Packed:
