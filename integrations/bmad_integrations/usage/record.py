@@ -151,6 +151,38 @@ def utc(when: dt.datetime) -> dt.datetime:
     return when.astimezone(dt.UTC)
 
 
+def call_fields_pass(
+    record_id: str, tokens_in: int, tokens_out: int, conversation: str | None
+) -> bool:
+    """Whether the fields that change from call to call pass, in one test: a record
+    whose names passed before (`check`, `writer.LedgerWriter`'s formats) needs no other.
+    Written without the regular expressions `check` names its reasons with, and
+    accepting exactly what they accept (`tests/unit/usage/test_usage_record.py`); an
+    ASCII conversation only (any other is tested by `check`'s pattern)."""
+    return (
+        type(record_id) is str
+        and len(record_id) <= MAX_ID_CHARS
+        and record_id.isascii()  # with the next two and a length: `_RECORD_ID`
+        and record_id.isprintable()
+        and " " not in record_id
+        and record_id != ""
+        and type(tokens_in) is int
+        and type(tokens_out) is int
+        and 0 <= tokens_in <= MAX_TOKENS
+        and 0 <= tokens_out <= MAX_TOKENS
+        and (
+            conversation is None
+            or (
+                type(conversation) is str
+                and len(conversation) <= MAX_TEXT_CHARS
+                and conversation.isascii()  # then printable is all `_TEXT` asks
+                and conversation.isprintable()
+                and conversation != ""
+            )
+        )
+    )
+
+
 def check(
     *,
     record_id: str,
@@ -164,35 +196,15 @@ def check(
     source: str,
     conversation: str | None,
 ) -> None:
-    """The checks of a record's fields (all but its time: see `utc`). A `UsageRecord`
-    makes them, and so does a writer that encodes the fields without making one
-    (`writer.LedgerWriter.append`), on every answer's path: a record that passes takes
-    one test of all its fields at once; one that does not is checked field by field for
-    the reason (`RecordError`)."""
+    """The checks of a record's fields (all but its time: see `utc`), made by every
+    `UsageRecord`: a record whose names (tenant, namespace, agent, provider, model)
+    passed before takes one test of the others (`call_fields_pass`); any other is
+    checked field by field for the reason (`RecordError`)."""
     try:
         if (
-            type(record_id) is str
-            and len(record_id) <= MAX_ID_CHARS
-            and record_id.isascii()  # with the next two and a length: `_RECORD_ID`
-            and record_id.isprintable()
-            and " " not in record_id
-            and record_id != ""
-            and type(tokens_in) is int
-            and type(tokens_out) is int
-            and 0 <= tokens_in <= MAX_TOKENS
-            and 0 <= tokens_out <= MAX_TOKENS
-            and source in SOURCES
-            and (
-                conversation is None
-                or (
-                    type(conversation) is str
-                    and len(conversation) <= MAX_TEXT_CHARS
-                    and conversation.isascii()  # then printable is all `_TEXT` asks
-                    and conversation.isprintable()
-                    and conversation != ""
-                )
-            )
+            source in SOURCES
             and (tenant, namespace, agent, provider, model) in _NAMES_CHECKED
+            and call_fields_pass(record_id, tokens_in, tokens_out, conversation)
         ):
             return
     except TypeError:  # a name that cannot be hashed: refused below

@@ -188,25 +188,40 @@ class LedgerWriter:
         conversation: str | None,
     ) -> Awaitable[str]:
         """`write` of the record these fields make, without making it: the same checks
-        (`record.check`, `record.RecordError` raised now) and the XADD of the record's
-        fields (`record.encode`), byte for byte what `resp.pack` makes of it
-        (`tests/unit/usage/test_usage_writer_append.py`). A model call's record is on
-        every answer's path: this fills one bytes format with the fields (`_template`)
-        instead of making a `record.UsageRecord`, a map of its fields and the command,
-        and packing it. A client without ``execute_packed`` (redis-py's) is given the
-        command's arguments."""
-        record.check(
-            record_id=record_id,
-            tenant=tenant,
-            namespace=self.namespace,
-            agent=self.agent,
-            provider=provider,
-            model=model,
-            tokens_in=tokens_in,
-            tokens_out=tokens_out,
-            source=source,
-            conversation=conversation,
-        )
+        (`record.check` the first time a kind of record comes, then only the fields that
+        change from call to call, `record.call_fields_pass`; `record.RecordError` raised
+        now) and the XADD of the record's fields (`record.encode`), byte for byte what
+        `resp.pack` makes of it (`tests/unit/usage/test_usage_writer_append.py`). A model
+        call's record is on every answer's path: this fills one bytes format with the
+        fields (`_template`) instead of making a `record.UsageRecord`, a map of its
+        fields and the command, and packing it. A client without ``execute_packed``
+        (redis-py's) is given the command's arguments."""
+        shape = (tenant, provider, model, source, conversation is not None)
+        try:
+            template = self._templates.get(shape)
+        except TypeError:  # a name that cannot be hashed: refused by the check below
+            template = None
+        # A format is made only for names that passed `record.check`: with one, the
+        # fields that change from call to call are all that is left to test.
+        if template is None or not record.call_fields_pass(
+            record_id, tokens_in, tokens_out, conversation
+        ):
+            record.check(
+                record_id=record_id,
+                tenant=tenant,
+                namespace=self.namespace,
+                agent=self.agent,
+                provider=provider,
+                model=model,
+                tokens_in=tokens_in,
+                tokens_out=tokens_out,
+                source=source,
+                conversation=conversation,
+            )
+            if template is None:
+                if len(self._templates) >= _TEMPLATES_MAX:
+                    self._templates.clear()
+                template = self._templates[shape] = self._template(*shape)
         if occurred_at.tzinfo is not dt.UTC:
             occurred_at = record.utc(occurred_at)
         ident = record_id.encode()  # printable ASCII (checked)
@@ -227,12 +242,6 @@ class LedgerWriter:
             self._second_iso = b"%04d-%02d-%02dT%02d:%02d:%02d" % second[::-1]
         micro = occurred_at.microsecond
         at = self._second_iso + (b".%06d+00:00" % micro if micro else b"+00:00")
-        shape = (tenant, provider, model, source, conversation is not None)
-        template = self._templates.get(shape)
-        if template is None:
-            if len(self._templates) >= _TEMPLATES_MAX:
-                self._templates.clear()
-            template = self._templates[shape] = self._template(*shape)
         values = (
             len(ident),
             ident,

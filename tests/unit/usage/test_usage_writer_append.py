@@ -113,22 +113,24 @@ async def test_append_sends_byte_for_byte_the_packed_xadd_of_the_record(kw: dict
     assert record.decode(entry) == expected
 
 
-@pytest.mark.parametrize(
-    ("change", "reason"),
-    [
-        ({"tokens_in": True}, "must be an integer"),
-        ({"tokens_out": -1}, "must be 0.."),
-        ({"tokens_in": record.MAX_TOKENS + 1}, "must be 0.."),
-        ({"tokens_out": 1.5}, "must be an integer"),
-        ({"record_id": "has space"}, "printable ASCII"),
-        ({"record_id": ""}, "printable ASCII"),
-        ({"tenant": "Not_A_Name"}, "not a Kubernetes object name"),
-        ({"provider": "bad\nprovider"}, "control characters"),
-        ({"conversation": "x" * (record.MAX_TEXT_CHARS + 1)}, "conversation"),
-        ({"source": "mail"}, "source must be one of"),
-        ({"occurred_at": AT.replace(tzinfo=None)}, "time zone"),
-    ],
-)
+REFUSALS = [
+    ({"tokens_in": True}, "must be an integer"),
+    ({"tokens_out": -1}, "must be 0.."),
+    ({"tokens_in": record.MAX_TOKENS + 1}, "must be 0.."),
+    ({"tokens_out": 1.5}, "must be an integer"),
+    ({"record_id": "has space"}, "printable ASCII"),
+    ({"record_id": ""}, "printable ASCII"),
+    ({"tenant": "Not_A_Name"}, "not a Kubernetes object name"),
+    ({"provider": "bad\nprovider"}, "control characters"),
+    ({"conversation": "x" * (record.MAX_TEXT_CHARS + 1)}, "conversation"),
+    ({"source": "mail"}, "source must be one of"),
+    ({"occurred_at": AT.replace(tzinfo=None)}, "time zone"),
+    ({"conversation": "tab\there"}, "control characters"),
+    ({"record_id": "x" * (record.MAX_ID_CHARS + 1)}, "printable ASCII"),
+]
+
+
+@pytest.mark.parametrize(("change", "reason"), REFUSALS)
 def test_append_refuses_what_a_usage_record_refuses(change: dict[str, Any], reason: str) -> None:
     client = resp.Client("127.0.0.1", 1)
     w = writer.LedgerWriter(client, namespace="acme-dev", agent="analyst")
@@ -136,6 +138,25 @@ def test_append_refuses_what_a_usage_record_refuses(change: dict[str, Any], reas
         record.UsageRecord(namespace="acme-dev", agent="analyst", **fields(**change))
     with pytest.raises(record.RecordError, match=reason):
         w.append(**fields(**change))
+
+
+@pytest.mark.parametrize(("change", "reason"), REFUSALS)
+async def test_a_writer_that_knows_the_kind_of_record_still_refuses_each_bad_field(
+    change: dict[str, Any], reason: str
+) -> None:
+    # After a first record of a kind the writer tests only the fields that change from
+    # call to call (`record.call_fields_pass`): each bad one still goes to the full
+    # check, and is refused with its reason.
+    client = Packed()
+    w = writer.LedgerWriter(client, namespace="acme-dev", agent="analyst")
+    await w.append(**fields())
+    await w.append(**fields(conversation=None))
+    with pytest.raises(record.RecordError, match=reason):
+        w.append(**fields(**change))
+    assert len(client.commands) == 2
+    # A conversation the quick test leaves to the full one (not ASCII) still passes.
+    await w.append(**fields(conversation="fil ∞"))
+    assert len(client.commands) == 3
 
 
 class RedisPyLike:
