@@ -13,7 +13,10 @@ requests grew the most (``--spy-self``: by the frame running, too). ``--pin`` pi
 loads them in turn, PAIRS pairs per level, and reports the median of the pairs' on /
 off ratios: a drift of the machine's speed, which moves one 5-second level by 15-25 %
 here, then reaches both sides of each ratio (``--store real``: the real store's
-runtime, as `bench/runtime.py`'s real table, instead of the in-process one).
+runtime, as `bench/runtime.py`'s real table, instead of the in-process one); with
+``--sets K``, K times over with servers started afresh each time, all rounds taken
+together (a process can be a few percent faster or slower than an identical one for
+its whole life: the control, ``twin``, measured 0.89 to 1.15 from one start to another).
 ``--stand-in yield|no-socket|ping|...`` serves "on" with a stand-in ledger (the table's
 "on" column): a write that only yields to the event loop once; the ledger's own code
 (record, checks, command) over a client that answers on the loop's next turn without a
@@ -214,6 +217,34 @@ def split_table(script: Path, levels: list[int], seconds: float, stand_in: str |
         )
 
 
+def _serve_sides(
+    stack: contextlib.ExitStack, sides: list[str], ledger_env: dict[str, str], store: str
+) -> dict[str, tuple[psutil.Process, str]]:
+    """One server per side, started now (stopped with ``stack``)."""
+    servers = {}
+    for side in sides:
+        ledger: dict[str, str] = (
+            {}
+            if side in ("off", "twin")
+            else ledger_env
+            if side == "on"
+            else {bench_runtime.LEDGER_STAND_IN: side, **ledger_env}
+        )
+        kind, extra = "runtime", ledger
+        if store == "real":
+            dsn = stack.enter_context(bench_runtime.Database(os.environ["BMAD_POSTGRES_URL"]))
+            kind = "store"
+            extra = {
+                bench_runtime.STORE_DSN: dsn,
+                bench_runtime.STORE_REDIS: os.environ["BMAD_REDIS_URL"],
+                **ledger,
+            }
+        proc, url = bench_runtime.start(kind, extra)
+        stack.callback(bench_runtime.stop, proc)
+        servers[side] = (psutil.Process(proc.pid), url)
+    return servers
+
+
 def alternate(
     script: Path,
     levels: list[int],
@@ -222,6 +253,7 @@ def alternate(
     *,
     sides: list[str],
     store: str = "in-process",
+    sets: int = 1,
 ) -> None:
     """All the servers up at once, loaded in turn: per level ``pairs`` rounds, each
     loading every side once (the order rotating from round to round), each side's
@@ -230,75 +262,75 @@ def alternate(
     ``sides``: "off" first, then "on" (the ledger on the test bed's Redis) and any
     stand-in ledgers (`bench/runtime.py`), e.g. ``off on ping``. ``store`` "real": every
     server is `bench/runtime.py`'s real store table's (the test bed's PostgreSQL and
-    Redis bound, a fresh database each)."""
+    Redis bound, a fresh database each). ``sets``: the whole run that many times, each
+    with servers started afresh, the rounds of all sets taken together: one process can
+    run a few percent faster or slower than an identical one for its whole life (where
+    its memory landed), which rounds of the same processes cannot average out."""
     if sides[0] != "off" or len(set(sides)) != len(sides) or len(sides) < 2:
         raise SystemExit(
             f"--sides: off first, then one or more of twin, on, {', '.join(STAND_INS)}"
         )
-    with contextlib.ExitStack() as stack:
-        ledger_env = stack.enter_context(bench_runtime.BenchLedger(os.environ["BMAD_REDIS_URL"]))
-        servers = {}
+    others = sides[1:]
+    rates = {(level, side): [] for level in levels for side in sides}
+    cpu = {(level, side): [] for level in levels for side in sides}
+    # The server's voluntary context switches a request: the times it slept (its event
+    # loop blocked in epoll_wait) with nothing to do but wait.
+    sleeps = {(level, side): [] for level in levels for side in sides}
+    ratios: dict[tuple[int, str], list[float]] = {
+        (lv, side): [] for lv in levels for side in others
+    }
+    set_medians: dict[tuple[int, str], list[float]] = {key: [] for key in ratios}
+    with bench_runtime.BenchLedger(os.environ["BMAD_REDIS_URL"]) as ledger_env:
+        for _ in range(sets):
+            with contextlib.ExitStack() as stack:
+                servers = _serve_sides(stack, sides, ledger_env, store)
+                for level in levels:
+                    for _, url in servers.values():
+                        wrk(url, script, concurrency=level, seconds=2)  # warm up
+                    in_set: dict[str, list[float]] = {side: [] for side in others}
+                    for pair in range(pairs):
+                        turn = pair % len(sides)
+                        done_rate = {}
+                        for side in sides[turn:] + sides[:turn]:
+                            server, url = servers[side]
+                            before, switched = server.cpu_times(), server.num_ctx_switches()
+                            done = wrk(url, script, concurrency=level, seconds=seconds)
+                            after = server.cpu_times()
+                            used = after.user + after.system - before.user - before.system
+                            done_rate[side] = done / seconds
+                            rates[level, side].append(done / seconds)
+                            cpu[level, side].append(1e6 * used / done)
+                            sleeps[level, side].append(
+                                (server.num_ctx_switches().voluntary - switched.voluntary) / done
+                            )
+                        for side in others:
+                            in_set[side].append(done_rate[side] / done_rate["off"])
+                    for side in others:
+                        ratios[level, side] += in_set[side]
+                        set_medians[level, side].append(statistics.median(in_set[side]))
+    rounds = f"{pairs * sets} rounds" + (f" ({sets} sets of {pairs})" if sets > 1 else "")
+    print(
+        f"| concurrency | side | req/s (median) | / off, median of {rounds} | / off, range | "
+        + ("medians of the sets | " if sets > 1 else "")
+        + "CPU µs/req (median) | sleeps/req (median) |"
+    )
+    print("|---:|---|---:|---:|---:|" + ("---|" if sets > 1 else "") + "---:|---:|")
+    for level in levels:
         for side in sides:
-            ledger: dict[str, str] = (
-                {}
-                if side in ("off", "twin")
-                else ledger_env
-                if side == "on"
-                else {bench_runtime.LEDGER_STAND_IN: side, **ledger_env}
-            )
-            kind, extra = "runtime", ledger
-            if store == "real":
-                dsn = stack.enter_context(bench_runtime.Database(os.environ["BMAD_POSTGRES_URL"]))
-                kind = "store"
-                extra = {
-                    bench_runtime.STORE_DSN: dsn,
-                    bench_runtime.STORE_REDIS: os.environ["BMAD_REDIS_URL"],
-                    **ledger,
-                }
-            proc, url = bench_runtime.start(kind, extra)
-            stack.callback(bench_runtime.stop, proc)
-            servers[side] = (psutil.Process(proc.pid), url)
-        others = sides[1:]
-        print(
-            "| concurrency | side | req/s (median) | / off, median of "
-            f"{pairs} rounds | / off, range | CPU µs/req (median) | sleeps/req (median) |"
-        )
-        print("|---:|---|---:|---:|---:|---:|---:|")
-        for level in levels:
-            for _, url in servers.values():
-                wrk(url, script, concurrency=level, seconds=2)  # warm up
-            rates: dict[str, list[float]] = {side: [] for side in sides}
-            cpu: dict[str, list[float]] = {side: [] for side in sides}
-            # The server's voluntary context switches a request: the times it slept
-            # (its event loop blocked in epoll_wait) with nothing to do but wait.
-            sleeps: dict[str, list[float]] = {side: [] for side in sides}
-            ratios: dict[str, list[float]] = {side: [] for side in others}
-            for pair in range(pairs):
-                turn = pair % len(sides)
-                for side in sides[turn:] + sides[:turn]:
-                    server, url = servers[side]
-                    before, switched = server.cpu_times(), server.num_ctx_switches()
-                    done = wrk(url, script, concurrency=level, seconds=seconds)
-                    after = server.cpu_times()
-                    used = after.user + after.system - before.user - before.system
-                    rates[side].append(done / seconds)
-                    cpu[side].append(1e6 * used / done)
-                    sleeps[side].append(
-                        (server.num_ctx_switches().voluntary - switched.voluntary) / done
-                    )
-                for side in others:
-                    ratios[side].append(rates[side][-1] / rates["off"][-1])
-            for side in sides:
+            key = (level, side)
+            if side == "off":
+                ratio = "1 | " + (" | " if sets > 1 else "")
+            else:
                 ratio = (
-                    f"{statistics.median(ratios[side]):.2f} | "
-                    f"{min(ratios[side]):.2f} to {max(ratios[side]):.2f}"
-                    if side != "off"
-                    else "1 | "
+                    f"{statistics.median(ratios[key]):.2f} | "
+                    f"{min(ratios[key]):.2f} to {max(ratios[key]):.2f}"
                 )
-                print(
-                    f"| {level} | {side} | {statistics.median(rates[side]):.0f} | {ratio} | "
-                    f"{statistics.median(cpu[side]):.0f} | {statistics.median(sleeps[side]):.2f} |"
-                )
+                if sets > 1:
+                    ratio += " | " + " ".join(f"{m:.2f}" for m in set_medians[key])
+            print(
+                f"| {level} | {side} | {statistics.median(rates[key]):.0f} | {ratio} | "
+                f"{statistics.median(cpu[key]):.0f} | {statistics.median(sleeps[key]):.2f} |"
+            )
 
 
 def main() -> int:
@@ -343,6 +375,14 @@ def main() -> int:
         "control: how far two identical servers measure apart)",
     )
     parser.add_argument(
+        "--sets",
+        type=int,
+        default=1,
+        help="with --alternate: the whole run this many times, each with servers started "
+        "afresh, the rounds of all taken together (one process may be faster or slower "
+        "than an identical one for its whole life)",
+    )
+    parser.add_argument(
         "--store",
         choices=["in-process", "real"],
         default="in-process",
@@ -370,6 +410,7 @@ def main() -> int:
                 args.alternate,
                 sides=sides,
                 store=args.store,
+                sets=args.sets,
             )
         elif not args.spy_only:
             split_table(script, args.concurrency, args.seconds, args.stand_in)
