@@ -61,6 +61,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -245,6 +246,21 @@ def _serve_sides(
     return servers
 
 
+def median_interval(sets: list[list[float]], *, draws: int = 4000) -> tuple[float, float]:
+    """A 95 % interval of the median of the rounds' ratios, by the bootstrap over the
+    sets and then the rounds within each drawn set (the rounds of one set of servers
+    are not independent of each other: they share its processes)."""
+    rng = random.Random(0)  # the same interval for the same rounds
+    medians = []
+    for _ in range(draws):
+        pooled = []
+        for rounds in rng.choices(sets, k=len(sets)):
+            pooled += rng.choices(rounds, k=len(rounds))
+        medians.append(statistics.median(pooled))
+    medians.sort()
+    return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
+
+
 def alternate(
     script: Path,
     levels: list[int],
@@ -271,7 +287,7 @@ def alternate(
             f"--sides: off first, then one or more of twin, on, {', '.join(STAND_INS)}"
         )
     others = sides[1:]
-    rates = {(level, side): [] for level in levels for side in sides}
+    rates: dict[tuple[int, str], list[float]] = {(lv, side): [] for lv in levels for side in sides}
     cpu = {(level, side): [] for level in levels for side in sides}
     # The server's voluntary context switches a request: the times it slept (its event
     # loop blocked in epoll_wait) with nothing to do but wait.
@@ -280,6 +296,7 @@ def alternate(
         (lv, side): [] for lv in levels for side in others
     }
     set_medians: dict[tuple[int, str], list[float]] = {key: [] for key in ratios}
+    by_set: dict[tuple[int, str], list[list[float]]] = {key: [] for key in ratios}
     with bench_runtime.BenchLedger(os.environ["BMAD_REDIS_URL"]) as ledger_env:
         for _ in range(sets):
             with contextlib.ExitStack() as stack:
@@ -308,18 +325,19 @@ def alternate(
                     for side in others:
                         ratios[level, side] += in_set[side]
                         set_medians[level, side].append(statistics.median(in_set[side]))
+                        by_set[level, side].append(in_set[side])
     rounds = f"{pairs * sets} rounds" + (f" ({sets} sets of {pairs})" if sets > 1 else "")
     print(
         f"| concurrency | side | req/s (median) | / off, median of {rounds} | / off, range | "
         + ("medians of the sets | " if sets > 1 else "")
-        + "CPU µs/req (median) | sleeps/req (median) |"
+        + "95 % interval of the median | CPU µs/req (median) | sleeps/req (median) |"
     )
-    print("|---:|---|---:|---:|---:|" + ("---|" if sets > 1 else "") + "---:|---:|")
+    print("|---:|---|---:|---:|---:|" + ("---|" if sets > 1 else "") + "---:|---:|---:|")
     for level in levels:
         for side in sides:
             key = (level, side)
             if side == "off":
-                ratio = "1 | " + (" | " if sets > 1 else "")
+                ratio = "1 | " + (" | " if sets > 1 else "") + " | "
             else:
                 ratio = (
                     f"{statistics.median(ratios[key]):.2f} | "
@@ -327,6 +345,8 @@ def alternate(
                 )
                 if sets > 1:
                     ratio += " | " + " ".join(f"{m:.2f}" for m in set_medians[key])
+                low, high = median_interval(by_set[key])
+                ratio += f" | {low:.2f} to {high:.2f}"
             print(
                 f"| {level} | {side} | {statistics.median(rates[key]):.0f} | {ratio} | "
                 f"{statistics.median(cpu[key]):.0f} | {statistics.median(sleeps[key]):.2f} |"
