@@ -107,7 +107,7 @@ class LedgerWriter:
         self._kept: asyncio.Future[str] | None = None
         # The command's bytes format per kind of record (`_template`).
         self._templates: dict[tuple[str, str, str, str, bool], bytes] = {}
-        # The last second a record's time fell in, and that second as ISO 8601 (`_at`).
+        # The last second a record's time fell in, and that second in ISO 8601 (`append`).
         self._second: tuple[int, ...] = ()
         self._second_iso = b""
 
