@@ -146,8 +146,8 @@ def _messages(
 # The part of an HTTP call's record id that makes it unique: 128 random bits drawn once
 # per process (again in a forked child) and a counter of 12 hex digits, so no two calls
 # of any replica, now or after a restart, share one; no system call per request.
-_CALL_SALT = secrets.token_hex(16)
-_CALL_COUNTER = itertools.count(1)
+_CALL_SALT: str
+_CALL_COUNTER: itertools.count[int]
 
 
 def _new_salt() -> None:
@@ -156,6 +156,7 @@ def _new_salt() -> None:
     _CALL_COUNTER = itertools.count(1)
 
 
+_new_salt()
 os.register_at_fork(after_in_child=_new_salt)
 
 
