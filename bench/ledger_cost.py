@@ -292,11 +292,10 @@ def alternate(
     # The server's voluntary context switches a request: the times it slept (its event
     # loop blocked in epoll_wait) with nothing to do but wait.
     sleeps = {(level, side): [] for level in levels for side in sides}
-    ratios: dict[tuple[int, str], list[float]] = {
+    # Each set's rounds' on / off ratios, by level and side.
+    by_set: dict[tuple[int, str], list[list[float]]] = {
         (lv, side): [] for lv in levels for side in others
     }
-    set_medians: dict[tuple[int, str], list[float]] = {key: [] for key in ratios}
-    by_set: dict[tuple[int, str], list[list[float]]] = {key: [] for key in ratios}
     with bench_runtime.BenchLedger(os.environ["BMAD_REDIS_URL"]) as ledger_env:
         for _ in range(sets):
             with contextlib.ExitStack() as stack:
@@ -307,24 +306,20 @@ def alternate(
                     in_set: dict[str, list[float]] = {side: [] for side in others}
                     for pair in range(pairs):
                         turn = pair % len(sides)
-                        done_rate = {}
                         for side in sides[turn:] + sides[:turn]:
                             server, url = servers[side]
                             before, switched = server.cpu_times(), server.num_ctx_switches()
                             done = wrk(url, script, concurrency=level, seconds=seconds)
                             after = server.cpu_times()
                             used = after.user + after.system - before.user - before.system
-                            done_rate[side] = done / seconds
                             rates[level, side].append(done / seconds)
                             cpu[level, side].append(1e6 * used / done)
                             sleeps[level, side].append(
                                 (server.num_ctx_switches().voluntary - switched.voluntary) / done
                             )
                         for side in others:
-                            in_set[side].append(done_rate[side] / done_rate["off"])
+                            in_set[side].append(rates[level, side][-1] / rates[level, "off"][-1])
                     for side in others:
-                        ratios[level, side] += in_set[side]
-                        set_medians[level, side].append(statistics.median(in_set[side]))
                         by_set[level, side].append(in_set[side])
     rounds = f"{pairs * sets} rounds" + (f" ({sets} sets of {pairs})" if sets > 1 else "")
     print(
@@ -339,12 +334,12 @@ def alternate(
             if side == "off":
                 ratio = "1 | " + (" | " if sets > 1 else "") + " | "
             else:
-                ratio = (
-                    f"{statistics.median(ratios[key]):.2f} | "
-                    f"{min(ratios[key]):.2f} to {max(ratios[key]):.2f}"
-                )
+                pooled = [r for rounds in by_set[key] for r in rounds]
+                ratio = f"{statistics.median(pooled):.2f} | {min(pooled):.2f} to {max(pooled):.2f}"
                 if sets > 1:
-                    ratio += " | " + " ".join(f"{m:.2f}" for m in set_medians[key])
+                    ratio += " | " + " ".join(
+                        f"{statistics.median(rounds):.2f}" for rounds in by_set[key]
+                    )
                 low, high = median_interval(by_set[key])
                 ratio += f" | {low:.2f} to {high:.2f}"
             print(
